@@ -1,0 +1,296 @@
+//! Where a block device's bytes live.
+//!
+//! The trait is the seam storage migration wraps: a wrapper around [`RawFile`] records which
+//! blocks the guest wrote while passing everything through. Backends move data straight
+//! between the disk and guest memory through `vm-memory`, so every byte the device writes into
+//! the guest lands in the dirty bitmap.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{
+    GuestAddress, GuestMemory as _, Permissions, ReadVolatile, VolatileMemoryError,
+    VolatileSlice, WriteVolatile,
+};
+
+use crate::GuestMemory;
+
+/// Errors of a block backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot open disk image {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot find the size of disk image {}", path.display())]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("bytes {offset:#x}+{len:#x} are beyond the end of the disk")]
+    OutOfRange { offset: u64, len: u64 },
+    #[error("guest buffer {addr:#x}+{len:#x} is not in guest memory")]
+    GuestMemory {
+        addr: u64,
+        len: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("disk I/O failed at offset {offset:#x}")]
+    Io {
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the disk is read-only")]
+    ReadOnly,
+    #[error("cannot flush the disk")]
+    Flush(#[source] io::Error),
+}
+
+/// Storage for a block device. Methods take `&self` so a migration thread can read the disk
+/// while the device thread serves the guest.
+pub trait BlockBackend: Send + Sync + fmt::Debug {
+    /// What the backend stores to, for humans: the image path for [`RawFile`]. The default
+    /// disk serial (GET_ID) is derived from it.
+    fn id(&self) -> &str;
+
+    /// Size of the disk in bytes.
+    fn size(&self) -> u64;
+
+    /// Reads `len` bytes at `offset` of the disk into guest memory at `addr`.
+    fn read_to_guest(
+        &self,
+        offset: u64,
+        mem: &GuestMemory,
+        addr: GuestAddress,
+        len: u32,
+    ) -> Result<(), BackendError>;
+
+    /// Writes `len` bytes of guest memory at `addr` to the disk at `offset`.
+    fn write_from_guest(
+        &self,
+        offset: u64,
+        mem: &GuestMemory,
+        addr: GuestAddress,
+        len: u32,
+    ) -> Result<(), BackendError>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<(), BackendError>;
+}
+
+/// A raw disk image (or block device): disk offset = file offset. Positioned I/O only, and
+/// nothing but what the guest writes is ever written, so sparse images stay sparse.
+#[derive(Debug)]
+pub struct RawFile {
+    file: File,
+    id: String,
+    size: u64,
+    read_only: bool,
+}
+
+impl RawFile {
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, BackendError> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| BackendError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        // Seeking to the end works for regular files and block devices alike.
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BackendError::Size {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(RawFile {
+            file,
+            id: path.display().to_string(),
+            size,
+            read_only,
+        })
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn check_range(&self, offset: u64, len: u32) -> Result<(), BackendError> {
+        let len = u64::from(len);
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(BackendError::OutOfRange { offset, len }),
+        }
+    }
+}
+
+impl BlockBackend for RawFile {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_to_guest(
+        &self,
+        offset: u64,
+        mem: &GuestMemory,
+        addr: GuestAddress,
+        len: u32,
+    ) -> Result<(), BackendError> {
+        self.check_range(offset, len)?;
+        let mut src = FileAt {
+            file: &self.file,
+            offset,
+        };
+        let slices = mem
+            .get_slices(addr, len as usize, Permissions::Write)
+            .map_err(|e| guest_error(addr, len, e))?;
+        for slice in slices {
+            let mut slice = slice.map_err(|e| guest_error(addr, len, e))?;
+            let at = src.offset;
+            src.read_exact_volatile(&mut slice)
+                .map_err(|e| io_error(at, e))?;
+        }
+        Ok(())
+    }
+
+    fn write_from_guest(
+        &self,
+        offset: u64,
+        mem: &GuestMemory,
+        addr: GuestAddress,
+        len: u32,
+    ) -> Result<(), BackendError> {
+        if self.read_only {
+            return Err(BackendError::ReadOnly);
+        }
+        self.check_range(offset, len)?;
+        let mut dst = FileAt {
+            file: &self.file,
+            offset,
+        };
+        let slices = mem
+            .get_slices(addr, len as usize, Permissions::Read)
+            .map_err(|e| guest_error(addr, len, e))?;
+        for slice in slices {
+            let slice = slice.map_err(|e| guest_error(addr, len, e))?;
+            let at = dst.offset;
+            dst.write_all_volatile(&slice)
+                .map_err(|e| io_error(at, e))?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), BackendError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(BackendError::Flush)
+    }
+}
+
+fn guest_error(addr: GuestAddress, len: u32, source: vm_memory::GuestMemoryError) -> BackendError {
+    BackendError::GuestMemory {
+        addr: addr.0,
+        len: u64::from(len),
+        source,
+    }
+}
+
+fn io_error(offset: u64, e: VolatileMemoryError) -> BackendError {
+    let source = match e {
+        VolatileMemoryError::IOError(e) => e,
+        other => io::Error::other(other),
+    };
+    BackendError::Io { offset, source }
+}
+
+/// A file read or written at an explicit offset that advances with each transfer, like a
+/// cursor but with `pread`/`pwrite`, so the file's own position is never used.
+struct FileAt<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl FileAt<'_> {
+    fn offset(&self) -> Result<libc::off64_t, VolatileMemoryError> {
+        libc::off64_t::try_from(self.offset).map_err(|_| {
+            VolatileMemoryError::IOError(io::Error::from(io::ErrorKind::InvalidInput))
+        })
+    }
+
+    /// Moves past the `n` bytes a transfer returned; `n` is `usize::try_from` of a syscall
+    /// result that was checked to be non-negative.
+    fn advance(&mut self, n: usize) -> usize {
+        self.offset += n as u64;
+        n
+    }
+}
+
+impl ReadVolatile for FileAt<'_> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let offset = self.offset()?;
+        let guard = buf.ptr_guard_mut();
+        // SAFETY: the fd is open for as long as `self.file` is borrowed. `guard` points to
+        // `buf.len()` bytes of mapped guest memory that stay mapped while the guard lives; the
+        // kernel writes at most that many bytes there.
+        let n = unsafe {
+            libc::pread64(
+                self.file.as_raw_fd(),
+                guard.as_ptr().cast::<libc::c_void>(),
+                buf.len(),
+                offset,
+            )
+        };
+        let Ok(n) = usize::try_from(n) else {
+            let err = io::Error::last_os_error();
+            // A failed read may still have written part of the buffer.
+            buf.bitmap().mark_dirty(0, buf.len());
+            return Err(VolatileMemoryError::IOError(err));
+        };
+        buf.bitmap().mark_dirty(0, n);
+        Ok(self.advance(n))
+    }
+}
+
+impl WriteVolatile for FileAt<'_> {
+    fn write_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let offset = self.offset()?;
+        let guard = buf.ptr_guard();
+        // SAFETY: the fd is open for as long as `self.file` is borrowed. `guard` points to
+        // `buf.len()` bytes of mapped guest memory that stay mapped while the guard lives; the
+        // kernel only reads them.
+        let n = unsafe {
+            libc::pwrite64(
+                self.file.as_raw_fd(),
+                guard.as_ptr().cast::<libc::c_void>(),
+                buf.len(),
+                offset,
+            )
+        };
+        let Ok(n) = usize::try_from(n) else {
+            return Err(VolatileMemoryError::IOError(io::Error::last_os_error()));
+        };
+        Ok(self.advance(n))
+    }
+}

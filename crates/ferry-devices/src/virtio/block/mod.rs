@@ -1,0 +1,47 @@
+//! virtio-blk: a disk for the guest, over a [`BlockBackend`].
+//!
+//! - `device.rs`: the model: features, configuration space, serving the request queue.
+//! - `request.rs`: turning a hostile descriptor chain into a checked request.
+//! - `backend.rs`: where the bytes live ([`RawFile`] for raw images).
+//! - `event_handler.rs`: the event-manager plumbing (activation and queue eventfds).
+//! - `metrics.rs`: the counters the API reports.
+//!
+//! One request queue of [`QUEUE_SIZE`] descriptors. Offered features: `VIRTIO_F_VERSION_1`,
+//! `FLUSH`, `SEG_MAX`, `BLK_SIZE` (512) and `RO` for read-only disks. Requests: `IN`, `OUT`,
+//! `FLUSH`, `GET_ID`; anything else completes with `VIRTIO_BLK_S_UNSUPP`.
+
+mod backend;
+mod device;
+mod event_handler;
+mod metrics;
+mod request;
+
+#[cfg(test)]
+mod tests;
+
+use std::io;
+
+pub use backend::{BackendError, BlockBackend, RawFile};
+pub use device::{Block, BlockConfig, BlockInfo};
+pub use metrics::{BlockCounters, BlockMetrics};
+
+/// Size of a virtio-blk sector: capacities and request offsets count in these.
+pub const SECTOR_SIZE: u64 = 512;
+/// Descriptors in the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Bytes of the GET_ID answer.
+pub const DISK_ID_LEN: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
+/// Largest data transfer of one request. Linux sends at most 1280 KiB by default; the bound
+/// keeps one guest request from holding the device thread for long.
+pub const MAX_REQUEST_BYTES: u64 = 128 << 20;
+
+/// Errors while creating a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open the disk")]
+    Backend(#[from] BackendError),
+    #[error("disk id {0:?} is longer than {DISK_ID_LEN} bytes")]
+    IdTooLong(String),
+    #[error("cannot create the device's eventfds")]
+    EventFd(#[source] io::Error),
+}

@@ -1,0 +1,166 @@
+//! Time: the TSC frequency (hypervisor CPUID leaf, the `tsc_khz=` override, or calibration
+//! against PIT channel 2 from ring 3), and the per-CPU clock check run on every loop
+//! iteration: the TSC must never go backwards nor jump far ahead, and the CPU's own timer must
+//! keep ticking while it runs.
+
+use crate::bootinfo::BootInfo;
+use crate::x86::{inb, outb, rdtsc};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+static BOOT_TSC: AtomicU64 = AtomicU64::new(0);
+
+const PIT_HZ: u64 = 1_193_182;
+
+/// Sets the clock basis (boot CPU, once, before other CPUs use it).
+pub fn init(tsc_hz: u64, boot_tsc: u64) {
+    TSC_HZ.store(tsc_hz, Ordering::Release);
+    BOOT_TSC.store(boot_tsc, Ordering::Release);
+}
+
+pub fn tsc_hz() -> u64 {
+    TSC_HZ.load(Ordering::Relaxed)
+}
+
+pub fn boot_tsc() -> u64 {
+    BOOT_TSC.load(Ordering::Relaxed)
+}
+
+/// Whole seconds since boot at TSC value `now`.
+pub fn seconds(now: u64) -> u64 {
+    now.saturating_sub(boot_tsc()) / tsc_hz().max(1)
+}
+
+/// One PIT channel 2 one-shot of `ms` milliseconds; the TSC cycles it took, if the PIT works.
+fn pit_once(ms: u64) -> Option<u64> {
+    let count = PIT_HZ * ms / 1000;
+    // SAFETY: ports 0x40-0x43 and 0x61 are open to ring 3 and used only here, at boot.
+    unsafe {
+        // Gate channel 2 on, speaker off; mode 0 (interrupt on terminal count), binary.
+        outb(0x61, (inb(0x61) & !0x02) | 0x01);
+        outb(0x43, 0xb0);
+        outb(0x42, count as u8);
+        outb(0x42, (count >> 8) as u8);
+        let t0 = rdtsc();
+        let mut polls = 0u64;
+        loop {
+            if inb(0x61) & 0x20 != 0 {
+                break;
+            }
+            polls += 1;
+            // Give up after ~1 s at 10 GHz: no PIT behind these ports.
+            if rdtsc().wrapping_sub(t0) > 10_000_000_000 || polls > 100_000_000 {
+                return None;
+            }
+        }
+        let cycles = rdtsc().wrapping_sub(t0);
+        // Output already high at once (no PIT, reads all ones) or implausibly fast.
+        if polls < 2 || cycles < ms * 100_000 {
+            return None;
+        }
+        Some(cycles)
+    }
+}
+
+/// TSC kHz from PIT channel 2: the fastest of three 20 ms runs (delays only lengthen a run).
+fn pit_calibrate() -> Option<u64> {
+    const MS: u64 = 20;
+    let mut best = u64::MAX;
+    for _ in 0..3 {
+        best = best.min(pit_once(MS)?);
+    }
+    Some(best / MS)
+}
+
+/// The TSC frequency in kHz and where it came from.
+pub fn tsc_khz(info: &BootInfo, override_khz: Option<u64>) -> Option<(u64, &'static str)> {
+    if let Some(k) = override_khz {
+        return Some((k, "cmdline"));
+    }
+    if info.hv_tsc_khz != 0 {
+        return Some((u64::from(info.hv_tsc_khz), "cpuid-0x40000010"));
+    }
+    if let Some(k) = pit_calibrate() {
+        return Some((k, "pit"));
+    }
+    let [den, num, crystal] = info.leaf15;
+    if den != 0 && num != 0 && crystal != 0 {
+        return Some((u64::from(crystal) * u64::from(num) / u64::from(den) / 1000, "cpuid-0x15"));
+    }
+    if info.leaf16_mhz != 0 {
+        return Some((u64::from(info.leaf16_mhz) * 1000, "cpuid-0x16"));
+    }
+    None
+}
+
+/// Per-CPU clock and timer checks, called on every loop iteration.
+pub struct ClockCheck {
+    cpu: usize,
+    apic_id: u32,
+    prev: u64,
+    last_ticks: u64,
+    /// TSC cycles run (in iterations less than `gap` apart) since the last own timer tick.
+    run_without_tick: u64,
+    max_jump: u64,
+    gap: u64,
+    stall: u64,
+}
+
+impl ClockCheck {
+    pub fn new(cpu: usize, max_jump_s: u64) -> Self {
+        let hz = tsc_hz();
+        let apic_id = crate::smp::apic_id(cpu);
+        Self {
+            cpu,
+            apic_id,
+            prev: rdtsc(),
+            last_ticks: crate::lapic::ticks(apic_id),
+            run_without_tick: 0,
+            max_jump: max_jump_s.saturating_mul(hz),
+            gap: hz / 10,
+            stall: 3 * hz,
+        }
+    }
+
+    #[inline]
+    pub fn check(&mut self, now: u64) {
+        let prev = self.prev;
+        self.prev = now;
+        if now < prev {
+            crate::status::corruption(format_args!(
+                "clock went backwards cpu={} from_tsc={} to_tsc={} by_us={}",
+                self.cpu,
+                prev,
+                now,
+                (prev - now) / (tsc_hz() / 1_000_000).max(1)
+            ));
+            return;
+        }
+        let d = now - prev;
+        if d > self.max_jump {
+            crate::status::corruption(format_args!(
+                "clock jumped cpu={} by_s={} from_tsc={} to_tsc={}",
+                self.cpu,
+                d / tsc_hz().max(1),
+                prev,
+                now
+            ));
+        }
+        let t = crate::lapic::ticks(self.apic_id);
+        if t != self.last_ticks {
+            self.last_ticks = t;
+            self.run_without_tick = 0;
+        } else if d < self.gap {
+            self.run_without_tick += d;
+            if self.run_without_tick > self.stall {
+                crate::status::corruption(format_args!(
+                    "timer stalled cpu={} ticks={} run_ms_without_tick={}",
+                    self.cpu,
+                    t,
+                    self.run_without_tick / (tsc_hz() / 1000).max(1)
+                ));
+                self.run_without_tick = 0;
+            }
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The kernel command line: space-separated `key=value` words. Unknown keys are ignored; a bad
+//! value is reported on a `ferry-guest: bad cmdline ...` line and the default is kept.
+
+use crate::serial::Bytes;
+use crate::MAX_CPUS;
+
+pub const MAX_VIRTIO: usize = 16;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum MemRate {
+    Max,
+    MibPerSec(u64),
+}
+
+#[derive(Clone, Copy)]
+pub struct VirtioMmio {
+    pub base: u64,
+}
+
+#[derive(Clone, Copy)]
+pub struct Config {
+    pub mem: bool,
+    pub disk: bool,
+    pub mem_mib: u64,
+    pub mem_rate: MemRate,
+    pub disk_blocks: Option<u64>,
+    pub disk_rate: u64,
+    pub disk_flush_every: u64,
+    pub virtio: [VirtioMmio; MAX_VIRTIO],
+    pub virtio_len: usize,
+    pub cpus: usize,
+    pub tsc_khz: Option<u64>,
+    pub tick_hz: u64,
+    pub max_jump_s: u64,
+    pub exit_after: Option<u64>,
+    pub crash_triple: bool,
+}
+
+impl Config {
+    pub const fn default() -> Self {
+        Self {
+            mem: false,
+            disk: false,
+            mem_mib: 32,
+            mem_rate: MemRate::MibPerSec(8),
+            disk_blocks: None,
+            disk_rate: 50,
+            disk_flush_every: 16,
+            virtio: [VirtioMmio { base: 0 }; MAX_VIRTIO],
+            virtio_len: 0,
+            cpus: 1,
+            tsc_khz: None,
+            tick_hz: 10,
+            max_jump_s: 30,
+            exit_after: None,
+            crash_triple: false,
+        }
+    }
+
+    /// The workload list as printed on the `ready` line.
+    pub fn workloads(&self) -> &'static str {
+        match (self.mem, self.disk) {
+            (true, true) => "mem,disk",
+            (true, false) => "mem",
+            (false, true) => "disk",
+            (false, false) => "idle",
+        }
+    }
+
+    pub fn virtio(&self) -> &[VirtioMmio] {
+        &self.virtio[..self.virtio_len]
+    }
+}
+
+/// Parses an unsigned number: decimal or `0x` hexadecimal.
+pub fn parse_u64(s: &[u8]) -> Option<u64> {
+    let (digits, radix) = match s {
+        [b'0', b'x' | b'X', rest @ ..] => (rest, 16),
+        _ => (s, 10),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &c in digits {
+        let d = (c as char).to_digit(radix)?;
+        v = v.checked_mul(u64::from(radix))?.checked_add(u64::from(d))?;
+    }
+    Some(v)
+}
+
+/// Parses a size with an optional K/M/G suffix (powers of 1024), as Linux does.
+fn parse_size(s: &[u8]) -> Option<u64> {
+    let (num, shift) = match s.last() {
+        Some(b'k' | b'K') => (&s[..s.len() - 1], 10),
+        Some(b'm' | b'M') => (&s[..s.len() - 1], 20),
+        Some(b'g' | b'G') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    parse_u64(num)?.checked_mul(1 << shift)
+}
+
+/// `<size>@<base>:<irq>[:<id>]`
+fn parse_virtio(s: &[u8]) -> Option<VirtioMmio> {
+    let at = s.iter().position(|&c| c == b'@')?;
+    let size = parse_size(&s[..at])?;
+    let rest = &s[at + 1..];
+    let colon = rest.iter().position(|&c| c == b':')?;
+    let base = parse_u64(&rest[..colon])?;
+    let irq = &rest[colon + 1..];
+    let irq = &irq[..irq.iter().position(|&c| c == b':').unwrap_or(irq.len())];
+    parse_u64(irq)?;
+    // Only the first 4 GiB and RAM are mapped; a window holds at least the registers.
+    if size < 0x100 || base.checked_add(size)? > 1 << 32 {
+        return None;
+    }
+    Some(VirtioMmio { base })
+}
+
+fn parse_workloads(s: &[u8], cfg: &mut Config) -> bool {
+    let (mut mem, mut disk) = (false, false);
+    for w in s.split(|&c| c == b',') {
+        match w {
+            b"mem" => mem = true,
+            b"disk" => disk = true,
+            b"idle" => {}
+            _ => return false,
+        }
+    }
+    cfg.mem = mem;
+    cfg.disk = disk;
+    true
+}
+
+fn bad(key: &[u8], value: &[u8], why: &str) {
+    crate::say!("bad cmdline {}={} ({}; using the default)", Bytes(key), Bytes(value), why);
+}
+
+/// Parses the command line.
+pub fn parse(line: &[u8]) -> Config {
+    let mut cfg = Config::default();
+    for word in line.split(|&c| c == b' ' || c == b'\t' || c == b'\n') {
+        let Some(eq) = word.iter().position(|&c| c == b'=') else { continue };
+        let (key, value) = (&word[..eq], &word[eq + 1..]);
+        let num = |lo: u64, hi: u64| parse_u64(value).filter(|v| (lo..=hi).contains(v));
+        match key {
+            b"workload" => {
+                if !parse_workloads(value, &mut cfg) {
+                    bad(key, value, "expected mem, disk, idle or a comma list");
+                }
+            }
+            b"mem_mib" => match num(1, 1 << 24) {
+                Some(v) => cfg.mem_mib = v,
+                None => bad(key, value, "expected MiB >= 1"),
+            },
+            b"mem_rate" => match value {
+                b"max" => cfg.mem_rate = MemRate::Max,
+                _ => match num(0, 1 << 30) {
+                    Some(v) => cfg.mem_rate = MemRate::MibPerSec(v),
+                    None => bad(key, value, "expected MiB/s or max"),
+                },
+            },
+            b"disk_blocks" => match num(1, 1 << 40) {
+                Some(v) => cfg.disk_blocks = Some(v),
+                None => bad(key, value, "expected a block count >= 1"),
+            },
+            b"disk_rate" => match num(0, 1 << 24) {
+                Some(v) => cfg.disk_rate = v,
+                None => bad(key, value, "expected blocks per second"),
+            },
+            b"disk_flush_every" => match num(1, 1 << 32) {
+                Some(v) => cfg.disk_flush_every = v,
+                None => bad(key, value, "expected a block count >= 1"),
+            },
+            b"virtio_mmio.device" => match parse_virtio(value) {
+                Some(d) if cfg.virtio_len < MAX_VIRTIO => {
+                    cfg.virtio[cfg.virtio_len] = d;
+                    cfg.virtio_len += 1;
+                }
+                Some(_) => bad(key, value, "too many devices"),
+                None => bad(key, value, "expected <size>@<base>:<irq> below 4 GiB"),
+            },
+            b"cpus" => match num(1, MAX_CPUS as u64) {
+                Some(v) => cfg.cpus = v as usize,
+                None => bad(key, value, "expected 1..=64"),
+            },
+            b"tsc_khz" => match num(1000, 100_000_000) {
+                Some(v) => cfg.tsc_khz = Some(v),
+                None => bad(key, value, "expected kHz"),
+            },
+            b"tick_hz" => match num(1, 1000) {
+                Some(v) => cfg.tick_hz = v,
+                None => bad(key, value, "expected 1..=1000"),
+            },
+            b"max_jump_s" => match num(1, 1 << 32) {
+                Some(v) => cfg.max_jump_s = v,
+                None => bad(key, value, "expected seconds >= 1"),
+            },
+            b"exit_after" => match num(0, 1 << 32) {
+                Some(v) => cfg.exit_after = Some(v),
+                None => bad(key, value, "expected seconds"),
+            },
+            b"crash" => match value {
+                b"triple" => cfg.crash_triple = true,
+                _ => bad(key, value, "expected triple"),
+            },
+            _ => {}
+        }
+    }
+    cfg
+}

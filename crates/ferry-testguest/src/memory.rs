@@ -1,0 +1,104 @@
+//! Physical memory after the kernel: a bump allocator over the RAM ranges of the memory map
+//! (stacks, tables, virtqueues), and the extents that make up the mem workload's pages.
+
+use crate::bootinfo::BootInfo;
+
+const MAX_RANGES: usize = 32;
+const PAGE: u64 = 4096;
+const MIB: u64 = 1 << 20;
+
+#[derive(Clone, Copy, Default)]
+pub struct Range {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Free RAM at and above the first free address after the kernel, sorted, page aligned.
+pub struct PhysAlloc {
+    ranges: [Range; MAX_RANGES],
+    len: usize,
+}
+
+impl PhysAlloc {
+    pub fn new(info: &BootInfo) -> Self {
+        let mut a = Self { ranges: [Range::default(); MAX_RANGES], len: 0 };
+        let floor = info.alloc_start.max(MIB);
+        for e in info.ram() {
+            let start = e.addr.max(floor).next_multiple_of(PAGE);
+            let end = e.addr.saturating_add(e.size) & !(PAGE - 1);
+            if start < end && a.len < MAX_RANGES {
+                a.ranges[a.len] = Range { start, end };
+                a.len += 1;
+            }
+        }
+        a.ranges[..a.len].sort_unstable_by_key(|r| r.start);
+        a
+    }
+
+    /// Bytes still free.
+    pub fn free_bytes(&self) -> u64 {
+        self.ranges[..self.len].iter().map(|r| r.end - r.start).sum()
+    }
+
+    /// Allocates `bytes` aligned to `align` (a power of two) from the lowest range that fits.
+    pub fn alloc(&mut self, bytes: u64, align: u64) -> Option<u64> {
+        let bytes = bytes.next_multiple_of(PAGE);
+        for r in self.ranges[..self.len].iter_mut() {
+            let start = r.start.next_multiple_of(align);
+            if start.checked_add(bytes).is_some_and(|end| end <= r.end) {
+                r.start = start + bytes;
+                return Some(start);
+            }
+        }
+        None
+    }
+
+    /// Takes up to `pages` pages for the mem workload as extents (whatever is left, lowest
+    /// first). Returns the extents and how many pages they hold.
+    pub fn take_pages(&mut self, pages: u64) -> (Extents, u64) {
+        let mut ext = Extents { list: [Extent::default(); MAX_RANGES], len: 0 };
+        let mut got = 0;
+        for r in self.ranges[..self.len].iter_mut() {
+            if got == pages {
+                break;
+            }
+            let n = ((r.end - r.start) / PAGE).min(pages - got);
+            if n > 0 {
+                ext.list[ext.len] = Extent { first: got, start: r.start, pages: n };
+                ext.len += 1;
+                r.start += n * PAGE;
+                got += n;
+            }
+        }
+        (ext, got)
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct Extent {
+    /// Index of the extent's first page in the working set.
+    pub first: u64,
+    pub start: u64,
+    pub pages: u64,
+}
+
+/// The working set: page `i` lives in the extent whose `first..first + pages` holds `i`.
+#[derive(Clone, Copy)]
+pub struct Extents {
+    list: [Extent; MAX_RANGES],
+    len: usize,
+}
+
+impl Extents {
+    /// Physical address of page `i` (which must be below the total).
+    #[inline]
+    pub fn addr(&self, i: u64) -> u64 {
+        for e in &self.list[..self.len] {
+            if i < e.first + e.pages {
+                return e.start + (i - e.first) * PAGE;
+            }
+        }
+        // Unreachable for valid indices; a wrong index must not scribble anywhere.
+        crate::fatal!("mem page index {} outside the working set", i)
+    }
+}

@@ -1,0 +1,87 @@
+//! Counters, the once-a-second status line, and corruption reports (all counted in `errors`,
+//! at most 10 printed per second so a broken VMM cannot flood the console).
+
+use crate::x86::rdtsc;
+use crate::MAX_CPUS;
+use core::fmt;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Per-CPU counters, each written by its own CPU only, one cache line each.
+#[repr(C, align(64))]
+pub struct PerCpu {
+    pub mem_written: AtomicU64,
+    pub mem_verified: AtomicU64,
+}
+
+pub static PER_CPU: [PerCpu; MAX_CPUS] = [const {
+    PerCpu { mem_written: AtomicU64::new(0), mem_verified: AtomicU64::new(0) }
+}; MAX_CPUS];
+
+pub static DISK_WRITTEN: AtomicU64 = AtomicU64::new(0);
+pub static DISK_VERIFIED: AtomicU64 = AtomicU64::new(0);
+pub static ERRORS: AtomicU64 = AtomicU64::new(0);
+static CPUS: AtomicUsize = AtomicUsize::new(1);
+
+const REPORTS_PER_SECOND: u64 = 10;
+
+/// Rate-limit state, only touched under the console lock.
+struct Limit {
+    second: u64,
+    printed: u64,
+    suppressed: u64,
+}
+
+static LIMIT: crate::racy::Racy<Limit> =
+    crate::racy::Racy::new(Limit { second: u64::MAX, printed: 0, suppressed: 0 });
+
+pub fn set_cpus(n: usize) {
+    CPUS.store(n, Ordering::Relaxed);
+}
+
+/// Reports data corruption: counts it, and prints `CORRUPTION <what>` unless this second's
+/// quota is used up.
+pub fn corruption(what: fmt::Arguments) {
+    ERRORS.fetch_add(1, Ordering::Relaxed);
+    let second = crate::clock::seconds(rdtsc());
+    crate::serial::with_lock(|emit| {
+        // SAFETY: LIMIT is only accessed here, under the console lock.
+        let l = unsafe { &mut *LIMIT.get() };
+        if l.second != second {
+            if l.suppressed > 0 {
+                emit(format_args!(
+                    "CORRUPTION reports suppressed={} (rate limit; all are counted in errors=)",
+                    l.suppressed
+                ));
+            }
+            *l = Limit { second, printed: 0, suppressed: 0 };
+        }
+        if l.printed < REPORTS_PER_SECOND {
+            l.printed += 1;
+            emit(format_args!("CORRUPTION {}", what));
+        } else {
+            l.suppressed += 1;
+        }
+    });
+}
+
+/// Prints the status line for TSC time `now` (boot CPU).
+pub fn print(now: u64) {
+    let cpus = CPUS.load(Ordering::Relaxed);
+    let (mut ticks, mut written, mut verified) = (0, 0, 0);
+    for cpu in 0..cpus {
+        ticks += crate::lapic::ticks(crate::smp::apic_id(cpu));
+        written += PER_CPU[cpu].mem_written.load(Ordering::Relaxed);
+        verified += PER_CPU[cpu].mem_verified.load(Ordering::Relaxed);
+    }
+    crate::say!(
+        "status t={} ticks={} mem_written={} mem_verified={} disk_written={} disk_verified={} \
+         errors={}",
+        crate::clock::seconds(now),
+        ticks,
+        written,
+        verified,
+        DISK_WRITTEN.load(Ordering::Relaxed),
+        DISK_VERIFIED.load(Ordering::Relaxed),
+        ERRORS.load(Ordering::Relaxed)
+    );
+}

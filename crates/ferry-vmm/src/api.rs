@@ -1,0 +1,177 @@
+//! The control API server: HTTP/1.1 + JSON on a unix socket, on its own thread.
+//!
+//! Handlers only forward requests to the control loop and wait for its answer, so the VM's
+//! state has one owner (the control loop) and the API can never race it.
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use ferry_api::ApiError;
+use tokio::sync::oneshot;
+
+use crate::event::{ApiAction, ApiRequest, VmmEvent};
+
+/// Errors while setting up the API socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiSocketError {
+    #[error("API socket {0} is in use by another process")]
+    InUse(PathBuf),
+    #[error("API socket path {0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    #[error("cannot bind API socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the API thread")]
+    Thread(#[source] io::Error),
+}
+
+/// A bound API socket; the file is removed when this is dropped.
+#[derive(Debug)]
+pub struct ApiSocket {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds `path`. A socket file nobody listens on (left by a crash) is replaced; a live one or
+/// any other file is refused.
+pub fn bind(path: &Path) -> Result<ApiSocket, ApiSocketError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ApiSocketError::NotASocket(path.into()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ApiSocketError::InUse(path.into()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ApiSocketError::Bind {
+        path: path.into(),
+        source,
+    })?;
+    Ok(ApiSocket {
+        path: path.into(),
+        listener: Some(listener),
+    })
+}
+
+/// Serves the API on `socket` in a thread of its own until the process exits.
+pub fn serve(socket: &mut ApiSocket, events: Sender<VmmEvent>) -> Result<(), ApiSocketError> {
+    let listener = socket
+        .listener
+        .take()
+        .expect("serve is called once per socket");
+    listener
+        .set_nonblocking(true)
+        .map_err(ApiSocketError::Thread)?;
+    std::thread::Builder::new()
+        .name("ferry-api".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => return tracing::error!("API runtime: {e}"),
+            };
+            runtime.block_on(async move {
+                let listener = match tokio::net::UnixListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!("API listener: {e}"),
+                };
+                if let Err(e) = axum::serve(listener, router(events)).await {
+                    tracing::error!("API server stopped: {e}");
+                }
+            });
+        })
+        .map_err(ApiSocketError::Thread)?;
+    Ok(())
+}
+
+/// The routes of the API (see `docs/api.yaml`).
+pub fn router(events: Sender<VmmEvent>) -> Router {
+    Router::new()
+        .route("/vm", get(|s| call(s, ApiAction::Info)))
+        .route("/vm/pause", put(|s| call(s, ApiAction::Pause)))
+        .route("/vm/resume", put(|s| call(s, ApiAction::Resume)))
+        .route("/vm/shutdown", put(|s| call(s, ApiAction::Shutdown)))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API route") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            )
+        })
+        .with_state(events)
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        Json(ApiError {
+            error: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+async fn call(State(events): State<Sender<VmmEvent>>, action: ApiAction) -> Response {
+    let (reply, answer) = oneshot::channel();
+    if events
+        .send(VmmEvent::Api(ApiRequest { action, reply }))
+        .is_err()
+    {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the VM is stopping");
+    }
+    match answer.await {
+        Ok(Ok(info)) => Json(info).into_response(),
+        Ok(Err(failure)) => error(
+            StatusCode::from_u16(failure.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            &failure.message,
+        ),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the VM is stopping"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_socket_is_in_use() {
+        let dir =
+            vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ferry-api-test").expect("dir");
+        let path = dir.as_path().join("api.sock");
+        let _first = bind(&path).expect("first bind");
+        assert!(matches!(bind(&path), Err(ApiSocketError::InUse(_))));
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_plain_file_refused() {
+        let dir =
+            vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ferry-api-test").expect("dir");
+        let path = dir.as_path().join("api.sock");
+        drop(UnixListener::bind(&path).expect("stale socket"));
+        let sock = bind(&path).expect("stale socket replaced");
+        drop(sock);
+        assert!(!path.exists(), "socket removed on drop");
+        std::fs::write(&path, b"not a socket").expect("file");
+        assert!(matches!(bind(&path), Err(ApiSocketError::NotASocket(_))));
+    }
+}

@@ -1,0 +1,5 @@
+//! vCPUs: their CPUID, their state at boot, and the thread that runs each of them.
+
+pub mod cpuid;
+pub mod regs;
+pub mod vcpu;

@@ -1,0 +1,252 @@
+//! One thread per vCPU, driven by messages: pause, resume, stop.
+//!
+//! To take a vCPU out of `KVM_RUN` the control thread sends a message and then a signal to the
+//! vCPU thread. The signal handler sets `immediate_exit` in the vCPU's `kvm_run`, so a signal
+//! that lands just before `KVM_RUN` still makes it return at once: no message is ever missed.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Once};
+
+use ferry_api::ExitCounters;
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::bus::Bus;
+use crate::event::VmmEvent;
+
+/// The real-time signal that kicks a vCPU out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal's handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own mapped `kvm_run`, set while its `VcpuFd` is
+        // alive and cleared before it is dropped; a signal handler on this thread cannot race
+        // with the thread itself, and `immediate_exit` is a plain byte KVM reads on entry.
+        unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 1) };
+    }
+}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    });
+    result
+}
+
+/// Messages to a vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuCommand {
+    Pause,
+    Resume,
+    Stop,
+}
+
+/// A vCPU's answer to [`VcpuCommand::Pause`] and [`VcpuCommand::Resume`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuAck {
+    Paused(u8),
+    Resumed(u8),
+}
+
+/// Exit counters of one vCPU, read by the API while the vCPU runs.
+#[derive(Debug, Default)]
+pub struct VcpuCounters {
+    io_in: AtomicU64,
+    io_out: AtomicU64,
+    mmio_read: AtomicU64,
+    mmio_write: AtomicU64,
+    hlt: AtomicU64,
+    interrupted: AtomicU64,
+    other: AtomicU64,
+}
+
+impl VcpuCounters {
+    pub fn snapshot(&self) -> ExitCounters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ExitCounters {
+            io_in: get(&self.io_in),
+            io_out: get(&self.io_out),
+            mmio_read: get(&self.mmio_read),
+            mmio_write: get(&self.mmio_write),
+            hlt: get(&self.hlt),
+            interrupted: get(&self.interrupted),
+            other: get(&self.other),
+        }
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Everything a vCPU thread owns.
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub io_bus: Arc<Bus>,
+    pub mmio_bus: Arc<Bus>,
+    pub counters: Arc<VcpuCounters>,
+    pub events: Sender<VmmEvent>,
+    pub commands: Receiver<VcpuCommand>,
+    pub acks: Sender<VcpuAck>,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the run loop does after handling an exit.
+enum Next {
+    Continue,
+    Fail(String),
+}
+
+impl Vcpu {
+    /// Runs the vCPU until told to stop. Started running (not paused).
+    pub fn run(mut self) {
+        KVM_RUN.with(|p| p.set(self.fd.get_kvm_run()));
+        self.run_loop();
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    fn run_loop(&mut self) {
+        let mut paused = false;
+        loop {
+            if !self.handle_commands(&mut paused) {
+                return;
+            }
+            let next = match self.fd.run() {
+                Ok(exit) => handle_exit(
+                    exit,
+                    &self.io_bus,
+                    &self.mmio_bus,
+                    &self.counters,
+                    &self.events,
+                ),
+                Err(e) if e.errno() == libc::EINTR => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    bump(&self.counters.interrupted);
+                    Next::Continue
+                }
+                Err(e) if e.errno() == libc::EAGAIN => Next::Continue,
+                Err(e) => Next::Fail(format!("KVM_RUN failed: {e}")),
+            };
+            if let Next::Fail(mut reason) = next {
+                if reason == TRIPLE_FAULT {
+                    if let Ok(regs) = self.fd.get_regs() {
+                        reason = format!("{reason} (rip {:#x})", regs.rip);
+                    }
+                }
+                let _ = self.events.send(VmmEvent::VcpuFailed {
+                    id: self.id,
+                    reason,
+                });
+                // Wait for the control loop to stop us, still answering pause and resume.
+                let mut parked = true;
+                while self.handle_commands(&mut parked) {}
+                return;
+            }
+        }
+    }
+
+    /// Applies pending commands; blocks while paused. Returns false when the vCPU must stop.
+    fn handle_commands(&mut self, paused: &mut bool) -> bool {
+        loop {
+            let command = if *paused {
+                match self.commands.recv() {
+                    Ok(c) => c,
+                    Err(_) => return false,
+                }
+            } else {
+                match self.commands.try_recv() {
+                    Ok(c) => c,
+                    Err(TryRecvError::Empty) => return true,
+                    Err(TryRecvError::Disconnected) => return false,
+                }
+            };
+            match command {
+                VcpuCommand::Pause => {
+                    *paused = true;
+                    let _ = self.acks.send(VcpuAck::Paused(self.id));
+                }
+                VcpuCommand::Resume => {
+                    *paused = false;
+                    let _ = self.acks.send(VcpuAck::Resumed(self.id));
+                }
+                VcpuCommand::Stop => return false,
+            }
+        }
+    }
+}
+
+const TRIPLE_FAULT: &str = "guest triple fault (KVM_EXIT_SHUTDOWN)";
+
+fn handle_exit(
+    exit: VcpuExit<'_>,
+    io_bus: &Bus,
+    mmio_bus: &Bus,
+    counters: &VcpuCounters,
+    events: &Sender<VmmEvent>,
+) -> Next {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            bump(&counters.io_in);
+            io_bus.read(u64::from(port), data);
+        }
+        VcpuExit::IoOut(port, data) => {
+            bump(&counters.io_out);
+            io_bus.write(u64::from(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            bump(&counters.mmio_read);
+            mmio_bus.read(addr, data);
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            bump(&counters.mmio_write);
+            mmio_bus.write(addr, data);
+        }
+        VcpuExit::Hlt => bump(&counters.hlt),
+        VcpuExit::Shutdown => return Next::Fail(TRIPLE_FAULT.to_string()),
+        VcpuExit::SystemEvent(kind, _) => {
+            bump(&counters.other);
+            match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                    let _ = events.send(VmmEvent::GuestShutdown {
+                        how: "KVM system event",
+                    });
+                }
+                other => return Next::Fail(format!("unexpected KVM system event {other}")),
+            }
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            return Next::Fail(format!(
+                "VM entry failed: hardware reason {reason:#x} on host cpu {cpu}"
+            ))
+        }
+        VcpuExit::InternalError => {
+            return Next::Fail("KVM internal error (emulation failed)".into())
+        }
+        VcpuExit::IrqWindowOpen | VcpuExit::Intr => bump(&counters.other),
+        other => return Next::Fail(format!("unhandled vCPU exit: {other:?}")),
+    }
+    Next::Continue
+}

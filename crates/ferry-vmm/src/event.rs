@@ -1,0 +1,40 @@
+//! What the VMM's control loop reacts to.
+
+use ferry_api::VmInfo;
+use tokio::sync::oneshot;
+
+/// Something that happened to the VM; the control loop on the main thread handles them in order.
+#[derive(Debug)]
+pub enum VmmEvent {
+    /// The guest asked to power off (i8042 reset line, ACPI or a KVM system event).
+    GuestShutdown { how: &'static str },
+    /// A vCPU cannot go on: a triple fault, a failed VM entry, an emulation error.
+    VcpuFailed { id: u8, reason: String },
+    /// The event loop of the devices died.
+    DevicesFailed { reason: String },
+    /// A request from the control API.
+    Api(ApiRequest),
+}
+
+/// An operation the API asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiAction {
+    Info,
+    Pause,
+    Resume,
+    Shutdown,
+}
+
+/// Why an API request failed: an HTTP status and a message for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiFailure {
+    pub status: u16,
+    pub message: String,
+}
+
+/// An API request with the channel its answer goes back on.
+#[derive(Debug)]
+pub struct ApiRequest {
+    pub action: ApiAction,
+    pub reply: oneshot::Sender<Result<VmInfo, ApiFailure>>,
+}

@@ -1,0 +1,66 @@
+//! The ferry virtual machine monitor: one VM per process on KVM.
+//!
+//! [`vmm::run`] builds a VM from a [`config::VmConfig`] (memory, PVH boot, vCPUs, serial,
+//! i8042, virtio-blk over MMIO, the control API) and runs it until it ends.
+
+pub mod api;
+pub mod boot;
+pub mod bus;
+pub mod config;
+pub mod cpu;
+pub mod devices;
+pub mod event;
+pub mod memory;
+pub mod vmm;
+
+use std::path::PathBuf;
+
+/// Why a VM could not be built or did not end cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
+    OpenKvm {
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM refused to {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("invalid VM configuration")]
+    Config(#[from] config::ConfigError),
+    #[error("cannot read the host's resources")]
+    HostInfo(#[source] std::io::Error),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Bus(#[from] bus::BusError),
+    #[error(transparent)]
+    Cpuid(#[from] cpu::cpuid::CpuidError),
+    #[error(transparent)]
+    Api(#[from] api::ApiSocketError),
+    #[error(transparent)]
+    Disk(#[from] devices::virtio::DiskError),
+    #[error("cannot open console file {path}")]
+    Console {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot install the vCPU kick signal handler")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot start a thread")]
+    Thread(#[source] std::io::Error),
+    #[error("vCPU {vcpu} stopped: {reason}")]
+    Guest { vcpu: u8, reason: String },
+    #[error("devices failed: {0}")]
+    Devices(String),
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}

@@ -1,0 +1,145 @@
+//! Guest physical memory: the layout of the address space and the mapping of RAM into KVM.
+//!
+//! ```text
+//! 0             0x9fc00  0x100000           3 GiB        4 GiB
+//! | low RAM      | rsvd   | RAM ...          | MMIO hole   | RAM above 4 GiB ...
+//!   0x6000  hvm_start_info, 0x7000 memory map, 0x20000 command line
+//! ```
+//! RAM beyond 3 GiB continues above 4 GiB, so the hole below 4 GiB is free for devices
+//! (virtio-mmio windows, IOAPIC, LAPIC) and KVM's private pages.
+
+use ferry_devices::GuestMemory;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// End of the RAM below the legacy video and BIOS area.
+pub const LOW_RAM_END: u64 = 0x9fc00;
+/// Start of the RAM the kernel is loaded into.
+pub const HIGH_RAM_START: u64 = 0x10_0000;
+/// The hole for devices below 4 GiB starts here; RAM past it moves above 4 GiB.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// RAM that did not fit below the hole starts here.
+pub const RAM_ABOVE_4G_START: u64 = 1 << 32;
+/// The first virtio-mmio window; each device gets [`VIRTIO_MMIO_SIZE`] bytes.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio register window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// KVM needs three pages for the real-mode TSS (Intel) below 4 GiB, outside RAM.
+pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+/// And one page for the identity map of unrestricted-guest-less real mode.
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+/// Where the PVH `hvm_start_info` is written.
+pub const PVH_START_INFO_ADDR: u64 = 0x6000;
+/// Where the PVH memory map is written (one page: room for 256 entries).
+pub const PVH_MEMMAP_ADDR: u64 = 0x7000;
+/// Where the kernel command line is written.
+pub const CMDLINE_ADDR: u64 = 0x2_0000;
+/// Longest command line we pass, terminating NUL included.
+pub const CMDLINE_MAX: usize = 0x1_0000;
+/// The smallest VM we boot: the kernel, its tables and a little room to run.
+pub const MIN_MEMORY: u64 = 32 << 20;
+
+/// Errors while creating or registering guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot map {size} bytes of guest memory")]
+    Mmap {
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("cannot register guest memory slot {slot} with KVM")]
+    Register {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The RAM ranges of a VM with `size` bytes of memory, as (start, length).
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    let below = size.min(MMIO_HOLE_START);
+    let mut ranges = vec![(GuestAddress(0), below as usize)];
+    if size > below {
+        ranges.push((GuestAddress(RAM_ABOVE_4G_START), (size - below) as usize));
+    }
+    ranges
+}
+
+/// Maps anonymous guest memory of `size` bytes, with a bitmap that records the writes the
+/// VMM's devices make into it.
+pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
+    GuestMemory::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Mmap { size, source })
+}
+
+/// Hands every region of `mem` to KVM as a memory slot, in order.
+pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let host_addr = mem
+            .get_host_address(region.start_addr())
+            .expect("a region's own start address is mapped");
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem` of exactly `memory_size` bytes,
+        // and the caller keeps `mem` alive for as long as the VM exists.
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(|source| MemoryError::Register { slot, source })?;
+    }
+    Ok(())
+}
+
+/// The PVH / e820 memory map the guest is told about: (start, length, type), type 1 = RAM,
+/// 2 = reserved.
+pub fn guest_memory_map(size: u64) -> Vec<(u64, u64, u32)> {
+    let mut map = vec![
+        (0, LOW_RAM_END, 1),
+        (LOW_RAM_END, HIGH_RAM_START - LOW_RAM_END, 2),
+    ];
+    let below = size.min(MMIO_HOLE_START);
+    map.push((HIGH_RAM_START, below - HIGH_RAM_START, 1));
+    if size > below {
+        map.push((RAM_ABOVE_4G_START, size - below, 1));
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_memory_is_one_range_below_the_hole() {
+        assert_eq!(ram_ranges(64 << 20), vec![(GuestAddress(0), 64 << 20)]);
+    }
+
+    #[test]
+    fn memory_past_the_hole_continues_above_4g() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_HOLE_START as usize));
+        assert_eq!(r[1], (GuestAddress(1 << 32), (1 << 30) as usize));
+    }
+
+    #[test]
+    fn memory_map_covers_ram_and_reserves_the_bios_area() {
+        let map = guest_memory_map(4 << 30);
+        let ram: u64 = map.iter().filter(|e| e.2 == 1).map(|e| e.1).sum();
+        // All RAM but the 384 KiB-ish BIOS hole is announced.
+        assert_eq!(ram, (4u64 << 30) - (HIGH_RAM_START - LOW_RAM_END));
+        assert!(map
+            .iter()
+            .all(|e| e.0 + e.1 <= MMIO_HOLE_START || e.0 >= 1 << 32));
+    }
+
+    #[test]
+    fn device_windows_sit_in_the_hole() {
+        assert!(VIRTIO_MMIO_BASE >= MMIO_HOLE_START);
+        assert!(KVM_IDENTITY_MAP_ADDR > VIRTIO_MMIO_BASE + 64 * VIRTIO_MMIO_SIZE);
+    }
+}

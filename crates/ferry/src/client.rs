@@ -1,0 +1,107 @@
+//! A client of the VM's control API over its unix socket.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_api::{ApiError, VmInfo};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+
+/// How long a call may take before we give up on the VM process.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Calls `method path` on the API at `socket` and decodes the VM info it answers.
+pub fn call(socket: &Path, method: Method, path: &str) -> Result<VmInfo> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the API client")?;
+    let (status, body) = runtime
+        .block_on(async { tokio::time::timeout(CALL_TIMEOUT, send(socket, method, path)).await })
+        .map_err(|_| {
+            anyhow!(
+                "the VM at {} did not answer in {CALL_TIMEOUT:?}",
+                socket.display()
+            )
+        })??;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<ApiError>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        bail!("the VM refused the request ({status}): {message}");
+    }
+    serde_json::from_slice(&body).context("the VM's answer is not valid VM info")
+}
+
+async fn send(socket: &Path, method: Method, path: &str) -> Result<(hyper::StatusCode, Bytes)> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("cannot connect to the API socket {}", socket.display()))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("HTTP handshake with the VM failed")?;
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .context("cannot build the request")?;
+    let response = sender
+        .send_request(request)
+        .await
+        .context("the VM closed the connection")?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .context("cannot read the VM's answer")?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// A short human summary of a VM.
+pub fn summary(info: &VmInfo) -> String {
+    let mut out = format!(
+        "state: {}\nvcpus: {}\nmemory: {} MiB\nuptime: {:.1} s\nkernel: {}\ncmdline: {}\n",
+        info.state,
+        info.vcpus,
+        info.memory_bytes >> 20,
+        info.uptime_secs,
+        info.kernel,
+        info.cmdline
+    );
+    out.push_str("devices:\n");
+    for d in &info.devices {
+        out.push_str(&format!("  {:<11} {}", d.kind, d.location));
+        if let Some(b) = &d.block {
+            out.push_str(&format!(
+                " {} ({} MiB{}) requests={} read={}B written={}B invalid={} errors={}",
+                b.path,
+                b.capacity_bytes >> 20,
+                if b.read_only { ", read-only" } else { "" },
+                b.requests,
+                b.read_bytes,
+                b.write_bytes,
+                b.invalid_requests,
+                b.io_errors
+            ));
+        }
+        out.push('\n');
+    }
+    for (i, e) in info.vcpu_exits.iter().enumerate() {
+        out.push_str(&format!(
+            "vcpu{i} exits: io_in={} io_out={} mmio_read={} mmio_write={} interrupted={} other={}\n",
+            e.io_in, e.io_out, e.mmio_read, e.mmio_write, e.interrupted, e.other
+        ));
+    }
+    out.push_str(&format!(
+        "unhandled accesses: {}\n",
+        info.unhandled_accesses
+    ));
+    out
+}

@@ -1,0 +1,209 @@
+//! `ferry`: boots, controls and (soon) migrates KVM virtual machines.
+
+mod bench;
+mod client;
+mod guest;
+mod paths;
+mod size;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ferry_vmm::config::{ConsoleConfig, DiskConfig, VmConfig};
+use ferry_vmm::vmm::VmExit;
+use hyper::Method;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live migration of KVM virtual machines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a VM in this process and run it until it powers off.
+    Run(RunArgs),
+    /// Talk to a running VM through its API socket.
+    Vm {
+        #[command(subcommand)]
+        action: VmAction,
+    },
+    /// Build guests for ferry.
+    Guest {
+        #[command(subcommand)]
+        action: GuestAction,
+    },
+    /// Measure ferry beside QEMU on the same guest (JSON with min/median/max and ratios).
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchWhat {
+    /// Process start to the guest's ready line, and the VMM's own memory overhead.
+    Boot {
+        /// How many boots of each VMM.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// ELF kernel with a PVH entry note (the test guest or a Linux vmlinux).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Guest memory: 512M, 1G, ... (a bare number is MiB).
+    #[arg(long, default_value = "256M", value_parser = size::parse_size)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// A raw disk image for a virtio-blk disk; append ",ro" for read-only. Repeatable.
+    #[arg(long = "disk", value_name = "FILE[,ro]")]
+    disks: Vec<String>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    append: String,
+    /// Serve the control API on this unix socket.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Where the serial console goes: `stdout` or a file (appended to).
+    #[arg(long, default_value = "stdout")]
+    console: String,
+}
+
+#[derive(Debug, Args)]
+struct ApiArgs {
+    /// The VM's API socket.
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// Print the VM's answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmAction {
+    /// Show the VM's state, devices and counters.
+    Info(ApiArgs),
+    /// Stop the vCPUs and devices; guest memory stops changing.
+    Pause(ApiArgs),
+    /// Let a paused VM run again.
+    Resume(ApiArgs),
+    /// Stop the VM and end its process (exit code 0).
+    Shutdown(ApiArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum GuestAction {
+    /// Build ferry's test guest kernel and print its path.
+    Build {
+        /// Print {"kernel": PATH, "seconds": N}.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn disk_config(spec: &str) -> DiskConfig {
+    match spec.strip_suffix(",ro") {
+        Some(path) => DiskConfig {
+            path: path.into(),
+            read_only: true,
+        },
+        None => DiskConfig {
+            path: spec.into(),
+            read_only: false,
+        },
+    }
+}
+
+fn run_vm(args: RunArgs) -> Result<()> {
+    let console = match args.console.as_str() {
+        "stdout" => ConsoleConfig::Stdout,
+        path => ConsoleConfig::File(path.into()),
+    };
+    let config = VmConfig {
+        kernel: args.kernel,
+        memory_bytes: args.memory,
+        vcpus: args.vcpus,
+        disks: args.disks.iter().map(|d| disk_config(d)).collect(),
+        cmdline: args.append,
+        api_socket: args.api_socket,
+        console,
+    };
+    match ferry_vmm::vmm::run(config)? {
+        VmExit::GuestShutdown(how) => tracing::info!("guest powered off ({how})"),
+        VmExit::ApiShutdown => tracing::info!("shut down through the API"),
+    }
+    Ok(())
+}
+
+fn vm_call(action: VmAction) -> Result<()> {
+    let (args, method, path) = match action {
+        VmAction::Info(a) => (a, Method::GET, "/vm"),
+        VmAction::Pause(a) => (a, Method::PUT, "/vm/pause"),
+        VmAction::Resume(a) => (a, Method::PUT, "/vm/resume"),
+        VmAction::Shutdown(a) => (a, Method::PUT, "/vm/shutdown"),
+    };
+    let info = client::call(&args.api_socket, method, path)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", client::summary(&info));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run_vm(args),
+        Command::Vm { action } => vm_call(action),
+        Command::Guest {
+            action: GuestAction::Build { json },
+        } => guest::build_testguest().and_then(|built| {
+            if json {
+                println!("{}", serde_json::to_string(&built).context("encode")?);
+            } else {
+                println!("{}", built.kernel.display());
+            }
+            Ok(())
+        }),
+        Command::Bench {
+            what: BenchWhat::Boot { runs, memory_mib },
+        } => bench::boot(runs, memory_mib).and_then(|report| {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).context("encode")?
+            );
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

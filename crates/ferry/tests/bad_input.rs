@@ -1,0 +1,191 @@
+//! Bad input gets a clear error and a non-zero exit: never a panic, never a hang.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Output;
+use std::time::Duration;
+
+use common::{ferry, guest_kernel, kvm_or_skip, wait_for_path, Boot, TempDir};
+
+/// Runs `ferry run` with `args` after `--kernel K`, expecting a refusal mentioning `expect`.
+fn refused(args: &[&str], expect: &str) {
+    let out = run_with_timeout(ferry().arg("run").args(args));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted {args:?}");
+    assert!(
+        stderr.contains(expect),
+        "{args:?}: expected {expect:?} in:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+}
+
+fn run_with_timeout(cmd: &mut std::process::Command) -> Output {
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ferry hung on bad input");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn bad_kernels_are_refused() {
+    if !kvm_or_skip("bad_kernels_are_refused") {
+        return;
+    }
+    let dir = TempDir::new("bad-kernel");
+    let text = dir.join("text");
+    std::fs::write(&text, "not a kernel").expect("write");
+    let empty = dir.join("empty");
+    std::fs::write(&empty, "").expect("write");
+    refused(&["--kernel", "/nonexistent/vmlinux"], "cannot open kernel");
+    refused(
+        &["--kernel", text.to_str().expect("utf8")],
+        "not a loadable",
+    );
+    refused(
+        &["--kernel", empty.to_str().expect("utf8")],
+        "not a loadable",
+    );
+    // A real ELF that is not a PVH kernel: this very test binary's neighbour, /bin/true.
+    let out = run_with_timeout(ferry().args(["run", "--kernel", "/bin/true"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("PVH") || stderr.contains("not a loadable"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_machine_shapes_are_refused() {
+    if !kvm_or_skip("bad_machine_shapes_are_refused") {
+        return;
+    }
+    let kernel = guest_kernel();
+    let k = kernel.to_str().expect("utf8");
+    refused(&["--kernel", k, "--vcpus", "0"], "at least one vCPU");
+    refused(
+        &["--kernel", k, "--vcpus", "200"],
+        "more than this host allows",
+    );
+    refused(&["--kernel", k, "--vcpus", "x"], "invalid value");
+    refused(&["--kernel", k, "--memory", "1M"], "too small");
+    refused(
+        &["--kernel", k, "--memory", "100000G"],
+        "more than this host has",
+    );
+    refused(&["--kernel", k, "--memory", "lots"], "invalid size");
+    refused(
+        &["--kernel", k, "--disk", "/nonexistent/disk.img"],
+        "cannot open disk",
+    );
+    refused(
+        &["--kernel", k, "--console", "/nonexistent/dir/console.log"],
+        "console",
+    );
+}
+
+#[test]
+fn an_api_socket_in_use_is_refused() {
+    if !kvm_or_skip("an_api_socket_in_use_is_refused") {
+        return;
+    }
+    let dir = TempDir::new("socket-in-use");
+    let socket = dir.join("api.sock");
+    let _vm = Boot {
+        api_socket: Some(socket.clone()),
+        ..Boot::guest("workload=idle")
+    }
+    .start();
+    wait_for_path(&socket, Duration::from_secs(30));
+    let k = guest_kernel();
+    refused(
+        &[
+            "--kernel",
+            k.to_str().expect("utf8"),
+            "--api-socket",
+            socket.to_str().expect("utf8"),
+        ],
+        "in use",
+    );
+}
+
+/// Sends raw bytes to the API and returns the raw answer.
+fn raw_http(socket: &std::path::Path, request: &[u8]) -> String {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(request).expect("send");
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+}
+
+#[test]
+fn malformed_api_requests_get_errors_and_the_vm_keeps_running() {
+    if !kvm_or_skip("malformed_api_requests_get_errors_and_the_vm_keeps_running") {
+        return;
+    }
+    let dir = TempDir::new("bad-api");
+    let socket = dir.join("api.sock");
+    let vm = Boot {
+        api_socket: Some(socket.clone()),
+        ..Boot::guest("workload=idle")
+    }
+    .start();
+    vm.wait_for("ferry-guest: ready", Duration::from_secs(30));
+    wait_for_path(&socket, Duration::from_secs(30));
+
+    let a = raw_http(
+        &socket,
+        b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(a.starts_with("HTTP/1.1 404"), "{a}");
+    assert!(a.contains("\"error\""), "errors are JSON: {a}");
+    let a = raw_http(
+        &socket,
+        b"DELETE /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(a.starts_with("HTTP/1.1 405"), "{a}");
+    let a = raw_http(&socket, b"\x00\x01garbage that is not HTTP\r\n\r\n");
+    assert!(a.is_empty() || a.starts_with("HTTP/1.1 400"), "{a}");
+    let a = raw_http(
+        &socket,
+        b"PUT /vm/pause HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{",
+    );
+    assert!(!a.starts_with("HTTP/1.1 5"), "{a}");
+
+    // Still alive and answering.
+    let info = common::vm_api(&socket, "info");
+    assert!(info["state"] == "running" || info["state"] == "paused");
+    vm.assert_clean();
+}
+
+#[test]
+fn vm_commands_on_a_missing_socket_fail_clearly() {
+    let out =
+        run_with_timeout(ferry().args(["vm", "info", "--api-socket", "/nonexistent/api.sock"]));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot connect"), "{stderr}");
+}
+
+#[test]
+fn unknown_flags_are_refused_with_usage() {
+    let out = run_with_timeout(ferry().args(["run", "--kernal", "x"]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--kernel"));
+}

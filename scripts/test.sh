@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every check and test of ferry: formatting, lints (workspace and test guest), unit and
+# end-to-end tests. End-to-end tests boot real VMs when /dev/kvm exists and print
+# "SKIPPED (no /dev/kvm)" otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+# Work files (the built guest, test VMs' files) go to the cache, never into the repo.
+export FERRY_CACHE_DIR="${FERRY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ferry}"
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+(cd crates/ferry-testguest && cargo fmt -- --check)
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+(cd crates/ferry-testguest && env -u RUSTFLAGS CARGO_TARGET_DIR="$FERRY_CACHE_DIR/testguest-target" \
+  cargo clippy --release --quiet -- -D warnings)
+echo "== cargo test"
+cargo test --workspace -- --test-threads="${FERRY_TEST_THREADS:-2}"
