@@ -151,10 +151,11 @@ impl Vcpu {
                 Err(e) => Next::Fail(format!("KVM_RUN failed: {e}")),
             };
             if let Next::Fail(mut reason) = next {
-                if reason == TRIPLE_FAULT {
-                    if let Ok(regs) = self.fd.get_regs() {
-                        reason = format!("{reason} (rip {:#x})", regs.rip);
-                    }
+                if reason == INTERNAL_ERROR {
+                    reason = describe_internal_error(&mut self.fd);
+                }
+                if let Ok(regs) = self.fd.get_regs() {
+                    reason = format!("{reason} at rip {:#x}", regs.rip);
                 }
                 let _ = self.events.send(VmmEvent::VcpuFailed {
                     id: self.id,
@@ -199,6 +200,31 @@ impl Vcpu {
 }
 
 const TRIPLE_FAULT: &str = "guest triple fault (KVM_EXIT_SHUTDOWN)";
+const INTERNAL_ERROR: &str = "KVM internal error";
+
+/// Says what a `KVM_EXIT_INTERNAL_ERROR` means. Where KVM emulates the guest's ring 0 (as on
+/// hosts without unrestricted-guest support), a triple fault arrives here as "simultaneous
+/// exceptions" rather than as `KVM_EXIT_SHUTDOWN`.
+fn describe_internal_error(fd: &mut VcpuFd) -> String {
+    // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member
+    // of the exit union; reading plain integers from it cannot be invalid.
+    let internal = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal };
+    let what = match internal.suberror {
+        kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "instruction emulation failed",
+        kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => {
+            "guest triple fault (an exception while delivering an exception)"
+        }
+        kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "interrupt or exception delivery failed",
+        kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => "unexpected hardware exit",
+        _ => "unknown failure",
+    };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    format!(
+        "{INTERNAL_ERROR} {}: {what} (data {:x?})",
+        internal.suberror,
+        &internal.data[..n]
+    )
+}
 
 fn handle_exit(
     exit: VcpuExit<'_>,
@@ -242,9 +268,7 @@ fn handle_exit(
                 "VM entry failed: hardware reason {reason:#x} on host cpu {cpu}"
             ))
         }
-        VcpuExit::InternalError => {
-            return Next::Fail("KVM internal error (emulation failed)".into())
-        }
+        VcpuExit::InternalError => return Next::Fail(INTERNAL_ERROR.into()),
         VcpuExit::IrqWindowOpen | VcpuExit::Intr => bump(&counters.other),
         other => return Next::Fail(format!("unhandled vCPU exit: {other:?}")),
     }
