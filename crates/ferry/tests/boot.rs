@@ -143,9 +143,12 @@ fn pause_stops_the_guest_and_resume_lets_it_go_on() {
     }
     let dir = TempDir::new("pause");
     let socket = dir.join("api.sock");
+    let image = dir.join("disk.img");
+    sparse_image(&image, 16 << 20);
     let mut vm = Boot {
         api_socket: Some(socket.clone()),
-        ..Boot::guest("workload=mem mem_mib=16 mem_rate=16")
+        disks: vec![image],
+        ..Boot::guest("workload=mem,disk mem_mib=16 mem_rate=200 disk_blocks=64 disk_rate=500")
     }
     .start();
     vm.wait_for("ferry-guest: ready", BOOT);
@@ -155,7 +158,12 @@ fn pause_stops_the_guest_and_resume_lets_it_go_on() {
     let info = vm_api(&socket, "pause");
     assert_eq!(info["state"], "paused");
     let before = vm.lines().len();
+    // Neither the vCPUs nor the disk write guest memory while paused.
+    let guest_bytes = 256 << 20;
+    let first = common::guest_memory_digest(vm.pid(), guest_bytes);
     std::thread::sleep(Duration::from_millis(2500));
+    let second = common::guest_memory_digest(vm.pid(), guest_bytes);
+    assert_eq!(first, second, "guest memory changed while paused");
     let during = vm.lines();
     assert_eq!(
         during.len(),

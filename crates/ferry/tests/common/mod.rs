@@ -179,6 +179,10 @@ impl VmProcess {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("child").id()
+    }
+
     /// Every console line so far.
     pub fn lines(&self) -> Vec<String> {
         self.out.0.lock().expect("output").lines.clone()
@@ -331,4 +335,39 @@ pub fn vm_api(socket: &Path, action: &str) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("vm JSON")
+}
+
+/// A digest of the VM process's guest RAM mapping (the anonymous mapping of exactly
+/// `guest_bytes`), read through /proc/PID/mem: it changes if and only if guest memory does.
+pub fn guest_memory_digest(pid: u32, guest_bytes: u64) -> u64 {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let (start, _) = maps
+        .lines()
+        .filter_map(|l| {
+            let range = l.split_whitespace().next()?;
+            let (a, b) = range.split_once('-')?;
+            let (a, b) = (
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            );
+            (b - a == guest_bytes).then_some((a, b))
+        })
+        .next()
+        .expect("a mapping the size of guest memory");
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open mem");
+    mem.seek(SeekFrom::Start(start)).expect("seek");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut left = guest_bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        mem.read_exact(&mut buf[..n]).expect("read guest memory");
+        for chunk in buf[..n].chunks_exact(8) {
+            let w = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            hash = (hash ^ w).wrapping_mul(0x0100_0000_01b3);
+        }
+        left -= n as u64;
+    }
+    hash
 }
