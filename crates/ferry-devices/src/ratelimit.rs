@@ -42,7 +42,20 @@ macro_rules! log_limited {
 }
 pub(crate) use log_limited;
 
+/// An error and its sources on one line ("a: b: c"), for logs.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        line.push_str(": ");
+        line.push_str(&e.to_string());
+        source = e.source();
+    }
+    line
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {
     use super::*;
 
@@ -50,7 +63,19 @@ mod tests {
     fn burst_then_powers_of_two() {
         let limiter = LogLimiter::new();
         let allowed: Vec<u64> = (1..=1000).filter(|_| limiter.allow()).collect();
-        assert_eq!(allowed, vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 32, 64, 128, 256, 512]);
+        assert_eq!(
+            allowed,
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 32, 64, 128, 256, 512]
+        );
         assert_eq!(limiter.seen(), 1000);
+    }
+
+    #[test]
+    fn error_chain_joins_sources() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("inner"));
+        assert_eq!(error_chain(&e), "outer: inner");
     }
 }

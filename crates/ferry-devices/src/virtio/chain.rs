@@ -81,7 +81,9 @@ impl Chain {
     /// The address of the last byte of the chain if that byte is device-writable and in guest
     /// memory: where virtio-blk (and others) put their status byte.
     pub fn last_writable_byte(&self) -> Option<GuestAddress> {
-        let last = self.last.filter(|l| l.writable && l.valid && l.segment.len > 0)?;
+        let last = self
+            .last
+            .filter(|l| l.writable && l.valid && l.segment.len > 0)?;
         last.segment
             .addr
             .checked_add(u64::from(last.segment.len) - 1)

@@ -14,8 +14,6 @@ mod interrupt;
 pub mod mmio;
 mod queue_setup;
 #[cfg(test)]
-mod mmio_tests;
-#[cfg(test)]
 pub(crate) mod test_queue;
 
 use std::io;
@@ -110,6 +108,7 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {
     use super::*;
 

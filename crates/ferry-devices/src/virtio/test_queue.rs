@@ -163,7 +163,10 @@ impl TestQueue {
     pub fn used(&self, i: u16) -> (u32, u32) {
         let at = self.used.unchecked_add(4 + 8 * u64::from(i % self.size));
         let id: u32 = self.mem.read_obj(at).expect("used ring in memory");
-        let len: u32 = self.mem.read_obj(at.unchecked_add(4)).expect("used ring in memory");
+        let len: u32 = self
+            .mem
+            .read_obj(at.unchecked_add(4))
+            .expect("used ring in memory");
         (u32::from_le(id), u32::from_le(len))
     }
 

@@ -146,8 +146,8 @@ mod tests {
     fn serial_ignores_wide_and_out_of_range_accesses() {
         let sink = Sink::default();
         let mut s = SerialConsole::new(EventFd::new(0).expect("evt"), Box::new(sink.clone()));
-        s.write(0, &[b'a', b'b']);
-        s.write(1 << 40, &[b'c']);
+        s.write(0, b"ab");
+        s.write(1 << 40, b"c");
         let mut wide = [0u8; 4];
         s.read(0, &mut wide);
         assert_eq!(wide, [0xff; 4]);

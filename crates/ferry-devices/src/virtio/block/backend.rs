@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    GuestAddress, GuestMemory as _, Permissions, ReadVolatile, VolatileMemoryError,
-    VolatileSlice, WriteVolatile,
+    GuestAddress, GuestMemory as _, Permissions, ReadVolatile, VolatileMemoryError, VolatileSlice,
+    WriteVolatile,
 };
 
 use crate::GuestMemory;
@@ -228,9 +228,8 @@ struct FileAt<'a> {
 
 impl FileAt<'_> {
     fn offset(&self) -> Result<libc::off64_t, VolatileMemoryError> {
-        libc::off64_t::try_from(self.offset).map_err(|_| {
-            VolatileMemoryError::IOError(io::Error::from(io::ErrorKind::InvalidInput))
-        })
+        libc::off64_t::try_from(self.offset)
+            .map_err(|_| VolatileMemoryError::IOError(io::Error::from(io::ErrorKind::InvalidInput)))
     }
 
     /// Moves past the `n` bytes a transfer returned; `n` is `usize::try_from` of a syscall

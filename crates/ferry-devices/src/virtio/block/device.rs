@@ -19,7 +19,7 @@ use super::backend::{BackendError, BlockBackend, RawFile};
 use super::metrics::{add, BlockCounters, BlockMetrics};
 use super::request::{self, Rejected, Request, RequestKind};
 use super::{BlockError, DISK_ID_LEN, QUEUE_SIZE, SECTOR_SIZE};
-use crate::ratelimit::{log_limited, LogLimiter};
+use crate::ratelimit::{error_chain, log_limited, LogLimiter};
 use crate::virtio::chain::{self, Chain};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::GuestMemory;
@@ -122,8 +122,11 @@ impl Block {
 
         let size = backend.size();
         if size % SECTOR_SIZE != 0 {
-            tracing::warn!(disk = backend.id(), size,
-                "virtio-blk: disk size is not a multiple of 512; the tail is not visible");
+            tracing::warn!(
+                disk = backend.id(),
+                size,
+                "virtio-blk: disk size is not a multiple of 512; the tail is not visible"
+            );
         }
         let capacity = size / SECTOR_SIZE;
         let mut config_space = [0u8; CONFIG_LEN];
@@ -175,7 +178,12 @@ impl Block {
 
     /// The serial the guest reads with GET_ID.
     pub fn disk_id(&self) -> String {
-        let end = self.disk.id.iter().position(|&b| b == 0).unwrap_or(DISK_ID_LEN);
+        let end = self
+            .disk
+            .id
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(DISK_ID_LEN);
         String::from_utf8_lossy(&self.disk.id[..end]).into_owned()
     }
 
@@ -227,7 +235,11 @@ impl Block {
             );
             let len = self.disk.serve(&active.mem, &chain);
             if let Err(e) = active.queue.add_used(&active.mem, head, len) {
-                active.fail(&self.disk.log, "cannot return a request to the used ring", &e);
+                active.fail(
+                    &self.disk.log,
+                    "cannot return a request to the used ring",
+                    &e,
+                );
                 break;
             }
             used_any = true;
@@ -246,7 +258,11 @@ impl Block {
 impl ActiveQueue {
     /// The driver broke the queue: stop and ask for a reset.
     fn fail(&mut self, log: &LogLimiter, what: &str, e: &virtio_queue::Error) {
-        log_limited!(log, warn, "virtio-blk: {what}: {e}; the device needs a reset");
+        log_limited!(
+            log,
+            warn,
+            "virtio-blk: {what}: {e}; the device needs a reset"
+        );
         self.broken = true;
         if let Err(e) = self.interrupt.set_needs_reset() {
             tracing::error!("virtio-blk: cannot raise the interrupt: {e}");
@@ -278,7 +294,13 @@ impl Disk {
             Ok(req) => self.execute(mem, &req),
             Err(Rejected { error, status }) => {
                 add(&self.counters.invalid_requests, 1);
-                log_limited!(self.log, warn, head = chain.head, "virtio-blk: bad request: {error}");
+                log_limited!(
+                    self.log,
+                    warn,
+                    head = chain.head,
+                    "virtio-blk: bad request: {}",
+                    error_chain(&error)
+                );
                 write_status(mem, status, VIRTIO_BLK_S_IOERR)
             }
         }
@@ -304,7 +326,12 @@ impl Disk {
             RequestKind::GetId => self.write_id(mem, req).map(|()| DISK_ID_LEN as u32),
             RequestKind::Unsupported(t) => {
                 add(&self.counters.unsupported_requests, 1);
-                log_limited!(self.log, info, request_type = t, "virtio-blk: unsupported request");
+                log_limited!(
+                    self.log,
+                    info,
+                    request_type = t,
+                    "virtio-blk: unsupported request"
+                );
                 return write_status(mem, Some(req.status), VIRTIO_BLK_S_UNSUPP);
             }
         };
@@ -312,8 +339,14 @@ impl Disk {
             Ok(written) => written + write_status(mem, Some(req.status), VIRTIO_BLK_S_OK),
             Err(e) => {
                 add(&self.counters.io_errors, 1);
-                log_limited!(self.log, error, sector = req.sector, "virtio-blk: {:?} failed: {e}",
-                    req.kind);
+                log_limited!(
+                    self.log,
+                    error,
+                    sector = req.sector,
+                    "virtio-blk: {:?} failed: {}",
+                    req.kind,
+                    error_chain(&e)
+                );
                 write_status(mem, Some(req.status), VIRTIO_BLK_S_IOERR)
             }
         }
@@ -408,8 +441,13 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Nothing in our configuration space is writable (no CONFIG_WCE).
-        log_limited!(self.disk.log, debug, offset, len = data.len(),
-            "virtio-blk: configuration write ignored");
+        log_limited!(
+            self.disk.log,
+            debug,
+            offset,
+            len = data.len(),
+            "virtio-blk: configuration write ignored"
+        );
     }
 
     fn activate(

@@ -17,6 +17,7 @@ mod metrics;
 mod request;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests;
 
 use std::io;

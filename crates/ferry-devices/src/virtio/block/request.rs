@@ -84,7 +84,11 @@ pub(crate) enum RequestError {
     #[error("data length {0} is over the request limit")]
     TooLarge(u64),
     #[error("sectors {sector}+{count} are beyond the disk's {capacity}")]
-    OutOfRange { sector: u64, count: u64, capacity: u64 },
+    OutOfRange {
+        sector: u64,
+        count: u64,
+        capacity: u64,
+    },
     #[error("GET_ID buffer of {0} bytes, needs {DISK_ID_LEN}")]
     IdBufferTooSmall(u64),
 }
@@ -111,8 +115,11 @@ pub(crate) fn parse(mem: &GuestMemory, chain: &Chain, capacity: u64) -> Result<R
     if readable_len < HEADER_LEN {
         return Err(reject(RequestError::HeaderTooShort(readable_len)));
     }
-    let header = read_header(mem, &chain.readable).ok_or(reject(RequestError::HeaderUnreadable))?;
-    let kind = RequestKind::from_type(u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")));
+    let header =
+        read_header(mem, &chain.readable).ok_or_else(|| reject(RequestError::HeaderUnreadable))?;
+    let kind = RequestKind::from_type(u32::from_le_bytes(
+        header[0..4].try_into().expect("4 bytes"),
+    ));
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
 
     let readable_data = skip_front(&chain.readable, HEADER_LEN);
@@ -153,7 +160,12 @@ pub(crate) fn parse(mem: &GuestMemory, chain: &Chain, capacity: u64) -> Result<R
     })
 }
 
-fn check_transfer(kind: RequestKind, sector: u64, len: u64, capacity: u64) -> Result<(), RequestError> {
+fn check_transfer(
+    kind: RequestKind,
+    sector: u64,
+    len: u64,
+    capacity: u64,
+) -> Result<(), RequestError> {
     if len == 0 {
         return Err(RequestError::NoData(kind.name()));
     }
@@ -183,7 +195,8 @@ fn read_header(mem: &GuestMemory, readable: &[Segment]) -> Option<[u8; HEADER_LE
             break;
         }
         let take = (header.len() - filled).min(seg.len as usize);
-        mem.read_slice(&mut header[filled..filled + take], seg.addr).ok()?;
+        mem.read_slice(&mut header[filled..filled + take], seg.addr)
+            .ok()?;
         filled += take;
     }
     (filled == header.len()).then_some(header)
@@ -233,6 +246,7 @@ fn drop_back(segments: &[Segment], mut n: u64) -> Vec<Segment> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
 mod tests {
     use super::*;
 

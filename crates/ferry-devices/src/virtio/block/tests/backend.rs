@@ -39,7 +39,8 @@ fn sparse_image_stays_sparse() {
     let allocated = (meta.blocks() - blocks_before) * 512;
     assert!(allocated <= 64 << 10, "{allocated} bytes allocated");
     let mut buf = [0u8; 8192];
-    mem.read_slice(&mut buf, GuestAddress(DATA + 0x2000)).unwrap();
+    mem.read_slice(&mut buf, GuestAddress(DATA + 0x2000))
+        .unwrap();
     assert_eq!(buf, [0; 8192], "holes read as zeros");
 }
 
@@ -71,7 +72,13 @@ fn guest_range_outside_memory_is_refused() {
     let err = disk
         .read_to_guest(0, &mem, GuestAddress(MEM_END - 100), 512)
         .unwrap_err();
-    assert!(matches!(err, BackendError::GuestMemory { .. } | BackendError::Io { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            BackendError::GuestMemory { .. } | BackendError::Io { .. }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -96,7 +103,10 @@ fn missing_image_is_a_clear_error() {
         id: None,
     })
     .unwrap_err();
-    assert!(matches!(err, BlockError::Backend(BackendError::Open { .. })));
+    assert!(matches!(
+        err,
+        BlockError::Backend(BackendError::Open { .. })
+    ));
     let source = std::error::Error::source(&err).expect("chained");
     assert!(source.to_string().contains("/nonexistent/ferry/disk.img"));
 }

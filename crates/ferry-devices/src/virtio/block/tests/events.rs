@@ -9,8 +9,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion}
 
 use super::*;
 use crate::bus::BusDevice;
-use crate::virtio::mmio::{MmioTransport, MMIO_NOTIFY_OFFSET};
 use crate::virtio::block::device::REQUESTS_PER_PASS;
+use crate::virtio::mmio::{MmioTransport, MMIO_NOTIFY_OFFSET};
 use crate::virtio::INTERRUPT_USED_BUFFER;
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -56,7 +56,11 @@ fn driver_init(t: &mut MmioTransport, vq: &TestQueue) {
 #[test]
 fn event_manager_drives_the_device_end_to_end() {
     let Harness {
-        mem, block, irq, _dir, ..
+        mem,
+        block,
+        irq,
+        _dir,
+        ..
     } = Harness::new();
     let block = Arc::new(Mutex::new(block));
     let mut em = EventManager::<Subscriber>::new().unwrap();
@@ -135,7 +139,11 @@ fn requests_queued_before_the_loop_saw_the_activation_are_served() {
 #[test]
 fn a_long_queue_is_served_in_slices_that_re_arm_the_eventfd() {
     let Harness {
-        mem, block, irq, _dir, ..
+        mem,
+        block,
+        irq,
+        _dir,
+        ..
     } = Harness::new();
     let block = Arc::new(Mutex::new(block));
     let mut em = EventManager::<Subscriber>::new().unwrap();
@@ -158,13 +166,19 @@ fn a_long_queue_is_served_in_slices_that_re_arm_the_eventfd() {
     kick[0].write(1).unwrap();
     assert_eq!(em.run_with_timeout(0).unwrap(), 1);
     assert_eq!(vq.used_idx(), REQUESTS_PER_PASS);
-    assert_eq!(em.run_with_timeout(0).unwrap(), 1, "the device kicked itself");
+    assert_eq!(
+        em.run_with_timeout(0).unwrap(),
+        1,
+        "the device kicked itself"
+    );
     assert_eq!(vq.used_idx(), 100);
     assert_eq!(em.run_with_timeout(0).unwrap(), 0);
 }
 
 fn dirty(mem: &GuestMemory, addr: u64) -> bool {
-    let region = mem.find_region(GuestAddress(addr)).expect("address in memory");
+    let region = mem
+        .find_region(GuestAddress(addr))
+        .expect("address in memory");
     let offset = addr - region.start_addr().0;
     MmapRegion::bitmap(region).dirty_at(offset as usize)
 }

@@ -59,7 +59,8 @@ pub(super) fn write_header(mem: &GuestMemory, addr: u64, request_type: u32, sect
     let mut header = [0u8; 16];
     header[0..4].copy_from_slice(&request_type.to_le_bytes());
     header[8..16].copy_from_slice(&sector.to_le_bytes());
-    mem.write_slice(&header, GuestAddress(addr)).expect("header in memory");
+    mem.write_slice(&header, GuestAddress(addr))
+        .expect("header in memory");
 }
 
 /// A typical request: header at HEADER, `data`, status byte at STATUS (reset to UNTOUCHED).
@@ -136,7 +137,9 @@ impl Harness {
     }
 
     pub fn status(&self) -> u8 {
-        self.mem.read_obj(GuestAddress(STATUS)).expect("status in memory")
+        self.mem
+            .read_obj(GuestAddress(STATUS))
+            .expect("status in memory")
     }
 
     /// Whether the interrupt line was raised since the last call.

@@ -52,7 +52,10 @@ fn write_reaches_the_image_and_reads_back() {
     assert_eq!(vq.used(0), (0, 1), "only the status byte was written");
     assert_eq!(h.image_bytes(5 * 512, 1536), data);
     // Neighbours untouched.
-    assert_eq!(h.image_bytes(4 * 512 + 511, 1), vec![pattern(4 * 512 + 511)]);
+    assert_eq!(
+        h.image_bytes(4 * 512 + 511, 1),
+        vec![pattern(4 * 512 + 511)]
+    );
     assert_eq!(h.image_bytes(8 * 512, 1), vec![pattern(8 * 512)]);
 
     add_request(&mem, &vq, 3, T_IN, 5, &[w(DATA + 0x1000, 1536)]);
@@ -155,7 +158,11 @@ fn get_id_returns_the_configured_serial() {
     let mut expected = b"disk0".to_vec();
     expected.resize(DISK_ID_LEN, 0);
     assert_eq!(h.guest_bytes(DATA, DISK_ID_LEN), expected);
-    assert_eq!(h.guest_bytes(DATA + 20, 1), vec![0xaa], "nothing past the 20 bytes");
+    assert_eq!(
+        h.guest_bytes(DATA + 20, 1),
+        vec![0xaa],
+        "nothing past the 20 bytes"
+    );
     assert_eq!(vq.used(0), (0, 20 + 1));
 }
 
@@ -203,8 +210,14 @@ fn one_kick_serves_every_queued_request_in_order() {
         let first = i as u16 * 3;
         let data = DATA + i as u64 * 0x1000;
         write_header(&mem, HEADER + i as u64 * 16, T_IN, sector);
-        vq.add_chain(first, &[r(HEADER + i as u64 * 16, 16), w(data, 512),
-            w(STATUS + i as u64, 1)]);
+        vq.add_chain(
+            first,
+            &[
+                r(HEADER + i as u64 * 16, 16),
+                w(data, 512),
+                w(STATUS + i as u64, 1),
+            ],
+        );
     }
     h.run();
     assert_eq!(vq.used_idx(), 3);
@@ -241,7 +254,11 @@ fn driver_can_suppress_interrupts() {
 fn features_and_config_space() {
     let h = Harness::new();
     let f = h.block.avail_features();
-    for bit in [VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE] {
+    for bit in [
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_BLK_SIZE,
+    ] {
         assert_ne!(f & (1 << bit), 0, "feature {bit}");
     }
     assert_ne!(f & VIRTIO_F_VERSION_1, 0);
@@ -257,7 +274,11 @@ fn features_and_config_space() {
     assert_eq!(read(0, 8), SECTORS.to_le_bytes());
     assert_eq!(read(0, 4), (SECTORS as u32).to_le_bytes());
     assert_eq!(read(4, 4), [0; 4], "high half of the capacity");
-    assert_eq!(read(12, 4), u32::from(QUEUE_SIZE - 2).to_le_bytes(), "seg_max");
+    assert_eq!(
+        read(12, 4),
+        u32::from(QUEUE_SIZE - 2).to_le_bytes(),
+        "seg_max"
+    );
     assert_eq!(read(20, 4), 512u32.to_le_bytes(), "blk_size");
     // Unaligned and odd widths see the same bytes.
     assert_eq!(read(1, 1), [(SECTORS >> 8) as u8]);
@@ -271,7 +292,11 @@ fn features_and_config_space() {
     block.write_config(0, &[1, 2, 3, 4]);
     let mut data = [0u8; 8];
     block.read_config(0, &mut data);
-    assert_eq!(data, SECTORS.to_le_bytes(), "configuration writes are ignored");
+    assert_eq!(
+        data,
+        SECTORS.to_le_bytes(),
+        "configuration writes are ignored"
+    );
 }
 
 #[test]
@@ -315,16 +340,39 @@ fn activation_checks_its_queues() {
     let q = || vq.queue();
     let mem = h.mem.clone();
     let intr = h.interrupt.clone();
-    let err = h.block.activate(mem.clone(), vec![], intr.clone()).unwrap_err();
-    assert!(matches!(err, ActivateError::QueueCount { expected: 1, got: 0 }));
-    let err = h.block.activate(mem.clone(), vec![q(), q()], intr.clone()).unwrap_err();
-    assert!(matches!(err, ActivateError::QueueCount { expected: 1, got: 2 }));
+    let err = h
+        .block
+        .activate(mem.clone(), vec![], intr.clone())
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        ActivateError::QueueCount {
+            expected: 1,
+            got: 0
+        }
+    ));
+    let err = h
+        .block
+        .activate(mem.clone(), vec![q(), q()], intr.clone())
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        ActivateError::QueueCount {
+            expected: 1,
+            got: 2
+        }
+    ));
     let mut not_ready = q();
     virtio_queue::QueueT::set_ready(&mut not_ready, false);
-    let err = h.block.activate(mem.clone(), vec![not_ready], intr.clone()).unwrap_err();
+    let err = h
+        .block
+        .activate(mem.clone(), vec![not_ready], intr.clone())
+        .unwrap_err();
     assert!(matches!(err, ActivateError::QueueNotReady(0)));
     assert!(!h.block.is_activated());
-    h.block.activate(mem.clone(), vec![q()], intr.clone()).unwrap();
+    h.block
+        .activate(mem.clone(), vec![q()], intr.clone())
+        .unwrap();
     let err = h.block.activate(mem, vec![q()], intr).unwrap_err();
     assert!(matches!(err, ActivateError::AlreadyActive));
 }

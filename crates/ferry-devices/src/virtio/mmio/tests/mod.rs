@@ -9,10 +9,10 @@ use virtio_queue::Queue;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::mmio::MmioTransport;
-use super::test_queue::TestQueue;
-use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::MmioTransport;
 use crate::bus::BusDevice;
+use crate::virtio::test_queue::TestQueue;
+use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::GuestMemory;
 
 pub(super) const ACK: u32 = 1;
@@ -22,7 +22,6 @@ pub(super) const FEATURES_OK: u32 = 8;
 pub(super) const NEEDS_RESET: u32 = 0x40;
 pub(super) const FAILED: u32 = 0x80;
 
-pub(super) const DEVICE_FEATURES: u64 = 0x00;
 pub(super) const REG_DEVICE_FEATURES: u64 = 0x10;
 pub(super) const REG_DEVICE_FEATURES_SEL: u64 = 0x14;
 pub(super) const REG_DRIVER_FEATURES: u64 = 0x20;
@@ -82,7 +81,7 @@ impl VirtioDevice for FakeDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::read_config_bytes(&CONFIG, offset, data);
+        crate::virtio::read_config_bytes(&CONFIG, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -177,11 +176,7 @@ impl Setup {
     pub fn setup_queue(&mut self, sel: u32, vq: &TestQueue, size: u32) {
         self.write(REG_QUEUE_SEL, sel);
         self.write(REG_QUEUE_NUM, size);
-        self.set_rings(
-            vq.desc_table_addr().0,
-            vq.avail_addr().0,
-            vq.used_addr().0,
-        );
+        self.set_rings(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0);
         self.write(REG_QUEUE_READY, 1);
     }
 

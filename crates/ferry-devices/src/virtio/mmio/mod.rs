@@ -19,22 +19,25 @@
 //! the device reports DEVICE_NEEDS_RESET. Control registers take aligned 32-bit accesses only;
 //! anything else, and any unknown register, reads 0, is ignored when written, and is counted.
 
+mod layout;
+mod status;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
+mod tests;
+
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::Serialize;
-use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-};
 use virtio_bindings::virtio_mmio as reg;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::queue_setup::{QueueConfig, QueueSetupError};
-use super::{VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::queue_setup::QueueConfig;
+use super::{VirtioDevice, VirtioInterrupt};
 use crate::bus::BusDevice;
 use crate::interrupt::Interrupt;
 use crate::ratelimit::{log_limited, LogLimiter};
 use crate::GuestMemory;
+use layout::*;
 
 /// "virt" in little endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -48,44 +51,6 @@ pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 pub const MMIO_NOTIFY_OFFSET: u64 = reg::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 /// Offset where the device configuration space starts.
 pub const MMIO_CONFIG_OFFSET: u64 = reg::VIRTIO_MMIO_CONFIG as u64;
-
-const MAGIC_VALUE: u64 = reg::VIRTIO_MMIO_MAGIC_VALUE as u64;
-const VERSION: u64 = reg::VIRTIO_MMIO_VERSION as u64;
-const DEVICE_ID: u64 = reg::VIRTIO_MMIO_DEVICE_ID as u64;
-const VENDOR_ID: u64 = reg::VIRTIO_MMIO_VENDOR_ID as u64;
-const DEVICE_FEATURES: u64 = reg::VIRTIO_MMIO_DEVICE_FEATURES as u64;
-const DEVICE_FEATURES_SEL: u64 = reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
-const DRIVER_FEATURES: u64 = reg::VIRTIO_MMIO_DRIVER_FEATURES as u64;
-const DRIVER_FEATURES_SEL: u64 = reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
-const QUEUE_SEL: u64 = reg::VIRTIO_MMIO_QUEUE_SEL as u64;
-const QUEUE_NUM_MAX: u64 = reg::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
-const QUEUE_NUM: u64 = reg::VIRTIO_MMIO_QUEUE_NUM as u64;
-const QUEUE_READY: u64 = reg::VIRTIO_MMIO_QUEUE_READY as u64;
-const INTERRUPT_STATUS: u64 = reg::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
-const INTERRUPT_ACK: u64 = reg::VIRTIO_MMIO_INTERRUPT_ACK as u64;
-const STATUS: u64 = reg::VIRTIO_MMIO_STATUS as u64;
-const QUEUE_DESC_LOW: u64 = reg::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
-const QUEUE_DESC_HIGH: u64 = reg::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
-const QUEUE_DRIVER_LOW: u64 = reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
-const QUEUE_DRIVER_HIGH: u64 = reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
-const QUEUE_DEVICE_LOW: u64 = reg::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
-const QUEUE_DEVICE_HIGH: u64 = reg::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
-const CONFIG_GENERATION: u64 = reg::VIRTIO_MMIO_CONFIG_GENERATION as u64;
-
-const ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
-const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
-const FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
-const DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
-const FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
-const NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
-
-/// The initialization steps in order, each with the exact status it must follow.
-const STEPS: [(u32, u32); 4] = [
-    (ACKNOWLEDGE, 0),
-    (DRIVER, ACKNOWLEDGE),
-    (FEATURES_OK, ACKNOWLEDGE | DRIVER),
-    (DRIVER_OK, ACKNOWLEDGE | DRIVER | FEATURES_OK),
-];
 
 /// Counters of a transport, for the API.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -148,30 +113,6 @@ impl std::fmt::Debug for MmioTransport {
             .field("metrics", &self.metrics)
             .finish_non_exhaustive()
     }
-}
-
-/// Why FEATURES_OK was refused.
-#[derive(Debug, thiserror::Error)]
-enum FeatureError {
-    #[error("the driver accepted features {0:#x} the device did not offer")]
-    NotOffered(u64),
-    #[error("the driver accepted features beyond bit 63, none of which were offered")]
-    Beyond64,
-    #[error("the driver did not accept VIRTIO_F_VERSION_1")]
-    NoVersion1,
-}
-
-/// Why DRIVER_OK did not start the device.
-#[derive(Debug, thiserror::Error)]
-enum ActivationError {
-    #[error("queue {index} is unusable")]
-    Queue {
-        index: usize,
-        #[source]
-        source: QueueSetupError,
-    },
-    #[error("the device refused to start")]
-    Device(#[from] super::ActivateError),
 }
 
 impl MmioTransport {
@@ -306,13 +247,26 @@ impl MmioTransport {
 
     fn invalid_access(&mut self, what: &str, offset: u64, len: usize) {
         self.metrics.invalid_accesses += 1;
-        log_limited!(self.log, warn, device = self.device_name, offset, len, "virtio-mmio: {what}");
+        log_limited!(
+            self.log,
+            warn,
+            device = self.device_name,
+            offset,
+            len,
+            "virtio-mmio: {what}"
+        );
     }
 
     fn reject(&mut self, what: &str) {
         self.metrics.rejected_writes += 1;
-        log_limited!(self.log, warn, device = self.device_name, status = self.status(),
-            queue_sel = self.queue_sel, "virtio-mmio: {what}");
+        log_limited!(
+            self.log,
+            warn,
+            device = self.device_name,
+            status = self.status(),
+            queue_sel = self.queue_sel,
+            "virtio-mmio: {what}"
+        );
     }
 
     /// Whether the driver may still change what the device will be activated with.
@@ -366,112 +320,17 @@ impl MmioTransport {
         match self.queue_evts.get(value as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    log_limited!(self.log, error, device = self.device_name, queue = value,
-                        "virtio-mmio: cannot signal the queue eventfd: {e}");
+                    log_limited!(
+                        self.log,
+                        error,
+                        device = self.device_name,
+                        queue = value,
+                        "virtio-mmio: cannot signal the queue eventfd: {e}"
+                    );
                 }
             }
             None => self.reject("notification for a queue that does not exist"),
         }
-    }
-
-    fn write_status(&mut self, value: u32) {
-        if value == 0 {
-            return self.reset();
-        }
-        if value & FAILED != 0 {
-            // The driver gave up on the device; only a reset brings it back.
-            tracing::info!(device = self.device_name, "virtio-mmio: driver set FAILED");
-            self.status |= FAILED;
-            return;
-        }
-        if self.status & FAILED != 0 || self.interrupt.needs_reset() {
-            return self.reject("status change on a failed device before a reset");
-        }
-        let known = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
-        if value & !known != 0 || value & self.status != self.status {
-            return self.reject("status write clears bits or sets unknown ones");
-        }
-        let added = value & !self.status;
-        for (step, after) in STEPS {
-            if added & step == 0 {
-                continue;
-            }
-            if self.status != after {
-                return self.reject("status write skips an initialization step");
-            }
-            match step {
-                FEATURES_OK => {
-                    if let Err(e) = self.negotiate() {
-                        self.metrics.rejected_features += 1;
-                        log_limited!(self.log, warn, device = self.device_name,
-                            "virtio-mmio: FEATURES_OK refused: {e}");
-                        return;
-                    }
-                }
-                DRIVER_OK => {
-                    self.status |= DRIVER_OK;
-                    if let Err(e) = self.activate() {
-                        self.metrics.failed_activations += 1;
-                        log_limited!(self.log, warn, device = self.device_name,
-                            "virtio-mmio: activation failed: {e}");
-                        if let Err(e) = self.interrupt.set_needs_reset() {
-                            tracing::error!("virtio-mmio: cannot raise the interrupt: {e}");
-                        }
-                    }
-                    return;
-                }
-                _ => {}
-            }
-            self.status |= step;
-        }
-    }
-
-    fn negotiate(&mut self) -> Result<(), FeatureError> {
-        let not_offered = self.driver_features & !self.device_features;
-        if not_offered != 0 {
-            return Err(FeatureError::NotOffered(not_offered));
-        }
-        if self.driver_features_beyond_64 {
-            return Err(FeatureError::Beyond64);
-        }
-        if self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-            return Err(FeatureError::NoVersion1);
-        }
-        let features = self.driver_features;
-        self.lock_device().ack_features(features);
-        Ok(())
-    }
-
-    fn activate(&mut self) -> Result<(), ActivationError> {
-        let queues = self
-            .queues
-            .iter()
-            .enumerate()
-            .map(|(index, q)| {
-                q.build(&self.mem)
-                    .map_err(|source| ActivationError::Queue { index, source })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let (mem, interrupt) = (self.mem.clone(), self.interrupt.clone());
-        self.lock_device().activate(mem, queues, interrupt)?;
-        self.metrics.activations += 1;
-        tracing::debug!(device = self.device_name, "virtio-mmio: device activated");
-        Ok(())
-    }
-
-    /// Back to the state after power-on. The device is reset first, under its lock, so it has
-    /// stopped touching guest memory and raising interrupts before the status clears.
-    fn reset(&mut self) {
-        self.lock_device().reset();
-        self.interrupt.reset();
-        self.status = 0;
-        self.device_features_sel = 0;
-        self.driver_features = 0;
-        self.driver_features_sel = 0;
-        self.driver_features_beyond_64 = false;
-        self.queue_sel = 0;
-        self.queues.iter_mut().for_each(QueueConfig::reset);
-        self.metrics.resets += 1;
     }
 }
 
@@ -491,8 +350,11 @@ impl BusDevice for MmioTransport {
             Some(v) => data.copy_from_slice(&v.to_le_bytes()),
             None => {
                 data.fill(0);
-                self.invalid_access("read of an unknown register or with a bad width", offset,
-                    data.len());
+                self.invalid_access(
+                    "read of an unknown register or with a bad width",
+                    offset,
+                    data.len(),
+                );
             }
         }
     }
