@@ -38,7 +38,11 @@ pub struct BootInfo {
     pub alloc_start: u64,
 }
 
-const EMPTY: MemEntry = MemEntry { addr: 0, size: 0, kind: 0 };
+const EMPTY: MemEntry = MemEntry {
+    addr: 0,
+    size: 0,
+    kind: 0,
+};
 
 static BOOT: Racy<BootInfo> = Racy::new(BootInfo {
     start_info: 0,
@@ -92,13 +96,25 @@ pub unsafe fn collect(paddr: u64) -> &'static mut BootInfo {
         b.memmap_truncated = entries > MAX_MEMMAP;
         for i in 0..entries.min(MAX_MEMMAP) {
             let e = memmap_paddr + 24 * i as u64;
-            b.memmap[i] = MemEntry { addr: rd64(e), size: rd64(e + 8), kind: rd32(e + 16) };
+            b.memmap[i] = MemEntry {
+                addr: rd64(e),
+                size: rd64(e + 8),
+                kind: rd32(e + 16),
+            };
         }
         b.memmap_len = entries.min(MAX_MEMMAP);
     } else {
         b.memmap_fallback = true;
-        b.memmap[0] = MemEntry { addr: 0, size: 0x9f000, kind: E820_RAM };
-        b.memmap[1] = MemEntry { addr: MIB, size: 63 * MIB, kind: E820_RAM };
+        b.memmap[0] = MemEntry {
+            addr: 0,
+            size: 0x9f000,
+            kind: E820_RAM,
+        };
+        b.memmap[1] = MemEntry {
+            addr: MIB,
+            size: 63 * MIB,
+            kind: E820_RAM,
+        };
         b.memmap_len = 2;
     }
     b.ram_top = b.memmap[..b.memmap_len]
@@ -128,7 +144,9 @@ pub unsafe fn collect(paddr: u64) -> &'static mut BootInfo {
 impl BootInfo {
     /// RAM entries of the memory map.
     pub fn ram(&self) -> impl Iterator<Item = &MemEntry> {
-        self.memmap[..self.memmap_len].iter().filter(|e| e.kind == E820_RAM && e.size > 0)
+        self.memmap[..self.memmap_len]
+            .iter()
+            .filter(|e| e.kind == E820_RAM && e.size > 0)
     }
 
     /// Total RAM in MiB, rounded to the nearest MiB.
@@ -139,6 +157,7 @@ impl BootInfo {
 
     /// Whether [start, end) lies inside one RAM entry.
     pub fn is_ram(&self, start: u64, end: u64) -> bool {
-        self.ram().any(|e| e.addr <= start && end <= e.addr.saturating_add(e.size))
+        self.ram()
+            .any(|e| e.addr <= start && end <= e.addr.saturating_add(e.size))
     }
 }

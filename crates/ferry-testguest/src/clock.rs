@@ -31,45 +31,64 @@ pub fn seconds(now: u64) -> u64 {
     now.saturating_sub(boot_tsc()) / tsc_hz().max(1)
 }
 
-/// One PIT channel 2 one-shot of `ms` milliseconds; the TSC cycles it took, if the PIT works.
-fn pit_once(ms: u64) -> Option<u64> {
-    let count = PIT_HZ * ms / 1000;
-    // SAFETY: ports 0x40-0x43 and 0x61 are open to ring 3 and used only here, at boot.
+/// Latches and reads PIT channel 0's count.
+fn pit_count() -> u16 {
+    // SAFETY: ports 0x40-0x43 are open to ring 3 and used only here, at boot.
     unsafe {
-        // Gate channel 2 on, speaker off; mode 0 (interrupt on terminal count), binary.
-        outb(0x61, (inb(0x61) & !0x02) | 0x01);
-        outb(0x43, 0xb0);
-        outb(0x42, count as u8);
-        outb(0x42, (count >> 8) as u8);
-        let t0 = rdtsc();
-        let mut polls = 0u64;
-        loop {
-            if inb(0x61) & 0x20 != 0 {
-                break;
-            }
-            polls += 1;
-            // Give up after ~1 s at 10 GHz: no PIT behind these ports.
-            if rdtsc().wrapping_sub(t0) > 10_000_000_000 || polls > 100_000_000 {
-                return None;
-            }
-        }
-        let cycles = rdtsc().wrapping_sub(t0);
-        // Output already high at once (no PIT, reads all ones) or implausibly fast.
-        if polls < 2 || cycles < ms * 100_000 {
-            return None;
-        }
-        Some(cycles)
+        outb(0x43, 0x00);
+        let lo = inb(0x40);
+        let hi = inb(0x40);
+        u16::from_le_bytes([lo, hi])
     }
 }
 
-/// TSC kHz from PIT channel 2: the fastest of three 20 ms runs (delays only lengthen a run).
-fn pit_calibrate() -> Option<u64> {
-    const MS: u64 = 20;
-    let mut best = u64::MAX;
-    for _ in 0..3 {
-        best = best.min(pit_once(MS)?);
+/// Counts `ms` milliseconds of PIT channel 0 (which needs no gate, unlike channel 2) by
+/// reading its count, and returns the TSC kHz, if a PIT answers. Reading the count twice in the
+/// same way at both ends makes the read latency cancel out.
+fn pit_once(ms: u64) -> Option<u64> {
+    // Bounds in TSC cycles: a PIT changes its count every 0.84 us, so a count that has not
+    // moved after ~0.1 s (at any plausible TSC rate) means there is no PIT.
+    const START_CYCLES: u64 = 300_000_000;
+    const RUN_CYCLES: u64 = 5_000_000_000;
+    // SAFETY: as in pit_count. Mode 0 (interrupt on terminal count), binary, full count: it
+    // counts down for 55 ms, longer than we measure. IRQ 0 is masked everywhere.
+    unsafe {
+        outb(0x43, 0x30);
+        outb(0x40, 0xff);
+        outb(0x40, 0xff);
     }
-    Some(best / MS)
+    let first = pit_count();
+    let start = rdtsc();
+    let mut c0 = first;
+    while c0 == first {
+        c0 = pit_count();
+        if rdtsc().wrapping_sub(start) > START_CYCLES {
+            return None;
+        }
+    }
+    let t0 = rdtsc();
+    let want = PIT_HZ * ms / 1000;
+    loop {
+        let c = pit_count();
+        let t1 = rdtsc();
+        if c > c0 {
+            return None; // wrapped or not a PIT
+        }
+        let ticks = u64::from(c0 - c);
+        if ticks >= want {
+            return Some(t1.wrapping_sub(t0) * PIT_HZ / ticks / 1000);
+        }
+        if t1.wrapping_sub(t0) > RUN_CYCLES {
+            return None;
+        }
+    }
+}
+
+/// TSC kHz from the PIT: the median of three 20 ms runs.
+fn pit_calibrate() -> Option<u64> {
+    let mut k = [pit_once(20)?, pit_once(20)?, pit_once(20)?];
+    k.sort_unstable();
+    (k[1] > 1000).then_some(k[1])
 }
 
 /// The TSC frequency in kHz and where it came from.
@@ -85,7 +104,10 @@ pub fn tsc_khz(info: &BootInfo, override_khz: Option<u64>) -> Option<(u64, &'sta
     }
     let [den, num, crystal] = info.leaf15;
     if den != 0 && num != 0 && crystal != 0 {
-        return Some((u64::from(crystal) * u64::from(num) / u64::from(den) / 1000, "cpuid-0x15"));
+        return Some((
+            u64::from(crystal) * u64::from(num) / u64::from(den) / 1000,
+            "cpuid-0x15",
+        ));
     }
     if info.leaf16_mhz != 0 {
         return Some((u64::from(info.leaf16_mhz) * 1000, "cpuid-0x16"));

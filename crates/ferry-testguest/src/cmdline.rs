@@ -34,6 +34,8 @@ pub struct Config {
     pub max_jump_s: u64,
     pub exit_after: Option<u64>,
     pub crash_triple: bool,
+    /// `inject=mem`: make one page stale after ready, to prove the checks catch it.
+    pub inject_mem: bool,
 }
 
 impl Config {
@@ -54,6 +56,7 @@ impl Config {
             max_jump_s: 30,
             exit_after: None,
             crash_triple: false,
+            inject_mem: false,
         }
     }
 
@@ -133,21 +136,26 @@ fn parse_workloads(s: &[u8], cfg: &mut Config) -> bool {
 }
 
 fn bad(key: &[u8], value: &[u8], why: &str) {
-    crate::say!("bad cmdline {}={} ({}; using the default)", Bytes(key), Bytes(value), why);
+    crate::say!(
+        "bad cmdline {}={} ({}; ignored)",
+        Bytes(key),
+        Bytes(value),
+        why
+    );
 }
 
 /// Parses the command line.
 pub fn parse(line: &[u8]) -> Config {
     let mut cfg = Config::default();
     for word in line.split(|&c| c == b' ' || c == b'\t' || c == b'\n') {
-        let Some(eq) = word.iter().position(|&c| c == b'=') else { continue };
+        let Some(eq) = word.iter().position(|&c| c == b'=') else {
+            continue;
+        };
         let (key, value) = (&word[..eq], &word[eq + 1..]);
         let num = |lo: u64, hi: u64| parse_u64(value).filter(|v| (lo..=hi).contains(v));
         match key {
-            b"workload" => {
-                if !parse_workloads(value, &mut cfg) {
-                    bad(key, value, "expected mem, disk, idle or a comma list");
-                }
+            b"workload" if !parse_workloads(value, &mut cfg) => {
+                bad(key, value, "expected mem, disk, idle or a comma list");
             }
             b"mem_mib" => match num(1, 1 << 24) {
                 Some(v) => cfg.mem_mib = v,
@@ -199,6 +207,10 @@ pub fn parse(line: &[u8]) -> Config {
             b"exit_after" => match num(0, 1 << 32) {
                 Some(v) => cfg.exit_after = Some(v),
                 None => bad(key, value, "expected seconds"),
+            },
+            b"inject" => match value {
+                b"mem" => cfg.inject_mem = true,
+                _ => bad(key, value, "expected mem"),
             },
             b"crash" => match value {
                 b"triple" => cfg.crash_triple = true,

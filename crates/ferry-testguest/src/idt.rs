@@ -7,8 +7,6 @@ use core::arch::{asm, global_asm};
 
 pub const TIMER_VECTOR: u8 = 0xf0;
 pub const SPURIOUS_VECTOR: u8 = 0xff;
-/// A DPL-3 gate that triple-faults the machine on purpose (`crash=triple`, fatal errors).
-pub const CRASH_VECTOR: u8 = 0x81;
 
 global_asm!(
     r#"
@@ -89,19 +87,9 @@ isr_timer:
 isr_spurious:
     iretq
 
-    .global isr_crash
-isr_crash:
-    lidt [isr_zero_idtr]
-    int3
-    jmp isr_crash
     .popsection
 
     .pushsection .data.isr, "aw"
-    .balign 16
-    .word 0, 0, 0
-isr_zero_idtr:
-    .word 0
-    .quad 0
     .balign 8
     .global isr_exc_table
 isr_exc_table:
@@ -118,7 +106,6 @@ extern "C" {
     static isr_exc_table: [u64; 32];
     fn isr_timer();
     fn isr_spurious();
-    fn isr_crash();
 }
 
 static IDT: Racy<[u64; 512]> = Racy::new([0; 512]);
@@ -159,7 +146,6 @@ pub unsafe fn init() {
         }
         set(TIMER_VECTOR, isr_timer as *const () as u64, 0, 0);
         set(SPURIOUS_VECTOR, isr_spurious as *const () as u64, 0, 0);
-        set(CRASH_VECTOR, isr_crash as *const () as u64, 0, 3);
         load();
     }
 }
@@ -169,7 +155,10 @@ pub unsafe fn init() {
 /// # Safety
 /// Ring 0, after [`init`] ran on the boot CPU.
 pub unsafe fn load() {
-    let idtr = Idtr { limit: 4095, base: IDT.get() as u64 };
+    let idtr = Idtr {
+        limit: 4095,
+        base: IDT.get() as u64,
+    };
     // SAFETY: the IDT is fully built and lives forever.
     unsafe { asm!("lidt [{0}]", in(reg) &idtr, options(nostack, preserves_flags)) };
 }
@@ -220,6 +209,9 @@ fn vector_name(v: u64) -> &'static str {
 /// Called by `isr_exc_common` in ring 0 for every exception: report and triple-fault.
 #[no_mangle]
 extern "C" fn exception_fatal(f: &ExceptionFrame) -> ! {
+    if f.vector == 6 && f.rip == crate::x86::crash_rip() {
+        crate::x86::triple_fault_ring0();
+    }
     let cr2: u64;
     // SAFETY: reading CR2 in ring 0 has no side effects.
     unsafe { asm!("mov {0}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };

@@ -2,7 +2,7 @@
 //! Ring 0 is emulated (slow) on the KVM this guest targets, so this stays short: no loops over
 //! large areas, no printing unless something is fatal.
 
-use crate::{bootinfo, boot, gdt, idt, lapic, paging, x86};
+use crate::{boot, bootinfo, gdt, idt, lapic, paging, x86};
 
 /// Called by `boot_long64` with the physical address of the PVH start info.
 #[no_mangle]

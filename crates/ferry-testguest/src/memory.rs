@@ -21,7 +21,10 @@ pub struct PhysAlloc {
 
 impl PhysAlloc {
     pub fn new(info: &BootInfo) -> Self {
-        let mut a = Self { ranges: [Range::default(); MAX_RANGES], len: 0 };
+        let mut a = Self {
+            ranges: [Range::default(); MAX_RANGES],
+            len: 0,
+        };
         let floor = info.alloc_start.max(MIB);
         for e in info.ram() {
             let start = e.addr.max(floor).next_multiple_of(PAGE);
@@ -37,7 +40,10 @@ impl PhysAlloc {
 
     /// Bytes still free.
     pub fn free_bytes(&self) -> u64 {
-        self.ranges[..self.len].iter().map(|r| r.end - r.start).sum()
+        self.ranges[..self.len]
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum()
     }
 
     /// Allocates `bytes` aligned to `align` (a power of two) from the lowest range that fits.
@@ -56,7 +62,10 @@ impl PhysAlloc {
     /// Takes up to `pages` pages for the mem workload as extents (whatever is left, lowest
     /// first). Returns the extents and how many pages they hold.
     pub fn take_pages(&mut self, pages: u64) -> (Extents, u64) {
-        let mut ext = Extents { list: [Extent::default(); MAX_RANGES], len: 0 };
+        let mut ext = Extents {
+            list: [Extent::default(); MAX_RANGES],
+            len: 0,
+        };
         let mut got = 0;
         for r in self.ranges[..self.len].iter_mut() {
             if got == pages {
@@ -64,7 +73,11 @@ impl PhysAlloc {
             }
             let n = ((r.end - r.start) / PAGE).min(pages - got);
             if n > 0 {
-                ext.list[ext.len] = Extent { first: got, start: r.start, pages: n };
+                ext.list[ext.len] = Extent {
+                    first: got,
+                    start: r.start,
+                    pages: n,
+                };
                 ext.len += 1;
                 r.start += n * PAGE;
                 got += n;

@@ -22,7 +22,8 @@ pub unsafe fn map_all(ram_top: u64, gb_pages: bool, mut alloc: u64) -> u64 {
         let pdpt = core::ptr::addr_of_mut!(boot_pdpt) as *mut u64;
         if gb_pages {
             for g in 0..gibs {
-                pdpt.add(g).write_volatile((g as u64 * GIB) | PRESENT_WRITE_USER | LARGE);
+                pdpt.add(g)
+                    .write_volatile((g as u64 * GIB) | PRESENT_WRITE_USER | LARGE);
             }
         } else {
             for g in 4..gibs {
@@ -30,7 +31,8 @@ pub unsafe fn map_all(ram_top: u64, gb_pages: bool, mut alloc: u64) -> u64 {
                 alloc += 4096;
                 for i in 0..512u64 {
                     let addr = g as u64 * GIB + (i << 21);
-                    pd.add(i as usize).write_volatile(addr | PRESENT_WRITE_USER | LARGE);
+                    pd.add(i as usize)
+                        .write_volatile(addr | PRESENT_WRITE_USER | LARGE);
                 }
                 pdpt.add(g).write_volatile(pd as u64 | PRESENT_WRITE_USER);
             }

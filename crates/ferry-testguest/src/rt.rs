@@ -81,3 +81,8 @@ pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: same contract as memcmp.
     unsafe { memcmp(a, b, n) }
 }
+
+/// Referenced by the precompiled `core` (built for unwinding) in unoptimized builds. With
+/// `panic = "abort"` nothing unwinds, so it is never called.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}

@@ -164,7 +164,10 @@ pub fn start_aps(n: usize, alloc: &mut PhysAlloc, tsc_hz: u64) -> usize {
     }
     let info = crate::bootinfo::get();
     if !info.is_ram(TRAMPOLINE, TRAMPOLINE + 4096) {
-        crate::fatal!("cannot start APs: {:#x} (the AP trampoline) is not RAM", TRAMPOLINE);
+        crate::fatal!(
+            "cannot start APs: {:#x} (the AP trampoline) is not RAM",
+            TRAMPOLINE
+        );
     }
     for cpu in 1..n {
         let kstack = alloc

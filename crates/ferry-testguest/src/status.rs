@@ -14,7 +14,10 @@ pub struct PerCpu {
 }
 
 pub static PER_CPU: [PerCpu; MAX_CPUS] = [const {
-    PerCpu { mem_written: AtomicU64::new(0), mem_verified: AtomicU64::new(0) }
+    PerCpu {
+        mem_written: AtomicU64::new(0),
+        mem_verified: AtomicU64::new(0),
+    }
 }; MAX_CPUS];
 
 pub static DISK_WRITTEN: AtomicU64 = AtomicU64::new(0);
@@ -31,8 +34,11 @@ struct Limit {
     suppressed: u64,
 }
 
-static LIMIT: crate::racy::Racy<Limit> =
-    crate::racy::Racy::new(Limit { second: u64::MAX, printed: 0, suppressed: 0 });
+static LIMIT: crate::racy::Racy<Limit> = crate::racy::Racy::new(Limit {
+    second: u64::MAX,
+    printed: 0,
+    suppressed: 0,
+});
 
 pub fn set_cpus(n: usize) {
     CPUS.store(n, Ordering::Relaxed);
@@ -53,7 +59,11 @@ pub fn corruption(what: fmt::Arguments) {
                     l.suppressed
                 ));
             }
-            *l = Limit { second, printed: 0, suppressed: 0 };
+            *l = Limit {
+                second,
+                printed: 0,
+                suppressed: 0,
+            };
         }
         if l.printed < REPORTS_PER_SECOND {
             l.printed += 1;
@@ -68,10 +78,10 @@ pub fn corruption(what: fmt::Arguments) {
 pub fn print(now: u64) {
     let cpus = CPUS.load(Ordering::Relaxed);
     let (mut ticks, mut written, mut verified) = (0, 0, 0);
-    for cpu in 0..cpus {
+    for (cpu, c) in PER_CPU.iter().enumerate().take(cpus) {
         ticks += crate::lapic::ticks(crate::smp::apic_id(cpu));
-        written += PER_CPU[cpu].mem_written.load(Ordering::Relaxed);
-        verified += PER_CPU[cpu].mem_verified.load(Ordering::Relaxed);
+        written += c.mem_written.load(Ordering::Relaxed);
+        verified += c.mem_verified.load(Ordering::Relaxed);
     }
     crate::say!(
         "status t={} ticks={} mem_written={} mem_verified={} disk_written={} disk_verified={} \

@@ -18,8 +18,11 @@ struct Shared {
     mem: Option<MemPlan>,
 }
 
-static SHARED: Racy<Shared> =
-    Racy::new(Shared { cfg: Config::default(), lapic_count: 0, mem: None });
+static SHARED: Racy<Shared> = Racy::new(Shared {
+    cfg: Config::default(),
+    lapic_count: 0,
+    mem: None,
+});
 static GO: AtomicBool = AtomicBool::new(false);
 static FILLED: AtomicUsize = AtomicUsize::new(0);
 static CMDLINE: Racy<[u8; 4096]> = Racy::new([0; 4096]);
@@ -56,7 +59,11 @@ fn plan_mem(cfg: &Config, alloc: &mut PhysAlloc) -> MemPlan {
     // Each page also needs 8 bytes of generation table.
     let fit = alloc.free_bytes().saturating_sub(8192) / (4096 + 8) / 256 * 256;
     let pages = if want > fit {
-        say!("mem_mib={} clamped to {} (RAM available after the kernel)", cfg.mem_mib, fit / 256);
+        say!(
+            "mem_mib={} clamped to {} (RAM available after the kernel)",
+            cfg.mem_mib,
+            fit / 256
+        );
         fit
     } else {
         want
@@ -68,7 +75,13 @@ fn plan_mem(cfg: &Config, alloc: &mut PhysAlloc) -> MemPlan {
     if got != pages {
         crate::fatal!("mem workload: wanted {} pages, found {}", pages, got);
     }
-    MemPlan { extents, pages, gens, rate: cfg.mem_rate, cpus: cfg.cpus }
+    MemPlan {
+        extents,
+        pages,
+        gens,
+        rate: cfg.mem_rate,
+        cpus: cfg.cpus,
+    }
 }
 
 /// The boot CPU's first ring-3 code.
@@ -84,7 +97,10 @@ pub extern "C" fn bsp_main(_: usize) -> ! {
         );
     }
     if info.memmap_truncated {
-        say!("warning: memory map has more than {} entries; using the first", bootinfo::MAX_MEMMAP);
+        say!(
+            "warning: memory map has more than {} entries; using the first",
+            bootinfo::MAX_MEMMAP
+        );
     }
     let cfg = cmdline::parse(line);
     let Some((khz, source)) = clock::tsc_khz(info, cfg.tsc_khz) else {
@@ -92,7 +108,13 @@ pub extern "C" fn bsp_main(_: usize) -> ! {
     };
     let tsc_hz = khz * 1000;
     clock::init(tsc_hz, boot_tsc);
-    say!("boot cpus={} mem_mib={} tsc_khz={} cmdline=\"{}\"", cfg.cpus, info.ram_mib(), khz, Bytes(line));
+    say!(
+        "boot cpus={} mem_mib={} tsc_khz={} cmdline=\"{}\"",
+        cfg.cpus,
+        info.ram_mib(),
+        khz,
+        Bytes(line)
+    );
 
     let lapic_hz = lapic::calibrate_timer_hz(tsc_hz);
     let lapic_count = (lapic_hz / cfg.tick_hz).min(u64::from(u32::MAX)) as u32;
@@ -181,6 +203,13 @@ fn run(cpu: usize, mut disk: Option<DiskWork>) -> ! {
     if cpu == 0 {
         wait_for_fills(cfg.cpus);
         say!("ready cpus={} workloads={}", cfg.cpus, cfg.workloads());
+        if let Some(i) = mem
+            .as_mut()
+            .filter(|_| cfg.inject_mem)
+            .and_then(|m| m.inject_stale_page())
+        {
+            say!("inject=mem: page {} is now stale", i);
+        }
         if cfg.crash_triple {
             say!("crash=triple: triple-faulting now");
             crate::x86::triple_fault();

@@ -164,12 +164,19 @@ fn init(mmio: Mmio, queue: u64) -> Result<BlkDev, &'static str> {
     unsafe { core::ptr::write_bytes(queue as *mut u8, 0, 4096) };
     w16(queue + OFF_AVAIL, AVAIL_NO_INTERRUPT);
     mmio.w(R_QUEUE_NUM, u32::from(size));
-    for (reg, addr) in [(R_QUEUE_DESC, queue), (R_QUEUE_DRIVER, queue + OFF_AVAIL), (R_QUEUE_DEVICE, queue + OFF_USED)] {
+    for (reg, addr) in [
+        (R_QUEUE_DESC, queue),
+        (R_QUEUE_DRIVER, queue + OFF_AVAIL),
+        (R_QUEUE_DEVICE, queue + OFF_USED),
+    ] {
         mmio.w(reg, addr as u32);
         mmio.w(reg + 4, (addr >> 32) as u32);
     }
     mmio.w(R_QUEUE_READY, 1);
-    mmio.w(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    mmio.w(
+        R_STATUS,
+        S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+    );
 
     let capacity = loop {
         let g0 = mmio.r(R_CONFIG_GENERATION);
@@ -224,7 +231,11 @@ impl BlkDev {
             desc(q, 0, hdr, 16, DESC_NEXT, 1);
             desc(q, 1, status, 1, DESC_WRITE, 0);
         } else {
-            let data_flags = if kind == Kind::Read { DESC_NEXT | DESC_WRITE } else { DESC_NEXT };
+            let data_flags = if kind == Kind::Read {
+                DESC_NEXT | DESC_WRITE
+            } else {
+                DESC_NEXT
+            };
             desc(q, 0, hdr, 16, DESC_NEXT, 1);
             desc(q, 1, buf, len, data_flags, 2);
             desc(q, 2, status, 1, DESC_WRITE, 0);
@@ -247,7 +258,10 @@ impl BlkDev {
         let used = r16(q + OFF_USED + 2);
         if used == self.used_seen {
             if self.mmio.r(R_STATUS) & S_NEEDS_RESET != 0 {
-                crate::fatal!("virtio-blk set DEVICE_NEEDS_RESET during a {:?} request", kind);
+                crate::fatal!(
+                    "virtio-blk set DEVICE_NEEDS_RESET during a {:?} request",
+                    kind
+                );
             }
             return None;
         }
@@ -269,7 +283,10 @@ impl BlkDev {
         };
         self.used_seen = used;
         if id != 0 {
-            crate::fatal!("virtio-blk completed descriptor {} but only 0 was submitted", id);
+            crate::fatal!(
+                "virtio-blk completed descriptor {} but only 0 was submitted",
+                id
+            );
         }
         self.pending = None;
         Some(status)

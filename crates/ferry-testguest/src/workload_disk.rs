@@ -7,7 +7,7 @@
 //! One request is in flight at a time, driven by `step` from the CPU's loop, so the mem
 //! workload on the same CPU keeps running while the device works.
 
-use crate::cmdline::Config;
+use crate::cmdline::{Config, VirtioMmio};
 use crate::memory::PhysAlloc;
 use crate::pattern::{self, Rng};
 use crate::status::{DISK_VERIFIED, DISK_WRITTEN};
@@ -27,6 +27,9 @@ const CHUNK: u64 = 8;
 /// Expected generation of a block whose content is unknown (found corrupt at the scan).
 const UNKNOWN: u64 = u64::MAX;
 const DEFAULT_REGION: u64 = 4 << 20;
+/// Where QEMU's microvm puts its virtio-mmio transports (512 bytes each).
+const QEMU_MICROVM_BASE: u64 = 0xfeb0_0000;
+const QEMU_MICROVM_WINDOWS: usize = 32;
 
 /// Bounds how long a request may stay in flight, counting only time the CPU actually ran
 /// (iterations less than 100 ms apart), so a paused VM does not trip it.
@@ -39,7 +42,12 @@ pub struct Timeout {
 
 impl Timeout {
     pub fn new(kind: Kind, sector: u64) -> Self {
-        Self { prev: rdtsc(), run: 0, kind, sector }
+        Self {
+            prev: rdtsc(),
+            run: 0,
+            kind,
+            sector,
+        }
     }
 
     pub fn tick(&mut self, now: u64) {
@@ -51,7 +59,11 @@ impl Timeout {
             self.run += d;
         }
         if self.run > 30 * hz {
-            crate::fatal!("virtio-blk {:?} request at sector {} not completed after 30 s", kind, sector);
+            crate::fatal!(
+                "virtio-blk {:?} request at sector {} not completed after 30 s",
+                kind,
+                sector
+            );
         }
     }
 }
@@ -69,7 +81,11 @@ enum Op {
 enum Found {
     Zero,
     Valid(u64),
-    Bad { why: &'static str, index: u64, gen: u64 },
+    Bad {
+        why: &'static str,
+        index: u64,
+        gen: u64,
+    },
 }
 
 pub struct DiskWork {
@@ -116,8 +132,11 @@ fn classify(addr: u64, block: u64) -> Found {
         if gen == 0 || gen == UNKNOWN {
             return bad("bad_generation");
         }
-        let (payload_ok, content) =
-            pattern::check(p.add(HEADER_WORDS), PAYLOAD_WORDS, pattern::seed(SALT, block, gen));
+        let (payload_ok, content) = pattern::check(
+            p.add(HEADER_WORDS),
+            PAYLOAD_WORDS,
+            pattern::seed(SALT, block, gen),
+        );
         if ck != content {
             return bad("bad_checksum");
         }
@@ -133,11 +152,22 @@ impl DiskWork {
     pub fn start(cfg: &Config, alloc: &mut PhysAlloc, now: u64) -> Self {
         let oom = || -> ! { crate::fatal!("out of memory for the disk workload") };
         let queue = alloc.alloc(4096, 4096).unwrap_or_else(|| oom());
-        let dev = match virtio_blk::probe(cfg.virtio(), queue) {
+        let mut windows = [VirtioMmio { base: 0 }; QEMU_MICROVM_WINDOWS];
+        let list = if cfg.virtio().is_empty() {
+            // QEMU microvm with ACPI on does not append virtio_mmio.device= itself.
+            crate::say!("info no virtio_mmio.device= given: probing QEMU microvm's windows");
+            for (i, w) in windows.iter_mut().enumerate() {
+                w.base = QEMU_MICROVM_BASE + 0x200 * i as u64;
+            }
+            &windows[..]
+        } else {
+            cfg.virtio()
+        };
+        let dev = match virtio_blk::probe(list, queue) {
             Ok(Some(dev)) => dev,
             Ok(None) => crate::fatal!(
-                "workload disk: no virtio-blk device among {} virtio_mmio.device windows",
-                cfg.virtio().len()
+                "workload disk: no virtio-blk device among {} virtio-mmio windows",
+                list.len()
             ),
             Err(e) => crate::fatal!("{}", e),
         };
@@ -148,7 +178,11 @@ impl DiskWork {
         let default = capacity_blocks.min(DEFAULT_REGION / BLOCK);
         let mut blocks = cfg.disk_blocks.unwrap_or(default);
         if blocks > capacity_blocks {
-            crate::say!("disk_blocks={} clamped to {} (disk capacity)", blocks, capacity_blocks);
+            crate::say!(
+                "disk_blocks={} clamped to {} (disk capacity)",
+                blocks,
+                capacity_blocks
+            );
             blocks = capacity_blocks;
         }
         let gens = alloc.alloc(blocks * 8, 4096).unwrap_or_else(|| oom());
@@ -163,7 +197,7 @@ impl DiskWork {
             wbuf,
             op: Op::Idle,
             timeout: Timeout::new(Kind::Read, 0),
-            write_cost: if cfg.disk_rate == 0 { u64::MAX } else { (hz / cfg.disk_rate).max(1) },
+            write_cost: hz.checked_div(cfg.disk_rate).map_or(u64::MAX, |c| c.max(1)),
             write_due: now,
             // At most one full pass over the region per second.
             sweep_cost: (hz / blocks).max(1),
@@ -209,7 +243,12 @@ impl DiskWork {
         let mut first = 0;
         while first < self.blocks {
             let count = CHUNK.min(self.blocks - first);
-            self.dev.run(Kind::Read, first * SECTORS_PER_BLOCK, self.rbuf, (count * BLOCK) as u32);
+            self.dev.run(
+                Kind::Read,
+                first * SECTORS_PER_BLOCK,
+                self.rbuf,
+                (count * BLOCK) as u32,
+            );
             for k in 0..count {
                 let b = first + k;
                 let g = match classify(self.rbuf + k * BLOCK, b) {
@@ -235,7 +274,8 @@ impl DiskWork {
         recovered
     }
 
-    /// Verifies block `b` read into `addr` against its expected generation.
+    /// Verifies block `b` read into `addr` against its expected generation. A wrong block is
+    /// reported once: its expected generation becomes unknown until it is rewritten.
     fn verify(&mut self, addr: u64, b: u64) {
         self.verified += 1;
         let expected = self.gen(b);
@@ -253,13 +293,18 @@ impl DiskWork {
             "disk block={} expected_gen={} found_gen={} found_index={} reason={}",
             b, expected, gen, index, why
         ));
+        self.set_gen(b, UNKNOWN);
     }
 
     fn fill_write_buffer(&mut self, b: u64, g: u64) {
         let p = self.wbuf as *mut u64;
         // SAFETY: the write buffer is one block this workload owns; no request uses it now.
         unsafe {
-            let ck = pattern::fill(p.add(HEADER_WORDS), PAYLOAD_WORDS, pattern::seed(SALT, b, g));
+            let ck = pattern::fill(
+                p.add(HEADER_WORDS),
+                PAYLOAD_WORDS,
+                pattern::seed(SALT, b, g),
+            );
             p.write_volatile(MAGIC);
             p.add(1).write_volatile(b);
             p.add(2).write_volatile(g);
@@ -268,7 +313,12 @@ impl DiskWork {
     }
 
     fn submit(&mut self, op: Op, kind: Kind, block: u64, buf: u64, blocks: u64) {
-        self.dev.submit(kind, block * SECTORS_PER_BLOCK, buf, (blocks * BLOCK) as u32);
+        self.dev.submit(
+            kind,
+            block * SECTORS_PER_BLOCK,
+            buf,
+            (blocks * BLOCK) as u32,
+        );
         self.timeout = Timeout::new(kind, block * SECTORS_PER_BLOCK);
         self.op = op;
     }
@@ -294,7 +344,13 @@ impl DiskWork {
                     g => g + 1,
                 };
                 self.fill_write_buffer(block, g);
-                self.submit(Op::Write { block, gen: g }, Kind::Write, block, self.wbuf, 1);
+                self.submit(
+                    Op::Write { block, gen: g },
+                    Kind::Write,
+                    block,
+                    self.wbuf,
+                    1,
+                );
             }
             Op::Write { block, gen } => {
                 self.set_gen(block, gen);
@@ -338,12 +394,33 @@ impl DiskWork {
         }
         if Self::due(&mut self.write_due, now, self.write_cost, self.burst) {
             let block = self.rng.below(self.blocks);
-            self.submit(Op::VerifyBeforeWrite { block }, Kind::Read, block, self.rbuf, 1);
-        } else if Self::due(&mut self.sweep_due, now, self.sweep_cost * CHUNK, self.burst) {
+            self.submit(
+                Op::VerifyBeforeWrite { block },
+                Kind::Read,
+                block,
+                self.rbuf,
+                1,
+            );
+        } else if Self::due(
+            &mut self.sweep_due,
+            now,
+            self.sweep_cost * CHUNK.min(self.blocks - self.cursor),
+            self.burst,
+        ) {
             let first = self.cursor;
             let count = CHUNK.min(self.blocks - first);
-            self.cursor = if first + count >= self.blocks { 0 } else { first + count };
-            self.submit(Op::Sweep { first, count }, Kind::Read, first, self.rbuf, count);
+            self.cursor = if first + count >= self.blocks {
+                0
+            } else {
+                first + count
+            };
+            self.submit(
+                Op::Sweep { first, count },
+                Kind::Read,
+                first,
+                self.rbuf,
+                count,
+            );
         }
     }
 

@@ -85,7 +85,11 @@ impl MemWork {
         let p = self.extents.addr(i) as *mut u64;
         // SAFETY: page i of the working set is RAM this CPU owns (its slice).
         unsafe {
-            let ck = pattern::fill(p.add(HEADER_WORDS), PAYLOAD_WORDS, pattern::seed(SALT, i, g));
+            let ck = pattern::fill(
+                p.add(HEADER_WORDS),
+                PAYLOAD_WORDS,
+                pattern::seed(SALT, i, g),
+            );
             p.write_volatile(i);
             p.add(1).write_volatile(g);
             p.add(2).write_volatile(ck);
@@ -94,16 +98,26 @@ impl MemWork {
         self.written += 1;
     }
 
-    /// Verifies page `i` against its expected generation; reports corruption.
-    fn verify_page(&mut self, i: u64) {
+    /// Verifies page `i` against its expected generation; reports corruption and returns
+    /// false if the page is wrong.
+    fn verify_page(&mut self, i: u64) -> bool {
         let g = self.gen(i);
         let addr = self.extents.addr(i);
         let p = addr as *const u64;
         // SAFETY: as in `write_page`.
         let (idx, found_gen, ck, payload_ok, content_ck) = unsafe {
-            let (ok, content) =
-                pattern::check(p.add(HEADER_WORDS), PAYLOAD_WORDS, pattern::seed(SALT, i, g));
-            (p.read_volatile(), p.add(1).read_volatile(), p.add(2).read_volatile(), ok, content)
+            let (ok, content) = pattern::check(
+                p.add(HEADER_WORDS),
+                PAYLOAD_WORDS,
+                pattern::seed(SALT, i, g),
+            );
+            (
+                p.read_volatile(),
+                p.add(1).read_volatile(),
+                p.add(2).read_volatile(),
+                ok,
+                content,
+            )
         };
         self.verified += 1;
         if idx != i || found_gen != g || !payload_ok || ck != content_ck {
@@ -120,7 +134,9 @@ impl MemWork {
                 word(ck == content_ck),
                 self.cpu
             ));
+            return false;
         }
+        true
     }
 
     fn publish(&self) {
@@ -138,6 +154,19 @@ impl MemWork {
             }
         }
         self.publish();
+    }
+
+    /// Test aid (`inject=mem`): leaves the first page of this slice one generation behind its
+    /// table entry, as a lost dirty page would. Returns the page index.
+    pub fn inject_stale_page(&mut self) -> Option<u64> {
+        if self.hi == self.lo {
+            return None;
+        }
+        let i = self.lo;
+        let g = self.gen(i);
+        self.write_page(i, g);
+        self.set_gen(i, g + 1);
+        Some(i)
     }
 
     fn rewrite_random(&mut self) {
@@ -165,7 +194,11 @@ impl MemWork {
                     }
                 } else {
                     for _ in 0..SWEEP_BATCH {
-                        self.verify_page(self.cursor);
+                        if !self.verify_page(self.cursor) {
+                            // Reported once: rewrite it so the sweep does not report it again.
+                            let g = self.gen(self.cursor).wrapping_add(1).max(1);
+                            self.write_page(self.cursor, g);
+                        }
                         self.cursor += 1;
                         if self.cursor == self.hi {
                             self.cursor = self.lo;

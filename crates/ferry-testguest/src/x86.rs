@@ -7,7 +7,9 @@ use core::arch::asm;
 pub fn rdtsc() -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: rdtsc has no memory effects; CR4.TSD is clear so it works in ring 3.
-    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
@@ -19,7 +21,9 @@ pub fn rdtsc() -> u64 {
 #[inline(always)]
 pub unsafe fn outb(port: u16, value: u8) {
     // SAFETY: the caller guarantees the port may be written.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Reads a byte from an I/O port.
@@ -30,7 +34,9 @@ pub unsafe fn outb(port: u16, value: u8) {
 pub unsafe fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: the caller guarantees the port may be read.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    };
     value
 }
 
@@ -55,7 +61,9 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
 pub unsafe fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: the caller guarantees ring 0 and that the MSR exists.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
@@ -85,22 +93,64 @@ pub fn cpl() -> u16 {
 /// Ring 0 only; the current page tables must stay valid.
 pub unsafe fn flush_tlb() {
     // SAFETY: writing back the same CR3 only flushes non-global TLB entries.
-    unsafe { asm!("mov {t}, cr3", "mov cr3, {t}", t = out(reg) _, options(nostack, preserves_flags)) };
+    unsafe {
+        asm!("mov {t}, cr3", "mov cr3, {t}", t = out(reg) _, options(nostack, preserves_flags))
+    };
 }
 
-/// Ends the machine with a triple fault, so the VMM sees it. From ring 0: load an empty IDT and
-/// raise an exception. From ring 3: call the kernel's crash gate, which does the same.
+core::arch::global_asm!(
+    r#"
+    .pushsection .text.crash, "ax"
+    .global guest_crash_ud2
+guest_crash_ud2:
+    ud2
+    jmp guest_crash_ud2
+    .global ring0_triple_fault
+ring0_triple_fault:
+    cli
+    lidt [rip + crash_zero_idtr]
+    ud2
+    jmp ring0_triple_fault
+    .popsection
+    .pushsection .data.crash, "aw"
+    .balign 16
+    .word 0, 0, 0
+crash_zero_idtr:
+    .word 0
+    .quad 0
+    .popsection
+"#
+);
+
+extern "C" {
+    /// A `ud2` the exception handler recognizes as a deliberate crash from ring 3.
+    fn guest_crash_ud2() -> !;
+    /// Loads an empty IDT and raises #UD: the exception cannot be delivered, which escalates
+    /// to a triple fault (ring 0 only).
+    fn ring0_triple_fault() -> !;
+}
+
+/// Address of the deliberate-crash `ud2`.
+pub fn crash_rip() -> u64 {
+    guest_crash_ud2 as *const () as u64
+}
+
+/// Ends the machine with a triple fault, so the VMM sees it. Ring 0 loads an empty IDT and
+/// raises an exception. Ring 3 (where `int n` does not reach a gate on this KVM) executes a
+/// marked `ud2`; the #UD handler sees the mark and does the ring-0 part without printing.
 pub fn triple_fault() -> ! {
-    if cpl() == 0 {
-        let idtr = [0u16; 5];
-        // SAFETY: deliberately loads an IDT with limit 0; the following int3 cannot be
-        // delivered, which escalates to a triple fault. Nothing runs afterwards.
-        unsafe { asm!("lidt [{0}]", "int3", in(reg) idtr.as_ptr(), options(nostack)) };
-    } else {
-        // SAFETY: vector CRASH_VECTOR is a DPL-3 gate whose handler triple-faults.
-        unsafe { asm!("int {v}", v = const crate::idt::CRASH_VECTOR, options(nostack)) };
+    // SAFETY: both paths end the machine on purpose; nothing runs afterwards.
+    unsafe {
+        if cpl() == 0 {
+            ring0_triple_fault()
+        } else {
+            guest_crash_ud2()
+        }
     }
-    loop {
-        core::hint::spin_loop();
-    }
+}
+
+/// The ring-0 half of [`triple_fault`], for the exception handler.
+pub fn triple_fault_ring0() -> ! {
+    // SAFETY: as in triple_fault; called in ring 0 only.
+    unsafe { ring0_triple_fault() }
 }
