@@ -9,6 +9,7 @@
 //! | PUT    | `/vm/pause`   |            | [`VmInfo`]        |
 //! | PUT    | `/vm/resume`  |            | [`VmInfo`]        |
 //! | PUT    | `/vm/shutdown`|            | [`VmInfo`]        |
+//! | PUT    | `/vm/snapshot`| [`SnapshotRequest`] | [`SnapshotReport`] |
 //!
 //! Every error is answered with a non-2xx status and an [`ApiError`] body.
 
@@ -94,6 +95,40 @@ pub struct BlockDeviceInfo {
     /// Requests the guest built wrongly (bad descriptor chains, out-of-range sectors).
     pub invalid_requests: u64,
     pub io_errors: u64,
+}
+
+/// `PUT /vm/snapshot`: save the VM's state and memory into `dir`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    /// A folder on the VM's host; created if missing. Files of an older snapshot there are
+    /// replaced (each through a rename, so a VM restored from them is not disturbed).
+    pub dir: String,
+    /// Leave the VM stopped after saving and end its process, instead of resuming it.
+    #[serde(default)]
+    pub stop: bool,
+}
+
+/// What a snapshot did and how long the VM was stopped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    pub dir: String,
+    /// Bytes of the state file (registers, devices, memory index).
+    pub state_bytes: u64,
+    /// Guest memory size, the memory file's apparent size.
+    pub memory_bytes: u64,
+    /// Pages written to the memory file (pages holding data); each page is written once.
+    pub pages_written: u64,
+    /// Bytes of guest data written to the memory file.
+    pub data_bytes: u64,
+    /// Request to vCPUs and devices stopped, milliseconds.
+    pub pause_ms: f64,
+    /// Saving state and memory, milliseconds.
+    pub save_ms: f64,
+    /// Restarting devices and vCPUs, milliseconds (0 with `stop`).
+    pub resume_ms: f64,
+    /// From the vCPUs stopping to running again (or to the end of saving with `stop`).
+    pub downtime_ms: f64,
+    pub resumed: bool,
 }
 
 /// The body of every error answer.

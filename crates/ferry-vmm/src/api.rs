@@ -9,12 +9,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use ferry_api::ApiError;
+use ferry_api::{ApiError, SnapshotRequest};
 use tokio::sync::oneshot;
 
 use crate::event::{ApiAction, ApiRequest, VmmEvent};
@@ -111,6 +112,7 @@ pub fn router(events: Sender<VmmEvent>) -> Router {
         .route("/vm/pause", put(|s| call(s, ApiAction::Pause)))
         .route("/vm/resume", put(|s| call(s, ApiAction::Resume)))
         .route("/vm/shutdown", put(|s| call(s, ApiAction::Shutdown)))
+        .route("/vm/snapshot", put(snapshot))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API route") })
         .method_not_allowed_fallback(|| async {
             error(
@@ -131,6 +133,19 @@ fn error(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
+async fn snapshot(
+    state: State<Sender<VmmEvent>>,
+    body: Result<Json<SnapshotRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(request)) => call(state, ApiAction::Snapshot(request)).await,
+        Err(rejection) => error(
+            StatusCode::BAD_REQUEST,
+            &format!("bad snapshot request: {rejection}"),
+        ),
+    }
+}
+
 async fn call(State(events): State<Sender<VmmEvent>>, action: ApiAction) -> Response {
     let (reply, answer) = oneshot::channel();
     if events
@@ -140,7 +155,7 @@ async fn call(State(events): State<Sender<VmmEvent>>, action: ApiAction) -> Resp
         return error(StatusCode::SERVICE_UNAVAILABLE, "the VM is stopping");
     }
     match answer.await {
-        Ok(Ok(info)) => Json(info).into_response(),
+        Ok(Ok(reply)) => Json(reply).into_response(),
         Ok(Err(failure)) => error(
             StatusCode::from_u16(failure.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             &failure.message,

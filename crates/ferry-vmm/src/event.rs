@@ -1,6 +1,7 @@
 //! What the VMM's control loop reacts to.
 
-use ferry_api::VmInfo;
+use ferry_api::{SnapshotReport, SnapshotRequest, VmInfo};
+use serde::Serialize;
 use tokio::sync::oneshot;
 
 /// Something that happened to the VM; the control loop on the main thread handles them in order.
@@ -17,12 +18,21 @@ pub enum VmmEvent {
 }
 
 /// An operation the API asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiAction {
     Info,
     Pause,
     Resume,
     Shutdown,
+    Snapshot(SnapshotRequest),
+}
+
+/// What an API request answers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum ApiReply {
+    Info(VmInfo),
+    Snapshot(SnapshotReport),
 }
 
 /// Why an API request failed: an HTTP status and a message for the client.
@@ -36,5 +46,5 @@ pub struct ApiFailure {
 #[derive(Debug)]
 pub struct ApiRequest {
     pub action: ApiAction,
-    pub reply: oneshot::Sender<Result<VmInfo, ApiFailure>>,
+    pub reply: oneshot::Sender<Result<ApiReply, ApiFailure>>,
 }

@@ -10,7 +10,9 @@ pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod event;
+pub mod kvm_state;
 pub mod memory;
+pub mod snapshot;
 pub mod vmm;
 
 use std::path::PathBuf;
@@ -57,10 +59,30 @@ pub enum VmmError {
     Signals(#[source] std::io::Error),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("the snapshot does not fit: {0}")]
+    BadSnapshot(String),
+    #[error("cannot restore vCPU state: {0}")]
+    VcpuState(String),
+    #[error("invalid device state")]
+    DeviceState(#[source] std::io::Error),
     #[error("vCPU {vcpu} stopped: {reason}")]
     Guest { vcpu: u8, reason: String },
     #[error("devices failed: {0}")]
     Devices(String),
     #[error("internal error: {0}")]
     Internal(&'static str),
+}
+
+/// An error and its sources on one line, for messages that cross a thread or an API.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }

@@ -5,22 +5,41 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_api::{ApiError, VmInfo};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
-/// How long a call may take before we give up on the VM process.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a call may take before we give up on the VM process. Generous: a snapshot of a
+/// large VM writes gigabytes before it answers.
+const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Calls `method path` on the API at `socket` and decodes the VM info it answers.
 pub fn call(socket: &Path, method: Method, path: &str) -> Result<VmInfo> {
+    call_json::<(), VmInfo>(socket, method, path, None)
+}
+
+/// Calls `method path` with an optional JSON body and decodes the JSON answer.
+pub fn call_json<Req: Serialize, Resp: DeserializeOwned>(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<&Req>,
+) -> Result<Resp> {
+    let body = match body {
+        Some(b) => Bytes::from(serde_json::to_vec(b).context("cannot encode the request")?),
+        None => Bytes::new(),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the API client")?;
     let (status, body) = runtime
-        .block_on(async { tokio::time::timeout(CALL_TIMEOUT, send(socket, method, path)).await })
+        .block_on(async {
+            tokio::time::timeout(CALL_TIMEOUT, send(socket, method, path, body)).await
+        })
         .map_err(|_| {
             anyhow!(
                 "the VM at {} did not answer in {CALL_TIMEOUT:?}",
@@ -33,10 +52,39 @@ pub fn call(socket: &Path, method: Method, path: &str) -> Result<VmInfo> {
             .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
         bail!("the VM refused the request ({status}): {message}");
     }
-    serde_json::from_slice(&body).context("the VM's answer is not valid VM info")
+    serde_json::from_slice(&body).context("the VM's answer is not what was expected")
 }
 
-async fn send(socket: &Path, method: Method, path: &str) -> Result<(hyper::StatusCode, Bytes)> {
+/// A spinner on stderr while a long call runs, when stderr is a terminal and output is for
+/// people; cleared when dropped.
+pub struct Spinner(Option<indicatif::ProgressBar>);
+
+impl Spinner {
+    pub fn start(json: bool, message: &'static str) -> Spinner {
+        use std::io::IsTerminal;
+        if json || !std::io::stderr().is_terminal() {
+            return Spinner(None);
+        }
+        let bar = indicatif::ProgressBar::new_spinner().with_message(message);
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Spinner(Some(bar))
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        if let Some(bar) = self.0.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+async fn send(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> Result<(hyper::StatusCode, Bytes)> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .with_context(|| format!("cannot connect to the API socket {}", socket.display()))?;
@@ -48,7 +96,8 @@ async fn send(socket: &Path, method: Method, path: &str) -> Result<(hyper::Statu
         .method(method)
         .uri(path)
         .header("host", "localhost")
-        .body(Empty::<Bytes>::new())
+        .header("content-type", "application/json")
+        .body(Full::new(body))
         .context("cannot build the request")?;
     let response = sender
         .send_request(request)

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferry_vmm::config::{ConsoleConfig, DiskConfig, VmConfig};
-use ferry_vmm::vmm::VmExit;
+use ferry_vmm::vmm::{RestoreConfig, Vm, VmExit};
 use hyper::Method;
 
 #[derive(Debug, Parser)]
@@ -30,6 +30,11 @@ struct Cli {
 enum Command {
     /// Boot a VM in this process and run it until it powers off.
     Run(RunArgs),
+    /// Save a running VM's complete state and memory to a folder.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
     /// Talk to a running VM through its API socket.
     Vm {
         #[command(subcommand)]
@@ -60,23 +65,46 @@ enum BenchWhat {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum SnapshotAction {
+    /// Pause the VM, write its state and memory into DIR, and resume it (unless --stop).
+    Create {
+        /// The VM's API socket.
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// Snapshot folder (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Do not resume: the VM's process ends once the snapshot is written.
+        #[arg(long)]
+        stop: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Debug, Args)]
 struct RunArgs {
     /// ELF kernel with a PVH entry note (the test guest or a Linux vmlinux).
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
+    /// Start from the snapshot in this folder instead of booting a kernel.
+    #[arg(long, conflicts_with_all = ["kernel", "memory", "vcpus", "append"])]
+    restore: Option<PathBuf>,
     /// Guest memory: 512M, 1G, ... (a bare number is MiB).
-    #[arg(long, default_value = "256M", value_parser = size::parse_size)]
-    memory: u64,
+    #[arg(long, value_parser = size::parse_size)]
+    memory: Option<u64>,
     /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
-    /// A raw disk image for a virtio-blk disk; append ",ro" for read-only. Repeatable.
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// A raw disk image for a virtio-blk disk; append ",ro" for read-only. Repeatable. With
+    /// --restore: new paths for the snapshot's disks, in order (default: the saved paths).
     #[arg(long = "disk", value_name = "FILE[,ro]")]
     disks: Vec<String>,
     /// Kernel command line.
-    #[arg(long, default_value = "")]
-    append: String,
+    #[arg(long)]
+    append: Option<String>,
     /// Serve the control API on this unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -135,18 +163,27 @@ fn run_vm(args: RunArgs) -> Result<()> {
         "stdout" => ConsoleConfig::Stdout,
         path => ConsoleConfig::File(path.into()),
     };
-    let config = VmConfig {
-        kernel: args.kernel,
-        memory_bytes: args.memory,
-        vcpus: args.vcpus,
-        disks: args.disks.iter().map(|d| disk_config(d)).collect(),
-        cmdline: args.append,
-        api_socket: args.api_socket,
-        console,
+    let vm = match args.restore {
+        Some(dir) => Vm::restore(RestoreConfig {
+            dir,
+            disks: args.disks.iter().map(|d| disk_config(d).path).collect(),
+            api_socket: args.api_socket,
+            console,
+        })?,
+        None => Vm::build(VmConfig {
+            kernel: args.kernel.context("--kernel is required")?,
+            memory_bytes: args.memory.unwrap_or(256 << 20),
+            vcpus: args.vcpus.unwrap_or(1),
+            disks: args.disks.iter().map(|d| disk_config(d)).collect(),
+            cmdline: args.append.unwrap_or_default(),
+            api_socket: args.api_socket,
+            console,
+        })?,
     };
-    match ferry_vmm::vmm::run(config)? {
+    match vm.run()? {
         VmExit::GuestShutdown(how) => tracing::info!("guest powered off ({how})"),
         VmExit::ApiShutdown => tracing::info!("shut down through the API"),
+        VmExit::SnapshotStopped => tracing::info!("stopped after a snapshot"),
     }
     Ok(())
 }
@@ -167,6 +204,43 @@ fn vm_call(action: VmAction) -> Result<()> {
     Ok(())
 }
 
+fn snapshot_create(
+    socket: &std::path::Path,
+    dir: &std::path::Path,
+    stop: bool,
+    json: bool,
+) -> Result<()> {
+    // The VMM writes into the folder: give it an absolute path, it may run elsewhere.
+    let dir = std::path::absolute(dir).context("invalid snapshot folder")?;
+    let request = ferry_api::SnapshotRequest {
+        dir: dir.display().to_string(),
+        stop,
+    };
+    let spinner = client::Spinner::start(json, "saving the VM");
+    let report: Result<ferry_api::SnapshotReport> =
+        client::call_json(socket, Method::PUT, "/vm/snapshot", Some(&request));
+    drop(spinner);
+    let report = report?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "snapshot in {}: {} pages ({} MiB of {} MiB) + {} KiB of state; paused {:.1} ms, saved {:.1} ms, resumed {:.1} ms; downtime {:.1} ms{}",
+            report.dir,
+            report.pages_written,
+            report.data_bytes >> 20,
+            report.memory_bytes >> 20,
+            report.state_bytes >> 10,
+            report.pause_ms,
+            report.save_ms,
+            report.resume_ms,
+            report.downtime_ms,
+            if report.resumed { "" } else { " (VM not resumed)" }
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -179,6 +253,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run_vm(args),
         Command::Vm { action } => vm_call(action),
+        Command::Snapshot {
+            action:
+                SnapshotAction::Create {
+                    api_socket,
+                    dir,
+                    stop,
+                    json,
+                },
+        } => snapshot_create(&api_socket, &dir, stop, json),
         Command::Guest {
             action: GuestAction::Build { json },
         } => guest::build_testguest().and_then(|built| {

@@ -77,6 +77,19 @@ impl VirtioInterrupt {
         self.needs_reset.store(false, Ordering::SeqCst);
     }
 
+    /// Puts back saved status bits and the needs-reset flag. If any status bit is set, the line
+    /// is raised again: the driver of the saved device may be waiting for that interrupt, and
+    /// the edge it saw (or not) before the snapshot is gone. A spurious interrupt is harmless,
+    /// a lost one can strand the driver.
+    pub(crate) fn restore(&self, status: u32, needs_reset: bool) -> io::Result<()> {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+        if status != 0 {
+            self.line.trigger()?;
+        }
+        Ok(())
+    }
+
     fn raise(&self, bit: u32) -> io::Result<()> {
         self.status.fetch_or(bit, Ordering::SeqCst);
         self.line.trigger()

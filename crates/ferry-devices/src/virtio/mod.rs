@@ -12,6 +12,7 @@ pub mod block;
 pub mod chain;
 mod interrupt;
 pub mod mmio;
+pub mod persist;
 mod queue_setup;
 #[cfg(test)]
 pub(crate) mod test_queue;
@@ -26,6 +27,7 @@ use crate::GuestMemory;
 
 pub use interrupt::{VirtioInterrupt, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER};
 pub use mmio::{MmioInfo, MmioMetrics, MmioTransport};
+pub use persist::{QueueRestoreError, VirtqueueState};
 pub use queue_setup::{QueueSetupError, Ring};
 
 /// Feature bit: the device conforms to virtio 1.x (not the legacy interface). Required.

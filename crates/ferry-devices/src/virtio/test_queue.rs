@@ -77,6 +77,21 @@ impl TestQueue {
         }
     }
 
+    /// The driver's view of a queue of `size` entries already laid out at `base` by
+    /// [`Self::at`], in `mem` (a copy of the memory it was laid out in, for instance); nothing
+    /// is written.
+    pub fn attach(mem: &GuestMemory, base: u64, size: u16) -> Self {
+        let n = u64::from(size);
+        let avail = base + 16 * n;
+        TestQueue {
+            mem: mem.clone(),
+            size,
+            desc: GuestAddress(base),
+            avail: GuestAddress(avail),
+            used: GuestAddress((avail + 6 + 2 * n + 3) & !3),
+        }
+    }
+
     pub fn desc_table_addr(&self) -> GuestAddress {
         self.desc
     }

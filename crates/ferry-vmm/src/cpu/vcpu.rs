@@ -14,6 +14,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use super::state::{save_vcpu, VcpuState};
 use crate::bus::Bus;
 use crate::event::VmmEvent;
 
@@ -49,11 +50,13 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 }
 
 /// Messages to a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuCommand {
     Pause,
     Resume,
     Stop,
+    /// Read the vCPU's complete state; only answered while paused.
+    SaveState(Sender<Result<VcpuState, String>>),
 }
 
 /// A vCPU's answer to [`VcpuCommand::Pause`] and [`VcpuCommand::Resume`].
@@ -104,6 +107,8 @@ pub struct Vcpu {
     pub events: Sender<VmmEvent>,
     pub commands: Receiver<VcpuCommand>,
     pub acks: Sender<VcpuAck>,
+    /// The MSRs this host can save, shared by all vCPUs of the VM.
+    pub msrs: Arc<Vec<u32>>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -169,6 +174,22 @@ impl Vcpu {
         }
     }
 
+    /// Finishes an instruction whose I/O the VMM just handled: KVM completes it (writes the
+    /// value read into the register, advances RIP) only on the next `KVM_RUN`, so state read
+    /// before that would replay the access on restore. With `immediate_exit` set, KVM_RUN does
+    /// that completion and returns EINTR without running guest code.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => tracing::warn!("vCPU {}: completing I/O before pause: {e}", self.id),
+            Ok(exit) => {
+                tracing::warn!("vCPU {}: unexpected exit completing I/O: {exit:?}", self.id)
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
     /// Applies pending commands; blocks while paused. Returns false when the vCPU must stop.
     fn handle_commands(&mut self, paused: &mut bool) -> bool {
         loop {
@@ -186,6 +207,9 @@ impl Vcpu {
             };
             match command {
                 VcpuCommand::Pause => {
+                    if !*paused {
+                        self.complete_pending_io();
+                    }
                     *paused = true;
                     let _ = self.acks.send(VcpuAck::Paused(self.id));
                 }
@@ -194,6 +218,15 @@ impl Vcpu {
                     let _ = self.acks.send(VcpuAck::Resumed(self.id));
                 }
                 VcpuCommand::Stop => return false,
+                VcpuCommand::SaveState(reply) => {
+                    let state = if *paused {
+                        save_vcpu(&self.fd, &self.msrs)
+                            .map_err(|e| format!("vCPU {}: {e}", self.id))
+                    } else {
+                        Err(format!("vCPU {} is running; pause it first", self.id))
+                    };
+                    let _ = reply.send(state);
+                }
             }
         }
     }

@@ -4,7 +4,8 @@ use std::io::{self, Write};
 use std::sync::mpsc::Sender;
 
 use ferry_devices::bus::BusDevice;
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState as UartState};
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -45,6 +46,77 @@ impl SerialConsole {
         SerialConsole {
             uart: Serial::new(IrqTrigger(irq), out),
         }
+    }
+}
+
+/// The 16550's registers and its receive FIFO, as saved in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+/// The 16550's FIFO is 64 bytes; a longer saved buffer is not one this device made.
+const SERIAL_FIFO_MAX: usize = 64;
+
+impl SerialConsole {
+    /// The device's state; the VM is paused.
+    pub fn save(&self) -> SerialState {
+        let s = self.uart.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A console continuing from `state`.
+    pub fn restore(
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        state: &SerialState,
+    ) -> io::Result<Self> {
+        if state.in_buffer.len() > SERIAL_FIFO_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "serial FIFO longer than 64 bytes",
+            ));
+        }
+        let uart_state = UartState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart =
+            Serial::from_state(&uart_state, IrqTrigger(irq), NoEvents, out).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad serial state: {e:?}"),
+                )
+            })?;
+        Ok(SerialConsole { uart })
     }
 }
 
@@ -152,6 +224,30 @@ mod tests {
         s.read(0, &mut wide);
         assert_eq!(wide, [0xff; 4]);
         assert!(sink.0.lock().expect("sink").is_empty());
+    }
+
+    #[test]
+    fn serial_state_round_trips_and_bad_fifo_is_refused() {
+        let sink = Sink::default();
+        let mut s = SerialConsole::new(EventFd::new(0).expect("evt"), Box::new(sink.clone()));
+        s.write(7, &[0x42]); // scratch register
+        s.write(3, &[0x83]); // line control with DLAB
+        let saved = s.save();
+        assert_eq!(saved.scratch, 0x42);
+        let r = SerialConsole::restore(
+            EventFd::new(0).expect("evt"),
+            Box::new(sink.clone()),
+            &saved,
+        )
+        .expect("restore");
+        assert_eq!(r.save(), saved);
+        let bad = SerialState {
+            in_buffer: vec![0; 65],
+            ..saved
+        };
+        assert!(
+            SerialConsole::restore(EventFd::new(0).expect("evt"), Box::new(sink), &bad).is_err()
+        );
     }
 
     #[test]

@@ -6,7 +6,11 @@ use std::sync::{Arc, Mutex};
 
 use ferry_api::{BlockDeviceInfo, DeviceInfo};
 use ferry_devices::interrupt::Interrupt;
-use ferry_devices::virtio::block::{Block, BlockConfig, BlockError};
+use ferry_devices::persist::Persist;
+use ferry_devices::virtio::block::{
+    save_block, Block, BlockConfig, BlockError, VirtioBlock, VirtioBlockArgs,
+    VirtioBlockRestoreError, VirtioBlockState,
+};
 use ferry_devices::virtio::mmio::MmioTransport;
 use ferry_devices::GuestMemory;
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -45,6 +49,12 @@ pub enum DiskError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot restore disk {path}")]
+    Restore {
+        path: PathBuf,
+        #[source]
+        source: VirtioBlockRestoreError,
+    },
     #[error(transparent)]
     Bus(#[from] crate::bus::BusError),
 }
@@ -61,9 +71,54 @@ pub fn slot(index: usize) -> MmioDeviceSlot {
 #[derive(Debug)]
 pub struct VirtioDisk {
     block: Arc<Mutex<Block>>,
+    transport: Arc<Mutex<MmioTransport>>,
     slot: MmioDeviceSlot,
     path: PathBuf,
     read_only: bool,
+}
+
+/// An irqfd for the device's interrupt line `irq`.
+fn irq_line(vm: &VmFd, path: &std::path::Path, irq: u32) -> Result<Arc<dyn Interrupt>, DiskError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DiskError::EventFd {
+        path: path.into(),
+        source,
+    })?;
+    vm.register_irqfd(&evt, irq)
+        .map_err(|source| DiskError::Kvm {
+            path: path.into(),
+            what: "irqfd",
+            source,
+        })?;
+    Ok(Arc::new(evt))
+}
+
+/// Puts a device's window on the bus and its queue kicks into KVM as ioeventfds.
+fn wire(
+    vm: &VmFd,
+    mmio_bus: &mut Bus,
+    slot: MmioDeviceSlot,
+    disk: &DiskConfig,
+    block: Arc<Mutex<Block>>,
+    transport: MmioTransport,
+) -> Result<VirtioDisk, DiskError> {
+    for (queue, evt) in transport.queue_evts().iter().enumerate() {
+        let addr = IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET);
+        vm.register_ioevent(evt, &addr, queue as u32)
+            .map_err(|source| DiskError::Kvm {
+                path: disk.path.clone(),
+                what: "ioeventfd",
+                source,
+            })?;
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    mmio_bus.insert(slot.base, VIRTIO_MMIO_SIZE, transport.clone())?;
+    Ok(VirtioDisk {
+        block,
+        transport,
+        slot,
+        path: disk.path.clone(),
+        read_only: disk.read_only,
+    })
 }
 
 /// Opens `disk` and attaches it at `slot`: MMIO window on the bus, queue kicks as ioeventfds,
@@ -75,52 +130,53 @@ pub fn attach_block(
     slot: MmioDeviceSlot,
     disk: &DiskConfig,
 ) -> Result<VirtioDisk, DiskError> {
-    let path = disk.path.clone();
     let block = Block::new(BlockConfig {
-        path: path.clone(),
+        path: disk.path.clone(),
         read_only: disk.read_only,
         id: None,
     })
     .map_err(|source| DiskError::Open {
-        path: path.clone(),
+        path: disk.path.clone(),
         source,
     })?;
     let block = Arc::new(Mutex::new(block));
+    let interrupt = irq_line(vm, &disk.path, slot.irq)?;
+    let transport = MmioTransport::new(mem.clone(), block.clone(), interrupt);
+    wire(vm, mmio_bus, slot, disk, block, transport)
+}
 
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DiskError::EventFd {
-        path: path.clone(),
-        source,
-    })?;
-    vm.register_irqfd(&irq, slot.irq)
-        .map_err(|source| DiskError::Kvm {
-            path: path.clone(),
-            what: "irqfd",
+/// Attaches a disk continuing from its saved state, backed by the image at `disk.path`.
+pub fn restore_block(
+    vm: &VmFd,
+    mem: &GuestMemory,
+    mmio_bus: &mut Bus,
+    slot: MmioDeviceSlot,
+    disk: &DiskConfig,
+    state: &VirtioBlockState,
+) -> Result<VirtioDisk, DiskError> {
+    let interrupt = irq_line(vm, &disk.path, slot.irq)?;
+    let args = VirtioBlockArgs {
+        mem: mem.clone(),
+        path: disk.path.clone(),
+        interrupt,
+    };
+    let VirtioBlock { block, transport } =
+        VirtioBlock::restore(args, state).map_err(|source| DiskError::Restore {
+            path: disk.path.clone(),
             source,
         })?;
-    let transport = MmioTransport::new(
-        mem.clone(),
-        block.clone(),
-        Arc::new(irq) as Arc<dyn Interrupt>,
-    );
-    for (queue, evt) in transport.queue_evts().iter().enumerate() {
-        let addr = IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET);
-        vm.register_ioevent(evt, &addr, queue as u32)
-            .map_err(|source| DiskError::Kvm {
-                path: path.clone(),
-                what: "ioeventfd",
-                source,
-            })?;
-    }
-    mmio_bus.insert(slot.base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
-    Ok(VirtioDisk {
-        block,
-        slot,
-        path,
-        read_only: disk.read_only,
-    })
+    wire(vm, mmio_bus, slot, disk, block, transport)
 }
 
 impl VirtioDisk {
+    /// The device's state; the VM (vCPUs and device loop) is paused.
+    pub fn save(&self) -> VirtioBlockState {
+        // The transport's lock is taken before the block's, as on the MMIO path.
+        let transport = lock(&self.transport);
+        let block = lock(&self.block);
+        save_block(&transport, &block)
+    }
+
     /// The device as the event loop serves it.
     pub fn subscriber(&self) -> Subscriber {
         self.block.clone()

@@ -60,12 +60,12 @@ pub struct Block {
     pub(super) disk: Disk,
     config_space: [u8; CONFIG_LEN],
     avail_features: u64,
-    acked_features: u64,
+    pub(super) acked_features: u64,
     pub(super) queue_evts: Arc<[EventFd]>,
     /// Written on activation (a vCPU thread), so the event loop starts watching the queue.
     pub(super) activate_evt: EventFd,
     pub(super) queue_evts_registered: bool,
-    active: Option<ActiveQueue>,
+    pub(super) active: Option<ActiveQueue>,
 }
 
 impl std::fmt::Debug for Block {
@@ -82,21 +82,21 @@ impl std::fmt::Debug for Block {
 /// The disk side: everything a request needs apart from the queue.
 pub(super) struct Disk {
     backend: Arc<dyn BlockBackend>,
-    read_only: bool,
-    id: [u8; DISK_ID_LEN],
+    pub(super) read_only: bool,
+    pub(super) id: [u8; DISK_ID_LEN],
     /// In sectors.
-    capacity: u64,
+    pub(super) capacity: u64,
     counters: Arc<BlockCounters>,
     pub(super) log: LogLimiter,
 }
 
 /// The queue of an activated device.
-struct ActiveQueue {
-    mem: GuestMemory,
-    queue: Queue,
-    interrupt: Arc<VirtioInterrupt>,
+pub(super) struct ActiveQueue {
+    pub(super) mem: GuestMemory,
+    pub(super) queue: Queue,
+    pub(super) interrupt: Arc<VirtioInterrupt>,
     /// The driver broke the queue beyond repair; nothing more until a reset.
-    broken: bool,
+    pub(super) broken: bool,
 }
 
 impl Block {

@@ -5,6 +5,7 @@
 //! - `backend.rs`: where the bytes live ([`RawFile`] for raw images).
 //! - `event_handler.rs`: the event-manager plumbing (activation and queue eventfds).
 //! - `metrics.rs`: the counters the API reports.
+//! - `persist.rs`: the saved state, alone and with the virtio-mmio transport ([`VirtioBlock`]).
 //!
 //! One request queue of [`QUEUE_SIZE`] descriptors. Offered features: `VIRTIO_F_VERSION_1`,
 //! `FLUSH`, `SEG_MAX`, `BLK_SIZE` (512) and `RO` for read-only disks. Requests: `IN`, `OUT`,
@@ -14,6 +15,7 @@ mod backend;
 mod device;
 mod event_handler;
 mod metrics;
+mod persist;
 mod request;
 
 #[cfg(test)]
@@ -25,6 +27,10 @@ use std::io;
 pub use backend::{BackendError, BlockBackend, RawFile};
 pub use device::{Block, BlockConfig, BlockInfo};
 pub use metrics::{BlockCounters, BlockMetrics};
+pub use persist::{
+    save_block, BlockArgs, BlockQueueState, BlockRestoreError, BlockState, VirtioBlock,
+    VirtioBlockArgs, VirtioBlockRestoreError, VirtioBlockState,
+};
 
 /// Size of a virtio-blk sector: capacities and request offsets count in these.
 pub const SECTOR_SIZE: u64 = 512;

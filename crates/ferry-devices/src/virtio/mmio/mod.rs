@@ -20,6 +20,7 @@
 //! anything else, and any unknown register, reads 0, is ignored when written, and is counted.
 
 mod layout;
+mod persist;
 mod status;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // A failed unwrap is a failed test.
@@ -38,6 +39,8 @@ use crate::interrupt::Interrupt;
 use crate::ratelimit::{log_limited, LogLimiter};
 use crate::GuestMemory;
 use layout::*;
+
+pub use persist::{MmioQueueState, MmioRestoreError, MmioTransportArgs, MmioTransportState};
 
 /// "virt" in little endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -100,6 +103,9 @@ pub struct MmioTransport {
     driver_features_beyond_64: bool,
     queue_sel: u32,
     status: u32,
+    /// Nothing changes the configuration space under the driver yet, so this stays at what it
+    /// was created or restored with.
+    config_generation: u32,
     metrics: MmioMetrics,
     log: LogLimiter,
 }
@@ -152,6 +158,7 @@ impl MmioTransport {
             driver_features_beyond_64: false,
             queue_sel: 0,
             status: 0,
+            config_generation: 0,
             metrics: MmioMetrics::default(),
             log: LogLimiter::new(),
         }
@@ -218,8 +225,7 @@ impl MmioTransport {
             QUEUE_READY => selected.map_or(0, |q| u32::from(q.ready)),
             INTERRUPT_STATUS => self.interrupt.status(),
             STATUS => self.status(),
-            // The configuration space never changes under the driver (yet).
-            CONFIG_GENERATION => 0,
+            CONFIG_GENERATION => self.config_generation,
             _ => return None,
         })
     }

@@ -8,50 +8,11 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
 use super::*;
-use crate::bus::BusDevice;
 use crate::virtio::block::device::REQUESTS_PER_PASS;
 use crate::virtio::mmio::{MmioTransport, MMIO_NOTIFY_OFFSET};
 use crate::virtio::INTERRUPT_USED_BUFFER;
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
-const STATUS_REG: u64 = 0x70;
-const ALL_OK: u32 = 0xf; // ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK
-
-fn write_reg(t: &mut MmioTransport, offset: u64, value: u32) {
-    t.write(offset, &value.to_le_bytes());
-}
-
-fn read_reg(t: &mut MmioTransport, offset: u64) -> u32 {
-    let mut data = [0u8; 4];
-    t.read(offset, &mut data);
-    u32::from_le_bytes(data)
-}
-
-/// What a Linux-like driver does to bring up queue 0 laid out by `vq`.
-fn driver_init(t: &mut MmioTransport, vq: &TestQueue) {
-    write_reg(t, STATUS_REG, 1);
-    write_reg(t, STATUS_REG, 1 | 2);
-    write_reg(t, 0x24, 1);
-    write_reg(t, 0x20, 1); // VIRTIO_F_VERSION_1
-    write_reg(t, 0x24, 0);
-    write_reg(t, 0x20, 0);
-    write_reg(t, STATUS_REG, 1 | 2 | 8);
-    assert_eq!(read_reg(t, STATUS_REG), 1 | 2 | 8, "features accepted");
-    write_reg(t, 0x30, 0);
-    write_reg(t, 0x38, u32::from(QSIZE));
-    for (low, addr) in [
-        (0x80, vq.desc_table_addr()),
-        (0x90, vq.avail_addr()),
-        (0xa0, vq.used_addr()),
-    ] {
-        write_reg(t, low, addr.0 as u32);
-        write_reg(t, low + 4, (addr.0 >> 32) as u32);
-    }
-    write_reg(t, 0x44, 1);
-    write_reg(t, STATUS_REG, ALL_OK);
-    assert_eq!(read_reg(t, STATUS_REG), ALL_OK, "device live");
-}
 
 #[test]
 fn event_manager_drives_the_device_end_to_end() {

@@ -4,6 +4,7 @@
 mod backend;
 mod events;
 mod hostile;
+mod persist;
 mod requests;
 
 use std::fs::{File, OpenOptions};
@@ -16,6 +17,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempdir::TempDir;
 
 use super::{Block, BlockConfig, BlockError, SECTOR_SIZE};
+use crate::bus::BusDevice;
+use crate::virtio::mmio::MmioTransport;
 pub(super) use crate::virtio::test_queue::{r, w, Desc, TestQueue};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::GuestMemory;
@@ -164,4 +167,42 @@ impl Harness {
             .expect("image readable");
         buf
     }
+}
+
+pub(super) const STATUS_REG: u64 = 0x70;
+pub(super) const ALL_OK: u32 = 0xf; // ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK
+
+pub(super) fn write_reg(t: &mut MmioTransport, offset: u64, value: u32) {
+    t.write(offset, &value.to_le_bytes());
+}
+
+pub(super) fn read_reg(t: &mut MmioTransport, offset: u64) -> u32 {
+    let mut data = [0u8; 4];
+    t.read(offset, &mut data);
+    u32::from_le_bytes(data)
+}
+
+/// What a Linux-like driver does to bring up queue 0 laid out by `vq`.
+pub(super) fn driver_init(t: &mut MmioTransport, vq: &TestQueue) {
+    write_reg(t, STATUS_REG, 1);
+    write_reg(t, STATUS_REG, 1 | 2);
+    write_reg(t, 0x24, 1);
+    write_reg(t, 0x20, 1); // VIRTIO_F_VERSION_1
+    write_reg(t, 0x24, 0);
+    write_reg(t, 0x20, 0);
+    write_reg(t, STATUS_REG, 1 | 2 | 8);
+    assert_eq!(read_reg(t, STATUS_REG), 1 | 2 | 8, "features accepted");
+    write_reg(t, 0x30, 0);
+    write_reg(t, 0x38, u32::from(QSIZE));
+    for (low, addr) in [
+        (0x80, vq.desc_table_addr()),
+        (0x90, vq.avail_addr()),
+        (0xa0, vq.used_addr()),
+    ] {
+        write_reg(t, low, addr.0 as u32);
+        write_reg(t, low + 4, (addr.0 >> 32) as u32);
+    }
+    write_reg(t, 0x44, 1);
+    write_reg(t, STATUS_REG, ALL_OK);
+    assert_eq!(read_reg(t, STATUS_REG), ALL_OK, "device live");
 }

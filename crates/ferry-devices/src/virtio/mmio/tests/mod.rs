@@ -1,5 +1,6 @@
 //! Tests of the virtio-mmio transport against a fake device that records what it is told.
 
+mod persist;
 mod queues;
 mod registers;
 
@@ -53,6 +54,20 @@ pub(super) struct FakeDevice {
     pub resets: usize,
     pub config_writes: Vec<(u64, Vec<u8>)>,
     pub evts: Option<Arc<[EventFd]>>,
+}
+
+impl FakeDevice {
+    /// A new device with its queue eventfds, as the transport takes it.
+    pub fn shared() -> Arc<Mutex<FakeDevice>> {
+        let evts: Vec<EventFd> = QUEUE_SIZES
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        Arc::new(Mutex::new(FakeDevice {
+            evts: Some(evts.into()),
+            ..FakeDevice::default()
+        }))
+    }
 }
 
 impl VirtioDevice for FakeDevice {
@@ -123,14 +138,7 @@ pub(super) struct Setup {
 impl Setup {
     pub fn new() -> Self {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let evts: Vec<EventFd> = QUEUE_SIZES
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-            .collect();
-        let device = Arc::new(Mutex::new(FakeDevice {
-            evts: Some(evts.into()),
-            ..FakeDevice::default()
-        }));
+        let device = FakeDevice::shared();
         let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let t = MmioTransport::new(mem.clone(), device.clone(), irq.clone());
         Setup {

@@ -1,0 +1,159 @@
+//! Hooks for the fuzz targets in `fuzz/` (cargo feature `fuzzing`, off by default).
+//!
+//! The targets drive the device models with guest memory, descriptors and register accesses
+//! taken from the fuzzer's input. Most of what they need is public API; this module adds what
+//! is not: serving a block queue the way the device's event loop does on a kick, and bringing a
+//! device up through its transport the way a driver does. It is no API for anything else and
+//! changes with the targets.
+
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+};
+use virtio_bindings::virtio_mmio as reg;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::bus::BusDevice;
+use crate::interrupt::Interrupt;
+use crate::persist::Persist;
+use crate::virtio::block::Block;
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::VirtioDevice;
+use crate::GuestMemory;
+
+/// Bytes of the guest memory of [`guest_memory`]: two adjacent regions of half this size, so
+/// a buffer or a ring can straddle a region boundary.
+pub const MEMORY_SIZE: u64 = 0x8000;
+
+/// Passes over the queue in [`run_block_queue`]: as many kicks at most.
+pub const MAX_PASSES: usize = 8;
+
+/// Guest memory of [`MEMORY_SIZE`] bytes at address 0 that holds `image` from address 0 (cut
+/// to fit; the rest is zero).
+pub fn guest_memory(image: &[u8]) -> GuestMemory {
+    let half = MEMORY_SIZE / 2;
+    let mem = GuestMemory::from_ranges(&[
+        (GuestAddress(0), half as usize),
+        (GuestAddress(half), half as usize),
+    ])
+    .expect("two small anonymous mappings");
+    let len = image.len().min(MEMORY_SIZE as usize);
+    mem.write_slice(&image[..len], GuestAddress(0))
+        .expect("the image was cut to the memory size");
+    mem
+}
+
+/// An interrupt line that goes nowhere.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullInterrupt;
+
+impl Interrupt for NullInterrupt {
+    fn trigger(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serves `block`'s request queue once, as the device's event loop does when the driver kicks
+/// it. Returns whether requests may be left.
+pub fn serve_block_queue(block: &mut Block) -> bool {
+    block.process_queue()
+}
+
+/// Queue 0 as a driver writes it into the queue registers. Nothing is checked here: the
+/// transport checks it at DRIVER_OK.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueLayout {
+    /// QueueNum.
+    pub size: u32,
+    /// QueueDesc: the descriptor table.
+    pub desc: u64,
+    /// QueueDriver: the available ring.
+    pub driver: u64,
+    /// QueueDevice: the used ring.
+    pub device: u64,
+}
+
+/// Writes the registers a Linux-like driver writes to bring up a device with queue 0 at
+/// `layout`: ACKNOWLEDGE, DRIVER, the features (VERSION_1 and `features_low`), FEATURES_OK,
+/// the queue, QueueReady, DRIVER_OK. Whether the device came up is for the caller to ask.
+pub fn driver_init(transport: &mut MmioTransport, layout: QueueLayout, features_low: u32) {
+    let mut write =
+        |offset: u32, value: u32| transport.write(u64::from(offset), &value.to_le_bytes());
+    let (ack, driver) = (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER);
+    write(reg::VIRTIO_MMIO_STATUS, ack);
+    write(reg::VIRTIO_MMIO_STATUS, ack | driver);
+    write(reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    write(reg::VIRTIO_MMIO_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1 is bit 32.
+    write(reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    write(reg::VIRTIO_MMIO_DRIVER_FEATURES, features_low);
+    let features_ok = ack | driver | VIRTIO_CONFIG_S_FEATURES_OK;
+    write(reg::VIRTIO_MMIO_STATUS, features_ok);
+    write(reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+    write(reg::VIRTIO_MMIO_QUEUE_NUM, layout.size);
+    // Each address is a low register and the high one after it.
+    for (low, addr) in [
+        (reg::VIRTIO_MMIO_QUEUE_DESC_LOW, layout.desc),
+        (reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW, layout.driver),
+        (reg::VIRTIO_MMIO_QUEUE_USED_LOW, layout.device),
+    ] {
+        write(low, addr as u32);
+        write(low + 4, (addr >> 32) as u32);
+    }
+    write(reg::VIRTIO_MMIO_QUEUE_READY, 1);
+    write(
+        reg::VIRTIO_MMIO_STATUS,
+        features_ok | VIRTIO_CONFIG_S_DRIVER_OK,
+    );
+}
+
+/// What the device did with a queue in [`run_block_queue`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueRun {
+    /// Chains taken from the available ring (the queue's `next_avail`; it starts at 0 and
+    /// cannot wrap in [`MAX_PASSES`] passes).
+    pub consumed: u16,
+    /// Chains put in the used ring (`next_used`).
+    pub returned: u16,
+    /// Requests the device served (counted before each goes back to the used ring).
+    pub requests: u64,
+    /// The device gave up on the queue until a reset.
+    pub broken: bool,
+    /// The transport reports DEVICE_NEEDS_RESET.
+    pub needs_reset: bool,
+    /// The device still had requests after the last pass.
+    pub more: bool,
+}
+
+/// Puts `block` behind a virtio-mmio transport over [`guest_memory`]`(memory_image)`, brings
+/// it up with [`driver_init`] and queue 0 at `layout`, serves the queue as kicks would, at most
+/// [`MAX_PASSES`] times, and reports what the device did. `None` if the device did not come up
+/// (the transport refused the layout, so the device never saw the queue).
+pub fn run_block_queue(block: Block, memory_image: &[u8], layout: QueueLayout) -> Option<QueueRun> {
+    let mem = guest_memory(memory_image);
+    let block = Arc::new(Mutex::new(block));
+    let mut transport = MmioTransport::new(mem, block.clone(), Arc::new(NullInterrupt));
+    driver_init(&mut transport, layout, 0);
+    let mut block = block.lock().unwrap_or_else(PoisonError::into_inner);
+    if !block.is_activated() {
+        return None;
+    }
+    let mut more = true;
+    for _ in 0..MAX_PASSES {
+        if !more {
+            break;
+        }
+        more = block.process_queue();
+    }
+    let queue = block.save().queue?;
+    Some(QueueRun {
+        consumed: queue.queue.next_avail,
+        returned: queue.queue.next_used,
+        requests: block.metrics().requests,
+        broken: queue.broken,
+        needs_reset: transport.interrupt().needs_reset(),
+        more,
+    })
+}

@@ -1,0 +1,82 @@
+//! Snapshots: a VM's complete state and memory in a folder, and back.
+//!
+//! A snapshot folder holds `state` (the typed state tree in checked frames, see [`format`])
+//! and `memory` (guest RAM as a sparse file, see [`memory_file`]).
+
+pub mod format;
+pub mod memory_file;
+pub mod state;
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+pub use state::VmState;
+
+/// The state file in a snapshot folder.
+pub const STATE_FILE: &str = "state";
+/// The memory file in a snapshot folder.
+pub const MEMORY_FILE: &str = "memory";
+
+/// Errors of snapshot files.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot use snapshot folder {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot state {path} is invalid")]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: format::FormatError,
+    },
+    #[error("snapshot memory {path} is invalid")]
+    Memory {
+        path: PathBuf,
+        #[source]
+        source: memory_file::MemoryFileError,
+    },
+}
+
+/// Writes the state file of `state` into `dir` (through a temporary file and a rename, so a
+/// crash never leaves a half-written state under the real name).
+pub fn write_state_file(dir: &Path, state: &VmState) -> Result<u64, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let tmp = dir.join(format!("{STATE_FILE}.partial"));
+    let io = |source| SnapshotError::Open {
+        path: path.clone(),
+        source,
+    };
+    let file = File::create(&tmp).map_err(io)?;
+    let mut w = BufWriter::new(file);
+    format::write_state(&mut w, state).map_err(|source| SnapshotError::Format {
+        path: path.clone(),
+        source,
+    })?;
+    w.flush().map_err(io)?;
+    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_data().map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(len)
+}
+
+/// Reads and checks the state file in `dir`.
+pub fn read_state_file(dir: &Path) -> Result<VmState, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let file = File::open(&path).map_err(|source| SnapshotError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    format::read_state(&mut BufReader::new(file))
+        .map_err(|source| SnapshotError::Format { path, source })
+}

@@ -1,0 +1,206 @@
+//! The control loop: the one owner of the VM's run state. vCPUs, devices and the API send it
+//! events; it answers API requests, pauses and resumes, takes snapshots and stops everything.
+
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_api::{VmInfo, VmRunState};
+use vmm_sys_util::signal::Killable;
+
+use super::{Vm, VmExit};
+use crate::cpu::state::VcpuState;
+use crate::cpu::vcpu::{self, VcpuAck, VcpuCommand, VcpuCounters};
+use crate::devices::event_loop::{DeviceLoopHandle, LoopCommand};
+use crate::devices::virtio::VirtioDisk;
+use crate::event::{ApiAction, ApiFailure, ApiReply, VmmEvent};
+use crate::VmmError;
+
+/// How long a vCPU may take to acknowledge a command before we call it wedged.
+const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(super) struct VcpuHandle {
+    pub commands: Sender<VcpuCommand>,
+    pub thread: JoinHandle<()>,
+    pub counters: Arc<VcpuCounters>,
+}
+
+/// The control loop's view of the running VM.
+pub(super) struct Control<'a> {
+    pub(super) vm: &'a Vm,
+    vcpus: Vec<VcpuHandle>,
+    acks: Receiver<VcpuAck>,
+    devices: Option<DeviceLoopHandle>,
+    pub(super) state: VmRunState,
+    started: Instant,
+}
+
+impl<'a> Control<'a> {
+    pub fn new(
+        vm: &'a Vm,
+        vcpus: Vec<VcpuHandle>,
+        acks: Receiver<VcpuAck>,
+        devices: DeviceLoopHandle,
+        started: Instant,
+    ) -> Self {
+        Control {
+            vm,
+            vcpus,
+            acks,
+            devices: Some(devices),
+            state: VmRunState::Running,
+            started,
+        }
+    }
+
+    pub fn run(&mut self) -> Result<VmExit, VmmError> {
+        loop {
+            let event = self
+                .vm
+                .events
+                .recv()
+                .map_err(|_| VmmError::Internal("event channel closed"))?;
+            match event {
+                VmmEvent::GuestShutdown { how } => return Ok(VmExit::GuestShutdown(how)),
+                VmmEvent::VcpuFailed { id, reason } => {
+                    return Err(VmmError::Guest { vcpu: id, reason })
+                }
+                VmmEvent::DevicesFailed { reason } => return Err(VmmError::Devices(reason)),
+                VmmEvent::Api(request) => {
+                    let (answer, exit) = self.handle_api(request.action);
+                    let _ = request.reply.send(answer);
+                    if let Some(exit) = exit {
+                        return Ok(exit);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers one API request; returns how the VM ends if the request ends it.
+    fn handle_api(&mut self, action: ApiAction) -> (Result<ApiReply, ApiFailure>, Option<VmExit>) {
+        let failed = |message: String| ApiFailure {
+            status: 500,
+            message,
+        };
+        let result = match action {
+            ApiAction::Info => Ok(()),
+            ApiAction::Pause if self.state == VmRunState::Paused => Ok(()),
+            ApiAction::Pause => self.pause().map_err(failed),
+            ApiAction::Resume if self.state == VmRunState::Running => Ok(()),
+            ApiAction::Resume => self.resume().map_err(failed),
+            ApiAction::Shutdown => {
+                self.state = VmRunState::ShuttingDown;
+                return (Ok(ApiReply::Info(self.info())), Some(VmExit::ApiShutdown));
+            }
+            ApiAction::Snapshot(request) => {
+                return match self.snapshot(&request) {
+                    Ok(report) => {
+                        let exit = request.stop.then_some(VmExit::SnapshotStopped);
+                        (Ok(ApiReply::Snapshot(report)), exit)
+                    }
+                    Err(failure) => (Err(failure), None),
+                };
+            }
+        };
+        (result.map(|()| ApiReply::Info(self.info())), None)
+    }
+
+    /// Stops the vCPUs, then the devices: afterwards nothing writes guest memory.
+    pub(super) fn pause(&mut self) -> Result<(), String> {
+        self.command_vcpus(|| VcpuCommand::Pause)?;
+        if let Some(devices) = &self.devices {
+            devices.request(LoopCommand::Pause)?;
+        }
+        self.state = VmRunState::Paused;
+        Ok(())
+    }
+
+    pub(super) fn resume(&mut self) -> Result<(), String> {
+        if let Some(devices) = &self.devices {
+            devices.request(LoopCommand::Resume)?;
+        }
+        self.command_vcpus(|| VcpuCommand::Resume)?;
+        self.state = VmRunState::Running;
+        Ok(())
+    }
+
+    fn command_vcpus(&self, command: impl Fn() -> VcpuCommand) -> Result<(), String> {
+        let pausing = matches!(command(), VcpuCommand::Pause);
+        for (id, v) in self.vcpus.iter().enumerate() {
+            v.commands
+                .send(command())
+                .map_err(|_| format!("vCPU {id} is gone"))?;
+            v.thread
+                .kill(vcpu::kick_signal())
+                .map_err(|e| format!("cannot signal vCPU {id}: {e}"))?;
+        }
+        let deadline = Instant::now() + VCPU_ACK_TIMEOUT;
+        for _ in &self.vcpus {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.acks.recv_timeout(left) {
+                Ok(VcpuAck::Paused(_)) if pausing => {}
+                Ok(VcpuAck::Resumed(_)) if !pausing => {}
+                Ok(other) => return Err(format!("unexpected vCPU answer {other:?}")),
+                Err(_) => return Err("a vCPU did not answer in time".into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every vCPU's state; the VM must be paused.
+    pub(super) fn save_vcpus(&self) -> Result<Vec<VcpuState>, String> {
+        let mut replies = Vec::new();
+        for (id, v) in self.vcpus.iter().enumerate() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            v.commands
+                .send(VcpuCommand::SaveState(tx))
+                .map_err(|_| format!("vCPU {id} is gone"))?;
+            replies.push(rx);
+        }
+        replies
+            .into_iter()
+            .enumerate()
+            .map(|(id, rx)| {
+                rx.recv_timeout(VCPU_ACK_TIMEOUT)
+                    .map_err(|_| format!("vCPU {id} did not send its state in time"))?
+            })
+            .collect()
+    }
+
+    pub(super) fn info(&self) -> VmInfo {
+        let mut devices = self.vm.legacy_devices.clone();
+        devices.extend(self.vm.disks.iter().map(VirtioDisk::info));
+        VmInfo {
+            state: self.state,
+            vcpus: u32::from(self.vm.machine.vcpus),
+            memory_bytes: self.vm.machine.memory_bytes,
+            kernel: self.vm.machine.kernel.clone(),
+            cmdline: self.vm.machine.cmdline.clone(),
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            devices,
+            vcpu_exits: self.vcpus.iter().map(|v| v.counters.snapshot()).collect(),
+            unhandled_accesses: self.vm.io_bus.unhandled() + self.vm.mmio_bus.unhandled(),
+        }
+    }
+
+    /// Stops every thread and flushes the disks. Safe to call in any state.
+    pub fn stop_all(&mut self) {
+        for v in &self.vcpus {
+            let _ = v.commands.send(VcpuCommand::Stop);
+            let _ = v.thread.kill(vcpu::kick_signal());
+        }
+        for v in self.vcpus.drain(..) {
+            let _ = v.thread.join();
+        }
+        if let Some(devices) = self.devices.take() {
+            devices.stop();
+        }
+        for disk in &self.vm.disks {
+            if let Err(e) = disk.flush() {
+                tracing::error!("flushing {} at shutdown failed: {e}", disk.path().display());
+            }
+        }
+    }
+}

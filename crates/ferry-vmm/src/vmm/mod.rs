@@ -1,0 +1,211 @@
+//! A running VM: built fresh from a [`VmConfig`] or restored from a snapshot, then driven by
+//! the control loop on the caller's thread until the guest powers off, the API asks it to, or
+//! something fails.
+
+mod control;
+mod platform;
+mod restore;
+mod save;
+
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ferry_api::DeviceInfo;
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use crate::api::{self, ApiSocket};
+use crate::boot::{self, pvh};
+use crate::bus::Bus;
+use crate::config::{host_memory_bytes, VmConfig};
+use crate::cpu::state::saveable_msrs;
+use crate::cpu::vcpu::{self, Vcpu, VcpuCounters};
+use crate::cpu::{cpuid, regs};
+use crate::devices::event_loop;
+use crate::devices::legacy::SerialConsole;
+use crate::devices::virtio::{self, VirtioDisk};
+use crate::event::VmmEvent;
+use crate::memory;
+use crate::snapshot::state::{MachineState, SavedDisk};
+use crate::VmmError;
+use control::{Control, VcpuHandle};
+use platform::{kvm_err, Platform};
+
+pub use restore::RestoreConfig;
+
+/// Why a VM ended without an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off (`how` says through which device).
+    GuestShutdown(&'static str),
+    /// The API asked for shutdown.
+    ApiShutdown,
+    /// A snapshot was taken with `stop`: the VM lives on only in the snapshot.
+    SnapshotStopped,
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    machine: MachineState,
+    vm_fd: VmFd,
+    memory: ferry_devices::GuestMemory,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    serial: Arc<Mutex<SerialConsole>>,
+    disks: Vec<VirtioDisk>,
+    legacy_devices: Vec<DeviceInfo>,
+    vcpu_fds: Vec<VcpuFd>,
+    msrs: Arc<Vec<u32>>,
+    events_tx: Sender<VmmEvent>,
+    events: Receiver<VmmEvent>,
+    api_socket: Option<ApiSocket>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("machine", &self.machine)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens KVM and learns the host's limits.
+fn open_kvm() -> Result<(Kvm, u64), VmmError> {
+    let kvm = Kvm::new().map_err(|source| VmmError::OpenKvm { source })?;
+    let host_memory = host_memory_bytes().map_err(VmmError::HostInfo)?;
+    Ok((kvm, host_memory))
+}
+
+impl Vm {
+    /// Checks the configuration and builds the whole VM without running it.
+    pub fn build(config: VmConfig) -> Result<Vm, VmmError> {
+        let (kvm, host_memory) = open_kvm()?;
+        config.validate(host_memory, kvm.get_max_vcpus())?;
+        // The API socket comes first: a path in use must fail before any work is done.
+        let api_socket = config.api_socket.as_deref().map(api::bind).transpose()?;
+        vcpu::install_kick_handler().map_err(VmmError::Signals)?;
+
+        let vm_fd = platform::create_vm(&kvm)?;
+        let mem = memory::create_guest_memory(config.memory_bytes)?;
+        memory::register_with_kvm(&vm_fd, &mem)?;
+        let entry = boot::load_kernel(&mem, &config.kernel)?;
+        let mut platform = Platform::new(&vm_fd, &config.console, None)?;
+
+        let mut disks = Vec::new();
+        let mut slots = Vec::new();
+        for (i, disk) in config.disks.iter().enumerate() {
+            let slot = virtio::slot(i);
+            disks.push(virtio::attach_block(
+                &vm_fd,
+                &mem,
+                &mut platform.mmio_bus,
+                slot,
+                disk,
+            )?);
+            slots.push(slot);
+        }
+        let cmdline = boot::build_cmdline(&config.cmdline, &slots)?;
+        let start_info = pvh::write_boot_info(&mem, config.memory_bytes, &cmdline)?;
+        let cmdline = cmdline
+            .as_cstring()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default();
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("read the supported CPUID"))?;
+        let mut vcpu_fds = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("create a vCPU"))?;
+            let tsc_khz = fd.get_tsc_khz().ok();
+            let table = cpuid::for_vcpu(&supported, id, config.vcpus, tsc_khz)?;
+            fd.set_cpuid2(&table)
+                .map_err(kvm_err("set the vCPU's CPUID"))?;
+            regs::setup_lint(&fd).map_err(kvm_err("set up the LAPIC"))?;
+            if id == 0 {
+                regs::setup_pvh_boot(&fd, entry.pvh_entry.0, start_info.0)
+                    .map_err(kvm_err("set the boot vCPU's registers"))?;
+            }
+            vcpu_fds.push(fd);
+        }
+        let msrs =
+            saveable_msrs(&kvm, &vcpu_fds[0]).map_err(|e| VmmError::VcpuState(e.to_string()))?;
+        let machine = MachineState {
+            memory_bytes: config.memory_bytes,
+            vcpus: config.vcpus,
+            kernel: config.kernel.display().to_string(),
+            cmdline,
+            disks: config
+                .disks
+                .iter()
+                .map(|d| SavedDisk {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+        };
+        Ok(Vm {
+            machine,
+            vm_fd,
+            memory: mem,
+            io_bus: Arc::new(platform.io_bus),
+            mmio_bus: Arc::new(platform.mmio_bus),
+            serial: platform.serial,
+            disks,
+            legacy_devices: platform.legacy_devices,
+            vcpu_fds,
+            msrs: Arc::new(msrs),
+            events_tx: platform.events_tx,
+            events: platform.events,
+            api_socket,
+        })
+    }
+
+    /// Starts the devices, the API and the vCPUs, and runs the control loop until the VM ends.
+    pub fn run(mut self) -> Result<VmExit, VmmError> {
+        let subscribers = self.disks.iter().map(VirtioDisk::subscriber).collect();
+        let devices =
+            event_loop::spawn(subscribers, self.events_tx.clone()).map_err(VmmError::Thread)?;
+        if let Some(socket) = self.api_socket.as_mut() {
+            api::serve(socket, self.events_tx.clone())?;
+        }
+        let (acks_tx, acks) = mpsc::channel();
+        let mut handles = Vec::new();
+        for (id, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
+            let (commands_tx, commands) = mpsc::channel();
+            let counters = Arc::new(VcpuCounters::default());
+            let vcpu = Vcpu {
+                id: id as u8,
+                fd,
+                io_bus: self.io_bus.clone(),
+                mmio_bus: self.mmio_bus.clone(),
+                counters: counters.clone(),
+                events: self.events_tx.clone(),
+                commands,
+                acks: acks_tx.clone(),
+                msrs: self.msrs.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("ferry-vcpu{id}"))
+                .spawn(move || vcpu.run())
+                .map_err(VmmError::Thread)?;
+            handles.push(VcpuHandle {
+                commands: commands_tx,
+                thread,
+                counters,
+            });
+        }
+        let mut control = Control::new(&self, handles, acks, devices, Instant::now());
+        let result = control.run();
+        control.stop_all();
+        result
+    }
+}
+
+/// Boots the VM described by `config` and runs it to its end.
+pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
+    Vm::build(config)?.run()
+}

@@ -1,0 +1,159 @@
+//! Restoring a VM from a snapshot into this process. Everything is read and checked before any
+//! vCPU runs: a bad snapshot ends in an error, never in a half-started VM.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kvm_ioctls::VcpuFd;
+
+use super::platform::{self, kvm_err, Platform};
+use super::{open_kvm, Vm};
+use crate::api;
+use crate::config::{ConsoleConfig, DiskConfig, VmConfig};
+use crate::cpu::state::saveable_msrs;
+use crate::cpu::vcpu;
+use crate::devices::virtio;
+use crate::kvm_state::restore_all;
+use crate::memory;
+use crate::snapshot::memory_file::{check_index, map_memory_file};
+use crate::snapshot::state::SavedDisk;
+use crate::snapshot::{read_state_file, SnapshotError, MEMORY_FILE};
+use crate::VmmError;
+
+/// What `ferry run --restore` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreConfig {
+    /// The snapshot folder.
+    pub dir: PathBuf,
+    /// New paths for the saved disks, in their order; empty keeps the saved paths.
+    pub disks: Vec<PathBuf>,
+    pub api_socket: Option<PathBuf>,
+    pub console: ConsoleConfig,
+}
+
+impl Vm {
+    /// Builds a VM from the snapshot in `config.dir`, ready to [`Vm::run`] from where it stopped.
+    pub fn restore(config: RestoreConfig) -> Result<Vm, VmmError> {
+        let (kvm, host_memory) = open_kvm()?;
+        let state = read_state_file(&config.dir)?;
+        let machine = state.machine.clone();
+        let bad = |m: String| VmmError::BadSnapshot(m);
+        if !config.disks.is_empty() && config.disks.len() != machine.disks.len() {
+            return Err(bad(format!(
+                "the snapshot has {} disk(s) but {} --disk path(s) were given",
+                machine.disks.len(),
+                config.disks.len()
+            )));
+        }
+        let disks: Vec<SavedDisk> = if config.disks.is_empty() {
+            machine.disks.clone()
+        } else {
+            machine
+                .disks
+                .iter()
+                .zip(&config.disks)
+                .map(|(saved, path)| SavedDisk {
+                    path: path.clone(),
+                    read_only: saved.read_only,
+                })
+                .collect()
+        };
+        // The same limits as a fresh boot: the snapshot may come from a bigger host.
+        VmConfig {
+            kernel: machine.kernel.clone().into(),
+            memory_bytes: machine.memory_bytes,
+            vcpus: machine.vcpus,
+            disks: disks
+                .iter()
+                .map(|d| DiskConfig {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+            cmdline: machine.cmdline.clone(),
+            api_socket: None,
+            console: ConsoleConfig::Stdout,
+        }
+        .validate(host_memory, kvm.get_max_vcpus())?;
+        if state.vcpus.len() != usize::from(machine.vcpus) {
+            return Err(bad(format!(
+                "{} vCPU states for {} vCPUs",
+                state.vcpus.len(),
+                machine.vcpus
+            )));
+        }
+        if state.devices.disks.len() != machine.disks.len() {
+            return Err(bad(format!(
+                "{} disk states for {} disks",
+                state.devices.disks.len(),
+                machine.disks.len()
+            )));
+        }
+
+        let api_socket = config.api_socket.as_deref().map(api::bind).transpose()?;
+        vcpu::install_kick_handler().map_err(VmmError::Signals)?;
+
+        let memory_path = config.dir.join(MEMORY_FILE);
+        let mem_err = |source| SnapshotError::Memory {
+            path: memory_path.clone(),
+            source,
+        };
+        let total = check_index(&state.memory, &memory::ram_ranges(machine.memory_bytes))
+            .map_err(mem_err)?;
+        let file = File::open(&memory_path).map_err(|source| SnapshotError::Open {
+            path: memory_path.clone(),
+            source,
+        })?;
+        let mem = map_memory_file(file, &state.memory, total).map_err(mem_err)?;
+
+        let vm_fd = platform::create_vm(&kvm)?;
+        memory::register_with_kvm(&vm_fd, &mem)?;
+        let mut platform = Platform::new(&vm_fd, &config.console, Some(&state.devices.serial))?;
+        let mut attached = Vec::new();
+        for (i, (disk, saved)) in disks.iter().zip(&state.devices.disks).enumerate() {
+            let config = DiskConfig {
+                path: disk.path.clone(),
+                read_only: disk.read_only,
+            };
+            attached.push(virtio::restore_block(
+                &vm_fd,
+                &mem,
+                &mut platform.mmio_bus,
+                virtio::slot(i),
+                &config,
+                saved,
+            )?);
+        }
+
+        let vcpu_fds = (0..state.vcpus.len())
+            .map(|id| {
+                vm_fd
+                    .create_vcpu(id as u64)
+                    .map_err(kvm_err("create a vCPU"))
+            })
+            .collect::<Result<Vec<VcpuFd>, _>>()?;
+        // Irqchips and PIT, every vCPU, then the clock last: see kvm_state for why.
+        restore_all(&vm_fd, &vcpu_fds, &state.kvm, &state.vcpus)
+            .map_err(|e| VmmError::VcpuState(crate::error_chain(&e)))?;
+        let msrs =
+            saveable_msrs(&kvm, &vcpu_fds[0]).map_err(|e| VmmError::VcpuState(e.to_string()))?;
+        let mut machine = machine;
+        machine.disks = disks;
+        Ok(Vm {
+            machine,
+            vm_fd,
+            memory: mem,
+            io_bus: Arc::new(platform.io_bus),
+            mmio_bus: Arc::new(platform.mmio_bus),
+            serial: platform.serial,
+            disks: attached,
+            legacy_devices: platform.legacy_devices,
+            vcpu_fds,
+            msrs: Arc::new(msrs),
+            events_tx: platform.events_tx,
+            events: platform.events,
+            api_socket,
+        })
+    }
+}
