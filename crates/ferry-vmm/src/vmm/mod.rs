@@ -198,6 +198,7 @@ impl Vm {
                 counters,
             });
         }
+        tracing::info!(vcpus = handles.len(), "vm running");
         let mut control = Control::new(&self, handles, acks, devices, Instant::now());
         let result = control.run();
         control.stop_all();
