@@ -128,6 +128,9 @@ pub struct SnapshotReport {
     pub resume_ms: f64,
     /// From the vCPUs stopping to running again (or to the end of saving with `stop`).
     pub downtime_ms: f64,
+    /// Making the files durable (fsync), after the VM resumed, milliseconds.
+    #[serde(default)]
+    pub sync_ms: f64,
     pub resumed: bool,
 }
 
@@ -166,4 +169,111 @@ mod tests {
         let back: DeviceInfo = serde_json::from_str(&json).expect("parses");
         assert_eq!(back, dev);
     }
+}
+
+/// What a migration does when `max_time_secs` runs out before it converged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// Give up; the source VM keeps running.
+    #[default]
+    Abort,
+    /// Stop the guest and send what is left, whatever the downtime.
+    Force,
+}
+
+/// `PUT /vm/migrate`: move the VM to a `ferry receive` listening at `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// `HOST:PORT` of the destination.
+    pub to: String,
+    /// The longest the guest may be stopped; the switchover waits until the prediction fits.
+    #[serde(default = "default_downtime_ms")]
+    pub downtime_ms: u64,
+    /// Cap on the bytes per second sent; none means as fast as the link goes.
+    #[serde(default)]
+    pub bandwidth_bytes_per_sec: Option<u64>,
+    /// Give up (or force, see `on_timeout`) after this many seconds.
+    #[serde(default)]
+    pub max_time_secs: Option<u64>,
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+    /// Answer when the migration has ended (with its final status) instead of at once.
+    #[serde(default)]
+    pub wait: bool,
+}
+
+/// The default downtime target, milliseconds.
+pub fn default_downtime_ms() -> u64 {
+    100
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    Connecting,
+    /// Sending all of memory once.
+    FirstPass,
+    /// Sending what the guest dirtied meanwhile.
+    Iterating,
+    /// The guest is stopped; the last pages and the device state are on their way.
+    Switchover,
+    /// All state sent; waiting for the destination to confirm it runs.
+    Handover,
+    /// The VM runs on the destination; this process ends.
+    Completed,
+    /// It failed before the handover; the VM runs here as before.
+    Failed,
+    Cancelled,
+    /// The connection broke after the destination was told to run: the VM stays paused here
+    /// so it can never run twice. Check the destination.
+    OutcomeUnknown,
+}
+
+/// How long the guest was stopped, and where that time went.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DowntimeBreakdown {
+    /// From the source vCPUs stopping to the destination's "running" arriving back. An upper
+    /// bound: it includes the one-way trip of that last message.
+    pub total_ms: f64,
+    /// Stopping vCPUs and devices.
+    pub pause_ms: f64,
+    /// Sending the pages dirtied since the last pass.
+    pub final_memory_ms: f64,
+    /// Reading and sending the CPU and device state.
+    pub device_state_ms: f64,
+    /// The destination checking the state and building the VM, up to its "prepared".
+    pub destination_prepare_ms: f64,
+    /// The destination starting its vCPUs after "commit".
+    pub resume_ms: f64,
+}
+
+/// `GET /vm/migration`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    pub phase: MigrationPhase,
+    pub to: String,
+    /// Passes over memory so far (0 = the first full pass).
+    pub iteration: u32,
+    pub bytes_sent: u64,
+    pub data_pages_sent: u64,
+    /// Pages found all-zero and sent as a marker, not as data.
+    pub zero_pages_sent: u64,
+    /// Dirty data still to send, as of the last look.
+    pub bytes_remaining: u64,
+    /// Bytes per second the guest dirtied in the last pass.
+    pub dirty_rate_bytes_per_sec: f64,
+    /// Bytes per second the link carried in the last pass.
+    pub link_rate_bytes_per_sec: f64,
+    /// How much of its time each vCPU is held back (auto-converge), percent.
+    pub throttle_percent: u32,
+    /// The downtime the switchover would have now.
+    pub expected_downtime_ms: f64,
+    /// Measured, once the VM was handed over.
+    pub downtime: Option<DowntimeBreakdown>,
+    pub elapsed_secs: f64,
+    /// What the migration decided along the way (throttling, forced switchover, ...).
+    pub notes: Vec<String>,
+    pub error: Option<String>,
 }

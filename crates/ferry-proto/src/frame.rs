@@ -79,6 +79,10 @@ pub struct Frame {
 
 /// Writes one frame. Payloads over 4 GiB are refused (split them: pages and blocks travel in
 /// many frames anyway).
+///
+/// A small frame goes out in a single `write` (header and payload copied together), so a socket
+/// without `TCP_NODELAY` cannot hold its payload back behind the header; a large payload is
+/// written straight from the caller's buffer, never copied.
 pub fn write_frame<W: Write>(w: &mut W, version: u16, kind: u16, payload: &[u8]) -> io::Result<()> {
     let length = u32::try_from(payload.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame payload over 4 GiB"))?;
@@ -88,9 +92,18 @@ pub fn write_frame<W: Write>(w: &mut W, version: u16, kind: u16, payload: &[u8])
         length,
         crc: crc32c::crc32c(payload),
     };
+    if payload.len() <= SMALL_FRAME {
+        let mut one = Vec::with_capacity(HEADER_LEN + payload.len());
+        one.extend_from_slice(&header.encode());
+        one.extend_from_slice(payload);
+        return w.write_all(&one);
+    }
     w.write_all(&header.encode())?;
     w.write_all(payload)
 }
+
+/// Payloads up to this size are sent in one write with their header.
+const SMALL_FRAME: usize = 64 << 10;
 
 fn read_exact_or_truncated<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), FrameError> {
     r.read_exact(buf).map_err(|e| match e.kind() {
@@ -102,6 +115,16 @@ fn read_exact_or_truncated<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), Fra
 /// Reads one frame whose payload is at most `limit` bytes. Returns `Ok(None)` at a clean end of
 /// stream (no byte of a new frame read).
 pub fn read_frame<R: Read>(r: &mut R, limit: u32) -> Result<Option<Frame>, FrameError> {
+    read_frame_limited(r, |_| limit)
+}
+
+/// Like [`read_frame`], with a limit that depends on the header (a protocol whose kinds have
+/// different bounds): `limit_for` sees the header once its magic is checked, before the length
+/// is trusted or anything is allocated.
+pub fn read_frame_limited<R: Read>(
+    r: &mut R,
+    limit_for: impl FnOnce(&FrameHeader) -> u32,
+) -> Result<Option<Frame>, FrameError> {
     let mut hb = [0u8; HEADER_LEN];
     // Distinguish a clean end (zero bytes) from a frame cut short.
     let mut got = 0;
@@ -115,6 +138,7 @@ pub fn read_frame<R: Read>(r: &mut R, limit: u32) -> Result<Option<Frame>, Frame
         }
     }
     let header = FrameHeader::decode(&hb)?;
+    let limit = limit_for(&header);
     if header.length > limit {
         return Err(FrameError::TooLarge {
             len: header.length,

@@ -4,7 +4,13 @@
 //! magic, a format version, a kind, a bounded length and a CRC32C of the payload. A reader
 //! checks all of it before it allocates or trusts a byte, so a truncated, corrupted or hostile
 //! stream ends in an error, never in a panic or a huge allocation.
+//!
+//! [`migration`] is the live-migration protocol built on frames: its messages, the page batch
+//! codec and the sender and receiver state machines.
 
 pub mod frame;
+pub mod migration;
 
-pub use frame::{read_frame, write_frame, Frame, FrameError, FrameHeader, FRAME_MAGIC};
+pub use frame::{
+    read_frame, read_frame_limited, write_frame, Frame, FrameError, FrameHeader, FRAME_MAGIC,
+};

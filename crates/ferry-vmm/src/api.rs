@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use ferry_api::{ApiError, SnapshotRequest};
+use ferry_api::{ApiError, MigrateRequest, SnapshotRequest};
 use tokio::sync::oneshot;
 
 use crate::event::{ApiAction, ApiRequest, VmmEvent};
@@ -72,8 +72,29 @@ pub fn bind(path: &Path) -> Result<ApiSocket, ApiSocketError> {
     })
 }
 
-/// Serves the API on `socket` in a thread of its own until the process exits.
-pub fn serve(socket: &mut ApiSocket, events: Sender<VmmEvent>) -> Result<(), ApiSocketError> {
+/// A running API server.
+#[derive(Debug)]
+pub struct ApiServer {
+    shutdown: Option<oneshot::Sender<()>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl ApiServer {
+    /// Stops accepting connections and waits (at most `timeout`) for answers in flight to be
+    /// written, so a last reply (the end of a migration) reaches its client before we exit.
+    pub fn stop(mut self, timeout: std::time::Duration) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = self.done.recv_timeout(timeout);
+    }
+}
+
+/// Serves the API on `socket` in a thread of its own.
+pub fn serve(
+    socket: &mut ApiSocket,
+    events: Sender<VmmEvent>,
+) -> Result<ApiServer, ApiSocketError> {
     let listener = socket
         .listener
         .take()
@@ -81,9 +102,12 @@ pub fn serve(socket: &mut ApiSocket, events: Sender<VmmEvent>) -> Result<(), Api
     listener
         .set_nonblocking(true)
         .map_err(ApiSocketError::Thread)?;
+    let (shutdown, stop) = oneshot::channel::<()>();
+    let (done_tx, done) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("ferry-api".into())
         .spawn(move || {
+            let _done = DoneGuard(done_tx);
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .build()
@@ -96,13 +120,31 @@ pub fn serve(socket: &mut ApiSocket, events: Sender<VmmEvent>) -> Result<(), Api
                     Ok(l) => l,
                     Err(e) => return tracing::error!("API listener: {e}"),
                 };
-                if let Err(e) = axum::serve(listener, router(events)).await {
+                let graceful = async move {
+                    let _ = stop.await;
+                };
+                if let Err(e) = axum::serve(listener, router(events))
+                    .with_graceful_shutdown(graceful)
+                    .await
+                {
                     tracing::error!("API server stopped: {e}");
                 }
             });
         })
         .map_err(ApiSocketError::Thread)?;
-    Ok(())
+    Ok(ApiServer {
+        shutdown: Some(shutdown),
+        done,
+    })
+}
+
+/// Tells the stopper that the server thread ended, however it ended.
+struct DoneGuard(std::sync::mpsc::Sender<()>);
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
 }
 
 /// The routes of the API (see `docs/api.yaml`).
@@ -113,6 +155,15 @@ pub fn router(events: Sender<VmmEvent>) -> Router {
         .route("/vm/resume", put(|s| call(s, ApiAction::Resume)))
         .route("/vm/shutdown", put(|s| call(s, ApiAction::Shutdown)))
         .route("/vm/snapshot", put(snapshot))
+        .route("/vm/migrate", put(migrate))
+        .route(
+            "/vm/migration",
+            get(|s| call(s, ApiAction::MigrationStatus)),
+        )
+        .route(
+            "/vm/migration/cancel",
+            put(|s| call(s, ApiAction::CancelMigration)),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API route") })
         .method_not_allowed_fallback(|| async {
             error(
@@ -142,6 +193,19 @@ async fn snapshot(
         Err(rejection) => error(
             StatusCode::BAD_REQUEST,
             &format!("bad snapshot request: {rejection}"),
+        ),
+    }
+}
+
+async fn migrate(
+    state: State<Sender<VmmEvent>>,
+    body: Result<Json<MigrateRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(request)) => call(state, ApiAction::Migrate(request)).await,
+        Err(rejection) => error(
+            StatusCode::BAD_REQUEST,
+            &format!("bad migrate request: {rejection}"),
         ),
     }
 }

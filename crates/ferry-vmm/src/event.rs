@@ -1,6 +1,6 @@
 //! What the VMM's control loop reacts to.
 
-use ferry_api::{SnapshotReport, SnapshotRequest, VmInfo};
+use ferry_api::{MigrateRequest, MigrationStatus, SnapshotReport, SnapshotRequest, VmInfo};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
@@ -15,6 +15,12 @@ pub enum VmmEvent {
     DevicesFailed { reason: String },
     /// A request from the control API.
     Api(ApiRequest),
+    /// The migration worker is ready to hand over: stop the VM and send back its state.
+    MigrationSwitchover {
+        reply: std::sync::mpsc::Sender<crate::migration::source::SwitchoverReply>,
+    },
+    /// The migration worker ended.
+    MigrationEnded(crate::migration::MigrationOutcome),
 }
 
 /// An operation the API asks for.
@@ -25,6 +31,9 @@ pub enum ApiAction {
     Resume,
     Shutdown,
     Snapshot(SnapshotRequest),
+    Migrate(MigrateRequest),
+    MigrationStatus,
+    CancelMigration,
 }
 
 /// What an API request answers.
@@ -33,6 +42,7 @@ pub enum ApiAction {
 pub enum ApiReply {
     Info(VmInfo),
     Snapshot(SnapshotReport),
+    Migration(MigrationStatus),
 }
 
 /// Why an API request failed: an HTTP status and a message for the client.

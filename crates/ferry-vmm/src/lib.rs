@@ -12,6 +12,7 @@ pub mod devices;
 pub mod event;
 pub mod kvm_state;
 pub mod memory;
+pub mod migration;
 pub mod snapshot;
 pub mod vmm;
 
@@ -67,6 +68,8 @@ pub enum VmmError {
     VcpuState(String),
     #[error("invalid device state")]
     DeviceState(#[source] std::io::Error),
+    #[error(transparent)]
+    Receive(#[from] migration::destination::ReceiveError),
     #[error("vCPU {vcpu} stopped: {reason}")]
     Guest { vcpu: u8, reason: String },
     #[error("devices failed: {0}")]

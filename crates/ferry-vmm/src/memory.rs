@@ -79,6 +79,21 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
 
 /// Hands every region of `mem` to KVM as a memory slot, in order.
 pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
+    set_slots(vm, mem, 0)
+}
+
+/// Turns KVM's dirty page logging on or off for every memory slot.
+pub fn set_dirty_logging(vm: &VmFd, mem: &GuestMemory, enabled: bool) -> Result<(), MemoryError> {
+    let flags = if enabled {
+        kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+    } else {
+        0
+    };
+    set_slots(vm, mem, flags)
+}
+
+/// (Re-)registers the slots of `mem` with `flags`; KVM allows changing the flags of a slot.
+fn set_slots(vm: &VmFd, mem: &GuestMemory, flags: u32) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let host_addr = mem
@@ -86,7 +101,7 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError
             .expect("a region's own start address is mapped");
         let desc = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),
             userspace_addr: host_addr as u64,

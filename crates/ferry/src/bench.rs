@@ -131,7 +131,8 @@ fn parse_kib(field: &str) -> Option<u64> {
     field.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
-fn qemu_binary() -> Option<String> {
+/// The first line of `qemu-system-x86_64 --version`, or `None` when QEMU is not installed.
+pub fn qemu_binary() -> Option<String> {
     let ok = Command::new("qemu-system-x86_64")
         .arg("--version")
         .stdout(Stdio::piped())

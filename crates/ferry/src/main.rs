@@ -1,9 +1,12 @@
 //! `ferry`: boots, controls and (soon) migrates KVM virtual machines.
 
 mod bench;
+mod bench_snapshot;
 mod client;
 mod guest;
+mod migrate;
 mod paths;
+mod qmp;
 mod size;
 
 use std::path::PathBuf;
@@ -35,6 +38,10 @@ enum Command {
         #[command(subcommand)]
         action: SnapshotAction,
     },
+    /// Wait for one VM migrating in, and run it.
+    Receive(ReceiveArgs),
+    /// Live-migrate a running VM to a `ferry receive` on another host.
+    Migrate(MigrateCliArgs),
     /// Talk to a running VM through its API socket.
     Vm {
         #[command(subcommand)]
@@ -61,6 +68,16 @@ enum BenchWhat {
         runs: usize,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+    },
+    /// Save a running guest to disk (pause to saved) and start it again (process start to
+    /// running), for an idle and a busy guest.
+    Snapshot {
+        /// How many save/restore cycles of each VMM per guest workload.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 1024)]
         memory_mib: u64,
     },
 }
@@ -114,6 +131,50 @@ struct RunArgs {
 }
 
 #[derive(Debug, Args)]
+struct ReceiveArgs {
+    /// ADDR:PORT to listen on.
+    #[arg(long)]
+    listen: String,
+    /// New paths for the VM's disks, in their order (default: the source's paths).
+    #[arg(long = "disk")]
+    disks: Vec<PathBuf>,
+    /// Serve the control API on this unix socket once the VM runs.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Where the serial console goes: `stdout` or a file (appended to).
+    #[arg(long, default_value = "stdout")]
+    console: String,
+}
+
+#[derive(Debug, Args)]
+struct MigrateCliArgs {
+    /// The source VM's API socket.
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// ADDR:PORT of the destination's `ferry receive`.
+    #[arg(long, required_unless_present = "cancel")]
+    to: Option<String>,
+    /// The longest the guest may be stopped, milliseconds.
+    #[arg(long, default_value_t = ferry_api::default_downtime_ms())]
+    downtime_ms: u64,
+    /// Cap the link: 1G or 100M (bit/s), or 50MiB (bytes/s).
+    #[arg(long, value_parser = migrate::parse_rate)]
+    bandwidth: Option<u64>,
+    /// Give up (or force, see --on-timeout) after this many seconds.
+    #[arg(long)]
+    max_time: Option<u64>,
+    /// What to do when --max-time runs out: abort (the VM runs on here) or force the switchover.
+    #[arg(long, default_value = "abort", value_parser = ["abort", "force"])]
+    on_timeout: String,
+    /// Cancel the running migration instead.
+    #[arg(long, conflicts_with = "to")]
+    cancel: bool,
+    /// Print the final status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
 struct ApiArgs {
     /// The VM's API socket.
     #[arg(long)]
@@ -158,11 +219,58 @@ fn disk_config(spec: &str) -> DiskConfig {
     }
 }
 
-fn run_vm(args: RunArgs) -> Result<()> {
-    let console = match args.console.as_str() {
+fn console_config(console: &str) -> ConsoleConfig {
+    match console {
         "stdout" => ConsoleConfig::Stdout,
         path => ConsoleConfig::File(path.into()),
+    }
+}
+
+fn log_exit(exit: VmExit) {
+    match exit {
+        VmExit::GuestShutdown(how) => tracing::info!("guest powered off ({how})"),
+        VmExit::ApiShutdown => tracing::info!("shut down through the API"),
+        VmExit::SnapshotStopped => tracing::info!("stopped after a snapshot"),
+        VmExit::MigratedAway => tracing::info!("migrated away"),
+    }
+}
+
+fn receive(args: ReceiveArgs) -> Result<()> {
+    let exit = ferry_vmm::migration::destination::receive_and_run(
+        ferry_vmm::migration::destination::ReceiveConfig {
+            listen: args.listen,
+            disks: args.disks,
+            api_socket: args.api_socket,
+            console: console_config(&args.console),
+        },
+    )?;
+    log_exit(exit);
+    Ok(())
+}
+
+fn migrate_cmd(args: MigrateCliArgs) -> Result<()> {
+    if args.cancel {
+        return migrate::cancel(&args.api_socket, args.json);
+    }
+    let on_timeout = match args.on_timeout.as_str() {
+        "force" => ferry_api::OnTimeout::Force,
+        _ => ferry_api::OnTimeout::Abort,
     };
+    migrate::migrate(
+        &args.api_socket,
+        migrate::MigrateArgs {
+            to: args.to.context("--to is required")?,
+            downtime_ms: args.downtime_ms,
+            bandwidth: args.bandwidth,
+            max_time_secs: args.max_time,
+            on_timeout,
+            json: args.json,
+        },
+    )
+}
+
+fn run_vm(args: RunArgs) -> Result<()> {
+    let console = console_config(&args.console);
     let vm = match args.restore {
         Some(dir) => Vm::restore(RestoreConfig {
             dir,
@@ -180,11 +288,7 @@ fn run_vm(args: RunArgs) -> Result<()> {
             console,
         })?,
     };
-    match vm.run()? {
-        VmExit::GuestShutdown(how) => tracing::info!("guest powered off ({how})"),
-        VmExit::ApiShutdown => tracing::info!("shut down through the API"),
-        VmExit::SnapshotStopped => tracing::info!("stopped after a snapshot"),
-    }
+    log_exit(vm.run()?);
     Ok(())
 }
 
@@ -253,6 +357,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run_vm(args),
         Command::Vm { action } => vm_call(action),
+        Command::Receive(args) => receive(args),
+        Command::Migrate(args) => migrate_cmd(args),
         Command::Snapshot {
             action:
                 SnapshotAction::Create {
@@ -275,6 +381,15 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchWhat::Boot { runs, memory_mib },
         } => bench::boot(runs, memory_mib).and_then(|report| {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).context("encode")?
+            );
+            Ok(())
+        }),
+        Command::Bench {
+            what: BenchWhat::Snapshot { runs, memory_mib },
+        } => bench_snapshot::snapshot(runs, memory_mib).and_then(|report| {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&report).context("encode")?

@@ -5,9 +5,10 @@
 //! that lands just before `KVM_RUN` still makes it return at once: no message is ever missed.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Once};
+use std::time::Duration;
 
 use ferry_api::ExitCounters;
 use kvm_bindings::kvm_run;
@@ -109,6 +110,8 @@ pub struct Vcpu {
     pub acks: Sender<VcpuAck>,
     /// The MSRs this host can save, shared by all vCPUs of the VM.
     pub msrs: Arc<Vec<u32>>,
+    /// Percent of its time this vCPU rests (auto-converge during a migration); 0 = none.
+    pub throttle: Arc<AtomicU32>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -135,8 +138,9 @@ impl Vcpu {
 
     fn run_loop(&mut self) {
         let mut paused = false;
+        let mut pending = None;
         loop {
-            if !self.handle_commands(&mut paused) {
+            if !self.handle_commands(pending.take(), &mut paused) {
                 return;
             }
             let next = match self.fd.run() {
@@ -150,6 +154,7 @@ impl Vcpu {
                 Err(e) if e.errno() == libc::EINTR => {
                     self.fd.set_kvm_immediate_exit(0);
                     bump(&self.counters.interrupted);
+                    pending = self.rest_if_throttled();
                     Next::Continue
                 }
                 Err(e) if e.errno() == libc::EAGAIN => Next::Continue,
@@ -168,7 +173,7 @@ impl Vcpu {
                 });
                 // Wait for the control loop to stop us, still answering pause and resume.
                 let mut parked = true;
-                while self.handle_commands(&mut parked) {}
+                while self.handle_commands(None, &mut parked) {}
                 return;
             }
         }
@@ -190,10 +195,25 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(0);
     }
 
-    /// Applies pending commands; blocks while paused. Returns false when the vCPU must stop.
-    fn handle_commands(&mut self, paused: &mut bool) -> bool {
+    /// Holds the vCPU back for its share of a throttle tick, waking at once for a command
+    /// (which it returns, to be handled next).
+    fn rest_if_throttled(&mut self) -> Option<VcpuCommand> {
+        let pct = u64::from(self.throttle.load(Ordering::Relaxed).min(99));
+        if pct == 0 {
+            return None;
+        }
+        // Kicked every 10 ms: run ~10 ms, rest so that rest / (run + rest) = pct.
+        let rest = Duration::from_micros(10_000 * pct / (100 - pct));
+        self.commands.recv_timeout(rest).ok()
+    }
+
+    /// Applies `first` and any pending commands; blocks while paused. Returns false when the
+    /// vCPU must stop.
+    fn handle_commands(&mut self, mut first: Option<VcpuCommand>, paused: &mut bool) -> bool {
         loop {
-            let command = if *paused {
+            let command = if let Some(c) = first.take() {
+                c
+            } else if *paused {
                 match self.commands.recv() {
                     Ok(c) => c,
                     Err(_) => return false,

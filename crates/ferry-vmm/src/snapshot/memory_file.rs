@@ -163,9 +163,11 @@ pub fn layout(mem: &GuestMemory) -> Vec<RegionEntry> {
         .collect()
 }
 
-/// Writes guest memory to `path` (through a temporary file renamed at the end, so a VM whose
-/// memory is mapped from an older file at the same path keeps reading the old one).
-/// `progress(done, total)` is called as regions are scanned. The VM must be paused.
+/// Writes guest memory to `path`'s temporary sibling (see [`partial_path`]); [`commit_file`]
+/// later makes it durable and renames it over `path`, so a VM whose memory is mapped from an
+/// older file at the same path keeps reading the old one, and the guest can resume before the
+/// data reaches the disk. `progress(done, total)` is called as regions are scanned. The VM
+/// must be paused.
 pub fn write_memory_file(
     mem: &GuestMemory,
     path: &Path,
@@ -176,7 +178,7 @@ pub fn write_memory_file(
         path: shown.clone(),
         source,
     };
-    let tmp = path.with_extension("partial");
+    let tmp = partial_path(path);
     let file = OpenOptions::new()
         .create(true)
         .write(true)
@@ -214,9 +216,25 @@ pub fn write_memory_file(
     }
     stats.pages_written = extents.iter().map(|e| e.len / PAGE).sum();
     stats.bytes_written = extents.iter().map(|e| e.len).sum();
-    file.sync_data().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
     Ok((MemoryIndex { regions, extents }, stats))
+}
+
+/// Where a file is written before [`commit_file`] puts it in place.
+pub fn partial_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+/// Makes the written [`partial_path`] of `path` durable and moves it into place.
+pub fn commit_file(path: &Path) -> std::io::Result<()> {
+    let tmp = partial_path(path);
+    File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Checks that the index describes `expected` (the guest's RAM layout) and is well formed:
@@ -409,6 +427,7 @@ mod tests {
         let dir = tmp();
         let path = dir.as_path().join("memory");
         let (index, stats) = write_memory_file(&mem, &path, &mut |_, _| {}).expect("write file");
+        commit_file(&path).expect("commit");
         assert_eq!(stats.pages_written, 3);
         assert_eq!(index.extents.len(), 2);
         let meta = std::fs::metadata(&path).expect("meta");
@@ -427,6 +446,7 @@ mod tests {
         let dir = tmp();
         let path = dir.as_path().join("memory");
         let (index, _) = write_memory_file(&mem, &path, &mut |_, _| {}).expect("write file");
+        commit_file(&path).expect("commit");
         let total = check_index(&index, &crate::memory::ram_ranges(64 << 20)).expect("index");
         let restored =
             map_memory_file(File::open(&path).expect("open"), &index, total).expect("map");
@@ -454,6 +474,7 @@ mod tests {
         let dir = tmp();
         let path = dir.as_path().join("memory");
         let (index, _) = write_memory_file(&mem, &path, &mut |_, _| {}).expect("write file");
+        commit_file(&path).expect("commit");
         let total = check_index(&index, &crate::memory::ram_ranges(32 << 20)).expect("index");
         for offset in [0x40_0000u64, 0x40_0fff, 0x10, 0x1f0_0000] {
             let f = OpenOptions::new()
@@ -480,6 +501,7 @@ mod tests {
         let dir = tmp();
         let path = dir.as_path().join("memory");
         let (index, _) = write_memory_file(&mem, &path, &mut |_, _| {}).expect("write file");
+        commit_file(&path).expect("commit");
         assert!(check_index(&index, &crate::memory::ram_ranges(64 << 20)).is_err());
         let f = OpenOptions::new().write(true).open(&path).expect("open");
         f.set_len(16 << 20).expect("truncate");

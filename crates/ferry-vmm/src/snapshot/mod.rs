@@ -47,11 +47,12 @@ pub enum SnapshotError {
     },
 }
 
-/// Writes the state file of `state` into `dir` (through a temporary file and a rename, so a
-/// crash never leaves a half-written state under the real name).
+/// Writes the state file of `state` into `dir`, to its temporary name: a later
+/// [`memory_file::commit_file`] makes it durable and puts it in place, so a crash never leaves a
+/// half-written state under the real name.
 pub fn write_state_file(dir: &Path, state: &VmState) -> Result<u64, SnapshotError> {
     let path = dir.join(STATE_FILE);
-    let tmp = dir.join(format!("{STATE_FILE}.partial"));
+    let tmp = memory_file::partial_path(&path);
     let io = |source| SnapshotError::Open {
         path: path.clone(),
         source,
@@ -64,10 +65,18 @@ pub fn write_state_file(dir: &Path, state: &VmState) -> Result<u64, SnapshotErro
     })?;
     w.flush().map_err(io)?;
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_data().map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
-    std::fs::rename(&tmp, &path).map_err(io)?;
     Ok(len)
+}
+
+/// Makes a written snapshot durable and puts its files in place: memory first, so a state
+/// file under its real name always has its memory beside it.
+pub fn commit_snapshot(dir: &Path) -> Result<(), SnapshotError> {
+    for name in [MEMORY_FILE, STATE_FILE] {
+        let path = dir.join(name);
+        memory_file::commit_file(&path).map_err(|source| SnapshotError::Open { path, source })?;
+    }
+    Ok(())
 }
 
 /// Reads and checks the state file in `dir`.

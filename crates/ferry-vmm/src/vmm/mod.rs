@@ -7,6 +7,7 @@ mod platform;
 mod restore;
 mod save;
 
+use std::sync::atomic::AtomicU32;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -32,7 +33,8 @@ use crate::VmmError;
 use control::{Control, VcpuHandle};
 use platform::{kvm_err, Platform};
 
-pub use restore::RestoreConfig;
+pub(crate) use restore::check_fits;
+pub use restore::{Attachments, RestoreConfig};
 
 /// Why a VM ended without an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,12 +45,14 @@ pub enum VmExit {
     ApiShutdown,
     /// A snapshot was taken with `stop`: the VM lives on only in the snapshot.
     SnapshotStopped,
+    /// The VM was migrated and runs on the destination now.
+    MigratedAway,
 }
 
 /// A built VM, ready to run.
 pub struct Vm {
     machine: MachineState,
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     memory: ferry_devices::GuestMemory,
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
@@ -71,7 +75,7 @@ impl std::fmt::Debug for Vm {
 }
 
 /// Opens KVM and learns the host's limits.
-fn open_kvm() -> Result<(Kvm, u64), VmmError> {
+pub(crate) fn open_kvm() -> Result<(Kvm, u64), VmmError> {
     let kvm = Kvm::new().map_err(|source| VmmError::OpenKvm { source })?;
     let host_memory = host_memory_bytes().map_err(VmmError::HostInfo)?;
     Ok((kvm, host_memory))
@@ -149,7 +153,7 @@ impl Vm {
         };
         Ok(Vm {
             machine,
-            vm_fd,
+            vm_fd: Arc::new(vm_fd),
             memory: mem,
             io_bus: Arc::new(platform.io_bus),
             mmio_bus: Arc::new(platform.mmio_bus),
@@ -165,14 +169,21 @@ impl Vm {
     }
 
     /// Starts the devices, the API and the vCPUs, and runs the control loop until the VM ends.
-    pub fn run(mut self) -> Result<VmExit, VmmError> {
+    pub fn run(self) -> Result<VmExit, VmmError> {
+        self.run_with(None)
+    }
+
+    /// Like [`Vm::run`], calling `started` once the vCPUs run.
+    pub fn run_with(mut self, mut started: Option<Box<dyn FnOnce()>>) -> Result<VmExit, VmmError> {
         let subscribers = self.disks.iter().map(VirtioDisk::subscriber).collect();
         let devices =
             event_loop::spawn(subscribers, self.events_tx.clone()).map_err(VmmError::Thread)?;
-        if let Some(socket) = self.api_socket.as_mut() {
-            api::serve(socket, self.events_tx.clone())?;
-        }
+        let api_server = match self.api_socket.as_mut() {
+            Some(socket) => Some(api::serve(socket, self.events_tx.clone())?),
+            None => None,
+        };
         let (acks_tx, acks) = mpsc::channel();
+        let throttle = Arc::new(AtomicU32::new(0));
         let mut handles = Vec::new();
         for (id, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
             let (commands_tx, commands) = mpsc::channel();
@@ -187,6 +198,7 @@ impl Vm {
                 commands,
                 acks: acks_tx.clone(),
                 msrs: self.msrs.clone(),
+                throttle: throttle.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("ferry-vcpu{id}"))
@@ -199,9 +211,15 @@ impl Vm {
             });
         }
         tracing::info!(vcpus = handles.len(), "vm running");
-        let mut control = Control::new(&self, handles, acks, devices, Instant::now());
+        if let Some(started) = started.take() {
+            started();
+        }
+        let mut control = Control::new(&self, handles, acks, devices, Instant::now(), throttle);
         let result = control.run();
         control.stop_all();
+        if let Some(server) = api_server {
+            server.stop(std::time::Duration::from_secs(2));
+        }
         result
     }
 }

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{Kvm, VcpuFd};
 
 use super::platform::{self, kvm_err, Platform};
 use super::{open_kvm, Vm};
@@ -17,7 +17,7 @@ use crate::devices::virtio;
 use crate::kvm_state::restore_all;
 use crate::memory;
 use crate::snapshot::memory_file::{check_index, map_memory_file};
-use crate::snapshot::state::SavedDisk;
+use crate::snapshot::state::{SavedDisk, VmState};
 use crate::snapshot::{read_state_file, SnapshotError, MEMORY_FILE};
 use crate::VmmError;
 
@@ -32,84 +32,59 @@ pub struct RestoreConfig {
     pub console: ConsoleConfig,
 }
 
+/// Where a VM restored from parts gets its disks, API and console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachments {
+    /// New paths for the saved disks, in their order; empty keeps the saved paths.
+    pub disks: Vec<PathBuf>,
+    pub api_socket: Option<PathBuf>,
+    pub console: ConsoleConfig,
+}
+
 impl Vm {
     /// Builds a VM from the snapshot in `config.dir`, ready to [`Vm::run`] from where it stopped.
     pub fn restore(config: RestoreConfig) -> Result<Vm, VmmError> {
         let (kvm, host_memory) = open_kvm()?;
         let state = read_state_file(&config.dir)?;
-        let machine = state.machine.clone();
-        let bad = |m: String| VmmError::BadSnapshot(m);
-        if !config.disks.is_empty() && config.disks.len() != machine.disks.len() {
-            return Err(bad(format!(
-                "the snapshot has {} disk(s) but {} --disk path(s) were given",
-                machine.disks.len(),
-                config.disks.len()
-            )));
-        }
-        let disks: Vec<SavedDisk> = if config.disks.is_empty() {
-            machine.disks.clone()
-        } else {
-            machine
-                .disks
-                .iter()
-                .zip(&config.disks)
-                .map(|(saved, path)| SavedDisk {
-                    path: path.clone(),
-                    read_only: saved.read_only,
-                })
-                .collect()
+        let attach = Attachments {
+            disks: config.disks,
+            api_socket: config.api_socket,
+            console: config.console,
         };
-        // The same limits as a fresh boot: the snapshot may come from a bigger host.
-        VmConfig {
-            kernel: machine.kernel.clone().into(),
-            memory_bytes: machine.memory_bytes,
-            vcpus: machine.vcpus,
-            disks: disks
-                .iter()
-                .map(|d| DiskConfig {
-                    path: d.path.clone(),
-                    read_only: d.read_only,
-                })
-                .collect(),
-            cmdline: machine.cmdline.clone(),
-            api_socket: None,
-            console: ConsoleConfig::Stdout,
-        }
-        .validate(host_memory, kvm.get_max_vcpus())?;
-        if state.vcpus.len() != usize::from(machine.vcpus) {
-            return Err(bad(format!(
-                "{} vCPU states for {} vCPUs",
-                state.vcpus.len(),
-                machine.vcpus
-            )));
-        }
-        if state.devices.disks.len() != machine.disks.len() {
-            return Err(bad(format!(
-                "{} disk states for {} disks",
-                state.devices.disks.len(),
-                machine.disks.len()
-            )));
-        }
-
-        let api_socket = config.api_socket.as_deref().map(api::bind).transpose()?;
-        vcpu::install_kick_handler().map_err(VmmError::Signals)?;
-
+        let disks = check_fits(&kvm, host_memory, &state, &attach)?;
+        // Bind the API socket before the (possibly long) memory check: a path in use fails fast.
+        let api_socket = attach.api_socket.as_deref().map(api::bind).transpose()?;
         let memory_path = config.dir.join(MEMORY_FILE);
         let mem_err = |source| SnapshotError::Memory {
             path: memory_path.clone(),
             source,
         };
-        let total = check_index(&state.memory, &memory::ram_ranges(machine.memory_bytes))
-            .map_err(mem_err)?;
+        let total = check_index(
+            &state.memory,
+            &memory::ram_ranges(state.machine.memory_bytes),
+        )
+        .map_err(mem_err)?;
         let file = File::open(&memory_path).map_err(|source| SnapshotError::Open {
             path: memory_path.clone(),
             source,
         })?;
         let mem = map_memory_file(file, &state.memory, total).map_err(mem_err)?;
+        Vm::from_parts(&kvm, state, mem, disks, api_socket, &attach.console)
+    }
 
-        let vm_fd = platform::create_vm(&kvm)?;
+    /// Builds a VM from its state and its guest memory (already filled), ready to run.
+    pub(crate) fn from_parts(
+        kvm: &Kvm,
+        state: VmState,
+        mem: ferry_devices::GuestMemory,
+        disks: Vec<SavedDisk>,
+        api_socket: Option<api::ApiSocket>,
+        console: &ConsoleConfig,
+    ) -> Result<Vm, VmmError> {
+        vcpu::install_kick_handler().map_err(VmmError::Signals)?;
+        let vm_fd = platform::create_vm(kvm)?;
         memory::register_with_kvm(&vm_fd, &mem)?;
-        let mut platform = Platform::new(&vm_fd, &config.console, Some(&state.devices.serial))?;
+        let mut platform = Platform::new(&vm_fd, console, Some(&state.devices.serial))?;
         let mut attached = Vec::new();
         for (i, (disk, saved)) in disks.iter().zip(&state.devices.disks).enumerate() {
             let config = DiskConfig {
@@ -125,7 +100,6 @@ impl Vm {
                 saved,
             )?);
         }
-
         let vcpu_fds = (0..state.vcpus.len())
             .map(|id| {
                 vm_fd
@@ -137,12 +111,12 @@ impl Vm {
         restore_all(&vm_fd, &vcpu_fds, &state.kvm, &state.vcpus)
             .map_err(|e| VmmError::VcpuState(crate::error_chain(&e)))?;
         let msrs =
-            saveable_msrs(&kvm, &vcpu_fds[0]).map_err(|e| VmmError::VcpuState(e.to_string()))?;
-        let mut machine = machine;
+            saveable_msrs(kvm, &vcpu_fds[0]).map_err(|e| VmmError::VcpuState(e.to_string()))?;
+        let mut machine = state.machine;
         machine.disks = disks;
         Ok(Vm {
             machine,
-            vm_fd,
+            vm_fd: Arc::new(vm_fd),
             memory: mem,
             io_bus: Arc::new(platform.io_bus),
             mmio_bus: Arc::new(platform.mmio_bus),
@@ -156,4 +130,67 @@ impl Vm {
             api_socket,
         })
     }
+}
+
+/// Checks that a saved VM fits this host and the given disks; returns the disks to open.
+pub(crate) fn check_fits(
+    kvm: &Kvm,
+    host_memory: u64,
+    state: &VmState,
+    attach: &Attachments,
+) -> Result<Vec<SavedDisk>, VmmError> {
+    let machine = &state.machine;
+    let bad = |m: String| VmmError::BadSnapshot(m);
+    if !attach.disks.is_empty() && attach.disks.len() != machine.disks.len() {
+        return Err(bad(format!(
+            "the VM has {} disk(s) but {} --disk path(s) were given",
+            machine.disks.len(),
+            attach.disks.len()
+        )));
+    }
+    let disks: Vec<SavedDisk> = if attach.disks.is_empty() {
+        machine.disks.clone()
+    } else {
+        machine
+            .disks
+            .iter()
+            .zip(&attach.disks)
+            .map(|(saved, path)| SavedDisk {
+                path: path.clone(),
+                read_only: saved.read_only,
+            })
+            .collect()
+    };
+    // The same limits as a fresh boot: the VM may come from a bigger host.
+    VmConfig {
+        kernel: machine.kernel.clone().into(),
+        memory_bytes: machine.memory_bytes,
+        vcpus: machine.vcpus,
+        disks: disks
+            .iter()
+            .map(|d| DiskConfig {
+                path: d.path.clone(),
+                read_only: d.read_only,
+            })
+            .collect(),
+        cmdline: machine.cmdline.clone(),
+        api_socket: None,
+        console: ConsoleConfig::Stdout,
+    }
+    .validate(host_memory, kvm.get_max_vcpus())?;
+    if state.vcpus.len() != usize::from(machine.vcpus) {
+        return Err(bad(format!(
+            "{} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            machine.vcpus
+        )));
+    }
+    if state.devices.disks.len() != machine.disks.len() {
+        return Err(bad(format!(
+            "{} disk states for {} disks",
+            state.devices.disks.len(),
+            machine.disks.len()
+        )));
+    }
+    Ok(disks)
 }

@@ -9,9 +9,10 @@ use ferry_api::{SnapshotReport, SnapshotRequest, VmRunState};
 use super::control::Control;
 use crate::bus::lock;
 use crate::kvm_state::save_vm;
-use crate::snapshot::memory_file::{write_memory_file, MemoryWriteStats};
+use crate::snapshot::memory_file::partial_path;
+use crate::snapshot::memory_file::{write_memory_file, MemoryIndex, MemoryWriteStats};
 use crate::snapshot::state::{DevicesState, VmState};
-use crate::snapshot::{write_state_file, MEMORY_FILE};
+use crate::snapshot::{commit_snapshot, write_state_file, MEMORY_FILE, STATE_FILE};
 
 fn ms(from: Instant, to: Instant) -> f64 {
     to.duration_since(from).as_secs_f64() * 1e3
@@ -43,6 +44,9 @@ impl Control<'_> {
         let (state_bytes, stats) = match saved {
             Ok(v) => v,
             Err(message) => {
+                for name in [MEMORY_FILE, STATE_FILE] {
+                    let _ = std::fs::remove_file(partial_path(&dir.join(name)));
+                }
                 if was_running {
                     if let Err(e) = self.resume() {
                         tracing::error!("resuming after a failed snapshot failed: {e}");
@@ -57,6 +61,14 @@ impl Control<'_> {
                 .map_err(|e| fail(500, format!("saved, but cannot resume the VM: {e}")))?;
             resumed_at = Instant::now();
         }
+        // The guest runs again while the data goes to disk: it was captured already.
+        commit_snapshot(dir).map_err(|e| {
+            fail(
+                500,
+                format!("snapshot not durable: {}", crate::error_chain(&e)),
+            )
+        })?;
+        let synced = Instant::now();
         Ok(SnapshotReport {
             dir: dir.display().to_string(),
             state_bytes,
@@ -67,30 +79,37 @@ impl Control<'_> {
             save_ms: ms(paused, done),
             resume_ms: ms(done, resumed_at),
             downtime_ms: ms(start, resumed_at),
+            sync_ms: ms(resumed_at.max(done), synced),
             resumed: was_running && !request.stop,
         })
     }
 
-    fn save_into(&self, dir: &Path) -> Result<(u64, MemoryWriteStats), String> {
+    /// Everything but guest memory: vCPUs, KVM's VM-wide state, devices. The VM is paused.
+    pub(super) fn save_state(&self) -> Result<VmState, String> {
         let vcpus = self.save_vcpus()?;
-        let kvm =
-            save_vm(&self.vm.vm_fd).map_err(|e| format!("cannot read the VM's KVM state: {e}"))?;
+        let kvm = save_vm(&self.vm.vm_fd)
+            .map_err(|e| format!("cannot read the VM's KVM state: {}", crate::error_chain(&e)))?;
         let devices = DevicesState {
             serial: lock(&self.vm.serial).save(),
             i8042: (),
             disks: self.vm.disks.iter().map(|d| d.save()).collect(),
         };
-        let (memory, stats) =
-            write_memory_file(&self.vm.memory, &dir.join(MEMORY_FILE), &mut |_, _| {})
-                .map_err(|e| format!("{e}"))?;
-        let state = VmState {
+        Ok(VmState {
             machine: self.vm.machine.clone(),
-            memory,
+            memory: MemoryIndex::default(),
             kvm,
             vcpus,
             devices,
-        };
-        let state_bytes = write_state_file(dir, &state).map_err(|e| format!("{e}"))?;
+        })
+    }
+
+    fn save_into(&self, dir: &Path) -> Result<(u64, MemoryWriteStats), String> {
+        let mut state = self.save_state()?;
+        let (memory, stats) =
+            write_memory_file(&self.vm.memory, &dir.join(MEMORY_FILE), &mut |_, _| {})
+                .map_err(|e| crate::error_chain(&e))?;
+        state.memory = memory;
+        let state_bytes = write_state_file(dir, &state).map_err(|e| crate::error_chain(&e))?;
         Ok((state_bytes, stats))
     }
 }

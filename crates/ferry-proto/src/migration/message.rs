@@ -1,0 +1,362 @@
+//! The messages and the rules every one of them must satisfy on its own (bounds, layout);
+//! rules about order and totals belong to the state machines.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ProtocolError;
+use super::pages::PageBatch;
+use super::{
+    MAX_BATCH_BYTES, MAX_CAPABILITIES, MAX_CAPABILITY_BYTES, MAX_CONTROL_BYTES, MAX_DISKS,
+    MAX_REGIONS, MAX_STATE_BYTES, MAX_STRING_BYTES, PAGE_SIZE, PROTOCOL_VERSION,
+};
+
+/// The frame version of every migration message. A future change to one message's layout
+/// bumps it for that kind only; the reader then accepts the current and the previous version.
+pub const MESSAGE_FORMAT_VERSION: u16 = 1;
+
+/// The first message each way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u16,
+    /// Free text for logs and errors, e.g. "ferry 0.1.0".
+    pub software: String,
+    /// Optional features this side supports; both use the intersection.
+    pub capabilities: Vec<String>,
+}
+
+impl Hello {
+    /// A Hello of this ferry's [`PROTOCOL_VERSION`].
+    pub fn new(software: impl Into<String>, capabilities: &[&str]) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            software: software.into(),
+            capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ProtocolError> {
+        let invalid = |reason: String| ProtocolError::Invalid {
+            what: "Hello",
+            reason,
+        };
+        if self.software.len() > MAX_STRING_BYTES {
+            return Err(invalid(format!(
+                "software name of {} bytes (at most {MAX_STRING_BYTES})",
+                self.software.len()
+            )));
+        }
+        if self.capabilities.len() > MAX_CAPABILITIES {
+            return Err(invalid(format!(
+                "{} capabilities (at most {MAX_CAPABILITIES})",
+                self.capabilities.len()
+            )));
+        }
+        for c in &self.capabilities {
+            if c.is_empty() || c.len() > MAX_CAPABILITY_BYTES {
+                return Err(invalid(format!(
+                    "capability name of {} bytes (1 to {MAX_CAPABILITY_BYTES})",
+                    c.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One range of guest-physical memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Region {
+    pub guest_addr: u64,
+    pub len: u64,
+}
+
+/// What the destination must allocate before pages arrive.
+///
+/// `regions` are page-aligned, non-empty, sorted by address and disjoint; `memory_bytes` is
+/// the sum of their lengths. Every page record must fall inside them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setup {
+    pub memory_bytes: u64,
+    pub vcpus: u8,
+    pub regions: Vec<Region>,
+    /// Disk image paths as the source saved them.
+    pub disks: Vec<String>,
+}
+
+impl Setup {
+    fn validate(&self) -> Result<(), ProtocolError> {
+        let invalid = |reason: String| ProtocolError::Invalid {
+            what: "Setup",
+            reason,
+        };
+        if self.vcpus == 0 {
+            return Err(invalid("no vCPUs".into()));
+        }
+        if self.regions.is_empty() || self.regions.len() > MAX_REGIONS {
+            return Err(invalid(format!(
+                "{} memory regions (1 to {MAX_REGIONS})",
+                self.regions.len()
+            )));
+        }
+        let mut sum = 0u64;
+        let mut prev_end = 0u64;
+        for (i, r) in self.regions.iter().enumerate() {
+            if r.len == 0 || r.guest_addr % PAGE_SIZE != 0 || r.len % PAGE_SIZE != 0 {
+                return Err(invalid(format!(
+                    "region {i} at {:#x} of {:#x} bytes is empty or not page-aligned",
+                    r.guest_addr, r.len
+                )));
+            }
+            let end = r.guest_addr.checked_add(r.len).ok_or_else(|| {
+                invalid(format!(
+                    "region {i} at {:#x} runs past the address space",
+                    r.guest_addr
+                ))
+            })?;
+            if i > 0 && r.guest_addr < prev_end {
+                return Err(invalid(format!(
+                    "region {i} at {:#x} overlaps or precedes the one before",
+                    r.guest_addr
+                )));
+            }
+            prev_end = end;
+            // Cannot overflow: the regions are disjoint ranges of a 64-bit space.
+            sum += r.len;
+        }
+        if sum != self.memory_bytes {
+            return Err(invalid(format!(
+                "regions add up to {sum:#x} bytes, memory_bytes says {:#x}",
+                self.memory_bytes
+            )));
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(invalid(format!(
+                "{} disks (at most {MAX_DISKS})",
+                self.disks.len()
+            )));
+        }
+        if let Some(d) = self
+            .disks
+            .iter()
+            .find(|d| d.is_empty() || d.len() > MAX_STRING_BYTES)
+        {
+            return Err(invalid(format!(
+                "disk path of {} bytes (1 to {MAX_STRING_BYTES})",
+                d.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The end of one pass over memory: what this pass sent (informational, but checked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IterationDone {
+    /// Counts from 0.
+    pub iteration: u32,
+    /// Data pages sent in this pass.
+    pub pages_sent: u64,
+    /// Pages sent as zero runs in this pass.
+    pub zero_pages: u64,
+}
+
+/// The end of the data, with totals the receiver must match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Complete {
+    /// The number of [`IterationDone`] messages sent.
+    pub iterations: u32,
+    /// Data pages sent in all passes.
+    pub data_pages: u64,
+    /// Pages sent as zero runs in all passes.
+    pub zero_pages: u64,
+}
+
+/// The destination's vCPUs run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Running {
+    /// From Commit received to vCPUs running, as the destination measured it.
+    pub resume_ms: f64,
+}
+
+/// The wire form of Abort: an object, so fields can be added.
+#[derive(Serialize, Deserialize)]
+pub(super) struct AbortWire {
+    pub reason: String,
+}
+
+/// One migration message. See the [module](super) for the conversation.
+#[derive(Clone, PartialEq)]
+pub enum Message {
+    Hello(Hello),
+    Setup(Setup),
+    SetupOk,
+    Pages(PageBatch),
+    IterationDone(IterationDone),
+    /// The VM's device and CPU state: the VMM's bytes, opaque here.
+    State(Vec<u8>),
+    Complete(Complete),
+    Prepared,
+    Commit,
+    Running(Running),
+    Abort(String),
+}
+
+/// The type of a message, which is its frame kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum MessageKind {
+    Hello = 0x0101,
+    Setup = 0x0102,
+    SetupOk = 0x0103,
+    Pages = 0x0104,
+    IterationDone = 0x0105,
+    State = 0x0106,
+    Complete = 0x0107,
+    Prepared = 0x0108,
+    Commit = 0x0109,
+    Running = 0x010a,
+    Abort = 0x010b,
+}
+
+impl MessageKind {
+    /// Every kind, in protocol order.
+    pub const ALL: [MessageKind; 11] = [
+        MessageKind::Hello,
+        MessageKind::Setup,
+        MessageKind::SetupOk,
+        MessageKind::Pages,
+        MessageKind::IterationDone,
+        MessageKind::State,
+        MessageKind::Complete,
+        MessageKind::Prepared,
+        MessageKind::Commit,
+        MessageKind::Running,
+        MessageKind::Abort,
+    ];
+
+    pub fn from_u16(kind: u16) -> Option<MessageKind> {
+        MessageKind::ALL.into_iter().find(|k| *k as u16 == kind)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageKind::Hello => "Hello",
+            MessageKind::Setup => "Setup",
+            MessageKind::SetupOk => "SetupOk",
+            MessageKind::Pages => "Pages",
+            MessageKind::IterationDone => "IterationDone",
+            MessageKind::State => "State",
+            MessageKind::Complete => "Complete",
+            MessageKind::Prepared => "Prepared",
+            MessageKind::Commit => "Commit",
+            MessageKind::Running => "Running",
+            MessageKind::Abort => "Abort",
+        }
+    }
+
+    /// The largest payload a frame of this kind may have.
+    pub fn max_payload(self) -> usize {
+        match self {
+            MessageKind::SetupOk | MessageKind::Prepared | MessageKind::Commit => 0,
+            MessageKind::Pages => MAX_BATCH_BYTES,
+            MessageKind::State => MAX_STATE_BYTES,
+            MessageKind::Hello
+            | MessageKind::Setup
+            | MessageKind::IterationDone
+            | MessageKind::Complete
+            | MessageKind::Running
+            | MessageKind::Abort => MAX_CONTROL_BYTES,
+        }
+    }
+}
+
+impl fmt::Display for MessageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Message {
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Message::Hello(_) => MessageKind::Hello,
+            Message::Setup(_) => MessageKind::Setup,
+            Message::SetupOk => MessageKind::SetupOk,
+            Message::Pages(_) => MessageKind::Pages,
+            Message::IterationDone(_) => MessageKind::IterationDone,
+            Message::State(_) => MessageKind::State,
+            Message::Complete(_) => MessageKind::Complete,
+            Message::Prepared => MessageKind::Prepared,
+            Message::Commit => MessageKind::Commit,
+            Message::Running(_) => MessageKind::Running,
+            Message::Abort(_) => MessageKind::Abort,
+        }
+    }
+
+    /// An Abort whose reason is cut (at a character boundary) to [`MAX_STRING_BYTES`], so
+    /// giving up never fails because the reason is long.
+    pub fn abort(reason: impl Into<String>) -> Message {
+        let mut reason = reason.into();
+        if reason.len() > MAX_STRING_BYTES {
+            let mut end = MAX_STRING_BYTES;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        Message::Abort(reason)
+    }
+
+    /// Checks the rules a message must satisfy on its own: bounds and layout. [`read_message`]
+    /// applies them to what arrives, [`write_message`] and the machines to what is sent.
+    ///
+    /// [`read_message`]: super::read_message
+    /// [`write_message`]: super::write_message
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        match self {
+            Message::Hello(h) => h.validate(),
+            Message::Setup(s) => s.validate(),
+            Message::Pages(b) => b.check_sendable(),
+            Message::State(s) if s.len() > MAX_STATE_BYTES => Err(ProtocolError::TooLarge {
+                what: "State",
+                len: s.len() as u64,
+                limit: MAX_STATE_BYTES as u64,
+            }),
+            Message::Running(r) if !(r.resume_ms.is_finite() && r.resume_ms >= 0.0) => {
+                Err(ProtocolError::Invalid {
+                    what: "Running",
+                    reason: format!("resume time {} ms", r.resume_ms),
+                })
+            }
+            Message::Abort(reason) if reason.len() > MAX_STRING_BYTES => {
+                Err(ProtocolError::TooLarge {
+                    what: "Abort reason",
+                    len: reason.len() as u64,
+                    limit: MAX_STRING_BYTES as u64,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+// By hand: the derived form would print megabytes of state and pages.
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Message::Hello(h) => f.debug_tuple("Hello").field(h).finish(),
+            Message::Setup(s) => f.debug_tuple("Setup").field(s).finish(),
+            Message::Pages(b) => f.debug_tuple("Pages").field(b).finish(),
+            Message::IterationDone(d) => f.debug_tuple("IterationDone").field(d).finish(),
+            Message::State(s) => write!(f, "State(<{} bytes>)", s.len()),
+            Message::Complete(c) => f.debug_tuple("Complete").field(c).finish(),
+            Message::Running(r) => f.debug_tuple("Running").field(r).finish(),
+            Message::Abort(r) => f.debug_tuple("Abort").field(r).finish(),
+            Message::SetupOk | Message::Prepared | Message::Commit => {
+                f.write_str(self.kind().name())
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The live-migration protocol: one connection, the source sends, the destination receives.
+//!
+//! Every message is one [frame](crate::frame) whose kind is the message type
+//! ([`MessageKind`]) and whose version is [`MESSAGE_FORMAT_VERSION`]. Control messages carry
+//! JSON; [`Message::Pages`] carries a compact binary run of page records ([`PageBatch`]) and
+//! [`Message::State`] the VMM's opaque state bytes. [`write_message`] and [`read_message`] move
+//! them; [`SenderMachine`] and [`ReceiverMachine`] say which message may come next. Each side
+//! calls `sent(&m)` before it writes `m` and `received(&m)` after it reads `m`, and stops at the
+//! first error.
+//!
+//! ```text
+//!  source: SenderMachine                                destination: ReceiverMachine
+//!
+//!  Start                                                AwaitHello
+//!    ── Hello {version, software, capabilities} ─────────▶
+//!  HelloSent                                            HelloReceived
+//!    ◀───────────────────────────────────────── Hello ──
+//!  Negotiated                                           AwaitSetup
+//!    ── Setup {memory, vcpus, regions, disks} ──────────▶
+//!  SetupSent                                            SetupReceived    allocates memory
+//!    ◀─────────────────────────────────────── SetupOk ──
+//!  SendingMemory{0}                                     ReceivingMemory
+//!    ── Pages … Pages, IterationDone{0} ────────────────▶ pre-copy passes; the guest runs
+//!  SendingMemory{1}
+//!    ── Pages … IterationDone{1} … ─────────────────────▶
+//!    (vCPUs stop) ── Pages … final dirty pages ─────────▶ the downtime starts here
+//!    ── State (device and CPU state) ───────────────────▶
+//!  StateSent                                            StateReceived
+//!    ── Complete {iterations, data_pages, zero_pages} ──▶ totals checked against the stream
+//!  Completed                                            Completed        builds the VM, paused
+//!    ◀────────────────────────────────────── Prepared ──
+//!  AwaitingCommitDecision                               Prepared
+//!    ── Commit ─────────────────────────────────────────▶  ═══ the commit point ═══
+//!  CommitSent                                           Running          starts the vCPUs
+//!    ◀──────────────────────────── Running {resume_ms} ──
+//!  Done                                                 Done
+//!
+//!  Abort(reason): either way, at any time before Commit; both sides then go to Aborted, the
+//!  source resumes its VM and the destination frees everything. Aborts may cross.
+//! ```
+//!
+//! The commit point decides what a failure means (DESIGN.md, invariants 2 and 3). Before it, the
+//! source VM may resume: the destination has not been told to run. After it — from the moment
+//! the source *decides* to send Commit, whether or not the bytes arrive — the outcome is
+//! unknown to the source, which must stay paused until it learns it; hence `sent(&Commit)` is
+//! called before the write and [`SenderMachine::is_commit_point_passed`] turns true at once.
+//!
+//! Everything read is hostile until checked (invariant 4): [`read_message`] bounds each kind's
+//! length before allocating, checks the frame's checksum and version, decodes and validates
+//! the message (string and list bounds, memory layout, every page record); the machines check
+//! the order, the negotiated version, that every page lies in guest memory and that the page
+//! totals the source announces match what arrived.
+
+mod codec;
+mod error;
+mod ledger;
+mod message;
+mod negotiation;
+mod pages;
+mod receiver;
+mod sender;
+#[cfg(test)]
+mod tests;
+
+pub use codec::{read_message, write_message};
+pub use error::{Direction, ProtocolError, Side, TransitionError};
+pub use ledger::PageTotals;
+pub use message::{
+    Complete, Hello, IterationDone, Message, MessageKind, Region, Running, Setup,
+    MESSAGE_FORMAT_VERSION,
+};
+pub use pages::{is_zero_page, PageBatch, PageBatchWriter, PageRecord, Records};
+pub use receiver::{ReceiverMachine, ReceiverState};
+pub use sender::{SenderMachine, SenderState};
+
+/// The version both sides announce in [`Hello`]; they must be equal.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The size of a guest page: every page record covers whole pages.
+pub const PAGE_SIZE: u64 = 4096;
+/// Largest [`PageBatch`] payload.
+pub const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Largest [`Message::State`] payload.
+pub const MAX_STATE_BYTES: usize = 64 << 20;
+/// Largest payload of a JSON control message.
+pub const MAX_CONTROL_BYTES: usize = 1 << 20;
+/// Longest string in a control message: software name, disk path, abort reason.
+pub const MAX_STRING_BYTES: usize = 4096;
+/// Longest capability name.
+pub const MAX_CAPABILITY_BYTES: usize = 64;
+/// Most capabilities in a [`Hello`].
+pub const MAX_CAPABILITIES: usize = 64;
+/// Most memory regions in a [`Setup`].
+pub const MAX_REGIONS: usize = 64;
+/// Most disks in a [`Setup`].
+pub const MAX_DISKS: usize = 64;

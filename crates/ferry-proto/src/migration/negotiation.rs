@@ -1,0 +1,71 @@
+//! The Hello exchange: version check and capability intersection.
+
+use super::error::ProtocolError;
+use super::message::Hello;
+use super::PROTOCOL_VERSION;
+
+/// What each side said in its Hello.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Negotiation {
+    source: Option<Vec<String>>,
+    destination: Option<Vec<String>>,
+    peer: Option<Hello>,
+    agreed: Option<Vec<String>>,
+}
+
+impl Negotiation {
+    /// Checks a Hello this side is about to send.
+    pub(super) fn check_own(hello: &Hello) -> Result<(), ProtocolError> {
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(ProtocolError::Invalid {
+                what: "Hello",
+                reason: format!(
+                    "own protocol version {} is not this ferry's {PROTOCOL_VERSION}",
+                    hello.protocol_version
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks the peer's Hello.
+    pub(super) fn check_peer(hello: &Hello) -> Result<(), ProtocolError> {
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(ProtocolError::Version {
+                ours: PROTOCOL_VERSION,
+                theirs: hello.protocol_version,
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn record(&mut self, hello: &Hello, from_source: bool, is_peer: bool) {
+        let caps = Some(hello.capabilities.clone());
+        if from_source {
+            self.source = caps;
+        } else {
+            self.destination = caps;
+        }
+        if is_peer {
+            self.peer = Some(hello.clone());
+        }
+        if let (Some(src), Some(dst)) = (&self.source, &self.destination) {
+            // In the source's order, so both sides agree on the list, not only the set.
+            let mut agreed: Vec<String> = Vec::new();
+            for c in src {
+                if dst.contains(c) && !agreed.contains(c) {
+                    agreed.push(c.clone());
+                }
+            }
+            self.agreed = Some(agreed);
+        }
+    }
+
+    pub(super) fn agreed(&self) -> Option<&[String]> {
+        self.agreed.as_deref()
+    }
+
+    pub(super) fn peer(&self) -> Option<&Hello> {
+        self.peer.as_ref()
+    }
+}

@@ -1,0 +1,76 @@
+//! Reading guest pages for sending: zero pages are recognised at scan speed, and pages of
+//! anonymous memory the guest never touched are skipped without touching them.
+
+use ferry_devices::GuestMemory;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+pub const PAGE: u64 = 4096;
+
+/// True if every byte is zero.
+pub fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().expect("16-byte chunk")) == 0)
+        && page.chunks_exact(16).remainder().iter().all(|&b| b == 0)
+}
+
+/// Copies the guest page at `gpa` into `buf` (a volatile copy: the guest may be writing it).
+pub fn read_page(
+    mem: &GuestMemory,
+    gpa: u64,
+    buf: &mut [u8; PAGE as usize],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    mem.read_slice(buf, GuestAddress(gpa))
+}
+
+/// Guest addresses of every page of `mem` that may hold data: resident pages of anonymous
+/// regions (others were never written) and every page of file-backed ones.
+pub fn candidate_pages(mem: &GuestMemory) -> Vec<u64> {
+    let mut out = Vec::new();
+    for region in mem.iter() {
+        let start = region.start_addr().raw_value();
+        let pages = region.len() / PAGE;
+        let resident = if region.file_offset().is_none() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .expect("a region's start is mapped");
+            let mut vec = vec![0u8; pages as usize];
+            // SAFETY: `host` is the page-aligned start of a live mapping of `region.len()`
+            // bytes and `vec` has one byte per page of it, as mincore(2) requires.
+            let rc = unsafe {
+                libc::mincore(
+                    host as *mut libc::c_void,
+                    region.len() as usize,
+                    vec.as_mut_ptr(),
+                )
+            };
+            (rc == 0).then_some(vec)
+        } else {
+            None
+        };
+        for p in 0..pages {
+            if resident.as_ref().is_none_or(|r| r[p as usize] & 1 == 1) {
+                out.push(start + p * PAGE);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_touched_pages_are_candidates() {
+        let mem = crate::memory::create_guest_memory(64 << 20).expect("mem");
+        mem.write_slice(&[1], GuestAddress(0x30_0000))
+            .expect("write");
+        let c = candidate_pages(&mem);
+        assert!(c.contains(&0x30_0000));
+        assert!(c.len() < 16, "untouched memory is skipped: {}", c.len());
+        assert!(is_zero(&[0u8; 4096]));
+        let mut p = [0u8; 4096];
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+    }
+}

@@ -1,0 +1,178 @@
+//! `ferry migrate`: start a live migration through the source VM's API and follow it.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use ferry_api::{MigrateRequest, MigrationPhase, MigrationStatus, OnTimeout};
+use hyper::Method;
+
+use crate::client;
+
+/// How `ferry migrate` was asked to migrate.
+#[derive(Debug, Clone)]
+pub struct MigrateArgs {
+    pub to: String,
+    pub downtime_ms: u64,
+    pub bandwidth: Option<u64>,
+    pub max_time_secs: Option<u64>,
+    pub on_timeout: OnTimeout,
+    pub json: bool,
+}
+
+fn finished(phase: MigrationPhase) -> bool {
+    matches!(
+        phase,
+        MigrationPhase::Completed
+            | MigrationPhase::Failed
+            | MigrationPhase::Cancelled
+            | MigrationPhase::OutcomeUnknown
+    )
+}
+
+/// Starts the migration and waits for its end, showing progress on a terminal.
+pub fn migrate(socket: &Path, args: MigrateArgs) -> Result<()> {
+    let request = MigrateRequest {
+        to: args.to.clone(),
+        downtime_ms: args.downtime_ms,
+        bandwidth_bytes_per_sec: args.bandwidth,
+        max_time_secs: args.max_time_secs,
+        on_timeout: args.on_timeout,
+        wait: true,
+    };
+    // One connection waits for the end; progress comes from polling on others.
+    let socket_owned = socket.to_path_buf();
+    let waiter = std::thread::spawn(move || {
+        client::call_json::<_, MigrationStatus>(
+            &socket_owned,
+            Method::PUT,
+            "/vm/migrate",
+            Some(&request),
+        )
+    });
+    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    while !waiter.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+        if let (Some(bar), Ok(s)) = (
+            &bar,
+            client::call_json::<(), MigrationStatus>(socket, Method::GET, "/vm/migration", None),
+        ) {
+            bar.set_length(s.bytes_sent + s.bytes_remaining);
+            bar.set_position(s.bytes_sent);
+            bar.set_message(format!(
+                "{:?} pass {} throttle {}%",
+                s.phase, s.iteration, s.throttle_percent
+            ));
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let status = waiter
+        .join()
+        .map_err(|_| anyhow::anyhow!("the waiting thread panicked"))??;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", report(&status));
+    }
+    match status.phase {
+        MigrationPhase::Completed => Ok(()),
+        phase if finished(phase) => bail!(
+            "migration {:?}: {}",
+            phase,
+            status.error.unwrap_or_else(|| "no reason given".into())
+        ),
+        phase => bail!("the migration answered while still in phase {phase:?}"),
+    }
+}
+
+/// A human report of a finished migration.
+pub fn report(s: &MigrationStatus) -> String {
+    let mut out = format!(
+        "migration to {}: {:?} after {:.2} s, {} passes, {:.1} MiB sent ({} data pages, {} zero pages)\n",
+        s.to,
+        s.phase,
+        s.elapsed_secs,
+        s.iteration + 1,
+        s.bytes_sent as f64 / 1048576.0,
+        s.data_pages_sent,
+        s.zero_pages_sent
+    );
+    if let Some(d) = &s.downtime {
+        out.push_str(&format!(
+            "downtime {:.1} ms (pause {:.1}, final memory {:.1}, device state {:.1}, destination prepare {:.1}, resume {:.1})\n",
+            d.total_ms, d.pause_ms, d.final_memory_ms, d.device_state_ms, d.destination_prepare_ms, d.resume_ms
+        ));
+    }
+    for n in &s.notes {
+        out.push_str(&format!("note: {n}\n"));
+    }
+    if let Some(e) = &s.error {
+        out.push_str(&format!("error: {e}\n"));
+    }
+    out
+}
+
+/// `ferry migrate --cancel`.
+pub fn cancel(socket: &Path, json: bool) -> Result<()> {
+    let s: MigrationStatus =
+        client::call_json::<(), _>(socket, Method::PUT, "/vm/migration/cancel", None)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!("cancelling the migration to {} ({:?})", s.to, s.phase);
+    }
+    Ok(())
+}
+
+/// Parses a bandwidth: `1G` / `100M` bits per second, or `50MiB` bytes per second.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| {
+        format!("invalid rate {text:?}: expected e.g. 1G (bit/s) or 100MiB (bytes/s)")
+    })?;
+    let bytes = match unit.trim() {
+        "" | "B" => n,
+        "K" | "k" | "Kbit" => n * 1e3 / 8.0,
+        "M" | "Mbit" => n * 1e6 / 8.0,
+        "G" | "Gbit" => n * 1e9 / 8.0,
+        "KiB" => n * 1024.0,
+        "MiB" => n * 1048576.0,
+        "GiB" => n * 1073741824.0,
+        u => return Err(format!("invalid rate {text:?}: unknown unit {u:?}")),
+    };
+    if bytes < 1.0 {
+        return Err(format!("rate {text:?} is too small"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("1G"), Ok(125_000_000));
+        assert_eq!(parse_rate("100MiB"), Ok(100 << 20));
+        assert_eq!(parse_rate("800M"), Ok(100_000_000));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("1T").is_err());
+        assert!(parse_rate("0").is_err());
+    }
+}
