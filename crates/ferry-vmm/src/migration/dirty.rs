@@ -33,6 +33,14 @@ impl RegionDirty {
     pub fn count(&self) -> u64 {
         self.addresses().count() as u64
     }
+
+    /// Adds `other`'s dirty pages (the same region's).
+    pub fn merge(&mut self, other: &RegionDirty) {
+        debug_assert_eq!(self.guest_addr, other.guest_addr);
+        for (a, b) in self.bits.iter_mut().zip(&other.bits) {
+            *a |= *b;
+        }
+    }
 }
 
 /// Errors reading the dirty log.
@@ -114,6 +122,21 @@ mod tests {
         let a: Vec<u64> = d.addresses().collect();
         assert_eq!(a, vec![0x1000_0000, 0x1000_2000, 0x1000_0000 + 127 * PAGE]);
         assert_eq!(d.count(), 3);
+    }
+
+    #[test]
+    fn merging_keeps_the_pages_of_both() {
+        let mut a = RegionDirty {
+            guest_addr: 0,
+            bits: vec![0b0011],
+            pages: 64,
+        };
+        a.merge(&RegionDirty {
+            guest_addr: 0,
+            bits: vec![0b0110],
+            pages: 64,
+        });
+        assert_eq!(a.bits, vec![0b0111]);
     }
 
     #[test]

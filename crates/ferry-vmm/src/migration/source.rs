@@ -315,6 +315,8 @@ impl<'a> Worker<'a> {
 
         let mut iteration = 0u32;
         let mut last_look = Instant::now();
+        // Collecting clears the logs: what was collected must be sent, here or at switchover.
+        let unsent: Vec<RegionDirty>;
         let target_ms = self.ctx.request.downtime_ms as f64;
         loop {
             self.check_cancel()?;
@@ -335,6 +337,7 @@ impl<'a> Worker<'a> {
                 s.expected_downtime_ms = expected;
             });
             if expected <= target_ms {
+                unsent = dirty;
                 break;
             }
             if let Some(max) = self.ctx.request.max_time_secs {
@@ -344,6 +347,7 @@ impl<'a> Worker<'a> {
                             self.note(format!(
                                 "max time {max}s reached: forcing the switchover (expected downtime {expected:.0} ms)"
                             ));
+                            unsent = dirty;
                             break;
                         }
                         OnTimeout::Abort => {
@@ -375,7 +379,7 @@ impl<'a> Worker<'a> {
             self.send_pages(link, pages, iteration, false)?;
         }
         drop(throttler);
-        self.switchover(link, &tracker, iteration + 1)
+        self.switchover(link, &tracker, unsent, iteration + 1)
     }
 
     fn check_cancel(&self) -> Result<(), Stop> {
@@ -499,6 +503,7 @@ impl<'a> Worker<'a> {
         &mut self,
         link: &mut Link,
         tracker: &DirtyTracker<'_>,
+        unsent: Vec<RegionDirty>,
         iteration: u32,
     ) -> Result<DowntimeBreakdown, Stop> {
         self.status(|s| s.phase = MigrationPhase::Switchover);
@@ -513,7 +518,10 @@ impl<'a> Worker<'a> {
             .map_err(Stop::Failed)?;
         // From here the guest is stopped: only what is left moves.
         let t_mem = Instant::now();
-        let dirty = tracker.collect().map_err(fail)?;
+        let mut dirty = tracker.collect().map_err(fail)?;
+        for (d, u) in dirty.iter_mut().zip(&unsent) {
+            d.merge(u);
+        }
         let pages = dirty.iter().flat_map(|r| r.addresses().collect::<Vec<_>>());
         self.send_pages(link, pages, iteration, false)?;
         let t_state = Instant::now();

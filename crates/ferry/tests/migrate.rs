@@ -1,0 +1,522 @@
+//! End-to-end live migration between two "hosts" (network namespaces joined by a veth pair),
+//! judged by the guest's own verification on the destination.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{ferry, kvm_or_skip, sparse_image, wait_for_path, Boot, Status, TempDir, VmProcess};
+
+const BOOT: Duration = Duration::from_secs(30);
+const MIGRATE: Duration = Duration::from_secs(120);
+
+/// Two network namespaces with a veth link between them; removed when dropped.
+struct TwoHosts {
+    a: String,
+    b: String,
+    a_addr: String,
+    b_addr: String,
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl TwoHosts {
+    fn create(tag: &str) -> Option<TwoHosts> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = format!("{}{}", std::process::id() % 10000, n);
+        let hosts = TwoHosts {
+            a: format!("ferry-{tag}-a{id}"),
+            b: format!("ferry-{tag}-b{id}"),
+            a_addr: format!("10.201.{}.1", n % 250),
+            b_addr: format!("10.201.{}.2", n % 250),
+        };
+        let (va, vb) = (format!("fa{id}"), format!("fb{id}"));
+        let ok = ip(&["netns", "add", &hosts.a])
+            && ip(&["netns", "add", &hosts.b])
+            && ip(&[
+                "link", "add", &va, "netns", &hosts.a, "type", "veth", "peer", "name", &vb,
+                "netns", &hosts.b,
+            ])
+            && ip(&[
+                "-n",
+                &hosts.a,
+                "addr",
+                "add",
+                &format!("{}/24", hosts.a_addr),
+                "dev",
+                &va,
+            ])
+            && ip(&[
+                "-n",
+                &hosts.b,
+                "addr",
+                "add",
+                &format!("{}/24", hosts.b_addr),
+                "dev",
+                &vb,
+            ])
+            && ip(&["-n", &hosts.a, "link", "set", &va, "up"])
+            && ip(&["-n", &hosts.b, "link", "set", &vb, "up"])
+            && ip(&["-n", &hosts.a, "link", "set", "lo", "up"])
+            && ip(&["-n", &hosts.b, "link", "set", "lo", "up"]);
+        ok.then_some(hosts)
+    }
+
+    /// `command` run inside namespace `ns`.
+    fn exec(ns: &str, command: &Command) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns])
+            .arg(command.get_program())
+            .args(command.get_args());
+        for (k, v) in command.get_envs() {
+            if let Some(v) = v {
+                c.env(k, v);
+            }
+        }
+        c
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        ip(&["netns", "del", &self.a]);
+        ip(&["netns", "del", &self.b]);
+    }
+}
+
+fn hosts_or_skip(test: &str) -> Option<TwoHosts> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    let h = TwoHosts::create("mig");
+    if h.is_none() {
+        println!("SKIPPED (cannot create network namespaces): {test}");
+    }
+    h
+}
+
+/// A `ferry receive` on host `ns` at `addr`; waits until it listens.
+fn receiver(ns: &str, listen: &str, socket: Option<&Path>, disks: &[PathBuf]) -> VmProcess {
+    let mut c = ferry();
+    c.args(["receive", "--listen", listen]);
+    if let Some(s) = socket {
+        c.arg("--api-socket").arg(s);
+    }
+    for d in disks {
+        c.arg("--disk").arg(d);
+    }
+    let vm = VmProcess::spawn(TwoHosts::exec(ns, &c));
+    let deadline = std::time::Instant::now() + BOOT;
+    while !vm.stderr().contains("listening on") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "receiver did not listen: {}",
+            vm.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm
+}
+
+/// Runs `ferry migrate` and returns its output.
+fn migrate(socket: &Path, to: &str, extra: &[&str]) -> Output {
+    let mut c = ferry();
+    c.args(["migrate", "--json", "--api-socket"])
+        .arg(socket)
+        .args(["--to", to])
+        .args(extra);
+    c.output().expect("run ferry migrate")
+}
+
+fn status_json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "no JSON from ferry migrate: stdout {} stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A source VM on host `ns`.
+fn source(ns: &str, dir: &TempDir, boot: Boot) -> (VmProcess, PathBuf) {
+    let socket = dir.join("src.sock");
+    let boot = Boot {
+        api_socket: Some(socket.clone()),
+        ..boot
+    };
+    let vm = VmProcess::spawn(TwoHosts::exec(ns, &boot.command()));
+    vm.wait_for("ferry-guest: ready", BOOT);
+    let (i, _) = vm.wait_for_from(0, "ferry-guest: status", BOOT);
+    vm.wait_for_from(i + 1, "ferry-guest: status", BOOT);
+    wait_for_path(&socket, BOOT);
+    (vm, socket)
+}
+
+/// Checks the destination goes on from where the source was.
+fn assert_goes_on(dst: &VmProcess, before: Status) {
+    let (i, _) = dst.wait_for_from(0, "ferry-guest: status", BOOT);
+    dst.wait_for_from(i + 1, "ferry-guest: status", BOOT);
+    let s = dst.statuses();
+    assert!(
+        s[0].t >= before.t,
+        "guest time went back: {before:?} -> {:?}",
+        s[0]
+    );
+    assert!(
+        s[0].mem_written >= before.mem_written && s[0].disk_written >= before.disk_written,
+        "counters restarted"
+    );
+    assert!(s[1].ticks > s[0].ticks, "timer ticks stopped: {s:?}");
+    assert!(
+        !dst.lines().iter().any(|l| l.contains("ferry-guest: ready")),
+        "the guest rebooted"
+    );
+    dst.assert_clean();
+}
+
+/// A scenario: a guest, a link, and what the migration is asked.
+struct Scenario {
+    name: &'static str,
+    boot: Boot,
+    migrate_args: Vec<&'static str>,
+    with_disk: bool,
+}
+
+fn run_scenario(sc: Scenario) -> serde_json::Value {
+    let Some(hosts) = hosts_or_skip(sc.name) else {
+        return serde_json::Value::Null;
+    };
+    let dir = TempDir::new(sc.name);
+    let mut boot = sc.boot;
+    let mut disks = vec![];
+    if sc.with_disk {
+        let image = dir.join("disk.img");
+        sparse_image(&image, 32 << 20);
+        boot.disks = vec![image.clone()];
+        disks.push(image);
+    }
+    let listen = format!("{}:7000", hosts.b_addr);
+    let dst = receiver(&hosts.b, &listen, None, &[]);
+    let (mut src, socket) = source(&hosts.a, &dir, boot);
+    let out = migrate(&socket, &listen, &sc.migrate_args);
+    let status = status_json(&out);
+    assert!(out.status.success(), "migration failed: {status}");
+    assert_eq!(status["phase"], "completed", "{status}");
+    assert!(status["downtime"]["total_ms"].as_f64().expect("downtime") > 0.0);
+    assert!(
+        src.wait_exit(MIGRATE).success(),
+        "the source ends after the handover: {}",
+        src.stderr()
+    );
+    src.assert_clean();
+    let before = *src.statuses().last().expect("a source status");
+    assert_goes_on(&dst, before);
+    status
+}
+
+#[test]
+fn an_idle_guest_migrates() {
+    let s = run_scenario(Scenario {
+        name: "an_idle_guest_migrates",
+        boot: Boot {
+            memory: "512M",
+            ..Boot::guest("workload=idle")
+        },
+        migrate_args: vec![],
+        with_disk: false,
+    });
+    if s.is_null() {
+        return;
+    }
+    // 512 MiB of which the guest touched little: untouched memory is not sent.
+    assert!(s["bytes_sent"].as_u64().expect("bytes") < 64 << 20, "{s}");
+}
+
+#[test]
+fn a_guest_dirtying_slower_than_the_link_migrates() {
+    run_scenario(Scenario {
+        name: "a_guest_dirtying_slower_than_the_link_migrates",
+        boot: Boot::guest("workload=mem mem_mib=64 mem_rate=50"),
+        migrate_args: vec![],
+        with_disk: false,
+    });
+}
+
+#[test]
+fn a_guest_dirtying_faster_than_the_link_converges_by_throttling() {
+    let s = run_scenario(Scenario {
+        name: "a_guest_dirtying_faster_than_the_link_converges_by_throttling",
+        boot: Boot::guest("workload=mem mem_mib=128 mem_rate=400"),
+        migrate_args: vec!["--bandwidth", "100MiB", "--downtime-ms", "100"],
+        with_disk: false,
+    });
+    if s.is_null() {
+        return;
+    }
+    let notes = s["notes"].to_string();
+    assert!(
+        notes.contains("auto-converge") || notes.contains("forcing"),
+        "{s}"
+    );
+}
+
+#[test]
+fn a_guest_that_cannot_converge_in_time_is_forced_over() {
+    let s = run_scenario(Scenario {
+        name: "a_guest_that_cannot_converge_in_time_is_forced_over",
+        boot: Boot::guest("workload=mem mem_mib=128 mem_rate=max"),
+        migrate_args: vec![
+            "--bandwidth",
+            "200MiB",
+            "--downtime-ms",
+            "1",
+            "--max-time",
+            "3",
+            "--on-timeout",
+            "force",
+        ],
+        with_disk: false,
+    });
+    if s.is_null() {
+        return;
+    }
+    assert!(
+        s["notes"].to_string().contains("forcing the switchover"),
+        "{s}"
+    );
+}
+
+#[test]
+fn a_disk_reading_guest_migrates_with_device_writes_tracked() {
+    run_scenario(Scenario {
+        name: "a_disk_reading_guest_migrates_with_device_writes_tracked",
+        boot: Boot::guest("workload=disk,mem mem_mib=16 mem_rate=16 disk_blocks=512 disk_rate=500"),
+        migrate_args: vec![],
+        with_disk: true,
+    });
+}
+
+#[test]
+fn a_two_vcpu_guest_migrates() {
+    run_scenario(Scenario {
+        name: "a_two_vcpu_guest_migrates",
+        boot: Boot {
+            vcpus: 2,
+            ..Boot::guest("workload=mem mem_mib=64 mem_rate=100 cpus=2")
+        },
+        migrate_args: vec![],
+        with_disk: false,
+    });
+}
+
+#[test]
+fn a_guest_migrates_there_and_back() {
+    let Some(hosts) = hosts_or_skip("a_guest_migrates_there_and_back") else {
+        return;
+    };
+    let dir = TempDir::new("there-and-back");
+    let to_b = format!("{}:7001", hosts.b_addr);
+    let to_a = format!("{}:7002", hosts.a_addr);
+    let b_socket = dir.join("b.sock");
+    let dst = receiver(&hosts.b, &to_b, Some(&b_socket), &[]);
+    let (mut src, socket) = source(
+        &hosts.a,
+        &dir,
+        Boot::guest("workload=mem mem_mib=32 mem_rate=50"),
+    );
+    assert!(migrate(&socket, &to_b, &[]).status.success());
+    assert!(src.wait_exit(MIGRATE).success());
+    let before = *src.statuses().last().expect("status");
+    assert_goes_on(&dst, before);
+    wait_for_path(&b_socket, BOOT);
+
+    let mut dst = dst;
+    let back = receiver(&hosts.a, &to_a, None, &[]);
+    let out = migrate(&b_socket, &to_a, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(dst.wait_exit(MIGRATE).success());
+    let before = *dst.statuses().last().expect("status");
+    assert_goes_on(&back, before);
+}
+
+/// A source busy enough, on a slow enough link, that the transfer takes seconds.
+fn slow_source(hosts: &TwoHosts, dir: &TempDir) -> (VmProcess, PathBuf) {
+    source(
+        &hosts.a,
+        dir,
+        Boot {
+            memory: "1G",
+            ..Boot::guest("workload=mem mem_mib=512 mem_rate=100")
+        },
+    )
+}
+
+/// The source keeps running its guest, unharmed, and says so.
+fn assert_source_goes_on(src: &VmProcess, socket: &Path) {
+    let n = src.lines().len();
+    let (i, _) = src.wait_for_from(n, "ferry-guest: status", BOOT);
+    src.wait_for_from(i + 1, "ferry-guest: status", BOOT);
+    src.assert_clean();
+    let info = common::vm_api(socket, "info");
+    assert_eq!(info["state"], "running");
+}
+
+#[test]
+fn killing_the_destination_mid_transfer_leaves_the_source_running() {
+    let Some(hosts) =
+        hosts_or_skip("killing_the_destination_mid_transfer_leaves_the_source_running")
+    else {
+        return;
+    };
+    let dir = TempDir::new("kill-dst");
+    let listen = format!("{}:7003", hosts.b_addr);
+    let dst = receiver(&hosts.b, &listen, None, &[]);
+    let (src, socket) = slow_source(&hosts, &dir);
+    let mut c = ferry();
+    c.args(["migrate", "--json", "--bandwidth", "50MiB", "--api-socket"])
+        .arg(&socket)
+        .args(["--to", &listen]);
+    let migrating = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("migrate");
+    std::thread::sleep(Duration::from_secs(2));
+    drop(dst); // kills the destination
+    let out = migrating.wait_with_output().expect("migrate output");
+    assert!(
+        !out.status.success(),
+        "the migration cannot succeed without a destination"
+    );
+    assert_eq!(status_json(&out)["phase"], "failed");
+    assert_source_goes_on(&src, &socket);
+}
+
+#[test]
+fn killing_the_source_mid_transfer_ends_the_destination_cleanly() {
+    let Some(hosts) = hosts_or_skip("killing_the_source_mid_transfer_ends_the_destination_cleanly")
+    else {
+        return;
+    };
+    let dir = TempDir::new("kill-src");
+    let listen = format!("{}:7004", hosts.b_addr);
+    let mut dst = receiver(&hosts.b, &listen, None, &[]);
+    let (src, socket) = slow_source(&hosts, &dir);
+    let mut c = ferry();
+    c.args(["migrate", "--json", "--bandwidth", "50MiB", "--api-socket"])
+        .arg(&socket)
+        .args(["--to", &listen]);
+    let mut migrating = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("migrate");
+    std::thread::sleep(Duration::from_secs(2));
+    drop(src); // kills the source
+    let status = dst.wait_exit(Duration::from_secs(90));
+    assert!(!status.success());
+    let err = dst.stderr();
+    assert!(err.contains("nothing was started"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        !dst.lines().iter().any(|l| l.contains("ferry-guest")),
+        "the destination ran the guest"
+    );
+    // The migrate command fails once its VM is gone.
+    assert!(!migrating.wait().expect("migrate exits").success());
+}
+
+#[test]
+fn a_cancelled_migration_leaves_the_source_running() {
+    let Some(hosts) = hosts_or_skip("a_cancelled_migration_leaves_the_source_running") else {
+        return;
+    };
+    let dir = TempDir::new("cancel");
+    let listen = format!("{}:7005", hosts.b_addr);
+    let mut dst = receiver(&hosts.b, &listen, None, &[]);
+    let (src, socket) = slow_source(&hosts, &dir);
+    let mut c = ferry();
+    c.args(["migrate", "--json", "--bandwidth", "50MiB", "--api-socket"])
+        .arg(&socket)
+        .args(["--to", &listen]);
+    let migrating = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("migrate");
+    std::thread::sleep(Duration::from_secs(2));
+    let out = ferry()
+        .args(["migrate", "--cancel", "--api-socket"])
+        .arg(&socket)
+        .output()
+        .expect("cancel");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = migrating.wait_with_output().expect("migrate output");
+    assert_eq!(status_json(&out)["phase"], "cancelled");
+    assert!(
+        !dst.wait_exit(Duration::from_secs(30)).success(),
+        "the destination discards the VM"
+    );
+    assert_source_goes_on(&src, &socket);
+}
+
+#[test]
+fn a_destination_that_sends_garbage_is_refused() {
+    let Some(hosts) = hosts_or_skip("a_destination_that_sends_garbage_is_refused") else {
+        return;
+    };
+    let dir = TempDir::new("garbage");
+    let listen = format!("{}:7006", hosts.b_addr);
+    // A fake destination: reads a little, answers noise, in host B.
+    let script = format!(
+        "import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); \
+         s.bind(('{}', 7006)); s.listen(1); c,_=s.accept(); c.recv(100); c.sendall(b'\\x00garbage\\xff'*100); c.close()",
+        hosts.b_addr
+    );
+    let mut fake = Command::new("ip");
+    fake.args(["netns", "exec", &hosts.b, "python3", "-c", &script]);
+    let mut fake = fake.spawn().expect("fake destination");
+    std::thread::sleep(Duration::from_millis(500));
+    let (src, socket) = source(
+        &hosts.a,
+        &dir,
+        Boot::guest("workload=mem mem_mib=16 mem_rate=16"),
+    );
+    let out = migrate(&socket, &listen, &[]);
+    assert!(!out.status.success());
+    assert_eq!(status_json(&out)["phase"], "failed");
+    let _ = fake.kill();
+    let _ = fake.wait();
+    assert_source_goes_on(&src, &socket);
+}
+
+/// Regression: the dirty pages found by the look that decided to switch over were cleared from
+/// the logs but never sent, so the destination guest saw stale pages (its generation table).
+#[test]
+fn pages_dirtied_before_the_switchover_decision_reach_the_destination() {
+    run_scenario(Scenario {
+        name: "pages_dirtied_before_the_switchover_decision_reach_the_destination",
+        boot: Boot::guest("workload=mem mem_mib=64 mem_rate=100"),
+        migrate_args: vec!["--downtime-ms", "300"],
+        with_disk: false,
+    });
+}
