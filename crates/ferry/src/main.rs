@@ -3,6 +3,7 @@
 mod bench;
 mod bench_snapshot;
 mod client;
+mod demo;
 mod guest;
 mod migrate;
 mod paths;
@@ -31,6 +32,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The main job, on an embedded default: boot a busy VM on one host, live-migrate it to a
+    /// second (network namespaces on this machine), and show the report and the guest's verdict.
+    Demo {
+        /// Print the final status and verdict as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Boot a VM in this process and run it until it powers off.
     Run(RunArgs),
     /// Save a running VM's complete state and memory to a folder.
@@ -358,6 +366,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run_vm(args),
         Command::Vm { action } => vm_call(action),
         Command::Receive(args) => receive(args),
+        Command::Demo { json } => demo::demo(json),
         Command::Migrate(args) => migrate_cmd(args),
         Command::Snapshot {
             action:

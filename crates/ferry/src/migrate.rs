@@ -31,8 +31,29 @@ fn finished(phase: MigrationPhase) -> bool {
     )
 }
 
-/// Starts the migration and waits for its end, showing progress on a terminal.
+/// Starts the migration and waits for its end, showing progress on a terminal; prints the
+/// final status (JSON or a report) and fails unless the VM moved.
 pub fn migrate(socket: &Path, args: MigrateArgs) -> Result<()> {
+    let json = args.json;
+    let status = run(socket, args)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", report(&status));
+    }
+    match status.phase {
+        MigrationPhase::Completed => Ok(()),
+        phase if finished(phase) => bail!(
+            "migration {:?}: {}",
+            phase,
+            status.error.unwrap_or_else(|| "no reason given".into())
+        ),
+        phase => bail!("the migration answered while still in phase {phase:?}"),
+    }
+}
+
+/// Starts the migration and returns its final status, with a progress bar on a terminal.
+pub fn run(socket: &Path, args: MigrateArgs) -> Result<MigrationStatus> {
     let request = MigrateRequest {
         to: args.to.clone(),
         downtime_ms: args.downtime_ms,
@@ -51,7 +72,7 @@ pub fn migrate(socket: &Path, args: MigrateArgs) -> Result<()> {
             Some(&request),
         )
     });
-    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
+    let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -81,20 +102,7 @@ pub fn migrate(socket: &Path, args: MigrateArgs) -> Result<()> {
     let status = waiter
         .join()
         .map_err(|_| anyhow::anyhow!("the waiting thread panicked"))??;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
-        print!("{}", report(&status));
-    }
-    match status.phase {
-        MigrationPhase::Completed => Ok(()),
-        phase if finished(phase) => bail!(
-            "migration {:?}: {}",
-            phase,
-            status.error.unwrap_or_else(|| "no reason given".into())
-        ),
-        phase => bail!("the migration answered while still in phase {phase:?}"),
-    }
+    Ok(status)
 }
 
 /// A human report of a finished migration.
