@@ -114,6 +114,24 @@ fn set_slots(vm: &VmFd, mem: &GuestMemory, flags: u32) -> Result<(), MemoryError
     Ok(())
 }
 
+/// True if every byte of `page` is zero (checked 16 bytes at a time).
+pub fn is_zero_page(page: &[u8]) -> bool {
+    page.chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().expect("16-byte chunk")) == 0)
+        && page.chunks_exact(16).remainder().iter().all(|&b| b == 0)
+}
+
+/// Which pages of the mapping at `host` (`len` bytes, page aligned) are resident, one byte per
+/// page (bit 0 set = resident). In anonymous memory, a page that is not was never written.
+/// `None` if the kernel cannot say.
+pub fn resident_pages(host: *const u8, len: usize) -> Option<Vec<u8>> {
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: the caller passes the page-aligned start and length of a live mapping, and
+    // `vec` has one byte per page of it, as mincore(2) requires.
+    let rc = unsafe { libc::mincore(host as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    (rc == 0).then_some(vec)
+}
+
 /// The PVH / e820 memory map the guest is told about: (start, length, type), type 1 = RAM,
 /// 2 = reserved.
 pub fn guest_memory_map(size: u64) -> Vec<(u64, u64, u32)> {
@@ -132,6 +150,25 @@ pub fn guest_memory_map(size: u64) -> Vec<(u64, u64, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_pages_are_recognised_to_the_last_byte() {
+        assert!(is_zero_page(&[0u8; 4096]));
+        let mut p = [0u8; 4096];
+        p[4095] = 1;
+        assert!(!is_zero_page(&p));
+        assert!(!is_zero_page(&[0, 0, 1]));
+    }
+
+    #[test]
+    fn untouched_anonymous_memory_is_not_resident() {
+        let mem = create_guest_memory(64 << 20).expect("mem");
+        vm_memory::Bytes::write_slice(&mem, &[1], GuestAddress(0x30_0000)).expect("write");
+        let host = mem.get_host_address(GuestAddress(0)).expect("host");
+        let r = resident_pages(host, 64 << 20).expect("mincore");
+        assert_eq!(r[0x300] & 1, 1);
+        assert!(r.iter().filter(|b| *b & 1 == 1).count() < 16);
+    }
 
     #[test]
     fn small_memory_is_one_range_below_the_hole() {

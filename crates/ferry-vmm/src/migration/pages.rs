@@ -4,14 +4,10 @@
 use ferry_devices::GuestMemory;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-pub const PAGE: u64 = 4096;
+pub use crate::memory::is_zero_page as is_zero;
+use crate::memory::resident_pages;
 
-/// True if every byte is zero.
-pub fn is_zero(page: &[u8]) -> bool {
-    page.chunks_exact(16)
-        .all(|c| u128::from_ne_bytes(c.try_into().expect("16-byte chunk")) == 0)
-        && page.chunks_exact(16).remainder().iter().all(|&b| b == 0)
-}
+pub const PAGE: u64 = 4096;
 
 /// Copies the guest page at `gpa` into `buf` (a volatile copy: the guest may be writing it).
 pub fn read_page(
@@ -33,17 +29,7 @@ pub fn candidate_pages(mem: &GuestMemory) -> Vec<u64> {
             let host = mem
                 .get_host_address(region.start_addr())
                 .expect("a region's start is mapped");
-            let mut vec = vec![0u8; pages as usize];
-            // SAFETY: `host` is the page-aligned start of a live mapping of `region.len()`
-            // bytes and `vec` has one byte per page of it, as mincore(2) requires.
-            let rc = unsafe {
-                libc::mincore(
-                    host as *mut libc::c_void,
-                    region.len() as usize,
-                    vec.as_mut_ptr(),
-                )
-            };
-            (rc == 0).then_some(vec)
+            resident_pages(host, region.len() as usize)
         } else {
             None
         };

@@ -17,6 +17,8 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vm_memory::{GuestRegionMmap, MmapRegion};
 
+use crate::memory::{is_zero_page, resident_pages};
+
 const PAGE: u64 = 4096;
 /// Extents are cut at this size so a CRC covers a bounded amount of data.
 const MAX_EXTENT: u64 = 4 << 20;
@@ -84,28 +86,6 @@ fn region_bytes<'a>(mem: &'a GuestMemory, region: &GuestRegionMmap<AtomicBitmap>
     unsafe { std::slice::from_raw_parts(host, region.len() as usize) }
 }
 
-/// Which pages of an anonymous mapping are resident; pages that are not were never written.
-fn resident_pages(bytes: &[u8]) -> Option<Vec<u8>> {
-    let pages = bytes.len().div_ceil(PAGE as usize);
-    let mut vec = vec![0u8; pages];
-    // SAFETY: the address is the page-aligned start of a live mapping of `bytes.len()` bytes
-    // and `vec` has one byte per page of it, as mincore(2) requires.
-    let rc = unsafe {
-        libc::mincore(
-            bytes.as_ptr() as *mut libc::c_void,
-            bytes.len(),
-            vec.as_mut_ptr(),
-        )
-    };
-    (rc == 0).then_some(vec)
-}
-
-fn is_zero(page: &[u8]) -> bool {
-    page.chunks_exact(16)
-        .all(|c| u128::from_ne_bytes(c.try_into().expect("16-byte chunk")) == 0)
-        && page.chunks_exact(16).remainder().iter().all(|&b| b == 0)
-}
-
 /// Calls `f(offset, len)` for each run of pages of `bytes` that hold data, runs cut at
 /// [`MAX_EXTENT`]. Non-resident pages of an anonymous mapping are skipped without touching them.
 fn data_runs(
@@ -115,7 +95,7 @@ fn data_runs(
     mut f: impl FnMut(u64, u64),
 ) {
     let resident = if anonymous {
-        resident_pages(bytes)
+        resident_pages(bytes.as_ptr(), bytes.len())
     } else {
         None
     };
@@ -126,7 +106,7 @@ fn data_runs(
         let start = (p * PAGE) as usize;
         let data = in_core && {
             stats.pages_scanned += 1;
-            !is_zero(&bytes[start..start + PAGE as usize])
+            !is_zero_page(&bytes[start..start + PAGE as usize])
         };
         run = match (run, data) {
             (Some((s, l)), true) if l < MAX_EXTENT => Some((s, l + PAGE)),
@@ -384,7 +364,7 @@ fn verify(
                         .find(|r| p >= r.file_offset && p < r.file_offset + r.len)
                         .map_or(next_extent, |r| r.file_offset + r.len);
                     let chunk_end = next_extent.min(region_end);
-                    if !is_zero(file_bytes(p, chunk_end - p)) {
+                    if !is_zero_page(file_bytes(p, chunk_end - p)) {
                         return Err(MemoryFileError::Corrupted {
                             offset: p,
                             what: "data where the snapshot has none",
