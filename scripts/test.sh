@@ -16,5 +16,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 (cd crates/ferry-testguest && env -u RUSTFLAGS CARGO_TARGET_DIR="$FERRY_CACHE_DIR/testguest-target" \
   cargo clippy --release --quiet -- -D warnings)
+echo "== fuzz targets build (run them with cargo +nightly fuzz, see fuzz/README.md)"
+(cd fuzz && env -u RUSTFLAGS cargo build --quiet)
 echo "== cargo test"
 cargo test --workspace -- --test-threads="${FERRY_TEST_THREADS:-2}"

@@ -105,6 +105,23 @@ pub fn write_frame<W: Write>(w: &mut W, version: u16, kind: u16, payload: &[u8])
 /// Payloads up to this size are sent in one write with their header.
 const SMALL_FRAME: usize = 64 << 10;
 
+/// Memory is committed at most this far ahead of the bytes that actually arrived, so a
+/// 16-byte header claiming a huge payload cannot make the reader allocate it up front. As
+/// large as the biggest migration page batch, so a batch still takes one allocation.
+const READ_AHEAD: usize = 8 << 20;
+
+/// Reads exactly `len` payload bytes, growing the buffer as they arrive.
+fn read_payload<R: Read>(r: &mut R, len: usize) -> Result<Vec<u8>, FrameError> {
+    let mut payload = Vec::with_capacity(len.min(READ_AHEAD));
+    while payload.len() < len {
+        let start = payload.len();
+        let chunk = (len - start).min(READ_AHEAD);
+        payload.resize(start + chunk, 0);
+        read_exact_or_truncated(r, &mut payload[start..])?;
+    }
+    Ok(payload)
+}
+
 fn read_exact_or_truncated<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), FrameError> {
     r.read_exact(buf).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => FrameError::Truncated,
@@ -145,8 +162,7 @@ pub fn read_frame_limited<R: Read>(
             limit,
         });
     }
-    let mut payload = vec![0u8; header.length as usize];
-    read_exact_or_truncated(r, &mut payload)?;
+    let payload = read_payload(r, header.length as usize)?;
     if crc32c::crc32c(&payload) != header.crc {
         return Err(FrameError::BadChecksum { kind: header.kind });
     }
@@ -219,6 +235,22 @@ mod tests {
             matches!(err, FrameError::TooLarge { len: u32::MAX, .. }),
             "{err}"
         );
+    }
+
+    /// Regression (found by fuzz/snapshot_state with a memory limit): a header claiming a
+    /// 256 MiB payload made the reader allocate all of it before reading a byte.
+    #[test]
+    fn a_huge_claimed_length_is_not_allocated_before_the_bytes_arrive() {
+        let mut bytes = encoded(1, 1, b"x");
+        bytes[8..12].copy_from_slice(&(200u32 << 20).to_le_bytes());
+        let mut r = Cursor::new(bytes);
+        let err = read_frame(&mut r, 256 << 20).unwrap_err();
+        assert!(matches!(err, FrameError::Truncated), "{err}");
+        assert!(read_payload(
+            &mut Cursor::new(vec![7u8; 3 * READ_AHEAD + 5]),
+            3 * READ_AHEAD + 5
+        )
+        .is_ok_and(|p| p.len() == 3 * READ_AHEAD + 5 && p.iter().all(|&b| b == 7)));
     }
 
     #[test]

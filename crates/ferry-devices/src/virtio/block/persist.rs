@@ -139,7 +139,7 @@ impl Persist for Block {
         }
         let queue = saved.queue.restore(QUEUE_SIZE, &mem)?;
         if !saved.broken {
-            check_indices(&queue, &mem, 0)?;
+            check_indices(&queue, 0)?;
         }
         block
             .activate_evt

@@ -521,13 +521,11 @@ fn rings_outside_guest_memory_are_refused() {
 #[test]
 fn absurd_ring_indices_are_refused() {
     let (state, mem, image, _dir) = hostile_setup();
+    // Indices far from the driver's are not the state's fault alone (the guest writes the
+    // avail index): restore accepts them and the device sorts it out when it runs.
     let mut s = state.clone();
     change_queue(&mut s, |q| (q.next_avail, q.next_used) = (1000, 1000));
-    let e = queue_error(refused(&s, &mem, &image));
-    assert!(
-        matches!(e, QueueRestoreError::AvailIndex { pending, .. } if pending > QSIZE),
-        "{e:?}"
-    );
+    assert!(try_restore(&s, &mem, &image).is_ok());
 
     // A chain taken but never returned: the driver would wait for it forever.
     let mut s = state.clone();
@@ -541,6 +539,23 @@ fn absurd_ring_indices_are_refused() {
     change_queue(&mut s, |q| q.next_used = q.next_used.wrapping_add(5));
     let e = queue_error(refused(&s, &mem, &image));
     assert!(matches!(e, QueueRestoreError::InFlight { .. }), "{e:?}");
+}
+
+/// Regression (found by fuzz/mmio_registers): a guest that writes a bogus available index and
+/// never kicks made every restore of its VM fail, so it could block its own migration.
+#[test]
+fn a_bogus_avail_index_written_by_the_guest_does_not_block_restore() {
+    let (state, mem, image, _dir) = hostile_setup();
+    let avail = state
+        .block
+        .queue
+        .as_ref()
+        .expect("active queue")
+        .queue
+        .avail_ring;
+    mem.write_obj(4096u16, vm_memory::GuestAddress(avail + 2))
+        .unwrap();
+    assert!(try_restore(&state, &mem, &image).is_ok());
 }
 
 #[test]
