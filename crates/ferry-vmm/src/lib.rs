@@ -3,6 +3,7 @@
 //! [`vmm::run`] builds a VM from a [`config::VmConfig`] (memory, PVH boot, vCPUs, serial,
 //! i8042, virtio-blk over MMIO, the control API) and runs it until it ends.
 
+pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod bus;
@@ -42,6 +43,8 @@ pub enum VmmError {
     Boot(#[from] boot::BootError),
     #[error(transparent)]
     Bus(#[from] bus::BusError),
+    #[error("cannot write the ACPI tables")]
+    Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
     Cpuid(#[from] cpu::cpuid::CpuidError),
     #[error(transparent)]

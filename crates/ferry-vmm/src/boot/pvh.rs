@@ -19,6 +19,7 @@ pub fn write_boot_info(
     mem: &GuestMemory,
     mem_size: u64,
     cmdline: &Cmdline,
+    rsdp: Option<GuestAddress>,
 ) -> Result<GuestAddress, BootError> {
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), cmdline)
         .map_err(BootError::WriteCmdline)?;
@@ -37,6 +38,7 @@ pub fn write_boot_info(
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: PVH_MEMMAP_ADDR,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: rsdp.map_or(0, |a| a.0),
         ..Default::default()
     };
     let start_addr = GuestAddress(PVH_START_INFO_ADDR);
@@ -57,7 +59,15 @@ mod tests {
         let size = 64 << 20;
         let mem = crate::memory::create_guest_memory(size).expect("mem");
         let cmdline = super::super::build_cmdline("workload=idle", &[]).expect("cmdline");
-        let addr = write_boot_info(&mem, size, &cmdline).expect("boot info");
+        let addr =
+            write_boot_info(&mem, size, &cmdline, Some(GuestAddress(0xe0000))).expect("boot info");
+        assert_eq!(
+            {
+                let i: hvm_start_info = mem.read_obj(addr).expect("read");
+                i.rsdp_paddr
+            },
+            0xe0000
+        );
         let info: hvm_start_info = mem.read_obj(addr).expect("read start info");
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
         assert_eq!(info.version, 1);

@@ -19,7 +19,7 @@ use crate::api;
 use crate::config::ConsoleConfig;
 use crate::memory;
 use crate::snapshot::state::VmState;
-use crate::vmm::{check_fits, open_kvm, Attachments, Vm, VmExit};
+use crate::vmm::{check_fits, open_kvm, Attachments, Skeleton, Vm, VmExit};
 use crate::VmmError;
 
 /// How long the destination waits for the source between messages before it gives up.
@@ -115,7 +115,7 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         api_socket: None,
         console: config.console,
     };
-    let (state, mem) = match receive_state(&mut link, host_memory, &kvm) {
+    let (state, skeleton) = match receive_state(&mut link, host_memory, &kvm) {
         Ok(v) => v,
         Err(e) => {
             let _ = link.send(&Message::Abort(e.clone()));
@@ -123,7 +123,7 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         }
     };
     let vm = match check_fits(&kvm, host_memory, &state, &attach)
-        .and_then(|disks| Vm::from_parts(&kvm, state, mem, disks, api_socket, &attach.console))
+        .and_then(|disks| Vm::from_parts(skeleton, state, disks, api_socket, &attach.console))
     {
         Ok(vm) => vm,
         Err(e) => {
@@ -154,7 +154,7 @@ fn receive_state(
     link: &mut Incoming,
     host_memory: u64,
     kvm: &kvm_ioctls::Kvm,
-) -> Result<(VmState, GuestMemory), String> {
+) -> Result<(VmState, Skeleton), String> {
     match link.receive()? {
         Message::Hello(_) => {}
         other => return Err(format!("expected hello, got {other:?}")),
@@ -192,6 +192,10 @@ fn receive_state(
     }
     let mem =
         memory::create_guest_memory(setup.memory_bytes).map_err(|e| crate::error_chain(&e))?;
+    // The VM, its memory slots and its vCPUs are built now, while pages stream in, not in the
+    // downtime.
+    let skeleton = Skeleton::new(kvm, mem, setup.vcpus).map_err(|e| crate::error_chain(&e))?;
+    let mem = skeleton.memory().clone();
     link.send(&Message::SetupOk)?;
 
     let mut state = None;
@@ -221,7 +225,7 @@ fn receive_state(
     if state.machine.memory_bytes != setup.memory_bytes || state.machine.vcpus != setup.vcpus {
         return Err("the VM state does not match the setup".into());
     }
-    Ok((state, mem))
+    Ok((state, skeleton))
 }
 
 /// Writes one page record into guest memory; records outside RAM are refused.

@@ -16,6 +16,7 @@ use ferry_api::DeviceInfo;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
+use crate::acpi::{self, AcpiMmioDevice};
 use crate::api::{self, ApiSocket};
 use crate::boot::{self, pvh};
 use crate::bus::Bus;
@@ -32,9 +33,10 @@ use crate::snapshot::state::{MachineState, SavedDisk};
 use crate::VmmError;
 use control::{Control, VcpuHandle};
 use platform::{kvm_err, Platform};
+use vm_memory::GuestAddress;
 
 pub(crate) use restore::check_fits;
-pub use restore::{Attachments, RestoreConfig};
+pub use restore::{Attachments, RestoreConfig, Skeleton};
 
 /// Why a VM ended without an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,7 +112,21 @@ impl Vm {
             slots.push(slot);
         }
         let cmdline = boot::build_cmdline(&config.cmdline, &slots)?;
-        let start_info = pvh::write_boot_info(&mem, config.memory_bytes, &cmdline)?;
+        let acpi_devices: Vec<AcpiMmioDevice> = slots
+            .iter()
+            .map(|s| AcpiMmioDevice {
+                base: s.base,
+                size: memory::VIRTIO_MMIO_SIZE,
+                irq: s.irq,
+            })
+            .collect();
+        let rsdp = acpi::write_acpi_tables(
+            &mem,
+            config.vcpus,
+            &acpi_devices,
+            GuestAddress(acpi::RSDP_ADDR),
+        )?;
+        let start_info = pvh::write_boot_info(&mem, config.memory_bytes, &cmdline, Some(rsdp))?;
         let cmdline = cmdline
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())

@@ -102,6 +102,13 @@ impl Platform {
             legacy::I8042_PORT_LEN,
             Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
         )?;
+        io_bus.insert(
+            crate::acpi::power::PM_PORT_BASE,
+            crate::acpi::power::PM_PORT_LEN,
+            Arc::new(Mutex::new(crate::acpi::power::AcpiPowerDevice::new(
+                events_tx.clone(),
+            ))),
+        )?;
         let legacy_devices = vec![
             DeviceInfo {
                 kind: "serial".into(),

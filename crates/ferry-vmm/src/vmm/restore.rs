@@ -11,7 +11,6 @@ use super::platform::{self, kvm_err, Platform};
 use super::{open_kvm, Vm};
 use crate::api;
 use crate::config::{ConsoleConfig, DiskConfig, VmConfig};
-use crate::cpu::state::saveable_msrs;
 use crate::cpu::vcpu;
 use crate::devices::virtio;
 use crate::kvm_state::restore_all;
@@ -69,21 +68,30 @@ impl Vm {
             source,
         })?;
         let mem = map_memory_file(file, &state.memory, total).map_err(mem_err)?;
-        Vm::from_parts(&kvm, state, mem, disks, api_socket, &attach.console)
+        let skeleton = Skeleton::new(&kvm, mem, state.machine.vcpus)?;
+        Vm::from_parts(skeleton, state, disks, api_socket, &attach.console)
     }
 
     /// Builds a VM from its state and its guest memory (already filled), ready to run.
     pub(crate) fn from_parts(
-        kvm: &Kvm,
+        skeleton: Skeleton,
         state: VmState,
-        mem: ferry_devices::GuestMemory,
         disks: Vec<SavedDisk>,
         api_socket: Option<api::ApiSocket>,
         console: &ConsoleConfig,
     ) -> Result<Vm, VmmError> {
-        vcpu::install_kick_handler().map_err(VmmError::Signals)?;
-        let vm_fd = platform::create_vm(kvm)?;
-        memory::register_with_kvm(&vm_fd, &mem)?;
+        let Skeleton {
+            vm_fd,
+            memory: mem,
+            vcpu_fds,
+        } = skeleton;
+        if vcpu_fds.len() != state.vcpus.len() {
+            return Err(VmmError::BadSnapshot(format!(
+                "{} vCPU states for {} vCPUs",
+                state.vcpus.len(),
+                vcpu_fds.len()
+            )));
+        }
         let mut platform = Platform::new(&vm_fd, console, Some(&state.devices.serial))?;
         let mut attached = Vec::new();
         for (i, (disk, saved)) in disks.iter().zip(&state.devices.disks).enumerate() {
@@ -100,18 +108,11 @@ impl Vm {
                 saved,
             )?);
         }
-        let vcpu_fds = (0..state.vcpus.len())
-            .map(|id| {
-                vm_fd
-                    .create_vcpu(id as u64)
-                    .map_err(kvm_err("create a vCPU"))
-            })
-            .collect::<Result<Vec<VcpuFd>, _>>()?;
         // Irqchips and PIT, every vCPU, then the clock last: see kvm_state for why.
         restore_all(&vm_fd, &vcpu_fds, &state.kvm, &state.vcpus)
             .map_err(|e| VmmError::VcpuState(crate::error_chain(&e)))?;
-        let msrs =
-            saveable_msrs(kvm, &vcpu_fds[0]).map_err(|e| VmmError::VcpuState(e.to_string()))?;
+        // The MSRs the source saved were all accepted here: the same list saves them again.
+        let msrs: Vec<u32> = state.vcpus[0].msrs.iter().map(|e| e.index).collect();
         let mut machine = state.machine;
         machine.disks = disks;
         Ok(Vm {
@@ -129,6 +130,45 @@ impl Vm {
             events: platform.events,
             api_socket,
         })
+    }
+}
+
+/// The parts of a VM that do not depend on its saved state: the KVM VM with its irqchip and
+/// PIT, guest memory registered, and the vCPUs created. A migration destination builds it
+/// while memory streams in, so the switchover only loads state into it.
+#[derive(Debug)]
+pub struct Skeleton {
+    vm_fd: kvm_ioctls::VmFd,
+    memory: ferry_devices::GuestMemory,
+    vcpu_fds: Vec<VcpuFd>,
+}
+
+impl Skeleton {
+    pub fn new(
+        kvm: &Kvm,
+        memory: ferry_devices::GuestMemory,
+        vcpus: u8,
+    ) -> Result<Skeleton, VmmError> {
+        vcpu::install_kick_handler().map_err(VmmError::Signals)?;
+        let vm_fd = platform::create_vm(kvm)?;
+        memory::register_with_kvm(&vm_fd, &memory)?;
+        let vcpu_fds = (0..vcpus)
+            .map(|id| {
+                vm_fd
+                    .create_vcpu(u64::from(id))
+                    .map_err(kvm_err("create a vCPU"))
+            })
+            .collect::<Result<Vec<VcpuFd>, _>>()?;
+        Ok(Skeleton {
+            vm_fd,
+            memory,
+            vcpu_fds,
+        })
+    }
+
+    /// The guest memory, for filling it before the state arrives.
+    pub fn memory(&self) -> &ferry_devices::GuestMemory {
+        &self.memory
     }
 }
 
