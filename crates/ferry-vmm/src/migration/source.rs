@@ -42,6 +42,13 @@ const BATCH_BYTES: usize = 4 << 20;
 /// A guess at the fixed part of the switchover (pausing, device state, the commit round
 /// trip), added to the memory part of the predicted downtime.
 const FIXED_SWITCHOVER_MS: f64 = 5.0;
+/// A pass that still shrinks the dirty set by this factor is worth it even once the target
+/// fits: the downtime keeps falling toward its floor.
+const WORTH_ANOTHER_PASS: f64 = 0.75;
+/// Below this much memory time the last pass is as short as it gets.
+const MEMORY_FLOOR_MS: f64 = 1.0;
+/// Extra passes taken for a shorter downtime, at most.
+const MAX_EXTRA_PASSES: u32 = 10;
 /// Throttle steps of auto-converge, percent of vCPU time held back.
 const THROTTLE_STEPS: [u32; 6] = [20, 40, 60, 80, 90, 99];
 /// How often throttled vCPUs are interrupted to take their rest.
@@ -184,6 +191,9 @@ struct Worker<'a> {
     data_pages: u64,
     zero_pages: u64,
     throttle_step: usize,
+    /// Bytes per second a whole pass achieved (reading, checking and sending pages): what the
+    /// last pass in the downtime will achieve too.
+    pass_rate: f64,
 }
 
 impl<'a> Worker<'a> {
@@ -195,6 +205,7 @@ impl<'a> Worker<'a> {
             data_pages: 0,
             zero_pages: 0,
             throttle_step: 0,
+            pass_rate: 0.0,
         }
     }
 
@@ -318,6 +329,8 @@ impl<'a> Worker<'a> {
         // Collecting clears the logs: what was collected must be sent, here or at switchover.
         let unsent: Vec<RegionDirty>;
         let target_ms = self.ctx.request.downtime_ms as f64;
+        let mut previous_dirty: Option<u64> = None;
+        let mut extra_passes = 0u32;
         loop {
             self.check_cancel()?;
             let dirty = tracker.collect().map_err(fail)?;
@@ -326,8 +339,13 @@ impl<'a> Worker<'a> {
             let since = last_look.elapsed().as_secs_f64().max(1e-3);
             last_look = Instant::now();
             let link_rate = link.rate().max(1.0);
+            let pass_rate = if self.pass_rate > 0.0 {
+                self.pass_rate
+            } else {
+                link_rate
+            };
             let dirty_rate = dirty_bytes as f64 / since;
-            let expected = dirty_bytes as f64 / link_rate * 1e3 + FIXED_SWITCHOVER_MS;
+            let expected = dirty_bytes as f64 / pass_rate * 1e3 + FIXED_SWITCHOVER_MS;
             self.status(|s| {
                 s.phase = MigrationPhase::Iterating;
                 s.iteration = iteration;
@@ -337,9 +355,17 @@ impl<'a> Worker<'a> {
                 s.expected_downtime_ms = expected;
             });
             if expected <= target_ms {
-                unsent = dirty;
-                break;
+                // It fits. Take another pass only while passes still pay off.
+                let memory_ms = expected - FIXED_SWITCHOVER_MS;
+                let shrinking = previous_dirty
+                    .is_none_or(|p| (dirty_bytes as f64) < WORTH_ANOTHER_PASS * p as f64);
+                if memory_ms <= MEMORY_FLOOR_MS || !shrinking || extra_passes >= MAX_EXTRA_PASSES {
+                    unsent = dirty;
+                    break;
+                }
+                extra_passes += 1;
             }
+            previous_dirty = Some(dirty_bytes);
             if let Some(max) = self.ctx.request.max_time_secs {
                 if self.started.elapsed() >= Duration::from_secs(max) {
                     match self.ctx.request.on_timeout {
@@ -418,6 +444,7 @@ impl<'a> Worker<'a> {
         iteration: u32,
         first_pass: bool,
     ) -> Result<(), Stop> {
+        let started = Instant::now();
         let mut buf = [0u8; PAGE as usize];
         let mut zero_run: Option<(u64, u32)> = None;
         let (mut data, mut zeros) = (0u64, 0u64);
@@ -461,6 +488,10 @@ impl<'a> Worker<'a> {
             self.push_zero(link, run)?;
         }
         self.flush(link)?;
+        // Passes of a few pages say little about the rate; keep the last good estimate.
+        if data >= 256 {
+            self.pass_rate = (data * PAGE) as f64 / started.elapsed().as_secs_f64().max(1e-6);
+        }
         self.data_pages += data;
         self.zero_pages += zeros;
         link.send(&Message::IterationDone(IterationDone {
