@@ -9,6 +9,7 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || need_apt+=(qemu-system-x86)
 command -v busybox >/dev/null 2>&1 || [ -x /bin/busybox ] || need_apt+=(busybox-static)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v iasl >/dev/null 2>&1 || need_apt+=(acpica-tools)
+command -v xz >/dev/null 2>&1 || need_apt+=(xz-utils)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2

@@ -22,6 +22,8 @@ pub struct DiskConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
     pub kernel: PathBuf,
+    /// An initial ramdisk, for bzImage kernels.
+    pub initrd: Option<PathBuf>,
     pub memory_bytes: u64,
     pub vcpus: u8,
     pub disks: Vec<DiskConfig>,
@@ -107,6 +109,7 @@ mod tests {
     fn config() -> VmConfig {
         VmConfig {
             kernel: "k".into(),
+            initrd: None,
             memory_bytes: 256 << 20,
             vcpus: 2,
             disks: vec![],

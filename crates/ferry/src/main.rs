@@ -1,10 +1,12 @@
 //! `ferry`: boots, controls and (soon) migrates KVM virtual machines.
 
 mod bench;
+mod bench_migrate;
 mod bench_snapshot;
 mod client;
 mod demo;
 mod guest;
+mod guest_linux;
 mod migrate;
 mod paths;
 mod qmp;
@@ -88,6 +90,16 @@ enum BenchWhat {
         #[arg(long, default_value_t = 1024)]
         memory_mib: u64,
     },
+    /// Live-migrate a 1 GiB guest over loopback (idle, and dirtying memory at several rates,
+    /// on an unlimited and a 1 Gbit/s link): total time, downtime and bytes sent.
+    Migrate {
+        /// How many migrations of each VMM per case.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Only the idle and 200 MiB/s guests on an unlimited link, QEMU in its best mode.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,11 +123,15 @@ enum SnapshotAction {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// ELF kernel with a PVH entry note (the test guest or a Linux vmlinux).
+    /// The kernel: an ELF with a PVH entry note (the test guest, a Linux vmlinux) or a Linux
+    /// bzImage, told apart by their content.
     #[arg(long, required_unless_present = "restore")]
     kernel: Option<PathBuf>,
+    /// An initial ramdisk for the kernel (a bzImage, or a Linux vmlinux booted by PVH).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
     /// Start from the snapshot in this folder instead of booting a kernel.
-    #[arg(long, conflicts_with_all = ["kernel", "memory", "vcpus", "append"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "memory", "vcpus", "append"])]
     restore: Option<PathBuf>,
     /// Guest memory: 512M, 1G, ... (a bare number is MiB).
     #[arg(long, value_parser = size::parse_size)]
@@ -211,6 +227,10 @@ enum GuestAction {
         /// Print {"kernel": PATH, "seconds": N}.
         #[arg(long)]
         json: bool,
+        /// Instead: fetch Debian's stock kernel (through apt) and build an initramfs for it
+        /// (busybox, virtio modules, an init that says ready); print the kernel and initrd.
+        #[arg(long)]
+        linux: bool,
     },
 }
 
@@ -288,6 +308,7 @@ fn run_vm(args: RunArgs) -> Result<()> {
         })?,
         None => Vm::build(VmConfig {
             kernel: args.kernel.context("--kernel is required")?,
+            initrd: args.initrd,
             memory_bytes: args.memory.unwrap_or(256 << 20),
             vcpus: args.vcpus.unwrap_or(1),
             disks: args.disks.iter().map(|d| disk_config(d)).collect(),
@@ -378,7 +399,19 @@ fn main() -> ExitCode {
                 },
         } => snapshot_create(&api_socket, &dir, stop, json),
         Command::Guest {
-            action: GuestAction::Build { json },
+            action: GuestAction::Build { json, linux: true },
+        } => guest_linux::build_linux_guest().and_then(|built| {
+            if json {
+                println!("{}", serde_json::to_string(&built).context("encode")?);
+            } else {
+                println!("kernel  {}", built.kernel.display());
+                println!("vmlinux {}", built.vmlinux.display());
+                println!("initrd  {}", built.initrd.display());
+            }
+            Ok(())
+        }),
+        Command::Guest {
+            action: GuestAction::Build { json, linux: false },
         } => guest::build_testguest().and_then(|built| {
             if json {
                 println!("{}", serde_json::to_string(&built).context("encode")?);
@@ -399,6 +432,15 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchWhat::Snapshot { runs, memory_mib },
         } => bench_snapshot::snapshot(runs, memory_mib).and_then(|report| {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).context("encode")?
+            );
+            Ok(())
+        }),
+        Command::Bench {
+            what: BenchWhat::Migrate { runs, quick },
+        } => bench_migrate::migrate(runs, quick).and_then(|report| {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&report).context("encode")?

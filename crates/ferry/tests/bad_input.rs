@@ -52,12 +52,24 @@ fn bad_kernels_are_refused() {
     refused(&["--kernel", "/nonexistent/vmlinux"], "cannot open kernel");
     refused(
         &["--kernel", text.to_str().expect("utf8")],
-        "not a loadable",
+        "neither an ELF",
     );
     refused(
         &["--kernel", empty.to_str().expect("utf8")],
-        "not a loadable",
+        "neither an ELF",
     );
+    // A bzImage whose header is there but whose kernel is cut off.
+    let cut = dir.join("cut-bzimage");
+    let mut head = vec![0u8; 0x1000];
+    head[0x1f1] = 4; // setup sectors
+    head[0x202..0x206].copy_from_slice(b"HdrS");
+    head[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // boot protocol 2.15
+    std::fs::write(&cut, head).expect("write");
+    refused(&["--kernel", cut.to_str().expect("utf8")], "not a loadable");
+    // A truncated ELF.
+    let elf = dir.join("cut-elf");
+    std::fs::write(&elf, b"\x7fELF\x02\x01\x01\0\0\0").expect("write");
+    refused(&["--kernel", elf.to_str().expect("utf8")], "not a loadable");
     // A real ELF that is not a PVH kernel: this very test binary's neighbour, /bin/true.
     let out = run_with_timeout(ferry().args(["run", "--kernel", "/bin/true"]));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -127,8 +139,8 @@ fn raw_http(socket: &std::path::Path, request: &[u8]) -> String {
     let mut s = UnixStream::connect(socket).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
+    // No half-close: hyper drops a connection whose reading side ends before it answered.
     s.write_all(request).expect("send");
-    let _ = s.shutdown(std::net::Shutdown::Write);
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
     answer
@@ -160,7 +172,10 @@ fn malformed_api_requests_get_errors_and_the_vm_keeps_running() {
         b"DELETE /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     assert!(a.starts_with("HTTP/1.1 405"), "{a}");
-    let a = raw_http(&socket, b"\x00\x01garbage that is not HTTP\r\n\r\n");
+    let a = raw_http(
+        &socket,
+        b"\x00\x01garbage that is not HTTP\r\nConnection: close\r\n\r\n",
+    );
     assert!(a.is_empty() || a.starts_with("HTTP/1.1 400"), "{a}");
     let a = raw_http(
         &socket,

@@ -1,5 +1,6 @@
 //! Loading a kernel into guest memory and telling it about the machine.
 
+pub mod linux;
 pub mod pvh;
 
 use std::fs::File;
@@ -39,6 +40,43 @@ pub enum BootError {
     StartInfo(#[source] linux_loader::configurator::Error),
     #[error("cannot write the command line into guest memory")]
     WriteCmdline(#[source] linux_loader::loader::Error),
+    #[error("kernel {path} is not a bzImage (no setup header)")]
+    NotBzImage { path: String },
+    #[error("kernel {path} is neither an ELF (PVH) image nor a bzImage")]
+    UnknownKernel { path: String },
+    #[error("cannot load initrd {path}: {reason}")]
+    Initrd { path: String, reason: String },
+    #[error("cannot set up the boot {what}: {reason}")]
+    Tables { what: &'static str, reason: String },
+}
+
+/// The kinds of kernel images ferry boots, told apart by their content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelKind {
+    /// An ELF with a PVH entry note: our test guest, or a Linux vmlinux.
+    PvhElf,
+    /// A Linux bzImage, booted by the Linux boot protocol.
+    BzImage,
+}
+
+/// Reads the start of `path` to tell which kind of kernel it is.
+pub fn detect_kernel(path: &Path) -> Result<KernelKind, BootError> {
+    use std::io::Read;
+    let shown = path.display().to_string();
+    let mut head = Vec::with_capacity(0x400);
+    File::open(path)
+        .and_then(|f| f.take(0x400).read_to_end(&mut head))
+        .map_err(|source| BootError::OpenKernel {
+            path: shown.clone(),
+            source,
+        })?;
+    if head.starts_with(b"\x7fELF") {
+        Ok(KernelKind::PvhElf)
+    } else if linux::is_bzimage(&head) {
+        Ok(KernelKind::BzImage)
+    } else {
+        Err(BootError::UnknownKernel { path: shown })
+    }
 }
 
 /// Where a loaded kernel starts.

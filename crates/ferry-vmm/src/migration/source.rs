@@ -351,7 +351,7 @@ impl<'a> Worker<'a> {
                 s.iteration = iteration;
                 s.bytes_remaining = dirty_bytes;
                 s.dirty_rate_bytes_per_sec = dirty_rate;
-                s.link_rate_bytes_per_sec = link_rate;
+                s.link_rate_bytes_per_sec = pass_rate;
                 s.expected_downtime_ms = expected;
             });
             if expected <= target_ms {
@@ -386,7 +386,7 @@ impl<'a> Worker<'a> {
             }
             // Not converging: the guest dirties memory about as fast as we send it.
             if iteration >= 1
-                && dirty_rate > 0.5 * link_rate
+                && dirty_rate > 0.5 * pass_rate
                 && self.throttle_step < THROTTLE_STEPS.len()
             {
                 let pct = THROTTLE_STEPS[self.throttle_step];
@@ -394,9 +394,9 @@ impl<'a> Worker<'a> {
                 self.ctx.throttle.store(pct, Ordering::Relaxed);
                 self.status(|s| s.throttle_percent = pct);
                 self.note(format!(
-                    "auto-converge: dirty rate {:.0} MiB/s vs link {:.0} MiB/s, throttling vCPUs to {}%",
+                    "auto-converge: dirty rate {:.0} MiB/s vs {:.0} MiB/s sent, throttling vCPUs to {}%",
                     dirty_rate / 1048576.0,
-                    link_rate / 1048576.0,
+                    pass_rate / 1048576.0,
                     100 - pct
                 ));
             }

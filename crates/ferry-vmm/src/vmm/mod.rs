@@ -18,7 +18,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::acpi::{self, AcpiMmioDevice};
 use crate::api::{self, ApiSocket};
-use crate::boot::{self, pvh};
+use crate::boot::{self, linux, pvh, KernelKind, MmioDeviceSlot};
 use crate::bus::Bus;
 use crate::config::{host_memory_bytes, VmConfig};
 use crate::cpu::state::saveable_msrs;
@@ -49,6 +49,19 @@ pub enum VmExit {
     SnapshotStopped,
     /// The VM was migrated and runs on the destination now.
     MigratedAway,
+}
+
+/// Where the boot vCPU starts.
+#[derive(Debug, Clone, Copy)]
+enum BootEntry {
+    Pvh {
+        entry: GuestAddress,
+        start_info: GuestAddress,
+    },
+    Linux {
+        entry: GuestAddress,
+        zero_page: GuestAddress,
+    },
 }
 
 /// A built VM, ready to run.
@@ -95,7 +108,7 @@ impl Vm {
         let vm_fd = platform::create_vm(&kvm)?;
         let mem = memory::create_guest_memory(config.memory_bytes)?;
         memory::register_with_kvm(&vm_fd, &mem)?;
-        let entry = boot::load_kernel(&mem, &config.kernel)?;
+        let kind = boot::detect_kernel(&config.kernel)?;
         let mut platform = Platform::new(&vm_fd, &config.console, None)?;
 
         let mut disks = Vec::new();
@@ -111,7 +124,14 @@ impl Vm {
             )?);
             slots.push(slot);
         }
-        let cmdline = boot::build_cmdline(&config.cmdline, &slots)?;
+        // Linux finds virtio-mmio devices in the ACPI DSDT; the test guest (PVH) reads them
+        // from its command line, as Linux would without ACPI.
+        let cmdline_slots: &[MmioDeviceSlot] = if kind == KernelKind::PvhElf {
+            &slots
+        } else {
+            &[]
+        };
+        let cmdline = boot::build_cmdline(&config.cmdline, cmdline_slots)?;
         let acpi_devices: Vec<AcpiMmioDevice> = slots
             .iter()
             .map(|s| AcpiMmioDevice {
@@ -126,7 +146,52 @@ impl Vm {
             &acpi_devices,
             GuestAddress(acpi::RSDP_ADDR),
         )?;
-        let start_info = pvh::write_boot_info(&mem, config.memory_bytes, &cmdline, Some(rsdp))?;
+        let boot_entry = match kind {
+            KernelKind::PvhElf => {
+                let entry = boot::load_kernel(&mem, &config.kernel)?;
+                let initrd = match &config.initrd {
+                    Some(p) => Some(linux::load_initrd(
+                        &mem,
+                        config.memory_bytes,
+                        p,
+                        u64::MAX,
+                        entry.kernel_end,
+                    )?),
+                    None => None,
+                };
+                let start_info =
+                    pvh::write_boot_info(&mem, config.memory_bytes, &cmdline, Some(rsdp), initrd)?;
+                BootEntry::Pvh {
+                    entry: entry.pvh_entry,
+                    start_info,
+                }
+            }
+            KernelKind::BzImage => {
+                let loaded = linux::load_bzimage(&mem, &config.kernel)?;
+                let initrd = match &config.initrd {
+                    Some(p) => Some(linux::load_initrd(
+                        &mem,
+                        config.memory_bytes,
+                        p,
+                        u64::from(loaded.header.initrd_addr_max),
+                        loaded.kernel_end,
+                    )?),
+                    None => None,
+                };
+                let zero_page = linux::write_boot_params(
+                    &mem,
+                    config.memory_bytes,
+                    &cmdline,
+                    &loaded,
+                    initrd,
+                    Some(rsdp),
+                )?;
+                BootEntry::Linux {
+                    entry: loaded.entry,
+                    zero_page,
+                }
+            }
+        };
         let cmdline = cmdline
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
@@ -146,8 +211,15 @@ impl Vm {
                 .map_err(kvm_err("set the vCPU's CPUID"))?;
             regs::setup_lint(&fd).map_err(kvm_err("set up the LAPIC"))?;
             if id == 0 {
-                regs::setup_pvh_boot(&fd, entry.pvh_entry.0, start_info.0)
-                    .map_err(kvm_err("set the boot vCPU's registers"))?;
+                match boot_entry {
+                    BootEntry::Pvh { entry, start_info } => {
+                        regs::setup_pvh_boot(&fd, entry.0, start_info.0)
+                            .map_err(kvm_err("set the boot vCPU's registers"))?
+                    }
+                    BootEntry::Linux { entry, zero_page } => {
+                        linux::setup_long_mode_boot(&fd, &mem, entry, zero_page)?
+                    }
+                }
             }
             vcpu_fds.push(fd);
         }

@@ -204,6 +204,7 @@ pub(crate) fn check_fits(
     // The same limits as a fresh boot: the VM may come from a bigger host.
     VmConfig {
         kernel: machine.kernel.clone().into(),
+        initrd: None,
         memory_bytes: machine.memory_bytes,
         vcpus: machine.vcpus,
         disks: disks

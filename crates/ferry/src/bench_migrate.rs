@@ -1,0 +1,962 @@
+//! `ferry bench migrate`: live migration on one host over loopback, ferry beside QEMU.
+//!
+//! Each case is a guest workload (idle, or 256 MiB rewritten at 50, 200 or 1000 MiB/s) on a
+//! link (unlimited, or capped at 1 Gbit/s). Each run boots the test guest (1 GiB), waits for
+//! it to be ready, live-migrates it to a second VMM process on 127.0.0.1 and checks the guest
+//! on the destination: a status line after the migration and no `CORRUPTION` or `FATAL`
+//! anywhere. ferry and QEMU are interleaved run by run.
+//!
+//! - ferry: `ferry receive --listen` as the destination, `ferry run` as the source and
+//!   `ferry migrate --json` (downtime target 100 ms, its default; `--bandwidth 1G` on the
+//!   capped link; `--max-time` so a migration that cannot converge ends).
+//! - QEMU: the same command line twice, the destination with `-incoming tcp:`, driven over
+//!   QMP with `migrate-set-parameters` (downtime-limit 100 ms) and `migrate`, polled with
+//!   `query-migrate`. Two modes: "default" keeps QEMU's out-of-the-box settings (its 32 MiB/s
+//!   bandwidth cap, no capabilities), "best" lifts the cap to the link's (or 2^50) and turns on
+//!   auto-converge. A QEMU migration that has not completed after the time limit is cancelled
+//!   with `migrate_cancel` and counted as not converged; so is a ferry one that gives up.
+//!
+//! Timings are each VMM's own: ferry's `elapsed_secs` and `downtime.total_ms`, QEMU's
+//! `total-time` and `downtime`; bytes are ferry's `bytes_sent` and QEMU's `ram.transferred`.
+//! Spreads cover the runs that converged.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::bench::{qemu_binary, qemu_command, Spread};
+use crate::guest::build_testguest;
+use crate::qmp::{migration_state, run_status, MigrationState, Qmp};
+
+const READY_LINE: &str = "ferry-guest: ready";
+const STATUS_LINE: &str = "ferry-guest: status";
+/// What `ferry receive` prints on stderr once it accepts a source.
+const LISTENING_LINE: &str = "listening on";
+
+/// Guest memory, MiB.
+const MEMORY_MIB: u64 = 1024;
+/// Boot to the guest's ready line.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The guest prints a status line every second; a few seconds of silence is a failure.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// The destination process up and listening.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest one migration may take before it counts as not converged.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// Beyond the migration's own limit: `ferry migrate` giving up, QEMU cancelling.
+const GRACE: Duration = Duration::from_secs(30);
+/// How often QEMU is asked how its migration is doing (a MIGRATION event wakes it earlier).
+const POLL: Duration = Duration::from_millis(2);
+/// The downtime both VMMs aim at, ms: ferry's default, set on QEMU (whose default is 300).
+const DOWNTIME_LIMIT_MS: u64 = 100;
+/// QEMU's own default migration bandwidth cap, bytes/s (32 MiB/s).
+const QEMU_DEFAULT_BANDWIDTH: u64 = 32 << 20;
+/// "No cap" for QEMU's max-bandwidth, bytes/s.
+const QEMU_UNLIMITED: u64 = 1 << 50;
+/// The capped link: 1 Gbit/s, for ferry's `--bandwidth` and QEMU's max-bandwidth (bytes/s).
+const CAPPED_LINK_FERRY: &str = "1G";
+const CAPPED_LINK_BYTES: u64 = 125_000_000;
+/// Lines of a child's output kept for error messages.
+const TAIL_LINES: usize = 40;
+
+/// The guest workloads: name and command line.
+const WORKLOADS: [(&str, &str); 4] = [
+    ("idle", "workload=idle"),
+    ("mem50", "workload=mem mem_mib=256 mem_rate=50"),
+    ("mem200", "workload=mem mem_mib=256 mem_rate=200"),
+    ("mem1000", "workload=mem mem_mib=256 mem_rate=1000"),
+];
+
+/// How QEMU is set up for the migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QemuMode {
+    /// QEMU's defaults: 32 MiB/s, no capabilities.
+    Default,
+    /// The link's bandwidth (or none) and auto-converge.
+    Best,
+}
+
+impl QemuMode {
+    fn name(self) -> &'static str {
+        match self {
+            QemuMode::Default => "default",
+            QemuMode::Best => "best",
+        }
+    }
+
+    fn max_bandwidth(self, link: Option<u64>) -> u64 {
+        match self {
+            QemuMode::Default => {
+                link.map_or(QEMU_DEFAULT_BANDWIDTH, |l| l.min(QEMU_DEFAULT_BANDWIDTH))
+            }
+            QemuMode::Best => link.unwrap_or(QEMU_UNLIMITED),
+        }
+    }
+
+    fn capabilities(self) -> &'static [&'static str] {
+        match self {
+            QemuMode::Default => &[],
+            QemuMode::Best => &["auto-converge"],
+        }
+    }
+}
+
+/// One workload on one link.
+#[derive(Debug, Clone)]
+struct Case {
+    workload: &'static str,
+    append: &'static str,
+    /// The link cap, bytes/s; `None`: unlimited.
+    link: Option<u64>,
+}
+
+impl Case {
+    fn name(&self) -> String {
+        match self.link {
+            None => format!("{}-unlimited", self.workload),
+            Some(_) => format!("{}-1gbit", self.workload),
+        }
+    }
+}
+
+/// The cases and QEMU modes of a full run, or of a quick one.
+fn plan(quick: bool) -> (Vec<Case>, Vec<QemuMode>) {
+    let links: &[Option<u64>] = if quick {
+        &[None]
+    } else {
+        &[None, Some(CAPPED_LINK_BYTES)]
+    };
+    let mut cases = Vec::new();
+    for (workload, append) in WORKLOADS {
+        if quick && !matches!(workload, "idle" | "mem200") {
+            continue;
+        }
+        for &link in links {
+            cases.push(Case {
+                workload,
+                append,
+                link,
+            });
+        }
+    }
+    let modes = if quick {
+        vec![QemuMode::Best]
+    } else {
+        vec![QemuMode::Default, QemuMode::Best]
+    };
+    (cases, modes)
+}
+
+/// The JSON `ferry bench migrate` prints.
+#[derive(Debug, Serialize)]
+pub struct MigrateBenchReport {
+    pub runs: usize,
+    pub quick: bool,
+    pub memory_mib: u64,
+    pub guest: String,
+    pub qemu: Option<String>,
+    /// The downtime target both VMMs were given, ms.
+    pub downtime_limit_ms: u64,
+    /// A migration still going after this long counts as not converged and is stopped.
+    pub migration_timeout_secs: u64,
+    pub cases: Vec<CaseReport>,
+}
+
+/// One workload on one link: ferry and each QEMU mode.
+#[derive(Debug, Serialize)]
+pub struct CaseReport {
+    pub name: String,
+    /// The guest's command line.
+    pub append: String,
+    /// The link cap, bytes/s; `null`: unlimited.
+    pub link_bytes_per_sec: Option<u64>,
+    pub ferry: VmmFigures,
+    /// Distinct notes ferry's migrations reported (throttling, forcing, ...).
+    pub ferry_notes: Vec<String>,
+    pub qemu: Vec<QemuModeReport>,
+}
+
+/// One QEMU mode in one case, and how it compares with ferry.
+#[derive(Debug, Serialize)]
+pub struct QemuModeReport {
+    pub mode: String,
+    /// The max-bandwidth QEMU was given, bytes/s.
+    pub max_bandwidth: u64,
+    pub capabilities: Vec<String>,
+    pub figures: VmmFigures,
+    /// QEMU's median over ferry's (above 1: ferry is faster / stops shorter / sends less);
+    /// `null` when either side has no converged run.
+    pub qemu_over_ferry_total: Option<f64>,
+    pub qemu_over_ferry_downtime: Option<f64>,
+    pub qemu_over_ferry_bytes: Option<f64>,
+}
+
+/// What both VMMs report, over the runs that converged.
+#[derive(Debug, Serialize)]
+pub struct VmmFigures {
+    /// Runs that completed within the time limit.
+    pub converged: usize,
+    /// Runs that did not (QEMU cancelled, or ferry gave up), out of `runs`.
+    pub did_not_converge: usize,
+    /// The VMM's own measure of the migration, start to done, ms.
+    pub total_ms: Spread,
+    /// The VMM's own measure of the time the guest was stopped, ms.
+    pub downtime_ms: Spread,
+    /// Bytes sent for memory (ferry: all bytes sent), bytes.
+    pub bytes: Spread,
+    /// Passes over memory (ferry: `iteration`; QEMU: `ram.dirty-sync-count`).
+    pub iterations: Spread,
+    /// Our own clock: the migrate command to the source saying it is done, ms.
+    pub wall_ms: Spread,
+}
+
+/// One VMM's runs in one case.
+#[derive(Debug, Default)]
+struct Samples {
+    converged: usize,
+    did_not_converge: usize,
+    total_ms: Vec<f64>,
+    downtime_ms: Vec<f64>,
+    bytes: Vec<f64>,
+    iterations: Vec<f64>,
+    wall_ms: Vec<f64>,
+    notes: Vec<String>,
+}
+
+/// One migration's outcome.
+#[derive(Debug)]
+enum Outcome {
+    Done {
+        total_ms: f64,
+        downtime_ms: f64,
+        bytes: f64,
+        iterations: f64,
+        wall_ms: f64,
+    },
+    DidNotConverge,
+}
+
+impl Samples {
+    fn add(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Done {
+                total_ms,
+                downtime_ms,
+                bytes,
+                iterations,
+                wall_ms,
+            } => {
+                self.converged += 1;
+                self.total_ms.push(total_ms);
+                self.downtime_ms.push(downtime_ms);
+                self.bytes.push(bytes);
+                self.iterations.push(iterations);
+                self.wall_ms.push(wall_ms);
+            }
+            Outcome::DidNotConverge => self.did_not_converge += 1,
+        }
+    }
+
+    fn figures(&self) -> VmmFigures {
+        VmmFigures {
+            converged: self.converged,
+            did_not_converge: self.did_not_converge,
+            total_ms: Spread::of(&self.total_ms),
+            downtime_ms: Spread::of(&self.downtime_ms),
+            bytes: Spread::of(&self.bytes),
+            iterations: Spread::of(&self.iterations),
+            wall_ms: Spread::of(&self.wall_ms),
+        }
+    }
+}
+
+/// `qemu / ferry` on medians, when both are numbers.
+fn ratio(qemu: Spread, ferry: Spread) -> Option<f64> {
+    let r = qemu.median / ferry.median;
+    r.is_finite().then_some(r)
+}
+
+/// Which of a child's streams a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// One line of a child's output.
+#[derive(Debug)]
+struct Line {
+    from: Stream,
+    text: String,
+}
+
+/// A child process whose stdout and stderr are read line by line (timestamped as they
+/// arrive); killed when dropped, so no path leaves a VM running.
+#[derive(Debug)]
+struct Watched {
+    what: String,
+    child: Child,
+    lines: mpsc::Receiver<Line>,
+    /// The last lines of output, for error messages.
+    tail: VecDeque<String>,
+    /// Every stdout line, when asked for (a command's answer).
+    keep_stdout: Option<Vec<String>>,
+    /// The first guest line that reported a problem, wherever it was read.
+    trouble: Option<String>,
+}
+
+impl Watched {
+    fn spawn(what: impl Into<String>, mut command: Command) -> Result<Watched> {
+        let what = what.into();
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start {what}"))?;
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().context("no stdout")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        forward(stdout, Stream::Stdout, tx.clone());
+        forward(stderr, Stream::Stderr, tx);
+        Ok(Watched {
+            what,
+            child,
+            lines,
+            tail: VecDeque::new(),
+            keep_stdout: None,
+            trouble: None,
+        })
+    }
+
+    fn note(&mut self, line: &Line) {
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        let tag = match line.from {
+            Stream::Stdout => "out",
+            Stream::Stderr => "err",
+        };
+        self.tail.push_back(format!("  [{tag}] {}", line.text));
+        if line.from == Stream::Stdout && self.trouble.is_none() && guest_trouble(&line.text) {
+            self.trouble = Some(line.text.clone());
+        }
+        if let (Stream::Stdout, Some(kept)) = (line.from, self.keep_stdout.as_mut()) {
+            kept.push(line.text.clone());
+        }
+    }
+
+    /// Waits for a line on `from` containing `needle`. Fails at the deadline, when the
+    /// process's output ends first, or when the guest reports corruption or a fatal error.
+    fn wait_line(&mut self, from: Stream, needle: &str, timeout: Duration) -> Result<Line> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.note(&line);
+                    if line.from == Stream::Stdout && guest_trouble(&line.text) {
+                        bail!(
+                            "{}: the guest reported a problem: {}{}",
+                            self.what,
+                            line.text,
+                            self.tail_text()
+                        );
+                    }
+                    if line.from == from && line.text.contains(needle) {
+                        return Ok(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => bail!(
+                    "{}: no line containing {needle:?} in {timeout:?}{}",
+                    self.what,
+                    self.tail_text()
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.exit_status(Duration::from_secs(2));
+                    bail!(
+                        "{} ended ({}) before printing {needle:?}{}",
+                        self.what,
+                        status.map_or_else(|| "still running?".into(), |s| s.to_string()),
+                        self.tail_text()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Takes the lines that arrived so far without waiting.
+    fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.note(&line);
+        }
+    }
+
+    /// Fails if the process has ended.
+    fn alive(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => {
+                // Its last words are on their way through the pipe threads.
+                std::thread::sleep(Duration::from_millis(20));
+                Err(anyhow!("{} exited ({status})", self.what))
+            }
+            Err(e) => Err(e).context("cannot check on the child process"),
+        }
+    }
+
+    /// Waits up to `timeout` for the process to end.
+    fn exit_status(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the process to end and its output to be read.
+    fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let status = self.exit_status(timeout).ok_or_else(|| {
+            self.drain();
+            anyhow!(
+                "{} did not end in {timeout:?}{}",
+                self.what,
+                self.tail_text()
+            )
+        })?;
+        // The pipes close with the process (unless a grandchild keeps them); read what is left.
+        loop {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(200));
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.note(&line),
+                Err(_) => break,
+            }
+        }
+        Ok(status)
+    }
+
+    /// `error` with the process's last lines of output attached.
+    fn explain(&mut self, error: anyhow::Error) -> anyhow::Error {
+        std::thread::sleep(Duration::from_millis(20));
+        self.drain();
+        anyhow!("{error:#}{}", self.tail_text())
+    }
+
+    fn tail_text(&self) -> String {
+        if self.tail.is_empty() {
+            format!("\n{} printed nothing", self.what)
+        } else {
+            let lines: Vec<&str> = self.tail.iter().map(String::as_str).collect();
+            format!("\n{}'s last output:\n{}", self.what, lines.join("\n"))
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends each line of `pipe` with the time it arrived, until the pipe closes.
+fn forward(pipe: impl Read + Send + 'static, from: Stream, tx: mpsc::Sender<Line>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&buf).trim_end().to_string();
+                    if tx.send(Line { from, text }).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// A guest line that means the run is worthless: lost data, a clock jump, a crash.
+fn guest_trouble(line: &str) -> bool {
+    line.contains("CORRUPTION") || line.contains("ferry-guest: FATAL")
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// A work folder under the system's temporary directory, removed when dropped.
+#[derive(Debug)]
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn create() -> Result<WorkDir> {
+        let path = std::env::temp_dir().join(format!("ferry-bench-migrate-{}", std::process::id()));
+        if path.to_string_lossy().contains(',') {
+            // QEMU's -qmp option splits on commas.
+            bail!(
+                "the temporary directory {} contains a comma",
+                path.display()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(WorkDir(path))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What one bench run needs to know.
+#[derive(Debug)]
+struct Setup {
+    ferry: PathBuf,
+    guest: PathBuf,
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("cannot find a free TCP port")?;
+    Ok(listener
+        .local_addr()
+        .context("cannot read a local address")?
+        .port())
+}
+
+/// Boots `command` as the source and waits until its guest is ready and reporting.
+fn boot_source(what: &str, command: Command) -> Result<Watched> {
+    let mut vm = Watched::spawn(what, command)?;
+    vm.wait_line(Stream::Stdout, READY_LINE, READY_TIMEOUT)
+        .context("boot")?;
+    vm.wait_line(Stream::Stdout, STATUS_LINE, STATUS_TIMEOUT)
+        .context("boot")?;
+    Ok(vm)
+}
+
+/// The verdict: the guest runs on at the destination (a status line, printed after the
+/// migration) and neither side's console reported lost data.
+fn verdict(source: &mut Watched, destination: &mut Watched) -> Result<()> {
+    destination
+        .wait_line(Stream::Stdout, STATUS_LINE, STATUS_TIMEOUT)
+        .context("the guest on the destination")?;
+    // Lines still in flight from either side.
+    std::thread::sleep(Duration::from_millis(20));
+    for vm in [source, destination] {
+        vm.drain();
+        if let Some(bad) = &vm.trouble {
+            bail!(
+                "{}: the guest reported a problem: {bad}{}",
+                vm.what,
+                vm.tail_text()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// ferry: `ferry receive`, `ferry run`, then `ferry migrate --json` between them.
+fn ferry_run(setup: &Setup, case: &Case, dir: &Path, samples: &mut Samples) -> Result<()> {
+    let socket = dir.join("api.sock");
+    let port = free_port()?;
+    let to = format!("127.0.0.1:{port}");
+    let mut receive = Command::new(&setup.ferry);
+    receive
+        .args(["receive", "--listen", &to])
+        .env("FERRY_LOG", "warn");
+    let mut destination = Watched::spawn("ferry receive", receive)?;
+    destination
+        .wait_line(Stream::Stderr, LISTENING_LINE, LISTEN_TIMEOUT)
+        .context("destination")?;
+
+    let mut boot = Command::new(&setup.ferry);
+    boot.args([
+        "run",
+        "--memory",
+        &format!("{MEMORY_MIB}M"),
+        "--append",
+        case.append,
+        "--api-socket",
+    ])
+    .arg(&socket)
+    .arg("--kernel")
+    .arg(&setup.guest)
+    .env("FERRY_LOG", "warn");
+    let mut source = boot_source("ferry run", boot)?;
+
+    let mut migrate = Command::new(&setup.ferry);
+    migrate
+        .args(["migrate", "--api-socket"])
+        .arg(&socket)
+        .args(["--to", &to, "--json"])
+        .args(["--downtime-ms", &DOWNTIME_LIMIT_MS.to_string()])
+        .args(["--max-time", &MIGRATION_TIMEOUT.as_secs().to_string()])
+        .args(["--on-timeout", "abort"])
+        .env("FERRY_LOG", "warn");
+    if case.link.is_some() {
+        migrate.args(["--bandwidth", CAPPED_LINK_FERRY]);
+    }
+    let started = Instant::now();
+    let mut cli = Watched::spawn("ferry migrate", migrate)?;
+    cli.keep_stdout = Some(Vec::new());
+    let status = cli
+        .wait_exit(MIGRATION_TIMEOUT + GRACE)
+        .map_err(|e| source.explain(e))
+        .context("migrate")?;
+    let wall_ms = ms(started.elapsed());
+    let answer = cli.keep_stdout.take().unwrap_or_default().join("\n");
+    let report: ferry_api::MigrationStatus = serde_json::from_str(&answer).map_err(|e| {
+        let e = anyhow!(
+            "ferry migrate ({status}) printed no status ({e}): {answer:?}{}",
+            cli.tail_text()
+        );
+        source.explain(e)
+    })?;
+    for note in &report.notes {
+        if !samples.notes.contains(note) {
+            samples.notes.push(note.clone());
+        }
+    }
+    if report.phase != ferry_api::MigrationPhase::Completed {
+        let why = report.error.clone().unwrap_or_default();
+        if why.contains("did not converge") {
+            // The VM runs on at the source: still sound?
+            source.drain();
+            source
+                .wait_line(Stream::Stdout, STATUS_LINE, STATUS_TIMEOUT)
+                .context("the guest on the source after the aborted migration")?;
+            samples.add(Outcome::DidNotConverge);
+            return Ok(());
+        }
+        let e = anyhow!("ferry migrate ended in {:?}: {why}", report.phase);
+        return Err(source.explain(e));
+    }
+    let downtime_ms = report
+        .downtime
+        .as_ref()
+        .map(|d| d.total_ms)
+        .context("ferry migrate reported no downtime")?;
+    verdict(&mut source, &mut destination)?;
+    samples.add(Outcome::Done {
+        total_ms: report.elapsed_secs * 1e3,
+        downtime_ms,
+        bytes: report.bytes_sent as f64,
+        iterations: f64::from(report.iteration),
+        wall_ms,
+    });
+    Ok(())
+}
+
+/// QEMU: a destination with `-incoming tcp:`, a source, and a QMP `migrate` between them.
+fn qemu_run(
+    setup: &Setup,
+    case: &Case,
+    mode: QemuMode,
+    dir: &Path,
+    samples: &mut Samples,
+) -> Result<()> {
+    let qmp_source = dir.join("qmp-source.sock");
+    let qmp_destination = dir.join("qmp-destination.sock");
+    let port = free_port()?;
+    let mut incoming = qemu_command(&setup.guest, MEMORY_MIB, case.append);
+    incoming
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            qmp_destination.display()
+        ))
+        .arg("-incoming")
+        .arg(format!("tcp:127.0.0.1:{port}"));
+    let mut destination = Watched::spawn("QEMU -incoming", incoming)?;
+    // QEMU listens for the migration before it serves QMP: once it answers, it is ready.
+    {
+        let mut qmp = Qmp::connect(&qmp_destination, LISTEN_TIMEOUT, || destination.alive())
+            .map_err(|e| destination.explain(e))
+            .context("destination")?;
+        let answer = qmp.execute("query-status", None)?;
+        if run_status(&answer) != Some("inmigrate") {
+            bail!("the QEMU destination is not waiting for a migration: {answer}");
+        }
+    }
+
+    let mut boot = qemu_command(&setup.guest, MEMORY_MIB, case.append);
+    boot.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_source.display()));
+    let mut source = boot_source("QEMU", boot)?;
+    let outcome = qemu_migrate(&mut source, &qmp_source, case, mode, port)
+        .map_err(|e| source.explain(e))
+        .context("migrate")?;
+    match outcome {
+        Outcome::Done { .. } => verdict(&mut source, &mut destination)?,
+        Outcome::DidNotConverge => {
+            source
+                .wait_line(Stream::Stdout, STATUS_LINE, STATUS_TIMEOUT)
+                .context("the guest on the source after the cancelled migration")?;
+        }
+    }
+    samples.add(outcome);
+    Ok(())
+}
+
+/// Sets QEMU up for `mode`, migrates to `port` and waits for the outcome; cancels a migration
+/// still running at the time limit.
+fn qemu_migrate(
+    vm: &mut Watched,
+    qmp_path: &Path,
+    case: &Case,
+    mode: QemuMode,
+    port: u16,
+) -> Result<Outcome> {
+    let mut qmp = Qmp::connect(qmp_path, Duration::from_secs(10), || vm.alive())?;
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({
+            "downtime-limit": DOWNTIME_LIMIT_MS,
+            "max-bandwidth": mode.max_bandwidth(case.link),
+        })),
+    )?;
+    // MIGRATION events wake the poll below as soon as the state changes.
+    let mut capabilities = vec![json!({ "capability": "events", "state": true })];
+    for c in mode.capabilities() {
+        capabilities.push(json!({ "capability": c, "state": true }));
+    }
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": capabilities })),
+    )?;
+    let started = Instant::now();
+    qmp.execute(
+        "migrate",
+        Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+    )?;
+    let mut answer = loop {
+        let answer = qmp.execute("query-migrate", None)?;
+        match migration_state(&answer) {
+            MigrationState::Completed { .. } => break answer,
+            MigrationState::Failed(why) => bail!("QEMU's migration {why}"),
+            MigrationState::InProgress(state) => {
+                if started.elapsed() > MIGRATION_TIMEOUT {
+                    return qemu_cancel(&mut qmp, &state);
+                }
+                qmp.wait_event("MIGRATION", POLL)?;
+            }
+        }
+    };
+    let wall_ms = ms(started.elapsed());
+    // QEMU reports "completed" a moment before it fills in its own timings (they read 0 in
+    // between): ask again, briefly.
+    let settle = Instant::now() + Duration::from_millis(500);
+    while answer
+        .get("total-time")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0)
+        <= 0.0
+        && Instant::now() < settle
+    {
+        std::thread::sleep(POLL);
+        answer = qmp.execute("query-migrate", None)?;
+    }
+    let number = |v: &Value, path: &[&str]| -> Result<f64> {
+        path.iter()
+            .try_fold(v, |v, key| v.get(key))
+            .and_then(Value::as_f64)
+            .with_context(|| format!("query-migrate has no {}: {v}", path.join(".")))
+    };
+    Ok(Outcome::Done {
+        total_ms: number(&answer, &["total-time"])?,
+        downtime_ms: number(&answer, &["downtime"])?,
+        bytes: number(&answer, &["ram", "transferred"])?,
+        iterations: number(&answer, &["ram", "dirty-sync-count"])?,
+        wall_ms,
+    })
+}
+
+/// `migrate_cancel`, then waits for QEMU to say so: the guest runs on at the source.
+fn qemu_cancel(qmp: &mut Qmp, state: &str) -> Result<Outcome> {
+    qmp.execute("migrate_cancel", None)?;
+    let deadline = Instant::now() + GRACE;
+    loop {
+        let answer = qmp.execute("query-migrate", None)?;
+        match answer.get("status").and_then(Value::as_str) {
+            Some("cancelled") => return Ok(Outcome::DidNotConverge),
+            // It finished while being cancelled: it converged after all, just too late.
+            Some("completed") => return Ok(Outcome::DidNotConverge),
+            Some("failed") => bail!("QEMU's migration failed while being cancelled: {answer}"),
+            _ if Instant::now() > deadline => bail!(
+                "QEMU's migration (state {state} at the time limit) did not cancel in {GRACE:?}"
+            ),
+            _ => {
+                qmp.wait_event("MIGRATION", POLL)?;
+            }
+        }
+    }
+}
+
+/// `ferry bench migrate`: live-migrates the test guest `runs` times per case with ferry and
+/// with QEMU (in each mode), interleaved.
+pub fn migrate(runs: usize, quick: bool) -> Result<MigrateBenchReport> {
+    use std::io::IsTerminal;
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let setup = Setup {
+        ferry: std::env::current_exe().context("cannot find the ferry binary")?,
+        guest: build_testguest()?.kernel,
+    };
+    let qemu = qemu_binary();
+    let (cases, modes) = plan(quick);
+    let modes = if qemu.is_some() { modes } else { Vec::new() };
+    let work = WorkDir::create()?;
+    let progress = std::io::stderr().is_terminal();
+    let mut ferry: Vec<Samples> = cases.iter().map(|_| Samples::default()).collect();
+    let mut qemu_samples: Vec<Vec<Samples>> = cases
+        .iter()
+        .map(|_| modes.iter().map(|_| Samples::default()).collect())
+        .collect();
+    for run in 0..runs {
+        for (i, case) in cases.iter().enumerate() {
+            let name = case.name();
+            if progress {
+                eprintln!("ferry bench migrate: run {}/{runs}, {name}", run + 1);
+            }
+            let dir = work.0.join(format!("ferry-{name}-{run}"));
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            ferry_run(&setup, case, &dir, &mut ferry[i])
+                .with_context(|| format!("ferry, {name}, run {run}"))?;
+            let _ = std::fs::remove_dir_all(&dir);
+            for (m, mode) in modes.iter().enumerate() {
+                let dir = work.0.join(format!("qemu-{}-{name}-{run}", mode.name()));
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                qemu_run(&setup, case, *mode, &dir, &mut qemu_samples[i][m])
+                    .with_context(|| format!("QEMU ({} mode), {name}, run {run}", mode.name()))?;
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+    let cases = cases
+        .iter()
+        .zip(ferry.iter().zip(&qemu_samples))
+        .map(|(case, (f, q))| {
+            let ferry = f.figures();
+            let qemu = modes
+                .iter()
+                .zip(q)
+                .map(|(mode, q)| {
+                    let figures = q.figures();
+                    QemuModeReport {
+                        mode: mode.name().to_string(),
+                        max_bandwidth: mode.max_bandwidth(case.link),
+                        capabilities: mode.capabilities().iter().map(|c| c.to_string()).collect(),
+                        qemu_over_ferry_total: ratio(figures.total_ms, ferry.total_ms),
+                        qemu_over_ferry_downtime: ratio(figures.downtime_ms, ferry.downtime_ms),
+                        qemu_over_ferry_bytes: ratio(figures.bytes, ferry.bytes),
+                        figures,
+                    }
+                })
+                .collect();
+            CaseReport {
+                name: case.name(),
+                append: case.append.to_string(),
+                link_bytes_per_sec: case.link,
+                ferry,
+                ferry_notes: f.notes.clone(),
+                qemu,
+            }
+        })
+        .collect();
+    Ok(MigrateBenchReport {
+        runs,
+        quick,
+        memory_mib: MEMORY_MIB,
+        guest: setup.guest.display().to_string(),
+        qemu,
+        downtime_limit_ms: DOWNTIME_LIMIT_MS,
+        migration_timeout_secs: MIGRATION_TIMEOUT.as_secs(),
+        cases,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_and_full_plans() {
+        let (cases, modes) = plan(true);
+        let names: Vec<String> = cases.iter().map(Case::name).collect();
+        assert_eq!(names, ["idle-unlimited", "mem200-unlimited"]);
+        assert_eq!(modes, [QemuMode::Best]);
+        let (cases, modes) = plan(false);
+        assert_eq!(cases.len(), 8);
+        assert_eq!(cases.iter().filter(|c| c.link.is_some()).count(), 4);
+        assert_eq!(modes, [QemuMode::Default, QemuMode::Best]);
+    }
+
+    #[test]
+    fn qemu_modes_set_bandwidth_and_capabilities() {
+        assert_eq!(QemuMode::Default.max_bandwidth(None), 32 << 20);
+        assert_eq!(
+            QemuMode::Default.max_bandwidth(Some(CAPPED_LINK_BYTES)),
+            32 << 20
+        );
+        assert_eq!(QemuMode::Best.max_bandwidth(None), 1 << 50);
+        assert_eq!(
+            QemuMode::Best.max_bandwidth(Some(CAPPED_LINK_BYTES)),
+            125_000_000
+        );
+        assert!(QemuMode::Default.capabilities().is_empty());
+        assert_eq!(QemuMode::Best.capabilities(), ["auto-converge"]);
+    }
+
+    #[test]
+    fn samples_count_what_did_not_converge() {
+        let mut s = Samples::default();
+        s.add(Outcome::DidNotConverge);
+        s.add(Outcome::Done {
+            total_ms: 100.0,
+            downtime_ms: 10.0,
+            bytes: 5.0,
+            iterations: 2.0,
+            wall_ms: 110.0,
+        });
+        let f = s.figures();
+        assert_eq!((f.converged, f.did_not_converge), (1, 1));
+        assert_eq!(f.total_ms.median, 100.0);
+        assert_eq!(ratio(f.total_ms, f.downtime_ms), Some(10.0));
+        assert_eq!(
+            ratio(f.total_ms, Samples::default().figures().total_ms),
+            None
+        );
+    }
+
+    #[test]
+    fn spots_guest_trouble() {
+        assert!(guest_trouble("ferry-guest: CORRUPTION mem page=3"));
+        assert!(guest_trouble("ferry-guest: FATAL exception vector=14"));
+        assert!(!guest_trouble("ferry-guest: status t=3 errors=0"));
+    }
+}
