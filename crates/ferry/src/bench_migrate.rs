@@ -20,12 +20,9 @@
 //! `total-time` and `downtime`; bytes are ferry's `bytes_sent` and QEMU's `ram.transferred`.
 //! Spreads cover the runs that converged.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -33,6 +30,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::bench::{qemu_binary, qemu_command, Spread};
+use crate::bench_watch::{ms, Stream, Watched, WorkDir};
 use crate::guest::build_testguest;
 use crate::qmp::{migration_state, run_status, MigrationState, Qmp};
 
@@ -64,8 +62,6 @@ const QEMU_UNLIMITED: u64 = 1 << 50;
 /// The capped link: 1 Gbit/s, for ferry's `--bandwidth` and QEMU's max-bandwidth (bytes/s).
 const CAPPED_LINK_FERRY: &str = "1G";
 const CAPPED_LINK_BYTES: u64 = 125_000_000;
-/// Lines of a child's output kept for error messages.
-const TAIL_LINES: usize = 40;
 
 /// The guest workloads: name and command line.
 const WORKLOADS: [(&str, &str); 4] = [
@@ -282,252 +278,6 @@ impl Samples {
 fn ratio(qemu: Spread, ferry: Spread) -> Option<f64> {
     let r = qemu.median / ferry.median;
     r.is_finite().then_some(r)
-}
-
-/// Which of a child's streams a line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stream {
-    Stdout,
-    Stderr,
-}
-
-/// One line of a child's output.
-#[derive(Debug)]
-struct Line {
-    from: Stream,
-    text: String,
-}
-
-/// A child process whose stdout and stderr are read line by line (timestamped as they
-/// arrive); killed when dropped, so no path leaves a VM running.
-#[derive(Debug)]
-struct Watched {
-    what: String,
-    child: Child,
-    lines: mpsc::Receiver<Line>,
-    /// The last lines of output, for error messages.
-    tail: VecDeque<String>,
-    /// Every stdout line, when asked for (a command's answer).
-    keep_stdout: Option<Vec<String>>,
-    /// The first guest line that reported a problem, wherever it was read.
-    trouble: Option<String>,
-}
-
-impl Watched {
-    fn spawn(what: impl Into<String>, mut command: Command) -> Result<Watched> {
-        let what = what.into();
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("cannot start {what}"))?;
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().context("no stdout")?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        forward(stdout, Stream::Stdout, tx.clone());
-        forward(stderr, Stream::Stderr, tx);
-        Ok(Watched {
-            what,
-            child,
-            lines,
-            tail: VecDeque::new(),
-            keep_stdout: None,
-            trouble: None,
-        })
-    }
-
-    fn note(&mut self, line: &Line) {
-        if self.tail.len() == TAIL_LINES {
-            self.tail.pop_front();
-        }
-        let tag = match line.from {
-            Stream::Stdout => "out",
-            Stream::Stderr => "err",
-        };
-        self.tail.push_back(format!("  [{tag}] {}", line.text));
-        if line.from == Stream::Stdout && self.trouble.is_none() && guest_trouble(&line.text) {
-            self.trouble = Some(line.text.clone());
-        }
-        if let (Stream::Stdout, Some(kept)) = (line.from, self.keep_stdout.as_mut()) {
-            kept.push(line.text.clone());
-        }
-    }
-
-    /// Waits for a line on `from` containing `needle`. Fails at the deadline, when the
-    /// process's output ends first, or when the guest reports corruption or a fatal error.
-    fn wait_line(&mut self, from: Stream, needle: &str, timeout: Duration) -> Result<Line> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.note(&line);
-                    if line.from == Stream::Stdout && guest_trouble(&line.text) {
-                        bail!(
-                            "{}: the guest reported a problem: {}{}",
-                            self.what,
-                            line.text,
-                            self.tail_text()
-                        );
-                    }
-                    if line.from == from && line.text.contains(needle) {
-                        return Ok(line);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => bail!(
-                    "{}: no line containing {needle:?} in {timeout:?}{}",
-                    self.what,
-                    self.tail_text()
-                ),
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = self.exit_status(Duration::from_secs(2));
-                    bail!(
-                        "{} ended ({}) before printing {needle:?}{}",
-                        self.what,
-                        status.map_or_else(|| "still running?".into(), |s| s.to_string()),
-                        self.tail_text()
-                    );
-                }
-            }
-        }
-    }
-
-    /// Takes the lines that arrived so far without waiting.
-    fn drain(&mut self) {
-        while let Ok(line) = self.lines.try_recv() {
-            self.note(&line);
-        }
-    }
-
-    /// Fails if the process has ended.
-    fn alive(&mut self) -> Result<()> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => {
-                // Its last words are on their way through the pipe threads.
-                std::thread::sleep(Duration::from_millis(20));
-                Err(anyhow!("{} exited ({status})", self.what))
-            }
-            Err(e) => Err(e).context("cannot check on the child process"),
-        }
-    }
-
-    /// Waits up to `timeout` for the process to end.
-    fn exit_status(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return Some(status),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL),
-                _ => return None,
-            }
-        }
-    }
-
-    /// Waits up to `timeout` for the process to end and its output to be read.
-    fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        let status = self.exit_status(timeout).ok_or_else(|| {
-            self.drain();
-            anyhow!(
-                "{} did not end in {timeout:?}{}",
-                self.what,
-                self.tail_text()
-            )
-        })?;
-        // The pipes close with the process (unless a grandchild keeps them); read what is left.
-        loop {
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(200));
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.note(&line),
-                Err(_) => break,
-            }
-        }
-        Ok(status)
-    }
-
-    /// `error` with the process's last lines of output attached.
-    fn explain(&mut self, error: anyhow::Error) -> anyhow::Error {
-        std::thread::sleep(Duration::from_millis(20));
-        self.drain();
-        anyhow!("{error:#}{}", self.tail_text())
-    }
-
-    fn tail_text(&self) -> String {
-        if self.tail.is_empty() {
-            format!("\n{} printed nothing", self.what)
-        } else {
-            let lines: Vec<&str> = self.tail.iter().map(String::as_str).collect();
-            format!("\n{}'s last output:\n{}", self.what, lines.join("\n"))
-        }
-    }
-}
-
-impl Drop for Watched {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Sends each line of `pipe` with the time it arrived, until the pipe closes.
-fn forward(pipe: impl Read + Send + 'static, from: Stream, tx: mpsc::Sender<Line>) {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(pipe);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&buf).trim_end().to_string();
-                    if tx.send(Line { from, text }).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-}
-
-/// A guest line that means the run is worthless: lost data, a clock jump, a crash.
-fn guest_trouble(line: &str) -> bool {
-    line.contains("CORRUPTION") || line.contains("ferry-guest: FATAL")
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// A work folder under the system's temporary directory, removed when dropped.
-#[derive(Debug)]
-struct WorkDir(PathBuf);
-
-impl WorkDir {
-    fn create() -> Result<WorkDir> {
-        let path = std::env::temp_dir().join(format!("ferry-bench-migrate-{}", std::process::id()));
-        if path.to_string_lossy().contains(',') {
-            // QEMU's -qmp option splits on commas.
-            bail!(
-                "the temporary directory {} contains a comma",
-                path.display()
-            );
-        }
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(WorkDir(path))
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// What one bench run needs to know.
@@ -828,7 +578,7 @@ pub fn migrate(runs: usize, quick: bool) -> Result<MigrateBenchReport> {
     let qemu = qemu_binary();
     let (cases, modes) = plan(quick);
     let modes = if qemu.is_some() { modes } else { Vec::new() };
-    let work = WorkDir::create()?;
+    let work = WorkDir::create("migrate")?;
     let progress = std::io::stderr().is_terminal();
     let mut ferry: Vec<Samples> = cases.iter().map(|_| Samples::default()).collect();
     let mut qemu_samples: Vec<Vec<Samples>> = cases
@@ -951,12 +701,5 @@ mod tests {
             ratio(f.total_ms, Samples::default().figures().total_ms),
             None
         );
-    }
-
-    #[test]
-    fn spots_guest_trouble() {
-        assert!(guest_trouble("ferry-guest: CORRUPTION mem page=3"));
-        assert!(guest_trouble("ferry-guest: FATAL exception vector=14"));
-        assert!(!guest_trouble("ferry-guest: status t=3 errors=0"));
     }
 }

@@ -11,11 +11,8 @@
 //!   `-incoming "exec:cat FILE"`, timed until `query-status` says running. The saved run state
 //!   is "paused", so QEMU comes back paused and gets a `cont`, as `virsh restore` does.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -23,6 +20,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::bench::{qemu_binary, qemu_command, Spread};
+use crate::bench_watch::{ms, Stream, Watched, WorkDir};
 use crate::guest::build_testguest;
 use crate::qmp::{migration_state, run_status, MigrationState, Qmp};
 
@@ -45,8 +43,6 @@ const POLL: Duration = Duration::from_millis(2);
 /// QEMU's migration bandwidth cap for the save, bytes/s: effectively none (its default,
 /// 32 MiB/s, would make the benchmark measure the cap).
 const QEMU_MAX_BANDWIDTH: u64 = 1 << 50;
-/// Lines of a child's output kept for error messages.
-const TAIL_LINES: usize = 40;
 
 /// The guests: name and command line.
 const SCENARIOS: [(&str, &str); 2] = [
@@ -161,228 +157,6 @@ impl Samples {
     }
 }
 
-/// Which of a child's streams a line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stream {
-    Stdout,
-    Stderr,
-}
-
-/// One line of a child's output and when it was read.
-#[derive(Debug)]
-struct Line {
-    at: Instant,
-    from: Stream,
-    text: String,
-}
-
-/// A child process whose stdout and stderr are read line by line (timestamped as they
-/// arrive); killed when dropped, so no path leaves a VM running.
-#[derive(Debug)]
-struct Watched {
-    what: String,
-    child: Child,
-    started: Instant,
-    lines: mpsc::Receiver<Line>,
-    /// The last lines of output, for error messages.
-    tail: VecDeque<String>,
-    /// Every stdout line, when asked for (a command's answer).
-    keep_stdout: Option<Vec<String>>,
-}
-
-impl Watched {
-    fn spawn(what: impl Into<String>, mut command: Command) -> Result<Watched> {
-        let what = what.into();
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let started = Instant::now();
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("cannot start {what}"))?;
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().context("no stdout")?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        forward(stdout, Stream::Stdout, tx.clone());
-        forward(stderr, Stream::Stderr, tx);
-        Ok(Watched {
-            what,
-            child,
-            started,
-            lines,
-            tail: VecDeque::new(),
-            keep_stdout: None,
-        })
-    }
-
-    fn note(&mut self, line: &Line) {
-        if self.tail.len() == TAIL_LINES {
-            self.tail.pop_front();
-        }
-        let tag = match line.from {
-            Stream::Stdout => "out",
-            Stream::Stderr => "err",
-        };
-        self.tail.push_back(format!("  [{tag}] {}", line.text));
-        if let (Stream::Stdout, Some(kept)) = (line.from, self.keep_stdout.as_mut()) {
-            kept.push(line.text.clone());
-        }
-    }
-
-    /// Waits for a line on `from` containing `needle`. Fails at the deadline, when the
-    /// process's output ends first, or when the guest reports corruption or a fatal error.
-    fn wait_line(&mut self, from: Stream, needle: &str, timeout: Duration) -> Result<Line> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.note(&line);
-                    if line.from == Stream::Stdout && guest_trouble(&line.text) {
-                        bail!(
-                            "{}: the guest reported a problem: {}{}",
-                            self.what,
-                            line.text,
-                            self.tail_text()
-                        );
-                    }
-                    if line.from == from && line.text.contains(needle) {
-                        return Ok(line);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => bail!(
-                    "{}: no line containing {needle:?} in {timeout:?}{}",
-                    self.what,
-                    self.tail_text()
-                ),
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = self.exit_status(Duration::from_secs(2));
-                    bail!(
-                        "{} ended ({}) before printing {needle:?}{}",
-                        self.what,
-                        status.map_or_else(|| "still running?".into(), |s| s.to_string()),
-                        self.tail_text()
-                    );
-                }
-            }
-        }
-    }
-
-    /// Takes the lines that arrived so far without waiting.
-    fn drain(&mut self) {
-        while let Ok(line) = self.lines.try_recv() {
-            self.note(&line);
-        }
-    }
-
-    /// Fails if the process has ended.
-    fn alive(&mut self) -> Result<()> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => {
-                // Its last words are on their way through the pipe threads.
-                std::thread::sleep(Duration::from_millis(20));
-                Err(anyhow!("{} exited ({status})", self.what))
-            }
-            Err(e) => Err(e).context("cannot check on the child process"),
-        }
-    }
-
-    /// Waits up to `timeout` for the process to end.
-    fn exit_status(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return Some(status),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL),
-                _ => return None,
-            }
-        }
-    }
-
-    /// Waits up to `timeout` for the process to end and its output to be read.
-    fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        let status = self.exit_status(timeout).ok_or_else(|| {
-            self.drain();
-            anyhow!(
-                "{} did not end in {timeout:?}{}",
-                self.what,
-                self.tail_text()
-            )
-        })?;
-        // The pipes close with the process (unless a grandchild keeps them); read what is left.
-        loop {
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(200));
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.note(&line),
-                Err(_) => break,
-            }
-        }
-        Ok(status)
-    }
-
-    /// `error` with the process's last lines of output attached.
-    fn explain(&mut self, error: anyhow::Error) -> anyhow::Error {
-        std::thread::sleep(Duration::from_millis(20));
-        self.drain();
-        anyhow!("{error:#}{}", self.tail_text())
-    }
-
-    fn tail_text(&self) -> String {
-        if self.tail.is_empty() {
-            format!("\n{} printed nothing", self.what)
-        } else {
-            let lines: Vec<&str> = self.tail.iter().map(String::as_str).collect();
-            format!("\n{}'s last output:\n{}", self.what, lines.join("\n"))
-        }
-    }
-
-    fn ms_since_start(&self, at: Instant) -> f64 {
-        ms(at.duration_since(self.started))
-    }
-}
-
-impl Drop for Watched {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Sends each line of `pipe` with the time it arrived, until the pipe closes.
-fn forward(pipe: impl Read + Send + 'static, from: Stream, tx: mpsc::Sender<Line>) {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(pipe);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let at = Instant::now();
-                    let text = String::from_utf8_lossy(&buf).trim_end().to_string();
-                    if tx.send(Line { at, from, text }).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-}
-
-/// A guest line that means the run is worthless: lost data, a clock jump, a crash.
-fn guest_trouble(line: &str) -> bool {
-    line.contains("CORRUPTION") || line.contains("ferry-guest: FATAL")
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 /// Allocated bytes (`st_blocks` × 512) and apparent bytes of a file, or of every file under a
 /// folder. Symbolic links are not followed.
 fn disk_usage(path: &Path) -> Result<(u64, u64)> {
@@ -413,34 +187,6 @@ fn shell_quote(path: &Path) -> Result<String> {
         .to_str()
         .with_context(|| format!("{} is not UTF-8", path.display()))?;
     Ok(format!("'{}'", s.replace('\'', r"'\''")))
-}
-
-/// A work folder under the system's temporary directory, removed when dropped.
-#[derive(Debug)]
-struct WorkDir(PathBuf);
-
-impl WorkDir {
-    fn create() -> Result<WorkDir> {
-        let path =
-            std::env::temp_dir().join(format!("ferry-bench-snapshot-{}", std::process::id()));
-        if path.to_string_lossy().contains(',') {
-            // QEMU's -qmp option splits on commas.
-            bail!(
-                "the temporary directory {} contains a comma",
-                path.display()
-            );
-        }
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(WorkDir(path))
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// What one bench run needs to know.
@@ -704,7 +450,7 @@ pub fn snapshot(runs: usize, memory_mib: u64) -> Result<SnapshotBenchReport> {
         memory_mib,
     };
     let qemu = qemu_binary();
-    let work = WorkDir::create()?;
+    let work = WorkDir::create("snapshot")?;
     let progress = std::io::stderr().is_terminal();
     let mut ferry: Vec<Samples> = SCENARIOS.iter().map(|_| Samples::default()).collect();
     let mut qemu_samples: Vec<Samples> = SCENARIOS.iter().map(|_| Samples::default()).collect();
@@ -813,17 +559,6 @@ mod tests {
             shell_quote(Path::new("/tmp/it's")).unwrap(),
             r"'/tmp/it'\''s'"
         );
-    }
-
-    #[test]
-    fn spots_guest_trouble() {
-        assert!(guest_trouble(
-            "ferry-guest: CORRUPTION mem page=3 addr=0x1000 expected_gen=2 found_gen=1"
-        ));
-        assert!(guest_trouble("ferry-guest: FATAL exception vector=14"));
-        assert!(!guest_trouble(
-            "ferry-guest: status t=3 ticks=30 mem_written=1 mem_verified=2 disk_written=0 disk_verified=0 errors=0"
-        ));
     }
 
     #[test]

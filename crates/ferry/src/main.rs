@@ -3,6 +3,7 @@
 mod bench;
 mod bench_migrate;
 mod bench_snapshot;
+mod bench_watch;
 mod client;
 mod demo;
 mod guest;
