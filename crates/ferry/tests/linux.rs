@@ -1,0 +1,250 @@
+//! Slow tests with the stock Debian kernel (`ferry guest build --linux`). On this project's CI
+//! machine guest ring 0 is emulated (about a million instructions a second) and the emulator
+//! stops at the kernel's first `cmpxchg16b`, so these check what happens before that point:
+//! the kernel accepts ferry's platform, and a Linux guest migrated in the middle of its boot
+//! goes on booting on the destination. See docs/linux.md.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{ferry, kvm_or_skip, wait_for_path, TempDir, VmProcess};
+
+/// The kernel's own words for trouble a migration could cause.
+const KERNEL_TROUBLE: [&str; 8] = [
+    "Oops",
+    "Kernel panic",
+    "BUG:",
+    "soft lockup",
+    "clocksource: timekeeping watchdog",
+    "Marking clocksource",
+    "TSC found unstable",
+    "ACPI Error",
+];
+
+struct LinuxKit {
+    vmlinux: PathBuf,
+    initrd: PathBuf,
+}
+
+/// Builds (or finds in the cache) the Debian kernel and initramfs; None with a loud skip
+/// where apt cannot provide them.
+fn linux_kit(test: &str) -> Option<LinuxKit> {
+    let out = ferry()
+        .args(["guest", "build", "--linux", "--json"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        println!(
+            "SKIPPED (cannot build the Linux guest: {}): {test}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(LinuxKit {
+        vmlinux: v["vmlinux"].as_str()?.into(),
+        initrd: v["initrd"].as_str()?.into(),
+    })
+}
+
+fn linux_vm(kit: &LinuxKit, socket: &std::path::Path, wrap: Option<&str>) -> VmProcess {
+    let mut c = ferry();
+    c.arg("run")
+        .arg("--kernel")
+        .arg(&kit.vmlinux)
+        .arg("--initrd")
+        .arg(&kit.initrd)
+        .args(["--memory", "512M", "--vcpus", "2", "--api-socket"])
+        .arg(socket)
+        .args([
+            "--append",
+            "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1 pci=off",
+        ]);
+    match wrap {
+        Some(ns) => {
+            let mut w = Command::new("ip");
+            w.args(["netns", "exec", ns])
+                .arg(c.get_program())
+                .args(c.get_args());
+            VmProcess::spawn(w)
+        }
+        None => VmProcess::spawn(c),
+    }
+}
+
+fn assert_no_kernel_trouble(vm: &VmProcess) {
+    let bad: Vec<String> = vm
+        .lines()
+        .into_iter()
+        .filter(|l| KERNEL_TROUBLE.iter().any(|t| l.contains(t)))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "the kernel reported trouble:\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn the_stock_kernel_accepts_ferrys_platform() {
+    let name = "the_stock_kernel_accepts_ferrys_platform";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let Some(kit) = linux_kit(name) else { return };
+    let dir = TempDir::new("linux-boot");
+    let vm = linux_vm(&kit, &dir.join("api.sock"), None);
+    let limit = Duration::from_secs(180);
+    let banner = vm.wait_for("Linux version", limit);
+    assert!(banner.contains("6."), "{banner}");
+    vm.wait_for(
+        "Command line: console=ttyS0 earlyprintk=serial,ttyS0",
+        limit,
+    );
+    // The memory map as ferry gave it.
+    vm.wait_for(
+        "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
+        limit,
+    );
+    vm.wait_for(
+        "BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable",
+        limit,
+    );
+    // ferry's ACPI tables, found and accepted.
+    vm.wait_for("ACPI: RSDP 0x00000000000E0000", limit);
+    vm.wait_for("ACPI: DSDT", limit);
+    vm.wait_for("ACPI: APIC", limit);
+    vm.wait_for("nr_cpu_ids:2", limit);
+    assert_no_kernel_trouble(&vm);
+}
+
+/// Two network namespaces with a veth link (the same set-up as the migration tests).
+struct Hosts(String, String, String);
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Hosts {
+    fn create() -> Option<Hosts> {
+        let id = std::process::id() % 100000;
+        let (a, b) = (format!("ferry-lx-a{id}"), format!("ferry-lx-b{id}"));
+        let ok = ip(&["netns", "add", &a])
+            && ip(&["netns", "add", &b])
+            && ip(&[
+                "link",
+                "add",
+                &format!("lxa{id}"),
+                "netns",
+                &a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("lxb{id}"),
+                "netns",
+                &b,
+            ])
+            && ip(&[
+                "-n",
+                &a,
+                "addr",
+                "add",
+                "10.204.0.1/24",
+                "dev",
+                &format!("lxa{id}"),
+            ])
+            && ip(&[
+                "-n",
+                &b,
+                "addr",
+                "add",
+                "10.204.0.2/24",
+                "dev",
+                &format!("lxb{id}"),
+            ])
+            && ip(&["-n", &a, "link", "set", &format!("lxa{id}"), "up"])
+            && ip(&["-n", &b, "link", "set", &format!("lxb{id}"), "up"]);
+        let hosts = Hosts(a, b, "10.204.0.2:7080".into());
+        ok.then_some(hosts)
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        ip(&["netns", "del", &self.0]);
+        ip(&["netns", "del", &self.1]);
+    }
+}
+
+#[test]
+fn a_linux_guest_migrated_mid_boot_goes_on_booting() {
+    let name = "a_linux_guest_migrated_mid_boot_goes_on_booting";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let Some(kit) = linux_kit(name) else { return };
+    let Some(hosts) = Hosts::create() else {
+        println!("SKIPPED (cannot create network namespaces): {name}");
+        return;
+    };
+    let dir = TempDir::new("linux-migrate");
+    let mut receive = ferry();
+    receive.args(["receive", "--listen", &hosts.2]);
+    let mut w = Command::new("ip");
+    w.args(["netns", "exec", &hosts.1])
+        .arg(receive.get_program())
+        .args(receive.get_args());
+    let dst = VmProcess::spawn(w);
+    let socket = dir.join("src.sock");
+    let mut src = linux_vm(&kit, &socket, Some(&hosts.0));
+    let limit = Duration::from_secs(180);
+    // In the middle of early boot: after the e820 map, before the ACPI tables are read.
+    src.wait_for("BIOS-e820", limit);
+    wait_for_path(&socket, limit);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !dst.stderr().contains("listening on") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "receiver: {}",
+            dst.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = ferry()
+        .args(["migrate", "--json", "--api-socket"])
+        .arg(&socket)
+        .args(["--to", &hosts.2])
+        .output()
+        .expect("migrate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(src.wait_exit(limit).success());
+    let source_lines = src.lines();
+    let last_source = source_lines
+        .iter()
+        .rev()
+        .find(|l| l.starts_with('['))
+        .cloned()
+        .unwrap_or_default();
+    // The destination's console continues the boot with lines the source never printed.
+    let next = dst.wait_for("ACPI: RSDP", limit);
+    assert!(
+        !source_lines.contains(&next),
+        "the destination printed {next:?} again"
+    );
+    dst.wait_for("nr_cpu_ids:2", limit);
+    assert_no_kernel_trouble(&src);
+    assert_no_kernel_trouble(&dst);
+}
