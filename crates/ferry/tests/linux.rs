@@ -232,12 +232,6 @@ fn a_linux_guest_migrated_mid_boot_goes_on_booting() {
     );
     assert!(src.wait_exit(limit).success());
     let source_lines = src.lines();
-    let last_source = source_lines
-        .iter()
-        .rev()
-        .find(|l| l.starts_with('['))
-        .cloned()
-        .unwrap_or_default();
     // The destination's console continues the boot with lines the source never printed.
     let next = dst.wait_for("ACPI: RSDP", limit);
     assert!(
