@@ -4,6 +4,7 @@ use std::io::{self, Write};
 use std::sync::mpsc::Sender;
 
 use ferry_devices::bus::BusDevice;
+use ferry_devices::persist::Persist;
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState as UartState};
 use vm_superio::{I8042Device, Serial, Trigger};
@@ -67,9 +68,20 @@ pub struct SerialState {
 /// The 16550's FIFO is 64 bytes; a longer saved buffer is not one this device made.
 const SERIAL_FIFO_MAX: usize = 64;
 
-impl SerialConsole {
+/// What a restored console needs besides its state: its interrupt line and its sink.
+#[allow(missing_debug_implementations)] // the sink is any writer
+pub struct SerialArgs {
+    pub irq: EventFd,
+    pub out: Box<dyn Write + Send>,
+}
+
+impl Persist for SerialConsole {
+    type State = SerialState;
+    type ConstructorArgs = SerialArgs;
+    type Error = io::Error;
+
     /// The device's state; the VM is paused.
-    pub fn save(&self) -> SerialState {
+    fn save(&self) -> SerialState {
         let s = self.uart.state();
         SerialState {
             baud_divisor_low: s.baud_divisor_low,
@@ -86,11 +98,7 @@ impl SerialConsole {
     }
 
     /// A console continuing from `state`.
-    pub fn restore(
-        irq: EventFd,
-        out: Box<dyn Write + Send>,
-        state: &SerialState,
-    ) -> io::Result<Self> {
+    fn restore(args: SerialArgs, state: &SerialState) -> io::Result<Self> {
         if state.in_buffer.len() > SERIAL_FIFO_MAX {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -109,8 +117,8 @@ impl SerialConsole {
             scratch: state.scratch,
             in_buffer: state.in_buffer.clone(),
         };
-        let uart =
-            Serial::from_state(&uart_state, IrqTrigger(irq), NoEvents, out).map_err(|e| {
+        let uart = Serial::from_state(&uart_state, IrqTrigger(args.irq), NoEvents, args.out)
+            .map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("bad serial state: {e:?}"),
@@ -234,20 +242,17 @@ mod tests {
         s.write(3, &[0x83]); // line control with DLAB
         let saved = s.save();
         assert_eq!(saved.scratch, 0x42);
-        let r = SerialConsole::restore(
-            EventFd::new(0).expect("evt"),
-            Box::new(sink.clone()),
-            &saved,
-        )
-        .expect("restore");
+        let args = || SerialArgs {
+            irq: EventFd::new(0).expect("evt"),
+            out: Box::new(sink.clone()),
+        };
+        let r = SerialConsole::restore(args(), &saved).expect("restore");
         assert_eq!(r.save(), saved);
         let bad = SerialState {
             in_buffer: vec![0; 65],
             ..saved
         };
-        assert!(
-            SerialConsole::restore(EventFd::new(0).expect("evt"), Box::new(sink), &bad).is_err()
-        );
+        assert!(SerialConsole::restore(args(), &bad).is_err());
     }
 
     #[test]

@@ -13,10 +13,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
 use crate::config::ConsoleConfig;
-use crate::devices::legacy::{self, SerialConsole, SerialState, I8042};
+use crate::devices::legacy::{self, SerialArgs, SerialConsole, SerialState, I8042};
 use crate::event::VmmEvent;
 use crate::memory;
 use crate::VmmError;
+use ferry_devices::persist::Persist;
 
 pub(super) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
@@ -87,9 +88,14 @@ impl Platform {
         let out = open_console(console)?;
         let serial = match serial_state {
             None => SerialConsole::new(serial_irq, out),
-            Some(state) => {
-                SerialConsole::restore(serial_irq, out, state).map_err(VmmError::DeviceState)?
-            }
+            Some(state) => SerialConsole::restore(
+                SerialArgs {
+                    irq: serial_irq,
+                    out,
+                },
+                state,
+            )
+            .map_err(VmmError::DeviceState)?,
         };
         let serial = Arc::new(Mutex::new(serial));
         io_bus.insert(

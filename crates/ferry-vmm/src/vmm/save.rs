@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use ferry_api::{SnapshotReport, SnapshotRequest, VmRunState};
+use ferry_devices::persist::Persist;
 
 use super::control::Control;
 use crate::bus::lock;
