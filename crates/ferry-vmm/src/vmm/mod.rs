@@ -64,6 +64,18 @@ enum BootEntry {
     },
 }
 
+/// Everything a fresh boot or a restore builds before it becomes a [`Vm`].
+struct VmParts {
+    machine: MachineState,
+    vm_fd: VmFd,
+    memory: ferry_devices::GuestMemory,
+    platform: Platform,
+    disks: Vec<VirtioDisk>,
+    vcpu_fds: Vec<VcpuFd>,
+    msrs: Vec<u32>,
+    api_socket: Option<ApiSocket>,
+}
+
 /// A built VM, ready to run.
 pub struct Vm {
     machine: MachineState,
@@ -239,10 +251,34 @@ impl Vm {
                 })
                 .collect(),
         };
-        Ok(Vm {
+        Ok(Vm::assemble(VmParts {
+            machine,
+            vm_fd,
+            memory: mem,
+            platform,
+            disks,
+            vcpu_fds,
+            msrs,
+            api_socket,
+        }))
+    }
+
+    /// Puts the built parts together; the one place a `Vm` is made.
+    fn assemble(parts: VmParts) -> Vm {
+        let VmParts {
+            machine,
+            vm_fd,
+            memory,
+            platform,
+            disks,
+            vcpu_fds,
+            msrs,
+            api_socket,
+        } = parts;
+        Vm {
             machine,
             vm_fd: Arc::new(vm_fd),
-            memory: mem,
+            memory,
             io_bus: Arc::new(platform.io_bus),
             mmio_bus: Arc::new(platform.mmio_bus),
             serial: platform.serial,
@@ -253,7 +289,7 @@ impl Vm {
             events_tx: platform.events_tx,
             events: platform.events,
             api_socket,
-        })
+        }
     }
 
     /// Starts the devices, the API and the vCPUs, and runs the control loop until the VM ends.

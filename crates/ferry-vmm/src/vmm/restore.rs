@@ -3,12 +3,11 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use kvm_ioctls::{Kvm, VcpuFd};
 
 use super::platform::{self, kvm_err, Platform};
-use super::{open_kvm, Vm};
+use super::{open_kvm, Vm, VmParts};
 use crate::api;
 use crate::config::{ConsoleConfig, DiskConfig, VmConfig};
 use crate::cpu::vcpu;
@@ -115,21 +114,16 @@ impl Vm {
         let msrs: Vec<u32> = state.vcpus[0].msrs.iter().map(|e| e.index).collect();
         let mut machine = state.machine;
         machine.disks = disks;
-        Ok(Vm {
+        Ok(Vm::assemble(VmParts {
             machine,
-            vm_fd: Arc::new(vm_fd),
+            vm_fd,
             memory: mem,
-            io_bus: Arc::new(platform.io_bus),
-            mmio_bus: Arc::new(platform.mmio_bus),
-            serial: platform.serial,
+            platform,
             disks: attached,
-            legacy_devices: platform.legacy_devices,
             vcpu_fds,
-            msrs: Arc::new(msrs),
-            events_tx: platform.events_tx,
-            events: platform.events,
+            msrs,
             api_socket,
-        })
+        }))
     }
 }
 
