@@ -18,6 +18,7 @@ use linux_loader::loader::KernelLoader;
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::BootError;
+use crate::cpu::regs::flat_segment;
 use crate::memory::{guest_memory_map, CMDLINE_ADDR, HIGH_RAM_START, MMIO_HOLE_START};
 
 /// Where the zero page goes.
@@ -152,24 +153,6 @@ pub fn write_boot_params(
     Ok(at)
 }
 
-fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: u8::from(!long),
-        s: 1,
-        l: u8::from(long),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
 /// Writes the boot GDT and identity page tables and puts the boot vCPU at the 64-bit entry
 /// with RSI = the zero page.
 pub fn setup_long_mode_boot(
@@ -221,8 +204,8 @@ pub fn setup_long_mode_boot(
     sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
-    sregs.cs = segment(0x08, 0xb, true);
-    let data = segment(0x10, 0x3, false);
+    sregs.cs = flat_segment(0x08, 0xb, true);
+    let data = flat_segment(0x10, 0x3, false);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
@@ -233,7 +216,7 @@ pub fn setup_long_mode_boot(
         s: 0,
         db: 0,
         l: 0,
-        ..segment(0x18, 0xb, false)
+        ..flat_segment(0x18, 0xb, false)
     };
     sregs.cr3 = PML4_ADDR;
     sregs.cr4 |= 0x20; // PAE

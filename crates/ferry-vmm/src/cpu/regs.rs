@@ -13,7 +13,8 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_EXTINT: u32 = 0x7;
 const APIC_MODE_NMI: u32 = 0x4;
 
-fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
+/// A flat 4 GiB segment (base 0, page granular); `long` makes a 64-bit code segment.
+pub(crate) fn flat_segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
@@ -21,9 +22,9 @@ fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
         type_,
         present: 1,
         dpl: 0,
-        db: 1,
+        db: u8::from(!long),
         s: 1,
-        l: 0,
+        l: u8::from(long),
         g: 1,
         avl: 0,
         unusable: 0,
@@ -35,8 +36,8 @@ fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
 /// EBX = `hvm_start_info`.
 pub fn setup_pvh_boot(vcpu: &VcpuFd, entry: u64, start_info: u64) -> Result<(), kvm_ioctls::Error> {
     let mut sregs = vcpu.get_sregs()?;
-    sregs.cs = flat_segment(0x08, 0xb);
-    let data = flat_segment(0x10, 0x3);
+    sregs.cs = flat_segment(0x08, 0xb, false);
+    let data = flat_segment(0x10, 0x3, false);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
@@ -50,7 +51,7 @@ pub fn setup_pvh_boot(vcpu: &VcpuFd, entry: u64, start_info: u64) -> Result<(), 
         s: 0,
         db: 0,
         g: 0,
-        ..flat_segment(0x18, 0xb)
+        ..flat_segment(0x18, 0xb, false)
     };
     sregs.cr0 = CR0_PE | CR0_ET;
     sregs.cr3 = 0;
