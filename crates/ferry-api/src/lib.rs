@@ -134,6 +134,18 @@ pub struct SnapshotReport {
     pub resumed: bool,
 }
 
+/// `GET /vm/snapshot/progress`: how far the snapshot being written is (answered directly,
+/// while the VM is busy saving).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotProgress {
+    /// A snapshot is being written now.
+    pub active: bool,
+    /// Guest memory scanned so far, bytes.
+    pub done_bytes: u64,
+    /// Guest memory to scan, bytes.
+    pub total_bytes: u64,
+}
+
 /// The body of every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {

@@ -18,6 +18,10 @@ use axum::{Json, Router};
 use ferry_api::{ApiError, MigrateRequest, SnapshotRequest};
 use tokio::sync::oneshot;
 
+use std::sync::Arc;
+
+use crate::snapshot::SaveProgress;
+
 use crate::event::{ApiAction, ApiRequest, VmmEvent};
 
 /// Errors while setting up the API socket.
@@ -91,10 +95,7 @@ impl ApiServer {
 }
 
 /// Serves the API on `socket` in a thread of its own.
-pub fn serve(
-    socket: &mut ApiSocket,
-    events: Sender<VmmEvent>,
-) -> Result<ApiServer, ApiSocketError> {
+pub fn serve(socket: &mut ApiSocket, state: ApiState) -> Result<ApiServer, ApiSocketError> {
     let listener = socket
         .listener
         .take()
@@ -123,7 +124,7 @@ pub fn serve(
                 let graceful = async move {
                     let _ = stop.await;
                 };
-                if let Err(e) = axum::serve(listener, router(events))
+                if let Err(e) = axum::serve(listener, router(state))
                     .with_graceful_shutdown(graceful)
                     .await
                 {
@@ -147,14 +148,26 @@ impl Drop for DoneGuard {
     }
 }
 
+/// What every handler reaches: the control loop, and the progress of a snapshot being saved
+/// (read directly: the control loop is busy while it saves).
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    pub events: Sender<VmmEvent>,
+    pub progress: Arc<SaveProgress>,
+}
+
 /// The routes of the API (see `docs/api.yaml`).
-pub fn router(events: Sender<VmmEvent>) -> Router {
+pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/vm", get(|s| call(s, ApiAction::Info)))
         .route("/vm/pause", put(|s| call(s, ApiAction::Pause)))
         .route("/vm/resume", put(|s| call(s, ApiAction::Resume)))
         .route("/vm/shutdown", put(|s| call(s, ApiAction::Shutdown)))
         .route("/vm/snapshot", put(snapshot))
+        .route(
+            "/vm/snapshot/progress",
+            get(|State(s): State<ApiState>| async move { Json(s.progress.get()) }),
+        )
         .route("/vm/migrate", put(migrate))
         .route(
             "/vm/migration",
@@ -171,7 +184,7 @@ pub fn router(events: Sender<VmmEvent>) -> Router {
                 "method not allowed on this route",
             )
         })
-        .with_state(events)
+        .with_state(state)
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -185,7 +198,7 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 async fn snapshot(
-    state: State<Sender<VmmEvent>>,
+    state: State<ApiState>,
     body: Result<Json<SnapshotRequest>, JsonRejection>,
 ) -> Response {
     match body {
@@ -198,7 +211,7 @@ async fn snapshot(
 }
 
 async fn migrate(
-    state: State<Sender<VmmEvent>>,
+    state: State<ApiState>,
     body: Result<Json<MigrateRequest>, JsonRejection>,
 ) -> Response {
     match body {
@@ -210,7 +223,7 @@ async fn migrate(
     }
 }
 
-async fn call(State(events): State<Sender<VmmEvent>>, action: ApiAction) -> Response {
+async fn call(State(ApiState { events, .. }): State<ApiState>, action: ApiAction) -> Response {
     let (reply, answer) = oneshot::channel();
     if events
         .send(VmmEvent::Api(ApiRequest { action, reply }))

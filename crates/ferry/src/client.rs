@@ -55,28 +55,47 @@ pub fn call_json<Req: Serialize, Resp: DeserializeOwned>(
     serde_json::from_slice(&body).context("the VM's answer is not what was expected")
 }
 
-/// A spinner on stderr while a long call runs, when stderr is a terminal and output is for
-/// people; cleared when dropped.
-pub struct Spinner(Option<indicatif::ProgressBar>);
-
-impl Spinner {
-    pub fn start(json: bool, message: &'static str) -> Spinner {
-        use std::io::IsTerminal;
-        if json || !std::io::stderr().is_terminal() {
-            return Spinner(None);
+/// Runs `call` (a long request) on its own thread and, on a terminal (and without `json`),
+/// shows a progress bar fed by polling `progress_path` (a [`ferry_api::SnapshotProgress`]).
+pub fn with_progress<T: Send + 'static>(
+    socket: &Path,
+    json: bool,
+    what: &'static str,
+    progress_path: &'static str,
+    call: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    use std::io::IsTerminal;
+    let worker = std::thread::spawn(call);
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0).with_message(what);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    while !worker.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(bar) = &bar {
+            if let Ok(p) = call_json::<(), ferry_api::SnapshotProgress>(
+                socket,
+                Method::GET,
+                progress_path,
+                None,
+            ) {
+                bar.set_length(p.total_bytes);
+                bar.set_position(p.done_bytes);
+            }
         }
-        let bar = indicatif::ProgressBar::new_spinner().with_message(message);
-        bar.enable_steady_tick(Duration::from_millis(100));
-        Spinner(Some(bar))
     }
-}
-
-impl Drop for Spinner {
-    fn drop(&mut self) {
-        if let Some(bar) = self.0.take() {
-            bar.finish_and_clear();
-        }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
+    worker
+        .join()
+        .map_err(|_| anyhow!("the request thread panicked"))?
 }
 
 async fn send(

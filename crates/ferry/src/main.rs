@@ -350,11 +350,17 @@ fn snapshot_create(
         dir: dir.display().to_string(),
         stop,
     };
-    let spinner = client::Spinner::start(json, "saving the VM");
-    let report: Result<ferry_api::SnapshotReport> =
-        client::call_json(socket, Method::PUT, "/vm/snapshot", Some(&request));
-    drop(spinner);
-    let report = report?;
+    let report = client::with_progress(socket, json, "saving memory", "/vm/snapshot/progress", {
+        let socket = socket.to_path_buf();
+        move || {
+            client::call_json::<_, ferry_api::SnapshotReport>(
+                &socket,
+                Method::PUT,
+                "/vm/snapshot",
+                Some(&request),
+            )
+        }
+    })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

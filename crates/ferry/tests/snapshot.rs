@@ -286,9 +286,31 @@ fn a_snapshot_without_stop_leaves_the_source_running() {
     let n = src.lines().len();
     src.wait_for_from(n, "ferry-guest: status", BOOT);
     src.assert_clean();
+    // The progress the API gave while saving ends at the whole memory, no longer active.
+    let progress = raw_get(&socket, "/vm/snapshot/progress");
+    assert_eq!(progress["active"], false, "{progress}");
+    assert_eq!(progress["done_bytes"], 256u64 << 20, "{progress}");
+    assert_eq!(progress["total_bytes"], 256u64 << 20, "{progress}");
     // An idle-ish 256 MiB guest writes far less than its memory size.
     let data = report["data_bytes"].as_u64().expect("data bytes");
     assert!(data < 128 << 20, "{report}");
+}
+
+/// `GET path` on the API, answer body as JSON.
+fn raw_get(socket: &Path, path: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {answer}"))
 }
 
 // --- bad snapshots ---------------------------------------------------------------------

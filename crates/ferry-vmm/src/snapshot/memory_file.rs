@@ -179,6 +179,7 @@ pub fn write_memory_file(
                 return;
             }
             let data = &bytes[off as usize..(off + len) as usize];
+            progress(entry.file_offset + off + len, total);
             match file.write_all_at(data, entry.file_offset + off) {
                 Ok(()) => extents.push(Extent {
                     offset: entry.file_offset + off,
@@ -406,8 +407,20 @@ mod tests {
             .expect("write");
         let dir = tmp();
         let path = dir.as_path().join("memory");
-        let (index, stats) = write_memory_file(&mem, &path, &mut |_, _| {}).expect("write file");
+        let mut seen = Vec::new();
+        let (index, stats) =
+            write_memory_file(&mem, &path, &mut |done, total| seen.push((done, total)))
+                .expect("write file");
         commit_file(&path).expect("commit");
+        assert!(
+            seen.windows(2).all(|w| w[0].0 <= w[1].0),
+            "progress only grows: {seen:?}"
+        );
+        assert_eq!(
+            seen.last(),
+            Some(&(64 << 20, 64 << 20)),
+            "and ends at the total"
+        );
         assert_eq!(stats.pages_written, 3);
         assert_eq!(index.extents.len(), 2);
         let meta = std::fs::metadata(&path).expect("meta");

@@ -13,6 +13,42 @@ use std::path::{Path, PathBuf};
 
 pub use state::VmState;
 
+/// How far the snapshot being written is; shared with the API thread, which answers progress
+/// questions while the control loop is busy saving.
+#[derive(Debug, Default)]
+pub struct SaveProgress {
+    active: std::sync::atomic::AtomicBool,
+    done: std::sync::atomic::AtomicU64,
+    total: std::sync::atomic::AtomicU64,
+}
+
+impl SaveProgress {
+    pub fn start(&self, total: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.total.store(total, Relaxed);
+        self.done.store(0, Relaxed);
+        self.active.store(true, Relaxed);
+    }
+
+    pub fn advance(&self, done: u64) {
+        self.done.store(done, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn finish(&self) {
+        self.active
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> ferry_api::SnapshotProgress {
+        use std::sync::atomic::Ordering::Relaxed;
+        ferry_api::SnapshotProgress {
+            active: self.active.load(Relaxed),
+            done_bytes: self.done.load(Relaxed),
+            total_bytes: self.total.load(Relaxed),
+        }
+    }
+}
+
 /// The state file in a snapshot folder.
 pub const STATE_FILE: &str = "state";
 /// The memory file in a snapshot folder.

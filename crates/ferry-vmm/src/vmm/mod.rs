@@ -91,6 +91,7 @@ pub struct Vm {
     events_tx: Sender<VmmEvent>,
     events: Receiver<VmmEvent>,
     api_socket: Option<ApiSocket>,
+    save_progress: Arc<crate::snapshot::SaveProgress>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -289,6 +290,7 @@ impl Vm {
             events_tx: platform.events_tx,
             events: platform.events,
             api_socket,
+            save_progress: Arc::default(),
         }
     }
 
@@ -303,7 +305,13 @@ impl Vm {
         let devices =
             event_loop::spawn(subscribers, self.events_tx.clone()).map_err(VmmError::Thread)?;
         let api_server = match self.api_socket.as_mut() {
-            Some(socket) => Some(api::serve(socket, self.events_tx.clone())?),
+            Some(socket) => Some(api::serve(
+                socket,
+                api::ApiState {
+                    events: self.events_tx.clone(),
+                    progress: self.save_progress.clone(),
+                },
+            )?),
             None => None,
         };
         let (acks_tx, acks) = mpsc::channel();

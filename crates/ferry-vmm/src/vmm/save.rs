@@ -106,9 +106,13 @@ impl Control<'_> {
 
     fn save_into(&self, dir: &Path) -> Result<(u64, MemoryWriteStats), String> {
         let mut state = self.save_state()?;
-        let (memory, stats) =
-            write_memory_file(&self.vm.memory, &dir.join(MEMORY_FILE), &mut |_, _| {})
-                .map_err(|e| crate::error_chain(&e))?;
+        let progress = &self.vm.save_progress;
+        progress.start(self.vm.machine.memory_bytes);
+        let written = write_memory_file(&self.vm.memory, &dir.join(MEMORY_FILE), &mut |done, _| {
+            progress.advance(done)
+        });
+        progress.finish();
+        let (memory, stats) = written.map_err(|e| crate::error_chain(&e))?;
         state.memory = memory;
         let state_bytes = write_state_file(dir, &state).map_err(|e| crate::error_chain(&e))?;
         Ok((state_bytes, stats))
