@@ -22,21 +22,7 @@ fn refused(args: &[&str], expect: &str) {
 }
 
 fn run_with_timeout(cmd: &mut std::process::Command) -> Output {
-    let mut child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("ferry hung on bad input");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
+    common::run_with_timeout(cmd, "ferry hung on bad input")
 }
 
 #[test]

@@ -347,24 +347,7 @@ fn restore_output(dir: &Path, disks: &[PathBuf]) -> Output {
         netns: None,
     }
     .command();
-    let mut child = c
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "a bad snapshot was restored and runs: {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
+    common::run_with_timeout(&mut c, "a bad snapshot was restored and runs")
 }
 
 fn assert_refused(dir: &Path, disks: &[PathBuf], expect: &str) {

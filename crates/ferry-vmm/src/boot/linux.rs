@@ -18,7 +18,7 @@ use linux_loader::loader::KernelLoader;
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::BootError;
-use crate::cpu::regs::flat_segment;
+use crate::cpu::regs::{flat_segment, set_flat_segments};
 use crate::memory::{guest_memory_map, CMDLINE_ADDR, HIGH_RAM_START, MMIO_HOLE_START};
 
 /// Where the zero page goes.
@@ -204,13 +204,7 @@ pub fn setup_long_mode_boot(
     sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
-    sregs.cs = flat_segment(0x08, 0xb, true);
-    let data = flat_segment(0x10, 0x3, false);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    set_flat_segments(&mut sregs, true);
     sregs.tr = kvm_segment {
         limit: 0xfffff,
         s: 0,

@@ -1,6 +1,6 @@
 //! vCPU register state at boot.
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 
 /// CR0.PE: protected mode.
@@ -32,17 +32,22 @@ pub(crate) fn flat_segment(selector: u16, type_: u8, long: bool) -> kvm_segment 
     }
 }
 
-/// Puts the boot vCPU at a PVH entry: 32-bit protected mode, paging off, flat segments,
-/// EBX = `hvm_start_info`.
-pub fn setup_pvh_boot(vcpu: &VcpuFd, entry: u64, start_info: u64) -> Result<(), kvm_ioctls::Error> {
-    let mut sregs = vcpu.get_sregs()?;
-    sregs.cs = flat_segment(0x08, 0xb, false);
+/// Loads flat segments: CS (64-bit when `long`) at selector 0x08, every data segment at 0x10.
+pub(crate) fn set_flat_segments(sregs: &mut kvm_sregs, long: bool) {
+    sregs.cs = flat_segment(0x08, 0xb, long);
     let data = flat_segment(0x10, 0x3, false);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
+}
+
+/// Puts the boot vCPU at a PVH entry: 32-bit protected mode, paging off, flat segments,
+/// EBX = `hvm_start_info`.
+pub fn setup_pvh_boot(vcpu: &VcpuFd, entry: u64, start_info: u64) -> Result<(), kvm_ioctls::Error> {
+    let mut sregs = vcpu.get_sregs()?;
+    set_flat_segments(&mut sregs, false);
     // VMX wants a usable 32-bit busy TSS even though the guest never switches through it.
     sregs.tr = kvm_segment {
         limit: 0x67,

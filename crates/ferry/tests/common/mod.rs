@@ -371,3 +371,23 @@ pub fn guest_memory_digest(pid: u32, guest_bytes: u64) -> u64 {
     }
     hash
 }
+
+/// Runs `cmd` to its end, panicking with `hung` (and its stdout) if it takes over 30 s.
+pub fn run_with_timeout(cmd: &mut Command, hung: &str) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("{hung}: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
