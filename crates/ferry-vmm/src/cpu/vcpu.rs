@@ -11,10 +11,12 @@ use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use ferry_api::ExitCounters;
+use ferry_devices::GuestMemory;
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use super::finish;
 use super::state::{save_vcpu, VcpuState};
 use crate::bus::Bus;
 use crate::event::VmmEvent;
@@ -112,6 +114,8 @@ pub struct Vcpu {
     pub msrs: Arc<Vec<u32>>,
     /// Percent of its time this vCPU rests (auto-converge during a migration); 0 = none.
     pub throttle: Arc<AtomicU32>,
+    /// Guest memory, to finish instructions KVM could not emulate.
+    pub mem: GuestMemory,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -160,6 +164,12 @@ impl Vcpu {
                 Err(e) if e.errno() == libc::EAGAIN => Next::Continue,
                 Err(e) => Next::Fail(format!("KVM_RUN failed: {e}")),
             };
+            if let Next::Fail(reason) = &next {
+                if reason == INTERNAL_ERROR && finish_failed_emulation(&mut self.fd, &self.mem) {
+                    bump(&self.counters.other);
+                    continue;
+                }
+            }
             if let Next::Fail(mut reason) = next {
                 if reason == INTERNAL_ERROR {
                     reason = describe_internal_error(&mut self.fd);
@@ -277,6 +287,52 @@ fn describe_internal_error(fd: &mut VcpuFd) -> String {
         internal.suberror,
         &internal.data[..n]
     )
+}
+
+/// After KVM failed to emulate an instruction, finishes it where ferry can: today only
+/// `int3` and `fwait` in a 64-bit kernel (see [`finish`]). Returns whether the guest can go on.
+fn finish_failed_emulation(fd: &mut VcpuFd, mem: &GuestMemory) -> bool {
+    // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `emulation_failure` is the active
+    // member of the exit union when the suberror says so; it holds plain integers only.
+    let failure = unsafe { fd.get_kvm_run().__bindgen_anon_1.emulation_failure };
+    if failure.suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION
+        || failure.flags
+            & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+            == 0
+    {
+        return false;
+    }
+    // SAFETY: the flag above says KVM filled the instruction bytes; they are plain bytes.
+    let insn = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
+    if insn.insn_size == 0 {
+        return false;
+    }
+    let (Ok(regs), Ok(sregs), Ok(fpu)) = (fd.get_regs(), fd.get_sregs(), fd.get_fpu()) else {
+        return false;
+    };
+    let stopped = finish::Stopped {
+        first_byte: insn.insn_bytes[0],
+        regs: &regs,
+        sregs: &sregs,
+        fsw: fpu.fsw,
+    };
+    match finish::finish(mem, &VcpuMmu(fd), &stopped) {
+        Ok(regs) => fd.set_regs(&regs).is_ok(),
+        Err(e) => {
+            tracing::debug!("cannot finish the failed instruction: {e}");
+            false
+        }
+    }
+}
+
+/// Guest page-table walks through KVM_TRANSLATE.
+struct VcpuMmu<'a>(&'a VcpuFd);
+
+impl finish::Translate for VcpuMmu<'_> {
+    fn translate(&self, gva: u64) -> Option<(u64, bool)> {
+        let t = self.0.translate_gva(gva).ok()?;
+        (t.valid != 0).then_some((t.physical_address, t.writeable != 0))
+    }
 }
 
 fn handle_exit(

@@ -331,6 +331,7 @@ impl Vm {
                 acks: acks_tx.clone(),
                 msrs: self.msrs.clone(),
                 throttle: throttle.clone(),
+                mem: self.memory.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("ferry-vcpu{id}"))
