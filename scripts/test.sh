@@ -14,7 +14,9 @@ cargo fmt --all -- --check
 (cd crates/ferry-testguest && cargo fmt -- --check)
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-(cd crates/ferry-testguest && env -u RUSTFLAGS CARGO_TARGET_DIR="$FERRY_CACHE_DIR/testguest-target" \
+# One target folder per checkout, as `ferry guest build` uses (see testguest_target in paths.rs).
+(cd crates/ferry-testguest && env -u RUSTFLAGS \
+  CARGO_TARGET_DIR="$FERRY_CACHE_DIR/testguest-target/${PWD//\//_}" \
   cargo clippy --release --quiet -- -D warnings)
 echo "== fuzz targets build (run them with cargo +nightly fuzz, see fuzz/README.md)"
 (cd fuzz && env -u RUSTFLAGS cargo build --quiet)

@@ -34,8 +34,21 @@ pub struct Config {
     pub max_jump_s: u64,
     pub exit_after: Option<u64>,
     pub crash_triple: bool,
+    /// How `exit_after` powers the machine off.
+    pub power: PowerOff,
     /// `inject=mem`: make one page stale after ready, to prove the checks catch it.
     pub inject_mem: bool,
+}
+
+/// The ways a PC guest stops itself, as Linux does with `reboot=k`, `poweroff` and `reboot=a`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerOff {
+    /// 0xfe to the i8042's command port.
+    I8042,
+    /// S5 through the FADT's sleep control register.
+    AcpiSleepS5,
+    /// The FADT's reset register.
+    AcpiReset,
 }
 
 impl Config {
@@ -56,6 +69,7 @@ impl Config {
             max_jump_s: 30,
             exit_after: None,
             crash_triple: false,
+            power: PowerOff::I8042,
             inject_mem: false,
         }
     }
@@ -211,6 +225,12 @@ pub fn parse(line: &[u8]) -> Config {
             b"inject" => match value {
                 b"mem" => cfg.inject_mem = true,
                 _ => bad(key, value, "expected mem"),
+            },
+            b"power" => match value {
+                b"i8042" => cfg.power = PowerOff::I8042,
+                b"acpi_off" => cfg.power = PowerOff::AcpiSleepS5,
+                b"acpi_reset" => cfg.power = PowerOff::AcpiReset,
+                _ => bad(key, value, "expected i8042, acpi_off or acpi_reset"),
             },
             b"crash" => match value {
                 b"triple" => cfg.crash_triple = true,

@@ -11,11 +11,18 @@ pub const USER_CODE: u16 = 0x20 | 3;
 const FIRST_TSS: usize = 5;
 pub const GDT_ENTRIES: usize = FIRST_TSS + 2 * MAX_CPUS;
 
-/// Ports ring 3 may use: serial COM1, i8042 (reset), PIT and port 0x61 (TSC calibration).
-const OPEN_PORTS: [(u16, u16); 4] = [(0x3f8, 0x3ff), (0x60, 0x60), (0x64, 0x64), (0x40, 0x43)];
+/// Ports ring 3 may use: serial COM1, i8042 (reset), PIT and port 0x61 (TSC calibration), and
+/// the ACPI power registers the FADT names.
+const OPEN_PORTS: [(u16, u16); 5] = [
+    (0x3f8, 0x3ff),
+    (0x60, 0x60),
+    (0x64, 0x64),
+    (0x40, 0x43),
+    (0x600, 0x602),
+];
 const OPEN_PORT_61: u16 = 0x61;
-/// The bitmap covers ports 0..0x400; ports above its end are denied by the TSS limit.
-const IOMAP_BYTES: usize = 0x400 / 8;
+/// The bitmap covers ports 0..0x800; ports above its end are denied by the TSS limit.
+const IOMAP_BYTES: usize = 0x800 / 8;
 const TSS_BASE_BYTES: usize = 104;
 const TSS_LIMIT: u64 = (TSS_BASE_BYTES + IOMAP_BYTES + 1 - 1) as u64;
 

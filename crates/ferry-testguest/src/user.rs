@@ -1,7 +1,7 @@
 //! Ring 3: the boot CPU's start-up (command line, clocks, other CPUs, workloads) and every
 //! CPU's polling loop. Nothing here enters ring 0 except through a fault or the crash gate.
 
-use crate::cmdline::{self, Config};
+use crate::cmdline::{self, Config, PowerOff};
 use crate::memory::PhysAlloc;
 use crate::racy::Racy;
 use crate::serial::Bytes;
@@ -160,18 +160,25 @@ pub extern "C" fn ap_main(cpu: usize) -> ! {
     run(cpu, None)
 }
 
-fn shutdown(disk: &mut Option<DiskWork>) -> ! {
+fn shutdown(disk: &mut Option<DiskWork>, how: PowerOff) -> ! {
     say!("shutdown");
     if let Some(d) = disk {
         d.quiesce();
     }
-    // SAFETY: port 0x64 is open to ring 3; 0xfe asks the i8042 to reset (ferry: power off).
-    unsafe { outb(0x64, 0xfe) };
+    let (port, value, name) = match how {
+        PowerOff::I8042 => (0x64, 0xfe, "i8042 reset"),
+        // SLP_TYP = 5 (the DSDT's \_S5_) and SLP_EN in the FADT's sleep control register.
+        PowerOff::AcpiSleepS5 => (0x600, (5 << 2) | (1 << 5), "ACPI S5"),
+        PowerOff::AcpiReset => (0x602, 0x01, "ACPI reset register"),
+    };
+    // SAFETY: the power ports are open to ring 3 in the TSS I/O bitmap; writing them asks
+    // the VMM to stop the machine.
+    unsafe { outb(port, value) };
     let t0 = rdtsc();
     while rdtsc().wrapping_sub(t0) < clock::tsc_hz() {
         core::hint::spin_loop();
     }
-    say!("shutdown: i8042 reset had no effect; triple-faulting instead");
+    say!("shutdown: {} had no effect; triple-faulting instead", name);
     crate::x86::triple_fault()
 }
 
@@ -228,7 +235,7 @@ fn run(cpu: usize, mut disk: Option<DiskWork>) -> ! {
                 next_status = t + 1;
             }
             if cfg.exit_after.is_some_and(|e| t >= e) {
-                shutdown(&mut disk);
+                shutdown(&mut disk, cfg.power);
             }
         }
         if let Some(m) = &mut mem {

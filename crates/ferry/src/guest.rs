@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::paths::{cache_dir, testguest_source};
+use crate::paths::{testguest_source, testguest_target};
 
 /// What `ferry guest build --json` prints.
 #[derive(Debug, Serialize)]
@@ -26,7 +26,7 @@ pub fn build_testguest() -> Result<BuiltGuest> {
             source.display()
         );
     }
-    let target_dir = cache_dir().join("testguest-target");
+    let target_dir = testguest_target(&source);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(&cargo)
         .args(["build", "--release", "--quiet"])

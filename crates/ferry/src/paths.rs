@@ -1,6 +1,6 @@
 //! Where ferry keeps its own files: a per-user cache for built guests and downloads.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// `$FERRY_CACHE_DIR`, else `$XDG_CACHE_HOME/ferry`, else `~/.cache/ferry`, else a folder in
 /// the system's temporary directory.
@@ -19,5 +19,39 @@ pub fn cache_dir() -> PathBuf {
 
 /// The source of the test guest, which lives beside this crate in the workspace.
 pub fn testguest_source() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ferry-testguest")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|crates| crates.join("ferry-testguest"))
+        .unwrap_or_else(|| PathBuf::from("ferry-testguest"))
+}
+
+/// Where the test guest of `source` is built: one folder per checkout. Cargo's freshness
+/// checks ignore where a package lives (paths relative to it, modification times), so two
+/// checkouts sharing a target folder would reuse each other's build script output (with the
+/// other checkout's linker script path in it) and even each other's binaries.
+/// scripts/test.sh names the same folder.
+pub fn testguest_target(source: &Path) -> PathBuf {
+    let key: String = source
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c == '/' { '_' } else { c })
+        .collect();
+    cache_dir().join("testguest-target").join(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_checkout_builds_its_test_guest_in_its_own_folder() {
+        let a = testguest_target(Path::new("/work/main/crates/ferry-testguest"));
+        let b = testguest_target(Path::new("/check/work/main/crates/ferry-testguest"));
+        assert_ne!(a, b);
+        assert_eq!(
+            a.file_name().and_then(|n| n.to_str()),
+            Some("_work_main_crates_ferry-testguest")
+        );
+        assert!(a.starts_with(cache_dir().join("testguest-target")));
+    }
 }

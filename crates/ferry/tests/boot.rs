@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{kvm_or_skip, sparse_image, vm_api, wait_for_path, Boot, TempDir};
+use common::{kvm_or_skip, sparse_image, vm_api, wait_for_path, Boot, TempDir, VmProcess};
 
 const BOOT: Duration = Duration::from_secs(30);
 const EXIT: Duration = Duration::from_secs(30);
@@ -121,6 +121,34 @@ fn guest_shutdown_ends_ferry_run_with_exit_code_zero() {
     vm.wait_for("ferry-guest: shutdown", BOOT);
     let status = vm.wait_exit(EXIT);
     assert!(status.success(), "{status:?}: {}", vm.stderr());
+}
+
+/// A guest that powers off or resets through the registers ferry's FADT names (as Linux does
+/// with `poweroff` and `reboot=a`) ends `ferry run` with exit code 0. Were a write ignored,
+/// the guest would triple-fault instead, and ferry would exit non-zero.
+#[test]
+fn acpi_power_off_and_reset_end_ferry_run_with_exit_code_zero() {
+    if !kvm_or_skip("acpi_power_off_and_reset_end_ferry_run_with_exit_code_zero") {
+        return;
+    }
+    for (power, logged) in [
+        ("acpi_off", "guest powered off (ACPI power off)"),
+        ("acpi_reset", "guest powered off (ACPI reset)"),
+    ] {
+        let boot = Boot::guest(&format!("workload=idle exit_after=1 power={power}"));
+        let mut command = boot.command();
+        command.env("FERRY_LOG", "info");
+        let mut vm = VmProcess::spawn(command);
+        vm.wait_for("ferry-guest: shutdown", BOOT);
+        let status = vm.wait_exit(EXIT);
+        let err = vm.stderr();
+        assert!(status.success(), "{power}: {status:?}: {err}");
+        assert!(err.contains(logged), "{power}: {err}");
+        assert!(
+            !vm.lines().iter().any(|l| l.contains("no effect")),
+            "{power}"
+        );
+    }
 }
 
 #[test]
