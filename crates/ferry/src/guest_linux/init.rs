@@ -10,6 +10,8 @@ pub const READY_PREFIX: &str = "ferry-linux: ready";
 pub const ALIVE_PREFIX: &str = "ferry-linux: alive uptime=";
 /// Seconds between heartbeats, unless the command line says `ferry.heartbeat=<seconds>`.
 pub const HEARTBEAT_SECONDS: u32 = 2;
+/// Printed before `ferry.exit=` powers the guest off or restarts it.
+pub const EXIT_PREFIX: &str = "ferry-linux: exit ";
 
 /// The `/init` script that loads `modules` (names; files at `/lib/modules/<name>.ko`) in the
 /// given order, mounts `/dev/vda` read-only at `/mnt` if there is one, prints the ready line
@@ -62,14 +64,21 @@ else
 fi
 
 heartbeat={HEARTBEAT_SECONDS}
+then_exit=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     ferry.heartbeat=*) heartbeat="${{arg#ferry.heartbeat=}}" ;;
+    ferry.exit=*) then_exit="${{arg#ferry.exit=}}" ;;
   esac
 done
 
 mem=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)
 echo "{READY_PREFIX} kernel=$(uname -r) cpus=$(nproc) mem_kib=$mem"
+# ferry.exit=poweroff|reboot: leave through the kernel's own power-off or restart path.
+case "$then_exit" in
+  poweroff) echo "{EXIT_PREFIX}poweroff"; poweroff -f ;;
+  reboot) echo "{EXIT_PREFIX}reboot"; reboot -f ;;
+esac
 while :; do
   read -r up idle </proc/uptime
   echo "{ALIVE_PREFIX}$up"
@@ -108,6 +117,17 @@ mod tests {
         assert!(at(READY_PREFIX) < at(ALIVE_PREFIX));
         assert!(script.contains("insmod \"/lib/modules/$1.ko\""));
         assert!(script.contains("cannot mount /dev/vda"));
+    }
+
+    #[test]
+    fn powers_off_or_restarts_only_when_asked() {
+        let script = init_script(&[]);
+        let ready = script.find(READY_PREFIX).expect("ready");
+        let off = script.find("poweroff -f").expect("poweroff");
+        let restart = script.find("reboot -f").expect("reboot");
+        assert!(ready < off && ready < restart);
+        assert!(script.contains("ferry.exit=*) then_exit="));
+        assert!(script.contains("case \"$then_exit\" in"));
     }
 
     #[test]
