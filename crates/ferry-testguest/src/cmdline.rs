@@ -222,6 +222,11 @@ pub fn parse(line: &[u8]) -> Config {
                 Some(v) => cfg.exit_after = Some(v),
                 None => bad(key, value, "expected seconds"),
             },
+            // Read by ring 0 at boot (selftest.rs); accepted here so it is not called bad.
+            b"selftest" => match value {
+                b"ring0" => {}
+                _ => bad(key, value, "expected ring0"),
+            },
             b"inject" => match value {
                 b"mem" => cfg.inject_mem = true,
                 _ => bad(key, value, "expected mem"),

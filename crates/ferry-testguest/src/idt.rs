@@ -144,6 +144,8 @@ pub unsafe fn init() {
             let ist = if matches!(v, 2 | 8 | 18) { 1 } else { 0 };
             set(v as u8, h, ist, 0);
         }
+        // Ring 0's own int3 (the boot self-test) returns; from ring 3 the DPL-0 gate faults.
+        set(3, crate::selftest::bp_handler(), 0, 0);
         set(TIMER_VECTOR, isr_timer as *const () as u64, 0, 0);
         set(SPURIOUS_VECTOR, isr_spurious as *const () as u64, 0, 0);
         load();

@@ -14,6 +14,7 @@ extern "C" fn kernel_main_bsp(start_info: u32) -> ! {
         info.alloc_start = paging::map_all(info.ram_top, info.gb_pages, boot::kernel_end());
         gdt::load_tss(0, boot::bsp_kstack_top(), boot::bsp_ist_top());
         idt::init();
+        crate::selftest::run_if_asked(info.cmdline_paddr);
         // Mask both 8259 PICs: nothing of theirs may reach us.
         x86::outb(0x21, 0xff);
         x86::outb(0xa1, 0xff);

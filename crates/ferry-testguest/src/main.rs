@@ -22,6 +22,7 @@ mod paging;
 mod pattern;
 mod racy;
 mod rt;
+mod selftest;
 mod serial;
 mod smp;
 mod status;

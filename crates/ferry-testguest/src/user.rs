@@ -116,6 +116,8 @@ pub extern "C" fn bsp_main(_: usize) -> ! {
         Bytes(line)
     );
 
+    crate::selftest::report();
+
     let lapic_hz = lapic::calibrate_timer_hz(tsc_hz);
     let lapic_count = (lapic_hz / cfg.tick_hz).min(u64::from(u32::MAX)) as u32;
     if lapic_count == 0 {

@@ -151,6 +151,20 @@ fn acpi_power_off_and_reset_end_ferry_run_with_exit_code_zero() {
     }
 }
 
+/// Ring 0 runs `fwait` and `int3` (as Linux does while it boots). Where the host emulates guest
+/// ring 0, KVM's emulator gives up on both and ferry finishes them; the guest's #BP handler
+/// checks it got the architectural frame.
+#[test]
+fn ring0_int3_and_fwait_work_even_where_kvm_cannot_emulate_them() {
+    if !kvm_or_skip("ring0_int3_and_fwait_work_even_where_kvm_cannot_emulate_them") {
+        return;
+    }
+    let mut vm = Boot::guest("workload=idle exit_after=1 selftest=ring0").start();
+    vm.wait_for("ferry-guest: selftest ring0 fwait=ok int3=ok", BOOT);
+    let status = vm.wait_exit(EXIT);
+    assert!(status.success(), "{status:?}: {}", vm.stderr());
+}
+
 #[test]
 fn guest_triple_fault_ends_ferry_run_non_zero_with_a_clear_message() {
     if !kvm_or_skip("guest_triple_fault_ends_ferry_run_non_zero_with_a_clear_message") {
