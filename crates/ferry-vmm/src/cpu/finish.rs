@@ -9,7 +9,8 @@
 //! that the VMM reports the original failure. Nothing is written to the guest on a refusal.
 //!
 //! - `int3` (0xcc): raise #BP as a trap through the IDT, with the address after the
-//!   instruction on the stack — 64-bit mode, CPL 0, a present gate to the same code segment.
+//!   instruction on the stack — 64-bit mode, CPL 0, no CET, a present gate to the same code
+//!   segment.
 //! - `fwait` (0x9b): #NM if CR0.TS and CR0.MP, #MF if an x87 exception is pending; otherwise
 //!   nothing happens and execution goes on with the next instruction.
 
@@ -25,6 +26,9 @@ const GATE_SIZE: u64 = 16;
 /// Offset of IST1 in the 64-bit TSS.
 const TSS_IST1: u64 = 0x24;
 const EFER_LMA: u64 = 1 << 10;
+/// CR4.CET: with control-flow enforcement on, delivering an exception also involves the
+/// shadow stack, which ferry does not model.
+const CR4_CET: u64 = 1 << 23;
 const CR0_MP: u64 = 1 << 1;
 const CR0_TS: u64 = 1 << 3;
 /// x87 status word: an unmasked exception is pending.
@@ -42,7 +46,7 @@ const RFLAGS_RF: u64 = 1 << 16;
 pub enum Unfinished {
     #[error("ferry does not finish instruction byte {0:#04x}")]
     UnknownInstruction(u8),
-    #[error("int3 outside 64-bit mode at CPL 0")]
+    #[error("int3 outside 64-bit mode at CPL 0, or with CET on")]
     UnsupportedMode,
     #[error("single-stepping through a finished instruction")]
     SingleStep,
@@ -133,7 +137,11 @@ fn deliver_int3<M: GuestMemory>(
     at: &Stopped<'_>,
 ) -> Result<kvm_regs, Unfinished> {
     let (regs, sregs) = (at.regs, at.sregs);
-    if sregs.efer & EFER_LMA == 0 || sregs.cs.l == 0 || sregs.cs.dpl != 0 {
+    if sregs.efer & EFER_LMA == 0
+        || sregs.cs.l == 0
+        || sregs.cs.dpl != 0
+        || sregs.cr4 & CR4_CET != 0
+    {
         return Err(Unfinished::UnsupportedMode);
     }
     if u64::from(sregs.idt.limit) < BP_VECTOR * GATE_SIZE + GATE_SIZE - 1 {
@@ -429,6 +437,12 @@ mod tests {
         user.cs.dpl = 3;
         assert_eq!(
             finish(&mem, &mmu, &stopped(INT3, &regs, &user)),
+            Err(Unfinished::UnsupportedMode)
+        );
+        let mut cet = sregs;
+        cet.cr4 |= CR4_CET;
+        assert_eq!(
+            finish(&mem, &mmu, &stopped(INT3, &regs, &cet)),
             Err(Unfinished::UnsupportedMode)
         );
         regs.rflags |= RFLAGS_TF;
