@@ -67,6 +67,8 @@ pub struct ExitCounters {
     pub hlt: u64,
     /// KVM_RUN returned to let the VMM handle a request (pause, stop).
     pub interrupted: u64,
+    /// Everything else: system events, interrupt windows, and instructions KVM could not
+    /// emulate that ferry finished (see ferry-vmm's `cpu/finish.rs`).
     pub other: u64,
 }
 
