@@ -164,15 +164,24 @@ impl Vcpu {
                 Err(e) if e.errno() == libc::EAGAIN => Next::Continue,
                 Err(e) => Next::Fail(format!("KVM_RUN failed: {e}")),
             };
+            let mut unfinished = None;
             if let Next::Fail(reason) = &next {
-                if reason == INTERNAL_ERROR && finish_failed_emulation(&mut self.fd, &self.mem) {
-                    bump(&self.counters.other);
-                    continue;
+                if reason == INTERNAL_ERROR {
+                    match finish_failed_emulation(&mut self.fd, &self.mem) {
+                        Ok(()) => {
+                            bump(&self.counters.other);
+                            continue;
+                        }
+                        Err(why) => unfinished = why,
+                    }
                 }
             }
             if let Next::Fail(mut reason) = next {
                 if reason == INTERNAL_ERROR {
                     reason = describe_internal_error(&mut self.fd);
+                }
+                if let Some(why) = unfinished {
+                    reason = format!("{reason} ({why})");
                 }
                 if let Ok(regs) = self.fd.get_regs() {
                     reason = format!("{reason} at rip {:#x}", regs.rip);
@@ -290,8 +299,9 @@ fn describe_internal_error(fd: &mut VcpuFd) -> String {
 }
 
 /// After KVM failed to emulate an instruction, finishes it where ferry can: today only
-/// `int3` and `fwait` in a 64-bit kernel (see [`finish`]). Returns whether the guest can go on.
-fn finish_failed_emulation(fd: &mut VcpuFd, mem: &GuestMemory) -> bool {
+/// `int3` and `fwait` in a 64-bit kernel (see [`finish`]). Ok when the guest can go on;
+/// otherwise why not, where there is something to say.
+fn finish_failed_emulation(fd: &mut VcpuFd, mem: &GuestMemory) -> Result<(), Option<String>> {
     // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `emulation_failure` is the active
     // member of the exit union when the suberror says so; it holds plain integers only.
     let failure = unsafe { fd.get_kvm_run().__bindgen_anon_1.emulation_failure };
@@ -300,15 +310,16 @@ fn finish_failed_emulation(fd: &mut VcpuFd, mem: &GuestMemory) -> bool {
             & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
             == 0
     {
-        return false;
+        return Err(None);
     }
     // SAFETY: the flag above says KVM filled the instruction bytes; they are plain bytes.
     let insn = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
     if insn.insn_size == 0 {
-        return false;
+        return Err(None);
     }
-    let (Ok(regs), Ok(sregs), Ok(fpu)) = (fd.get_regs(), fd.get_sregs(), fd.get_fpu()) else {
-        return false;
+    let state = (fd.get_regs(), fd.get_sregs(), fd.get_fpu());
+    let (Ok(regs), Ok(sregs), Ok(fpu)) = state else {
+        return Err(Some("cannot read the vCPU's registers".into()));
     };
     let stopped = finish::Stopped {
         first_byte: insn.insn_bytes[0],
@@ -316,13 +327,9 @@ fn finish_failed_emulation(fd: &mut VcpuFd, mem: &GuestMemory) -> bool {
         sregs: &sregs,
         fsw: fpu.fsw,
     };
-    match finish::finish(mem, &VcpuMmu(fd), &stopped) {
-        Ok(regs) => fd.set_regs(&regs).is_ok(),
-        Err(e) => {
-            tracing::debug!("cannot finish the failed instruction: {e}");
-            false
-        }
-    }
+    let regs = finish::finish(mem, &VcpuMmu(fd), &stopped).map_err(|e| Some(e.to_string()))?;
+    fd.set_regs(&regs)
+        .map_err(|e| Some(format!("cannot set the registers after finishing it: {e}")))
 }
 
 /// Guest page-table walks through KVM_TRANSLATE.
