@@ -111,6 +111,7 @@ pub fn serve(socket: &mut ApiSocket, state: ApiState) -> Result<ApiServer, ApiSo
             let _done = DoneGuard(done_tx);
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_io()
+                .enable_time()
                 .build()
             {
                 Ok(r) => r,
@@ -121,15 +122,7 @@ pub fn serve(socket: &mut ApiSocket, state: ApiState) -> Result<ApiServer, ApiSo
                     Ok(l) => l,
                     Err(e) => return tracing::error!("API listener: {e}"),
                 };
-                let graceful = async move {
-                    let _ = stop.await;
-                };
-                if let Err(e) = axum::serve(listener, router(state))
-                    .with_graceful_shutdown(graceful)
-                    .await
-                {
-                    tracing::error!("API server stopped: {e}");
-                }
+                serve_connections(listener, router(state), stop).await;
             });
         })
         .map_err(ApiSocketError::Thread)?;
@@ -137,6 +130,43 @@ pub fn serve(socket: &mut ApiSocket, state: ApiState) -> Result<ApiServer, ApiSo
         shutdown: Some(shutdown),
         done,
     })
+}
+
+/// Accepts connections until `stop` fires, then lets the ones in flight finish. Each is served
+/// with HTTP/1 half-close allowed: a client may shut down its writing side after its request
+/// (as `curl` and `socat` can) and still read the answer.
+async fn serve_connections(
+    listener: tokio::net::UnixListener,
+    app: Router,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .half_close(true)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    let connection = connections.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!("API connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors, say: try again shortly rather than spin.
+                    tracing::warn!("API accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = &mut stop => break,
+        }
+    }
+    drop(listener);
+    connections.shutdown().await;
 }
 
 /// Tells the stopper that the server thread ended, however it ended.

@@ -125,7 +125,6 @@ fn raw_http(socket: &std::path::Path, request: &[u8]) -> String {
     let mut s = UnixStream::connect(socket).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    // No half-close: hyper drops a connection whose reading side ends before it answered.
     s.write_all(request).expect("send");
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
@@ -172,6 +171,44 @@ fn malformed_api_requests_get_errors_and_the_vm_keeps_running() {
     // Still alive and answering.
     let info = common::vm_api(&socket, "info");
     assert!(info["state"] == "running" || info["state"] == "paused");
+    vm.assert_clean();
+}
+
+/// A client that shuts down its writing side right after its request (`curl`, `socat` and
+/// scripts do) still gets its answer: the server allows HTTP/1 half-close.
+#[test]
+fn an_api_client_that_half_closes_still_gets_its_answer() {
+    if !kvm_or_skip("an_api_client_that_half_closes_still_gets_its_answer") {
+        return;
+    }
+    let dir = TempDir::new("half-close");
+    let socket = dir.join("api.sock");
+    let vm = Boot {
+        api_socket: Some(socket.clone()),
+        ..Boot::guest("workload=idle")
+    }
+    .start();
+    vm.wait_for("ferry-guest: ready", Duration::from_secs(30));
+    wait_for_path(&socket, Duration::from_secs(30));
+    for request in [
+        &b"GET /vm HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &b"GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
+        &b"GET /vm HTTP/1.0\r\n\r\n"[..],
+    ] {
+        let mut s = UnixStream::connect(&socket).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(request).expect("send");
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
+            "{}: {answer:?}",
+            String::from_utf8_lossy(request)
+        );
+        assert!(answer.contains("\"state\""), "{answer}");
+    }
     vm.assert_clean();
 }
 
