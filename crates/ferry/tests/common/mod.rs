@@ -241,6 +241,26 @@ impl VmProcess {
     }
 
     /// Status lines parsed so far.
+    /// Waits for the guest's first status line and then for a later one with more timer ticks.
+    /// Status lines follow the guest's TSC, so a vCPU thread starved by a loaded host can
+    /// print two of them back to back before its next timer interrupt; the ticks must still
+    /// go on within a few lines. Returns (first, later).
+    pub fn wait_for_ticks(&self, timeout: Duration) -> (Status, Status) {
+        let deadline = Instant::now() + timeout;
+        let (mut at, line) = self.wait_for_from(0, "ferry-guest: status", timeout);
+        let first = Status::parse(&line).expect("a status line");
+        for _ in 0..10 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (i, line) = self.wait_for_from(at + 1, "ferry-guest: status", left);
+            let later = Status::parse(&line).expect("a status line");
+            if later.ticks > first.ticks {
+                return (first, later);
+            }
+            at = i;
+        }
+        panic!("timer ticks stopped: {:?}", self.statuses());
+    }
+
     pub fn statuses(&self) -> Vec<Status> {
         self.lines()
             .iter()
