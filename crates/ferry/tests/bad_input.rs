@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{ferry, guest_kernel, kvm_or_skip, wait_for_path, Boot, TempDir};
+use common::{ferry, guest_kernel, kvm_or_skip, wait_for_path, Boot, TempDir, VmProcess};
 
 /// Runs `ferry run` with `args` after `--kernel K`, expecting a refusal mentioning `expect`.
 fn refused(args: &[&str], expect: &str) {
@@ -120,6 +120,20 @@ fn an_api_socket_in_use_is_refused() {
     );
 }
 
+/// An idle test guest with an API socket, ready; the folder holds the socket.
+fn idle_vm_with_api(name: &str) -> (TempDir, VmProcess, std::path::PathBuf) {
+    let dir = TempDir::new(name);
+    let socket = dir.join("api.sock");
+    let vm = Boot {
+        api_socket: Some(socket.clone()),
+        ..Boot::guest("workload=idle")
+    }
+    .start();
+    vm.wait_for("ferry-guest: ready", Duration::from_secs(30));
+    wait_for_path(&socket, Duration::from_secs(30));
+    (dir, vm, socket)
+}
+
 /// Sends raw bytes to the API and returns the raw answer.
 fn raw_http(socket: &std::path::Path, request: &[u8]) -> String {
     let mut s = UnixStream::connect(socket).expect("connect");
@@ -136,15 +150,7 @@ fn malformed_api_requests_get_errors_and_the_vm_keeps_running() {
     if !kvm_or_skip("malformed_api_requests_get_errors_and_the_vm_keeps_running") {
         return;
     }
-    let dir = TempDir::new("bad-api");
-    let socket = dir.join("api.sock");
-    let vm = Boot {
-        api_socket: Some(socket.clone()),
-        ..Boot::guest("workload=idle")
-    }
-    .start();
-    vm.wait_for("ferry-guest: ready", Duration::from_secs(30));
-    wait_for_path(&socket, Duration::from_secs(30));
+    let (_dir, vm, socket) = idle_vm_with_api("bad-api");
 
     let a = raw_http(
         &socket,
@@ -181,15 +187,7 @@ fn an_api_client_that_half_closes_still_gets_its_answer() {
     if !kvm_or_skip("an_api_client_that_half_closes_still_gets_its_answer") {
         return;
     }
-    let dir = TempDir::new("half-close");
-    let socket = dir.join("api.sock");
-    let vm = Boot {
-        api_socket: Some(socket.clone()),
-        ..Boot::guest("workload=idle")
-    }
-    .start();
-    vm.wait_for("ferry-guest: ready", Duration::from_secs(30));
-    wait_for_path(&socket, Duration::from_secs(30));
+    let (_dir, vm, socket) = idle_vm_with_api("half-close");
     for request in [
         &b"GET /vm HTTP/1.1\r\nHost: x\r\n\r\n"[..],
         &b"GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
