@@ -7,9 +7,9 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::hosts::{receiver, TwoHosts};
 use common::{ferry, kvm_or_skip, wait_for_path, TempDir, VmProcess};
 
 /// The kernel's own words for trouble a migration could cause.
@@ -90,13 +90,7 @@ fn linux_vm(kit: &LinuxKit, socket: &std::path::Path, wrap: Option<&str>) -> VmP
             "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1 pci=off {HIDDEN_FEATURES}"
         ));
     match wrap {
-        Some(ns) => {
-            let mut w = Command::new("ip");
-            w.args(["netns", "exec", ns])
-                .arg(c.get_program())
-                .args(c.get_args());
-            VmProcess::spawn(w)
-        }
+        Some(ns) => VmProcess::spawn(TwoHosts::exec(ns, &c)),
         None => VmProcess::spawn(c),
     }
 }
@@ -150,70 +144,6 @@ fn the_stock_kernel_accepts_ferrys_platform() {
     assert_no_kernel_trouble(&vm);
 }
 
-/// Two network namespaces with a veth link (the same set-up as the migration tests).
-struct Hosts(String, String, String);
-
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-impl Hosts {
-    fn create() -> Option<Hosts> {
-        let id = std::process::id() % 100000;
-        let (a, b) = (format!("ferry-lx-a{id}"), format!("ferry-lx-b{id}"));
-        let ok = ip(&["netns", "add", &a])
-            && ip(&["netns", "add", &b])
-            && ip(&[
-                "link",
-                "add",
-                &format!("lxa{id}"),
-                "netns",
-                &a,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &format!("lxb{id}"),
-                "netns",
-                &b,
-            ])
-            && ip(&[
-                "-n",
-                &a,
-                "addr",
-                "add",
-                "10.204.0.1/24",
-                "dev",
-                &format!("lxa{id}"),
-            ])
-            && ip(&[
-                "-n",
-                &b,
-                "addr",
-                "add",
-                "10.204.0.2/24",
-                "dev",
-                &format!("lxb{id}"),
-            ])
-            && ip(&["-n", &a, "link", "set", &format!("lxa{id}"), "up"])
-            && ip(&["-n", &b, "link", "set", &format!("lxb{id}"), "up"]);
-        let hosts = Hosts(a, b, "10.204.0.2:7080".into());
-        ok.then_some(hosts)
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        ip(&["netns", "del", &self.0]);
-        ip(&["netns", "del", &self.1]);
-    }
-}
-
 #[test]
 fn a_linux_guest_migrated_mid_boot_goes_on_booting() {
     let name = "a_linux_guest_migrated_mid_boot_goes_on_booting";
@@ -221,33 +151,23 @@ fn a_linux_guest_migrated_mid_boot_goes_on_booting() {
         return;
     }
     let Some(kit) = linux_kit(name) else { return };
-    let Some(hosts) = Hosts::create() else {
+    let Some(hosts) = TwoHosts::create("lx") else {
         println!("SKIPPED (cannot create network namespaces): {name}");
         return;
     };
     let dir = TempDir::new("linux-migrate");
-    let mut receive = ferry();
-    receive.args(["receive", "--listen", &hosts.2]);
-    let mut w = Command::new("ip");
-    w.args(["netns", "exec", &hosts.1])
-        .arg(receive.get_program())
-        .args(receive.get_args());
-    let dst = VmProcess::spawn(w);
+    let listen = format!("{}:7080", hosts.b_addr);
+    let dst = receiver(&hosts.b, &listen, None, &[]);
     let socket = dir.join("src.sock");
-    let mut src = linux_vm(&kit, &socket, Some(&hosts.0));
+    let mut src = linux_vm(&kit, &socket, Some(&hosts.a));
     let limit = Deadline::after(TEST_LIMIT);
     // In the middle of the boot: memory set up, the second vCPU still waiting for its SIPI.
     src.wait_for("Memory: ", limit.left());
     wait_for_path(&socket, limit.left());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !dst.stderr().contains("listening on") {
-        assert!(Instant::now() < deadline, "receiver: {}", dst.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let out = ferry()
         .args(["migrate", "--json", "--api-socket"])
         .arg(&socket)
-        .args(["--to", &hosts.2])
+        .args(["--to", &listen])
         .output()
         .expect("migrate");
     assert!(

@@ -7,92 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use common::hosts::{receiver, TwoHosts};
 use common::{ferry, kvm_or_skip, sparse_image, wait_for_path, Boot, Status, TempDir, VmProcess};
 
 const BOOT: Duration = Duration::from_secs(30);
 const MIGRATE: Duration = Duration::from_secs(120);
-
-/// Two network namespaces with a veth link between them; removed when dropped.
-struct TwoHosts {
-    a: String,
-    b: String,
-    a_addr: String,
-    b_addr: String,
-}
-
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-impl TwoHosts {
-    fn create(tag: &str) -> Option<TwoHosts> {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let id = format!("{}{}", std::process::id() % 10000, n);
-        let hosts = TwoHosts {
-            a: format!("ferry-{tag}-a{id}"),
-            b: format!("ferry-{tag}-b{id}"),
-            a_addr: format!("10.201.{}.1", n % 250),
-            b_addr: format!("10.201.{}.2", n % 250),
-        };
-        let (va, vb) = (format!("fa{id}"), format!("fb{id}"));
-        let ok = ip(&["netns", "add", &hosts.a])
-            && ip(&["netns", "add", &hosts.b])
-            && ip(&[
-                "link", "add", &va, "netns", &hosts.a, "type", "veth", "peer", "name", &vb,
-                "netns", &hosts.b,
-            ])
-            && ip(&[
-                "-n",
-                &hosts.a,
-                "addr",
-                "add",
-                &format!("{}/24", hosts.a_addr),
-                "dev",
-                &va,
-            ])
-            && ip(&[
-                "-n",
-                &hosts.b,
-                "addr",
-                "add",
-                &format!("{}/24", hosts.b_addr),
-                "dev",
-                &vb,
-            ])
-            && ip(&["-n", &hosts.a, "link", "set", &va, "up"])
-            && ip(&["-n", &hosts.b, "link", "set", &vb, "up"])
-            && ip(&["-n", &hosts.a, "link", "set", "lo", "up"])
-            && ip(&["-n", &hosts.b, "link", "set", "lo", "up"]);
-        ok.then_some(hosts)
-    }
-
-    /// `command` run inside namespace `ns`.
-    fn exec(ns: &str, command: &Command) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns])
-            .arg(command.get_program())
-            .args(command.get_args());
-        for (k, v) in command.get_envs() {
-            if let Some(v) = v {
-                c.env(k, v);
-            }
-        }
-        c
-    }
-}
-
-impl Drop for TwoHosts {
-    fn drop(&mut self) {
-        ip(&["netns", "del", &self.a]);
-        ip(&["netns", "del", &self.b]);
-    }
-}
 
 fn hosts_or_skip(test: &str) -> Option<TwoHosts> {
     if !kvm_or_skip(test) {
@@ -103,29 +22,6 @@ fn hosts_or_skip(test: &str) -> Option<TwoHosts> {
         println!("SKIPPED (cannot create network namespaces): {test}");
     }
     h
-}
-
-/// A `ferry receive` on host `ns` at `addr`; waits until it listens.
-fn receiver(ns: &str, listen: &str, socket: Option<&Path>, disks: &[PathBuf]) -> VmProcess {
-    let mut c = ferry();
-    c.args(["receive", "--listen", listen]);
-    if let Some(s) = socket {
-        c.arg("--api-socket").arg(s);
-    }
-    for d in disks {
-        c.arg("--disk").arg(d);
-    }
-    let vm = VmProcess::spawn(TwoHosts::exec(ns, &c));
-    let deadline = std::time::Instant::now() + BOOT;
-    while !vm.stderr().contains("listening on") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "receiver did not listen: {}",
-            vm.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    vm
 }
 
 /// Runs `ferry migrate` and returns its output.

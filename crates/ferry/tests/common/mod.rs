@@ -2,6 +2,8 @@
 //! processes whose console is watched line by line, and temporary folders.
 #![allow(dead_code)]
 
+pub mod hosts;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
