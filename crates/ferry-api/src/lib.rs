@@ -212,9 +212,22 @@ pub struct MigrateRequest {
     pub max_time_secs: Option<u64>,
     #[serde(default)]
     pub on_timeout: OnTimeout,
+    /// The link counts as lost when the destination takes no data, or applies nothing it was
+    /// sent, for this many milliseconds (default 5000).
+    #[serde(default)]
+    pub link_timeout_ms: Option<u64>,
     /// Answer when the migration has ended (with its final status) instead of at once.
     #[serde(default)]
     pub wait: bool,
+}
+
+/// `PUT /vm/migration/resolve`: settle a migration whose outcome is unknown by asking the
+/// destination whether it runs the VM; the source then ends (it does) or resumes (it does not).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolveRequest {
+    /// Where to ask; the migration's own destination by default.
+    #[serde(default)]
+    pub to: Option<String>,
 }
 
 /// The default downtime target, milliseconds.
@@ -289,5 +302,87 @@ pub struct MigrationStatus {
     pub elapsed_secs: f64,
     /// What the migration decided along the way (throttling, forced switchover, ...).
     pub notes: Vec<String>,
-    pub error: Option<String>,
+    /// Why it failed, was cancelled or ended with an unknown outcome.
+    pub error: Option<MigrationError>,
+    /// Bytes of the current pass still to send (the first pass counts every page that may
+    /// hold data).
+    #[serde(default)]
+    pub pass_bytes_remaining: u64,
+    /// Bytes the destination has written into its guest memory.
+    #[serde(default)]
+    pub bytes_applied: u64,
+    /// Seconds until the switchover at the current rates, if they can be told.
+    #[serde(default)]
+    pub eta_secs: Option<f64>,
+    /// The longest stretch any vCPU did not run (auto-converge rests and the downtime).
+    #[serde(default)]
+    pub longest_stall_ms: f64,
+    /// Identifies this migration to the destination (for resolving an unknown outcome).
+    #[serde(default)]
+    pub migration_id: u64,
 }
+
+/// What kind of failure ended a migration: what a controller matches on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationErrorKind {
+    /// The link broke or went silent. Retry.
+    NetworkLost,
+    /// The destination refused this VM (it was busy, or said no for a reason of its own).
+    PeerRefused,
+    /// The two sides cannot work together (protocol version, features, memory layout).
+    Incompatible,
+    /// The destination lacks memory, vCPUs, disks or other resources for the VM.
+    DestinationResources,
+    /// The migration did not converge or finish in the time it was given.
+    TimedOut,
+    /// The operator cancelled it.
+    Cancelled,
+    /// The VM itself failed (a vCPU or device stopped) during the migration.
+    GuestFailed,
+    /// A bug or an unexpected local failure.
+    Internal,
+    /// The handover's outcome could not be learnt: the VM may run on the destination.
+    OutcomeUnknown,
+}
+
+impl MigrationErrorKind {
+    /// Whether the same migration may succeed if tried again as it is.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            MigrationErrorKind::NetworkLost
+                | MigrationErrorKind::PeerRefused
+                | MigrationErrorKind::TimedOut
+                | MigrationErrorKind::Cancelled
+        )
+    }
+}
+
+/// A failed migration, as the API and `ferry migrate --json` report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationError {
+    pub kind: MigrationErrorKind,
+    /// What happened, with its causes.
+    pub message: String,
+    /// Whether trying again may succeed.
+    pub retryable: bool,
+}
+
+impl MigrationError {
+    pub fn new(kind: MigrationErrorKind, message: impl Into<String>) -> MigrationError {
+        MigrationError {
+            kind,
+            message: message.into(),
+            retryable: kind.retryable(),
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for MigrationError {}

@@ -105,28 +105,33 @@ pub fn write_frame<W: Write>(w: &mut W, version: u16, kind: u16, payload: &[u8])
 /// Payloads up to this size are sent in one write with their header.
 const SMALL_FRAME: usize = 64 << 10;
 
-/// Memory is committed at most this far ahead of the bytes that actually arrived, so a
-/// 16-byte header claiming a huge payload cannot make the reader allocate it up front. As
-/// large as the biggest migration page batch, so a batch still takes one allocation.
+/// Memory is committed at most this far ahead of the bytes that actually arrived. As large as
+/// the biggest migration page batch, so a batch takes one allocation (none with a reused
+/// buffer).
 const READ_AHEAD: usize = 8 << 20;
 
-/// Reads exactly `len` payload bytes, growing the buffer as they arrive.
-fn read_payload<R: Read>(r: &mut R, len: usize) -> Result<Vec<u8>, FrameError> {
-    let mut payload = Vec::with_capacity(len.min(READ_AHEAD));
-    while payload.len() < len {
-        let start = payload.len();
-        let chunk = (len - start).min(READ_AHEAD);
-        payload.resize(start + chunk, 0);
-        read_exact_or_truncated(r, &mut payload[start..])?;
+/// Reads exactly `len` payload bytes into `payload` (emptied first, its capacity reused).
+/// Memory grows as the bytes arrive, never ahead of them, so a 16-byte header claiming a huge
+/// payload cannot make the reader allocate it up front; nor is the buffer zero-filled first.
+fn read_payload_into<R: Read>(
+    r: &mut R,
+    len: usize,
+    payload: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    payload.clear();
+    // At most READ_AHEAD before the bytes arrive; a reused buffer has it already.
+    payload.reserve(len.min(READ_AHEAD));
+    let got = loop {
+        match r.by_ref().take(len as u64).read_to_end(payload) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    };
+    if got < len {
+        return Err(FrameError::Truncated);
     }
-    Ok(payload)
-}
-
-fn read_exact_or_truncated<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), FrameError> {
-    r.read_exact(buf).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => FrameError::Truncated,
-        _ => FrameError::Io(e),
-    })
+    Ok(())
 }
 
 /// Reads one frame whose payload is at most `limit` bytes. Returns `Ok(None)` at a clean end of
@@ -141,6 +146,16 @@ pub fn read_frame<R: Read>(r: &mut R, limit: u32) -> Result<Option<Frame>, Frame
 pub fn read_frame_limited<R: Read>(
     r: &mut R,
     limit_for: impl FnOnce(&FrameHeader) -> u32,
+) -> Result<Option<Frame>, FrameError> {
+    read_frame_reusing(r, limit_for, Vec::new())
+}
+
+/// Like [`read_frame_limited`], reading the payload into `buf` (its capacity reused, so a
+/// reader that hands buffers back never allocates in steady state).
+pub fn read_frame_reusing<R: Read>(
+    r: &mut R,
+    limit_for: impl FnOnce(&FrameHeader) -> u32,
+    mut buf: Vec<u8>,
 ) -> Result<Option<Frame>, FrameError> {
     let mut hb = [0u8; HEADER_LEN];
     // Distinguish a clean end (zero bytes) from a frame cut short.
@@ -162,14 +177,14 @@ pub fn read_frame_limited<R: Read>(
             limit,
         });
     }
-    let payload = read_payload(r, header.length as usize)?;
-    if crc32c::crc32c(&payload) != header.crc {
+    read_payload_into(r, header.length as usize, &mut buf)?;
+    if crc32c::crc32c(&buf) != header.crc {
         return Err(FrameError::BadChecksum { kind: header.kind });
     }
     Ok(Some(Frame {
         version: header.version,
         kind: header.kind,
-        payload,
+        payload: buf,
     }))
 }
 
@@ -246,11 +261,30 @@ mod tests {
         let mut r = Cursor::new(bytes);
         let err = read_frame(&mut r, 256 << 20).unwrap_err();
         assert!(matches!(err, FrameError::Truncated), "{err}");
-        assert!(read_payload(
-            &mut Cursor::new(vec![7u8; 3 * READ_AHEAD + 5]),
-            3 * READ_AHEAD + 5
-        )
-        .is_ok_and(|p| p.len() == 3 * READ_AHEAD + 5 && p.iter().all(|&b| b == 7)));
+        let mut payload = Vec::new();
+        let err = read_payload_into(&mut Cursor::new(vec![7u8; 5000]), 200 << 20, &mut payload)
+            .unwrap_err();
+        assert!(matches!(err, FrameError::Truncated), "{err}");
+        assert!(payload.capacity() <= READ_AHEAD, "{}", payload.capacity());
+        let big = 3 * READ_AHEAD + 5;
+        read_payload_into(&mut Cursor::new(vec![7u8; big + 9]), big, &mut payload).expect("read");
+        assert!(payload.len() == big && payload.iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn a_reused_buffer_keeps_its_capacity_and_holds_only_the_new_payload() {
+        let mut bytes = encoded(1, 1, &[9u8; 100_000]);
+        bytes.extend(encoded(1, 2, b"abc"));
+        let mut r = Cursor::new(bytes);
+        let a = read_frame_reusing(&mut r, |_| 1 << 20, Vec::new())
+            .expect("read")
+            .expect("frame");
+        let cap = a.payload.capacity();
+        let b = read_frame_reusing(&mut r, |_| 1 << 20, a.payload)
+            .expect("read")
+            .expect("frame");
+        assert_eq!(b.payload, b"abc");
+        assert_eq!(b.payload.capacity(), cap, "no new allocation");
     }
 
     #[test]

@@ -12,5 +12,6 @@ pub mod frame;
 pub mod migration;
 
 pub use frame::{
-    read_frame, read_frame_limited, write_frame, Frame, FrameError, FrameHeader, FRAME_MAGIC,
+    read_frame, read_frame_limited, read_frame_reusing, write_frame, Frame, FrameError,
+    FrameHeader, FRAME_MAGIC,
 };

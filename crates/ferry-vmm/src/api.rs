@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use ferry_api::{ApiError, MigrateRequest, SnapshotRequest};
+use ferry_api::{ApiError, MigrateRequest, ResolveRequest, SnapshotRequest};
 use tokio::sync::oneshot;
 
 use std::sync::Arc;
@@ -46,6 +46,12 @@ pub enum ApiSocketError {
 pub struct ApiSocket {
     path: PathBuf,
     listener: Option<UnixListener>,
+}
+
+impl ApiSocket {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 impl Drop for ApiSocket {
@@ -207,6 +213,7 @@ pub fn router(state: ApiState) -> Router {
             "/vm/migration/cancel",
             put(|s| call(s, ApiAction::CancelMigration)),
         )
+        .route("/vm/migration/resolve", put(resolve))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API route") })
         .method_not_allowed_fallback(|| async {
             error(
@@ -249,6 +256,22 @@ async fn migrate(
         Err(rejection) => error(
             StatusCode::BAD_REQUEST,
             &format!("bad migrate request: {rejection}"),
+        ),
+    }
+}
+
+async fn resolve(state: State<ApiState>, body: axum::body::Bytes) -> Response {
+    // An empty body asks the migration's own destination.
+    let request = if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(ResolveRequest::default())
+    } else {
+        serde_json::from_slice::<ResolveRequest>(&body)
+    };
+    match request {
+        Ok(request) => call(state, ApiAction::ResolveMigration(request)).await,
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            &format!("bad resolve request: {e}"),
         ),
     }
 }

@@ -15,12 +15,10 @@ pub enum VmmEvent {
     DevicesFailed { reason: String },
     /// A request from the control API.
     Api(ApiRequest),
-    /// The migration worker is ready to hand over: stop the VM and send back its state.
-    MigrationSwitchover {
-        reply: std::sync::mpsc::Sender<crate::migration::source::SwitchoverReply>,
-    },
-    /// The migration worker ended.
-    MigrationEnded(crate::migration::MigrationOutcome),
+    /// The migration worker asks for the switchover, or has ended.
+    Migration(crate::migration::source::ToControl),
+    /// A resolve of an unknown handover outcome ended: `Ok(true)` the destination runs the VM.
+    Resolved(Result<bool, ferry_api::MigrationError>),
 }
 
 /// An operation the API asks for.
@@ -34,6 +32,7 @@ pub enum ApiAction {
     Migrate(MigrateRequest),
     MigrationStatus,
     CancelMigration,
+    ResolveMigration(ferry_api::ResolveRequest),
 }
 
 /// What an API request answers.

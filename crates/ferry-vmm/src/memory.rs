@@ -73,8 +73,22 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 
 /// Maps anonymous guest memory of `size` bytes, with a bitmap that records the writes the
 /// VMM's devices make into it.
+/// Transparent huge pages are asked for where the host allows them (`madvise` mode): faulting
+/// fresh memory, which a migration destination does for every page it receives, then costs one
+/// fault per 2 MiB instead of per 4 KiB.
 pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
-    GuestMemory::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Mmap { size, source })
+    let mem = GuestMemory::from_ranges(&ram_ranges(size))
+        .map_err(|source| MemoryError::Mmap { size, source })?;
+    for region in mem.iter() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .expect("a region's own start address is mapped");
+        // SAFETY: the range is exactly one live anonymous mapping owned by `mem`; the advice
+        // changes how it is backed, never its contents. A host without THP refuses it, which
+        // changes nothing.
+        let _ = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+    }
+    Ok(mem)
 }
 
 /// Hands every region of `mem` to KVM as a memory slot, in order.

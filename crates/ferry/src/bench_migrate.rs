@@ -390,8 +390,16 @@ fn ferry_run(setup: &Setup, case: &Case, dir: &Path, samples: &mut Samples) -> R
         }
     }
     if report.phase != ferry_api::MigrationPhase::Completed {
-        let why = report.error.clone().unwrap_or_default();
-        if why.contains("did not converge") {
+        let why = report
+            .error
+            .as_ref()
+            .map(|e| e.message.clone())
+            .unwrap_or_default();
+        if report
+            .error
+            .as_ref()
+            .is_some_and(|e| e.kind == ferry_api::MigrationErrorKind::TimedOut)
+        {
             // The VM runs on at the source: still sound?
             source.drain();
             source

@@ -201,6 +201,7 @@ pub fn demo(json: bool) -> Result<()> {
         bandwidth: None,
         max_time_secs: Some(120),
         on_timeout: OnTimeout::Force,
+        link_timeout_ms: None,
         json: true,
     };
     let status = migrate::run(&src_sock, args)?;

@@ -177,7 +177,7 @@ struct MigrateCliArgs {
     #[arg(long)]
     api_socket: PathBuf,
     /// ADDR:PORT of the destination's `ferry receive`.
-    #[arg(long, required_unless_present = "cancel")]
+    #[arg(long, required_unless_present_any = ["cancel", "resolve"])]
     to: Option<String>,
     /// The longest the guest may be stopped, milliseconds.
     #[arg(long, default_value_t = ferry_api::default_downtime_ms())]
@@ -191,9 +191,16 @@ struct MigrateCliArgs {
     /// What to do when --max-time runs out: abort (the VM runs on here) or force the switchover.
     #[arg(long, default_value = "abort", value_parser = ["abort", "force"])]
     on_timeout: String,
+    /// The link counts as lost when the destination takes no data for this long, ms.
+    #[arg(long)]
+    link_timeout_ms: Option<u64>,
     /// Cancel the running migration instead.
     #[arg(long, conflicts_with = "to")]
     cancel: bool,
+    /// Settle a migration whose outcome is unknown: ask the destination (the migration's own,
+    /// or --to) whether it runs the VM; this VM then ends or resumes.
+    #[arg(long, conflicts_with = "cancel")]
+    resolve: bool,
     /// Print the final status as JSON.
     #[arg(long)]
     json: bool,
@@ -281,6 +288,9 @@ fn migrate_cmd(args: MigrateCliArgs) -> Result<()> {
     if args.cancel {
         return migrate::cancel(&args.api_socket, args.json);
     }
+    if args.resolve {
+        return migrate::resolve(&args.api_socket, args.to, args.json);
+    }
     let on_timeout = match args.on_timeout.as_str() {
         "force" => ferry_api::OnTimeout::Force,
         _ => ferry_api::OnTimeout::Abort,
@@ -293,6 +303,7 @@ fn migrate_cmd(args: MigrateCliArgs) -> Result<()> {
             bandwidth: args.bandwidth,
             max_time_secs: args.max_time,
             on_timeout,
+            link_timeout_ms: args.link_timeout_ms,
             json: args.json,
         },
     )
@@ -459,7 +470,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry: error: {e:#}");
-            ExitCode::FAILURE
+            // A failed migration's code tells a script whether to retry.
+            match e.downcast_ref::<migrate::MigrationFailed>() {
+                Some(failed) => ExitCode::from(failed.exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use ferry_api::{MigrateRequest, MigrationPhase, MigrationStatus, OnTimeout};
+use ferry_api::{MigrateRequest, MigrationError, MigrationPhase, MigrationStatus, OnTimeout};
 use hyper::Method;
 
 use crate::client;
@@ -18,8 +18,55 @@ pub struct MigrateArgs {
     pub bandwidth: Option<u64>,
     pub max_time_secs: Option<u64>,
     pub on_timeout: OnTimeout,
+    pub link_timeout_ms: Option<u64>,
     pub json: bool,
 }
+
+/// A migration that did not move the VM, with what the exit code tells a script:
+/// [`EXIT_RETRYABLE`] when trying again may succeed, [`EXIT_UNKNOWN`] when the handover's
+/// outcome must be resolved first, 1 otherwise.
+#[derive(Debug)]
+pub struct MigrationFailed {
+    pub phase: MigrationPhase,
+    pub error: Option<MigrationError>,
+}
+
+/// Exit code of a failed migration that may succeed if tried again (EX_TEMPFAIL).
+pub const EXIT_RETRYABLE: u8 = 75;
+/// Exit code of a migration whose outcome is unknown: resolve it before anything else.
+pub const EXIT_UNKNOWN: u8 = 3;
+
+impl MigrationFailed {
+    pub fn exit_code(&self) -> u8 {
+        match (&self.phase, &self.error) {
+            (MigrationPhase::OutcomeUnknown, _) => EXIT_UNKNOWN,
+            (_, Some(e)) if e.retryable => EXIT_RETRYABLE,
+            _ => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.error {
+            Some(e) => write!(
+                f,
+                "migration {:?} ({:?}, {}): {}",
+                self.phase,
+                e.kind,
+                if e.retryable {
+                    "retryable"
+                } else {
+                    "not retryable"
+                },
+                e.message
+            ),
+            None => write!(f, "migration {:?}: no reason given", self.phase),
+        }
+    }
+}
+
+impl std::error::Error for MigrationFailed {}
 
 fn finished(phase: MigrationPhase) -> bool {
     matches!(
@@ -43,11 +90,11 @@ pub fn migrate(socket: &Path, args: MigrateArgs) -> Result<()> {
     }
     match status.phase {
         MigrationPhase::Completed => Ok(()),
-        phase if finished(phase) => bail!(
-            "migration {:?}: {}",
+        phase if finished(phase) => Err(MigrationFailed {
             phase,
-            status.error.unwrap_or_else(|| "no reason given".into())
-        ),
+            error: status.error,
+        }
+        .into()),
         phase => bail!("the migration answered while still in phase {phase:?}"),
     }
 }
@@ -60,6 +107,7 @@ pub fn run(socket: &Path, args: MigrateArgs) -> Result<MigrationStatus> {
         bandwidth_bytes_per_sec: args.bandwidth,
         max_time_secs: args.max_time_secs,
         on_timeout: args.on_timeout,
+        link_timeout_ms: args.link_timeout_ms,
         wait: true,
     };
     // One connection waits for the end; progress comes from polling on others.
@@ -76,23 +124,39 @@ pub fn run(socket: &Path, args: MigrateArgs) -> Result<MigrationStatus> {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} of this pass",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar
     });
+    let mut pass = None;
     while !waiter.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
         if let (Some(bar), Ok(s)) = (
             &bar,
             client::call_json::<(), MigrationStatus>(socket, Method::GET, "/vm/migration", None),
         ) {
-            bar.set_length(s.bytes_sent + s.bytes_remaining);
-            bar.set_position(s.bytes_sent);
+            // The bar is the current pass; the message says what the whole migration does.
+            if pass != Some(s.iteration) {
+                pass = Some(s.iteration);
+                bar.set_length(s.pass_bytes_remaining.max(1));
+            }
+            let length = bar.length().unwrap_or(1).max(s.pass_bytes_remaining);
+            bar.set_length(length);
+            bar.set_position(length - s.pass_bytes_remaining);
             bar.set_message(format!(
-                "{:?} pass {} throttle {}%",
-                s.phase, s.iteration, s.throttle_percent
+                "{:?} pass {} | {:.0} MiB sent, {:.0} MiB applied | {} data + {} zero pages | \
+                 {:.0} MiB/s | eta {} | throttle {}%",
+                s.phase,
+                s.iteration,
+                s.bytes_sent as f64 / 1048576.0,
+                s.bytes_applied as f64 / 1048576.0,
+                s.data_pages_sent,
+                s.zero_pages_sent,
+                s.link_rate_bytes_per_sec / 1048576.0,
+                s.eta_secs.map_or("-".into(), |e| format!("{e:.1}s")),
+                s.throttle_percent
             ));
         }
     }
@@ -126,10 +190,63 @@ pub fn report(s: &MigrationStatus) -> String {
     for n in &s.notes {
         out.push_str(&format!("note: {n}\n"));
     }
+    if s.longest_stall_ms > 0.0 {
+        out.push_str(&format!(
+            "longest stretch a vCPU did not run before the switchover: {:.1} ms\n",
+            s.longest_stall_ms
+        ));
+    }
     if let Some(e) = &s.error {
-        out.push_str(&format!("error: {e}\n"));
+        out.push_str(&format!(
+            "error ({:?}, {}): {}\n",
+            e.kind,
+            if e.retryable {
+                "retryable"
+            } else {
+                "not retryable"
+            },
+            e.message
+        ));
     }
     out
+}
+
+/// `ferry migrate --resolve`: asks the destination whether it runs the VM of a migration
+/// whose outcome is unknown, and follows the answer: the source VM then ends or resumes.
+pub fn resolve(socket: &Path, to: Option<String>, json: bool) -> Result<()> {
+    let request = ferry_api::ResolveRequest { to };
+    let _: MigrationStatus =
+        client::call_json(socket, Method::PUT, "/vm/migration/resolve", Some(&request))?;
+    // The answer arrives asynchronously: the VM either ends (its socket goes) or resumes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let status =
+            client::call_json::<(), MigrationStatus>(socket, Method::GET, "/vm/migration", None);
+        let status = match status {
+            Ok(s) => s,
+            // The VM's process ended: the destination runs it.
+            Err(_) => {
+                if json {
+                    println!("{{\"resolved\": \"running_on_destination\"}}");
+                } else {
+                    println!("resolved: the destination runs the VM; this one has ended");
+                }
+                return Ok(());
+            }
+        };
+        if status.phase != MigrationPhase::OutcomeUnknown {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", report(&status));
+            }
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("the destination could not be asked; the outcome is still unknown");
+        }
+    }
 }
 
 /// `ferry migrate --cancel`.

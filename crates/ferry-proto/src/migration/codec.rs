@@ -6,9 +6,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::error::ProtocolError;
-use super::message::{AbortWire, Message, MessageKind, MESSAGE_FORMAT_VERSION};
+use super::message::{AbortWire, Message, MessageKind};
 use super::pages::PageBatch;
-use crate::frame::{read_frame_limited, write_frame, FrameError};
+use crate::frame::{read_frame_reusing, write_frame, FrameError};
 
 /// Writes one message as one frame and flushes, so a buffered writer never holds back a
 /// message the peer is waiting for. A page batch or state is written straight from its
@@ -17,14 +17,18 @@ use crate::frame::{read_frame_limited, write_frame, FrameError};
 pub fn write_message<W: Write>(w: &mut W, m: &Message) -> io::Result<()> {
     m.validate()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let version = m.kind().format_version();
     let kind = m.kind() as u16;
-    let frame = |w: &mut W, payload: &[u8]| write_frame(w, MESSAGE_FORMAT_VERSION, kind, payload);
+    let frame = |w: &mut W, payload: &[u8]| write_frame(w, version, kind, payload);
     match m {
         Message::Hello(h) => frame(w, &json(h)?)?,
         Message::Setup(s) => frame(w, &json(s)?)?,
         Message::IterationDone(d) => frame(w, &json(d)?)?,
         Message::Complete(c) => frame(w, &json(c)?)?,
         Message::Running(r) => frame(w, &json(r)?)?,
+        Message::Applied(a) => frame(w, &json(a)?)?,
+        Message::Resolve(r) => frame(w, &json(r)?)?,
+        Message::Resolved(r) => frame(w, &json(r)?)?,
         Message::Abort(reason) => frame(
             w,
             &json(&AbortWire {
@@ -48,13 +52,23 @@ fn json<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
 /// The length is bounded by the message kind before anything is allocated; then the checksum,
 /// the format version, the payload and the message's own rules are checked.
 pub fn read_message<R: Read>(r: &mut R) -> Result<Message, ProtocolError> {
+    read_message_reusing(r, Vec::new())
+}
+
+/// Like [`read_message`], reading the payload into `spare` (its capacity reused): a Pages
+/// batch then owns that buffer, and [`PageBatch::into_bytes`] gives it back for the next read.
+pub fn read_message_reusing<R: Read>(r: &mut R, spare: Vec<u8>) -> Result<Message, ProtocolError> {
     let mut raw_kind = None;
-    let read = read_frame_limited(r, |header| {
-        raw_kind = Some(header.kind);
-        MessageKind::from_u16(header.kind).map_or(0, |k| {
-            u32::try_from(k.max_payload()).expect("every kind's limit fits a frame")
-        })
-    });
+    let read = read_frame_reusing(
+        r,
+        |header| {
+            raw_kind = Some(header.kind);
+            MessageKind::from_u16(header.kind).map_or(0, |k| {
+                u32::try_from(k.max_payload()).expect("every kind's limit fits a frame")
+            })
+        },
+        spare,
+    );
     let frame = match read {
         Ok(Some(frame)) => frame,
         Ok(None) => return Err(ProtocolError::Closed),
@@ -73,11 +87,11 @@ pub fn read_message<R: Read>(r: &mut R) -> Result<Message, ProtocolError> {
     };
     let kind =
         MessageKind::from_u16(frame.kind).ok_or(ProtocolError::UnknownMessage(frame.kind))?;
-    if frame.version != MESSAGE_FORMAT_VERSION {
+    if frame.version != kind.format_version() {
         return Err(ProtocolError::FrameVersion {
             kind,
             version: frame.version,
-            supported: MESSAGE_FORMAT_VERSION,
+            supported: kind.format_version(),
         });
     }
     let payload = frame.payload;
@@ -88,6 +102,9 @@ pub fn read_message<R: Read>(r: &mut R) -> Result<Message, ProtocolError> {
         MessageKind::Complete => Message::Complete(from_json(kind, &payload)?),
         MessageKind::Running => Message::Running(from_json(kind, &payload)?),
         MessageKind::Abort => Message::Abort(from_json::<AbortWire>(kind, &payload)?.reason),
+        MessageKind::Applied => Message::Applied(from_json(kind, &payload)?),
+        MessageKind::Resolve => Message::Resolve(from_json(kind, &payload)?),
+        MessageKind::Resolved => Message::Resolved(from_json(kind, &payload)?),
         MessageKind::Pages => Message::Pages(PageBatch::from_bytes(payload)?),
         MessageKind::State => Message::State(payload),
         // Their limit is 0: the frame reader refused any payload.

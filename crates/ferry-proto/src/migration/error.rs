@@ -8,7 +8,7 @@ use crate::frame::FrameError;
 /// Everything that can go wrong reading, writing or sequencing migration messages.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
-    #[error("the migration stream is damaged")]
+    #[error("reading the migration stream failed")]
     Frame(#[source] FrameError),
     #[error("the peer closed the migration connection")]
     Closed,
@@ -50,6 +50,44 @@ pub enum ProtocolError {
     Transition(#[from] TransitionError),
     #[error("the peer aborted the migration: {0}")]
     Peer(String),
+    #[error("the peer does not speak the required feature {0:?}")]
+    MissingFeature(&'static str),
+}
+
+/// What a protocol failure means for whoever decides to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// The connection broke, timed out or went silent.
+    Network,
+    /// The two sides cannot work together.
+    Incompatible,
+    /// The peer said no.
+    Refused,
+    /// The bytes were wrong: a damaged stream or a peer that breaks the protocol.
+    Corrupt,
+}
+
+impl ProtocolError {
+    /// Classifies the failure: a lost link is worth retrying, an incompatible peer is not.
+    pub fn class(&self) -> FailureClass {
+        match self {
+            ProtocolError::Closed => FailureClass::Network,
+            ProtocolError::Frame(FrameError::Io(_) | FrameError::Truncated) => {
+                FailureClass::Network
+            }
+            ProtocolError::Version { .. }
+            | ProtocolError::FrameVersion { .. }
+            | ProtocolError::MissingFeature(_) => FailureClass::Incompatible,
+            ProtocolError::Peer(_) => FailureClass::Refused,
+            _ => FailureClass::Corrupt,
+        }
+    }
+
+    /// True when the error is a read that timed out (a silent peer).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ProtocolError::Frame(FrameError::Io(e))
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+    }
 }
 
 impl From<FrameError> for ProtocolError {

@@ -12,9 +12,11 @@ use super::{
     MAX_REGIONS, MAX_STATE_BYTES, MAX_STRING_BYTES, PAGE_SIZE, PROTOCOL_VERSION,
 };
 
-/// The frame version of every migration message. A future change to one message's layout
-/// bumps it for that kind only; the reader then accepts the current and the previous version.
-pub const MESSAGE_FORMAT_VERSION: u16 = 1;
+/// The frame version of the migration messages that changed with protocol version 2 (Setup
+/// carries a migration id, and the State payload is versioned sections). Hello and Abort keep
+/// version 1 ([`MessageKind::format_version`]) so that peers of any protocol version can still
+/// read each other's Hello and refusal, and the refusal names both versions.
+pub const MESSAGE_FORMAT_VERSION: u16 = 2;
 
 /// The first message each way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +80,8 @@ pub struct Region {
 /// the sum of their lengths. Every page record must fall inside them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Setup {
+    /// Chosen by the source, unique per migration: a later [`Resolve`] names it.
+    pub migration_id: u64,
     pub memory_bytes: u64,
     pub vcpus: u8,
     pub regions: Vec<Region>,
@@ -180,6 +184,33 @@ pub struct Running {
     pub resume_ms: f64,
 }
 
+/// The destination's progress: what it has written into guest memory so far. Sent while pages
+/// arrive, so the source knows the destination's backlog and never stops the guest while the
+/// destination is behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// Page bytes (data records' pages) written, in all passes.
+    pub bytes: u64,
+    /// Page records (data and zero pages) applied, in all passes.
+    pub pages: u64,
+}
+
+/// On a new connection, instead of Setup: "do you run the VM of this migration?" A source
+/// whose handover outcome is unknown asks it. A destination that has not started that VM
+/// answers no and from then on refuses to start it (so the answer stays true).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolve {
+    pub migration_id: u64,
+}
+
+/// The answer to [`Resolve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolved {
+    pub migration_id: u64,
+    /// The destination runs that VM (it was committed); false: it never will.
+    pub running: bool,
+}
+
 /// The wire form of Abort: an object, so fields can be added.
 #[derive(Serialize, Deserialize)]
 pub(super) struct AbortWire {
@@ -201,6 +232,9 @@ pub enum Message {
     Commit,
     Running(Running),
     Abort(String),
+    Applied(Applied),
+    Resolve(Resolve),
+    Resolved(Resolved),
 }
 
 /// The type of a message, which is its frame kind.
@@ -218,11 +252,14 @@ pub enum MessageKind {
     Commit = 0x0109,
     Running = 0x010a,
     Abort = 0x010b,
+    Applied = 0x010c,
+    Resolve = 0x010d,
+    Resolved = 0x010e,
 }
 
 impl MessageKind {
     /// Every kind, in protocol order.
-    pub const ALL: [MessageKind; 11] = [
+    pub const ALL: [MessageKind; 14] = [
         MessageKind::Hello,
         MessageKind::Setup,
         MessageKind::SetupOk,
@@ -234,6 +271,9 @@ impl MessageKind {
         MessageKind::Commit,
         MessageKind::Running,
         MessageKind::Abort,
+        MessageKind::Applied,
+        MessageKind::Resolve,
+        MessageKind::Resolved,
     ];
 
     pub fn from_u16(kind: u16) -> Option<MessageKind> {
@@ -253,6 +293,17 @@ impl MessageKind {
             MessageKind::Commit => "Commit",
             MessageKind::Running => "Running",
             MessageKind::Abort => "Abort",
+            MessageKind::Applied => "Applied",
+            MessageKind::Resolve => "Resolve",
+            MessageKind::Resolved => "Resolved",
+        }
+    }
+
+    /// The frame version this ferry writes and reads for this kind.
+    pub fn format_version(self) -> u16 {
+        match self {
+            MessageKind::Hello | MessageKind::Abort => 1,
+            _ => MESSAGE_FORMAT_VERSION,
         }
     }
 
@@ -267,7 +318,10 @@ impl MessageKind {
             | MessageKind::IterationDone
             | MessageKind::Complete
             | MessageKind::Running
-            | MessageKind::Abort => MAX_CONTROL_BYTES,
+            | MessageKind::Abort
+            | MessageKind::Applied
+            | MessageKind::Resolve
+            | MessageKind::Resolved => MAX_CONTROL_BYTES,
         }
     }
 }
@@ -292,6 +346,9 @@ impl Message {
             Message::Commit => MessageKind::Commit,
             Message::Running(_) => MessageKind::Running,
             Message::Abort(_) => MessageKind::Abort,
+            Message::Applied(_) => MessageKind::Applied,
+            Message::Resolve(_) => MessageKind::Resolve,
+            Message::Resolved(_) => MessageKind::Resolved,
         }
     }
 
@@ -354,6 +411,9 @@ impl fmt::Debug for Message {
             Message::Complete(c) => f.debug_tuple("Complete").field(c).finish(),
             Message::Running(r) => f.debug_tuple("Running").field(r).finish(),
             Message::Abort(r) => f.debug_tuple("Abort").field(r).finish(),
+            Message::Applied(a) => f.debug_tuple("Applied").field(a).finish(),
+            Message::Resolve(r) => f.debug_tuple("Resolve").field(r).finish(),
+            Message::Resolved(r) => f.debug_tuple("Resolved").field(r).finish(),
             Message::SetupOk | Message::Prepared | Message::Commit => {
                 f.write_str(self.kind().name())
             }

@@ -21,6 +21,8 @@
 //!    ◀─────────────────────────────────────── SetupOk ──
 //!  SendingMemory{0}                                     ReceivingMemory
 //!    ── Pages … Pages, IterationDone{0} ────────────────▶ pre-copy passes; the guest runs
+//!    ◀──────────────────────────── Applied {bytes, pages} ── (the destination's progress,
+//!                                                          any time until Prepared)
 //!  SendingMemory{1}
 //!    ── Pages … IterationDone{1} … ─────────────────────▶
 //!    (vCPUs stop) ── Pages … final dirty pages ─────────▶ the downtime starts here
@@ -37,7 +39,16 @@
 //!
 //!  Abort(reason): either way, at any time before Commit; both sides then go to Aborted, the
 //!  source resumes its VM and the destination frees everything. Aborts may cross.
+//!
+//!  A source whose handover outcome is unknown (Commit sent, Running not received) asks on a
+//!  new connection:  Hello ⇄ Hello, Resolve {migration_id} ─▶, ◀─ Resolved {running}.
+//!  A destination that has not started that VM answers `running: false` and fences it: it
+//!  will never start it, so the source may resume.
 //! ```
+//!
+//! Protocol version 2 added the migration id, Applied (flow control) and Resolve. Hello and
+//! Abort keep their version-1 frames, so a version-1 peer is refused with an error that names
+//! both versions.
 //!
 //! The commit point decides what a failure means (DESIGN.md, invariants 2 and 3). Before it, the
 //! source VM may resume: the destination has not been told to run. After it — from the moment
@@ -57,24 +68,26 @@ mod ledger;
 mod message;
 mod negotiation;
 mod pages;
+pub mod policy;
 mod receiver;
 mod sender;
 #[cfg(test)]
 mod tests;
 
-pub use codec::{read_message, write_message};
-pub use error::{Direction, ProtocolError, Side, TransitionError};
+pub use codec::{read_message, read_message_reusing, write_message};
+pub use error::{Direction, FailureClass, ProtocolError, Side, TransitionError};
 pub use ledger::PageTotals;
 pub use message::{
-    Complete, Hello, IterationDone, Message, MessageKind, Region, Running, Setup,
-    MESSAGE_FORMAT_VERSION,
+    Applied, Complete, Hello, IterationDone, Message, MessageKind, Region, Resolve, Resolved,
+    Running, Setup, MESSAGE_FORMAT_VERSION,
 };
+pub use negotiation::{feature, Features};
 pub use pages::{is_zero_page, PageBatch, PageBatchWriter, PageRecord, Records};
 pub use receiver::{ReceiverMachine, ReceiverState};
 pub use sender::{SenderMachine, SenderState};
 
 /// The version both sides announce in [`Hello`]; they must be equal.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The size of a guest page: every page record covers whole pages.
 pub const PAGE_SIZE: u64 = 4096;
 /// Largest [`PageBatch`] payload.

@@ -69,3 +69,40 @@ impl Negotiation {
         self.peer.as_ref()
     }
 }
+
+/// Optional features a Hello may announce. Each side acts only on what both announced.
+pub mod feature {
+    /// Pages that are all zero travel as run markers, not as data.
+    pub const ZERO_PAGES: &str = "zero-pages";
+    /// The destination reports its progress ([`Applied`](crate::migration::Applied)); the
+    /// source waits for it to catch up before it stops the guest.
+    pub const FLOW_CONTROL: &str = "flow-control";
+    /// The State payload is the VM state as versioned sections (the snapshot encoding).
+    pub const STATE_SECTIONS: &str = "state-sections";
+    /// Features a peer must announce to work with this ferry at all.
+    pub const REQUIRED: &[&str] = &[STATE_SECTIONS];
+    /// Every feature this ferry speaks.
+    pub const ALL: &[&str] = &[ZERO_PAGES, FLOW_CONTROL, STATE_SECTIONS];
+}
+
+/// What both sides agreed to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Features {
+    pub zero_pages: bool,
+    pub flow_control: bool,
+}
+
+impl Features {
+    /// The features of an agreed capability list; a missing required one is an
+    /// incompatibility.
+    pub fn from_agreed(agreed: &[String]) -> Result<Features, ProtocolError> {
+        let has = |f: &str| agreed.iter().any(|c| c == f);
+        if let Some(missing) = feature::REQUIRED.iter().find(|f| !has(f)) {
+            return Err(ProtocolError::MissingFeature(missing));
+        }
+        Ok(Features {
+            zero_pages: has(feature::ZERO_PAGES),
+            flow_control: has(feature::FLOW_CONTROL),
+        })
+    }
+}

@@ -12,6 +12,11 @@
 //!    ──send Prepared──▶ Prepared ──recv Commit──▶ Running ──send Running──▶ Done
 //!  ════════════════ commit point: Running and Done ═══════════════
 //!
+//!  ReceivingMemory, StateReceived, Completed ──send Applied──▶ the same state (progress)
+//!
+//!  AwaitSetup ──recv Resolve──▶ Resolving ──send Resolved (same id)──▶ Resolved
+//!                              (a new connection that asks about a handover)
+//!
 //!  send Abort:  any state before Running (not Aborted)             ──▶ Aborted
 //!  recv Abort:  any state before Running, and Aborted (crossing)   ──▶ Aborted, Err(Peer)
 //!  anything else: Err(Transition), and the state does not change
@@ -47,6 +52,12 @@ pub enum ReceiverState {
     /// Running sent.
     Done,
     Aborted,
+    /// Resolve arrived on a new connection; its answer is next.
+    Resolving {
+        migration_id: u64,
+    },
+    /// The answer to Resolve was sent.
+    Resolved,
 }
 
 impl ReceiverState {
@@ -63,13 +74,19 @@ impl ReceiverState {
             ReceiverState::Running => "Running",
             ReceiverState::Done => "Done",
             ReceiverState::Aborted => "Aborted",
+            ReceiverState::Resolving { .. } => "Resolving",
+            ReceiverState::Resolved => "Resolved",
         }
     }
 
     fn before_commit(self) -> bool {
         !matches!(
             self,
-            ReceiverState::Running | ReceiverState::Done | ReceiverState::Aborted
+            ReceiverState::Running
+                | ReceiverState::Done
+                | ReceiverState::Aborted
+                | ReceiverState::Resolving { .. }
+                | ReceiverState::Resolved
         )
     }
 }
@@ -158,6 +175,14 @@ impl ReceiverMachine {
             }
             (S::SetupReceived, Message::SetupOk) => S::ReceivingMemory,
             (S::Completed, Message::Prepared) => S::Prepared,
+            (S::ReceivingMemory | S::StateReceived | S::Completed, Message::Applied(_)) => {
+                self.state
+            }
+            (S::Resolving { migration_id }, Message::Resolved(r))
+                if r.migration_id == migration_id =>
+            {
+                S::Resolved
+            }
             (S::Running, Message::Running(_)) => {
                 m.validate()?;
                 S::Done
@@ -189,6 +214,9 @@ impl ReceiverMachine {
                 self.setup = Some(s.clone());
                 S::SetupReceived
             }
+            (S::AwaitSetup, Message::Resolve(q)) => S::Resolving {
+                migration_id: q.migration_id,
+            },
             (S::ReceivingMemory, Message::Pages(batch)) => {
                 let count = self.ledger.check_batch(batch)?;
                 self.ledger.add_batch(count);

@@ -12,6 +12,12 @@
 //!    ──send Commit──▶ CommitSent ──recv Running──▶ Done
 //!  ════════════════ commit point: CommitSent and Done ═══════════════
 //!
+//!  SendingMemory, StateSent, Completed ──recv Applied──▶ the same state (the destination's
+//!                                                        progress; it may trail the stream)
+//!
+//!  Negotiated ──send Resolve──▶ Resolving ──recv Resolved (same id)──▶ Resolved
+//!                                         (a new connection that asks about a handover)
+//!
 //!  send Abort:  any state before CommitSent (not Done, not Aborted)  ──▶ Aborted
 //!  recv Abort:  any state before CommitSent, and Aborted (crossing)  ──▶ Aborted, Err(Peer)
 //!  anything else: Err(Transition), and the state does not change
@@ -44,6 +50,12 @@ pub enum SenderState {
     /// Running received.
     Done,
     Aborted,
+    /// Resolve sent on a new connection; its answer is next.
+    Resolving {
+        migration_id: u64,
+    },
+    /// The answer to Resolve arrived.
+    Resolved,
 }
 
 impl SenderState {
@@ -60,13 +72,19 @@ impl SenderState {
             SenderState::CommitSent => "CommitSent",
             SenderState::Done => "Done",
             SenderState::Aborted => "Aborted",
+            SenderState::Resolving { .. } => "Resolving",
+            SenderState::Resolved => "Resolved",
         }
     }
 
     fn before_commit(self) -> bool {
         !matches!(
             self,
-            SenderState::CommitSent | SenderState::Done | SenderState::Aborted
+            SenderState::CommitSent
+                | SenderState::Done
+                | SenderState::Aborted
+                | SenderState::Resolving { .. }
+                | SenderState::Resolved
         )
     }
 }
@@ -176,6 +194,9 @@ impl SenderMachine {
                 S::Completed
             }
             (S::AwaitingCommitDecision, Message::Commit) => S::CommitSent,
+            (S::Negotiated, Message::Resolve(r)) => S::Resolving {
+                migration_id: r.migration_id,
+            },
             (state, Message::Abort(_)) if state.before_commit() => {
                 m.validate()?;
                 S::Aborted
@@ -199,6 +220,14 @@ impl SenderMachine {
             }
             (S::SetupSent, Message::SetupOk) => S::SendingMemory { iteration: 0 },
             (S::Completed, Message::Prepared) => S::AwaitingCommitDecision,
+            (S::SendingMemory { .. } | S::StateSent | S::Completed, Message::Applied(_)) => {
+                self.state
+            }
+            (S::Resolving { migration_id }, Message::Resolved(r))
+                if r.migration_id == migration_id =>
+            {
+                S::Resolved
+            }
             (S::CommitSent, Message::Running(_)) => {
                 m.validate()?;
                 S::Done

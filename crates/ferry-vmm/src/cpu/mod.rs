@@ -4,4 +4,5 @@ pub mod cpuid;
 pub mod finish;
 pub mod regs;
 pub mod state;
+pub mod throttle;
 pub mod vcpu;

@@ -5,10 +5,10 @@
 //! that lands just before `KVM_RUN` still makes it return at once: no message is ever missed.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Once};
-use std::time::Duration;
+use std::time::Instant;
 
 use ferry_api::ExitCounters;
 use ferry_devices::GuestMemory;
@@ -112,8 +112,8 @@ pub struct Vcpu {
     pub acks: Sender<VcpuAck>,
     /// The MSRs this host can save, shared by all vCPUs of the VM.
     pub msrs: Arc<Vec<u32>>,
-    /// Percent of its time this vCPU rests (auto-converge during a migration); 0 = none.
-    pub throttle: Arc<AtomicU32>,
+    /// How much of its time this vCPU rests (auto-converge during a migration).
+    pub throttle: Arc<super::throttle::Throttle>,
     /// Guest memory, to finish instructions KVM could not emulate.
     pub mem: GuestMemory,
 }
@@ -143,6 +143,7 @@ impl Vcpu {
     fn run_loop(&mut self) {
         let mut paused = false;
         let mut pending = None;
+        let mut pacer = super::throttle::VcpuPacer::new(self.throttle.clone());
         loop {
             if !self.handle_commands(pending.take(), &mut paused) {
                 return;
@@ -158,7 +159,7 @@ impl Vcpu {
                 Err(e) if e.errno() == libc::EINTR => {
                     self.fd.set_kvm_immediate_exit(0);
                     bump(&self.counters.interrupted);
-                    pending = self.rest_if_throttled();
+                    pending = self.rest_if_throttled(&mut pacer);
                     Next::Continue
                 }
                 Err(e) if e.errno() == libc::EAGAIN => Next::Continue,
@@ -214,16 +215,17 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(0);
     }
 
-    /// Holds the vCPU back for its share of a throttle tick, waking at once for a command
-    /// (which it returns, to be handled next).
-    fn rest_if_throttled(&mut self) -> Option<VcpuCommand> {
-        let pct = u64::from(self.throttle.load(Ordering::Relaxed).min(99));
-        if pct == 0 {
-            return None;
-        }
-        // Kicked every 10 ms: run ~10 ms, rest so that rest / (run + rest) = pct.
-        let rest = Duration::from_micros(10_000 * pct / (100 - pct));
-        self.commands.recv_timeout(rest).ok()
+    /// Rests the vCPU if its run window is over, waking at once for a command (which it
+    /// returns, to be handled next). Kicks that came during the rest are dropped: they must
+    /// not end the next run window before it began. A command sent after this returns still
+    /// interrupts the next KVM_RUN, since its kick comes after the drop.
+    fn rest_if_throttled(&mut self, pacer: &mut super::throttle::VcpuPacer) -> Option<VcpuCommand> {
+        let rest = pacer.due_rest()?;
+        let started = Instant::now();
+        let command = self.commands.recv_timeout(rest).ok();
+        self.fd.set_kvm_immediate_exit(0);
+        pacer.rested(started.elapsed());
+        command
     }
 
     /// Applies `first` and any pending commands; blocks while paused. Returns false when the

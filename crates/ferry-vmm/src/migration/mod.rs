@@ -1,24 +1,39 @@
 //! Live migration, pre-copy: the source's worker ([`source`]) streams memory while the guest
 //! runs, then hands the stopped VM's state over; the destination ([`destination`]) rebuilds it
-//! and runs it only once all of it arrived and checked out. The wire protocol and its state
-//! machines live in `ferry_proto::migration`.
+//! and runs it only once all of it arrived and checked out. The wire protocol, its state
+//! machines and the convergence policy live in `ferry_proto::migration`.
+//!
+//! The source's lifecycle, as the control loop owns it (`vmm/migration_control.rs`):
+//!
+//! ```text
+//!            start                        Switchover request
+//!  Idle ───────────────▶ Migrating ─────────────────────────▶ Migrating{paused}
+//!   ▲                      │  failed / cancelled (resume)         │ Committed: the process ends
+//!   └──────────────────────┘◀─────────────────────────────────────┤ Failed: resume, Idle
+//!   ▲                                                             │ Unknown (Commit sent,
+//!   │       resolved "not running": resume                        ▼  no answer)
+//!   └───────────────────────────────────────────────────── OutcomeUnknown (paused; snapshot
+//!                          resolved "running": the process ends    allowed, resume refused)
+//! ```
 
 pub mod destination;
 pub mod dirty;
+mod error;
 pub mod pages;
 pub mod source;
 
-use ferry_api::DowntimeBreakdown;
+pub use error::{classify, Stop};
+
+use ferry_api::{DowntimeBreakdown, MigrationError};
 
 /// How a migration ended, as the source's control loop must act on it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MigrationOutcome {
     /// The destination runs the VM: this process must end without resuming it.
     Committed(DowntimeBreakdown),
-    /// It failed before the destination was told to run: resume the source.
-    Failed(String),
-    /// Cancelled by the user before the handover: resume the source.
-    Cancelled,
-    /// The destination was told to run but did not confirm: keep the source paused.
-    Unknown(String),
+    /// It failed or was cancelled before the destination could run the VM: resume the source.
+    Failed(MigrationError),
+    /// The destination was told to run but its answer never came and could not be learnt:
+    /// keep the source paused.
+    Unknown(MigrationError),
 }

@@ -2,24 +2,22 @@
 //! events; it answers API requests, pauses and resumes, takes snapshots and stops everything.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_api::{MigrateRequest, MigrationStatus, VmInfo, VmRunState};
+use ferry_api::{VmInfo, VmRunState};
 use vmm_sys_util::signal::Killable;
 
+use super::migration_control::SourceLifecycle;
 use super::{Vm, VmExit};
-use crate::bus::lock;
 use crate::cpu::state::VcpuState;
+use crate::cpu::throttle::{Kicker, Throttle};
 use crate::cpu::vcpu::{self, VcpuAck, VcpuCommand, VcpuCounters};
 use crate::devices::event_loop::{DeviceLoopHandle, LoopCommand};
 use crate::devices::virtio::VirtioDisk;
 use crate::event::{ApiAction, ApiFailure, ApiReply, ApiRequest, VmmEvent};
-use crate::migration::source::{self, SourceContext};
-use crate::migration::MigrationOutcome;
 use crate::VmmError;
 
 /// How long a vCPU may take to acknowledge a command before we call it wedged.
@@ -39,22 +37,10 @@ pub(super) struct Control<'a> {
     devices: Option<DeviceLoopHandle>,
     pub(super) state: VmRunState,
     started: Instant,
-    throttle: Arc<AtomicU32>,
-    migration: Option<Migration>,
-}
-
-/// The source side of a migration, as the control loop tracks it.
-struct Migration {
-    status: Arc<Mutex<MigrationStatus>>,
-    cancel: Arc<AtomicBool>,
-    /// The worker runs.
-    active: bool,
-    /// The control loop paused the VM for the switchover (so a failure resumes it).
-    paused_for_switchover: bool,
-    /// The handover's outcome is unknown: the VM must not resume here on its own.
-    outcome_unknown: bool,
-    /// A client that asked to be answered when the migration ends.
-    waiter: Option<tokio::sync::oneshot::Sender<Result<ApiReply, ApiFailure>>>,
+    pub(super) throttle: Arc<Throttle>,
+    /// Interrupts throttled vCPUs; dropped before the vCPU threads are joined.
+    kicker: Option<Kicker>,
+    pub(super) migration: SourceLifecycle,
 }
 
 impl<'a> Control<'a> {
@@ -64,8 +50,17 @@ impl<'a> Control<'a> {
         acks: Receiver<VcpuAck>,
         devices: DeviceLoopHandle,
         started: Instant,
-        throttle: Arc<AtomicU32>,
+        throttle: Arc<Throttle>,
     ) -> Self {
+        let threads = vcpus.iter().map(|v| v.thread.as_pthread_t()).collect();
+        let kicker = match Kicker::start(throttle.clone(), threads, vcpu::kick_signal()) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                // Without it a throttled vCPU still rests at every exit; it only runs longer.
+                tracing::warn!("cannot start the throttle kicker: {e}");
+                None
+            }
+        };
         Control {
             vm,
             vcpus,
@@ -74,7 +69,8 @@ impl<'a> Control<'a> {
             state: VmRunState::Running,
             started,
             throttle,
-            migration: None,
+            kicker,
+            migration: SourceLifecycle::default(),
         }
     }
 
@@ -91,11 +87,13 @@ impl<'a> Control<'a> {
                     return Err(VmmError::Guest { vcpu: id, reason })
                 }
                 VmmEvent::DevicesFailed { reason } => return Err(VmmError::Devices(reason)),
-                VmmEvent::MigrationSwitchover { reply } => {
-                    let _ = reply.send(self.switchover());
+                VmmEvent::Migration(message) => {
+                    if let Some(exit) = self.on_worker(message) {
+                        return Ok(exit);
+                    }
                 }
-                VmmEvent::MigrationEnded(outcome) => {
-                    if let Some(exit) = self.migration_ended(outcome) {
+                VmmEvent::Resolved(answer) => {
+                    if let Some(exit) = self.on_resolved(answer) {
                         return Ok(exit);
                     }
                 }
@@ -103,14 +101,12 @@ impl<'a> Control<'a> {
                     action: ApiAction::Migrate(m),
                     reply,
                 }) if m.wait => {
-                    let (answer, _) = self.handle_api(ApiAction::Migrate(m));
-                    match (answer, self.migration.as_mut()) {
-                        (Ok(_), Some(migration)) if migration.active => {
-                            migration.waiter = Some(reply)
-                        }
-                        (answer, _) => {
-                            let _ = reply.send(answer);
-                        }
+                    // Answered when the migration ends, unless it cannot start.
+                    if let Some(answer) = self.migration_guard(&ApiAction::Migrate(m.clone())) {
+                        let _ = reply.send(Err(answer));
+                    } else if let Err(e) = self.start_migration(m, Some(reply)) {
+                        // The waiter went with the failed start; nothing to answer it with.
+                        tracing::warn!("cannot start the migration: {}", e.message);
                     }
                 }
                 VmmEvent::Api(request) => {
@@ -124,41 +120,41 @@ impl<'a> Control<'a> {
         }
     }
 
+    /// Refuses what may not happen in the migration's current state.
+    fn migration_guard(&self, action: &ApiAction) -> Option<ApiFailure> {
+        let conflict = |message: &str| ApiFailure {
+            status: 409,
+            message: message.into(),
+        };
+        match action {
+            ApiAction::Pause
+            | ApiAction::Resume
+            | ApiAction::Snapshot(_)
+            | ApiAction::Migrate(_)
+                if self.migration.is_migrating() =>
+            {
+                Some(conflict("a migration is running; cancel it first"))
+            }
+            // A snapshot stays possible: it is the operator's way to keep the VM either way.
+            ApiAction::Resume | ApiAction::Migrate(_) if self.migration.is_unknown() => {
+                Some(conflict(
+                    "the last migration's outcome is unknown: the VM may run on the \
+                     destination, so it stays paused here. Run `ferry migrate --resolve` to \
+                     ask the destination (this VM then ends or resumes), or take a snapshot.",
+                ))
+            }
+            _ => None,
+        }
+    }
+
     /// Answers one API request; returns how the VM ends if the request ends it.
     fn handle_api(&mut self, action: ApiAction) -> (Result<ApiReply, ApiFailure>, Option<VmExit>) {
         let failed = |message: String| ApiFailure {
             status: 500,
             message,
         };
-        let conflict = |message: &str| ApiFailure {
-            status: 409,
-            message: message.into(),
-        };
-        let migrating = self.migration.as_ref().is_some_and(|m| m.active);
-        let unknown = self.migration.as_ref().is_some_and(|m| m.outcome_unknown);
-        match &action {
-            ApiAction::Pause
-            | ApiAction::Resume
-            | ApiAction::Snapshot(_)
-            | ApiAction::Migrate(_)
-                if migrating =>
-            {
-                return (
-                    Err(conflict("a migration is running; cancel it first")),
-                    None,
-                );
-            }
-            ApiAction::Resume | ApiAction::Migrate(_) | ApiAction::Snapshot(_) if unknown => {
-                return (
-                    Err(conflict(
-                        "the last migration's outcome is unknown: the VM may run on the \
-                         destination. Check there; if it does not run, restart this VM from a \
-                         snapshot.",
-                    )),
-                    None,
-                );
-            }
-            _ => {}
+        if let Some(refused) = self.migration_guard(&action) {
+            return (Err(refused), None);
         }
         let result = match action {
             ApiAction::Info => Ok(()),
@@ -170,28 +166,15 @@ impl<'a> Control<'a> {
                 self.state = VmRunState::ShuttingDown;
                 return (Ok(ApiReply::Info(self.info())), Some(VmExit::ApiShutdown));
             }
-            ApiAction::Migrate(request) => return (self.start_migration(request), None),
-            ApiAction::MigrationStatus => {
-                return match &self.migration {
-                    Some(m) => (Ok(ApiReply::Migration(lock(&m.status).clone())), None),
-                    None => (
-                        Err(ApiFailure {
-                            status: 404,
-                            message: "no migration was started".into(),
-                        }),
-                        None,
-                    ),
-                };
+            ApiAction::Migrate(request) => {
+                return match self.start_migration(request, None) {
+                    Ok(reply) => (reply.ok_or_else(|| failed("no reply".into())), None),
+                    Err(e) => (Err(e), None),
+                }
             }
-            ApiAction::CancelMigration => {
-                return match &self.migration {
-                    Some(m) if m.active => {
-                        m.cancel.store(true, Ordering::Relaxed);
-                        (Ok(ApiReply::Migration(lock(&m.status).clone())), None)
-                    }
-                    _ => (Err(conflict("no migration is running")), None),
-                };
-            }
+            ApiAction::MigrationStatus => return (self.migration_status(), None),
+            ApiAction::CancelMigration => return (self.cancel_migration(), None),
+            ApiAction::ResolveMigration(request) => return (self.resolve_migration(request), None),
             ApiAction::Snapshot(request) => {
                 return match self.snapshot(&request) {
                     Ok(report) => {
@@ -283,87 +266,12 @@ impl<'a> Control<'a> {
         }
     }
 
-    fn start_migration(&mut self, request: MigrateRequest) -> Result<ApiReply, ApiFailure> {
-        let status = Arc::new(Mutex::new(source::initial_status(&request.to)));
-        let cancel = Arc::new(AtomicBool::new(false));
-        let ctx = SourceContext {
-            request,
-            vm_fd: self.vm.vm_fd.clone(),
-            memory: self.vm.memory.clone(),
-            machine: self.vm.machine.clone(),
-            vcpu_threads: self.vcpus.iter().map(|v| v.thread.as_pthread_t()).collect(),
-            throttle: self.throttle.clone(),
-            status: status.clone(),
-            cancel: cancel.clone(),
-            events: self.vm.events_tx.clone(),
-        };
-        source::spawn(ctx).map_err(|e| ApiFailure {
-            status: 500,
-            message: format!("cannot start the migration: {e}"),
-        })?;
-        let reply = ApiReply::Migration(lock(&status).clone());
-        self.migration = Some(Migration {
-            status,
-            cancel,
-            active: true,
-            paused_for_switchover: false,
-            outcome_unknown: false,
-            waiter: None,
-        });
-        Ok(reply)
-    }
-
-    /// Stops the VM for the switchover and reads its state (without memory, which the worker
-    /// sends itself). The disks are flushed so the destination reads what the guest wrote.
-    fn switchover(&mut self) -> source::SwitchoverReply {
-        let was_running = self.state == VmRunState::Running;
-        let stopped_at = Instant::now();
-        if was_running {
-            self.pause()?;
-        }
-        let pause_time = stopped_at.elapsed();
-        if let Some(m) = self.migration.as_mut() {
-            m.paused_for_switchover = was_running;
-        }
-        let state = self.save_state()?;
-        for disk in &self.vm.disks {
-            disk.flush()
-                .map_err(|e| format!("flushing {}: {e}", disk.path().display()))?;
-        }
-        Ok((state, stopped_at, pause_time))
-    }
-
-    /// Acts on the end of a migration; returns how the VM ends if it moved away.
-    fn migration_ended(&mut self, outcome: MigrationOutcome) -> Option<VmExit> {
-        let m = self.migration.as_mut()?;
-        m.active = false;
-        if let Some(waiter) = m.waiter.take() {
-            let _ = waiter.send(Ok(ApiReply::Migration(lock(&m.status).clone())));
-        }
-        match outcome {
-            MigrationOutcome::Committed(_) => return Some(VmExit::MigratedAway),
-            MigrationOutcome::Failed(_) | MigrationOutcome::Cancelled => {
-                if std::mem::take(&mut m.paused_for_switchover) {
-                    if let Err(e) = self.resume() {
-                        tracing::error!("resuming after a failed migration failed: {e}");
-                    }
-                }
-            }
-            MigrationOutcome::Unknown(e) => {
-                m.outcome_unknown = true;
-                tracing::error!("migration outcome unknown, the VM stays paused here: {e}");
-            }
-        }
-        None
-    }
-
     /// Stops every thread and flushes the disks. Safe to call in any state.
     pub fn stop_all(&mut self) {
-        // A throttler may still be kicking vCPU threads; it kicks only while throttled.
-        self.throttle.store(0, Ordering::Relaxed);
-        if let Some(m) = &self.migration {
-            m.cancel.store(true, Ordering::Relaxed);
-        }
+        // The kicker is joined before any vCPU thread: it never signals a joined thread.
+        self.throttle.set(0);
+        self.kicker = None;
+        self.migration.cancel();
         for v in &self.vcpus {
             let _ = v.commands.send(VcpuCommand::Stop);
             let _ = v.thread.kill(vcpu::kick_signal());

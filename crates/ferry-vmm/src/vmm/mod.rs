@@ -3,11 +3,11 @@
 //! something fails.
 
 mod control;
+mod migration_control;
 mod platform;
 mod restore;
 mod save;
 
-use std::sync::atomic::AtomicU32;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -315,7 +315,7 @@ impl Vm {
             None => None,
         };
         let (acks_tx, acks) = mpsc::channel();
-        let throttle = Arc::new(AtomicU32::new(0));
+        let throttle = Arc::new(crate::cpu::throttle::Throttle::default());
         let mut handles = Vec::new();
         for (id, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
             let (commands_tx, commands) = mpsc::channel();

@@ -18,7 +18,7 @@ fn every_message_kind_round_trips() {
         );
         assert_eq!(
             u16::from_le_bytes([bytes[4], bytes[5]]),
-            MESSAGE_FORMAT_VERSION
+            kind.format_version()
         );
         let back = read_message(&mut Cursor::new(&bytes)).expect("read back");
         assert_eq!(back, m, "{kind}");
@@ -100,7 +100,7 @@ fn well_framed_garbage_payloads_are_errors_not_panics() {
                     payload[0] = if noise.next() % 2 == 0 { b'Z' } else { b'D' };
                 }
                 let mut frame = Vec::new();
-                write_frame(&mut frame, MESSAGE_FORMAT_VERSION, kind as u16, &payload)
+                write_frame(&mut frame, kind.format_version(), kind as u16, &payload)
                     .expect("write");
                 // Anything but a panic will do; whatever is accepted obeys its rules.
                 if let Ok(m) = read_message(&mut Cursor::new(frame)) {
@@ -115,7 +115,7 @@ fn well_framed_garbage_payloads_are_errors_not_panics() {
 
 #[test]
 fn unknown_message_kinds_are_refused() {
-    for kind in [0u16, 1, 7, 0x0100, 0x010c, 0xffff] {
+    for kind in [0u16, 1, 7, 0x0100, 0x010f, 0xffff] {
         for payload in [&b""[..], b"{}"] {
             let mut frame = Vec::new();
             write_frame(&mut frame, MESSAGE_FORMAT_VERSION, kind, payload).expect("write");
@@ -130,23 +130,43 @@ fn unknown_message_kinds_are_refused() {
 
 #[test]
 fn other_format_versions_are_refused_with_a_clear_error() {
-    let mut bytes = encode(&sample(MessageKind::Complete));
-    bytes[4..6].copy_from_slice(&2u16.to_le_bytes());
-    let err = read_message(&mut Cursor::new(bytes)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ProtocolError::FrameVersion {
-                kind: MessageKind::Complete,
-                version: 2,
-                supported: 1
-            }
-        ),
-        "{err}"
+    for version in [1u16, 3] {
+        let mut bytes = encode(&sample(MessageKind::Complete));
+        bytes[4..6].copy_from_slice(&version.to_le_bytes());
+        let err = read_message(&mut Cursor::new(bytes)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtocolError::FrameVersion {
+                    kind: MessageKind::Complete,
+                    version: v,
+                    supported: 2
+                } if v == version
+            ),
+            "{err}"
+        );
+        assert!(err
+            .to_string()
+            .contains(&format!("Complete message has format version {version}")));
+        assert_eq!(err.class(), FailureClass::Incompatible);
+    }
+    // A version-1 peer's Hello still reads, so the refusal can name both versions.
+    let mut old = Hello::new("ferry 0.1", &["zero-pages"]);
+    old.protocol_version = 1;
+    let mut frame = Vec::new();
+    write_frame(
+        &mut frame,
+        1,
+        MessageKind::Hello as u16,
+        &serde_json::to_vec(&old).expect("json"),
+    )
+    .expect("write");
+    let hello = read_message(&mut Cursor::new(frame)).expect("a v1 Hello reads");
+    let err = ReceiverMachine::new().received(&hello).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the peer speaks migration protocol version 1; this ferry speaks 2"
     );
-    assert!(err
-        .to_string()
-        .contains("Complete message has format version 2"));
 }
 
 #[test]
@@ -223,7 +243,7 @@ fn json_that_does_not_decode_is_a_decode_error() {
     ];
     for (kind, payload) in cases {
         let mut frame = Vec::new();
-        write_frame(&mut frame, MESSAGE_FORMAT_VERSION, kind as u16, payload).expect("write");
+        write_frame(&mut frame, kind.format_version(), kind as u16, payload).expect("write");
         let err = read_message(&mut Cursor::new(frame)).unwrap_err();
         assert!(
             matches!(err, ProtocolError::Decode { what, .. } if what == kind.name()),
@@ -236,7 +256,7 @@ fn json_that_does_not_decode_is_a_decode_error() {
 fn raw_json<T: serde::Serialize>(kind: MessageKind, value: &T) -> Vec<u8> {
     let mut frame = Vec::new();
     let payload = serde_json::to_vec(value).expect("json");
-    write_frame(&mut frame, MESSAGE_FORMAT_VERSION, kind as u16, &payload).expect("write");
+    write_frame(&mut frame, kind.format_version(), kind as u16, &payload).expect("write");
     frame
 }
 

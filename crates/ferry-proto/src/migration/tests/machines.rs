@@ -32,6 +32,13 @@ const SENDER_RULES: &[(SenderState, &[SenderRule])] = {
             Negotiated,
             &[
                 (S, K::Setup, SetupSent),
+                (
+                    S,
+                    K::Resolve,
+                    Resolving {
+                        migration_id: 0x5eed,
+                    },
+                ),
                 (S, K::Abort, Aborted),
                 (R, K::Abort, Aborted),
             ],
@@ -50,6 +57,7 @@ const SENDER_RULES: &[(SenderState, &[SenderRule])] = {
                 (S, K::Pages, SendingMemory { iteration: 0 }),
                 (S, K::IterationDone, SendingMemory { iteration: 1 }),
                 (S, K::State, StateSent),
+                (R, K::Applied, SendingMemory { iteration: 0 }),
                 (S, K::Abort, Aborted),
                 (R, K::Abort, Aborted),
             ],
@@ -58,6 +66,7 @@ const SENDER_RULES: &[(SenderState, &[SenderRule])] = {
             StateSent,
             &[
                 (S, K::Complete, Completed),
+                (R, K::Applied, StateSent),
                 (S, K::Abort, Aborted),
                 (R, K::Abort, Aborted),
             ],
@@ -66,6 +75,7 @@ const SENDER_RULES: &[(SenderState, &[SenderRule])] = {
             Completed,
             &[
                 (R, K::Prepared, AwaitingCommitDecision),
+                (R, K::Applied, Completed),
                 (S, K::Abort, Aborted),
                 (R, K::Abort, Aborted),
             ],
@@ -82,6 +92,13 @@ const SENDER_RULES: &[(SenderState, &[SenderRule])] = {
         (Done, &[]),
         // Aborts may cross: the peer's Abort may still arrive.
         (Aborted, &[(R, K::Abort, Aborted)]),
+        (
+            Resolving {
+                migration_id: 0x5eed,
+            },
+            &[(R, K::Resolved, Resolved)],
+        ),
+        (Resolved, &[]),
     ]
 };
 
@@ -108,6 +125,13 @@ const RECEIVER_RULES: &[(ReceiverState, &[ReceiverRule])] = {
             AwaitSetup,
             &[
                 (R, K::Setup, SetupReceived),
+                (
+                    R,
+                    K::Resolve,
+                    Resolving {
+                        migration_id: 0x5eed,
+                    },
+                ),
                 (S, K::Abort, Aborted),
                 (R, K::Abort, Aborted),
             ],
@@ -126,6 +150,7 @@ const RECEIVER_RULES: &[(ReceiverState, &[ReceiverRule])] = {
                 (R, K::Pages, ReceivingMemory),
                 (R, K::IterationDone, ReceivingMemory),
                 (R, K::State, StateReceived),
+                (S, K::Applied, ReceivingMemory),
                 (S, K::Abort, Aborted),
                 (R, K::Abort, Aborted),
             ],
@@ -134,6 +159,7 @@ const RECEIVER_RULES: &[(ReceiverState, &[ReceiverRule])] = {
             StateReceived,
             &[
                 (R, K::Complete, Completed),
+                (S, K::Applied, StateReceived),
                 (S, K::Abort, Aborted),
                 (R, K::Abort, Aborted),
             ],
@@ -142,6 +168,7 @@ const RECEIVER_RULES: &[(ReceiverState, &[ReceiverRule])] = {
             Completed,
             &[
                 (S, K::Prepared, Prepared),
+                (S, K::Applied, Completed),
                 (S, K::Abort, Aborted),
                 (R, K::Abort, Aborted),
             ],
@@ -157,6 +184,13 @@ const RECEIVER_RULES: &[(ReceiverState, &[ReceiverRule])] = {
         (Running, &[(S, K::Running, Done)]),
         (Done, &[]),
         (Aborted, &[(R, K::Abort, Aborted)]),
+        (
+            Resolving {
+                migration_id: 0x5eed,
+            },
+            &[(S, K::Resolved, Resolved)],
+        ),
+        (Resolved, &[]),
     ]
 };
 
@@ -209,6 +243,17 @@ fn sender_in(target: SenderState) -> SenderMachine {
         m.sent(&sample(K::Abort)).expect("abort");
         return m;
     }
+    if matches!(
+        target,
+        SenderState::Resolving { .. } | SenderState::Resolved
+    ) {
+        let mut m = sender_in(SenderState::Negotiated);
+        m.sent(&sample(K::Resolve)).expect("resolve");
+        if target == SenderState::Resolved {
+            m.received(&sample(K::Resolved)).expect("resolved");
+        }
+        return m;
+    }
     for (d, kind) in SENDER_PATH {
         if m.state() == target {
             break;
@@ -225,6 +270,17 @@ fn receiver_in(target: ReceiverState) -> ReceiverMachine {
         m.sent(&sample(K::Abort)).expect("abort");
         return m;
     }
+    if matches!(
+        target,
+        ReceiverState::Resolving { .. } | ReceiverState::Resolved
+    ) {
+        let mut m = receiver_in(ReceiverState::AwaitSetup);
+        m.received(&sample(K::Resolve)).expect("resolve");
+        if target == ReceiverState::Resolved {
+            m.sent(&sample(K::Resolved)).expect("resolved");
+        }
+        return m;
+    }
     for (d, kind) in RECEIVER_PATH {
         if m.state() == target {
             break;
@@ -237,7 +293,7 @@ fn receiver_in(target: ReceiverState) -> ReceiverMachine {
 
 #[test]
 fn every_sender_transition_follows_the_table() {
-    assert_eq!(SENDER_RULES.len(), 11, "every sender state has a row");
+    assert_eq!(SENDER_RULES.len(), 13, "every sender state has a row");
     let mut illegal = 0;
     for &(state, rules) in SENDER_RULES {
         let start = sender_in(state);
@@ -281,7 +337,7 @@ fn every_sender_transition_follows_the_table() {
 
 #[test]
 fn every_receiver_transition_follows_the_table() {
-    assert_eq!(RECEIVER_RULES.len(), 11, "every receiver state has a row");
+    assert_eq!(RECEIVER_RULES.len(), 13, "every receiver state has a row");
     let mut illegal = 0;
     for &(state, rules) in RECEIVER_RULES {
         let start = receiver_in(state);
@@ -601,17 +657,18 @@ fn a_zero_run_may_cross_between_adjacent_regions() {
 #[test]
 fn a_protocol_version_mismatch_is_a_clear_error_on_either_side() {
     let mut newer = Hello::new("ferry 9", &[]);
-    newer.protocol_version = 2;
+    newer.protocol_version = 3;
     let mut dst = ReceiverMachine::new();
     let err = dst.received(&Message::Hello(newer.clone())).unwrap_err();
     assert!(
-        matches!(err, ProtocolError::Version { ours: 1, theirs: 2 }),
+        matches!(err, ProtocolError::Version { ours: 2, theirs: 3 }),
         "{err}"
     );
     assert_eq!(
         err.to_string(),
-        "the peer speaks migration protocol version 2; this ferry speaks 1"
+        "the peer speaks migration protocol version 3; this ferry speaks 2"
     );
+    assert_eq!(err.class(), FailureClass::Incompatible);
     assert_eq!(dst.state(), ReceiverState::AwaitHello);
     assert!(dst.negotiated().is_none());
     dst.sent(&Message::abort(err.to_string()))
@@ -620,7 +677,7 @@ fn a_protocol_version_mismatch_is_a_clear_error_on_either_side() {
     let mut src = sender_in(SenderState::HelloSent);
     let err = src.received(&Message::Hello(newer.clone())).unwrap_err();
     assert!(
-        matches!(err, ProtocolError::Version { theirs: 2, .. }),
+        matches!(err, ProtocolError::Version { theirs: 3, .. }),
         "{err}"
     );
     assert_eq!(src.state(), SenderState::HelloSent);
@@ -694,4 +751,43 @@ fn the_machines_check_what_is_sent_too() {
 fn the_accepted_setup_is_kept_for_the_vmm() {
     let dst = receiver_in(ReceiverState::SetupReceived);
     assert_eq!(dst.setup(), Some(&sample_setup()));
+}
+
+#[test]
+fn a_resolve_must_be_answered_for_its_own_migration() {
+    let mut src = sender_in(SenderState::Resolving {
+        migration_id: 0x5eed,
+    });
+    let other = Message::Resolved(Resolved {
+        migration_id: 0x5eee,
+        running: true,
+    });
+    assert!(matches!(
+        src.received(&other),
+        Err(ProtocolError::Transition(_))
+    ));
+    let mut dst = receiver_in(ReceiverState::Resolving {
+        migration_id: 0x5eed,
+    });
+    assert!(matches!(
+        dst.sent(&other),
+        Err(ProtocolError::Transition(_))
+    ));
+    // A resolve never passes a commit point, so it cannot be mistaken for a handover.
+    assert!(!src.is_commit_point_passed() && !dst.is_commit_point_passed());
+}
+
+#[test]
+fn features_are_acted_on_only_when_both_sides_announce_them() {
+    let agreed = |caps: &[&str]| caps.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    let f = Features::from_agreed(&agreed(&["state-sections", "zero-pages"])).expect("ok");
+    assert!(f.zero_pages && !f.flow_control);
+    let f = Features::from_agreed(&agreed(feature::ALL)).expect("ok");
+    assert!(f.zero_pages && f.flow_control);
+    let err = Features::from_agreed(&agreed(&["zero-pages", "flow-control"])).unwrap_err();
+    assert!(matches!(
+        err,
+        ProtocolError::MissingFeature("state-sections")
+    ));
+    assert_eq!(err.class(), FailureClass::Incompatible);
 }

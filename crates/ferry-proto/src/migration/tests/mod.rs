@@ -10,6 +10,7 @@ use super::*;
 /// Two regions with a gap: [0, 64 KiB) and [1 MiB, 1 MiB + 64 KiB).
 fn sample_setup() -> Setup {
     Setup {
+        migration_id: 0x5eed,
         memory_bytes: 128 << 10,
         vcpus: 2,
         regions: vec![
@@ -45,7 +46,10 @@ fn mixed_batch() -> PageBatch {
 /// (its counts match a conversation that sent no pages before it).
 fn sample(kind: MessageKind) -> Message {
     match kind {
-        MessageKind::Hello => Message::Hello(Hello::new("ferry-test", &["zero-pages", "lz4"])),
+        MessageKind::Hello => Message::Hello(Hello::new(
+            "ferry-test",
+            &["zero-pages", "lz4", "state-sections"],
+        )),
         MessageKind::Setup => Message::Setup(sample_setup()),
         MessageKind::SetupOk => Message::SetupOk,
         MessageKind::Pages => Message::Pages(mixed_batch()),
@@ -64,6 +68,17 @@ fn sample(kind: MessageKind) -> Message {
         MessageKind::Commit => Message::Commit,
         MessageKind::Running => Message::Running(Running { resume_ms: 1.25 }),
         MessageKind::Abort => Message::abort("operator cancelled"),
+        MessageKind::Applied => Message::Applied(Applied {
+            bytes: 8192,
+            pages: 3,
+        }),
+        MessageKind::Resolve => Message::Resolve(Resolve {
+            migration_id: 0x5eed,
+        }),
+        MessageKind::Resolved => Message::Resolved(Resolved {
+            migration_id: 0x5eed,
+            running: true,
+        }),
     }
 }
 

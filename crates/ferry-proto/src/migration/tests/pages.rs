@@ -242,7 +242,13 @@ fn every_hostile_record_rule_is_enforced() {
         let err = PageBatch::from_bytes(bytes.clone()).unwrap_err();
         assert!(matches!(err, ProtocolError::BadRecord(_)), "{what}: {err}");
         let mut frame = Vec::new();
-        write_frame(&mut frame, 1, MessageKind::Pages as u16, &bytes).expect("write");
+        write_frame(
+            &mut frame,
+            MessageKind::Pages.format_version(),
+            MessageKind::Pages as u16,
+            &bytes,
+        )
+        .expect("write");
         let err = read_message(&mut Cursor::new(frame)).unwrap_err();
         assert!(matches!(err, ProtocolError::BadRecord(_)), "{what}: {err}");
     }

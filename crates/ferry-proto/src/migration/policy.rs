@@ -1,0 +1,453 @@
+//! The convergence policy: one pure function that decides, after each look at what is dirty,
+//! whether the source sends another pass, throttles the guest, switches over or gives up.
+//!
+//! It knows nothing of KVM or sockets. Its input is a list of dirty sources (guest memory
+//! today; disks join the same list) and the rates the source measured; the whole prediction of
+//! the downtime lives here, so what the status reports and what the switchover does agree.
+//!
+//! ```text
+//! predicted downtime = floor                        pausing, device state, the handover's
+//!                                                   round trips (measured RTT)
+//!                    + Σ remaining bytes / send rate   what is dirty now, sent while paused
+//!                    + backlog / apply rate            what the destination has yet to apply
+//! ```
+//!
+//! Rules, in order:
+//! 1. Time is up: switch over if the operator said `force`, else give up (timed out).
+//! 2. The destination is behind (its backlog exceeds what it applies in a millisecond): wait
+//!    for it. The guest is never stopped while the destination still has a backlog.
+//! 3. The prediction fits the target: switch over, unless another pass still shrinks the dirty
+//!    set by a quarter and the memory part is above its floor (a shorter downtime for free).
+//! 4. The target is below the floor (nothing left to gain, the prediction is the floor): switch
+//!    over at the floor and say so, instead of iterating for ever.
+//! 5. The guest dirties faster than half the send rate: throttle one step more.
+//! 6. Throttled all the way and passes no longer shrink: give up, saying why.
+//! 7. Otherwise: another pass.
+
+use std::time::Duration;
+
+/// How much of a pass's dirty data one source has, and how fast it dirties.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DirtySource {
+    /// What it is, for notes: "memory", "disk 0".
+    pub name: &'static str,
+    /// Bytes dirty now: what the last pass in the downtime would send.
+    pub dirty_bytes: u64,
+    /// Bytes per second the guest dirtied since the last look.
+    pub dirty_rate: f64,
+}
+
+/// What the operator asked for when time runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenTimeIsUp {
+    GiveUp,
+    Force,
+}
+
+/// Everything the policy decides on: the measurements of this look and the history it needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inputs<'a> {
+    pub sources: &'a [DirtySource],
+    /// Bytes per second whole passes achieved (reading, encoding and sending), or the raw link
+    /// rate before a pass was measured. 0 means unknown.
+    pub send_rate: f64,
+    /// Bytes sent but not yet applied by the destination.
+    pub backlog_bytes: u64,
+    /// Bytes per second the destination applies. 0 means unknown.
+    pub apply_rate: f64,
+    pub target_ms: f64,
+    /// The fixed part of the switchover: pause, device state, round trips.
+    pub floor_ms: f64,
+    /// Time left before `max_time`, if one was given.
+    pub time_left: Option<Duration>,
+    pub when_time_is_up: WhenTimeIsUp,
+    /// Throttle steps (percent of vCPU time held back), in order, and how many are taken.
+    pub throttle_steps: &'a [u32],
+    pub throttle_taken: usize,
+    /// Passes sent so far (0 before the first dirty pass).
+    pub iteration: u32,
+    /// Total dirty bytes at the previous look.
+    pub previous_dirty: Option<u64>,
+    /// Passes taken only for a shorter downtime so far.
+    pub extra_passes: u32,
+    /// Passes at the last throttle step that did not shrink the dirty set.
+    pub stalled_passes: u32,
+}
+
+/// What to do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Send what is dirty and look again. `extra`: taken only to shorten the downtime.
+    AnotherPass { extra: bool },
+    /// The destination has a backlog: let it catch up, then look again.
+    WaitForDestination,
+    /// Hold the vCPUs back by `percent` of their time, then send another pass.
+    Throttle { percent: u32 },
+    /// Stop the guest and send the rest.
+    SwitchOver { why: SwitchReason },
+    /// End the migration; the source VM runs on.
+    GiveUp { why: GiveUpReason },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchReason {
+    /// The prediction fits the target.
+    Fits,
+    /// The target is below what the switchover can reach; this is as short as it gets.
+    AtFloor,
+    /// Time ran out and the operator asked to force it.
+    Forced,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUpReason {
+    /// `max_time` ran out.
+    TimedOut,
+    /// Fully throttled, and the dirty set no longer shrinks.
+    CannotConverge,
+}
+
+/// A pass that still shrinks the dirty set by this factor is worth taking even once the
+/// prediction fits.
+pub const WORTH_ANOTHER_PASS: f64 = 0.75;
+/// Below this many milliseconds of dirty data the last pass is as short as it gets.
+pub const MEMORY_FLOOR_MS: f64 = 1.0;
+/// Extra passes taken for a shorter downtime, at most.
+pub const MAX_EXTRA_PASSES: u32 = 10;
+/// Passes at full throttle without progress before giving up.
+pub const MAX_STALLED_PASSES: u32 = 8;
+/// The destination counts as caught up when its backlog is applied within this long.
+pub const BACKLOG_SLACK_MS: f64 = 1.0;
+
+/// The prediction, in parts (milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction {
+    pub dirty_ms: f64,
+    pub backlog_ms: f64,
+    pub floor_ms: f64,
+}
+
+impl Prediction {
+    pub fn total_ms(&self) -> f64 {
+        self.dirty_ms + self.backlog_ms + self.floor_ms
+    }
+}
+
+fn ms(bytes: u64, rate: f64) -> f64 {
+    if bytes == 0 {
+        0.0
+    } else if rate > 0.0 {
+        bytes as f64 / rate * 1e3
+    } else {
+        f64::INFINITY
+    }
+}
+
+impl Inputs<'_> {
+    pub fn dirty_bytes(&self) -> u64 {
+        self.sources.iter().map(|s| s.dirty_bytes).sum()
+    }
+
+    pub fn dirty_rate(&self) -> f64 {
+        self.sources.iter().map(|s| s.dirty_rate).sum()
+    }
+
+    /// The downtime a switchover now would have.
+    pub fn predict(&self) -> Prediction {
+        Prediction {
+            dirty_ms: ms(self.dirty_bytes(), self.send_rate),
+            backlog_ms: ms(self.backlog_bytes, self.apply_rate),
+            floor_ms: self.floor_ms,
+        }
+    }
+}
+
+/// The policy. Pure: the same inputs give the same decision.
+pub fn decide(i: &Inputs<'_>) -> Decision {
+    let p = i.predict();
+    let dirty = i.dirty_bytes();
+    if i.time_left.is_some_and(|t| t.is_zero()) {
+        return match i.when_time_is_up {
+            WhenTimeIsUp::Force => Decision::SwitchOver {
+                why: SwitchReason::Forced,
+            },
+            WhenTimeIsUp::GiveUp => Decision::GiveUp {
+                why: GiveUpReason::TimedOut,
+            },
+        };
+    }
+    if p.backlog_ms > BACKLOG_SLACK_MS {
+        return Decision::WaitForDestination;
+    }
+    let shrinking = i
+        .previous_dirty
+        .is_none_or(|prev| (dirty as f64) < WORTH_ANOTHER_PASS * prev as f64);
+    let at_memory_floor = p.dirty_ms <= MEMORY_FLOOR_MS;
+    if p.total_ms() <= i.target_ms {
+        if at_memory_floor || !shrinking || i.extra_passes >= MAX_EXTRA_PASSES {
+            return Decision::SwitchOver {
+                why: SwitchReason::Fits,
+            };
+        }
+        return Decision::AnotherPass { extra: true };
+    }
+    if at_memory_floor && p.floor_ms + BACKLOG_SLACK_MS >= i.target_ms {
+        return Decision::SwitchOver {
+            why: SwitchReason::AtFloor,
+        };
+    }
+    let fully_throttled = i.throttle_taken >= i.throttle_steps.len();
+    if i.iteration >= 1 && !fully_throttled && i.dirty_rate() > 0.5 * i.send_rate {
+        return Decision::Throttle {
+            percent: i.throttle_steps[i.throttle_taken],
+        };
+    }
+    if fully_throttled && !shrinking && i.stalled_passes >= MAX_STALLED_PASSES {
+        return Decision::GiveUp {
+            why: GiveUpReason::CannotConverge,
+        };
+    }
+    Decision::AnotherPass { extra: false }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STEPS: [u32; 6] = [20, 40, 60, 80, 90, 99];
+    const MIB: u64 = 1 << 20;
+    const GBPS: f64 = 1e9;
+
+    fn memory(dirty_bytes: u64, dirty_rate: f64) -> [DirtySource; 1] {
+        [DirtySource {
+            name: "memory",
+            dirty_bytes,
+            dirty_rate,
+        }]
+    }
+
+    /// A named scenario: the inputs differ from a quiet baseline by the closure.
+    struct Case {
+        name: &'static str,
+        dirty_bytes: u64,
+        dirty_rate: f64,
+        tweak: fn(&mut Inputs<'_>),
+        expect: Decision,
+    }
+
+    fn baseline(sources: &[DirtySource]) -> Inputs<'_> {
+        Inputs {
+            sources,
+            send_rate: 2.0 * GBPS,
+            backlog_bytes: 0,
+            apply_rate: 2.0 * GBPS,
+            target_ms: 100.0,
+            floor_ms: 2.0,
+            time_left: None,
+            when_time_is_up: WhenTimeIsUp::GiveUp,
+            throttle_steps: &STEPS,
+            throttle_taken: 0,
+            iteration: 1,
+            previous_dirty: None,
+            extra_passes: 0,
+            stalled_passes: 0,
+        }
+    }
+
+    #[test]
+    fn decisions_follow_the_rules() {
+        let cases = [
+            Case {
+                name: "an idle guest switches over at once",
+                dirty_bytes: 0,
+                dirty_rate: 0.0,
+                tweak: |_| {},
+                expect: Decision::SwitchOver {
+                    why: SwitchReason::Fits,
+                },
+            },
+            Case {
+                name: "a fitting prediction that still shrinks takes an extra pass",
+                dirty_bytes: 64 * MIB,
+                dirty_rate: 10.0 * MIB as f64,
+                tweak: |i| i.previous_dirty = Some(512 * MIB),
+                expect: Decision::AnotherPass { extra: true },
+            },
+            Case {
+                name: "a fitting prediction that stopped shrinking switches over",
+                dirty_bytes: 64 * MIB,
+                dirty_rate: 10.0 * MIB as f64,
+                tweak: |i| i.previous_dirty = Some(70 * MIB),
+                expect: Decision::SwitchOver {
+                    why: SwitchReason::Fits,
+                },
+            },
+            Case {
+                name: "extra passes are bounded",
+                dirty_bytes: 64 * MIB,
+                dirty_rate: 10.0 * MIB as f64,
+                tweak: |i| {
+                    i.previous_dirty = Some(512 * MIB);
+                    i.extra_passes = MAX_EXTRA_PASSES;
+                },
+                expect: Decision::SwitchOver {
+                    why: SwitchReason::Fits,
+                },
+            },
+            Case {
+                name: "a destination with a backlog is waited for, even when all else fits",
+                dirty_bytes: 0,
+                dirty_rate: 0.0,
+                tweak: |i| i.backlog_bytes = 64 * MIB,
+                expect: Decision::WaitForDestination,
+            },
+            Case {
+                name: "a backlog applied within the slack does not hold the switchover",
+                dirty_bytes: 0,
+                dirty_rate: 0.0,
+                tweak: |i| i.backlog_bytes = 4096,
+                expect: Decision::SwitchOver {
+                    why: SwitchReason::Fits,
+                },
+            },
+            Case {
+                name: "a backlog with an unknown apply rate is waited for",
+                dirty_bytes: 0,
+                dirty_rate: 0.0,
+                tweak: |i| {
+                    i.backlog_bytes = 4096;
+                    i.apply_rate = 0.0;
+                },
+                expect: Decision::WaitForDestination,
+            },
+            Case {
+                name: "a target below the floor switches over at the floor, not never",
+                dirty_bytes: 4096,
+                dirty_rate: 1e5,
+                tweak: |i| i.target_ms = 1.0,
+                expect: Decision::SwitchOver {
+                    why: SwitchReason::AtFloor,
+                },
+            },
+            Case {
+                name: "a guest dirtying faster than half the link is throttled",
+                dirty_bytes: 1024 * MIB,
+                dirty_rate: 1.5 * GBPS,
+                tweak: |_| {},
+                expect: Decision::Throttle { percent: 20 },
+            },
+            Case {
+                name: "throttling goes one step at a time",
+                dirty_bytes: 1024 * MIB,
+                dirty_rate: 1.5 * GBPS,
+                tweak: |i| i.throttle_taken = 3,
+                expect: Decision::Throttle { percent: 80 },
+            },
+            Case {
+                name: "the first pass is not a reason to throttle",
+                dirty_bytes: 1024 * MIB,
+                dirty_rate: 1.5 * GBPS,
+                tweak: |i| i.iteration = 0,
+                expect: Decision::AnotherPass { extra: false },
+            },
+            Case {
+                name: "a slow dirtier that does not fit yet gets another pass",
+                dirty_bytes: 1024 * MIB,
+                dirty_rate: 0.1 * GBPS,
+                tweak: |_| {},
+                expect: Decision::AnotherPass { extra: false },
+            },
+            Case {
+                name: "fully throttled and stalled gives up",
+                dirty_bytes: 1024 * MIB,
+                dirty_rate: 1.5 * GBPS,
+                tweak: |i| {
+                    i.throttle_taken = STEPS.len();
+                    i.previous_dirty = Some(1024 * MIB);
+                    i.stalled_passes = MAX_STALLED_PASSES;
+                },
+                expect: Decision::GiveUp {
+                    why: GiveUpReason::CannotConverge,
+                },
+            },
+            Case {
+                name: "fully throttled but still shrinking goes on",
+                dirty_bytes: 512 * MIB,
+                dirty_rate: 1.5 * GBPS,
+                tweak: |i| {
+                    i.throttle_taken = STEPS.len();
+                    i.previous_dirty = Some(1024 * MIB);
+                    i.stalled_passes = MAX_STALLED_PASSES;
+                },
+                expect: Decision::AnotherPass { extra: false },
+            },
+            Case {
+                name: "time up with force switches over whatever the prediction",
+                dirty_bytes: 1024 * MIB,
+                dirty_rate: 1.5 * GBPS,
+                tweak: |i| {
+                    i.time_left = Some(Duration::ZERO);
+                    i.when_time_is_up = WhenTimeIsUp::Force;
+                },
+                expect: Decision::SwitchOver {
+                    why: SwitchReason::Forced,
+                },
+            },
+            Case {
+                name: "time up without force gives up",
+                dirty_bytes: 1024 * MIB,
+                dirty_rate: 1.5 * GBPS,
+                tweak: |i| i.time_left = Some(Duration::ZERO),
+                expect: Decision::GiveUp {
+                    why: GiveUpReason::TimedOut,
+                },
+            },
+            Case {
+                name: "time left is not time up",
+                dirty_bytes: 0,
+                dirty_rate: 0.0,
+                tweak: |i| i.time_left = Some(Duration::from_millis(1)),
+                expect: Decision::SwitchOver {
+                    why: SwitchReason::Fits,
+                },
+            },
+            Case {
+                name: "an unknown send rate never predicts a fit",
+                dirty_bytes: 4096,
+                dirty_rate: 0.0,
+                tweak: |i| i.send_rate = 0.0,
+                expect: Decision::AnotherPass { extra: false },
+            },
+        ];
+        for case in cases {
+            let sources = memory(case.dirty_bytes, case.dirty_rate);
+            let mut inputs = baseline(&sources);
+            (case.tweak)(&mut inputs);
+            assert_eq!(decide(&inputs), case.expect, "{}", case.name);
+        }
+    }
+
+    #[test]
+    fn every_source_counts_in_the_prediction() {
+        let sources = [
+            DirtySource {
+                name: "memory",
+                dirty_bytes: 100 * MIB,
+                dirty_rate: 0.0,
+            },
+            DirtySource {
+                name: "disk 0",
+                dirty_bytes: 100 * MIB,
+                dirty_rate: 0.0,
+            },
+        ];
+        let mut i = baseline(&sources);
+        i.send_rate = 200.0 * MIB as f64;
+        i.backlog_bytes = 20 * MIB;
+        i.apply_rate = 100.0 * MIB as f64;
+        let p = i.predict();
+        assert!((p.dirty_ms - 1000.0).abs() < 1e-6, "{p:?}");
+        assert!((p.backlog_ms - 200.0).abs() < 1e-6, "{p:?}");
+        assert!((p.total_ms() - 1202.0).abs() < 1e-6, "{p:?}");
+    }
+}

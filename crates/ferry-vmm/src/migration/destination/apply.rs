@@ -1,0 +1,136 @@
+//! Receiving the stream: a reader thread takes messages off the socket into reused buffers
+//! and checks them against the protocol; the main thread writes pages into guest memory and
+//! reports its progress (Applied) to the source, so the source knows the backlog.
+
+use std::io::BufReader;
+use std::net::TcpStream;
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_devices::GuestMemory;
+use ferry_proto::migration::{
+    read_message_reusing, Message, PageRecord, ReceiverMachine, PAGE_SIZE,
+};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Messages read ahead of the one being applied.
+const READ_AHEAD: usize = 3;
+
+/// The reader thread's end of the pipeline.
+#[derive(Debug)]
+pub struct Reader {
+    messages: Receiver<Result<Message, String>>,
+    spent: SyncSender<Vec<u8>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reader {
+    /// Starts reading `reader`; every message is checked by `machine` before it is passed on.
+    pub fn start(
+        reader: BufReader<TcpStream>,
+        machine: Arc<Mutex<ReceiverMachine>>,
+    ) -> std::io::Result<Reader> {
+        let (tx, messages) = mpsc::sync_channel(READ_AHEAD);
+        let (spent, buffers) = mpsc::sync_channel::<Vec<u8>>(READ_AHEAD + 2);
+        let thread = std::thread::Builder::new()
+            .name("ferry-recv".into())
+            .spawn(move || read_loop(reader, &machine, &tx, &buffers))?;
+        Ok(Reader {
+            messages,
+            spent,
+            thread: Some(thread),
+        })
+    }
+
+    /// The next message. The socket's read timeout bounds the wait.
+    pub fn next(&self) -> Result<Message, String> {
+        self.messages
+            .recv()
+            .map_err(|_| "the migration connection ended".to_string())?
+    }
+
+    /// Gives a page buffer back for the next read.
+    pub fn recycle(&self, buffer: Vec<u8>) {
+        let _ = self.spent.try_send(buffer);
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        // The thread ends at the socket's next error or timeout; do not wait for it here.
+        drop(self.thread.take());
+    }
+}
+
+fn read_loop(
+    mut reader: BufReader<TcpStream>,
+    machine: &Mutex<ReceiverMachine>,
+    out: &SyncSender<Result<Message, String>>,
+    buffers: &Receiver<Vec<u8>>,
+) {
+    loop {
+        let spare = buffers.try_recv().unwrap_or_default();
+        let result = read_message_reusing(&mut reader, spare)
+            .map_err(|e| format!("reading from the source: {}", crate::error_chain(&e)))
+            .and_then(|m| {
+                let mut machine = machine.lock().unwrap_or_else(|p| p.into_inner());
+                machine.received(&m).map_err(|e| e.to_string())?;
+                Ok(m)
+            });
+        let end = result.is_err();
+        if out.send(result).is_err() || end {
+            return;
+        }
+    }
+}
+
+/// Totals applied so far, as Applied reports them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AppliedTotals {
+    pub bytes: u64,
+    pub pages: u64,
+    /// When the last Applied went out.
+    pub reported_at: Option<Instant>,
+}
+
+impl AppliedTotals {
+    /// Whether to report now: after every batch, but not more often than every `every`.
+    pub fn due(&self, every: Duration) -> bool {
+        self.reported_at.is_none_or(|t| t.elapsed() >= every)
+    }
+}
+
+/// Writes one page record into guest memory; records outside RAM are refused. Returns the
+/// data bytes written.
+pub fn apply(mem: &GuestMemory, record: PageRecord<'_>) -> Result<u64, String> {
+    match record {
+        PageRecord::Data { gpa, bytes } => mem
+            .write_slice(bytes, GuestAddress(gpa))
+            .map(|()| bytes.len() as u64)
+            .map_err(|e| format!("page {gpa:#x} is not in guest memory: {e}")),
+        PageRecord::Zero { gpa, pages } => {
+            let len = u64::from(pages) * PAGE_SIZE;
+            mem.find_region(GuestAddress(gpa))
+                .filter(|r| gpa + len <= r.start_addr().raw_value() + r.len())
+                .ok_or_else(|| format!("zero pages {gpa:#x}+{len:#x} are not in guest memory"))?;
+            let host = mem
+                .get_host_address(GuestAddress(gpa))
+                .map_err(|e| e.to_string())?;
+            // SAFETY: the range lies inside one anonymous private mapping of guest memory
+            // (checked above) and is page aligned (the protocol checks it); MADV_DONTNEED
+            // makes those pages read as zero again, which is exactly the record's meaning.
+            let rc = unsafe {
+                libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED)
+            };
+            if rc != 0 {
+                return Err(format!(
+                    "cannot zero pages at {gpa:#x}: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(0)
+        }
+    }
+}

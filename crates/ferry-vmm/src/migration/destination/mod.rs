@@ -1,0 +1,318 @@
+//! The destination side: `ferry receive` takes one incoming VM. Memory lands in guest RAM as
+//! it arrives; the VM is built only from state that arrived complete and checked (frame
+//! checksums, page totals, versioned state sections), and it runs only after the source's
+//! Commit, unless a Resolve fenced it first.
+//!
+//! ```text
+//!  listener thread ── Hello, Setup ──▶ main thread: allocate, SetupOk
+//!        │                              reader thread ─▶ apply pages ─▶ Applied ─▶ source
+//!        │ (Resolve: answer, fence)     State, Complete ─▶ build the VM ─▶ Prepared
+//!        ▼                              Commit (not fenced) ─▶ run ─▶ Running
+//!  serves bad connections, Resolve and refusals until the process ends
+//! ```
+
+mod apply;
+mod listener;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_proto::migration::{write_message, Applied, Message, ReceiverMachine, Running};
+use vm_memory::Address;
+
+use crate::api;
+use crate::config::ConsoleConfig;
+use crate::memory;
+use crate::snapshot::state::VmState;
+use crate::vmm::{check_fits, open_kvm, Attachments, Skeleton, Vm, VmExit};
+use crate::VmmError;
+use apply::{AppliedTotals, Reader};
+use listener::{Handover, Incoming};
+
+/// How long the destination waits for the source between messages before it gives up.
+const SILENCE: Duration = Duration::from_secs(10);
+/// Applied goes out after a batch, at most this often.
+const REPORT_EVERY: Duration = Duration::from_millis(2);
+
+/// What `ferry receive` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiveConfig {
+    /// `ADDR:PORT` to listen on.
+    pub listen: String,
+    /// New paths for the VM's disks, in their order; empty keeps the source's paths.
+    pub disks: Vec<PathBuf>,
+    pub api_socket: Option<PathBuf>,
+    pub console: ConsoleConfig,
+}
+
+/// Errors of the incoming side.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the migration failed before the handover; nothing was started: {0}")]
+    BeforeHandover(String),
+}
+
+/// The migration connection on the main thread.
+struct Link {
+    stream: std::net::TcpStream,
+    machine: Arc<Mutex<ReceiverMachine>>,
+    reader: Reader,
+}
+
+impl Link {
+    fn send(&mut self, m: &Message) -> Result<(), String> {
+        self.machine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sent(m)
+            .map_err(|e| e.to_string())?;
+        write_message(&mut self.stream, m).map_err(|e| format!("sending to the source: {e}"))
+    }
+
+    fn receive(&mut self) -> Result<Message, String> {
+        match self.reader.next()? {
+            Message::Abort(why) => Err(format!("the source aborted: {why}")),
+            m => Ok(m),
+        }
+    }
+}
+
+/// Waits for one VM on `config.listen`, receives it, and runs it after the source commits.
+/// Prints `listening on ADDR` on stderr once ready for the source. Connections that fail
+/// before a migration starts (garbage, silence, a wrong version) are refused and the receiver
+/// waits for the next; the API socket answers meanwhile.
+pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
+    let (kvm, host_memory) = open_kvm()?;
+    let mut api_socket = config.api_socket.as_deref().map(api::bind).transpose()?;
+    let waiting_api = match api_socket.as_mut() {
+        Some(socket) => Some(serve_waiting_api(socket)?),
+        None => None,
+    };
+    let listener = TcpListener::bind(&config.listen).map_err(|source| ReceiveError::Listen {
+        addr: config.listen.clone(),
+        source,
+    })?;
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or(config.listen.clone());
+    let handover = Arc::new(Handover::default());
+    let (migrations_tx, migrations) = std::sync::mpsc::channel();
+    listener::spawn(listener, handover.clone(), migrations_tx).map_err(VmmError::Thread)?;
+    eprintln!("ferry: listening on {local}");
+    let incoming = migrations
+        .recv()
+        .map_err(|_| VmmError::Internal("the migration listener ended"))?;
+    let peer = incoming
+        .stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!("incoming migration from {peer}");
+    let before = |e: String| VmmError::Receive(ReceiveError::BeforeHandover(e));
+    let Incoming {
+        stream,
+        reader,
+        machine,
+        setup,
+        features,
+    } = incoming;
+    for timeout in [
+        stream.set_read_timeout(Some(SILENCE)),
+        stream.set_write_timeout(Some(SILENCE)),
+    ] {
+        timeout.map_err(|e| before(e.to_string()))?;
+    }
+    let machine = Arc::new(Mutex::new(machine));
+    let mut link = Link {
+        stream,
+        machine: machine.clone(),
+        reader: Reader::start(reader, machine).map_err(VmmError::Thread)?,
+    };
+    let attach = Attachments {
+        disks: config.disks,
+        api_socket: None,
+        console: config.console,
+    };
+    let received = receive_state(&mut link, &setup, features.flow_control, host_memory, &kvm);
+    let (state, skeleton) = match received {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = link.send(&Message::abort(e.clone()));
+            return Err(before(e));
+        }
+    };
+    // The API socket passes from the waiting answerer to the VM.
+    if let Some(server) = waiting_api {
+        server.stop(Duration::from_millis(200));
+    }
+    let api_socket = match api_socket.take() {
+        Some(old) => {
+            let path = old.path().to_path_buf();
+            drop(old);
+            Some(api::bind(&path)?)
+        }
+        None => None,
+    };
+    let vm = match check_fits(&kvm, host_memory, &state, &attach)
+        .and_then(|disks| Vm::from_parts(skeleton, state, disks, api_socket, &attach.console))
+    {
+        Ok(vm) => vm,
+        Err(e) => {
+            let why = crate::error_chain(&e);
+            let _ = link.send(&Message::abort(why.clone()));
+            return Err(before(why));
+        }
+    };
+    link.send(&Message::Prepared).map_err(before)?;
+    // Without Commit the VM is discarded: the source resumes it.
+    match link.receive() {
+        Ok(Message::Commit) => {}
+        Ok(other) => return Err(before(format!("expected commit, got {}", other.kind()))),
+        Err(e) => return Err(before(e)),
+    }
+    if !handover.commit() {
+        return Err(before(
+            "the source asked whether this VM runs before its Commit arrived, and was told \
+             it does not; so it never will"
+                .into(),
+        ));
+    }
+    let committed = Instant::now();
+    vm.run_with(Some(Box::new(move || {
+        let resume_ms = committed.elapsed().as_secs_f64() * 1e3;
+        if crate::migration::source::fault("lose-running") {
+            tracing::warn!("FERRY_TEST_FAULT: Running is not sent");
+            let _ = link.stream.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        if let Err(e) = link.send(&Message::Running(Running { resume_ms })) {
+            // The VM is ours now whatever happens to the source's connection.
+            tracing::warn!("cannot confirm to the source that the VM runs: {e}");
+        }
+    })))
+}
+
+/// Runs the conversation from SetupOk up to Complete: memory, then state.
+fn receive_state(
+    link: &mut Link,
+    setup: &ferry_proto::migration::Setup,
+    flow_control: bool,
+    host_memory: u64,
+    kvm: &kvm_ioctls::Kvm,
+) -> Result<(VmState, Skeleton), String> {
+    if setup.memory_bytes > host_memory {
+        return Err(format!(
+            "the VM has {} MiB of memory; this host has {} MiB",
+            setup.memory_bytes >> 20,
+            host_memory >> 20
+        ));
+    }
+    if setup.vcpus == 0 || usize::from(setup.vcpus) > kvm.get_max_vcpus() {
+        return Err(format!("{} vCPUs do not fit this host", setup.vcpus));
+    }
+    let expected: Vec<(u64, u64)> = memory::ram_ranges(setup.memory_bytes)
+        .iter()
+        .map(|(a, l)| (a.raw_value(), *l as u64))
+        .collect();
+    let given: Vec<(u64, u64)> = setup
+        .regions
+        .iter()
+        .map(|r| (r.guest_addr, r.len))
+        .collect();
+    if expected != given {
+        return Err("the memory layout is not one this ferry builds".into());
+    }
+    let mem =
+        memory::create_guest_memory(setup.memory_bytes).map_err(|e| crate::error_chain(&e))?;
+    // The VM, its memory slots and its vCPUs are built now, while pages stream in, not in the
+    // downtime.
+    let skeleton = Skeleton::new(kvm, mem, setup.vcpus).map_err(|e| crate::error_chain(&e))?;
+    let mem = skeleton.memory().clone();
+    link.send(&Message::SetupOk)?;
+
+    let mut totals = AppliedTotals::default();
+    let mut state = None;
+    loop {
+        match link.receive()? {
+            Message::Pages(batch) => {
+                for record in batch.records() {
+                    let record = record.map_err(|e| e.to_string())?;
+                    totals.pages += record.page_count();
+                    totals.bytes += apply::apply(&mem, record)?;
+                }
+                link.reader.recycle(batch.into_bytes());
+                if flow_control && totals.due(REPORT_EVERY) {
+                    report(link, &mut totals)?;
+                }
+            }
+            Message::IterationDone(_) => {
+                // The end of a pass: say where we are even if a report was skipped.
+                if flow_control {
+                    report(link, &mut totals)?;
+                }
+            }
+            Message::State(bytes) => {
+                state = Some(
+                    crate::snapshot::format::read_state(&mut std::io::Cursor::new(&bytes))
+                        .map_err(|e| {
+                            format!("the VM state does not decode: {}", crate::error_chain(&e))
+                        })?,
+                );
+            }
+            // The protocol machine checked the page totals against what arrived.
+            Message::Complete(_) => break,
+            other => return Err(format!("unexpected {} during the transfer", other.kind())),
+        }
+    }
+    let state: VmState = state.ok_or("the source completed without sending the VM state")?;
+    if state.machine.memory_bytes != setup.memory_bytes || state.machine.vcpus != setup.vcpus {
+        return Err("the VM state does not match the setup".into());
+    }
+    Ok((state, skeleton))
+}
+
+fn report(link: &mut Link, totals: &mut AppliedTotals) -> Result<(), String> {
+    totals.reported_at = Some(Instant::now());
+    link.send(&Message::Applied(Applied {
+        bytes: totals.bytes,
+        pages: totals.pages,
+    }))
+}
+
+/// Answers the API while no VM exists yet: every request learns that this process is
+/// waiting for (or receiving) a migration.
+fn serve_waiting_api(socket: &mut api::ApiSocket) -> Result<api::ApiServer, VmmError> {
+    let (events, requests) = std::sync::mpsc::channel::<crate::event::VmmEvent>();
+    let server = api::serve(
+        socket,
+        api::ApiState {
+            events,
+            progress: Arc::default(),
+        },
+    )?;
+    std::thread::Builder::new()
+        .name("ferry-api-wait".into())
+        .spawn(move || {
+            while let Ok(event) = requests.recv() {
+                if let crate::event::VmmEvent::Api(request) = event {
+                    let _ = request.reply.send(Err(crate::event::ApiFailure {
+                        status: 503,
+                        message: "no VM here yet: this ferry is waiting for an incoming \
+                                  migration"
+                            .into(),
+                    }));
+                }
+            }
+        })
+        .map_err(VmmError::Thread)?;
+    Ok(server)
+}

@@ -1,0 +1,219 @@
+//! The paused phase: stop the guest, send the rest and the state, and hand over with a
+//! two-phase commit; and, when the commit's answer is lost, learn the outcome from the
+//! destination over a new connection ([`resolve`]).
+//!
+//! Every wait while the guest is paused has a deadline: the downtime target plus the
+//! handover's round trips (and a little slack for scheduling), unless the operator forced the
+//! switchover. Before Commit, a missed deadline aborts and resumes the source; after it, the
+//! worker resolves.
+
+use std::net::ToSocketAddrs;
+use std::time::{Duration, Instant};
+
+use ferry_api::{DowntimeBreakdown, MigrationError, MigrationErrorKind as Kind, MigrationPhase};
+use ferry_proto::migration::{Complete, Hello, Message, Resolve};
+
+use super::link::{Link, LinkConfig};
+use super::{fault, ToControl, Worker, CAPABILITIES};
+use crate::migration::dirty::{DirtyTracker, RegionDirty};
+use crate::migration::error::Stop;
+
+/// Scheduling slack on top of the target and the round trips: this host is shared.
+const PAUSED_SLACK: Duration = Duration::from_millis(50);
+/// How long a forced switchover may keep the guest paused before it gives up.
+const FORCED_BOUND: Duration = Duration::from_secs(30);
+/// How long the control loop may take to stop the VM.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the worker tries to learn a lost handover's outcome before it reports it unknown.
+const RESOLVE_WINDOW: Duration = Duration::from_secs(10);
+
+impl Worker<'_> {
+    /// How long the guest may stay paused.
+    fn paused_bound(&self, forced: bool) -> Duration {
+        if forced {
+            return FORCED_BOUND;
+        }
+        Duration::from_millis(self.ctx.request.downtime_ms) + 3 * self.rtt + PAUSED_SLACK
+    }
+
+    pub(super) fn switchover(
+        &mut self,
+        link: &mut Link,
+        tracker: &DirtyTracker<'_>,
+        unsent: Vec<RegionDirty>,
+        forced: bool,
+    ) -> Result<DowntimeBreakdown, Stop> {
+        self.status(|s| s.phase = MigrationPhase::Switchover);
+        let (reply_tx, reply) = std::sync::mpsc::channel();
+        if !(self.ctx.control)(ToControl::Switchover(reply_tx)) {
+            return Err(Stop::failed(Kind::Internal, "the control loop is gone"));
+        }
+        let (state, paused_at, pause_time) = reply
+            .recv_timeout(PAUSE_TIMEOUT)
+            .map_err(|_| Stop::failed(Kind::GuestFailed, "the VM did not stop in time"))?
+            .map_err(|e| Stop::failed(Kind::GuestFailed, e))?;
+        let deadline = paused_at + self.paused_bound(forced);
+        // From here the guest is stopped: only what is left moves.
+        let t_mem = Instant::now();
+        let mut dirty = tracker
+            .collect()
+            .map_err(|e| Stop::failed(Kind::Internal, crate::error_chain(&e)))?;
+        for (d, u) in dirty.iter_mut().zip(&unsent) {
+            d.merge(u);
+        }
+        let pages: Vec<u64> = dirty.iter().flat_map(RegionDirty::addresses).collect();
+        let zeros = self.zero_mode();
+        self.send_pass(link, &pages, zeros)?;
+        let t_state = Instant::now();
+        let mut state_bytes = Vec::new();
+        crate::snapshot::format::write_state(&mut state_bytes, &state)
+            .map_err(|e| Stop::failed(Kind::Internal, crate::error_chain(&e)))?;
+        link.send(Message::State(state_bytes))?;
+        link.send(Message::Complete(Complete {
+            iterations: self.iterations,
+            data_pages: self.data_pages,
+            zero_pages: self.zero_pages,
+        }))?;
+        link.drain(deadline)?;
+        let t_sent = Instant::now();
+        self.status(|s| s.phase = MigrationPhase::Handover);
+        match link.receive("prepared", deadline)? {
+            Message::Prepared => {}
+            other => {
+                return Err(Stop::failed(
+                    Kind::Internal,
+                    format!("expected Prepared, got {}", other.kind()),
+                ))
+            }
+        }
+        let t_prepared = Instant::now();
+        // The commit point: from here the destination may run the VM. A Commit that cannot
+        // even be queued was never written: the source may still resume.
+        self.ctx
+            .committing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if fault("lose-commit") {
+            tracing::warn!("FERRY_TEST_FAULT: the Commit is not sent");
+        } else {
+            link.send(Message::Commit)?;
+        }
+        let answer_by = deadline.max(Instant::now() + 2 * self.rtt + PAUSED_SLACK);
+        let resume_ms = match link.receive("running", answer_by) {
+            Ok(Message::Running(r)) => r.resume_ms,
+            Ok(other) => {
+                return self.resolve_lost(format!("expected Running, got {}", other.kind()))
+            }
+            Err(stop) => return self.resolve_lost(stop.error().message.clone()),
+        };
+        let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
+        Ok(DowntimeBreakdown {
+            total_ms: ms(paused_at, Instant::now()),
+            pause_ms: pause_time.as_secs_f64() * 1e3,
+            final_memory_ms: ms(t_mem, t_state),
+            device_state_ms: ms(t_state, t_sent),
+            destination_prepare_ms: ms(t_sent, t_prepared),
+            resume_ms,
+        })
+    }
+
+    /// The answer to Commit was lost: ask the destination on a new connection.
+    fn resolve_lost(&self, why: String) -> Result<DowntimeBreakdown, Stop> {
+        self.note(format!(
+            "no confirmation after commit ({why}); asking the destination whether it runs the VM"
+        ));
+        let to = &self.ctx.request.to;
+        match resolve(to, self.ctx.migration_id, RESOLVE_WINDOW) {
+            Ok(true) => {
+                self.note("the destination confirmed it runs the VM".into());
+                // The downtime cannot be measured to the end: the confirmation was lost.
+                Ok(DowntimeBreakdown::default())
+            }
+            Ok(false) => Err(Stop::failed(
+                Kind::NetworkLost,
+                format!(
+                    "the handover was lost ({why}); the destination confirmed it does not \
+                     run the VM and never will, so it runs on here"
+                ),
+            )),
+            Err(e) => Err(Stop::Unknown(MigrationError::new(
+                Kind::OutcomeUnknown,
+                format!(
+                    "no confirmation after commit ({why}), and the destination could not be \
+                     asked ({}); the VM stays paused here. Once the destination is reachable, \
+                     run `ferry migrate --resolve` to settle it",
+                    e.message
+                ),
+            ))),
+        }
+    }
+}
+
+/// Asks the destination at `to` whether it runs the VM of migration `migration_id`, for at
+/// most `window`. `Ok(true)`: it does (the source must end); `Ok(false)`: it does not and
+/// never will (the source may resume). A destination that refuses the connection has no
+/// process listening, so it cannot run the VM: that is `Ok(false)` too.
+pub fn resolve(to: &str, migration_id: u64, window: Duration) -> Result<bool, MigrationError> {
+    let started = Instant::now();
+    let addr = to
+        .to_socket_addrs()
+        .map_err(|e| MigrationError::new(Kind::NetworkLost, format!("cannot resolve {to}: {e}")))?
+        .next()
+        .ok_or_else(|| MigrationError::new(Kind::NetworkLost, format!("{to}: no address")))?;
+    let mut last = String::from("not tried");
+    while started.elapsed() < window {
+        let left = window
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(100));
+        match ask(addr, migration_id, left.min(Duration::from_secs(3))) {
+            Ok(running) => return Ok(running),
+            Err(Asked::Refused) => return Ok(false),
+            Err(Asked::Failed(why)) => last = why,
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(MigrationError::new(Kind::OutcomeUnknown, last))
+}
+
+enum Asked {
+    /// Nothing listens there.
+    Refused,
+    Failed(String),
+}
+
+fn ask(addr: std::net::SocketAddr, migration_id: u64, timeout: Duration) -> Result<bool, Asked> {
+    let stream = match std::net::TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Err(Asked::Refused),
+        Err(e) => return Err(Asked::Failed(format!("cannot connect to {addr}: {e}"))),
+    };
+    let _ = stream.set_nodelay(true);
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut link = Link::start(
+        stream,
+        LinkConfig {
+            silence: timeout,
+            cap: None,
+            cancel,
+        },
+    )
+    .map_err(|s| Asked::Failed(s.error().message.clone()))?;
+    let deadline = Instant::now() + timeout;
+    let failed = |s: Stop| Asked::Failed(s.error().message.clone());
+    link.send(Message::Hello(Hello::new(
+        format!("ferry {}", env!("CARGO_PKG_VERSION")),
+        CAPABILITIES,
+    )))
+    .map_err(failed)?;
+    link.receive("hello", deadline).map_err(failed)?;
+    link.send(Message::Resolve(Resolve { migration_id }))
+        .map_err(failed)?;
+    let answer = link.receive("resolution", deadline).map_err(failed)?;
+    link.close();
+    match answer {
+        Message::Resolved(r) => Ok(r.running),
+        other => Err(Asked::Failed(format!(
+            "expected Resolved, got {}",
+            other.kind()
+        ))),
+    }
+}

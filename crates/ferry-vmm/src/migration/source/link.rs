@@ -1,0 +1,548 @@
+//! The source's connection: a writer thread that puts messages on the wire in order, a reader
+//! thread that takes the destination's messages off it, and the liveness rules around both.
+//!
+//! ```text
+//!  worker ──Outgoing──▶ writer thread ──▶ socket ──▶ destination
+//!     ▲  ◀──spent page buffers──┘
+//!     └────◀── Incoming ── reader thread ◀── socket ◀── destination
+//! ```
+//! - The writer never blocks for long: the socket's send timeout is short, so a write stuck on
+//!   a full socket comes back to check for cancel and for silence. No byte accepted by the peer
+//!   for [`LinkConfig::silence`] means the link is lost.
+//! - Both threads record into the [`SenderMachine`] (one, behind a lock), so every message
+//!   sent or received is checked against the protocol.
+//! - Closing the link shuts the socket down, which ends both threads.
+
+use std::io::{BufReader, ErrorKind, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_api::MigrationErrorKind as Kind;
+use ferry_proto::migration::{
+    read_message, write_message, Applied, Message, PageBatch, SenderMachine,
+};
+
+use crate::migration::error::{classify, refusal_kind, Stop};
+
+/// How the link behaves.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// No byte taken by the peer (or no answer awaited) for this long: the link is lost.
+    pub silence: Duration,
+    /// Bytes per second at most, if capped.
+    pub cap: Option<u64>,
+    /// Set by the operator to cancel.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// How long a blocked write waits before it looks at cancel and silence again.
+const WRITE_SLICE: Duration = Duration::from_millis(50);
+/// Messages queued for the writer, at most (page batches are most of them).
+const QUEUE: usize = 4;
+
+/// Counters both threads update and the worker reads.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// Bytes the socket accepted.
+    pub bytes_sent: AtomicU64,
+    /// Page bytes (data records) handed to the socket.
+    pub page_bytes_sent: AtomicU64,
+    /// Nanoseconds the writer spent writing page batches.
+    pub busy_ns: AtomicU64,
+    /// The destination's last Applied.
+    pub applied_bytes: AtomicU64,
+    pub applied_pages: AtomicU64,
+    /// Messages queued and not yet written.
+    in_queue: AtomicU64,
+}
+
+enum Outgoing {
+    Message(Message),
+}
+
+/// The source's end of a migration connection.
+pub struct Link {
+    stream: TcpStream,
+    machine: Arc<Mutex<SenderMachine>>,
+    outgoing: Option<SyncSender<Outgoing>>,
+    spent: Receiver<PageBatch>,
+    incoming: Receiver<Result<Message, Stop>>,
+    writer: Option<JoinHandle<Result<(), Stop>>>,
+    reader: Option<JoinHandle<()>>,
+    pub stats: Arc<LinkStats>,
+    config: LinkConfig,
+    /// When the last Applied arrived (or the link opened).
+    last_applied_at: Instant,
+    /// Rate of applying, bytes per second, from the last two Applied.
+    apply_rate: f64,
+    last_applied: Option<(Instant, u64)>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").finish_non_exhaustive()
+    }
+}
+
+fn lost(context: &str, e: impl std::fmt::Display) -> Stop {
+    Stop::failed(Kind::NetworkLost, format!("{context}: {e}"))
+}
+
+/// Sets `TCP_USER_TIMEOUT` (unacknowledged data older than this breaks the connection) and
+/// keepalives, so the kernel too notices a peer that vanished without a word.
+fn set_liveness(stream: &TcpStream, silence: Duration) {
+    let fd = stream.as_raw_fd();
+    let ms = libc::c_uint::try_from(silence.as_millis()).unwrap_or(libc::c_uint::MAX);
+    let secs = libc::c_int::try_from(silence.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    let set = |level: libc::c_int, name: libc::c_int, value: &[u8]| {
+        // SAFETY: `fd` is this stream's open socket; `value` is a live buffer of the length
+        // given, holding the option's C type.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                value.as_ptr().cast(),
+                value.len() as libc::socklen_t,
+            )
+        }
+    };
+    let one: libc::c_int = 1;
+    let interval: libc::c_int = (secs / 3).max(1);
+    let probes: libc::c_int = 3;
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, &ms.to_ne_bytes());
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, &one.to_ne_bytes());
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPIDLE,
+        &interval.to_ne_bytes(),
+    );
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        &interval.to_ne_bytes(),
+    );
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &probes.to_ne_bytes());
+}
+
+/// Connects to `addr` within `timeout`, with the socket options every migration link has.
+pub fn connect(addr: SocketAddr, timeout: Duration, silence: Duration) -> Result<TcpStream, Stop> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| lost(&format!("cannot connect to {addr}"), e))?;
+    // Every round trip of the switchover counts: no Nagle delays.
+    stream
+        .set_nodelay(true)
+        .map_err(|e| lost("socket option", e))?;
+    set_liveness(&stream, silence);
+    Ok(stream)
+}
+
+impl Link {
+    /// Starts the writer and reader threads on a connected stream.
+    pub fn start(stream: TcpStream, config: LinkConfig) -> Result<Link, Stop> {
+        stream
+            .set_write_timeout(Some(WRITE_SLICE))
+            .map_err(|e| lost("socket option", e))?;
+        let machine = Arc::new(Mutex::new(SenderMachine::new()));
+        let stats = Arc::new(LinkStats::default());
+        let (out_tx, out_rx) = mpsc::sync_channel::<Outgoing>(QUEUE);
+        let (spent_tx, spent) = mpsc::channel();
+        let (in_tx, incoming) = mpsc::channel();
+        let write_half = stream.try_clone().map_err(|e| lost("socket", e))?;
+        let read_half = stream.try_clone().map_err(|e| lost("socket", e))?;
+        let writer = {
+            let (machine, stats, config) = (machine.clone(), stats.clone(), config.clone());
+            std::thread::Builder::new()
+                .name("ferry-mig-write".into())
+                .spawn(move || write_loop(write_half, out_rx, spent_tx, &machine, &stats, &config))
+                .map_err(|e| Stop::failed(Kind::Internal, format!("cannot start a thread: {e}")))?
+        };
+        let reader = {
+            let machine = machine.clone();
+            std::thread::Builder::new()
+                .name("ferry-mig-read".into())
+                .spawn(move || read_loop(read_half, in_tx, &machine))
+                .map_err(|e| Stop::failed(Kind::Internal, format!("cannot start a thread: {e}")))?
+        };
+        Ok(Link {
+            stream,
+            machine,
+            outgoing: Some(out_tx),
+            spent,
+            incoming,
+            writer: Some(writer),
+            reader: Some(reader),
+            stats,
+            config,
+            last_applied_at: Instant::now(),
+            apply_rate: 0.0,
+            last_applied: None,
+        })
+    }
+
+    /// The protocol machine, for what was negotiated and the commit point.
+    pub fn machine(&self) -> std::sync::MutexGuard<'_, SenderMachine> {
+        self.machine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `m` for the writer. Fails if the writer has stopped (its error is returned) or
+    /// the operator cancelled.
+    pub fn send(&mut self, m: Message) -> Result<(), Stop> {
+        let mut item = Outgoing::Message(m);
+        loop {
+            self.check_cancel()?;
+            let Some(tx) = &self.outgoing else {
+                return Err(self.writer_error());
+            };
+            self.stats.in_queue.fetch_add(1, Ordering::AcqRel);
+            match tx.try_send(item) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::TrySendError::Full(back)) => {
+                    self.stats.in_queue.fetch_sub(1, Ordering::AcqRel);
+                    item = back;
+                    // The writer is busy: wait a little, so cancel stays prompt.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => {
+                    self.stats.in_queue.fetch_sub(1, Ordering::AcqRel);
+                    return Err(self.writer_error());
+                }
+            }
+        }
+    }
+
+    /// A page buffer the writer is done with, waiting at most `timeout`.
+    pub fn spent_buffer(&mut self, timeout: Duration) -> Result<Option<PageBatch>, Stop> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_cancel()?;
+            match self.spent.recv_timeout(WRITE_SLICE.min(timeout)) {
+                Ok(b) => return Ok(Some(b)),
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+                Err(RecvTimeoutError::Disconnected) => return Err(self.writer_error()),
+            }
+        }
+    }
+
+    /// Waits until the writer has put everything queued on the wire (or failed).
+    pub fn drain(&mut self, deadline: Instant) -> Result<(), Stop> {
+        while self.stats.in_queue.load(Ordering::Acquire) > 0 {
+            self.check_cancel()?;
+            if self.writer.as_ref().is_some_and(JoinHandle::is_finished) {
+                return Err(self.writer_error());
+            }
+            if Instant::now() >= deadline {
+                return Err(lost("the destination", "did not take the data in time"));
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        Ok(())
+    }
+
+    fn check_cancel(&self) -> Result<(), Stop> {
+        if self.config.cancel.load(Ordering::Relaxed) {
+            Err(Stop::failed(Kind::Cancelled, "cancelled by the operator"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The writer's error, once it has stopped.
+    fn writer_error(&mut self) -> Stop {
+        self.outgoing = None;
+        match self.writer.take().map(JoinHandle::join) {
+            Some(Ok(Err(stop))) => stop,
+            Some(Ok(Ok(()))) | None => lost("the migration link", "closed"),
+            Some(Err(_)) => Stop::failed(Kind::Internal, "the migration writer panicked"),
+        }
+    }
+
+    /// The next message from the destination other than Applied, waiting until `deadline`.
+    /// An Abort is the destination's refusal, typed by its reason.
+    pub fn receive(&mut self, what: &str, deadline: Instant) -> Result<Message, Stop> {
+        loop {
+            self.check_cancel()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Stop::failed(
+                    Kind::NetworkLost,
+                    format!("no {what} from the destination in time"),
+                ));
+            }
+            match self.incoming.recv_timeout(left.min(WRITE_SLICE)) {
+                Ok(Ok(Message::Applied(a))) => self.note_applied(a),
+                Ok(Ok(Message::Abort(why))) => {
+                    return Err(Stop::failed(
+                        refusal_kind(&why),
+                        format!("the destination refused: {why}"),
+                    ))
+                }
+                Ok(Ok(m)) => return Ok(m),
+                Ok(Err(stop)) => return Err(stop),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(lost("the migration link", "closed"))
+                }
+            }
+        }
+    }
+
+    /// Takes the Applied messages that arrived, without waiting; another message (an Abort,
+    /// an error) ends the migration.
+    pub fn poll(&mut self) -> Result<(), Stop> {
+        loop {
+            match self.incoming.try_recv() {
+                Ok(Ok(Message::Applied(a))) => self.note_applied(a),
+                Ok(Ok(Message::Abort(why))) => {
+                    return Err(Stop::failed(
+                        refusal_kind(&why),
+                        format!("the destination aborted: {why}"),
+                    ))
+                }
+                Ok(Ok(m)) => {
+                    return Err(Stop::failed(
+                        Kind::NetworkLost,
+                        format!("unexpected {} from the destination", m.kind()),
+                    ))
+                }
+                Ok(Err(stop)) => return Err(stop),
+                Err(mpsc::TryRecvError::Empty) => return Ok(()),
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    return Err(lost("the migration link", "closed"))
+                }
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the destination to report progress.
+    pub fn wait_for_progress(&mut self, timeout: Duration) -> Result<(), Stop> {
+        let before = self.stats.applied_bytes.load(Ordering::Relaxed);
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            self.poll()?;
+            if self.stats.applied_bytes.load(Ordering::Relaxed) != before {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        if self.backlog() > 0 && self.last_applied_at.elapsed() >= self.config.silence {
+            return Err(lost(
+                "the destination",
+                format!(
+                    "applied nothing for {:.0} s",
+                    self.last_applied_at.elapsed().as_secs_f64()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn note_applied(&mut self, a: Applied) {
+        let now = Instant::now();
+        if let Some((at, bytes)) = self.last_applied {
+            let dt = now.duration_since(at).as_secs_f64();
+            if a.bytes > bytes && dt > 0.0 {
+                let rate = (a.bytes - bytes) as f64 / dt;
+                // Smooth it: single acks are noisy.
+                self.apply_rate = if self.apply_rate > 0.0 {
+                    0.7 * self.apply_rate + 0.3 * rate
+                } else {
+                    rate
+                };
+            }
+        }
+        self.last_applied = Some((now, a.bytes));
+        self.last_applied_at = now;
+        self.stats.applied_bytes.store(a.bytes, Ordering::Relaxed);
+        self.stats.applied_pages.store(a.pages, Ordering::Relaxed);
+    }
+
+    /// Page bytes sent but not yet applied by the destination.
+    pub fn backlog(&self) -> u64 {
+        self.stats
+            .page_bytes_sent
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.stats.applied_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Bytes per second the destination applies (0 until known).
+    pub fn apply_rate(&self) -> f64 {
+        self.apply_rate
+    }
+
+    /// Bytes per second the writer achieved while writing pages.
+    pub fn write_rate(&self) -> f64 {
+        let ns = self.stats.busy_ns.load(Ordering::Relaxed);
+        if ns == 0 {
+            return 0.0;
+        }
+        self.stats.page_bytes_sent.load(Ordering::Relaxed) as f64 / (ns as f64 / 1e9)
+    }
+
+    /// Closes the connection: both threads end.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.outgoing = None;
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn write_loop(
+    mut stream: TcpStream,
+    queue: Receiver<Outgoing>,
+    spent: Sender<PageBatch>,
+    machine: &Mutex<SenderMachine>,
+    stats: &LinkStats,
+    config: &LinkConfig,
+) -> Result<(), Stop> {
+    let started = Instant::now();
+    let mut out = Paced {
+        stream: &mut stream,
+        stats,
+        config,
+        last_progress: Instant::now(),
+        went_silent: None,
+    };
+    while let Ok(Outgoing::Message(m)) = queue.recv() {
+        machine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sent(&m)
+            .map_err(|e| Stop::failed(Kind::Internal, format!("refused to send: {e}")))?;
+        let t = Instant::now();
+        out.last_progress = t;
+        let result = write_message(&mut out, &m);
+        stats.in_queue.fetch_sub(1, Ordering::AcqRel);
+        if let Err(e) = result {
+            return Err(out.failure(e));
+        }
+        if let Message::Pages(batch) = m {
+            let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            stats.busy_ns.fetch_add(ns, Ordering::Relaxed);
+            stats
+                .page_bytes_sent
+                .fetch_add(batch.data_pages() * 4096, Ordering::Relaxed);
+            let _ = spent.send(batch);
+        }
+        if let Some(cap) = config.cap.filter(|c| *c > 0) {
+            // Pace: never be ahead of cap × elapsed.
+            let due = Duration::from_secs_f64(
+                stats.bytes_sent.load(Ordering::Relaxed) as f64 / cap as f64,
+            );
+            let elapsed = started.elapsed();
+            if due > elapsed {
+                std::thread::sleep(due - elapsed);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The socket as the writer sees it: a write stuck on a full socket comes back every
+/// [`WRITE_SLICE`] to look at cancel and silence.
+struct Paced<'a> {
+    stream: &'a mut TcpStream,
+    stats: &'a LinkStats,
+    config: &'a LinkConfig,
+    last_progress: Instant,
+    /// Set when a write gave up on a silent peer, with how long it was silent.
+    went_silent: Option<Duration>,
+}
+
+impl Paced<'_> {
+    fn failure(&self, e: std::io::Error) -> Stop {
+        if self.config.cancel.load(Ordering::Relaxed) {
+            return Stop::failed(Kind::Cancelled, "cancelled by the operator");
+        }
+        if let Some(quiet) = self.went_silent {
+            return lost(
+                "the link went silent",
+                format!(
+                    "the destination took no data for {:.1} s",
+                    quiet.as_secs_f64()
+                ),
+            );
+        }
+        lost("sending to the destination failed", e)
+    }
+}
+
+impl Write for Paced<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        loop {
+            match self.stream.write(buf) {
+                Ok(n) => {
+                    self.stats.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+                    self.last_progress = Instant::now();
+                    return Ok(n);
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if self.config.cancel.load(Ordering::Relaxed) {
+                        // Not Interrupted: write_all would retry that.
+                        return Err(std::io::Error::other("cancelled"));
+                    }
+                    let quiet = self.last_progress.elapsed();
+                    if quiet >= self.config.silence {
+                        self.went_silent = Some(quiet);
+                        return Err(std::io::Error::new(ErrorKind::TimedOut, "silent peer"));
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+fn read_loop(
+    stream: TcpStream,
+    to_worker: Sender<Result<Message, Stop>>,
+    machine: &Mutex<SenderMachine>,
+) {
+    let mut reader = BufReader::with_capacity(64 << 10, stream);
+    loop {
+        let result = read_message(&mut reader)
+            .map_err(|e| Stop::Failed(classify("reading from the destination", &e)))
+            .and_then(|m| {
+                let mut machine = machine.lock().unwrap_or_else(|p| p.into_inner());
+                match machine.received(&m) {
+                    Ok(()) => Ok(m),
+                    // The destination's refusal: the worker types it by its reason.
+                    Err(ferry_proto::migration::ProtocolError::Peer(_)) => Ok(m),
+                    Err(e) => Err(Stop::Failed(classify(
+                        "the destination broke the protocol",
+                        &e,
+                    ))),
+                }
+            });
+        let end = result.is_err();
+        if to_worker.send(result).is_err() || end {
+            return;
+        }
+    }
+}

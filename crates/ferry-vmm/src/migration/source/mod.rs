@@ -1,0 +1,587 @@
+//! The source side: a worker thread that streams guest memory to the destination while the
+//! guest runs, converges (the policy in `ferry_proto::migration::policy` decides), then asks
+//! the control loop to stop the guest, sends the rest and hands the VM over with a two-phase
+//! commit.
+//!
+//! ```text
+//! Hello ⇄ Hello, Setup → SetupOk        connect, agree on features, let the destination allocate
+//! Pages* (first pass), IterationDone     every page that may hold data (zero pages skipped)
+//! { Pages* IterationDone }*              what the guest dirtied; meanwhile ← Applied (progress)
+//! — pause guest —  Pages* State Complete the last dirty pages and the state, as sections
+//! ← Prepared                             the destination checked everything and built the VM
+//! Commit →   ← Running                   after Commit the destination owns the VM
+//! ```
+//! Any failure before Commit resumes the source; after Commit, the source stays paused unless
+//! `Running` came back or a [`handover::resolve`] learnt the outcome: the VM never runs in two
+//! places. Every wait while the guest is paused ends by a deadline derived from the downtime
+//! target and the measured round trip.
+//!
+//! The worker is split by job: [`link`] (the connection and its liveness), [`scan`] (reading
+//! and encoding pages into reused buffers), [`handover`] (the paused phase and resolving).
+
+mod handover;
+mod link;
+mod scan;
+
+use std::net::ToSocketAddrs;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_api::{
+    DowntimeBreakdown, MigrateRequest, MigrationErrorKind as Kind, MigrationPhase, MigrationStatus,
+    OnTimeout,
+};
+use ferry_devices::GuestMemory;
+use ferry_proto::migration::policy::{
+    self, Decision, DirtySource, GiveUpReason, Inputs, SwitchReason, WhenTimeIsUp,
+};
+use ferry_proto::migration::{feature, Features, Hello, Message, Region, Setup};
+use kvm_ioctls::VmFd;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+pub use handover::resolve;
+
+use super::dirty::{DirtyTracker, RegionDirty};
+use super::error::Stop;
+use super::pages::{candidate_pages, PAGE};
+use super::MigrationOutcome;
+use crate::cpu::throttle::Throttle;
+use crate::snapshot::state::{MachineState, VmState};
+use link::{Link, LinkConfig};
+use scan::{Scanner, ZeroPages};
+
+/// Throttle steps of auto-converge, percent of vCPU time held back.
+const THROTTLE_STEPS: [u32; 6] = [20, 40, 60, 80, 90, 99];
+/// How long the destination may take to answer Hello and Setup.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The link is lost when the destination takes no data, or applies nothing it was sent, for
+/// this long (by default; `MigrateRequest::link_timeout_ms`).
+pub const DEFAULT_SILENCE: Duration = Duration::from_secs(5);
+/// The fixed part of a switchover besides the round trips: pausing, reading and sending the
+/// state, the destination loading it, resuming. Measured here at 1–2 ms.
+const SWITCHOVER_WORK_MS: f64 = 2.0;
+
+/// The capabilities this ferry speaks.
+pub const CAPABILITIES: &[&str] = feature::ALL;
+
+/// What the control loop answers to a switchover request: the stopped VM's state, when it
+/// stopped and how long stopping took.
+pub type SwitchoverReply = Result<(VmState, Instant, Duration), String>;
+
+/// What the worker asks of the control loop.
+#[derive(Debug)]
+pub enum ToControl {
+    /// Stop the VM and send back its state.
+    Switchover(std::sync::mpsc::Sender<SwitchoverReply>),
+    /// The worker ended.
+    Ended(MigrationOutcome),
+}
+
+/// How the worker reaches the control loop; false when the loop is gone.
+pub type ControlPort = Box<dyn Fn(ToControl) -> bool + Send>;
+
+/// Everything the worker needs, handed over by the control loop.
+#[allow(missing_debug_implementations)] // holds the VM's fds and memory; nothing to show
+pub struct SourceContext {
+    pub request: MigrateRequest,
+    pub migration_id: u64,
+    pub vm_fd: Arc<VmFd>,
+    pub memory: GuestMemory,
+    pub machine: MachineState,
+    pub throttle: Arc<Throttle>,
+    pub status: Arc<Mutex<MigrationStatus>>,
+    pub cancel: Arc<AtomicBool>,
+    /// Set just before Commit is queued: from then on a failure, a panic included, leaves
+    /// the outcome unknown.
+    pub committing: Arc<AtomicBool>,
+    pub control: ControlPort,
+}
+
+/// A fresh status for a migration to `to`.
+pub fn initial_status(to: &str, migration_id: u64) -> MigrationStatus {
+    MigrationStatus {
+        phase: MigrationPhase::Connecting,
+        to: to.to_string(),
+        iteration: 0,
+        bytes_sent: 0,
+        data_pages_sent: 0,
+        zero_pages_sent: 0,
+        bytes_remaining: 0,
+        dirty_rate_bytes_per_sec: 0.0,
+        link_rate_bytes_per_sec: 0.0,
+        throttle_percent: 0,
+        expected_downtime_ms: 0.0,
+        downtime: None,
+        elapsed_secs: 0.0,
+        notes: Vec::new(),
+        error: None,
+        pass_bytes_remaining: 0,
+        bytes_applied: 0,
+        eta_secs: None,
+        longest_stall_ms: 0.0,
+        migration_id,
+    }
+}
+
+/// A migration id: unique enough to tell this migration from any other the destination saw.
+pub fn new_migration_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_ok()
+    {
+        return u64::from_le_bytes(bytes);
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+/// Test-only fault injection (`FERRY_TEST_FAULT`), so end-to-end tests can provoke the
+/// failures the worker must survive. Unset in production: every check is then false.
+pub(crate) fn fault(name: &str) -> bool {
+    static FAULTS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FAULTS
+        .get_or_init(|| std::env::var("FERRY_TEST_FAULT").unwrap_or_default())
+        .split(',')
+        .any(|f| f == name)
+}
+
+/// Starts the worker thread. Its outcome reaches the control loop as [`ToControl::Ended`],
+/// also when it panics (then as a failure: the source VM runs on).
+pub fn spawn(ctx: SourceContext) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("ferry-migrate".into())
+        .spawn(move || {
+            let run =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Worker::new(&ctx).run()));
+            ctx.throttle.set(0);
+            let outcome = run.unwrap_or_else(|panic| {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                let committing = ctx.committing.load(Ordering::SeqCst);
+                let (kind, phase) = if committing {
+                    (Kind::OutcomeUnknown, MigrationPhase::OutcomeUnknown)
+                } else {
+                    (Kind::Internal, MigrationPhase::Failed)
+                };
+                let error = ferry_api::MigrationError::new(
+                    kind,
+                    format!("the migration worker failed: {why}"),
+                );
+                let mut s = ctx.status.lock().unwrap_or_else(|p| p.into_inner());
+                s.phase = phase;
+                s.error = Some(error.clone());
+                s.throttle_percent = 0;
+                if committing {
+                    MigrationOutcome::Unknown(error)
+                } else {
+                    MigrationOutcome::Failed(error)
+                }
+            });
+            (ctx.control)(ToControl::Ended(outcome));
+        })?;
+    Ok(())
+}
+
+/// Progress of the pass being sent, for the status.
+#[derive(Debug, Default, Clone, Copy)]
+struct PassProgress {
+    data_pages: u64,
+    zero_pages: u64,
+}
+
+struct Worker<'a> {
+    ctx: &'a SourceContext,
+    started: Instant,
+    scanner: Scanner,
+    features: Features,
+    /// Round trip measured at the handshake.
+    rtt: Duration,
+    data_pages: u64,
+    zero_pages: u64,
+    iterations: u32,
+    throttle_taken: usize,
+    /// Bytes per second whole passes achieved (reading, encoding and sending).
+    pass_rate: f64,
+}
+
+impl<'a> Worker<'a> {
+    fn new(ctx: &'a SourceContext) -> Self {
+        Worker {
+            ctx,
+            started: Instant::now(),
+            scanner: Scanner::new(&ctx.memory),
+            features: Features::default(),
+            rtt: Duration::ZERO,
+            data_pages: 0,
+            zero_pages: 0,
+            iterations: 0,
+            throttle_taken: 0,
+            pass_rate: 0.0,
+        }
+    }
+
+    fn status(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        let mut s = self.ctx.status.lock().unwrap_or_else(|p| p.into_inner());
+        s.elapsed_secs = self.started.elapsed().as_secs_f64();
+        s.longest_stall_ms = s
+            .longest_stall_ms
+            .max(self.ctx.throttle.longest_rest().as_secs_f64() * 1e3);
+        f(&mut s);
+    }
+
+    fn note(&self, note: String) {
+        tracing::info!("migration: {note}");
+        self.status(|s| s.notes.push(note));
+    }
+
+    fn silence(&self) -> Duration {
+        self.ctx
+            .request
+            .link_timeout_ms
+            .map(Duration::from_millis)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(DEFAULT_SILENCE)
+    }
+
+    fn run(mut self) -> MigrationOutcome {
+        self.ctx.throttle.reset_longest_rest();
+        if fault("worker-panic") {
+            panic!("injected by FERRY_TEST_FAULT=worker-panic");
+        }
+        let result = self.migrate();
+        let (phase, outcome) = match result {
+            Ok(downtime) => (
+                MigrationPhase::Completed,
+                MigrationOutcome::Committed(downtime),
+            ),
+            Err(Stop::Failed(e)) if e.kind == Kind::Cancelled => {
+                (MigrationPhase::Cancelled, MigrationOutcome::Failed(e))
+            }
+            Err(Stop::Failed(e)) => (MigrationPhase::Failed, MigrationOutcome::Failed(e)),
+            Err(Stop::Unknown(e)) => (MigrationPhase::OutcomeUnknown, MigrationOutcome::Unknown(e)),
+        };
+        self.status(|s| {
+            s.phase = phase;
+            s.throttle_percent = 0;
+            match &outcome {
+                MigrationOutcome::Committed(d) => s.downtime = Some(d.clone()),
+                MigrationOutcome::Failed(e) | MigrationOutcome::Unknown(e) => {
+                    s.error = Some(e.clone())
+                }
+            }
+        });
+        outcome
+    }
+
+    fn connect(&self) -> Result<Link, Stop> {
+        let to = &self.ctx.request.to;
+        let addr = to
+            .to_socket_addrs()
+            .map_err(|e| Stop::failed(Kind::NetworkLost, format!("cannot resolve {to}: {e}")))?
+            .next()
+            .ok_or_else(|| {
+                Stop::failed(Kind::NetworkLost, format!("{to} resolves to no address"))
+            })?;
+        let stream = link::connect(addr, Duration::from_secs(10), self.silence())?;
+        Link::start(
+            stream,
+            LinkConfig {
+                silence: self.silence(),
+                cap: self.ctx.request.bandwidth_bytes_per_sec,
+                cancel: self.ctx.cancel.clone(),
+            },
+        )
+    }
+
+    fn migrate(&mut self) -> Result<DowntimeBreakdown, Stop> {
+        let mut link = self.connect()?;
+        let result = self.transfer(&mut link);
+        if let Err(Stop::Failed(e)) = &result {
+            // Tell the destination to discard, if it still listens; it must not wait for us.
+            if !link.machine().is_commit_point_passed() {
+                let reason = Message::abort(e.message.clone());
+                if self.ctx.cancel.load(Ordering::Relaxed) {
+                    // send() refuses once cancelled; the writer may still take the Abort.
+                    self.ctx.cancel.store(false, Ordering::Relaxed);
+                    let _ = link.send(reason);
+                    self.ctx.cancel.store(true, Ordering::Relaxed);
+                } else {
+                    let _ = link.send(reason);
+                }
+                let _ = link.drain(Instant::now() + Duration::from_millis(500));
+            }
+        }
+        link.close();
+        result
+    }
+
+    fn handshake(&mut self, link: &mut Link) -> Result<(), Stop> {
+        let t = Instant::now();
+        link.send(Message::Hello(Hello::new(
+            format!("ferry {}", env!("CARGO_PKG_VERSION")),
+            CAPABILITIES,
+        )))?;
+        link.receive("hello", Instant::now() + ANSWER_TIMEOUT)?;
+        self.rtt = t.elapsed();
+        let agreed = link.machine().negotiated().map(<[String]>::to_vec);
+        self.features = Features::from_agreed(&agreed.unwrap_or_default())
+            .map_err(|e| Stop::Failed(super::error::classify("the destination", &e)))?;
+        let mem = &self.ctx.memory;
+        link.send(Message::Setup(Setup {
+            migration_id: self.ctx.migration_id,
+            memory_bytes: self.ctx.machine.memory_bytes,
+            vcpus: self.ctx.machine.vcpus,
+            regions: mem
+                .iter()
+                .map(|r| Region {
+                    guest_addr: r.start_addr().raw_value(),
+                    len: r.len(),
+                })
+                .collect(),
+            disks: self
+                .ctx
+                .machine
+                .disks
+                .iter()
+                .map(|d| d.path.display().to_string())
+                .collect(),
+        }))?;
+        match link.receive("setup acknowledgement", Instant::now() + ANSWER_TIMEOUT)? {
+            Message::SetupOk => Ok(()),
+            other => Err(Stop::failed(
+                Kind::Internal,
+                format!("expected SetupOk, got {}", other.kind()),
+            )),
+        }
+    }
+
+    /// The switchover's fixed cost: the work plus the handover's round trips (Prepared,
+    /// Commit/Running).
+    fn floor_ms(&self) -> f64 {
+        SWITCHOVER_WORK_MS + 2.0 * self.rtt.as_secs_f64() * 1e3
+    }
+
+    fn transfer(&mut self, link: &mut Link) -> Result<DowntimeBreakdown, Stop> {
+        self.handshake(link)?;
+        let tracker = DirtyTracker::start(&self.ctx.vm_fd, &self.ctx.memory)
+            .map_err(|e| Stop::failed(Kind::Internal, crate::error_chain(&e)))?;
+        self.status(|s| s.phase = MigrationPhase::FirstPass);
+        let first = candidate_pages(&self.ctx.memory);
+        self.send_pass(link, &first, ZeroPages::Skip)?;
+
+        let when_time_is_up = match self.ctx.request.on_timeout {
+            OnTimeout::Force => WhenTimeIsUp::Force,
+            OnTimeout::Abort => WhenTimeIsUp::GiveUp,
+        };
+        let max_time = self.ctx.request.max_time_secs.map(Duration::from_secs);
+        let mut last_look = Instant::now();
+        let mut previous_dirty = None;
+        let mut extra_passes = 0u32;
+        let mut stalled_passes = 0u32;
+        let mut forced = false;
+        // Collecting clears the logs: what was collected must be sent, here or at switchover.
+        let unsent = loop {
+            link.poll()?;
+            let dirty = tracker
+                .collect()
+                .map_err(|e| Stop::failed(Kind::Internal, crate::error_chain(&e)))?;
+            let dirty_bytes: u64 = dirty.iter().map(RegionDirty::count).sum::<u64>() * PAGE;
+            let since = last_look.elapsed().as_secs_f64().max(1e-3);
+            last_look = Instant::now();
+            let sources = [DirtySource {
+                name: "memory",
+                dirty_bytes,
+                dirty_rate: dirty_bytes as f64 / since,
+            }];
+            let send_rate = if self.pass_rate > 0.0 {
+                self.pass_rate
+            } else {
+                link.write_rate()
+            };
+            let inputs = Inputs {
+                sources: &sources,
+                send_rate,
+                backlog_bytes: if self.features.flow_control {
+                    link.backlog()
+                } else {
+                    0
+                },
+                apply_rate: link.apply_rate(),
+                target_ms: self.ctx.request.downtime_ms as f64,
+                floor_ms: self.floor_ms(),
+                time_left: max_time.map(|m| m.saturating_sub(self.started.elapsed())),
+                when_time_is_up,
+                throttle_steps: &THROTTLE_STEPS,
+                throttle_taken: self.throttle_taken,
+                iteration: self.iterations,
+                previous_dirty,
+                extra_passes,
+                stalled_passes,
+            };
+            let prediction = inputs.predict();
+            let decision = policy::decide(&inputs);
+            let applied = link.stats.applied_bytes.load(Ordering::Relaxed);
+            self.status(|s| {
+                s.phase = MigrationPhase::Iterating;
+                s.iteration = self.iterations;
+                s.bytes_remaining = dirty_bytes;
+                s.pass_bytes_remaining = dirty_bytes;
+                s.dirty_rate_bytes_per_sec = sources[0].dirty_rate;
+                s.link_rate_bytes_per_sec = send_rate;
+                s.expected_downtime_ms = prediction.total_ms();
+                s.bytes_applied = applied;
+                s.eta_secs = (send_rate > 0.0).then(|| dirty_bytes as f64 / send_rate);
+            });
+            if self.throttle_taken >= THROTTLE_STEPS.len()
+                && previous_dirty
+                    .is_some_and(|p| dirty_bytes as f64 >= policy::WORTH_ANOTHER_PASS * p as f64)
+            {
+                stalled_passes += 1;
+            }
+            match decision {
+                Decision::SwitchOver { why } => {
+                    match why {
+                        SwitchReason::Fits => {}
+                        SwitchReason::AtFloor => self.note(format!(
+                            "the downtime target of {} ms is below what the switchover reaches \
+                             here (about {:.1} ms): switching over at that floor",
+                            self.ctx.request.downtime_ms,
+                            prediction.total_ms()
+                        )),
+                        SwitchReason::Forced => {
+                            forced = true;
+                            self.note(format!(
+                                "max time {}s reached: forcing the switchover (expected downtime {:.0} ms)",
+                                self.ctx.request.max_time_secs.unwrap_or(0),
+                                prediction.total_ms()
+                            ))
+                        }
+                    }
+                    break dirty;
+                }
+                Decision::GiveUp { why } => {
+                    let message = match why {
+                        GiveUpReason::TimedOut => format!(
+                            "did not converge in {}s (expected downtime {:.0} ms > target {} ms); \
+                             aborted, the VM runs on here",
+                            self.ctx.request.max_time_secs.unwrap_or(0),
+                            prediction.total_ms(),
+                            self.ctx.request.downtime_ms
+                        ),
+                        GiveUpReason::CannotConverge => format!(
+                            "cannot converge: at the highest throttle the guest still dirties \
+                             {:.0} MiB/s and the downtime would be {:.0} ms (target {} ms); \
+                             raise --downtime-ms or use --max-time with --on-timeout force",
+                            sources[0].dirty_rate / 1048576.0,
+                            prediction.total_ms(),
+                            self.ctx.request.downtime_ms
+                        ),
+                    };
+                    return Err(Stop::failed(Kind::TimedOut, message));
+                }
+                Decision::Throttle { percent } => {
+                    self.throttle_taken += 1;
+                    self.ctx.throttle.set(percent);
+                    self.status(|s| s.throttle_percent = percent);
+                    self.note(format!(
+                        "auto-converge: dirty rate {:.0} MiB/s vs {:.0} MiB/s sent, throttling vCPUs to {}%",
+                        sources[0].dirty_rate / 1048576.0,
+                        send_rate / 1048576.0,
+                        100 - percent
+                    ));
+                }
+                Decision::AnotherPass { extra } => extra_passes += u32::from(extra),
+                Decision::WaitForDestination => {}
+            }
+            previous_dirty = Some(dirty_bytes);
+            let pages: Vec<u64> = dirty.iter().flat_map(RegionDirty::addresses).collect();
+            let zeros = self.zero_mode();
+            if !pages.is_empty() || !matches!(decision, Decision::WaitForDestination) {
+                self.send_pass(link, &pages, zeros)?;
+            }
+            if matches!(decision, Decision::WaitForDestination) {
+                link.wait_for_progress(Duration::from_millis(20))?;
+            }
+        };
+        self.switchover(link, &tracker, unsent, forced)
+    }
+
+    fn zero_mode(&self) -> ZeroPages {
+        if self.features.zero_pages {
+            ZeroPages::Run
+        } else {
+            ZeroPages::Data
+        }
+    }
+
+    /// Sends `pages` (guest addresses, ascending within a region) as one pass.
+    fn send_pass(&mut self, link: &mut Link, pages: &[u64], zeros: ZeroPages) -> Result<(), Stop> {
+        let started = Instant::now();
+        let total = pages.len() as u64;
+        let first_pass = self.iterations == 0;
+        let status = self.ctx.status.clone();
+        let throttle = self.ctx.throttle.clone();
+        let begun = self.started;
+        let (data_before, zero_before) = (self.data_pages, self.zero_pages);
+        let mut last_report = Instant::now();
+        let stats = link.stats.clone();
+        let progress = |done: u64, p: PassProgress| {
+            if last_report.elapsed() < Duration::from_millis(50) && done < total {
+                return;
+            }
+            last_report = Instant::now();
+            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+            s.elapsed_secs = begun.elapsed().as_secs_f64();
+            s.data_pages_sent = data_before + p.data_pages;
+            s.zero_pages_sent = zero_before + p.zero_pages;
+            s.bytes_sent = stats.bytes_sent.load(Ordering::Relaxed);
+            s.bytes_applied = stats.applied_bytes.load(Ordering::Relaxed);
+            let remaining = (total - done) * PAGE;
+            s.pass_bytes_remaining = remaining;
+            if first_pass {
+                s.bytes_remaining = remaining;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            if secs > 0.05 && p.data_pages > 0 {
+                let rate = (p.data_pages * PAGE) as f64 / secs;
+                s.link_rate_bytes_per_sec = rate;
+                s.eta_secs = Some(remaining as f64 / rate);
+            }
+            s.longest_stall_ms = s
+                .longest_stall_ms
+                .max(throttle.longest_rest().as_secs_f64() * 1e3);
+        };
+        let pass = self.scanner.send(link, pages, zeros, progress)?;
+        // Passes of a few pages say little about the rate; keep the last good estimate.
+        if pass.data_pages >= 256 {
+            self.pass_rate =
+                (pass.data_pages * PAGE) as f64 / started.elapsed().as_secs_f64().max(1e-6);
+        }
+        self.data_pages += pass.data_pages;
+        self.zero_pages += pass.zero_pages;
+        link.send(Message::IterationDone(
+            ferry_proto::migration::IterationDone {
+                iteration: self.iterations,
+                pages_sent: pass.data_pages,
+                zero_pages: pass.zero_pages,
+            },
+        ))?;
+        self.iterations += 1;
+        let sent = link.stats.bytes_sent.load(Ordering::Relaxed);
+        self.status(|s| {
+            s.data_pages_sent = self.data_pages;
+            s.zero_pages_sent = self.zero_pages;
+            s.bytes_sent = sent;
+            s.pass_bytes_remaining = 0;
+        });
+        Ok(())
+    }
+}

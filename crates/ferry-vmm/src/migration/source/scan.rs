@@ -1,0 +1,169 @@
+//! Reading guest pages into page batches: the first stage of the send pipeline.
+//!
+//! Each page is looked at in place (is it all zero?) and, if it holds data, copied once,
+//! straight from guest memory into the batch buffer that goes on the wire. Batch buffers go
+//! round between this stage and the link's writer, so a pass allocates nothing once the pool
+//! is warm. The checksum is computed by the writer thread, on the other core.
+
+use std::time::Duration;
+
+use ferry_devices::GuestMemory;
+use ferry_proto::migration::{Message, PageBatch, PageBatchWriter};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::link::Link;
+use super::PassProgress;
+use crate::memory::is_zero_page;
+use crate::migration::error::Stop;
+use crate::migration::pages::PAGE;
+
+/// Bytes per page batch frame.
+const BATCH_BYTES: usize = 4 << 20;
+/// Batch buffers in circulation at most: the writer's queue plus the one being filled.
+const POOL: usize = 6;
+
+/// What a pass does with a page that is all zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroPages {
+    /// Skip it: the destination's fresh memory is zero already (the first pass).
+    Skip,
+    /// Send a zero-run marker (the page may have held data before).
+    Run,
+    /// Send it as data (the destination does not speak zero runs).
+    Data,
+}
+
+/// One RAM region as the scanner reads it.
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    gpa: u64,
+    len: u64,
+    host: *const u8,
+}
+
+/// Reads guest pages into batches and hands them to the link.
+#[derive(Debug)]
+pub struct Scanner {
+    regions: Vec<Region>,
+    writer: PageBatchWriter,
+    spare: Vec<PageBatch>,
+    in_circulation: usize,
+    /// Keeps the mapping alive while the raw pointers above are used.
+    _memory: GuestMemory,
+}
+
+// SAFETY: the raw pointers point into `_memory`'s mappings, which the scanner owns a handle
+// to; they are only read, and the scanner is used by one thread at a time.
+unsafe impl Send for Scanner {}
+
+impl Scanner {
+    pub fn new(memory: &GuestMemory) -> Scanner {
+        let regions = memory
+            .iter()
+            .map(|r| Region {
+                gpa: r.start_addr().raw_value(),
+                len: r.len(),
+                host: memory
+                    .get_host_address(r.start_addr())
+                    .expect("a region's start is mapped"),
+            })
+            .collect();
+        Scanner {
+            regions,
+            writer: PageBatchWriter::new(BATCH_BYTES),
+            spare: Vec::new(),
+            in_circulation: 1,
+            _memory: memory.clone(),
+        }
+    }
+
+    /// The page at `gpa`, read in place. `None` if it is not in guest memory.
+    fn page(regions: &[Region], gpa: u64) -> Option<&[u8]> {
+        let r = regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa + PAGE <= r.gpa + r.len)?;
+        // SAFETY: `gpa..gpa + PAGE` lies inside the region (checked above), whose mapping of
+        // `len` bytes at `host` lives as long as `_memory`. The guest may write the page while
+        // it is read: the copy may then be torn, but such a page is in the dirty log and is
+        // sent again before the switchover, as in every pre-copy.
+        Some(unsafe {
+            std::slice::from_raw_parts(r.host.add((gpa - r.gpa) as usize), PAGE as usize)
+        })
+    }
+
+    /// Sends the pages at `pages`; calls `progress` after each batch with how many pages are
+    /// done. Returns what the pass sent.
+    pub fn send(
+        &mut self,
+        link: &mut Link,
+        pages: &[u64],
+        zeros: ZeroPages,
+        mut progress: impl FnMut(u64, PassProgress),
+    ) -> Result<PassProgress, Stop> {
+        let mut pass = PassProgress::default();
+        for (n, &gpa) in pages.iter().enumerate() {
+            let Some(page) = Self::page(&self.regions, gpa) else {
+                return Err(Stop::failed(
+                    ferry_api::MigrationErrorKind::Internal,
+                    format!("page {gpa:#x} is not in guest memory"),
+                ));
+            };
+            let zero = zeros != ZeroPages::Data && is_zero_page(page);
+            let pushed = match (zero, zeros) {
+                (true, ZeroPages::Skip) => continue,
+                (true, _) => {
+                    pass.zero_pages += 1;
+                    self.writer.push_zero_run(gpa, 1)
+                }
+                (false, _) => {
+                    pass.data_pages += 1;
+                    self.writer.push_page(gpa, page)
+                }
+            };
+            if !pushed {
+                self.flush(link)?;
+                progress(n as u64, pass);
+                let page = Self::page(&self.regions, gpa).expect("checked above");
+                let again = if zero {
+                    self.writer.push_zero_run(gpa, 1)
+                } else {
+                    self.writer.push_page(gpa, page)
+                };
+                assert!(again, "an empty batch holds a page");
+            }
+        }
+        self.flush(link)?;
+        progress(pages.len() as u64, pass);
+        Ok(pass)
+    }
+
+    /// Sends the batch being filled, if any.
+    fn flush(&mut self, link: &mut Link) -> Result<(), Stop> {
+        if self.writer.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.buffer(link)?;
+        self.writer.swap_into(&mut batch);
+        link.send(Message::Pages(batch))
+    }
+
+    /// A buffer to swap with the writer's: one the link is done with, a new one while the
+    /// pool is not full, or else the next one the link gives back.
+    fn buffer(&mut self, link: &mut Link) -> Result<PageBatch, Stop> {
+        while let Some(b) = link.spent_buffer(Duration::ZERO)? {
+            self.spare.push(b);
+        }
+        if let Some(b) = self.spare.pop() {
+            return Ok(b);
+        }
+        if self.in_circulation < POOL {
+            self.in_circulation += 1;
+            return Ok(PageBatch::new());
+        }
+        loop {
+            if let Some(b) = link.spent_buffer(Duration::from_secs(1))? {
+                return Ok(b);
+            }
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The source's migration lifecycle, owned by the control loop: one enum, one owner.
+//!
+//! ```text
+//!            PUT /vm/migrate                 ToControl::Switchover (pause, save state)
+//!  Idle ──────────────────────▶ Migrating ─────────────────────────▶ Migrating{paused}
+//!   ▲                               │ Ended(Failed): resume if paused, back to Idle │
+//!   ├───────────────────────────────┘◀─────────────────────────────────────────────┤
+//!   │                                            Ended(Committed): the process ends │
+//!   │                                            Ended(Unknown): stay paused        ▼
+//!   │   resolved "not running": resume                                   OutcomeUnknown
+//!   └──────────────────────────────────────────────────────────────────── (snapshot allowed,
+//!                            resolved "running": the process ends          resume refused;
+//!                                                                          PUT .../resolve)
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_api::{
+    MigrateRequest, MigrationError, MigrationErrorKind, MigrationPhase, MigrationStatus,
+    ResolveRequest, VmRunState,
+};
+use tokio::sync::oneshot;
+
+use super::control::Control;
+use super::VmExit;
+use crate::bus::lock;
+use crate::event::{ApiFailure, ApiReply, VmmEvent};
+use crate::migration::source::{self, SourceContext, SwitchoverReply, ToControl};
+use crate::migration::MigrationOutcome;
+
+type Waiter = oneshot::Sender<Result<ApiReply, ApiFailure>>;
+
+/// How long an operator's resolve keeps trying to reach the destination.
+const RESOLVE_WINDOW: Duration = Duration::from_secs(10);
+
+/// Where the source's migration is.
+#[derive(Default)]
+pub(super) enum SourceLifecycle {
+    /// No migration runs; `last` keeps the status of the last one for `GET /vm/migration`.
+    #[default]
+    Idle,
+    Ended {
+        last: Arc<Mutex<MigrationStatus>>,
+    },
+    /// A worker runs.
+    Migrating(Running),
+    /// Commit was sent and no answer came: the VM stays paused here until resolved.
+    OutcomeUnknown {
+        status: Arc<Mutex<MigrationStatus>>,
+        to: String,
+        migration_id: u64,
+        resolving: bool,
+    },
+}
+
+pub(super) struct Running {
+    status: Arc<Mutex<MigrationStatus>>,
+    cancel: Arc<AtomicBool>,
+    to: String,
+    migration_id: u64,
+    /// The control loop paused the VM for the switchover (so a failure resumes it).
+    paused_for_switchover: bool,
+    /// A client that asked to be answered when the migration ends.
+    waiter: Option<Waiter>,
+}
+
+fn conflict(message: &str) -> ApiFailure {
+    ApiFailure {
+        status: 409,
+        message: message.into(),
+    }
+}
+
+impl SourceLifecycle {
+    pub(super) fn is_migrating(&self) -> bool {
+        matches!(self, SourceLifecycle::Migrating(_))
+    }
+
+    pub(super) fn is_unknown(&self) -> bool {
+        matches!(self, SourceLifecycle::OutcomeUnknown { .. })
+    }
+
+    fn status(&self) -> Option<&Arc<Mutex<MigrationStatus>>> {
+        match self {
+            SourceLifecycle::Idle => None,
+            SourceLifecycle::Ended { last } => Some(last),
+            SourceLifecycle::Migrating(r) => Some(&r.status),
+            SourceLifecycle::OutcomeUnknown { status, .. } => Some(status),
+        }
+    }
+
+    /// Stops a running worker (the VM is shutting down).
+    pub(super) fn cancel(&self) {
+        if let SourceLifecycle::Migrating(r) = self {
+            r.cancel.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Control<'_> {
+    pub(super) fn start_migration(
+        &mut self,
+        request: MigrateRequest,
+        waiter: Option<Waiter>,
+    ) -> Result<Option<ApiReply>, ApiFailure> {
+        let migration_id = source::new_migration_id();
+        let status = Arc::new(Mutex::new(source::initial_status(
+            &request.to,
+            migration_id,
+        )));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let events = self.vm.events_tx.clone();
+        let to = request.to.clone();
+        let ctx = SourceContext {
+            request,
+            migration_id,
+            vm_fd: self.vm.vm_fd.clone(),
+            memory: self.vm.memory.clone(),
+            machine: self.vm.machine.clone(),
+            throttle: self.throttle.clone(),
+            status: status.clone(),
+            cancel: cancel.clone(),
+            committing: Arc::new(AtomicBool::new(false)),
+            control: Box::new(move |m| events.send(VmmEvent::Migration(m)).is_ok()),
+        };
+        source::spawn(ctx).map_err(|e| ApiFailure {
+            status: 500,
+            message: format!("cannot start the migration: {e}"),
+        })?;
+        let reply = ApiReply::Migration(lock(&status).clone());
+        let answer_now = waiter.is_none();
+        self.migration = SourceLifecycle::Migrating(Running {
+            status,
+            cancel,
+            to,
+            migration_id,
+            paused_for_switchover: false,
+            waiter,
+        });
+        Ok(answer_now.then_some(reply))
+    }
+
+    pub(super) fn migration_status(&self) -> Result<ApiReply, ApiFailure> {
+        match self.migration.status() {
+            Some(s) => Ok(ApiReply::Migration(lock(s).clone())),
+            None => Err(ApiFailure {
+                status: 404,
+                message: "no migration was started".into(),
+            }),
+        }
+    }
+
+    pub(super) fn cancel_migration(&self) -> Result<ApiReply, ApiFailure> {
+        match &self.migration {
+            SourceLifecycle::Migrating(r) => {
+                r.cancel.store(true, Ordering::Relaxed);
+                Ok(ApiReply::Migration(lock(&r.status).clone()))
+            }
+            _ => Err(conflict("no migration is running")),
+        }
+    }
+
+    /// What the worker asks; returns how the VM ends if it moved away.
+    pub(super) fn on_worker(&mut self, message: ToControl) -> Option<VmExit> {
+        match message {
+            ToControl::Switchover(reply) => {
+                let _ = reply.send(self.switchover());
+                None
+            }
+            ToControl::Ended(outcome) => self.migration_ended(outcome),
+        }
+    }
+
+    /// Stops the VM for the switchover and reads its state (without memory, which the worker
+    /// sends itself). The disks are flushed so the destination reads what the guest wrote.
+    fn switchover(&mut self) -> SwitchoverReply {
+        let was_running = self.state == VmRunState::Running;
+        let stopped_at = std::time::Instant::now();
+        if was_running {
+            self.pause()?;
+        }
+        let pause_time = stopped_at.elapsed();
+        if let SourceLifecycle::Migrating(r) = &mut self.migration {
+            r.paused_for_switchover = was_running;
+        }
+        let state = self.save_state()?;
+        for disk in &self.vm.disks {
+            disk.flush()
+                .map_err(|e| format!("flushing {}: {e}", disk.path().display()))?;
+        }
+        Ok((state, stopped_at, pause_time))
+    }
+
+    /// Acts on the end of a migration; returns how the VM ends if it moved away.
+    fn migration_ended(&mut self, outcome: MigrationOutcome) -> Option<VmExit> {
+        let SourceLifecycle::Migrating(mut r) = std::mem::take(&mut self.migration) else {
+            return None;
+        };
+        let mut exit = None;
+        match outcome {
+            MigrationOutcome::Committed(_) => {
+                exit = Some(VmExit::MigratedAway);
+                self.migration = SourceLifecycle::Ended {
+                    last: r.status.clone(),
+                };
+            }
+            MigrationOutcome::Failed(_) => {
+                if std::mem::take(&mut r.paused_for_switchover) {
+                    if let Err(e) = self.resume() {
+                        tracing::error!("resuming after a failed migration failed: {e}");
+                    }
+                }
+                self.migration = SourceLifecycle::Ended {
+                    last: r.status.clone(),
+                };
+            }
+            MigrationOutcome::Unknown(e) => {
+                tracing::error!(
+                    "migration outcome unknown, the VM stays paused here: {}",
+                    e.message
+                );
+                self.migration = SourceLifecycle::OutcomeUnknown {
+                    status: r.status.clone(),
+                    to: r.to.clone(),
+                    migration_id: r.migration_id,
+                    resolving: false,
+                };
+            }
+        }
+        if let Some(waiter) = r.waiter.take() {
+            let _ = waiter.send(Ok(ApiReply::Migration(lock(&r.status).clone())));
+        }
+        exit
+    }
+
+    /// `PUT /vm/migration/resolve`: asks the destination, in a thread of its own, whether it
+    /// runs the VM; the answer comes back as [`VmmEvent::Resolved`].
+    pub(super) fn resolve_migration(
+        &mut self,
+        request: ResolveRequest,
+    ) -> Result<ApiReply, ApiFailure> {
+        let SourceLifecycle::OutcomeUnknown {
+            status,
+            to,
+            migration_id,
+            resolving,
+        } = &mut self.migration
+        else {
+            return Err(conflict(
+                "no migration outcome is unknown: there is nothing to resolve",
+            ));
+        };
+        if !*resolving {
+            *resolving = true;
+            let to = request.to.unwrap_or_else(|| to.clone());
+            let (id, events) = (*migration_id, self.vm.events_tx.clone());
+            std::thread::Builder::new()
+                .name("ferry-resolve".into())
+                .spawn(move || {
+                    let answer = source::resolve(&to, id, RESOLVE_WINDOW);
+                    let _ = events.send(VmmEvent::Resolved(answer));
+                })
+                .map_err(|e| ApiFailure {
+                    status: 500,
+                    message: format!("cannot start resolving: {e}"),
+                })?;
+        }
+        Ok(ApiReply::Migration(lock(status).clone()))
+    }
+
+    /// The answer of a resolve; returns how the VM ends if it runs on the destination.
+    pub(super) fn on_resolved(&mut self, answer: Result<bool, MigrationError>) -> Option<VmExit> {
+        let SourceLifecycle::OutcomeUnknown {
+            status, resolving, ..
+        } = &mut self.migration
+        else {
+            return None;
+        };
+        *resolving = false;
+        let status = status.clone();
+        match answer {
+            Ok(true) => {
+                lock(&status).phase = MigrationPhase::Completed;
+                lock(&status)
+                    .notes
+                    .push("resolved: the destination runs the VM".into());
+                self.migration = SourceLifecycle::Ended { last: status };
+                Some(VmExit::MigratedAway)
+            }
+            Ok(false) => {
+                {
+                    let mut s = lock(&status);
+                    s.phase = MigrationPhase::Failed;
+                    s.error = Some(MigrationError::new(
+                        MigrationErrorKind::NetworkLost,
+                        "resolved: the destination does not run the VM and never will; it runs \
+                         on here",
+                    ));
+                }
+                if let Err(e) = self.resume() {
+                    tracing::error!("resuming after a resolved migration failed: {e}");
+                }
+                self.migration = SourceLifecycle::Ended { last: status };
+                None
+            }
+            Err(e) => {
+                tracing::warn!("resolving the migration failed: {}", e.message);
+                lock(&status)
+                    .notes
+                    .push(format!("resolve failed: {}", e.message));
+                None
+            }
+        }
+    }
+}
