@@ -26,6 +26,16 @@ pub use error::{classify, Stop};
 
 use ferry_api::{DowntimeBreakdown, MigrationError};
 
+/// Test-only fault injection (`FERRY_TEST_FAULT`), so end-to-end tests can provoke the
+/// failures the worker must survive. Unset in production: every check is then false.
+pub(crate) fn fault(name: &str) -> bool {
+    static FAULTS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FAULTS
+        .get_or_init(|| std::env::var("FERRY_TEST_FAULT").unwrap_or_default())
+        .split(',')
+        .any(|f| f == name)
+}
+
 /// How a migration ended, as the source's control loop must act on it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MigrationOutcome {

@@ -172,6 +172,10 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
             return Err(before(why));
         }
     };
+    if crate::migration::fault("stall-prepare") {
+        tracing::warn!("FERRY_TEST_FAULT: Prepared is held back for 5 s");
+        std::thread::sleep(Duration::from_secs(5));
+    }
     link.send(&Message::Prepared).map_err(before)?;
     // Without Commit the VM is discarded: the source resumes it.
     match link.receive() {
@@ -189,7 +193,7 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
     let committed = Instant::now();
     vm.run_with(Some(Box::new(move || {
         let resume_ms = committed.elapsed().as_secs_f64() * 1e3;
-        if crate::migration::source::fault("lose-running") {
+        if crate::migration::fault("lose-running") {
             tracing::warn!("FERRY_TEST_FAULT: Running is not sent");
             let _ = link.stream.shutdown(std::net::Shutdown::Both);
             return;

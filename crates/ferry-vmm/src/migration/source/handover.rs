@@ -14,9 +14,10 @@ use ferry_api::{DowntimeBreakdown, MigrationError, MigrationErrorKind as Kind, M
 use ferry_proto::migration::{Complete, Hello, Message, Resolve};
 
 use super::link::{Link, LinkConfig};
-use super::{fault, ToControl, Worker, CAPABILITIES};
+use super::{ToControl, Worker, CAPABILITIES};
 use crate::migration::dirty::{DirtyTracker, RegionDirty};
 use crate::migration::error::Stop;
+use crate::migration::fault;
 
 /// Scheduling slack on top of the target and the round trips: this host is shared.
 const PAUSED_SLACK: Duration = Duration::from_millis(50);
@@ -52,6 +53,7 @@ impl Worker<'_> {
             .recv_timeout(PAUSE_TIMEOUT)
             .map_err(|_| Stop::failed(Kind::GuestFailed, "the VM did not stop in time"))?
             .map_err(|e| Stop::failed(Kind::GuestFailed, e))?;
+        self.paused_at = Some(paused_at);
         let deadline = paused_at + self.paused_bound(forced);
         // From here the guest is stopped: only what is left moves.
         let t_mem = Instant::now();

@@ -45,7 +45,7 @@ pub use handover::resolve;
 use super::dirty::{DirtyTracker, RegionDirty};
 use super::error::Stop;
 use super::pages::{candidate_pages, PAGE};
-use super::MigrationOutcome;
+use super::{fault, MigrationOutcome};
 use crate::cpu::throttle::Throttle;
 use crate::snapshot::state::{MachineState, VmState};
 use link::{Link, LinkConfig};
@@ -140,16 +140,6 @@ pub fn new_migration_id() -> u64 {
     t ^ (u64::from(std::process::id()) << 32)
 }
 
-/// Test-only fault injection (`FERRY_TEST_FAULT`), so end-to-end tests can provoke the
-/// failures the worker must survive. Unset in production: every check is then false.
-pub(crate) fn fault(name: &str) -> bool {
-    static FAULTS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    FAULTS
-        .get_or_init(|| std::env::var("FERRY_TEST_FAULT").unwrap_or_default())
-        .split(',')
-        .any(|f| f == name)
-}
-
 /// Starts the worker thread. Its outcome reaches the control loop as [`ToControl::Ended`],
 /// also when it panics (then as a failure: the source VM runs on).
 pub fn spawn(ctx: SourceContext) -> std::io::Result<()> {
@@ -210,6 +200,8 @@ struct Worker<'a> {
     throttle_taken: usize,
     /// Bytes per second whole passes achieved (reading, encoding and sending).
     pass_rate: f64,
+    /// When the guest was paused for the switchover, if it was.
+    paused_at: Option<Instant>,
 }
 
 impl<'a> Worker<'a> {
@@ -225,6 +217,7 @@ impl<'a> Worker<'a> {
             iterations: 0,
             throttle_taken: 0,
             pass_rate: 0.0,
+            paused_at: None,
         }
     }
 
@@ -257,6 +250,19 @@ impl<'a> Worker<'a> {
             panic!("injected by FERRY_TEST_FAULT=worker-panic");
         }
         let result = self.migrate();
+        if let (Err(Stop::Failed(_)), Some(paused_at)) = (&result, self.paused_at) {
+            // The control loop resumes the guest as soon as it hears of the failure.
+            let ms = paused_at.elapsed().as_secs_f64() * 1e3;
+            self.note(format!(
+                "the guest was paused for {ms:.1} ms, then resumed here"
+            ));
+            self.status(|s| {
+                s.downtime = Some(DowntimeBreakdown {
+                    total_ms: ms,
+                    ..DowntimeBreakdown::default()
+                })
+            });
+        }
         let (phase, outcome) = match result {
             Ok(downtime) => (
                 MigrationPhase::Completed,

@@ -1,0 +1,531 @@
+//! Live migration under faults: a destination that dies, freezes, lies about its version,
+//! stalls the handover or loses the commit's answer; a worker that panics; a receiver fed
+//! garbage. Each test checks what the operator sees (the typed error and the exit code) and
+//! that the VM runs in exactly one place.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::hosts::{receiver, TwoHosts};
+use common::{ferry, kvm_or_skip, vm_api, wait_for_path, Boot, TempDir, VmProcess};
+
+const BOOT: Duration = Duration::from_secs(30);
+
+fn hosts_or_skip(test: &str) -> Option<TwoHosts> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    let h = TwoHosts::create("flt");
+    if h.is_none() {
+        println!("SKIPPED (cannot create network namespaces): {test}");
+    }
+    h
+}
+
+/// A source VM on host `ns`, with `fault` injected (test-only switch) if given.
+fn source(ns: &str, dir: &TempDir, boot: Boot, fault: Option<&str>) -> (VmProcess, PathBuf) {
+    let socket = dir.join("src.sock");
+    let boot = Boot {
+        api_socket: Some(socket.clone()),
+        ..boot
+    };
+    let mut command = boot.command();
+    if let Some(f) = fault {
+        command.env("FERRY_TEST_FAULT", f);
+    }
+    let vm = VmProcess::spawn(TwoHosts::exec(ns, &command));
+    vm.wait_for("ferry-guest: ready", BOOT);
+    let (i, _) = vm.wait_for_from(0, "ferry-guest: status", BOOT);
+    vm.wait_for_from(i + 1, "ferry-guest: status", BOOT);
+    wait_for_path(&socket, BOOT);
+    (vm, socket)
+}
+
+/// A `ferry receive` with `fault` injected.
+fn faulty_receiver(ns: &str, listen: &str, socket: Option<&Path>, fault: &str) -> VmProcess {
+    let mut c = ferry();
+    c.env("FERRY_TEST_FAULT", fault)
+        .args(["receive", "--listen", listen]);
+    if let Some(s) = socket {
+        c.arg("--api-socket").arg(s);
+    }
+    let vm = VmProcess::spawn(TwoHosts::exec(ns, &c));
+    let deadline = Instant::now() + BOOT;
+    while !vm.stderr().contains("listening on") {
+        assert!(Instant::now() < deadline, "no listen: {}", vm.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm
+}
+
+fn migrate_command(socket: &Path, to: &str, extra: &[&str]) -> Command {
+    let mut c = ferry();
+    c.args(["migrate", "--json", "--api-socket"])
+        .arg(socket)
+        .args(["--to", to])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn status_json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "no JSON from ferry migrate: stdout {} stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The source keeps running its guest, unharmed, and says so.
+fn assert_source_goes_on(src: &VmProcess, socket: &Path) {
+    let n = src.lines().len();
+    let (i, _) = src.wait_for_from(n, "ferry-guest: status", BOOT);
+    src.wait_for_from(i + 1, "ferry-guest: status", BOOT);
+    src.assert_clean();
+    assert_eq!(vm_api(socket, "info")["state"], "running");
+}
+
+/// A guest busy enough, on a capped link, that the first pass takes many seconds.
+fn slow_boot() -> Boot {
+    Boot {
+        memory: "1G",
+        ..Boot::guest("workload=mem mem_mib=512 mem_rate=50")
+    }
+}
+
+/// `GET path` on an API socket: the status code and the JSON body.
+fn api_get(socket: &Path, path: &str) -> (u16, serde_json::Value) {
+    use std::io::Read;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connect API");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("answer");
+    let code = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+    (
+        code,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn assert_error(status: &serde_json::Value, kind: &str, retryable: bool) {
+    assert_eq!(status["error"]["kind"], kind, "{status}");
+    assert_eq!(status["error"]["retryable"], retryable, "{status}");
+    assert!(
+        !status["error"]["message"].as_str().unwrap_or("").is_empty(),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_destination_that_dies_is_network_lost_and_retryable() {
+    let Some(hosts) = hosts_or_skip("a_destination_that_dies_is_network_lost_and_retryable") else {
+        return;
+    };
+    let dir = TempDir::new("dies");
+    let listen = format!("{}:7101", hosts.b_addr);
+    let dst = receiver(&hosts.b, &listen, None, &[]);
+    let (src, socket) = source(&hosts.a, &dir, slow_boot(), None);
+    let migrating = migrate_command(&socket, &listen, &["--bandwidth", "50MiB"])
+        .spawn()
+        .expect("migrate");
+    std::thread::sleep(Duration::from_secs(2));
+    drop(dst); // kills the destination
+    let out = migrating.wait_with_output().expect("migrate output");
+    let status = status_json(&out);
+    assert_eq!(status["phase"], "failed", "{status}");
+    assert_error(&status, "network_lost", true);
+    assert_eq!(out.status.code(), Some(75), "retryable exit code");
+    assert_source_goes_on(&src, &socket);
+}
+
+/// CRC32C (Castagnoli), for the fake peer's frames.
+const PY_CRC32C: &str = "def crc32c(b):\n    c = 0xffffffff\n    for x in b:\n        c ^= x\n        for _ in range(8):\n            c = (c >> 1) ^ (0x82f63b78 if c & 1 else 0)\n    return c ^ 0xffffffff\n";
+
+#[test]
+fn a_peer_of_another_protocol_version_is_incompatible_and_not_retryable() {
+    let Some(hosts) =
+        hosts_or_skip("a_peer_of_another_protocol_version_is_incompatible_and_not_retryable")
+    else {
+        return;
+    };
+    let dir = TempDir::new("oldpeer");
+    // A version-1 destination: it answers Hello with a version-1 Hello in a valid frame.
+    let script = format!(
+        "import socket, struct, json\n{PY_CRC32C}\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{}', 7102)); s.listen(1); c, _ = s.accept(); c.recv(4096)\n\
+         p = json.dumps({{'protocol_version': 1, 'software': 'ferry 0.0.1', 'capabilities': ['zero-pages']}}).encode()\n\
+         c.sendall(b'FRY1' + struct.pack('<HHII', 1, 0x0101, len(p), crc32c(p)) + p)\n\
+         c.recv(4096); c.close()\n",
+        hosts.b_addr
+    );
+    let mut fake = Command::new("ip")
+        .args(["netns", "exec", &hosts.b, "python3", "-c", &script])
+        .spawn()
+        .expect("fake destination");
+    std::thread::sleep(Duration::from_millis(500));
+    let (src, socket) = source(
+        &hosts.a,
+        &dir,
+        Boot::guest("workload=mem mem_mib=16 mem_rate=16"),
+        None,
+    );
+    let to = format!("{}:7102", hosts.b_addr);
+    let out = migrate_command(&socket, &to, &[])
+        .output()
+        .expect("migrate");
+    let status = status_json(&out);
+    assert_eq!(status["phase"], "failed", "{status}");
+    assert_error(&status, "incompatible", false);
+    let message = status["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("version 1") && message.contains("speaks 2"),
+        "both versions named: {message}"
+    );
+    assert_eq!(out.status.code(), Some(1), "not retryable");
+    let _ = fake.kill();
+    let _ = fake.wait();
+    assert_source_goes_on(&src, &socket);
+}
+
+/// SIGSTOP / SIGCONT on the receiver.
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[test]
+fn a_frozen_destination_is_detected_as_network_lost() {
+    let Some(hosts) = hosts_or_skip("a_frozen_destination_is_detected_as_network_lost") else {
+        return;
+    };
+    let dir = TempDir::new("frozen");
+    let listen = format!("{}:7103", hosts.b_addr);
+    let dst = receiver(&hosts.b, &listen, None, &[]);
+    let (src, socket) = source(&hosts.a, &dir, slow_boot(), None);
+    let migrating = migrate_command(
+        &socket,
+        &listen,
+        &["--bandwidth", "50MiB", "--link-timeout-ms", "3000"],
+    )
+    .spawn()
+    .expect("migrate");
+    std::thread::sleep(Duration::from_secs(2));
+    signal(dst.pid(), "-STOP");
+    let frozen = Instant::now();
+    let out = migrating.wait_with_output().expect("migrate output");
+    let detected = frozen.elapsed();
+    signal(dst.pid(), "-CONT");
+    let status = status_json(&out);
+    assert_eq!(status["phase"], "failed", "{status}");
+    assert_error(&status, "network_lost", true);
+    assert!(
+        detected < Duration::from_secs(20),
+        "a 3 s link timeout took {detected:?} to notice"
+    );
+    assert_source_goes_on(&src, &socket);
+}
+
+#[test]
+fn cancel_works_while_the_destination_is_frozen() {
+    let Some(hosts) = hosts_or_skip("cancel_works_while_the_destination_is_frozen") else {
+        return;
+    };
+    let dir = TempDir::new("frozen-cancel");
+    let listen = format!("{}:7104", hosts.b_addr);
+    let dst = receiver(&hosts.b, &listen, None, &[]);
+    let (src, socket) = source(&hosts.a, &dir, slow_boot(), None);
+    let migrating = migrate_command(
+        &socket,
+        &listen,
+        &["--bandwidth", "50MiB", "--link-timeout-ms", "600000"],
+    )
+    .spawn()
+    .expect("migrate");
+    std::thread::sleep(Duration::from_secs(2));
+    signal(dst.pid(), "-STOP");
+    // Let the writer block on the full socket first.
+    std::thread::sleep(Duration::from_secs(1));
+    let cancelled = Instant::now();
+    let out = ferry()
+        .args(["migrate", "--cancel", "--api-socket"])
+        .arg(&socket)
+        .output()
+        .expect("cancel");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = migrating.wait_with_output().expect("migrate output");
+    let took = cancelled.elapsed();
+    signal(dst.pid(), "-CONT");
+    let status = status_json(&out);
+    assert_eq!(status["phase"], "cancelled", "{status}");
+    assert_error(&status, "cancelled", true);
+    assert!(took < Duration::from_secs(5), "cancel took {took:?}");
+    assert_source_goes_on(&src, &socket);
+}
+
+#[test]
+fn a_handover_whose_destination_stalls_keeps_the_guest_paused_no_longer_than_the_bound() {
+    let Some(hosts) = hosts_or_skip(
+        "a_handover_whose_destination_stalls_keeps_the_guest_paused_no_longer_than_the_bound",
+    ) else {
+        return;
+    };
+    let dir = TempDir::new("stall");
+    let listen = format!("{}:7105", hosts.b_addr);
+    let mut dst = faulty_receiver(&hosts.b, &listen, None, "stall-prepare");
+    let (src, socket) = source(
+        &hosts.a,
+        &dir,
+        Boot::guest("workload=mem mem_mib=32 mem_rate=20"),
+        None,
+    );
+    let out = migrate_command(&socket, &listen, &["--downtime-ms", "100"])
+        .output()
+        .expect("migrate");
+    let status = status_json(&out);
+    assert_eq!(status["phase"], "failed", "{status}");
+    let paused = status["downtime"]["total_ms"]
+        .as_f64()
+        .expect("pause measured");
+    // The bound is the target plus the handover's round trips and 50 ms of slack; the
+    // destination held Prepared back for 5 s. Scheduling on a loaded host may add a little.
+    assert!(paused < 1000.0, "paused {paused} ms: {status}");
+    assert_source_goes_on(&src, &socket);
+    assert!(!dst.wait_exit(Duration::from_secs(30)).success());
+    assert!(
+        !dst.lines().iter().any(|l| l.contains("ferry-guest")),
+        "the destination ran the guest"
+    );
+}
+
+#[test]
+fn a_lost_commit_is_resolved_and_the_source_runs_on() {
+    let Some(hosts) = hosts_or_skip("a_lost_commit_is_resolved_and_the_source_runs_on") else {
+        return;
+    };
+    let dir = TempDir::new("lost-commit");
+    let listen = format!("{}:7106", hosts.b_addr);
+    let mut dst = receiver(&hosts.b, &listen, None, &[]);
+    let (src, socket) = source(
+        &hosts.a,
+        &dir,
+        Boot::guest("workload=mem mem_mib=32 mem_rate=20"),
+        Some("lose-commit"),
+    );
+    let out = migrate_command(&socket, &listen, &[])
+        .output()
+        .expect("migrate");
+    let status = status_json(&out);
+    assert_eq!(status["phase"], "failed", "{status}");
+    assert_error(&status, "network_lost", true);
+    assert!(
+        status["notes"]
+            .to_string()
+            .contains("asking the destination"),
+        "{status}"
+    );
+    assert_source_goes_on(&src, &socket);
+    // The destination was fenced: it never runs the guest, and ends once the source is gone.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !dst.lines().iter().any(|l| l.contains("ferry-guest")),
+        "the destination ran the guest"
+    );
+    assert!(!dst.wait_exit(Duration::from_secs(30)).success());
+}
+
+#[test]
+fn a_lost_running_is_resolved_and_the_source_ends() {
+    let Some(hosts) = hosts_or_skip("a_lost_running_is_resolved_and_the_source_ends") else {
+        return;
+    };
+    let dir = TempDir::new("lost-running");
+    let listen = format!("{}:7107", hosts.b_addr);
+    let dst = faulty_receiver(&hosts.b, &listen, None, "lose-running");
+    let (mut src, socket) = source(
+        &hosts.a,
+        &dir,
+        Boot::guest("workload=mem mem_mib=32 mem_rate=20"),
+        None,
+    );
+    let out = migrate_command(&socket, &listen, &[])
+        .output()
+        .expect("migrate");
+    let status = status_json(&out);
+    assert_eq!(status["phase"], "completed", "{status}");
+    assert!(out.status.success());
+    assert!(src.wait_exit(Duration::from_secs(30)).success());
+    // The guest runs on the destination, and only there.
+    dst.wait_for_ticks(BOOT);
+    dst.assert_clean();
+}
+
+#[test]
+fn a_panic_in_the_migration_worker_leaves_the_source_running() {
+    let Some(hosts) = hosts_or_skip("a_panic_in_the_migration_worker_leaves_the_source_running")
+    else {
+        return;
+    };
+    let dir = TempDir::new("panic");
+    let listen = format!("{}:7108", hosts.b_addr);
+    let _dst = receiver(&hosts.b, &listen, None, &[]);
+    let (src, socket) = source(
+        &hosts.a,
+        &dir,
+        Boot::guest("workload=mem mem_mib=16 mem_rate=16"),
+        Some("worker-panic"),
+    );
+    let out = migrate_command(&socket, &listen, &[])
+        .output()
+        .expect("migrate");
+    let status = status_json(&out);
+    assert_eq!(status["phase"], "failed", "{status}");
+    assert_error(&status, "internal", false);
+    assert_source_goes_on(&src, &socket);
+    // And a migration can be started again: the lifecycle is back to idle.
+    let again = migrate_command(&socket, &listen, &[])
+        .output()
+        .expect("migrate");
+    assert_ne!(
+        status_json(&again)["error"]["message"]
+            .as_str()
+            .unwrap_or(""),
+        "a migration is running; cancel it first"
+    );
+}
+
+#[test]
+fn a_guest_throttled_hard_still_ticks_every_second() {
+    let Some(hosts) = hosts_or_skip("a_guest_throttled_hard_still_ticks_every_second") else {
+        return;
+    };
+    let dir = TempDir::new("throttle");
+    let listen = format!("{}:7109", hosts.b_addr);
+    let _dst = receiver(&hosts.b, &listen, None, &[]);
+    let (src, socket) = source(
+        &hosts.a,
+        &dir,
+        Boot::guest("workload=mem mem_mib=128 mem_rate=max"),
+        None,
+    );
+    let migrating = migrate_command(
+        &socket,
+        &listen,
+        &[
+            "--bandwidth",
+            "20MiB",
+            "--downtime-ms",
+            "1",
+            "--max-time",
+            "40",
+        ],
+    )
+    .spawn()
+    .expect("migrate");
+    // Wait until auto-converge holds the vCPUs back by 90 % or more.
+    let deadline = Instant::now() + Duration::from_secs(35);
+    loop {
+        let (_, s) = api_get(&socket, "/vm/migration");
+        if s["throttle_percent"].as_u64().unwrap_or(0) >= 90 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never throttled to 90 %: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Timer ticks keep coming: status lines a second apart, ticks going up.
+    let n = src.lines().len();
+    let (i, first) = src.wait_for_from(n, "ferry-guest: status", Duration::from_secs(5));
+    let (_, second) = src.wait_for_from(i + 1, "ferry-guest: status", Duration::from_secs(5));
+    let (a, b) = (
+        common::Status::parse(&first).expect("status"),
+        common::Status::parse(&second).expect("status"),
+    );
+    assert!(b.ticks > a.ticks, "ticks stalled: {first} / {second}");
+    let _ = ferry()
+        .args(["migrate", "--cancel", "--api-socket"])
+        .arg(&socket)
+        .output();
+    let out = migrating.wait_with_output().expect("migrate output");
+    let status = status_json(&out);
+    // The longest rest is one throttle period (20 ms), nowhere near seconds.
+    let stall = status["longest_stall_ms"].as_f64().unwrap_or(0.0);
+    assert!(stall > 0.0 && stall < 1000.0, "{status}");
+    src.assert_clean();
+}
+
+#[test]
+fn a_receiver_survives_bad_connections_and_answers_its_api_while_waiting() {
+    let Some(hosts) =
+        hosts_or_skip("a_receiver_survives_bad_connections_and_answers_its_api_while_waiting")
+    else {
+        return;
+    };
+    let dir = TempDir::new("bad-conns");
+    let listen = format!("{}:7110", hosts.b_addr);
+    let b_socket = dir.join("b.sock");
+    let dst = receiver(&hosts.b, &listen, Some(&b_socket), &[]);
+    // The API answers while nothing has arrived yet.
+    wait_for_path(&b_socket, BOOT);
+    let (code, body) = api_get(&b_socket, "/vm");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("waiting for an incoming migration")),
+        "{body}"
+    );
+    // Garbage, and a client that connects and says nothing, from host A.
+    let script = format!(
+        "import socket, time\n\
+         g = socket.create_connection(('{0}', 7110)); g.sendall(b'GET / HTTP/1.1\\r\\n\\r\\n' * 10); g.close()\n\
+         q = socket.create_connection(('{0}', 7110)); time.sleep(30)\n",
+        hosts.b_addr
+    );
+    let mut noise = Command::new("ip")
+        .args(["netns", "exec", &hosts.a, "python3", "-c", &script])
+        .spawn()
+        .expect("noise");
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut src, socket) = source(
+        &hosts.a,
+        &dir,
+        Boot::guest("workload=mem mem_mib=16 mem_rate=16"),
+        None,
+    );
+    let out = migrate_command(&socket, &listen, &[])
+        .output()
+        .expect("migrate");
+    let status = status_json(&out);
+    assert_eq!(status["phase"], "completed", "{status}");
+    assert!(src.wait_exit(Duration::from_secs(30)).success());
+    dst.wait_for_ticks(BOOT);
+    dst.assert_clean();
+    let _ = noise.kill();
+    let _ = noise.wait();
+}
