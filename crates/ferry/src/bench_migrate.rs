@@ -1,7 +1,8 @@
 //! `ferry bench migrate`: live migration on one host over loopback, ferry beside QEMU.
 //!
-//! Each case is a guest workload (idle, or 256 MiB rewritten at 50, 200 or 1000 MiB/s) on a
-//! link (unlimited, or capped at 1 Gbit/s). Each run boots the test guest (1 GiB), waits for
+//! Each case is a guest workload (idle; 256 MiB or 2 GiB of data written once and then only
+//! read, "populated"; or 256 MiB rewritten at 50, 200 or 1000 MiB/s) on a link (unlimited, or
+//! capped at 1 Gbit/s). Each run boots the test guest (1 GiB; 3 GiB for 2 GiB of data), waits for
 //! it to be ready, live-migrates it to a second VMM process on 127.0.0.1 and checks the guest
 //! on the destination: a status line after the migration and no `CORRUPTION` or `FATAL`
 //! anywhere. ferry and QEMU are interleaved run by run.
@@ -63,12 +64,31 @@ const QEMU_UNLIMITED: u64 = 1 << 50;
 const CAPPED_LINK_FERRY: &str = "1G";
 const CAPPED_LINK_BYTES: u64 = 125_000_000;
 
-/// The guest workloads: name and command line.
-const WORKLOADS: [(&str, &str); 4] = [
-    ("idle", "workload=idle"),
-    ("mem50", "workload=mem mem_mib=256 mem_rate=50"),
-    ("mem200", "workload=mem mem_mib=256 mem_rate=200"),
-    ("mem1000", "workload=mem mem_mib=256 mem_rate=1000"),
+/// The guest workloads: name, command line and guest memory (MiB). The populated ones fill
+/// their data once and then only read it: all of it moves in the first pass, little after.
+const WORKLOADS: [(&str, &str, u64); 6] = [
+    ("idle", "workload=idle", MEMORY_MIB),
+    (
+        "populated256",
+        "workload=mem mem_mib=256 mem_rate=0",
+        MEMORY_MIB,
+    ),
+    (
+        "populated2g",
+        "workload=mem mem_mib=2048 mem_rate=0",
+        3 * MEMORY_MIB,
+    ),
+    ("mem50", "workload=mem mem_mib=256 mem_rate=50", MEMORY_MIB),
+    (
+        "mem200",
+        "workload=mem mem_mib=256 mem_rate=200",
+        MEMORY_MIB,
+    ),
+    (
+        "mem1000",
+        "workload=mem mem_mib=256 mem_rate=1000",
+        MEMORY_MIB,
+    ),
 ];
 
 /// How QEMU is set up for the migration.
@@ -110,6 +130,7 @@ impl QemuMode {
 struct Case {
     workload: &'static str,
     append: &'static str,
+    memory_mib: u64,
     /// The link cap, bytes/s; `None`: unlimited.
     link: Option<u64>,
 }
@@ -131,14 +152,15 @@ fn plan(quick: bool) -> (Vec<Case>, Vec<QemuMode>) {
         &[None, Some(CAPPED_LINK_BYTES)]
     };
     let mut cases = Vec::new();
-    for (workload, append) in WORKLOADS {
-        if quick && !matches!(workload, "idle" | "mem200") {
+    for (workload, append, memory_mib) in WORKLOADS {
+        if quick && !matches!(workload, "idle" | "populated256" | "mem200") {
             continue;
         }
         for &link in links {
             cases.push(Case {
                 workload,
                 append,
+                memory_mib,
                 link,
             });
         }
@@ -172,6 +194,8 @@ pub struct CaseReport {
     pub name: String,
     /// The guest's command line.
     pub append: String,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
     /// The link cap, bytes/s; `null`: unlimited.
     pub link_bytes_per_sec: Option<u64>,
     pub ferry: VmmFigures,
@@ -345,7 +369,7 @@ fn ferry_run(setup: &Setup, case: &Case, dir: &Path, samples: &mut Samples) -> R
     boot.args([
         "run",
         "--memory",
-        &format!("{MEMORY_MIB}M"),
+        &format!("{}M", case.memory_mib),
         "--append",
         case.append,
         "--api-socket",
@@ -438,7 +462,7 @@ fn qemu_run(
     let qmp_source = dir.join("qmp-source.sock");
     let qmp_destination = dir.join("qmp-destination.sock");
     let port = free_port()?;
-    let mut incoming = qemu_command(&setup.guest, MEMORY_MIB, case.append);
+    let mut incoming = qemu_command(&setup.guest, case.memory_mib, case.append);
     incoming
         .arg("-qmp")
         .arg(format!(
@@ -459,7 +483,7 @@ fn qemu_run(
         }
     }
 
-    let mut boot = qemu_command(&setup.guest, MEMORY_MIB, case.append);
+    let mut boot = qemu_command(&setup.guest, case.memory_mib, case.append);
     boot.arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp_source.display()));
     let mut source = boot_source("QEMU", boot)?;
@@ -639,6 +663,7 @@ pub fn migrate(runs: usize, quick: bool) -> Result<MigrateBenchReport> {
             CaseReport {
                 name: case.name(),
                 append: case.append.to_string(),
+                memory_mib: case.memory_mib,
                 link_bytes_per_sec: case.link,
                 ferry,
                 ferry_notes: f.notes.clone(),
@@ -666,11 +691,18 @@ mod tests {
     fn quick_and_full_plans() {
         let (cases, modes) = plan(true);
         let names: Vec<String> = cases.iter().map(Case::name).collect();
-        assert_eq!(names, ["idle-unlimited", "mem200-unlimited"]);
+        assert_eq!(
+            names,
+            [
+                "idle-unlimited",
+                "populated256-unlimited",
+                "mem200-unlimited"
+            ]
+        );
         assert_eq!(modes, [QemuMode::Best]);
         let (cases, modes) = plan(false);
-        assert_eq!(cases.len(), 8);
-        assert_eq!(cases.iter().filter(|c| c.link.is_some()).count(), 4);
+        assert_eq!(cases.len(), 12);
+        assert_eq!(cases.iter().filter(|c| c.link.is_some()).count(), 6);
         assert_eq!(modes, [QemuMode::Default, QemuMode::Best]);
     }
 

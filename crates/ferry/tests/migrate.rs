@@ -412,3 +412,39 @@ fn pages_dirtied_before_the_switchover_decision_reach_the_destination() {
         with_disk: false,
     });
 }
+
+/// A guest that filled its memory and went idle: all its data moves in the first pass, and the
+/// switchover waits until the destination has applied it (flow control), so the guest is not
+/// stopped while the destination still has a backlog.
+fn populated_then_idle(name: &'static str, memory: &'static str, mib: u32) {
+    let append: &'static str =
+        Box::leak(format!("workload=mem mem_mib={mib} mem_rate=0").into_boxed_str());
+    let s = run_scenario(Scenario {
+        name,
+        boot: Boot {
+            memory,
+            ..Boot::guest(append)
+        },
+        migrate_args: vec![],
+        with_disk: false,
+    });
+    if s.is_null() {
+        return;
+    }
+    let data = s["data_pages_sent"].as_u64().expect("pages") * 4096;
+    assert!(data >= u64::from(mib) << 20, "all the data moved: {s}");
+    assert!(
+        s["bytes_applied"].as_u64().expect("applied") >= u64::from(mib) << 20,
+        "the destination reported applying it: {s}"
+    );
+}
+
+#[test]
+fn a_guest_with_256_mib_of_data_then_idle_migrates() {
+    populated_then_idle("a_guest_with_256_mib_of_data_then_idle_migrates", "1G", 256);
+}
+
+#[test]
+fn a_guest_with_2_gib_of_data_then_idle_migrates() {
+    populated_then_idle("a_guest_with_2_gib_of_data_then_idle_migrates", "3G", 2048);
+}

@@ -42,6 +42,8 @@ pub struct LinkConfig {
 
 /// How long a blocked write waits before it looks at cancel and silence again.
 const WRITE_SLICE: Duration = Duration::from_millis(50);
+/// The destination's apply rate is measured over windows at least this long.
+const RATE_WINDOW: Duration = Duration::from_millis(100);
 /// Messages queued for the writer, at most (page batches are most of them).
 const QUEUE: usize = 4;
 
@@ -78,9 +80,10 @@ pub struct Link {
     config: LinkConfig,
     /// When the last Applied arrived (or the link opened).
     last_applied_at: Instant,
-    /// Rate of applying, bytes per second, from the last two Applied.
+    /// Rate of applying, bytes per second, over the last whole window.
     apply_rate: f64,
-    last_applied: Option<(Instant, u64)>,
+    /// Where the current rate window started: (when, bytes applied then).
+    window: Option<(Instant, u64)>,
 }
 
 impl std::fmt::Debug for Link {
@@ -181,7 +184,7 @@ impl Link {
             config,
             last_applied_at: Instant::now(),
             apply_rate: 0.0,
-            last_applied: None,
+            window: None,
         })
     }
 
@@ -345,19 +348,20 @@ impl Link {
 
     fn note_applied(&mut self, a: Applied) {
         let now = Instant::now();
-        if let Some((at, bytes)) = self.last_applied {
-            let dt = now.duration_since(at).as_secs_f64();
-            if a.bytes > bytes && dt > 0.0 {
-                let rate = (a.bytes - bytes) as f64 / dt;
-                // Smooth it: single acks are noisy.
-                self.apply_rate = if self.apply_rate > 0.0 {
-                    0.7 * self.apply_rate + 0.3 * rate
-                } else {
-                    rate
-                };
+        match self.window {
+            // Acks come in bursts when the destination catches up: a rate from two of them
+            // says nothing. Measure over windows of at least RATE_WINDOW.
+            Some((at, bytes)) if now.duration_since(at) >= RATE_WINDOW => {
+                let dt = now.duration_since(at).as_secs_f64();
+                let rate = a.bytes.saturating_sub(bytes) as f64 / dt;
+                if rate > 0.0 {
+                    self.apply_rate = rate;
+                }
+                self.window = Some((now, a.bytes));
             }
+            Some(_) => {}
+            None => self.window = Some((now, a.bytes)),
         }
-        self.last_applied = Some((now, a.bytes));
         self.last_applied_at = now;
         self.stats.applied_bytes.store(a.bytes, Ordering::Relaxed);
         self.stats.applied_pages.store(a.pages, Ordering::Relaxed);
