@@ -50,7 +50,7 @@
 //! Abort keep their version-1 frames, so a version-1 peer is refused with an error that names
 //! both versions.
 //!
-//! The commit point decides what a failure means (DESIGN.md, invariants 2 and 3). Before it, the
+//! The commit point decides what a failure means (docs/architecture.md, invariants 2 and 3). Before it, the
 //! source VM may resume: the destination has not been told to run. After it — from the moment
 //! the source *decides* to send Commit, whether or not the bytes arrive — the outcome is
 //! unknown to the source, which must stay paused until it learns it; hence `sent(&Commit)` is

@@ -142,7 +142,7 @@ impl SenderMachine {
     }
 
     /// True from the moment Commit is about to be sent. From then on a failure leaves the
-    /// outcome unknown: the source VM must stay paused, never resume (DESIGN.md invariant 2).
+    /// outcome unknown: the source VM must stay paused, never resume (docs/architecture.md, invariant 2).
     /// Before it, a failure may resume the source.
     pub fn is_commit_point_passed(&self) -> bool {
         matches!(self.state, SenderState::CommitSent | SenderState::Done)

@@ -1,6 +1,6 @@
 //! Which guest pages changed since the last look: KVM's dirty log (vCPU writes) united with
 //! the VMM's own bitmap of device writes (virtio rings and read buffers, recorded by
-//! vm-memory). Missing the second would corrupt guests silently (DESIGN.md, invariant 1).
+//! vm-memory). Missing the second would corrupt guests silently (docs/architecture.md, invariant 1).
 
 use ferry_devices::GuestMemory;
 use kvm_ioctls::VmFd;

@@ -387,7 +387,7 @@ impl Write for Writes {
 #[test]
 fn control_messages_leave_in_one_write_and_are_flushed() {
     // Header and payload in separate small writes would let Nagle's algorithm hold the
-    // payload back (the ~40 ms stalls DESIGN.md measured).
+    // payload back (the ~40 ms Nagle stalls measured on a peer without TCP_NODELAY).
     for kind in MessageKind::ALL {
         if kind == MessageKind::Pages {
             continue;
