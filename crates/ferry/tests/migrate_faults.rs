@@ -529,3 +529,69 @@ fn a_receiver_survives_bad_connections_and_answers_its_api_while_waiting() {
     let _ = noise.kill();
     let _ = noise.wait();
 }
+
+#[test]
+fn an_unknown_outcome_keeps_the_vm_paused_allows_a_snapshot_and_is_resolved_by_the_operator() {
+    let Some(hosts) = hosts_or_skip(
+        "an_unknown_outcome_keeps_the_vm_paused_allows_a_snapshot_and_is_resolved_by_the_operator",
+    ) else {
+        return;
+    };
+    let dir = TempDir::new("unknown");
+    let listen = format!("{}:7111", hosts.b_addr);
+    let mut dst = receiver(&hosts.b, &listen, None, &[]);
+    let (src, socket) = source(
+        &hosts.a,
+        &dir,
+        Boot::guest("workload=mem mem_mib=32 mem_rate=20"),
+        Some("lose-commit,no-auto-resolve"),
+    );
+    let out = migrate_command(&socket, &listen, &[])
+        .output()
+        .expect("migrate");
+    let status = status_json(&out);
+    assert_eq!(status["phase"], "outcome_unknown", "{status}");
+    assert_error(&status, "outcome_unknown", false);
+    assert_eq!(out.status.code(), Some(3), "the unknown-outcome exit code");
+    assert_eq!(vm_api(&socket, "info")["state"], "paused");
+    // Resume is refused: the VM may run on the destination.
+    let resume = ferry()
+        .args(["vm", "resume", "--api-socket"])
+        .arg(&socket)
+        .output()
+        .expect("resume");
+    assert!(!resume.status.success());
+    // A snapshot is the operator's way to keep the VM either way.
+    let snap = dir.join("snap");
+    let out = ferry()
+        .args(["snapshot", "create", "--json", "--api-socket"])
+        .arg(&socket)
+        .arg("--dir")
+        .arg(&snap)
+        .output()
+        .expect("snapshot");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(vm_api(&socket, "info")["state"], "paused", "still paused");
+    // The operator resolves: the destination never got the Commit, is fenced, and the VM
+    // resumes here.
+    let out = ferry()
+        .args(["migrate", "--resolve", "--json", "--api-socket"])
+        .arg(&socket)
+        .output()
+        .expect("resolve");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_source_goes_on(&src, &socket);
+    assert!(!dst.wait_exit(Duration::from_secs(30)).success());
+    assert!(
+        !dst.lines().iter().any(|l| l.contains("ferry-guest")),
+        "the destination ran the guest"
+    );
+}

@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::error::ProtocolError;
-use super::message::{AbortWire, Message, MessageKind};
+use super::message::{Message, MessageKind};
 use super::pages::PageBatch;
 use crate::frame::{read_frame_reusing, write_frame, FrameError};
 
@@ -29,12 +29,7 @@ pub fn write_message<W: Write>(w: &mut W, m: &Message) -> io::Result<()> {
         Message::Applied(a) => frame(w, &json(a)?)?,
         Message::Resolve(r) => frame(w, &json(r)?)?,
         Message::Resolved(r) => frame(w, &json(r)?)?,
-        Message::Abort(reason) => frame(
-            w,
-            &json(&AbortWire {
-                reason: reason.clone(),
-            })?,
-        )?,
+        Message::Abort(a) => frame(w, &json(a)?)?,
         Message::Pages(batch) => frame(w, batch.as_bytes())?,
         Message::State(state) => frame(w, state)?,
         Message::SetupOk | Message::Prepared | Message::Commit => frame(w, &[])?,
@@ -101,7 +96,7 @@ pub fn read_message_reusing<R: Read>(r: &mut R, spare: Vec<u8>) -> Result<Messag
         MessageKind::IterationDone => Message::IterationDone(from_json(kind, &payload)?),
         MessageKind::Complete => Message::Complete(from_json(kind, &payload)?),
         MessageKind::Running => Message::Running(from_json(kind, &payload)?),
-        MessageKind::Abort => Message::Abort(from_json::<AbortWire>(kind, &payload)?.reason),
+        MessageKind::Abort => Message::Abort(from_json(kind, &payload)?),
         MessageKind::Applied => Message::Applied(from_json(kind, &payload)?),
         MessageKind::Resolve => Message::Resolve(from_json(kind, &payload)?),
         MessageKind::Resolved => Message::Resolved(from_json(kind, &payload)?),

@@ -49,7 +49,7 @@ pub enum ProtocolError {
     #[error(transparent)]
     Transition(#[from] TransitionError),
     #[error("the peer aborted the migration: {0}")]
-    Peer(String),
+    Peer(super::message::Abort),
     #[error("the peer does not speak the required feature {0:?}")]
     MissingFeature(&'static str),
 }

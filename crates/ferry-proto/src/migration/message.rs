@@ -211,10 +211,37 @@ pub struct Resolved {
     pub running: bool,
 }
 
-/// The wire form of Abort: an object, so fields can be added.
-#[derive(Serialize, Deserialize)]
-pub(super) struct AbortWire {
+/// Why a side gives up, so the other can tell a busy peer from an incompatible one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AbortKind {
+    /// The receiver takes one VM and has one.
+    Busy,
+    /// The two sides cannot work together (version, features, memory layout).
+    Incompatible,
+    /// The destination lacks memory, vCPUs, disks or other resources.
+    Resources,
+    /// The operator cancelled.
+    Cancelled,
+    /// Anything else; also what an unknown kind from a newer peer reads as.
+    #[default]
+    #[serde(other)]
+    Failed,
+}
+
+/// Abort: why this side gives up. On the wire an object (`kind` absent reads as `failed`, so
+/// a version-1 peer's Abort still reads).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Abort {
+    #[serde(default)]
+    pub kind: AbortKind,
     pub reason: String,
+}
+
+impl fmt::Display for Abort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
 }
 
 /// One migration message. See the [module](super) for the conversation.
@@ -231,7 +258,7 @@ pub enum Message {
     Prepared,
     Commit,
     Running(Running),
-    Abort(String),
+    Abort(Abort),
     Applied(Applied),
     Resolve(Resolve),
     Resolved(Resolved),
@@ -352,9 +379,14 @@ impl Message {
         }
     }
 
+    /// An Abort of kind [`AbortKind::Failed`]; see [`Message::abort_as`].
+    pub fn abort(reason: impl Into<String>) -> Message {
+        Message::abort_as(AbortKind::Failed, reason)
+    }
+
     /// An Abort whose reason is cut (at a character boundary) to [`MAX_STRING_BYTES`], so
     /// giving up never fails because the reason is long.
-    pub fn abort(reason: impl Into<String>) -> Message {
+    pub fn abort_as(kind: AbortKind, reason: impl Into<String>) -> Message {
         let mut reason = reason.into();
         if reason.len() > MAX_STRING_BYTES {
             let mut end = MAX_STRING_BYTES;
@@ -363,7 +395,7 @@ impl Message {
             }
             reason.truncate(end);
         }
-        Message::Abort(reason)
+        Message::Abort(Abort { kind, reason })
     }
 
     /// Checks the rules a message must satisfy on its own: bounds and layout. [`read_message`]
@@ -387,10 +419,10 @@ impl Message {
                     reason: format!("resume time {} ms", r.resume_ms),
                 })
             }
-            Message::Abort(reason) if reason.len() > MAX_STRING_BYTES => {
+            Message::Abort(a) if a.reason.len() > MAX_STRING_BYTES => {
                 Err(ProtocolError::TooLarge {
                     what: "Abort reason",
-                    len: reason.len() as u64,
+                    len: a.reason.len() as u64,
                     limit: MAX_STRING_BYTES as u64,
                 })
             }

@@ -1,7 +1,7 @@
 //! Why a migration stopped, typed so the control loop and a controller can act on it.
 
 use ferry_api::{MigrationError, MigrationErrorKind as Kind};
-use ferry_proto::migration::{FailureClass, ProtocolError};
+use ferry_proto::migration::{AbortKind, FailureClass, ProtocolError};
 
 /// Why the source's worker stopped early.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,15 +39,12 @@ pub fn classify(context: &str, e: &ProtocolError) -> MigrationError {
     MigrationError::new(kind, format!("{context}: {}", crate::error_chain(e)))
 }
 
-/// The kind of a refusal the destination explained in its Abort.
-pub fn refusal_kind(reason: &str) -> Kind {
-    let r = reason.to_ascii_lowercase();
-    if r.contains("protocol version") || r.contains("feature") || r.contains("layout") {
-        Kind::Incompatible
-    } else if r.contains("memory") || r.contains("vcpu") || r.contains("disk") {
-        Kind::DestinationResources
-    } else {
-        Kind::PeerRefused
+/// The kind of a refusal the destination gave in its Abort.
+pub fn refusal_kind(kind: AbortKind) -> Kind {
+    match kind {
+        AbortKind::Incompatible => Kind::Incompatible,
+        AbortKind::Resources => Kind::DestinationResources,
+        AbortKind::Busy | AbortKind::Cancelled | AbortKind::Failed => Kind::PeerRefused,
     }
 }
 
@@ -68,15 +65,13 @@ mod tests {
     }
 
     #[test]
-    fn refusals_are_told_apart_by_their_reason() {
+    fn refusals_are_told_apart_by_their_kind() {
         assert_eq!(
-            refusal_kind("the VM has 4096 MiB of memory; this host has 1024 MiB"),
+            refusal_kind(AbortKind::Resources),
             Kind::DestinationResources
         );
-        assert_eq!(
-            refusal_kind("the peer speaks migration protocol version 1; this ferry speaks 2"),
-            Kind::Incompatible
-        );
-        assert_eq!(refusal_kind("busy"), Kind::PeerRefused);
+        assert_eq!(refusal_kind(AbortKind::Incompatible), Kind::Incompatible);
+        assert_eq!(refusal_kind(AbortKind::Busy), Kind::PeerRefused);
+        assert!(!Kind::Incompatible.retryable() && Kind::PeerRefused.retryable());
     }
 }

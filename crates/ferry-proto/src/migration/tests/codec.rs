@@ -285,7 +285,10 @@ fn invalid_messages() -> Vec<(Message, Vec<u8>)> {
         let raw = raw_json(MessageKind::Setup, &s);
         out.push((Message::Setup(s), raw));
     }
-    let abort = Message::Abort(long.clone());
+    let abort = Message::Abort(Abort {
+        kind: AbortKind::Failed,
+        reason: long.clone(),
+    });
     out.push((
         abort,
         raw_json(MessageKind::Abort, &serde_json::json!({ "reason": long })),
@@ -359,8 +362,8 @@ fn long_abort_reasons_are_cut_at_a_character_boundary() {
     let Message::Abort(cut) = Message::abort(reason) else {
         panic!("not an Abort");
     };
-    assert!(cut.len() <= MAX_STRING_BYTES && cut.len() >= MAX_STRING_BYTES - 1);
-    assert!(cut.chars().all(|c| c == 'é'));
+    assert!(cut.reason.len() <= MAX_STRING_BYTES && cut.reason.len() >= MAX_STRING_BYTES - 1);
+    assert!(cut.reason.chars().all(|c| c == 'é'));
     assert!(write_message(&mut Vec::new(), &Message::Abort(cut)).is_ok());
 }
 
@@ -411,4 +414,23 @@ fn a_full_batch_is_written_from_its_buffer() {
     // The header, then the payload as it is.
     assert_eq!(w.calls, 2);
     assert_eq!(&w.bytes[HEADER_LEN..], batch.as_bytes());
+}
+
+#[test]
+fn an_abort_says_what_kind_of_refusal_it_is_and_old_or_newer_ones_still_read() {
+    let busy = Message::abort_as(AbortKind::Busy, "busy");
+    let back = read_message(&mut Cursor::new(encode(&busy))).expect("read");
+    assert_eq!(back, busy);
+    // A version-1 peer's Abort has no kind; a newer peer's may have one we do not know.
+    for payload in [
+        &br#"{"reason":"old"}"#[..],
+        br#"{"reason":"new","kind":"quantum_flux"}"#,
+    ] {
+        let mut frame = Vec::new();
+        write_frame(&mut frame, 1, MessageKind::Abort as u16, payload).expect("write");
+        let Message::Abort(a) = read_message(&mut Cursor::new(frame)).expect("read") else {
+            panic!("not an abort");
+        };
+        assert_eq!(a.kind, AbortKind::Failed);
+    }
 }

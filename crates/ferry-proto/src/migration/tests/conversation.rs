@@ -264,7 +264,7 @@ fn a_destination_abort_before_commit_leaves_the_source_free_to_resume() {
 
     let err = src.result.expect_err("the source must see the abort");
     assert!(
-        matches!(&err, ProtocolError::Peer(r) if r == "cannot build the VM"),
+        matches!(&err, ProtocolError::Peer(r) if r.reason == "cannot build the VM"),
         "{err}"
     );
     assert_eq!(src.machine.state(), SenderState::Aborted);

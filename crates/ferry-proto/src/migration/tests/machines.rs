@@ -305,7 +305,7 @@ fn every_sender_transition_follows_the_table() {
                     Some(&(_, _, next)) => {
                         match (&res, d, kind) {
                             (Err(ProtocolError::Peer(reason)), R, K::Abort) => {
-                                assert_eq!(reason, "operator cancelled")
+                                assert_eq!(reason.reason, "operator cancelled")
                             }
                             (Ok(()), _, _) => {}
                             _ => panic!("{state}: {d:?} {kind} is legal, got {res:?}"),
@@ -349,7 +349,7 @@ fn every_receiver_transition_follows_the_table() {
                     Some(&(_, _, next)) => {
                         match (&res, d, kind) {
                             (Err(ProtocolError::Peer(reason)), R, K::Abort) => {
-                                assert_eq!(reason, "operator cancelled")
+                                assert_eq!(reason.reason, "operator cancelled")
                             }
                             (Ok(()), _, _) => {}
                             _ => panic!("{state}: {d:?} {kind} is legal, got {res:?}"),
@@ -399,7 +399,7 @@ fn abort_before_commit_is_accepted_and_leaves_the_source_free_to_resume() {
     let mut src = sender_in(SenderState::AwaitingCommitDecision);
     let err = src.received(&Message::abort("disk full")).unwrap_err();
     assert!(
-        matches!(&err, ProtocolError::Peer(r) if r == "disk full"),
+        matches!(&err, ProtocolError::Peer(r) if r.reason == "disk full"),
         "{err}"
     );
     assert_eq!(err.to_string(), "the peer aborted the migration: disk full");

@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_proto::migration::{
-    read_message, write_message, Features, Hello, Message, ReceiverMachine, Resolved, Setup,
+    read_message, write_message, AbortKind, FailureClass, Features, Hello, Message,
+    ReceiverMachine, Resolved, Setup,
 };
 
 use crate::migration::source::CAPABILITIES;
@@ -142,8 +143,13 @@ pub fn spawn(
 }
 
 /// Tells the peer why it is refused (if the protocol still allows an Abort); returns why.
-fn refuse(writer: &mut TcpStream, machine: &mut ReceiverMachine, why: String) -> String {
-    let abort = Message::abort(why.clone());
+fn refuse(
+    writer: &mut TcpStream,
+    machine: &mut ReceiverMachine,
+    kind: AbortKind,
+    why: String,
+) -> String {
+    let abort = Message::abort_as(kind, why.clone());
     if machine.sent(&abort).is_ok() {
         let _ = write_message(writer, &abort);
     }
@@ -170,7 +176,11 @@ fn serve(
 
     let hello = read_message(&mut reader).map_err(|e| crate::error_chain(&e))?;
     if let Err(e) = machine.received(&hello) {
-        return Err(refuse(&mut writer, &mut machine, e.to_string()));
+        let kind = match e.class() {
+            FailureClass::Incompatible => AbortKind::Incompatible,
+            _ => AbortKind::Failed,
+        };
+        return Err(refuse(&mut writer, &mut machine, kind, e.to_string()));
     }
     let ours = Message::Hello(Hello::new(
         format!("ferry {}", env!("CARGO_PKG_VERSION")),
@@ -184,11 +194,24 @@ fn serve(
         .unwrap_or_default();
     let features = match Features::from_agreed(&agreed) {
         Ok(f) => f,
-        Err(e) => return Err(refuse(&mut writer, &mut machine, e.to_string())),
+        Err(e) => {
+            let why = e.to_string();
+            return Err(refuse(
+                &mut writer,
+                &mut machine,
+                AbortKind::Incompatible,
+                why,
+            ));
+        }
     };
     let next = read_message(&mut reader).map_err(|e| crate::error_chain(&e))?;
     if let Err(e) = machine.received(&next) {
-        return Err(refuse(&mut writer, &mut machine, e.to_string()));
+        return Err(refuse(
+            &mut writer,
+            &mut machine,
+            AbortKind::Failed,
+            e.to_string(),
+        ));
     }
     match next {
         Message::Resolve(q) => {
@@ -209,6 +232,7 @@ fn serve(
                 return Err(refuse(
                     &mut writer,
                     &mut machine,
+                    AbortKind::Busy,
                     "busy: this receiver already takes a VM".into(),
                 ));
             }
@@ -226,6 +250,7 @@ fn serve(
         other => Err(refuse(
             &mut writer,
             &mut machine,
+            AbortKind::Failed,
             format!("expected Setup or Resolve, got {}", other.kind()),
         )),
     }

@@ -19,7 +19,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_proto::migration::{write_message, Applied, Message, ReceiverMachine, Running};
+use ferry_proto::migration::{
+    write_message, AbortKind, Applied, Message, ReceiverMachine, Running,
+};
 use vm_memory::Address;
 
 use crate::api;
@@ -145,8 +147,8 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
     let received = receive_state(&mut link, &setup, features.flow_control, host_memory, &kvm);
     let (state, skeleton) = match received {
         Ok(v) => v,
-        Err(e) => {
-            let _ = link.send(&Message::abort(e.clone()));
+        Err(Refusal(kind, e)) => {
+            let _ = link.send(&Message::abort_as(kind, e.clone()));
             return Err(before(e));
         }
     };
@@ -167,8 +169,9 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
     {
         Ok(vm) => vm,
         Err(e) => {
+            // The VM does not fit: its state, its disks or this host's limits.
             let why = crate::error_chain(&e);
-            let _ = link.send(&Message::abort(why.clone()));
+            let _ = link.send(&Message::abort_as(AbortKind::Resources, why.clone()));
             return Err(before(why));
         }
     };
@@ -205,6 +208,21 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
     })))
 }
 
+/// Why the destination gives up, and what kind of refusal that is for the source.
+struct Refusal(AbortKind, String);
+
+impl From<String> for Refusal {
+    fn from(why: String) -> Refusal {
+        Refusal(AbortKind::Failed, why)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(why: &str) -> Refusal {
+        Refusal(AbortKind::Failed, why.into())
+    }
+}
+
 /// Runs the conversation from SetupOk up to Complete: memory, then state.
 fn receive_state(
     link: &mut Link,
@@ -212,16 +230,20 @@ fn receive_state(
     flow_control: bool,
     host_memory: u64,
     kvm: &kvm_ioctls::Kvm,
-) -> Result<(VmState, Skeleton), String> {
+) -> Result<(VmState, Skeleton), Refusal> {
+    let lacking = |why: String| Refusal(AbortKind::Resources, why);
     if setup.memory_bytes > host_memory {
-        return Err(format!(
+        return Err(lacking(format!(
             "the VM has {} MiB of memory; this host has {} MiB",
             setup.memory_bytes >> 20,
             host_memory >> 20
-        ));
+        )));
     }
     if setup.vcpus == 0 || usize::from(setup.vcpus) > kvm.get_max_vcpus() {
-        return Err(format!("{} vCPUs do not fit this host", setup.vcpus));
+        return Err(lacking(format!(
+            "{} vCPUs do not fit this host",
+            setup.vcpus
+        )));
     }
     let expected: Vec<(u64, u64)> = memory::ram_ranges(setup.memory_bytes)
         .iter()
@@ -233,13 +255,17 @@ fn receive_state(
         .map(|r| (r.guest_addr, r.len))
         .collect();
     if expected != given {
-        return Err("the memory layout is not one this ferry builds".into());
+        return Err(Refusal(
+            AbortKind::Incompatible,
+            "the memory layout is not one this ferry builds".into(),
+        ));
     }
-    let mem =
-        memory::create_guest_memory(setup.memory_bytes).map_err(|e| crate::error_chain(&e))?;
+    let mem = memory::create_guest_memory(setup.memory_bytes)
+        .map_err(|e| lacking(crate::error_chain(&e)))?;
     // The VM, its memory slots and its vCPUs are built now, while pages stream in, not in the
     // downtime.
-    let skeleton = Skeleton::new(kvm, mem, setup.vcpus).map_err(|e| crate::error_chain(&e))?;
+    let skeleton =
+        Skeleton::new(kvm, mem, setup.vcpus).map_err(|e| lacking(crate::error_chain(&e)))?;
     let mem = skeleton.memory().clone();
     link.send(&Message::SetupOk)?;
 
@@ -268,13 +294,16 @@ fn receive_state(
                 state = Some(
                     crate::snapshot::format::read_state(&mut std::io::Cursor::new(&bytes))
                         .map_err(|e| {
-                            format!("the VM state does not decode: {}", crate::error_chain(&e))
+                            Refusal(
+                                AbortKind::Incompatible,
+                                format!("the VM state does not decode: {}", crate::error_chain(&e)),
+                            )
                         })?,
                 );
             }
             // The protocol machine checked the page totals against what arrived.
             Message::Complete(_) => break,
-            other => return Err(format!("unexpected {} during the transfer", other.kind())),
+            other => return Err(format!("unexpected {} during the transfer", other.kind()).into()),
         }
     }
     let state: VmState = state.ok_or("the source completed without sending the VM state")?;

@@ -124,7 +124,15 @@ impl Worker<'_> {
             "no confirmation after commit ({why}); asking the destination whether it runs the VM"
         ));
         let to = &self.ctx.request.to;
-        match resolve(to, self.ctx.migration_id, RESOLVE_WINDOW) {
+        let answer = if fault("no-auto-resolve") {
+            Err(MigrationError::new(
+                Kind::OutcomeUnknown,
+                "FERRY_TEST_FAULT: the destination is not asked",
+            ))
+        } else {
+            resolve(to, self.ctx.migration_id, RESOLVE_WINDOW)
+        };
+        match answer {
             Ok(true) => {
                 self.note("the destination confirmed it runs the VM".into());
                 // The downtime cannot be measured to the end: the confirmation was lost.

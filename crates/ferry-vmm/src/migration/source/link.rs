@@ -282,7 +282,7 @@ impl Link {
                 Ok(Ok(Message::Applied(a))) => self.note_applied(a),
                 Ok(Ok(Message::Abort(why))) => {
                     return Err(Stop::failed(
-                        refusal_kind(&why),
+                        refusal_kind(why.kind),
                         format!("the destination refused: {why}"),
                     ))
                 }
@@ -304,7 +304,7 @@ impl Link {
                 Ok(Ok(Message::Applied(a))) => self.note_applied(a),
                 Ok(Ok(Message::Abort(why))) => {
                     return Err(Stop::failed(
-                        refusal_kind(&why),
+                        refusal_kind(why.kind),
                         format!("the destination aborted: {why}"),
                     ))
                 }

@@ -22,6 +22,7 @@
 mod handover;
 mod link;
 mod scan;
+pub mod send_path;
 
 use std::net::ToSocketAddrs;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,7 +37,7 @@ use ferry_devices::GuestMemory;
 use ferry_proto::migration::policy::{
     self, Decision, DirtySource, GiveUpReason, Inputs, SwitchReason, WhenTimeIsUp,
 };
-use ferry_proto::migration::{feature, Features, Hello, Message, Region, Setup};
+use ferry_proto::migration::{feature, AbortKind, Features, Hello, Message, Region, Setup};
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -313,7 +314,12 @@ impl<'a> Worker<'a> {
         if let Err(Stop::Failed(e)) = &result {
             // Tell the destination to discard, if it still listens; it must not wait for us.
             if !link.machine().is_commit_point_passed() {
-                let reason = Message::abort(e.message.clone());
+                let kind = match e.kind {
+                    Kind::Cancelled => AbortKind::Cancelled,
+                    Kind::Incompatible => AbortKind::Incompatible,
+                    _ => AbortKind::Failed,
+                };
+                let reason = Message::abort_as(kind, e.message.clone());
                 if self.ctx.cancel.load(Ordering::Relaxed) {
                     // send() refuses once cancelled; the writer may still take the Abort.
                     self.ctx.cancel.store(false, Ordering::Relaxed);
