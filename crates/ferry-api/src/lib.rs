@@ -167,6 +167,38 @@ mod tests {
     }
 
     #[test]
+    fn a_migration_error_carries_its_kind_and_whether_to_retry() {
+        let e = MigrationError::new(MigrationErrorKind::NetworkLost, "the link went silent");
+        let json = serde_json::to_value(&e).expect("serializes");
+        assert_eq!(json["kind"], "network_lost");
+        for kind in [
+            MigrationErrorKind::NetworkLost,
+            MigrationErrorKind::PeerRefused,
+            MigrationErrorKind::Incompatible,
+            MigrationErrorKind::DestinationResources,
+            MigrationErrorKind::TimedOut,
+            MigrationErrorKind::Cancelled,
+            MigrationErrorKind::GuestFailed,
+            MigrationErrorKind::Internal,
+            MigrationErrorKind::OutcomeUnknown,
+        ] {
+            assert_eq!(
+                serde_json::to_value(kind).expect("kind"),
+                kind.name(),
+                "the name is the wire name"
+            );
+        }
+        assert_eq!(json["retryable"], true);
+        assert_eq!(
+            e.to_string(),
+            "network_lost, retryable: the link went silent"
+        );
+        let e = MigrationError::new(MigrationErrorKind::Incompatible, "version 1");
+        assert!(!e.retryable);
+        assert_eq!(e.to_string(), "incompatible, not retryable: version 1");
+    }
+
+    #[test]
     fn unknown_run_state_is_rejected() {
         assert!(serde_json::from_str::<VmRunState>("\"flying\"").is_err());
     }
@@ -347,6 +379,21 @@ pub enum MigrationErrorKind {
 }
 
 impl MigrationErrorKind {
+    /// The name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationErrorKind::NetworkLost => "network_lost",
+            MigrationErrorKind::PeerRefused => "peer_refused",
+            MigrationErrorKind::Incompatible => "incompatible",
+            MigrationErrorKind::DestinationResources => "destination_resources",
+            MigrationErrorKind::TimedOut => "timed_out",
+            MigrationErrorKind::Cancelled => "cancelled",
+            MigrationErrorKind::GuestFailed => "guest_failed",
+            MigrationErrorKind::Internal => "internal",
+            MigrationErrorKind::OutcomeUnknown => "outcome_unknown",
+        }
+    }
+
     /// Whether the same migration may succeed if tried again as it is.
     pub fn retryable(self) -> bool {
         matches!(
@@ -379,9 +426,16 @@ impl MigrationError {
     }
 }
 
+/// `network_lost, retryable: the link went silent: ...`
 impl std::fmt::Display for MigrationError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
+        let kind = self.kind.name();
+        let retry = if self.retryable {
+            "retryable"
+        } else {
+            "not retryable"
+        };
+        write!(f, "{kind}, {retry}: {}", self.message)
     }
 }
 

@@ -181,7 +181,8 @@ mod tests {
         let host = mem.get_host_address(GuestAddress(0)).expect("host");
         let r = resident_pages(host, 64 << 20).expect("mincore");
         assert_eq!(r[0x300] & 1, 1);
-        assert!(r.iter().filter(|b| *b & 1 == 1).count() < 16);
+        // With transparent huge pages one write makes at most its 2 MiB page resident.
+        assert!(r.iter().filter(|b| *b & 1 == 1).count() <= 512);
     }
 
     #[test]

@@ -49,18 +49,7 @@ impl MigrationFailed {
 impl std::fmt::Display for MigrationFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.error {
-            Some(e) => write!(
-                f,
-                "migration {:?} ({:?}, {}): {}",
-                self.phase,
-                e.kind,
-                if e.retryable {
-                    "retryable"
-                } else {
-                    "not retryable"
-                },
-                e.message
-            ),
+            Some(e) => write!(f, "migration {:?} ({e})", self.phase),
             None => write!(f, "migration {:?}: no reason given", self.phase),
         }
     }
@@ -197,16 +186,7 @@ pub fn report(s: &MigrationStatus) -> String {
         ));
     }
     if let Some(e) = &s.error {
-        out.push_str(&format!(
-            "error ({:?}, {}): {}\n",
-            e.kind,
-            if e.retryable {
-                "retryable"
-            } else {
-                "not retryable"
-            },
-            e.message
-        ));
+        out.push_str(&format!("error ({e})\n"));
     }
     out
 }

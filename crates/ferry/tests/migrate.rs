@@ -8,21 +8,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::hosts::{receiver, TwoHosts};
-use common::{ferry, kvm_or_skip, sparse_image, wait_for_path, Boot, Status, TempDir, VmProcess};
+use common::migration::{assert_source_goes_on, hosts_or_skip, source, status_json, BOOT};
+use common::{ferry, sparse_image, wait_for_path, Boot, Status, TempDir, VmProcess};
 
-const BOOT: Duration = Duration::from_secs(30);
 const MIGRATE: Duration = Duration::from_secs(120);
-
-fn hosts_or_skip(test: &str) -> Option<TwoHosts> {
-    if !kvm_or_skip(test) {
-        return None;
-    }
-    let h = TwoHosts::create("mig");
-    if h.is_none() {
-        println!("SKIPPED (cannot create network namespaces): {test}");
-    }
-    h
-}
 
 /// Runs `ferry migrate` and returns its output.
 fn migrate(socket: &Path, to: &str, extra: &[&str]) -> Output {
@@ -32,31 +21,6 @@ fn migrate(socket: &Path, to: &str, extra: &[&str]) -> Output {
         .args(["--to", to])
         .args(extra);
     c.output().expect("run ferry migrate")
-}
-
-fn status_json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        panic!(
-            "no JSON from ferry migrate: stdout {} stderr {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-/// A source VM on host `ns`.
-fn source(ns: &str, dir: &TempDir, boot: Boot) -> (VmProcess, PathBuf) {
-    let socket = dir.join("src.sock");
-    let boot = Boot {
-        api_socket: Some(socket.clone()),
-        ..boot
-    };
-    let vm = VmProcess::spawn(TwoHosts::exec(ns, &boot.command()));
-    vm.wait_for("ferry-guest: ready", BOOT);
-    let (i, _) = vm.wait_for_from(0, "ferry-guest: status", BOOT);
-    vm.wait_for_from(i + 1, "ferry-guest: status", BOOT);
-    wait_for_path(&socket, BOOT);
-    (vm, socket)
 }
 
 /// Checks the destination goes on from where the source was.
@@ -86,7 +50,7 @@ struct Scenario {
 }
 
 fn run_scenario(sc: Scenario) -> serde_json::Value {
-    let Some(hosts) = hosts_or_skip(sc.name) else {
+    let Some(hosts) = hosts_or_skip("mig", sc.name) else {
         return serde_json::Value::Null;
     };
     let dir = TempDir::new(sc.name);
@@ -100,7 +64,7 @@ fn run_scenario(sc: Scenario) -> serde_json::Value {
     }
     let listen = format!("{}:7000", hosts.b_addr);
     let dst = receiver(&hosts.b, &listen, None, &[]);
-    let (mut src, socket) = source(&hosts.a, &dir, boot);
+    let (mut src, socket) = source(&hosts.a, &dir, boot, None);
     let out = migrate(&socket, &listen, &sc.migrate_args);
     let status = status_json(&out);
     assert!(out.status.success(), "migration failed: {status}");
@@ -214,7 +178,7 @@ fn a_two_vcpu_guest_migrates() {
 
 #[test]
 fn a_guest_migrates_there_and_back() {
-    let Some(hosts) = hosts_or_skip("a_guest_migrates_there_and_back") else {
+    let Some(hosts) = hosts_or_skip("mig", "a_guest_migrates_there_and_back") else {
         return;
     };
     let dir = TempDir::new("there-and-back");
@@ -226,6 +190,7 @@ fn a_guest_migrates_there_and_back() {
         &hosts.a,
         &dir,
         Boot::guest("workload=mem mem_mib=32 mem_rate=50"),
+        None,
     );
     assert!(migrate(&socket, &to_b, &[]).status.success());
     assert!(src.wait_exit(MIGRATE).success());
@@ -255,54 +220,16 @@ fn slow_source(hosts: &TwoHosts, dir: &TempDir) -> (VmProcess, PathBuf) {
             memory: "1G",
             ..Boot::guest("workload=mem mem_mib=512 mem_rate=100")
         },
+        None,
     )
-}
-
-/// The source keeps running its guest, unharmed, and says so.
-fn assert_source_goes_on(src: &VmProcess, socket: &Path) {
-    let n = src.lines().len();
-    let (i, _) = src.wait_for_from(n, "ferry-guest: status", BOOT);
-    src.wait_for_from(i + 1, "ferry-guest: status", BOOT);
-    src.assert_clean();
-    let info = common::vm_api(socket, "info");
-    assert_eq!(info["state"], "running");
-}
-
-#[test]
-fn killing_the_destination_mid_transfer_leaves_the_source_running() {
-    let Some(hosts) =
-        hosts_or_skip("killing_the_destination_mid_transfer_leaves_the_source_running")
-    else {
-        return;
-    };
-    let dir = TempDir::new("kill-dst");
-    let listen = format!("{}:7003", hosts.b_addr);
-    let dst = receiver(&hosts.b, &listen, None, &[]);
-    let (src, socket) = slow_source(&hosts, &dir);
-    let mut c = ferry();
-    c.args(["migrate", "--json", "--bandwidth", "50MiB", "--api-socket"])
-        .arg(&socket)
-        .args(["--to", &listen]);
-    let migrating = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("migrate");
-    std::thread::sleep(Duration::from_secs(2));
-    drop(dst); // kills the destination
-    let out = migrating.wait_with_output().expect("migrate output");
-    assert!(
-        !out.status.success(),
-        "the migration cannot succeed without a destination"
-    );
-    assert_eq!(status_json(&out)["phase"], "failed");
-    assert_source_goes_on(&src, &socket);
 }
 
 #[test]
 fn killing_the_source_mid_transfer_ends_the_destination_cleanly() {
-    let Some(hosts) = hosts_or_skip("killing_the_source_mid_transfer_ends_the_destination_cleanly")
-    else {
+    let Some(hosts) = hosts_or_skip(
+        "mig",
+        "killing_the_source_mid_transfer_ends_the_destination_cleanly",
+    ) else {
         return;
     };
     let dir = TempDir::new("kill-src");
@@ -335,7 +262,8 @@ fn killing_the_source_mid_transfer_ends_the_destination_cleanly() {
 
 #[test]
 fn a_cancelled_migration_leaves_the_source_running() {
-    let Some(hosts) = hosts_or_skip("a_cancelled_migration_leaves_the_source_running") else {
+    let Some(hosts) = hosts_or_skip("mig", "a_cancelled_migration_leaves_the_source_running")
+    else {
         return;
     };
     let dir = TempDir::new("cancel");
@@ -373,7 +301,7 @@ fn a_cancelled_migration_leaves_the_source_running() {
 
 #[test]
 fn a_destination_that_sends_garbage_is_refused() {
-    let Some(hosts) = hosts_or_skip("a_destination_that_sends_garbage_is_refused") else {
+    let Some(hosts) = hosts_or_skip("mig", "a_destination_that_sends_garbage_is_refused") else {
         return;
     };
     let dir = TempDir::new("garbage");
@@ -392,6 +320,7 @@ fn a_destination_that_sends_garbage_is_refused() {
         &hosts.a,
         &dir,
         Boot::guest("workload=mem mem_mib=16 mem_rate=16"),
+        None,
     );
     let out = migrate(&socket, &listen, &[]);
     assert!(!out.status.success());

@@ -6,44 +6,13 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::hosts::{receiver, TwoHosts};
-use common::{ferry, kvm_or_skip, vm_api, wait_for_path, Boot, TempDir, VmProcess};
-
-const BOOT: Duration = Duration::from_secs(30);
-
-fn hosts_or_skip(test: &str) -> Option<TwoHosts> {
-    if !kvm_or_skip(test) {
-        return None;
-    }
-    let h = TwoHosts::create("flt");
-    if h.is_none() {
-        println!("SKIPPED (cannot create network namespaces): {test}");
-    }
-    h
-}
-
-/// A source VM on host `ns`, with `fault` injected (test-only switch) if given.
-fn source(ns: &str, dir: &TempDir, boot: Boot, fault: Option<&str>) -> (VmProcess, PathBuf) {
-    let socket = dir.join("src.sock");
-    let boot = Boot {
-        api_socket: Some(socket.clone()),
-        ..boot
-    };
-    let mut command = boot.command();
-    if let Some(f) = fault {
-        command.env("FERRY_TEST_FAULT", f);
-    }
-    let vm = VmProcess::spawn(TwoHosts::exec(ns, &command));
-    vm.wait_for("ferry-guest: ready", BOOT);
-    let (i, _) = vm.wait_for_from(0, "ferry-guest: status", BOOT);
-    vm.wait_for_from(i + 1, "ferry-guest: status", BOOT);
-    wait_for_path(&socket, BOOT);
-    (vm, socket)
-}
+use common::migration::{assert_source_goes_on, hosts_or_skip, source, status_json, BOOT};
+use common::{ferry, vm_api, wait_for_path, Boot, TempDir, VmProcess};
 
 /// A `ferry receive` with `fault` injected.
 fn faulty_receiver(ns: &str, listen: &str, socket: Option<&Path>, fault: &str) -> VmProcess {
@@ -71,25 +40,6 @@ fn migrate_command(socket: &Path, to: &str, extra: &[&str]) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     c
-}
-
-fn status_json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        panic!(
-            "no JSON from ferry migrate: stdout {} stderr {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-/// The source keeps running its guest, unharmed, and says so.
-fn assert_source_goes_on(src: &VmProcess, socket: &Path) {
-    let n = src.lines().len();
-    let (i, _) = src.wait_for_from(n, "ferry-guest: status", BOOT);
-    src.wait_for_from(i + 1, "ferry-guest: status", BOOT);
-    src.assert_clean();
-    assert_eq!(vm_api(socket, "info")["state"], "running");
 }
 
 /// A guest busy enough, on a capped link, that the first pass takes many seconds.
@@ -135,9 +85,14 @@ fn assert_error(status: &serde_json::Value, kind: &str, retryable: bool) {
     );
 }
 
+/// Supersedes the older "killing the destination" test: the same fault, checked to the typed
+/// error and the exit code.
 #[test]
 fn a_destination_that_dies_is_network_lost_and_retryable() {
-    let Some(hosts) = hosts_or_skip("a_destination_that_dies_is_network_lost_and_retryable") else {
+    let Some(hosts) = hosts_or_skip(
+        "flt",
+        "a_destination_that_dies_is_network_lost_and_retryable",
+    ) else {
         return;
     };
     let dir = TempDir::new("dies");
@@ -162,9 +117,10 @@ const PY_CRC32C: &str = "def crc32c(b):\n    c = 0xffffffff\n    for x in b:\n  
 
 #[test]
 fn a_peer_of_another_protocol_version_is_incompatible_and_not_retryable() {
-    let Some(hosts) =
-        hosts_or_skip("a_peer_of_another_protocol_version_is_incompatible_and_not_retryable")
-    else {
+    let Some(hosts) = hosts_or_skip(
+        "flt",
+        "a_peer_of_another_protocol_version_is_incompatible_and_not_retryable",
+    ) else {
         return;
     };
     let dir = TempDir::new("oldpeer");
@@ -218,7 +174,8 @@ fn signal(pid: u32, sig: &str) {
 
 #[test]
 fn a_frozen_destination_is_detected_as_network_lost() {
-    let Some(hosts) = hosts_or_skip("a_frozen_destination_is_detected_as_network_lost") else {
+    let Some(hosts) = hosts_or_skip("flt", "a_frozen_destination_is_detected_as_network_lost")
+    else {
         return;
     };
     let dir = TempDir::new("frozen");
@@ -250,7 +207,7 @@ fn a_frozen_destination_is_detected_as_network_lost() {
 
 #[test]
 fn cancel_works_while_the_destination_is_frozen() {
-    let Some(hosts) = hosts_or_skip("cancel_works_while_the_destination_is_frozen") else {
+    let Some(hosts) = hosts_or_skip("flt", "cancel_works_while_the_destination_is_frozen") else {
         return;
     };
     let dir = TempDir::new("frozen-cancel");
@@ -292,6 +249,7 @@ fn cancel_works_while_the_destination_is_frozen() {
 #[test]
 fn a_handover_whose_destination_stalls_keeps_the_guest_paused_no_longer_than_the_bound() {
     let Some(hosts) = hosts_or_skip(
+        "flt",
         "a_handover_whose_destination_stalls_keeps_the_guest_paused_no_longer_than_the_bound",
     ) else {
         return;
@@ -326,7 +284,8 @@ fn a_handover_whose_destination_stalls_keeps_the_guest_paused_no_longer_than_the
 
 #[test]
 fn a_lost_commit_is_resolved_and_the_source_runs_on() {
-    let Some(hosts) = hosts_or_skip("a_lost_commit_is_resolved_and_the_source_runs_on") else {
+    let Some(hosts) = hosts_or_skip("flt", "a_lost_commit_is_resolved_and_the_source_runs_on")
+    else {
         return;
     };
     let dir = TempDir::new("lost-commit");
@@ -362,7 +321,7 @@ fn a_lost_commit_is_resolved_and_the_source_runs_on() {
 
 #[test]
 fn a_lost_running_is_resolved_and_the_source_ends() {
-    let Some(hosts) = hosts_or_skip("a_lost_running_is_resolved_and_the_source_ends") else {
+    let Some(hosts) = hosts_or_skip("flt", "a_lost_running_is_resolved_and_the_source_ends") else {
         return;
     };
     let dir = TempDir::new("lost-running");
@@ -388,8 +347,10 @@ fn a_lost_running_is_resolved_and_the_source_ends() {
 
 #[test]
 fn a_panic_in_the_migration_worker_leaves_the_source_running() {
-    let Some(hosts) = hosts_or_skip("a_panic_in_the_migration_worker_leaves_the_source_running")
-    else {
+    let Some(hosts) = hosts_or_skip(
+        "flt",
+        "a_panic_in_the_migration_worker_leaves_the_source_running",
+    ) else {
         return;
     };
     let dir = TempDir::new("panic");
@@ -422,7 +383,8 @@ fn a_panic_in_the_migration_worker_leaves_the_source_running() {
 
 #[test]
 fn a_guest_throttled_hard_still_ticks_every_second() {
-    let Some(hosts) = hosts_or_skip("a_guest_throttled_hard_still_ticks_every_second") else {
+    let Some(hosts) = hosts_or_skip("flt", "a_guest_throttled_hard_still_ticks_every_second")
+    else {
         return;
     };
     let dir = TempDir::new("throttle");
@@ -481,9 +443,10 @@ fn a_guest_throttled_hard_still_ticks_every_second() {
 
 #[test]
 fn a_receiver_survives_bad_connections_and_answers_its_api_while_waiting() {
-    let Some(hosts) =
-        hosts_or_skip("a_receiver_survives_bad_connections_and_answers_its_api_while_waiting")
-    else {
+    let Some(hosts) = hosts_or_skip(
+        "flt",
+        "a_receiver_survives_bad_connections_and_answers_its_api_while_waiting",
+    ) else {
         return;
     };
     let dir = TempDir::new("bad-conns");
@@ -533,6 +496,7 @@ fn a_receiver_survives_bad_connections_and_answers_its_api_while_waiting() {
 #[test]
 fn an_unknown_outcome_keeps_the_vm_paused_allows_a_snapshot_and_is_resolved_by_the_operator() {
     let Some(hosts) = hosts_or_skip(
+        "flt",
         "an_unknown_outcome_keeps_the_vm_paused_allows_a_snapshot_and_is_resolved_by_the_operator",
     ) else {
         return;

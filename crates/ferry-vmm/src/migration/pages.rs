@@ -1,22 +1,12 @@
-//! Reading guest pages for sending: zero pages are recognised at scan speed, and pages of
-//! anonymous memory the guest never touched are skipped without touching them.
+//! Which guest pages may hold data: pages of anonymous memory the guest never touched are
+//! skipped without touching them.
 
 use ferry_devices::GuestMemory;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
-pub use crate::memory::is_zero_page as is_zero;
 use crate::memory::resident_pages;
 
 pub const PAGE: u64 = 4096;
-
-/// Copies the guest page at `gpa` into `buf` (a volatile copy: the guest may be writing it).
-pub fn read_page(
-    mem: &GuestMemory,
-    gpa: u64,
-    buf: &mut [u8; PAGE as usize],
-) -> Result<(), vm_memory::GuestMemoryError> {
-    mem.read_slice(buf, GuestAddress(gpa))
-}
 
 /// Guest addresses of every page of `mem` that may hold data: resident pages of anonymous
 /// regions (others were never written) and every page of file-backed ones.
@@ -45,6 +35,7 @@ pub fn candidate_pages(mem: &GuestMemory) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::{Bytes, GuestAddress};
 
     #[test]
     fn only_touched_pages_are_candidates() {
@@ -53,10 +44,7 @@ mod tests {
             .expect("write");
         let c = candidate_pages(&mem);
         assert!(c.contains(&0x30_0000));
-        assert!(c.len() < 16, "untouched memory is skipped: {}", c.len());
-        assert!(is_zero(&[0u8; 4096]));
-        let mut p = [0u8; 4096];
-        p[4095] = 1;
-        assert!(!is_zero(&p));
+        // With transparent huge pages one write may make a whole 2 MiB page resident.
+        assert!(c.len() <= 512, "untouched memory is skipped: {}", c.len());
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod hosts;
+pub mod migration;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -89,6 +89,19 @@ impl Worker<'_> {
             }
         }
         let t_prepared = Instant::now();
+        // Prepared comes after the destination's last Applied: the counts are final now.
+        let applied = link
+            .stats
+            .applied_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let sent = link
+            .stats
+            .bytes_sent
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.status(|s| {
+            s.bytes_applied = applied;
+            s.bytes_sent = sent;
+        });
         // The commit point: from here the destination may run the VM. A Commit that cannot
         // even be queued was never written: the source may still resume.
         self.ctx

@@ -1,0 +1,63 @@
+//! The pieces every migration test shares: two hosts, a source VM (with a fault injected,
+//! if asked), the JSON of `ferry migrate`, and the check that the source runs on.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use super::hosts::TwoHosts;
+use super::{kvm_or_skip, vm_api, wait_for_path, Boot, TempDir, VmProcess};
+
+pub const BOOT: Duration = Duration::from_secs(30);
+
+/// Two hosts, or a loud skip line (no /dev/kvm, or no network namespaces).
+pub fn hosts_or_skip(tag: &str, test: &str) -> Option<TwoHosts> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    let h = TwoHosts::create(tag);
+    if h.is_none() {
+        println!("SKIPPED (cannot create network namespaces): {test}");
+    }
+    h
+}
+
+/// A source VM on host `ns`, running and with its API up; `fault` is injected with the
+/// test-only switch `FERRY_TEST_FAULT`.
+pub fn source(ns: &str, dir: &TempDir, boot: Boot, fault: Option<&str>) -> (VmProcess, PathBuf) {
+    let socket = dir.join("src.sock");
+    let boot = Boot {
+        api_socket: Some(socket.clone()),
+        ..boot
+    };
+    let mut command = boot.command();
+    if let Some(f) = fault {
+        command.env("FERRY_TEST_FAULT", f);
+    }
+    let vm = VmProcess::spawn(TwoHosts::exec(ns, &command));
+    vm.wait_for("ferry-guest: ready", BOOT);
+    let (i, _) = vm.wait_for_from(0, "ferry-guest: status", BOOT);
+    vm.wait_for_from(i + 1, "ferry-guest: status", BOOT);
+    wait_for_path(&socket, BOOT);
+    (vm, socket)
+}
+
+/// The status `ferry migrate --json` printed.
+pub fn status_json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "no JSON from ferry migrate: stdout {} stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The source keeps running its guest, unharmed, and says so.
+pub fn assert_source_goes_on(src: &VmProcess, socket: &Path) {
+    let n = src.lines().len();
+    let (i, _) = src.wait_for_from(n, "ferry-guest: status", BOOT);
+    src.wait_for_from(i + 1, "ferry-guest: status", BOOT);
+    src.assert_clean();
+    assert_eq!(vm_api(socket, "info")["state"], "running");
+}
