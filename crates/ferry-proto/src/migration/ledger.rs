@@ -1,7 +1,7 @@
 //! Page accounting shared by both machines: where pages may go and how many went.
 
 use super::error::ProtocolError;
-use super::message::{Complete, IterationDone, Setup};
+use super::message::{Applied, Complete, IterationDone, Setup};
 use super::pages::{PageBatch, PageRecord};
 use super::PAGE_SIZE;
 
@@ -122,6 +122,28 @@ impl Ledger {
         self.totals.iterations = self.totals.iterations.saturating_add(1);
         self.pass_data = 0;
         self.pass_zero = 0;
+    }
+
+    /// Checks an Applied against what was sent: no more pages, no more data bytes.
+    pub(super) fn check_applied(&self, a: &Applied) -> Result<(), ProtocolError> {
+        let sent_pages = self
+            .totals
+            .data_pages
+            .saturating_add(self.totals.zero_pages);
+        let sent_bytes = self.totals.data_pages.saturating_mul(PAGE_SIZE);
+        for (what, claimed, limit) in [
+            ("applied pages", a.pages, sent_pages),
+            ("applied bytes", a.bytes, sent_bytes),
+        ] {
+            if claimed > limit {
+                return Err(ProtocolError::Totals {
+                    what,
+                    claimed,
+                    counted: limit,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Checks Complete's totals against the count.

@@ -220,7 +220,9 @@ impl SenderMachine {
             }
             (S::SetupSent, Message::SetupOk) => S::SendingMemory { iteration: 0 },
             (S::Completed, Message::Prepared) => S::AwaitingCommitDecision,
-            (S::SendingMemory { .. } | S::StateSent | S::Completed, Message::Applied(_)) => {
+            (S::SendingMemory { .. } | S::StateSent | S::Completed, Message::Applied(a)) => {
+                // The destination cannot have applied more than it was sent.
+                self.ledger.check_applied(a)?;
                 self.state
             }
             (S::Resolving { migration_id }, Message::Resolved(r))

@@ -791,3 +791,25 @@ fn features_are_acted_on_only_when_both_sides_announce_them() {
     ));
     assert_eq!(err.class(), FailureClass::Incompatible);
 }
+
+#[test]
+fn a_destination_cannot_claim_to_have_applied_more_than_it_was_sent() {
+    let (mut src, _) = pair_receiving_memory();
+    src.sent(&Message::Pages(mixed_batch()))
+        .expect("3 data, 3 zero pages");
+    let ok = Message::Applied(Applied {
+        bytes: 3 * PAGE_SIZE,
+        pages: 6,
+    });
+    src.received(&ok).expect("all of it applied");
+    for lie in [
+        Applied {
+            bytes: 4 * PAGE_SIZE,
+            pages: 6,
+        },
+        Applied { bytes: 0, pages: 7 },
+    ] {
+        let err = src.received(&Message::Applied(lie)).unwrap_err();
+        assert!(matches!(err, ProtocolError::Totals { .. }), "{err}");
+    }
+}

@@ -63,6 +63,9 @@ pub const DEFAULT_SILENCE: Duration = Duration::from_secs(5);
 /// state, the destination loading it, resuming. Measured here at 1–2 ms.
 const SWITCHOVER_WORK_MS: f64 = 2.0;
 
+/// How long the source waits, all told, for a destination that falls behind to catch up.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
+
 /// The capabilities this ferry speaks.
 pub const CAPABILITIES: &[&str] = feature::ALL;
 
@@ -399,6 +402,7 @@ impl<'a> Worker<'a> {
         let mut extra_passes = 0u32;
         let mut stalled_passes = 0u32;
         let mut forced = false;
+        let mut waiting_since: Option<Instant> = None;
         // Collecting clears the logs: what was collected must be sent, here or at switchover.
         let unsent = loop {
             link.poll()?;
@@ -511,7 +515,22 @@ impl<'a> Worker<'a> {
                     ));
                 }
                 Decision::AnotherPass { extra } => extra_passes += u32::from(extra),
-                Decision::WaitForDestination => {}
+                Decision::WaitForDestination => {
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= CATCH_UP_LIMIT {
+                        return Err(Stop::failed(
+                            Kind::TimedOut,
+                            format!(
+                                "the destination is {:.0} MiB behind and did not catch up in {} s",
+                                link.backlog() as f64 / 1048576.0,
+                                CATCH_UP_LIMIT.as_secs()
+                            ),
+                        ));
+                    }
+                }
+            }
+            if !matches!(decision, Decision::WaitForDestination) {
+                waiting_since = None;
             }
             previous_dirty = Some(dirty_bytes);
             let pages: Vec<u64> = dirty.iter().flat_map(RegionDirty::addresses).collect();
