@@ -145,6 +145,7 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         console: config.console,
     };
     let received = receive_state(&mut link, &setup, features.flow_control, host_memory, &kvm);
+    let t_complete = Instant::now();
     let (state, skeleton) = match received {
         Ok(v) => v,
         Err(Refusal(kind, e)) => {
@@ -180,6 +181,10 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         std::thread::sleep(Duration::from_secs(5));
     }
     link.send(&Message::Prepared).map_err(before)?;
+    tracing::info!(
+        "prepared {:.2} ms after Complete",
+        t_complete.elapsed().as_secs_f64() * 1e3
+    );
     // Without Commit the VM is discarded: the source resumes it.
     match link.receive() {
         Ok(Message::Commit) => {}
@@ -291,6 +296,7 @@ fn receive_state(
                 }
             }
             Message::State(bytes) => {
+                tracing::info!("state: {} bytes", bytes.len());
                 state = Some(
                     crate::snapshot::format::read_state(&mut std::io::Cursor::new(&bytes))
                         .map_err(|e| {
@@ -302,7 +308,10 @@ fn receive_state(
                 );
             }
             // The protocol machine checked the page totals against what arrived.
-            Message::Complete(_) => break,
+            Message::Complete(_) => {
+                tracing::info!("complete: {} pages applied", totals.pages);
+                break;
+            }
             other => return Err(format!("unexpected {} during the transfer", other.kind()).into()),
         }
     }
