@@ -227,6 +227,10 @@ mod tests {
     /// newer ones.
     const GOLDEN_V1: &[u8] = include_bytes!("../../tests/golden/state-v1-2vcpu-1disk");
 
+    /// The same VM as [`GOLDEN_V1`], written by the first ferry that saved slots (devices
+    /// section version 2, the other sections version 1). Never regenerated either.
+    const GOLDEN_V2: &[u8] = include_bytes!("../../tests/golden/state-v2-2vcpu-1disk");
+
     fn golden() -> VmState {
         read_state(&mut Cursor::new(GOLDEN_V1)).expect("the v1 golden file decodes")
     }
@@ -243,6 +247,17 @@ mod tests {
     }
 
     #[test]
+    fn the_version_2_golden_file_decodes_to_the_same_vm() {
+        let v2 = read_state(&mut Cursor::new(GOLDEN_V2)).expect("the v2 golden file decodes");
+        assert_eq!(v2, golden());
+        let payload = devices_payload(GOLDEN_V2);
+        assert_eq!(
+            payload["virtio"][0]["Block"]["slot"]["base"],
+            0xd000_0000u32
+        );
+    }
+
+    #[test]
     fn what_is_written_reads_back_equal() {
         let s = golden();
         let mut bytes = Vec::new();
@@ -252,26 +267,27 @@ mod tests {
 
     #[test]
     fn every_truncation_is_refused() {
-        for cut in (0..GOLDEN_V1.len())
-            .step_by(97)
-            .chain([GOLDEN_V1.len() - 1])
-        {
-            assert!(
-                read_state(&mut Cursor::new(&GOLDEN_V1[..cut])).is_err(),
-                "cut at {cut} accepted"
-            );
+        for golden in [GOLDEN_V1, GOLDEN_V2] {
+            for cut in (0..golden.len()).step_by(97).chain([golden.len() - 1]) {
+                assert!(
+                    read_state(&mut Cursor::new(&golden[..cut])).is_err(),
+                    "cut at {cut} accepted"
+                );
+            }
         }
     }
 
     #[test]
     fn flipped_bytes_are_refused() {
-        for pos in (0..GOLDEN_V1.len()).step_by(61) {
-            let mut bad = GOLDEN_V1.to_vec();
-            bad[pos] ^= 0x10;
-            assert!(
-                read_state(&mut Cursor::new(&bad)).is_err(),
-                "flip at {pos} accepted"
-            );
+        for golden in [GOLDEN_V1, GOLDEN_V2] {
+            for pos in (0..golden.len()).step_by(61) {
+                let mut bad = golden.to_vec();
+                bad[pos] ^= 0x10;
+                assert!(
+                    read_state(&mut Cursor::new(&bad)).is_err(),
+                    "flip at {pos} accepted"
+                );
+            }
         }
     }
 
