@@ -70,6 +70,13 @@ pub enum DeviceError {
     Disk(#[from] DiskError),
 }
 
+fn disk_states(states: &[DeviceState]) -> usize {
+    states
+        .iter()
+        .filter(|s| matches!(s, DeviceState::Block { .. }))
+        .count()
+}
+
 /// Reserves the saved devices' slots in a fresh allocator, refusing impossible ones, and checks
 /// that the host provides a backend for every device.
 fn checked(states: &[DeviceState], backends: Backends<'_>) -> Result<SlotAllocator, DeviceError> {
@@ -79,10 +86,7 @@ fn checked(states: &[DeviceState], backends: Backends<'_>) -> Result<SlotAllocat
             .reserve(state.slot())
             .map_err(|source| DeviceError::SavedSlot { index, source })?;
     }
-    let disks = states
-        .iter()
-        .filter(|s| matches!(s, DeviceState::Block { .. }))
-        .count();
+    let disks = disk_states(states);
     if disks != backends.disks.len() {
         return Err(DeviceError::DiskCount {
             saved: disks,
@@ -138,7 +142,10 @@ impl DeviceManager {
         for state in states {
             let device = match state {
                 DeviceState::Block { slot, state } => {
-                    let disk = disks.next().expect("check_saved counted the disks");
+                    let disk = disks.next().ok_or(DeviceError::DiskCount {
+                        saved: disk_states(states),
+                        given: backends.disks.len(),
+                    })?;
                     Device::Block(VirtioDisk::restore(vm, mem, mmio_bus, *slot, disk, state)?)
                 }
             };

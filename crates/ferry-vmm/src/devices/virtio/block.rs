@@ -1,6 +1,6 @@
 //! virtio-blk disks: the image behind the device, its saved state, what the API reports.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ferry_api::{BlockDeviceInfo, DeviceInfo};
@@ -131,10 +131,6 @@ impl VirtioDisk {
     /// The device as the event loop serves it.
     pub fn subscriber(&self) -> Subscriber {
         self.block.clone()
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Makes everything the guest wrote durable.
