@@ -17,7 +17,7 @@ use ferry_devices::virtio::mmio::MmioTransport;
 use ferry_fuzz::blk::BlkInput;
 use ferry_fuzz::disk::ScratchDisk;
 use ferry_fuzz::mmio::{MmioInput, Op};
-use ferry_fuzz::snapshot::{input_from_sections, stream_from_input};
+use ferry_fuzz::snapshot::{input_from_sections, stream_from_input, DEVICES_V1};
 use ferry_proto::write_frame;
 use ferry_vmm::snapshot::format::{read_state, write_state};
 use ferry_vmm::snapshot::VmState;
@@ -287,7 +287,7 @@ fn devices_json() -> Value {
             "modem_control": 8, "modem_status": 0xb0, "scratch": 0, "in_buffer": [104, 105],
         },
         "i8042": null,
-        "disks": [disk],
+        "virtio": [{ "Block": { "slot": { "base": 0xd000_0000u32, "irq": 5 }, "state": disk } }],
     })
 }
 
@@ -358,6 +358,19 @@ fn snapshot(dir: &Path) {
         "one-vcpu-trailing",
         &input_from_sections(1, &one),
     );
+    // The devices section as ferry wrote it before slots were saved: the disk at the first
+    // slot, where the current seed has it.
+    let mut v1 = sections[5].clone();
+    let disk = v1["virtio"][0]["Block"]["state"].take();
+    let v1 = json!({ "serial": v1["serial"].take(), "i8042": null, "disks": [disk] });
+    let v1 = serde_json::to_vec(&v1).expect("json");
+    let mut with_v1 = payloads.clone();
+    with_v1[5] = &v1;
+    let mut input = input_from_sections(2, &with_v1);
+    input[0] |= DEVICES_V1;
+    let read = read_state(&mut &stream_from_input(&input)[..]).expect("the v1 seed reads");
+    assert_eq!(read, state, "a version 1 disk sits at the first slot");
+    write_seed(dir, "snapshot_state_structured", "devices-v1", &input);
 }
 
 fn main() {

@@ -50,7 +50,7 @@ pub enum VmmError {
     #[error(transparent)]
     Api(#[from] api::ApiSocketError),
     #[error(transparent)]
-    Disk(#[from] devices::virtio::DiskError),
+    Device(#[from] devices::manager::DeviceError),
     #[error("cannot open console file {path}")]
     Console {
         path: PathBuf,

@@ -144,6 +144,69 @@ fn mem_and_disk_workloads_go_on_in_a_new_process() {
     assert_continues(&dst, before);
 }
 
+/// Waits until the restored guest reports more disk writes than it had at `before`: its disk
+/// is where it looks for it.
+fn assert_disk_goes_on(vm: &VmProcess, before: Status) {
+    let deadline = std::time::Instant::now() + BOOT;
+    while !vm
+        .statuses()
+        .iter()
+        .any(|s| s.disk_written > before.disk_written)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no disk writes after the restore: {:?}",
+            vm.statuses()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    vm.assert_clean();
+}
+
+#[test]
+fn a_snapshot_whose_devices_have_no_slots_restores_with_its_disk_where_it_was() {
+    if !kvm_or_skip("a_snapshot_whose_devices_have_no_slots_restores_with_its_disk_where_it_was") {
+        return;
+    }
+    let dir = TempDir::new("snap-devices-v1");
+    let image = dir.join("disk.img");
+    sparse_image(&image, 32 << 20);
+    let (mut src, socket) = running_guest(
+        &dir,
+        Boot {
+            disks: vec![image.clone()],
+            ..Boot::guest("workload=mem,disk mem_mib=16 disk_blocks=256 disk_rate=200")
+        },
+    );
+    let snap = dir.join("snap");
+    snapshot(&socket, &snap, true);
+    assert!(src.wait_exit(BOOT).success());
+    let before = last_status(&src);
+    drop(src);
+    // The devices section as ferry wrote it before it saved slots (version 1).
+    rewrite_state(&snap.join("state"), |kind, version, v| {
+        if kind == 6 {
+            assert_eq!(*version, 2, "written in the current version");
+            *version = 1;
+            *v = serde_json::json!({
+                "serial": v["serial"].take(),
+                "i8042": null,
+                "disks": [v["virtio"][0]["Block"]["state"].take()],
+            });
+        }
+    });
+
+    let dst = Restore {
+        dir: &snap,
+        disks: vec![],
+        api_socket: None,
+        netns: None,
+    }
+    .start();
+    let now = assert_continues(&dst, before);
+    assert_disk_goes_on(&dst, now);
+}
+
 #[test]
 fn a_two_vcpu_guest_under_load_restores() {
     if !kvm_or_skip("a_two_vcpu_guest_under_load_restores") {
@@ -455,6 +518,22 @@ fn bad_snapshots_are_refused_with_clear_errors() {
         }
     });
     assert_refused(&d, &[], "version 99");
+
+    // Devices at slots no ferry gives them: past the IOAPIC's lines, between two windows.
+    let d = case("irq-out-of-range");
+    rewrite_state(&d.join("state"), |kind, _, v| {
+        if kind == 6 {
+            v["virtio"][0]["Block"]["slot"]["irq"] = serde_json::json!(30);
+        }
+    });
+    assert_refused(&d, &[], "IRQ 30 is not a virtio line");
+    let d = case("window-misaligned");
+    rewrite_state(&d.join("state"), |kind, _, v| {
+        if kind == 6 {
+            v["virtio"][0]["Block"]["slot"]["base"] = serde_json::json!(0xd000_0800u64);
+        }
+    });
+    assert_refused(&d, &[], "0xd0000800 is not a virtio window");
 
     // Memory size that does not match the memory file.
     let d = case("memsize");

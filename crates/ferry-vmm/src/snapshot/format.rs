@@ -6,20 +6,24 @@
 //! MEMORY  the memory file's index (regions, extents with CRCs)
 //! KVM     irqchips, PIT, clock
 //! VCPU    one frame per vCPU, in order
-//! DEVICES serial, virtio disks
+//! DEVICES serial, virtio devices with their slots
 //! END     nothing may follow
 //! ```
-//! Each section has its own version in its frame header. A reader accepts the versions it
-//! knows ([`SUPPORTED`]) and refuses newer ones with a clear error, before it trusts the data.
+//! Each section has its own version in its frame header ([`Section::version`]). A reader
+//! accepts the versions it knows ([`Section::supported`]) and refuses newer ones with a clear
+//! error, before it trusts the data.
+//!
+//! Versions of the devices section: 1 saved the disks only, each at the slot of its index;
+//! 2 saves every virtio device as a [`DeviceState`](super::state::DeviceState) with its slot.
 
 use std::io::{Read, Write};
 use std::ops::RangeInclusive;
 
-use ferry_proto::{read_frame, write_frame, FrameError};
+use ferry_proto::{read_frame, write_frame, Frame, FrameError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::state::{SnapshotHeader, VmState};
+use super::state::{DevicesState, DevicesStateV1, SnapshotHeader, VmState};
 use crate::config::MAX_VCPUS;
 
 /// Section kinds, as frame kinds.
@@ -47,12 +51,25 @@ impl Section {
             Section::End => "end",
         }
     }
-}
 
-/// The version this ferry writes for every section.
-pub const CURRENT_VERSION: u16 = 1;
-/// The section versions this ferry reads: the current one and its predecessor once one exists.
-pub const SUPPORTED: RangeInclusive<u16> = 1..=CURRENT_VERSION;
+    /// The version this ferry writes for the section.
+    pub fn version(self) -> u16 {
+        match self {
+            Section::Devices => 2,
+            Section::Header
+            | Section::Machine
+            | Section::Memory
+            | Section::Kvm
+            | Section::Vcpu
+            | Section::End => 1,
+        }
+    }
+
+    /// The versions of the section this ferry reads: the current one and its predecessors.
+    pub fn supported(self) -> RangeInclusive<u16> {
+        1..=self.version()
+    }
+}
 /// No section may be larger (the memory index of a 1 TiB guest fits comfortably).
 pub const MAX_SECTION: u32 = 256 << 20;
 /// What the header names the format.
@@ -95,7 +112,7 @@ pub enum FormatError {
 
 fn put<W: Write, T: Serialize>(w: &mut W, section: Section, value: &T) -> Result<(), FormatError> {
     let payload = serde_json::to_vec(value).expect("state types serialize infallibly");
-    write_frame(w, CURRENT_VERSION, section as u16, &payload).map_err(FormatError::Write)
+    write_frame(w, section.version(), section as u16, &payload).map_err(FormatError::Write)
 }
 
 /// Writes `state` as frames.
@@ -112,10 +129,11 @@ pub fn write_state<W: Write>(w: &mut W, state: &VmState) -> Result<(), FormatErr
         put(w, Section::Vcpu, vcpu)?;
     }
     put(w, Section::Devices, &state.devices)?;
-    write_frame(w, CURRENT_VERSION, Section::End as u16, &[]).map_err(FormatError::Write)
+    write_frame(w, Section::End.version(), Section::End as u16, &[]).map_err(FormatError::Write)
 }
 
-fn get<R: Read, T: DeserializeOwned>(r: &mut R, section: Section) -> Result<T, FormatError> {
+/// The next frame, which must be `section` in a version this ferry reads.
+fn frame<R: Read>(r: &mut R, section: Section) -> Result<Frame, FormatError> {
     let frame = read_frame(r, MAX_SECTION)?.ok_or(FormatError::Truncated(section.name()))?;
     if frame.kind != section as u16 {
         return Err(FormatError::Unexpected {
@@ -123,18 +141,37 @@ fn get<R: Read, T: DeserializeOwned>(r: &mut R, section: Section) -> Result<T, F
             found: frame.kind,
         });
     }
-    if !SUPPORTED.contains(&frame.version) {
+    let supported = section.supported();
+    if !supported.contains(&frame.version) {
         return Err(FormatError::Version {
             section: section.name(),
             version: frame.version,
-            min: *SUPPORTED.start(),
-            max: *SUPPORTED.end(),
+            min: *supported.start(),
+            max: *supported.end(),
         });
     }
+    Ok(frame)
+}
+
+fn decode<T: DeserializeOwned>(section: Section, frame: &Frame) -> Result<T, FormatError> {
     serde_json::from_slice(&frame.payload).map_err(|source| FormatError::Decode {
         section: section.name(),
         source,
     })
+}
+
+fn get<R: Read, T: DeserializeOwned>(r: &mut R, section: Section) -> Result<T, FormatError> {
+    decode(section, &frame(r, section)?)
+}
+
+/// The devices section in any version this ferry reads, as the current one.
+fn get_devices<R: Read>(r: &mut R) -> Result<DevicesState, FormatError> {
+    let frame = frame(r, Section::Devices)?;
+    if frame.version == 1 {
+        let v1: DevicesStateV1 = decode(Section::Devices, &frame)?;
+        return Ok(v1.into());
+    }
+    decode(Section::Devices, &frame)
 }
 
 /// Reads and checks a state file. Semantic checks (does it fit this host, do the devices
@@ -154,7 +191,7 @@ pub fn read_state<R: Read>(r: &mut R) -> Result<VmState, FormatError> {
     for _ in 0..header.vcpus {
         vcpus.push(get(r, Section::Vcpu)?);
     }
-    let devices = get(r, Section::Devices)?;
+    let devices = get_devices(r)?;
     let _: () = match read_frame(r, 0)? {
         Some(f) if f.kind == Section::End as u16 && f.payload.is_empty() => {}
         Some(f) => {
@@ -180,12 +217,19 @@ pub fn read_state<R: Read>(r: &mut R) -> Result<VmState, FormatError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::slots::MmioSlot;
+    use crate::snapshot::state::DeviceState;
     use std::io::Cursor;
 
-    /// A state file written by ferry 0.1 (format version 1): a 2-vCPU, 64 MiB guest with one
-    /// disk, running the mem and disk workloads. Every later ferry must keep reading it (while
-    /// version 1 is in `SUPPORTED`), so it is never regenerated, only joined by newer ones.
+    /// A state file written by ferry 0.1 (every section in version 1): a 2-vCPU, 64 MiB guest
+    /// with one disk, running the mem and disk workloads. Every later ferry must keep reading it
+    /// (while version 1 is in `Section::supported`), so it is never regenerated, only joined by
+    /// newer ones.
     const GOLDEN_V1: &[u8] = include_bytes!("../../tests/golden/state-v1-2vcpu-1disk");
+
+    /// The same VM as [`GOLDEN_V1`], written by the first ferry that saved slots (devices
+    /// section version 2, the other sections version 1). Never regenerated either.
+    const GOLDEN_V2: &[u8] = include_bytes!("../../tests/golden/state-v2-2vcpu-1disk");
 
     fn golden() -> VmState {
         read_state(&mut Cursor::new(GOLDEN_V1)).expect("the v1 golden file decodes")
@@ -197,9 +241,20 @@ mod tests {
         assert_eq!(s.machine.vcpus, 2);
         assert_eq!(s.machine.memory_bytes, 64 << 20);
         assert_eq!(s.vcpus.len(), 2);
-        assert_eq!(s.devices.disks.len(), 1);
+        assert_eq!(s.devices.virtio.len(), 1);
         assert!(!s.memory.extents.is_empty());
         assert!(s.machine.cmdline.contains("workload=mem,disk"));
+    }
+
+    #[test]
+    fn the_version_2_golden_file_decodes_to_the_same_vm() {
+        let v2 = read_state(&mut Cursor::new(GOLDEN_V2)).expect("the v2 golden file decodes");
+        assert_eq!(v2, golden());
+        let payload = devices_payload(GOLDEN_V2);
+        assert_eq!(
+            payload["virtio"][0]["Block"]["slot"]["base"],
+            0xd000_0000u32
+        );
     }
 
     #[test]
@@ -212,26 +267,27 @@ mod tests {
 
     #[test]
     fn every_truncation_is_refused() {
-        for cut in (0..GOLDEN_V1.len())
-            .step_by(97)
-            .chain([GOLDEN_V1.len() - 1])
-        {
-            assert!(
-                read_state(&mut Cursor::new(&GOLDEN_V1[..cut])).is_err(),
-                "cut at {cut} accepted"
-            );
+        for golden in [GOLDEN_V1, GOLDEN_V2] {
+            for cut in (0..golden.len()).step_by(97).chain([golden.len() - 1]) {
+                assert!(
+                    read_state(&mut Cursor::new(&golden[..cut])).is_err(),
+                    "cut at {cut} accepted"
+                );
+            }
         }
     }
 
     #[test]
     fn flipped_bytes_are_refused() {
-        for pos in (0..GOLDEN_V1.len()).step_by(61) {
-            let mut bad = GOLDEN_V1.to_vec();
-            bad[pos] ^= 0x10;
-            assert!(
-                read_state(&mut Cursor::new(&bad)).is_err(),
-                "flip at {pos} accepted"
-            );
+        for golden in [GOLDEN_V1, GOLDEN_V2] {
+            for pos in (0..golden.len()).step_by(61) {
+                let mut bad = golden.to_vec();
+                bad[pos] ^= 0x10;
+                assert!(
+                    read_state(&mut Cursor::new(&bad)).is_err(),
+                    "flip at {pos} accepted"
+                );
+            }
         }
     }
 
@@ -245,23 +301,37 @@ mod tests {
         ));
     }
 
-    /// Rewrites every frame's version to `version`, keeping the checksums right.
-    fn with_version(version: u16) -> Vec<u8> {
-        let mut r = Cursor::new(GOLDEN_V1);
+    /// Rewrites `bytes` frame by frame: `edit` gives each frame's kind and payload a version and
+    /// a new payload. The checksums stay right.
+    fn rewrite(bytes: &[u8], mut edit: impl FnMut(u16, Vec<u8>) -> (u16, Vec<u8>)) -> Vec<u8> {
+        let mut r = Cursor::new(bytes);
         let mut out = Vec::new();
         while let Some(f) = read_frame(&mut r, MAX_SECTION).expect("frame") {
-            write_frame(&mut out, version, f.kind, &f.payload).expect("write");
+            let (version, payload) = edit(f.kind, f.payload);
+            write_frame(&mut out, version, f.kind, &payload).expect("write");
         }
         out
     }
 
+    /// The golden file with `section` rewritten to `version`.
+    fn with_version(section: Section, version: u16) -> Vec<u8> {
+        rewrite(GOLDEN_V1, |kind, payload| {
+            let v = if kind == section as u16 { version } else { 1 };
+            (v, payload)
+        })
+    }
+
     #[test]
     fn a_newer_version_is_refused_by_name() {
-        let err = read_state(&mut Cursor::new(with_version(CURRENT_VERSION + 1))).unwrap_err();
-        let text = err.to_string();
-        assert!(matches!(err, FormatError::Version { .. }), "{text}");
-        assert!(text.contains("newer ferry"), "{text}");
-        assert!(read_state(&mut Cursor::new(with_version(0))).is_err());
+        for section in [Section::Header, Section::Kvm, Section::Devices] {
+            let newer = section.version() + 1;
+            let err = read_state(&mut Cursor::new(with_version(section, newer))).unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, FormatError::Version { .. }), "{text}");
+            assert!(text.contains("newer ferry"), "{text}");
+            assert!(text.contains(section.name()), "{text}");
+            assert!(read_state(&mut Cursor::new(with_version(section, 0))).is_err());
+        }
     }
 
     #[test]
@@ -282,5 +352,166 @@ mod tests {
             }
             let _ = read_state(&mut Cursor::new(&bad));
         }
+    }
+
+    /// The payload of the devices section of `bytes`.
+    fn devices_payload(bytes: &[u8]) -> serde_json::Value {
+        let mut found = None;
+        rewrite(bytes, |kind, payload| {
+            if kind == Section::Devices as u16 {
+                found = Some(serde_json::from_slice(&payload).expect("json"));
+            }
+            (1, payload)
+        });
+        found.expect("a devices section")
+    }
+
+    /// `bytes` with the devices section's payload replaced by `devices` in `version`.
+    fn with_devices(bytes: &[u8], version: u16, devices: &serde_json::Value) -> Vec<u8> {
+        let mut r = Cursor::new(bytes);
+        let mut versions = Vec::new();
+        while let Some(f) = read_frame(&mut r, MAX_SECTION).expect("frame") {
+            versions.push(f.version);
+        }
+        let mut i = 0;
+        rewrite(bytes, |kind, payload| {
+            let v = versions[i];
+            i += 1;
+            if kind == Section::Devices as u16 {
+                (version, serde_json::to_vec(devices).expect("json"))
+            } else {
+                (v, payload)
+            }
+        })
+    }
+
+    fn written(state: &VmState) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        write_state(&mut bytes, state).expect("write");
+        bytes
+    }
+
+    #[test]
+    fn a_version_1_devices_section_loads_with_its_disks_at_the_slots_of_their_index() {
+        let payload = devices_payload(GOLDEN_V1);
+        assert!(
+            payload.get("disks").is_some(),
+            "the golden file is version 1"
+        );
+        let s = golden();
+        let [DeviceState::Block { slot, state }] = &s.devices.virtio[..] else {
+            panic!("one disk: {:?}", s.devices.virtio);
+        };
+        assert_eq!(*slot, MmioSlot::nth(0));
+        assert_eq!(slot.base, crate::memory::VIRTIO_MMIO_BASE);
+        assert_eq!(slot.irq, 5);
+        let v1: DevicesStateV1 = serde_json::from_value(payload).expect("v1 payload");
+        assert_eq!(state, &v1.disks[0]);
+        assert_eq!(s.devices.serial, v1.serial);
+    }
+
+    #[test]
+    fn the_devices_section_is_written_in_version_2_with_slots() {
+        let bytes = written(&golden());
+        let mut r = Cursor::new(&bytes);
+        while let Some(f) = read_frame(&mut r, MAX_SECTION).expect("frame") {
+            let expected = if f.kind == Section::Devices as u16 {
+                2
+            } else {
+                1
+            };
+            assert_eq!(f.version, expected, "section kind {}", f.kind);
+        }
+        let payload = devices_payload(&bytes);
+        assert_eq!(payload["virtio"][0]["Block"]["slot"]["irq"], 5);
+    }
+
+    #[test]
+    fn saved_slots_read_back_as_saved() {
+        let mut s = golden();
+        let moved = MmioSlot {
+            base: MmioSlot::nth(7).base,
+            irq: MmioSlot::nth(2).irq,
+        };
+        let DeviceState::Block { slot, .. } = &mut s.devices.virtio[0];
+        *slot = moved;
+        let back = read_state(&mut Cursor::new(written(&s))).expect("read");
+        assert_eq!(back.devices.virtio[0].slot(), moved);
+        assert_eq!(back, s);
+    }
+
+    /// What a test does to a devices payload, and its name.
+    type Edit = (&'static str, fn(&mut serde_json::Value));
+
+    #[test]
+    fn malformed_slot_data_is_refused_as_a_devices_decode_error() {
+        let bytes = written(&golden());
+        let good = devices_payload(&bytes);
+        let edits: [Edit; 9] = [
+            ("no slot", |d| {
+                d["virtio"][0]["Block"]
+                    .as_object_mut()
+                    .expect("object")
+                    .remove("slot");
+            }),
+            ("no irq", |d| {
+                d["virtio"][0]["Block"]["slot"]
+                    .as_object_mut()
+                    .expect("object")
+                    .remove("irq");
+            }),
+            ("negative irq", |d| {
+                d["virtio"][0]["Block"]["slot"]["irq"] = (-1).into()
+            }),
+            ("irq past u32", |d| {
+                d["virtio"][0]["Block"]["slot"]["irq"] = (1u64 << 40).into()
+            }),
+            ("base as text", |d| {
+                d["virtio"][0]["Block"]["slot"]["base"] = "0xd0000000".into()
+            }),
+            ("base past u64", |d| {
+                d["virtio"][0]["Block"]["slot"]["base"] = serde_json::json!(1e20)
+            }),
+            ("unknown kind", |d| {
+                let block = d["virtio"][0]["Block"].take();
+                d["virtio"][0] = serde_json::json!({ "Net": block });
+            }),
+            ("devices not a list", |d| {
+                d["virtio"] = serde_json::json!({})
+            }),
+            ("version 1 shape", |d| {
+                let disk = d["virtio"][0]["Block"]["state"].take();
+                let d = d.as_object_mut().expect("object");
+                d.remove("virtio");
+                d.insert("disks".into(), serde_json::json!([disk]));
+            }),
+        ];
+        for (what, edit) in edits {
+            let mut bad = good.clone();
+            edit(&mut bad);
+            let err = read_state(&mut Cursor::new(with_devices(&bytes, 2, &bad))).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    FormatError::Decode {
+                        section: "devices",
+                        ..
+                    }
+                ),
+                "{what}: {err}"
+            );
+        }
+        // And the version 2 shape under a version 1 header.
+        let err = read_state(&mut Cursor::new(with_devices(&bytes, 1, &good))).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FormatError::Decode {
+                    section: "devices",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

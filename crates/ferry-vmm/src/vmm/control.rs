@@ -16,7 +16,6 @@ use crate::cpu::state::VcpuState;
 use crate::cpu::throttle::{Kicker, Throttle};
 use crate::cpu::vcpu::{self, VcpuAck, VcpuCommand, VcpuCounters};
 use crate::devices::event_loop::{DeviceLoopHandle, LoopCommand};
-use crate::devices::virtio::VirtioDisk;
 use crate::event::{ApiAction, ApiFailure, ApiReply, ApiRequest, VmmEvent};
 use crate::VmmError;
 
@@ -252,7 +251,7 @@ impl<'a> Control<'a> {
 
     pub(super) fn info(&self) -> VmInfo {
         let mut devices = self.vm.legacy_devices.clone();
-        devices.extend(self.vm.disks.iter().map(VirtioDisk::info));
+        devices.extend(self.vm.devices.info());
         VmInfo {
             state: self.state,
             vcpus: u32::from(self.vm.machine.vcpus),
@@ -282,10 +281,8 @@ impl<'a> Control<'a> {
         if let Some(devices) = self.devices.take() {
             devices.stop();
         }
-        for disk in &self.vm.disks {
-            if let Err(e) = disk.flush() {
-                tracing::error!("flushing {} at shutdown failed: {e}", disk.path().display());
-            }
+        if let Err(e) = self.vm.devices.flush() {
+            tracing::error!("flushing at shutdown failed: {e}");
         }
     }
 }

@@ -186,10 +186,7 @@ impl Control<'_> {
             r.paused_for_switchover = was_running;
         }
         let state = self.save_state()?;
-        for disk in &self.vm.disks {
-            disk.flush()
-                .map_err(|e| format!("flushing {}: {e}", disk.path().display()))?;
-        }
+        self.vm.devices.flush()?;
         Ok((state, stopped_at, pause_time))
     }
 

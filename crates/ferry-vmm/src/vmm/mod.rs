@@ -26,7 +26,7 @@ use crate::cpu::vcpu::{self, Vcpu, VcpuCounters};
 use crate::cpu::{cpuid, regs};
 use crate::devices::event_loop;
 use crate::devices::legacy::SerialConsole;
-use crate::devices::virtio::{self, VirtioDisk};
+use crate::devices::manager::DeviceManager;
 use crate::event::VmmEvent;
 use crate::memory;
 use crate::snapshot::state::{MachineState, SavedDisk};
@@ -70,7 +70,7 @@ struct VmParts {
     vm_fd: VmFd,
     memory: ferry_devices::GuestMemory,
     platform: Platform,
-    disks: Vec<VirtioDisk>,
+    devices: DeviceManager,
     vcpu_fds: Vec<VcpuFd>,
     msrs: Vec<u32>,
     api_socket: Option<ApiSocket>,
@@ -84,7 +84,7 @@ pub struct Vm {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     serial: Arc<Mutex<SerialConsole>>,
-    disks: Vec<VirtioDisk>,
+    devices: DeviceManager,
     legacy_devices: Vec<DeviceInfo>,
     vcpu_fds: Vec<VcpuFd>,
     msrs: Arc<Vec<u32>>,
@@ -124,35 +124,20 @@ impl Vm {
         let kind = boot::detect_kernel(&config.kernel)?;
         let mut platform = Platform::new(&vm_fd, &config.console, None)?;
 
-        let mut disks = Vec::new();
-        let mut slots = Vec::new();
-        for (i, disk) in config.disks.iter().enumerate() {
-            let slot = virtio::slot(i);
-            disks.push(virtio::attach_block(
-                &vm_fd,
-                &mem,
-                &mut platform.mmio_bus,
-                slot,
-                disk,
-            )?);
-            slots.push(slot);
+        let mut devices = DeviceManager::new();
+        for disk in &config.disks {
+            devices.attach_disk(&vm_fd, &mem, &mut platform.mmio_bus, disk)?;
         }
+        let slots = devices.slots();
         // Linux finds virtio-mmio devices in the ACPI DSDT; the test guest (PVH) reads them
         // from its command line, as Linux would without ACPI.
-        let cmdline_slots: &[MmioDeviceSlot] = if kind == KernelKind::PvhElf {
-            &slots
+        let cmdline_slots: Vec<MmioDeviceSlot> = if kind == KernelKind::PvhElf {
+            slots.iter().map(|s| s.cmdline()).collect()
         } else {
-            &[]
+            Vec::new()
         };
-        let cmdline = boot::build_cmdline(&config.cmdline, cmdline_slots)?;
-        let acpi_devices: Vec<AcpiMmioDevice> = slots
-            .iter()
-            .map(|s| AcpiMmioDevice {
-                base: s.base,
-                size: memory::VIRTIO_MMIO_SIZE,
-                irq: s.irq,
-            })
-            .collect();
+        let cmdline = boot::build_cmdline(&config.cmdline, &cmdline_slots)?;
+        let acpi_devices: Vec<AcpiMmioDevice> = slots.iter().map(|s| s.acpi()).collect();
         let rsdp = acpi::write_acpi_tables(
             &mem,
             config.vcpus,
@@ -257,7 +242,7 @@ impl Vm {
             vm_fd,
             memory: mem,
             platform,
-            disks,
+            devices,
             vcpu_fds,
             msrs,
             api_socket,
@@ -271,7 +256,7 @@ impl Vm {
             vm_fd,
             memory,
             platform,
-            disks,
+            devices,
             vcpu_fds,
             msrs,
             api_socket,
@@ -283,7 +268,7 @@ impl Vm {
             io_bus: Arc::new(platform.io_bus),
             mmio_bus: Arc::new(platform.mmio_bus),
             serial: platform.serial,
-            disks,
+            devices,
             legacy_devices: platform.legacy_devices,
             vcpu_fds,
             msrs: Arc::new(msrs),
@@ -301,7 +286,7 @@ impl Vm {
 
     /// Like [`Vm::run`], calling `started` once the vCPUs run.
     pub fn run_with(mut self, mut started: Option<Box<dyn FnOnce()>>) -> Result<VmExit, VmmError> {
-        let subscribers = self.disks.iter().map(VirtioDisk::subscriber).collect();
+        let subscribers = self.devices.subscribers();
         let devices =
             event_loop::spawn(subscribers, self.events_tx.clone()).map_err(VmmError::Thread)?;
         let api_server = match self.api_socket.as_mut() {

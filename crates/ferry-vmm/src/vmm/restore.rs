@@ -11,7 +11,7 @@ use super::{open_kvm, Vm, VmParts};
 use crate::api;
 use crate::config::{ConsoleConfig, DiskConfig, VmConfig};
 use crate::cpu::vcpu;
-use crate::devices::virtio;
+use crate::devices::manager::{Backends, DeviceManager};
 use crate::kvm_state::restore_all;
 use crate::memory;
 use crate::snapshot::memory_file::{check_index, map_memory_file};
@@ -92,21 +92,15 @@ impl Vm {
             )));
         }
         let mut platform = Platform::new(&vm_fd, console, Some(&state.devices.serial))?;
-        let mut attached = Vec::new();
-        for (i, (disk, saved)) in disks.iter().zip(&state.devices.disks).enumerate() {
-            let config = DiskConfig {
-                path: disk.path.clone(),
-                read_only: disk.read_only,
-            };
-            attached.push(virtio::restore_block(
-                &vm_fd,
-                &mem,
-                &mut platform.mmio_bus,
-                virtio::slot(i),
-                &config,
-                saved,
-            )?);
-        }
+        let devices = DeviceManager::restore(
+            &vm_fd,
+            &mem,
+            &mut platform.mmio_bus,
+            &state.devices.virtio,
+            Backends {
+                disks: &disk_configs(&disks),
+            },
+        )?;
         // Irqchips and PIT, every vCPU, then the clock last: see kvm_state for why.
         restore_all(&vm_fd, &vcpu_fds, &state.kvm, &state.vcpus)
             .map_err(|e| VmmError::VcpuState(crate::error_chain(&e)))?;
@@ -119,7 +113,7 @@ impl Vm {
             vm_fd,
             memory: mem,
             platform,
-            disks: attached,
+            devices,
             vcpu_fds,
             msrs,
             api_socket,
@@ -201,13 +195,7 @@ pub(crate) fn check_fits(
         initrd: None,
         memory_bytes: machine.memory_bytes,
         vcpus: machine.vcpus,
-        disks: disks
-            .iter()
-            .map(|d| DiskConfig {
-                path: d.path.clone(),
-                read_only: d.read_only,
-            })
-            .collect(),
+        disks: disk_configs(&disks),
         cmdline: machine.cmdline.clone(),
         api_socket: None,
         console: ConsoleConfig::Stdout,
@@ -220,12 +208,20 @@ pub(crate) fn check_fits(
             machine.vcpus
         )));
     }
-    if state.devices.disks.len() != machine.disks.len() {
-        return Err(bad(format!(
-            "{} disk states for {} disks",
-            state.devices.disks.len(),
-            machine.disks.len()
-        )));
-    }
+    let backends = Backends {
+        disks: &disk_configs(&disks),
+    };
+    DeviceManager::check_saved(&state.devices.virtio, backends)
+        .map_err(|e| bad(crate::error_chain(&e)))?;
     Ok(disks)
+}
+
+fn disk_configs(disks: &[SavedDisk]) -> Vec<DiskConfig> {
+    disks
+        .iter()
+        .map(|d| DiskConfig {
+            path: d.path.clone(),
+            read_only: d.read_only,
+        })
+        .collect()
 }

@@ -93,7 +93,7 @@ impl Control<'_> {
         let devices = DevicesState {
             serial: lock(&self.vm.serial).save(),
             i8042: (),
-            disks: self.vm.disks.iter().map(|d| d.save()).collect(),
+            virtio: self.vm.devices.save(),
         };
         Ok(VmState {
             machine: self.vm.machine.clone(),

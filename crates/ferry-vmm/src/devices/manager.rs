@@ -1,0 +1,214 @@
+//! The one owner of the VM's virtio devices: each kind is a variant of [`Device`] and of
+//! [`DeviceState`], and every match below is exhaustive, so a kind that is attached but not
+//! saved, restored, reported or flushed does not compile.
+//!
+//! The manager places devices ([`SlotAllocator`]), saves each device's state with its slot, and
+//! restores devices at the slots they had. What a guest sees (slot, registers, queues) comes
+//! from the saved state; what the host provides (disk images) comes from [`Backends`], since a
+//! restoring host may keep its images elsewhere.
+//!
+//! Adding a kind: its model in a folder of `ferry-devices`, its wiring beside
+//! [`super::virtio::block`], a variant in [`Device`] and in [`DeviceState`], and the compiler
+//! lists the arms to write here.
+
+use ferry_api::DeviceInfo;
+use ferry_devices::virtio::block::VirtioBlockState;
+use ferry_devices::GuestMemory;
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+
+use super::event_loop::Subscriber;
+use super::slots::{MmioSlot, SlotAllocator, SlotError};
+use super::virtio::block::{DiskError, VirtioDisk};
+use crate::bus::Bus;
+use crate::config::DiskConfig;
+
+/// A virtio-mmio device of the VM, by kind.
+#[derive(Debug)]
+pub enum Device {
+    Block(VirtioDisk),
+}
+
+/// A device's saved state, with the slot it sat at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DeviceState {
+    Block {
+        slot: MmioSlot,
+        state: VirtioBlockState,
+    },
+}
+
+impl DeviceState {
+    pub fn slot(&self) -> MmioSlot {
+        match self {
+            DeviceState::Block { slot, .. } => *slot,
+        }
+    }
+}
+
+/// What the restoring host provides for the saved devices, each kind in the order its states
+/// appear.
+#[derive(Debug, Clone, Copy)]
+pub struct Backends<'a> {
+    pub disks: &'a [DiskConfig],
+}
+
+/// Why devices cannot be attached or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot place a device")]
+    Slot(#[source] SlotError),
+    #[error("saved device {index} has an impossible slot")]
+    SavedSlot {
+        index: usize,
+        #[source]
+        source: SlotError,
+    },
+    #[error("the snapshot has {saved} disk state(s) for {given} disk(s)")]
+    DiskCount { saved: usize, given: usize },
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+}
+
+fn disk_states(states: &[DeviceState]) -> usize {
+    states
+        .iter()
+        .filter(|s| matches!(s, DeviceState::Block { .. }))
+        .count()
+}
+
+/// Reserves the saved devices' slots in a fresh allocator, refusing impossible ones, and checks
+/// that the host provides a backend for every device.
+fn checked(states: &[DeviceState], backends: Backends<'_>) -> Result<SlotAllocator, DeviceError> {
+    let mut slots = SlotAllocator::new();
+    for (index, state) in states.iter().enumerate() {
+        slots
+            .reserve(state.slot())
+            .map_err(|source| DeviceError::SavedSlot { index, source })?;
+    }
+    let disks = disk_states(states);
+    if disks != backends.disks.len() {
+        return Err(DeviceError::DiskCount {
+            saved: disks,
+            given: backends.disks.len(),
+        });
+    }
+    Ok(slots)
+}
+
+/// The VM's virtio devices in the order they were attached.
+#[derive(Debug, Default)]
+pub struct DeviceManager {
+    devices: Vec<(MmioSlot, Device)>,
+    slots: SlotAllocator,
+}
+
+impl DeviceManager {
+    pub fn new() -> DeviceManager {
+        DeviceManager::default()
+    }
+
+    /// Opens `disk` and attaches it at the next free slot.
+    pub fn attach_disk(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        mmio_bus: &mut Bus,
+        disk: &DiskConfig,
+    ) -> Result<MmioSlot, DeviceError> {
+        let slot = self.slots.allocate().map_err(DeviceError::Slot)?;
+        let device = VirtioDisk::attach(vm, mem, mmio_bus, slot, disk)?;
+        self.devices.push((slot, Device::Block(device)));
+        Ok(slot)
+    }
+
+    /// Checks saved devices against what the host provides, without touching anything: every
+    /// slot possible and its own, a backend for every device.
+    pub fn check_saved(states: &[DeviceState], backends: Backends<'_>) -> Result<(), DeviceError> {
+        checked(states, backends).map(drop)
+    }
+
+    /// Attaches every saved device at its saved slot, continuing from its state.
+    pub fn restore(
+        vm: &VmFd,
+        mem: &GuestMemory,
+        mmio_bus: &mut Bus,
+        states: &[DeviceState],
+        backends: Backends<'_>,
+    ) -> Result<DeviceManager, DeviceError> {
+        let slots = checked(states, backends)?;
+        let mut disks = backends.disks.iter();
+        let mut devices = Vec::with_capacity(states.len());
+        for state in states {
+            let device = match state {
+                DeviceState::Block { slot, state } => {
+                    let disk = disks.next().ok_or(DeviceError::DiskCount {
+                        saved: disk_states(states),
+                        given: backends.disks.len(),
+                    })?;
+                    Device::Block(VirtioDisk::restore(vm, mem, mmio_bus, *slot, disk, state)?)
+                }
+            };
+            devices.push((state.slot(), device));
+        }
+        Ok(DeviceManager { devices, slots })
+    }
+
+    /// Every device's slot, in attach order: for the ACPI DSDT and the PVH command line.
+    pub fn slots(&self) -> Vec<MmioSlot> {
+        self.devices.iter().map(|(slot, _)| *slot).collect()
+    }
+
+    /// Every device's state with its slot; the VM (vCPUs and device loop) is paused.
+    pub fn save(&self) -> Vec<DeviceState> {
+        self.devices
+            .iter()
+            .map(|(slot, device)| match device {
+                Device::Block(disk) => DeviceState::Block {
+                    slot: *slot,
+                    state: disk.save(),
+                },
+            })
+            .collect()
+    }
+
+    /// What the API reports of each device.
+    pub fn info(&self) -> Vec<DeviceInfo> {
+        self.devices
+            .iter()
+            .map(|(slot, device)| match device {
+                Device::Block(disk) => disk.info(*slot),
+            })
+            .collect()
+    }
+
+    /// The devices as the event loop serves them.
+    pub fn subscribers(&self) -> Vec<Subscriber> {
+        self.devices
+            .iter()
+            .map(|(_, device)| match device {
+                Device::Block(disk) => disk.subscriber(),
+            })
+            .collect()
+    }
+
+    /// Makes everything the guest wrote durable, on every device even when one fails; the
+    /// failures, if any, in one message.
+    pub fn flush(&self) -> Result<(), String> {
+        let failures: Vec<String> = self
+            .devices
+            .iter()
+            .filter_map(|(_, device)| match device {
+                Device::Block(disk) => disk.flush().err(),
+            })
+            .collect();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures.join("; "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
