@@ -559,3 +559,36 @@ fn an_unknown_outcome_keeps_the_vm_paused_allows_a_snapshot_and_is_resolved_by_t
         "the destination ran the guest"
     );
 }
+
+#[test]
+fn a_switchover_whose_last_pass_overruns_resumes_the_guest_and_migrates_later() {
+    let Some(hosts) = hosts_or_skip(
+        "flt",
+        "a_switchover_whose_last_pass_overruns_resumes_the_guest_and_migrates_later",
+    ) else {
+        return;
+    };
+    let dir = TempDir::new("overrun");
+    let listen = format!("{}:7112", hosts.b_addr);
+    let dst = receiver(&hosts.b, &listen, None, &[]);
+    let (mut src, socket) = source(
+        &hosts.a,
+        &dir,
+        Boot::guest("workload=mem mem_mib=64 mem_rate=50"),
+        Some("overrun-switchover"),
+    );
+    let out = migrate_command(&socket, &listen, &[])
+        .output()
+        .expect("migrate");
+    let status = status_json(&out);
+    assert_eq!(status["phase"], "completed", "{status}");
+    assert!(
+        status["notes"].to_string().contains("did not fit"),
+        "the first switchover was cut: {status}"
+    );
+    assert!(src.wait_exit(Duration::from_secs(30)).success());
+    let before = *src.statuses().last().expect("a source status");
+    let (first, _) = dst.wait_for_ticks(BOOT);
+    assert!(first.t >= before.t && first.mem_written >= before.mem_written);
+    dst.assert_clean();
+}

@@ -169,6 +169,15 @@ impl Control<'_> {
                 let _ = reply.send(self.switchover());
                 None
             }
+            ToControl::Resume(reply) => {
+                let paused_here = match &mut self.migration {
+                    SourceLifecycle::Migrating(r) => std::mem::take(&mut r.paused_for_switchover),
+                    _ => false,
+                };
+                let resumed = if paused_here { self.resume() } else { Ok(()) };
+                let _ = reply.send(resumed);
+                None
+            }
             ToControl::Ended(outcome) => self.migration_ended(outcome),
         }
     }

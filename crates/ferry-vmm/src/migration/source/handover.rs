@@ -28,6 +28,15 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the worker tries to learn a lost handover's outcome before it reports it unknown.
 const RESOLVE_WINDOW: Duration = Duration::from_secs(10);
 
+/// How a switchover ended.
+pub(super) enum Handover {
+    /// The destination runs the VM.
+    Done(DowntimeBreakdown),
+    /// The last pass did not fit in the guest's pause: the guest runs again here and the
+    /// pages not sent wait in the carry for the next pass.
+    Resumed,
+}
+
 impl Worker<'_> {
     /// How long the guest may stay paused.
     fn paused_bound(&self, forced: bool) -> Duration {
@@ -42,8 +51,9 @@ impl Worker<'_> {
         link: &mut Link,
         tracker: &DirtyTracker<'_>,
         unsent: Vec<RegionDirty>,
+        carry: &mut Vec<u64>,
         forced: bool,
-    ) -> Result<DowntimeBreakdown, Stop> {
+    ) -> Result<Handover, Stop> {
         self.status(|s| s.phase = MigrationPhase::Switchover);
         let (reply_tx, reply) = std::sync::mpsc::channel();
         if !(self.ctx.control)(ToControl::Switchover(reply_tx)) {
@@ -63,9 +73,50 @@ impl Worker<'_> {
         for (d, u) in dirty.iter_mut().zip(&unsent) {
             d.merge(u);
         }
-        let pages: Vec<u64> = dirty.iter().flat_map(RegionDirty::addresses).collect();
+        let mut pages: Vec<u64> = dirty.iter().flat_map(RegionDirty::addresses).collect();
+        if !carry.is_empty() {
+            pages.append(carry);
+            pages.sort_unstable();
+            pages.dedup();
+        }
         let zeros = self.zero_mode();
-        self.send_pass(link, &pages, zeros)?;
+        // The pages must be out while there is time left for the state and the handover's
+        // round trips; a pass that overruns is cut, and the guest runs again.
+        let pages_by = if fault("overrun-switchover") && self.cut_switchovers == 0 {
+            Some(paused_at)
+        } else {
+            (!forced).then(|| {
+                deadline
+                    .checked_sub(Duration::from_secs_f64(self.floor_ms() / 1e3))
+                    .unwrap_or(paused_at)
+            })
+        };
+        let sent = self.send_pass_until(link, &pages, zeros, pages_by)?;
+        if sent < pages.len() {
+            carry.extend_from_slice(&pages[sent..]);
+            let (reply_tx, reply) = std::sync::mpsc::channel();
+            if !(self.ctx.control)(ToControl::Resume(reply_tx)) {
+                return Err(Stop::failed(Kind::Internal, "the control loop is gone"));
+            }
+            reply
+                .recv_timeout(PAUSE_TIMEOUT)
+                .map_err(|_| Stop::failed(Kind::GuestFailed, "the VM did not resume in time"))?
+                .map_err(|e| Stop::failed(Kind::GuestFailed, e))?;
+            let paused_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+            self.paused_at = None;
+            self.cut_switchovers += 1;
+            self.status(|s| {
+                s.phase = MigrationPhase::Iterating;
+                s.longest_stall_ms = s.longest_stall_ms.max(paused_ms);
+            });
+            self.note(format!(
+                "the last pass did not fit in the downtime target ({} of {} pages sent); the \
+                 guest ran again after {paused_ms:.1} ms and iteration goes on",
+                sent,
+                pages.len()
+            ));
+            return Ok(Handover::Resumed);
+        }
         let t_state = Instant::now();
         let mut state_bytes = Vec::new();
         crate::snapshot::format::write_state(&mut state_bytes, &state)
@@ -116,19 +167,25 @@ impl Worker<'_> {
         let resume_ms = match link.receive("running", answer_by) {
             Ok(Message::Running(r)) => r.resume_ms,
             Ok(other) => {
-                return self.resolve_lost(format!("expected Running, got {}", other.kind()))
+                return self
+                    .resolve_lost(format!("expected Running, got {}", other.kind()))
+                    .map(Handover::Done)
             }
-            Err(stop) => return self.resolve_lost(stop.error().message.clone()),
+            Err(stop) => {
+                return self
+                    .resolve_lost(stop.error().message.clone())
+                    .map(Handover::Done)
+            }
         };
         let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
-        Ok(DowntimeBreakdown {
+        Ok(Handover::Done(DowntimeBreakdown {
             total_ms: ms(paused_at, Instant::now()),
             pause_ms: pause_time.as_secs_f64() * 1e3,
             final_memory_ms: ms(t_mem, t_state),
             device_state_ms: ms(t_state, t_sent),
             destination_prepare_ms: ms(t_sent, t_prepared),
             resume_ms,
-        })
+        }))
     }
 
     /// The answer to Commit was lost: ask the destination on a new connection.

@@ -42,6 +42,7 @@ use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 pub use handover::resolve;
+use handover::Handover;
 
 use super::dirty::{DirtyTracker, RegionDirty};
 use super::error::Stop;
@@ -63,6 +64,8 @@ pub const DEFAULT_SILENCE: Duration = Duration::from_secs(5);
 /// state, the destination loading it, resuming. Measured here at 1–2 ms.
 const SWITCHOVER_WORK_MS: f64 = 2.0;
 
+/// Switchovers whose last pass overran (the guest resumed each time) before giving up.
+const MAX_SWITCHOVER_ATTEMPTS: u32 = 8;
 /// How long the source waits, all told, for a destination that falls behind to catch up.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
 
@@ -78,6 +81,8 @@ pub type SwitchoverReply = Result<(VmState, Instant, Duration), String>;
 pub enum ToControl {
     /// Stop the VM and send back its state.
     Switchover(std::sync::mpsc::Sender<SwitchoverReply>),
+    /// The switchover was cut short before anything but pages was sent: run the VM again.
+    Resume(std::sync::mpsc::Sender<Result<(), String>>),
     /// The worker ended.
     Ended(MigrationOutcome),
 }
@@ -189,6 +194,8 @@ pub fn spawn(ctx: SourceContext) -> std::io::Result<()> {
 struct PassProgress {
     data_pages: u64,
     zero_pages: u64,
+    /// Pages of the pass's list that were taken (all of them unless it stopped at a deadline).
+    done: usize,
 }
 
 struct Worker<'a> {
@@ -206,6 +213,8 @@ struct Worker<'a> {
     pass_rate: f64,
     /// When the guest was paused for the switchover, if it was.
     paused_at: Option<Instant>,
+    /// Switchovers whose last pass was cut short.
+    cut_switchovers: u32,
 }
 
 impl<'a> Worker<'a> {
@@ -222,6 +231,7 @@ impl<'a> Worker<'a> {
             throttle_taken: 0,
             pass_rate: 0.0,
             paused_at: None,
+            cut_switchovers: 0,
         }
     }
 
@@ -388,6 +398,8 @@ impl<'a> Worker<'a> {
         self.handshake(link)?;
         let tracker = DirtyTracker::start(&self.ctx.vm_fd, &self.ctx.memory)
             .map_err(|e| Stop::failed(Kind::Internal, crate::error_chain(&e)))?;
+        // The log counts from here: the first look's dirty rate is over the first pass.
+        let mut last_look = Instant::now();
         self.status(|s| s.phase = MigrationPhase::FirstPass);
         let first = candidate_pages(&self.ctx.memory);
         self.send_pass(link, &first, ZeroPages::Skip)?;
@@ -397,19 +409,21 @@ impl<'a> Worker<'a> {
             OnTimeout::Abort => WhenTimeIsUp::GiveUp,
         };
         let max_time = self.ctx.request.max_time_secs.map(Duration::from_secs);
-        let mut last_look = Instant::now();
         let mut previous_dirty = None;
         let mut extra_passes = 0u32;
         let mut stalled_passes = 0u32;
         let mut forced = false;
         let mut waiting_since: Option<Instant> = None;
+        // Pages a cut-short switchover left unsent: they go with the next pass.
+        let mut carry: Vec<u64> = Vec::new();
         // Collecting clears the logs: what was collected must be sent, here or at switchover.
-        let unsent = loop {
+        loop {
             link.poll()?;
             let dirty = tracker
                 .collect()
                 .map_err(|e| Stop::failed(Kind::Internal, crate::error_chain(&e)))?;
-            let dirty_bytes: u64 = dirty.iter().map(RegionDirty::count).sum::<u64>() * PAGE;
+            let dirty_bytes: u64 =
+                (dirty.iter().map(RegionDirty::count).sum::<u64>() + carry.len() as u64) * PAGE;
             let since = last_look.elapsed().as_secs_f64().max(1e-3);
             last_look = Instant::now();
             let sources = [DirtySource {
@@ -481,7 +495,23 @@ impl<'a> Worker<'a> {
                             ))
                         }
                     }
-                    break dirty;
+                    match self.switchover(link, &tracker, dirty, &mut carry, forced)? {
+                        Handover::Done(downtime) => return Ok(downtime),
+                        Handover::Resumed => {
+                            if self.cut_switchovers >= MAX_SWITCHOVER_ATTEMPTS {
+                                return Err(Stop::failed(
+                                    Kind::TimedOut,
+                                    format!(
+                                        "the last pass overran the downtime target {} times; \
+                                         the VM runs on here",
+                                        self.cut_switchovers
+                                    ),
+                                ));
+                            }
+                            previous_dirty = None;
+                            continue;
+                        }
+                    }
                 }
                 Decision::GiveUp { why } => {
                     let message = match why {
@@ -533,7 +563,12 @@ impl<'a> Worker<'a> {
                 waiting_since = None;
             }
             previous_dirty = Some(dirty_bytes);
-            let pages: Vec<u64> = dirty.iter().flat_map(RegionDirty::addresses).collect();
+            let mut pages: Vec<u64> = dirty.iter().flat_map(RegionDirty::addresses).collect();
+            if !carry.is_empty() {
+                pages.append(&mut carry);
+                pages.sort_unstable();
+                pages.dedup();
+            }
             let zeros = self.zero_mode();
             if !pages.is_empty() || !matches!(decision, Decision::WaitForDestination) {
                 self.send_pass(link, &pages, zeros)?;
@@ -541,8 +576,7 @@ impl<'a> Worker<'a> {
             if matches!(decision, Decision::WaitForDestination) {
                 link.wait_for_progress(Duration::from_millis(20))?;
             }
-        };
-        self.switchover(link, &tracker, unsent, forced)
+        }
     }
 
     fn zero_mode(&self) -> ZeroPages {
@@ -555,6 +589,18 @@ impl<'a> Worker<'a> {
 
     /// Sends `pages` (guest addresses, ascending within a region) as one pass.
     fn send_pass(&mut self, link: &mut Link, pages: &[u64], zeros: ZeroPages) -> Result<(), Stop> {
+        self.send_pass_until(link, pages, zeros, None).map(|_| ())
+    }
+
+    /// Like [`send_pass`](Self::send_pass), stopping after a batch once `deadline` passed;
+    /// returns how many of `pages` were sent (the rest belong to a later pass).
+    fn send_pass_until(
+        &mut self,
+        link: &mut Link,
+        pages: &[u64],
+        zeros: ZeroPages,
+        deadline: Option<Instant>,
+    ) -> Result<usize, Stop> {
         let started = Instant::now();
         let total = pages.len() as u64;
         let first_pass = self.iterations == 0;
@@ -590,7 +636,7 @@ impl<'a> Worker<'a> {
                 .longest_stall_ms
                 .max(throttle.longest_rest().as_secs_f64() * 1e3);
         };
-        let pass = self.scanner.send(link, pages, zeros, progress)?;
+        let pass = self.scanner.send(link, pages, zeros, deadline, progress)?;
         // Passes of a few pages say little about the rate; keep the last good estimate.
         if pass.data_pages >= 256 {
             self.pass_rate =
@@ -613,6 +659,6 @@ impl<'a> Worker<'a> {
             s.bytes_sent = sent;
             s.pass_bytes_remaining = 0;
         });
-        Ok(())
+        Ok(pass.done)
     }
 }

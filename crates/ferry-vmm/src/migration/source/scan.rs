@@ -5,7 +5,7 @@
 //! round between this stage and the link's writer, so a pass allocates nothing once the pool
 //! is warm. The checksum is computed by the writer thread, on the other core.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_devices::GuestMemory;
 use ferry_proto::migration::{Message, PageBatch, PageBatchWriter};
@@ -92,15 +92,21 @@ impl Scanner {
     }
 
     /// Sends the pages at `pages`; calls `progress` after each batch with how many pages are
-    /// done. Returns what the pass sent.
+    /// done. Stops early, after a batch, once `deadline` has passed: the pages from
+    /// `PassProgress::done` on are then not sent. Returns what the pass sent.
     pub fn send(
         &mut self,
         link: &mut Link,
         pages: &[u64],
         zeros: ZeroPages,
+        deadline: Option<Instant>,
         mut progress: impl FnMut(u64, PassProgress),
     ) -> Result<PassProgress, Stop> {
         let mut pass = PassProgress::default();
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            // No time left at all: nothing is taken.
+            return Ok(pass);
+        }
         for (n, &gpa) in pages.iter().enumerate() {
             let Some(page) = Self::page(&self.regions, gpa) else {
                 return Err(Stop::failed(
@@ -123,6 +129,16 @@ impl Scanner {
             if !pushed {
                 self.flush(link)?;
                 progress(n as u64, pass);
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    // This page was not taken: it and the rest are left for a later pass.
+                    if zero {
+                        pass.zero_pages -= 1;
+                    } else {
+                        pass.data_pages -= 1;
+                    }
+                    pass.done = n;
+                    return Ok(pass);
+                }
                 let page = Self::page(&self.regions, gpa).expect("checked above");
                 let again = if zero {
                     self.writer.push_zero_run(gpa, 1)
@@ -134,6 +150,7 @@ impl Scanner {
         }
         self.flush(link)?;
         progress(pages.len() as u64, pass);
+        pass.done = pages.len();
         Ok(pass)
     }
 
