@@ -289,7 +289,13 @@ fn receive_state(
                     report(link, &mut totals)?;
                 }
             }
-            Message::IterationDone(_) => {
+            Message::IterationDone(d) => {
+                tracing::info!(
+                    "pass {} done: {} data and {} zero pages",
+                    d.iteration,
+                    d.pages_sent,
+                    d.zero_pages
+                );
                 // The end of a pass: say where we are even if a report was skipped.
                 if flow_control {
                     report(link, &mut totals)?;

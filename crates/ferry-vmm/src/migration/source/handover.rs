@@ -64,6 +64,7 @@ impl Worker<'_> {
             .map_err(|_| Stop::failed(Kind::GuestFailed, "the VM did not stop in time"))?
             .map_err(|e| Stop::failed(Kind::GuestFailed, e))?;
         self.paused_at = Some(paused_at);
+        tracing::info!("paused for the switchover");
         let deadline = paused_at + self.paused_bound(forced);
         // From here the guest is stopped: only what is left moves.
         let t_mem = Instant::now();
@@ -129,6 +130,11 @@ impl Worker<'_> {
         }))?;
         link.drain(deadline)?;
         let t_sent = Instant::now();
+        tracing::info!(
+            "switchover: {} pages and the state sent in {:.2} ms",
+            sent,
+            t_sent.duration_since(t_mem).as_secs_f64() * 1e3
+        );
         self.status(|s| s.phase = MigrationPhase::Handover);
         match link.receive("prepared", deadline)? {
             Message::Prepared => {}

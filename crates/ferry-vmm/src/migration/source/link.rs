@@ -56,9 +56,14 @@ pub struct LinkStats {
     pub page_bytes_sent: AtomicU64,
     /// Nanoseconds the writer spent writing page batches.
     pub busy_ns: AtomicU64,
-    /// The destination's last Applied.
+    /// The destination's last Applied, as the reader thread took it off the wire.
     pub applied_bytes: AtomicU64,
     pub applied_pages: AtomicU64,
+    /// The destination's apply rate in bytes per second (f64 bits), over windows of at least
+    /// RATE_WINDOW of arrival time; 0 until one window is complete.
+    apply_rate_bits: AtomicU64,
+    /// Nanoseconds since the link opened when the last Applied arrived.
+    last_applied_ns: AtomicU64,
     /// Messages queued and not yet written.
     in_queue: AtomicU64,
 }
@@ -78,12 +83,8 @@ pub struct Link {
     reader: Option<JoinHandle<()>>,
     pub stats: Arc<LinkStats>,
     config: LinkConfig,
-    /// When the last Applied arrived (or the link opened).
-    last_applied_at: Instant,
-    /// Rate of applying, bytes per second, over the last whole window.
-    apply_rate: f64,
-    /// Where the current rate window started: (when, bytes applied then).
-    window: Option<(Instant, u64)>,
+    /// When the link opened: the origin of `LinkStats::last_applied_ns`.
+    opened: Instant,
 }
 
 impl std::fmt::Debug for Link {
@@ -153,6 +154,7 @@ impl Link {
             .map_err(|e| lost("socket option", e))?;
         let machine = Arc::new(Mutex::new(SenderMachine::new()));
         let stats = Arc::new(LinkStats::default());
+        let opened = Instant::now();
         let (out_tx, out_rx) = mpsc::sync_channel::<Outgoing>(QUEUE);
         let (spent_tx, spent) = mpsc::channel();
         let (in_tx, incoming) = mpsc::channel();
@@ -166,10 +168,10 @@ impl Link {
                 .map_err(|e| Stop::failed(Kind::Internal, format!("cannot start a thread: {e}")))?
         };
         let reader = {
-            let machine = machine.clone();
+            let (machine, stats) = (machine.clone(), stats.clone());
             std::thread::Builder::new()
                 .name("ferry-mig-read".into())
-                .spawn(move || read_loop(read_half, in_tx, &machine))
+                .spawn(move || read_loop(read_half, in_tx, &machine, &stats, opened))
                 .map_err(|e| Stop::failed(Kind::Internal, format!("cannot start a thread: {e}")))?
         };
         Ok(Link {
@@ -182,9 +184,7 @@ impl Link {
             reader: Some(reader),
             stats,
             config,
-            last_applied_at: Instant::now(),
-            apply_rate: 0.0,
-            window: None,
+            opened,
         })
     }
 
@@ -279,7 +279,6 @@ impl Link {
                 ));
             }
             match self.incoming.recv_timeout(left.min(WRITE_SLICE)) {
-                Ok(Ok(Message::Applied(a))) => self.note_applied(a),
                 Ok(Ok(Message::Abort(why))) => {
                     return Err(Stop::failed(
                         refusal_kind(why.kind),
@@ -301,7 +300,6 @@ impl Link {
     pub fn poll(&mut self) -> Result<(), Stop> {
         loop {
             match self.incoming.try_recv() {
-                Ok(Ok(Message::Applied(a))) => self.note_applied(a),
                 Ok(Ok(Message::Abort(why))) => {
                     return Err(Stop::failed(
                         refusal_kind(why.kind),
@@ -334,37 +332,15 @@ impl Link {
             }
             std::thread::sleep(Duration::from_micros(500));
         }
-        if self.backlog() > 0 && self.last_applied_at.elapsed() >= self.config.silence {
+        let last = Duration::from_nanos(self.stats.last_applied_ns.load(Ordering::Relaxed));
+        let quiet = self.opened.elapsed().saturating_sub(last);
+        if self.backlog() > 0 && quiet >= self.config.silence {
             return Err(lost(
                 "the destination",
-                format!(
-                    "applied nothing for {:.0} s",
-                    self.last_applied_at.elapsed().as_secs_f64()
-                ),
+                format!("applied nothing for {:.0} s", quiet.as_secs_f64()),
             ));
         }
         Ok(())
-    }
-
-    fn note_applied(&mut self, a: Applied) {
-        let now = Instant::now();
-        match self.window {
-            // Acks come in bursts when the destination catches up: a rate from two of them
-            // says nothing. Measure over windows of at least RATE_WINDOW.
-            Some((at, bytes)) if now.duration_since(at) >= RATE_WINDOW => {
-                let dt = now.duration_since(at).as_secs_f64();
-                let rate = a.bytes.saturating_sub(bytes) as f64 / dt;
-                if rate > 0.0 {
-                    self.apply_rate = rate;
-                }
-                self.window = Some((now, a.bytes));
-            }
-            Some(_) => {}
-            None => self.window = Some((now, a.bytes)),
-        }
-        self.last_applied_at = now;
-        self.stats.applied_bytes.store(a.bytes, Ordering::Relaxed);
-        self.stats.applied_pages.store(a.pages, Ordering::Relaxed);
     }
 
     /// Page bytes sent but not yet applied by the destination.
@@ -377,7 +353,7 @@ impl Link {
 
     /// Bytes per second the destination applies (0 until known).
     pub fn apply_rate(&self) -> f64 {
-        self.apply_rate
+        f64::from_bits(self.stats.apply_rate_bits.load(Ordering::Relaxed))
     }
 
     /// Bytes per second the writer achieved while writing pages.
@@ -523,12 +499,47 @@ impl Write for Paced<'_> {
     }
 }
 
+/// Takes the destination's progress as it arrives, so its rate is measured on arrival times
+/// (the worker may drain a burst of them at once).
+#[derive(Debug, Default)]
+struct ApplyMeter {
+    /// Where the current rate window started: (when, bytes applied then).
+    window: Option<(Instant, u64)>,
+}
+
+impl ApplyMeter {
+    fn note(&mut self, a: &Applied, stats: &LinkStats, opened: Instant) {
+        let now = Instant::now();
+        match self.window {
+            Some((at, bytes)) if now.duration_since(at) >= RATE_WINDOW => {
+                let secs = now.duration_since(at).as_secs_f64();
+                let rate = a.bytes.saturating_sub(bytes) as f64 / secs;
+                if rate > 0.0 {
+                    stats
+                        .apply_rate_bits
+                        .store(rate.to_bits(), Ordering::Relaxed);
+                }
+                self.window = Some((now, a.bytes));
+            }
+            Some(_) => {}
+            None => self.window = Some((now, a.bytes)),
+        }
+        let ns = u64::try_from(now.duration_since(opened).as_nanos()).unwrap_or(u64::MAX);
+        stats.last_applied_ns.store(ns, Ordering::Relaxed);
+        stats.applied_pages.store(a.pages, Ordering::Relaxed);
+        stats.applied_bytes.store(a.bytes, Ordering::Release);
+    }
+}
+
 fn read_loop(
     stream: TcpStream,
     to_worker: Sender<Result<Message, Stop>>,
     machine: &Mutex<SenderMachine>,
+    stats: &LinkStats,
+    opened: Instant,
 ) {
     let mut reader = BufReader::with_capacity(64 << 10, stream);
+    let mut meter = ApplyMeter::default();
     loop {
         let result = read_message(&mut reader)
             .map_err(|e| Stop::Failed(classify("reading from the destination", &e)))
@@ -544,6 +555,11 @@ fn read_loop(
                     ))),
                 }
             });
+        if let Ok(Message::Applied(a)) = &result {
+            // Progress is the reader's to account for; the worker reads the counters.
+            meter.note(a, stats, opened);
+            continue;
+        }
         let end = result.is_err();
         if to_worker.send(result).is_err() || end {
             return;

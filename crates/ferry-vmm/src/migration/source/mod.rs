@@ -458,6 +458,16 @@ impl<'a> Worker<'a> {
             };
             let prediction = inputs.predict();
             let decision = policy::decide(&inputs);
+            tracing::debug!(
+                "pass {}: {:.1} MiB dirty, backlog {:.1} MiB at {:.0} MiB/s applied, \
+                 send {:.0} MiB/s, prediction {:.2} ms: {decision:?}",
+                self.iterations,
+                dirty_bytes as f64 / 1048576.0,
+                inputs.backlog_bytes as f64 / 1048576.0,
+                inputs.apply_rate / 1048576.0,
+                inputs.send_rate / 1048576.0,
+                prediction.total_ms()
+            );
             let applied = link.stats.applied_bytes.load(Ordering::Relaxed);
             self.status(|s| {
                 s.phase = MigrationPhase::Iterating;
