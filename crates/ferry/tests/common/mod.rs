@@ -36,18 +36,9 @@ pub fn guest_kernel() -> PathBuf {
     static KERNEL: OnceLock<PathBuf> = OnceLock::new();
     KERNEL
         .get_or_init(|| {
-            let out = ferry()
-                .args(["guest", "build", "--json"])
-                .output()
-                .expect("run ferry guest build");
-            assert!(
-                out.status.success(),
-                "ferry guest build failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let v: serde_json::Value =
-                serde_json::from_slice(&out.stdout).expect("guest build JSON");
-            PathBuf::from(v["kernel"].as_str().expect("kernel path"))
+            ferry_lab::guest::build_testguest()
+                .unwrap_or_else(|e| panic!("cannot build the test guest: {e}"))
+                .kernel
         })
         .clone()
 }

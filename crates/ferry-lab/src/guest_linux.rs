@@ -1,4 +1,4 @@
-//! `ferry guest build --linux`: a stock Debian kernel and a small initramfs for it.
+//! `ferry-lab guest build --linux`: a stock Debian kernel and a small initramfs for it.
 //!
 //! The kernel is the package `linux-image-amd64` currently depends on (for example
 //! `linux-image-6.1.0-56-amd64`), fetched with `apt-get download` and unpacked with
@@ -78,7 +78,7 @@ const NEEDED_SPACE: u64 = 640 << 20;
 /// Marks an unpacked package as complete (written last, inside the folder that is renamed).
 const COMPLETE_MARKER: &str = ".ferry-unpacked";
 
-/// What `ferry guest build --linux` built, and what `--json` prints.
+/// What `ferry-lab guest build --linux` built, and what `--json` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct LinuxGuest {
     /// The stock kernel as Debian ships it: a bzImage.
@@ -207,7 +207,7 @@ fn lock(path: &Path) -> Result<File> {
         .with_context(|| format!("cannot open the lock {}", path.display()))?;
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        eprintln!("ferry: waiting for another `ferry guest build --linux` to finish");
+        eprintln!("ferry: waiting for another `ferry-lab guest build --linux` to finish");
         // SAFETY: as above.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(std::io::Error::last_os_error())

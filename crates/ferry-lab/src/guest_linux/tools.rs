@@ -38,7 +38,7 @@ pub fn tool_error(program: &str, e: std::io::Error) -> anyhow::Error {
     }
     let hint = match program {
         "apt-get" | "apt-cache" | "dpkg-deb" => {
-            "ferry guest build --linux fetches Debian's kernel with apt: it needs a Debian (or \
+            "ferry-lab guest build --linux fetches Debian's kernel with apt: it needs a Debian (or \
              derivative) host with apt and dpkg"
         }
         "xz" => "install xz-utils",

@@ -1,4 +1,4 @@
-//! `ferry demo`: the main job, on an embedded default. Builds the test guest, makes two hosts
+//! `ferry-lab demo`: the main job, on an embedded default. Builds the test guest, makes two hosts
 //! on this machine (network namespaces joined by a veth link; loopback where namespaces cannot
 //! be made), boots a busy VM on the first, live-migrates it to the second with a progress bar,
 //! and prints the migration report and the guest's own verdict from its new host.
@@ -8,12 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ferry_api::OnTimeout;
-use hyper::Method;
-
-use crate::client;
-use crate::guest::build_testguest;
-use crate::migrate::{self, MigrateArgs};
+use ferry_api::MigrationStatus;
+use ferry_lab::guest::build_testguest;
+use ferry_lab::product::ferry_binary;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -136,7 +133,7 @@ fn line_count(file: &Path) -> usize {
 /// Runs the demo; `json` prints the final status and verdict as JSON.
 pub fn demo(json: bool) -> Result<()> {
     let guest = build_testguest()?.kernel;
-    let me = std::env::current_exe().context("cannot find the ferry binary")?;
+    let me = ferry_binary()?;
     let work = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let _cleanup = WorkDir(work.clone());
@@ -195,15 +192,7 @@ pub fn demo(json: bool) -> Result<()> {
         .recv_timeout(WAIT)
         .context("the destination did not start listening")?;
     eprintln!("demo: migrating to {to}");
-    let args = MigrateArgs {
-        to: to.clone(),
-        downtime_ms: ferry_api::default_downtime_ms(),
-        bandwidth: None,
-        max_time_secs: Some(120),
-        on_timeout: OnTimeout::Force,
-        json: true,
-    };
-    let status = migrate::run(&src_sock, args)?;
+    let status = migrate(&me, &src_sock, &to, json)?;
     let before = line_count(&dst_console);
     let after = wait_lines(&dst_console, "ferry-guest: status", before, 3)?;
     let console = std::fs::read_to_string(&dst_console)?;
@@ -216,12 +205,15 @@ pub fn demo(json: bool) -> Result<()> {
     } else {
         "CORRUPTION"
     };
-    let _ = client::call(&dst_sock, Method::PUT, "/vm/shutdown");
+    let _ = Command::new(&me)
+        .args(["vm", "shutdown", "--api-socket"])
+        .arg(&dst_sock)
+        .stdout(Stdio::null())
+        .status();
     if json {
         let out = serde_json::json!({ "migration": status, "guest": { "verdict": verdict, "problems": problems, "last_status": after.last() } });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        print!("{}", migrate::report(&status));
         for l in &after {
             println!("  destination console | {l}");
         }
@@ -235,6 +227,46 @@ pub fn demo(json: bool) -> Result<()> {
     } else {
         bail!("the guest reported corruption after the migration")
     }
+}
+
+/// `ferry migrate` from `socket` to `to`, with its progress bar on a terminal. With `json` its
+/// final status is returned; otherwise `ferry migrate` prints its own report.
+fn migrate(ferry: &Path, socket: &Path, to: &str, json: bool) -> Result<Option<MigrationStatus>> {
+    let mut c = Command::new(ferry);
+    c.args([
+        "migrate",
+        "--max-time",
+        "120",
+        "--on-timeout",
+        "force",
+        "--to",
+        to,
+    ])
+    .arg("--api-socket")
+    .arg(socket)
+    .stdin(Stdio::null())
+    .stderr(Stdio::inherit());
+    if !json {
+        let status = c.status().context("cannot run ferry migrate")?;
+        if !status.success() {
+            bail!("ferry migrate failed ({status})");
+        }
+        return Ok(None);
+    }
+    let out = c
+        .arg("--json")
+        .output()
+        .context("cannot run ferry migrate")?;
+    let status: MigrationStatus = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("ferry migrate answered {}", out.status))?;
+    if !out.status.success() {
+        bail!(
+            "ferry migrate failed ({}): {}",
+            out.status,
+            serde_json::to_string_pretty(&status)?
+        );
+    }
+    Ok(Some(status))
 }
 
 /// A channel that fires when the receiver prints `listening on` (its stderr is forwarded).

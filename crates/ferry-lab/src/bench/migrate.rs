@@ -1,4 +1,4 @@
-//! `ferry bench migrate`: live migration on one host over loopback, ferry beside QEMU.
+//! `ferry-lab bench migrate`: live migration on one host over loopback, ferry beside QEMU.
 //!
 //! Each case is a guest workload (idle, or 256 MiB rewritten at 50, 200 or 1000 MiB/s) on a
 //! link (unlimited, or capped at 1 Gbit/s). Each run boots the test guest (1 GiB), waits for
@@ -26,12 +26,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_lab::guest::build_testguest;
+use ferry_lab::product::ferry_binary;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::bench::{qemu_binary, qemu_command, Spread};
-use crate::bench_watch::{ms, Stream, Watched, WorkDir};
-use crate::guest::build_testguest;
+use super::watch::{ms, Stream, Watched, WorkDir};
+use super::{qemu_binary, qemu_command, Spread};
 use crate::qmp::{migration_state, run_status, MigrationState, Qmp};
 
 const READY_LINE: &str = "ferry-guest: ready";
@@ -151,7 +152,7 @@ fn plan(quick: bool) -> (Vec<Case>, Vec<QemuMode>) {
     (cases, modes)
 }
 
-/// The JSON `ferry bench migrate` prints.
+/// The JSON `ferry-lab bench migrate` prints.
 #[derive(Debug, Serialize)]
 pub struct MigrateBenchReport {
     pub runs: usize,
@@ -564,7 +565,7 @@ fn qemu_cancel(qmp: &mut Qmp, state: &str) -> Result<Outcome> {
     }
 }
 
-/// `ferry bench migrate`: live-migrates the test guest `runs` times per case with ferry and
+/// `ferry-lab bench migrate`: live-migrates the test guest `runs` times per case with ferry and
 /// with QEMU (in each mode), interleaved.
 pub fn migrate(runs: usize, quick: bool) -> Result<MigrateBenchReport> {
     use std::io::IsTerminal;
@@ -572,7 +573,7 @@ pub fn migrate(runs: usize, quick: bool) -> Result<MigrateBenchReport> {
         bail!("--runs must be at least 1");
     }
     let setup = Setup {
-        ferry: std::env::current_exe().context("cannot find the ferry binary")?,
+        ferry: ferry_binary()?,
         guest: build_testguest()?.kernel,
     };
     let qemu = qemu_binary();
@@ -589,7 +590,7 @@ pub fn migrate(runs: usize, quick: bool) -> Result<MigrateBenchReport> {
         for (i, case) in cases.iter().enumerate() {
             let name = case.name();
             if progress {
-                eprintln!("ferry bench migrate: run {}/{runs}, {name}", run + 1);
+                eprintln!("ferry-lab bench migrate: run {}/{runs}, {name}", run + 1);
             }
             let dir = work.0.join(format!("ferry-{name}-{run}"));
             std::fs::create_dir_all(&dir)
