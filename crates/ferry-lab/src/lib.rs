@@ -5,5 +5,6 @@
 
 pub mod guest;
 pub mod guest_linux;
+pub mod kit;
 pub mod paths;
 pub mod product;

@@ -1,81 +1,15 @@
-//! Shared pieces of ferry's end-to-end tests: the KVM gate, the test guest, `ferry run`
-//! processes whose console is watched line by line, and temporary folders.
-#![allow(dead_code)]
-
-pub mod hosts;
+//! Processes whose console is watched line by line: `ferry run` and `ferry receive`, or any
+//! VMM booting the test guest. The panicking methods are for tests (a failed wait shows the
+//! console); the `try_` ones return the same failure as an [`Error`](super::Error).
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// The ferry binary under test.
-pub fn ferry() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.env("FERRY_LOG", "warn");
-    c
-}
-
-/// True when /dev/kvm can be used; otherwise prints the loud skip line the suite promises.
-pub fn kvm_or_skip(test: &str) -> bool {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !usable {
-        println!("SKIPPED (no /dev/kvm): {test}");
-        eprintln!("SKIPPED (no /dev/kvm): {test}");
-    }
-    usable
-}
-
-/// The test guest, built once per test binary.
-pub fn guest_kernel() -> PathBuf {
-    static KERNEL: OnceLock<PathBuf> = OnceLock::new();
-    KERNEL
-        .get_or_init(|| {
-            ferry_lab::guest::build_testguest()
-                .unwrap_or_else(|e| panic!("cannot build the test guest: {e}"))
-                .kernel
-        })
-        .clone()
-}
-
-/// A temporary folder, removed with everything in it when dropped.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("ferry-test-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A sparse raw disk image of `size` bytes.
-pub fn sparse_image(path: &Path, size: u64) {
-    let f = std::fs::File::create(path).expect("create image");
-    f.set_len(size).expect("size image");
-}
+use super::console::{guest_trouble, Status, STATUS};
+use super::{ferry, guest_kernel, Error};
 
 /// A VM to boot, described by name rather than by a row of flags.
 #[derive(Debug, Clone)]
@@ -119,7 +53,7 @@ impl Boot {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Output {
     lines: Vec<String>,
     closed: bool,
@@ -127,6 +61,7 @@ struct Output {
 
 /// A running `ferry run` whose console (stdout) and stderr are collected line by line.
 /// Killed when dropped, so a failing test leaves no VM behind.
+#[derive(Debug)]
 pub struct VmProcess {
     child: Option<Child>,
     out: Arc<(Mutex<Output>, Condvar)>,
@@ -134,13 +69,17 @@ pub struct VmProcess {
 }
 
 impl VmProcess {
-    pub fn spawn(mut command: Command) -> VmProcess {
+    pub fn spawn(command: Command) -> VmProcess {
+        VmProcess::try_spawn(command).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn try_spawn(mut command: Command) -> Result<VmProcess, Error> {
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn ferry run");
+            .map_err(|e| Error::Spawn(command.get_program().into(), e))?;
         let out = Arc::new((Mutex::new(Output::default()), Condvar::new()));
         let stdout = child.stdout.take().expect("stdout");
         let o = out.clone();
@@ -165,11 +104,11 @@ impl VmProcess {
                 g.push('\n');
             }
         });
-        VmProcess {
+        Ok(VmProcess {
             child: Some(child),
             out,
             stderr,
-        }
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -188,22 +127,38 @@ impl VmProcess {
     /// Waits for a console line (at index >= `from`) containing `needle`; returns its index
     /// and text. Panics with the console so far if it does not come in time.
     pub fn wait_for_from(&self, from: usize, needle: &str, timeout: Duration) -> (usize, String) {
+        self.try_wait_for_from(from, needle, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`VmProcess::wait_for_from`], failing with the console so far instead of panicking.
+    pub fn try_wait_for_from(
+        &self,
+        from: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<(usize, String), Error> {
         let deadline = Instant::now() + timeout;
         let (lock, cv) = &*self.out;
         let mut g = lock.lock().expect("output");
         loop {
             if let Some(i) = g.lines.iter().skip(from).position(|l| l.contains(needle)) {
-                return (from + i, g.lines[from + i].clone());
+                return Ok((from + i, g.lines[from + i].clone()));
             }
             let now = Instant::now();
             if g.closed || now >= deadline {
-                let lines = g.lines.join("\n");
+                let console = g.lines.join("\n");
                 drop(g);
-                panic!(
-                    "no console line with {needle:?} ({}):\n--- console ---\n{lines}\n--- stderr ---\n{}",
-                    if now >= deadline { "timed out" } else { "console closed" },
-                    self.stderr()
-                );
+                return Err(Error::NoLine {
+                    needle: needle.to_string(),
+                    why: if now >= deadline {
+                        "timed out"
+                    } else {
+                        "console closed"
+                    },
+                    console,
+                    stderr: self.stderr(),
+                });
             }
             g = cv.wait_timeout(g, deadline - now).expect("wait").0;
         }
@@ -233,18 +188,17 @@ impl VmProcess {
         }
     }
 
-    /// Status lines parsed so far.
     /// Waits for the guest's first status line and then for a later one with more timer ticks.
     /// Status lines follow the guest's TSC, so a vCPU thread starved by a loaded host can
     /// print two of them back to back before its next timer interrupt; the ticks must still
     /// go on within a few lines. Returns (first, later).
     pub fn wait_for_ticks(&self, timeout: Duration) -> (Status, Status) {
         let deadline = Instant::now() + timeout;
-        let (mut at, line) = self.wait_for_from(0, "ferry-guest: status", timeout);
+        let (mut at, line) = self.wait_for_from(0, STATUS, timeout);
         let first = Status::parse(&line).expect("a status line");
         for _ in 0..10 {
             let left = deadline.saturating_duration_since(Instant::now());
-            let (i, line) = self.wait_for_from(at + 1, "ferry-guest: status", left);
+            let (i, line) = self.wait_for_from(at + 1, STATUS, left);
             let later = Status::parse(&line).expect("a status line");
             if later.ticks > first.ticks {
                 return (first, later);
@@ -254,6 +208,7 @@ impl VmProcess {
         panic!("timer ticks stopped: {:?}", self.statuses());
     }
 
+    /// Status lines parsed so far.
     pub fn statuses(&self) -> Vec<Status> {
         self.lines()
             .iter()
@@ -261,13 +216,17 @@ impl VmProcess {
             .collect()
     }
 
+    /// The guest's reports of corruption or a fatal error so far.
+    pub fn troubles(&self) -> Vec<String> {
+        self.lines()
+            .into_iter()
+            .filter(|l| guest_trouble(l))
+            .collect()
+    }
+
     /// Panics if the guest reported corruption or a fatal error.
     pub fn assert_clean(&self) {
-        let bad: Vec<String> = self
-            .lines()
-            .into_iter()
-            .filter(|l| l.contains("CORRUPTION") || l.contains("FATAL"))
-            .collect();
+        let bad = self.troubles();
         assert!(
             bad.is_empty(),
             "the guest reported problems:\n{}",
@@ -286,68 +245,6 @@ impl Drop for VmProcess {
             let _ = c.wait();
         }
     }
-}
-
-/// One `ferry-guest: status` line.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Status {
-    pub t: u64,
-    pub ticks: u64,
-    pub mem_written: u64,
-    pub mem_verified: u64,
-    pub disk_written: u64,
-    pub disk_verified: u64,
-    pub errors: u64,
-}
-
-impl Status {
-    pub fn parse(line: &str) -> Option<Status> {
-        let rest = line.split("ferry-guest: status ").nth(1)?;
-        let mut s = Status::default();
-        for kv in rest.split_whitespace() {
-            let (k, v) = kv.split_once('=')?;
-            let v: u64 = v.parse().ok()?;
-            match k {
-                "t" => s.t = v,
-                "ticks" => s.ticks = v,
-                "mem_written" => s.mem_written = v,
-                "mem_verified" => s.mem_verified = v,
-                "disk_written" => s.disk_written = v,
-                "disk_verified" => s.disk_verified = v,
-                "errors" => s.errors = v,
-                _ => {}
-            }
-        }
-        Some(s)
-    }
-}
-
-/// Waits until `path` exists (a socket being bound by a starting VM).
-pub fn wait_for_path(path: &Path, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} did not appear",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Runs `ferry vm <action> --api-socket S --json` and returns its JSON answer.
-pub fn vm_api(socket: &Path, action: &str) -> serde_json::Value {
-    let out = ferry()
-        .args(["vm", action, "--json", "--api-socket"])
-        .arg(socket)
-        .output()
-        .expect("run ferry vm");
-    assert!(
-        out.status.success(),
-        "ferry vm {action} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("vm JSON")
 }
 
 /// A digest of the VM process's guest RAM mapping (the anonymous mapping of exactly
@@ -383,24 +280,4 @@ pub fn guest_memory_digest(pid: u32, guest_bytes: u64) -> u64 {
         left -= n as u64;
     }
     hash
-}
-
-/// Runs `cmd` to its end, panicking with `hung` (and its stdout) if it takes over 30 s.
-pub fn run_with_timeout(cmd: &mut Command, hung: &str) -> std::process::Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!("{hung}: {}", String::from_utf8_lossy(&out.stdout));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
 }

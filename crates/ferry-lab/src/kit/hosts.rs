@@ -1,13 +1,14 @@
-//! Two "hosts" on one machine for the end-to-end tests: network namespaces joined by a veth
-//! pair. (`ferry demo` builds the same set-up in the binary, which tests cannot link to.)
+//! Two "hosts" on one machine, for the end-to-end tests and the demo: network namespaces
+//! joined by a veth pair, and `ferry receive` started on one of them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{ferry, VmProcess};
+use super::{try_ferry, Error, VmProcess};
 
 /// Two network namespaces with a veth link between them; removed when dropped.
+#[derive(Debug)]
 pub struct TwoHosts {
     pub a: String,
     pub b: String,
@@ -25,6 +26,8 @@ fn ip(args: &[&str]) -> bool {
 }
 
 impl TwoHosts {
+    /// Makes the namespaces `ferry-TAG-a…` and `ferry-TAG-b…`, linked; None where this
+    /// process may not (it needs root).
     pub fn create(tag: &str) -> Option<TwoHosts> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -91,7 +94,18 @@ impl Drop for TwoHosts {
 
 /// A `ferry receive` on host `ns` at `listen`; waits (up to 30 s) until it listens.
 pub fn receiver(ns: &str, listen: &str, socket: Option<&Path>, disks: &[PathBuf]) -> VmProcess {
-    let mut c = ferry();
+    try_receiver(Some(ns), listen, socket, disks).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`receiver`] on host `ns`, or in this process's namespace if None; fails instead of
+/// panicking.
+pub fn try_receiver(
+    ns: Option<&str>,
+    listen: &str,
+    socket: Option<&Path>,
+    disks: &[PathBuf],
+) -> Result<VmProcess, Error> {
+    let mut c = try_ferry()?;
     c.args(["receive", "--listen", listen]);
     if let Some(s) = socket {
         c.arg("--api-socket").arg(s);
@@ -99,15 +113,18 @@ pub fn receiver(ns: &str, listen: &str, socket: Option<&Path>, disks: &[PathBuf]
     for d in disks {
         c.arg("--disk").arg(d);
     }
-    let vm = VmProcess::spawn(TwoHosts::exec(ns, &c));
+    let vm = VmProcess::try_spawn(match ns {
+        Some(ns) => TwoHosts::exec(ns, &c),
+        None => c,
+    })?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !vm.stderr().contains("listening on") {
-        assert!(
-            Instant::now() < deadline,
-            "receiver did not listen: {}",
-            vm.stderr()
-        );
+        if Instant::now() >= deadline {
+            return Err(Error::NotListening {
+                stderr: vm.stderr(),
+            });
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
-    vm
+    Ok(vm)
 }
