@@ -2,9 +2,7 @@
 //! which the demo and the benchmarks use too; this module names them for the tests.
 #![allow(dead_code, unused_imports)]
 
-pub mod hosts {
-    pub use ferry_lab::kit::hosts::{receiver, TwoHosts};
-}
+pub mod hosts;
 
 use std::process::Command;
 use std::sync::Once;
