@@ -64,7 +64,13 @@ fn linux_kit(test: &str) -> Option<LinuxKit> {
             initrd: built.initrd,
         }),
         Err(e) => {
-            println!("SKIPPED (cannot build the Linux guest: {e:#}): {test}");
+            let mut why = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                why.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            println!("SKIPPED (cannot build the Linux guest: {why}): {test}");
             None
         }
     }
