@@ -192,7 +192,7 @@ pub fn build_linux_guest_in(cache: &Path) -> Result<LinuxGuest> {
         .is_some_and(|v| v == "y");
     if !virtio_mmio_cmdline && !root.join("initrd.img").exists() {
         eprintln!(
-            "ferry: note: kernel {version} has no CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES; it ignores \
+            "ferry-lab: note: kernel {version} has no CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES; it ignores \
              virtio_mmio.device= and finds virtio-mmio devices only through ACPI (LNRO0005) or \
              a device tree"
         );
@@ -256,7 +256,7 @@ fn lock(path: &Path) -> std::result::Result<File, FileError> {
         .map_err(|e| FileError::new("open the lock", path, e))?;
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        eprintln!("ferry: waiting for another `ferry-lab guest build --linux` to finish");
+        eprintln!("ferry-lab: waiting for another `ferry-lab guest build --linux` to finish");
         // SAFETY: as above.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(FileError::new(

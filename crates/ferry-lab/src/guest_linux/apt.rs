@@ -105,7 +105,7 @@ impl Apt {
         if !is_root() {
             return Err(Error::NeedsUpdate(why.to_string()));
         }
-        eprintln!("ferry: {why}; running apt-get update");
+        eprintln!("ferry-lab: {why}; running apt-get update");
         let mut cmd = apt_command("apt-get");
         cmd.args(["update", "-q"]);
         let output = run(cmd)?;
@@ -201,10 +201,10 @@ pub fn fetch_package(apt: &mut Apt, package: &str, dest: &Path, needed: u64) -> 
         remove_any(tmp)?;
     }
     fs::create_dir_all(&download).map_err(|e| FileError::new("create", &download, e))?;
-    eprintln!("ferry: downloading {package} with apt-get download");
+    eprintln!("ferry-lab: downloading {package} with apt-get download");
     let result = (|| -> Result<()> {
         let deb = apt.download(package, &download)?;
-        eprintln!("ferry: unpacking {}", deb.display());
+        eprintln!("ferry-lab: unpacking {}", deb.display());
         let mut cmd = Command::new("dpkg-deb");
         cmd.arg("-x").arg(&deb).arg(&unpacked);
         let output = run(cmd)?;
