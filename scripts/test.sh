@@ -14,7 +14,8 @@ cargo fmt --all -- --check
 (cd crates/ferry-testguest && cargo fmt -- --check)
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-# One target folder per checkout, as `ferry guest build` uses (see testguest_target in paths.rs).
+# One target folder per checkout, as `ferry-lab guest build` uses (testguest_target in
+# crates/ferry-lab/src/paths.rs).
 (cd crates/ferry-testguest && env -u RUSTFLAGS \
   CARGO_TARGET_DIR="$FERRY_CACHE_DIR/testguest-target/${PWD//\//_}" \
   cargo clippy --release --quiet -- -D warnings)

@@ -1,16 +1,8 @@
-//! `ferry`: boots, controls and (soon) migrates KVM virtual machines.
+//! `ferry`: boots, controls, snapshots and live-migrates KVM virtual machines: what runs on a
+//! production host. Guest builders, benchmarks and the demo live in `ferry-lab`.
 
-mod bench;
-mod bench_migrate;
-mod bench_snapshot;
-mod bench_watch;
 mod client;
-mod demo;
-mod guest;
-mod guest_linux;
 mod migrate;
-mod paths;
-mod qmp;
 mod size;
 
 use std::path::PathBuf;
@@ -35,13 +27,6 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// The main job, on an embedded default: boot a busy VM on one host, live-migrate it to a
-    /// second (network namespaces on this machine), and show the report and the guest's verdict.
-    Demo {
-        /// Print the final status and verdict as JSON.
-        #[arg(long)]
-        json: bool,
-    },
     /// Boot a VM in this process and run it until it powers off.
     Run(RunArgs),
     /// Save a running VM's complete state and memory to a folder.
@@ -57,60 +42,6 @@ enum Command {
     Vm {
         #[command(subcommand)]
         action: VmAction,
-    },
-    /// Build guests for ferry.
-    Guest {
-        #[command(subcommand)]
-        action: GuestAction,
-    },
-    /// Measure ferry beside QEMU on the same guest (JSON with min/median/max and ratios).
-    Bench {
-        #[command(subcommand)]
-        what: BenchWhat,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum BenchWhat {
-    /// Process start to the guest's ready line, and the VMM's own memory overhead.
-    Boot {
-        /// How many boots of each VMM.
-        #[arg(long, default_value_t = 10)]
-        runs: usize,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 256)]
-        memory_mib: u64,
-    },
-    /// Save a running guest to disk (pause to saved) and start it again (process start to
-    /// running), for an idle and a busy guest.
-    Snapshot {
-        /// How many save/restore cycles of each VMM per guest workload.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 1024)]
-        memory_mib: u64,
-    },
-    /// Live-migrate a 1 GiB guest over loopback (idle, and dirtying memory at several rates,
-    /// on an unlimited and a 1 Gbit/s link): total time, downtime and bytes sent.
-    Migrate {
-        /// How many migrations of each VMM per case.
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// Only the idle, populated 256 MiB and 200 MiB/s guests on an unlimited link, QEMU in
-        /// its best mode.
-        #[arg(long)]
-        quick: bool,
-    },
-    /// The migration send path alone (scanning, encoding, writing) into a receiver on
-    /// loopback that discards: GB/s and CPU per page next to a plain memcpy.
-    SendPath {
-        /// How many passes.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-        /// Guest memory full of data, MiB.
-        #[arg(long, default_value_t = 2048)]
-        memory_mib: u64,
     },
 }
 
@@ -237,20 +168,6 @@ enum VmAction {
     Resume(ApiArgs),
     /// Stop the VM and end its process (exit code 0).
     Shutdown(ApiArgs),
-}
-
-#[derive(Debug, Subcommand)]
-enum GuestAction {
-    /// Build ferry's test guest kernel and print its path.
-    Build {
-        /// Print {"kernel": PATH, "seconds": N}.
-        #[arg(long)]
-        json: bool,
-        /// Instead: fetch Debian's stock kernel (through apt) and build an initramfs for it
-        /// (busybox, virtio modules, an init that says ready); print the kernel and initrd.
-        #[arg(long)]
-        linux: bool,
-    },
 }
 
 fn disk_config(spec: &str) -> DiskConfig {
@@ -416,7 +333,6 @@ fn main() -> ExitCode {
         Command::Run(args) => run_vm(args),
         Command::Vm { action } => vm_call(action),
         Command::Receive(args) => receive(args),
-        Command::Demo { json } => demo::demo(json),
         Command::Migrate(args) => migrate_cmd(args),
         Command::Snapshot {
             action:
@@ -427,64 +343,6 @@ fn main() -> ExitCode {
                     json,
                 },
         } => snapshot_create(&api_socket, &dir, stop, json),
-        Command::Guest {
-            action: GuestAction::Build { json, linux: true },
-        } => guest_linux::build_linux_guest().and_then(|built| {
-            if json {
-                println!("{}", serde_json::to_string(&built).context("encode")?);
-            } else {
-                println!("kernel  {}", built.kernel.display());
-                println!("vmlinux {}", built.vmlinux.display());
-                println!("initrd  {}", built.initrd.display());
-            }
-            Ok(())
-        }),
-        Command::Guest {
-            action: GuestAction::Build { json, linux: false },
-        } => guest::build_testguest().and_then(|built| {
-            if json {
-                println!("{}", serde_json::to_string(&built).context("encode")?);
-            } else {
-                println!("{}", built.kernel.display());
-            }
-            Ok(())
-        }),
-        Command::Bench {
-            what: BenchWhat::Boot { runs, memory_mib },
-        } => bench::boot(runs, memory_mib).and_then(|report| {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&report).context("encode")?
-            );
-            Ok(())
-        }),
-        Command::Bench {
-            what: BenchWhat::Snapshot { runs, memory_mib },
-        } => bench_snapshot::snapshot(runs, memory_mib).and_then(|report| {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&report).context("encode")?
-            );
-            Ok(())
-        }),
-        Command::Bench {
-            what: BenchWhat::SendPath { runs, memory_mib },
-        } => bench::send_path(runs, memory_mib).and_then(|report| {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&report).context("encode")?
-            );
-            Ok(())
-        }),
-        Command::Bench {
-            what: BenchWhat::Migrate { runs, quick },
-        } => bench_migrate::migrate(runs, quick).and_then(|report| {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&report).context("encode")?
-            );
-            Ok(())
-        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

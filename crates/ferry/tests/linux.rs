@@ -1,4 +1,4 @@
-//! Slow tests with the stock Debian kernel (`ferry guest build --linux`). On this project's CI
+//! Slow tests with the stock Debian kernel (`ferry-lab guest build --linux`). On this project's CI
 //! machine guest ring 0 is emulated (about a million instructions a second), so these follow
 //! the boot up to the point where every vCPU is up (about two minutes there): the kernel
 //! accepts ferry's platform, and a Linux guest migrated in the middle of its boot goes on
@@ -58,22 +58,22 @@ struct LinuxKit {
 /// Builds (or finds in the cache) the Debian kernel and initramfs; None with a loud skip
 /// where apt cannot provide them.
 fn linux_kit(test: &str) -> Option<LinuxKit> {
-    let out = ferry()
-        .args(["guest", "build", "--linux", "--json"])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        println!(
-            "SKIPPED (cannot build the Linux guest: {}): {test}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        return None;
+    match ferry_lab::guest_linux::build_linux_guest() {
+        Ok(built) => Some(LinuxKit {
+            vmlinux: built.vmlinux,
+            initrd: built.initrd,
+        }),
+        Err(e) => {
+            let mut why = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                why.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            println!("SKIPPED (cannot build the Linux guest: {why}): {test}");
+            None
+        }
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(LinuxKit {
-        vmlinux: v["vmlinux"].as_str()?.into(),
-        initrd: v["initrd"].as_str()?.into(),
-    })
 }
 
 fn linux_vm(kit: &LinuxKit, socket: &std::path::Path, wrap: Option<&str>) -> VmProcess {

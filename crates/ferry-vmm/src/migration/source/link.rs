@@ -295,29 +295,22 @@ impl Link {
         }
     }
 
-    /// Takes the Applied messages that arrived, without waiting; another message (an Abort,
-    /// an error) ends the migration.
+    /// Checks, without waiting, whether the destination said anything it should not have
+    /// while pages flow (an Abort, an error): that ends the migration.
     pub fn poll(&mut self) -> Result<(), Stop> {
-        loop {
-            match self.incoming.try_recv() {
-                Ok(Ok(Message::Abort(why))) => {
-                    return Err(Stop::failed(
-                        refusal_kind(why.kind),
-                        format!("the destination aborted: {why}"),
-                    ))
-                }
-                Ok(Ok(m)) => {
-                    return Err(Stop::failed(
-                        Kind::NetworkLost,
-                        format!("unexpected {} from the destination", m.kind()),
-                    ))
-                }
-                Ok(Err(stop)) => return Err(stop),
-                Err(mpsc::TryRecvError::Empty) => return Ok(()),
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    return Err(lost("the migration link", "closed"))
-                }
-            }
+        // Progress is accounted by the reader; anything that reaches here ends the migration.
+        match self.incoming.try_recv() {
+            Ok(Ok(Message::Abort(why))) => Err(Stop::failed(
+                refusal_kind(why.kind),
+                format!("the destination aborted: {why}"),
+            )),
+            Ok(Ok(m)) => Err(Stop::failed(
+                Kind::NetworkLost,
+                format!("unexpected {} from the destination", m.kind()),
+            )),
+            Ok(Err(stop)) => Err(stop),
+            Err(mpsc::TryRecvError::Empty) => Ok(()),
+            Err(mpsc::TryRecvError::Disconnected) => Err(lost("the migration link", "closed")),
         }
     }
 

@@ -1,4 +1,4 @@
-//! `ferry bench migrate`: live migration on one host over loopback, ferry beside QEMU.
+//! `ferry-lab bench migrate`: live migration on one host over loopback, ferry beside QEMU.
 //!
 //! Each case is a guest workload (idle; 256 MiB or 2 GiB of data written once and then only
 //! read, "populated"; or 256 MiB rewritten at 50, 200 or 1000 MiB/s) on a link (unlimited, or
@@ -27,12 +27,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_lab::guest::build_testguest;
+use ferry_lab::product::ferry_binary;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::bench::{qemu_binary, qemu_command, Spread};
-use crate::bench_watch::{ms, Stream, Watched, WorkDir};
-use crate::guest::build_testguest;
+use super::watch::{ms, Stream, Watched, WorkDir};
+use super::{qemu_binary, qemu_command, Spread};
 use crate::qmp::{migration_state, run_status, MigrationState, Qmp};
 
 const READY_LINE: &str = "ferry-guest: ready";
@@ -173,7 +174,7 @@ fn plan(quick: bool) -> (Vec<Case>, Vec<QemuMode>) {
     (cases, modes)
 }
 
-/// The JSON `ferry bench migrate` prints.
+/// The JSON `ferry-lab bench migrate` prints.
 #[derive(Debug, Serialize)]
 pub struct MigrateBenchReport {
     pub runs: usize,
@@ -596,19 +597,25 @@ fn qemu_cancel(qmp: &mut Qmp, state: &str) -> Result<Outcome> {
     }
 }
 
-/// `ferry bench migrate`: live-migrates the test guest `runs` times per case with ferry and
+/// `ferry-lab bench migrate`: live-migrates the test guest `runs` times per case with ferry and
 /// with QEMU (in each mode), interleaved.
-pub fn migrate(runs: usize, quick: bool) -> Result<MigrateBenchReport> {
+pub fn migrate(runs: usize, quick: bool, only: Option<&str>) -> Result<MigrateBenchReport> {
     use std::io::IsTerminal;
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
     let setup = Setup {
-        ferry: std::env::current_exe().context("cannot find the ferry binary")?,
+        ferry: ferry_binary()?,
         guest: build_testguest()?.kernel,
     };
     let qemu = qemu_binary();
-    let (cases, modes) = plan(quick);
+    let (mut cases, modes) = plan(quick);
+    if let Some(prefix) = only {
+        cases.retain(|c| c.name().starts_with(prefix));
+        if cases.is_empty() {
+            bail!("no case starts with {prefix:?}");
+        }
+    }
     let modes = if qemu.is_some() { modes } else { Vec::new() };
     let work = WorkDir::create("migrate")?;
     let progress = std::io::stderr().is_terminal();
@@ -621,7 +628,7 @@ pub fn migrate(runs: usize, quick: bool) -> Result<MigrateBenchReport> {
         for (i, case) in cases.iter().enumerate() {
             let name = case.name();
             if progress {
-                eprintln!("ferry bench migrate: run {}/{runs}, {name}", run + 1);
+                eprintln!("ferry-lab bench migrate: run {}/{runs}, {name}", run + 1);
             }
             let dir = work.0.join(format!("ferry-{name}-{run}"));
             std::fs::create_dir_all(&dir)

@@ -1,15 +1,38 @@
 //! The ELF kernel inside a bzImage.
 
-use anyhow::{bail, Context, Result};
+use super::elf::{self, Elf};
+use super::tools::{self, filter};
 
-use super::elf::Elf;
-use super::tools::filter;
+/// Why no vmlinux came out of a bzImage.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not a bzImage (no HdrS setup header)")]
+    NotBzImage,
+    #[error("boot protocol {0:#x} is older than 2.08 (no payload fields)")]
+    OldProtocol(u16),
+    #[error("truncated setup header")]
+    Truncated,
+    #[error("the bzImage's payload lies outside the file")]
+    PayloadOutside,
+    #[error("unknown compression (payload starts {0:02x?})")]
+    UnknownCompression(Vec<u8>),
+    #[error(transparent)]
+    Decompress(#[from] tools::Error),
+    #[error("the decompressed kernel is not an ELF file")]
+    NotElf(#[source] elf::Error),
+    #[error("the kernel's ELF file is malformed")]
+    BadElf(#[source] elf::Error),
+    #[error("the kernel has no PVH entry note (built without CONFIG_PVH)")]
+    NoPvhNote,
+}
+
+type Result<T> = std::result::Result<T, Error>;
 
 /// The compressed kernel inside a bzImage (boot protocol 2.08+: `payload_offset` and
 /// `payload_length` in the setup header).
 fn bzimage_payload(image: &[u8]) -> Result<&[u8]> {
     if image.get(0x202..0x206) != Some(b"HdrS") {
-        bail!("not a bzImage (no HdrS setup header)");
+        return Err(Error::NotBzImage);
     }
     let u16_at = |at: usize| {
         image
@@ -21,24 +44,20 @@ fn bzimage_payload(image: &[u8]) -> Result<&[u8]> {
             .get(at..at + 4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     };
-    let protocol = u16_at(0x206).context("truncated setup header")?;
+    let protocol = u16_at(0x206).ok_or(Error::Truncated)?;
     if protocol < 0x208 {
-        bail!("boot protocol {protocol:#x} is older than 2.08 (no payload fields)");
+        return Err(Error::OldProtocol(protocol));
     }
-    let setup_sects = match image
-        .get(0x1f1)
-        .copied()
-        .context("truncated setup header")?
-    {
+    let setup_sects = match image.get(0x1f1).copied().ok_or(Error::Truncated)? {
         0 => 4,
         n => usize::from(n),
     };
-    let offset = u32_at(0x248).context("truncated setup header")? as usize;
-    let length = u32_at(0x24c).context("truncated setup header")? as usize;
+    let offset = u32_at(0x248).ok_or(Error::Truncated)? as usize;
+    let length = u32_at(0x24c).ok_or(Error::Truncated)? as usize;
     let start = (setup_sects + 1) * 512 + offset;
     image
         .get(start..start.saturating_add(length))
-        .context("the bzImage's payload lies outside the file")
+        .ok_or(Error::PayloadOutside)
 }
 
 /// Decompresses the ELF `vmlinux` out of a bzImage, and checks it has the PVH entry note.
@@ -59,14 +78,13 @@ pub fn vmlinux_from_bzimage(image: &[u8]) -> Result<Vec<u8>> {
     } else if payload.starts_with(b"BZh") {
         filter("bzip2", &["-dc"], sized, &[0])?
     } else {
-        bail!(
-            "unknown compression (payload starts {:02x?})",
-            &payload[..payload.len().min(6)]
-        );
+        return Err(Error::UnknownCompression(
+            payload[..payload.len().min(6)].to_vec(),
+        ));
     };
-    let parsed = Elf::parse(&elf).context("the decompressed kernel is not an ELF file")?;
-    if !parsed.has_pvh_note()? {
-        bail!("the kernel has no PVH entry note (built without CONFIG_PVH)");
+    let parsed = Elf::parse(&elf).map_err(Error::NotElf)?;
+    if !parsed.has_pvh_note().map_err(Error::BadElf)? {
+        return Err(Error::NoPvhNote);
     }
     Ok(elf)
 }

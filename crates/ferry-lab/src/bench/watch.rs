@@ -10,6 +10,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_lab::kit::console::guest_trouble;
 
 /// How often exits are polled.
 const POLL: Duration = Duration::from_millis(2);
@@ -240,11 +241,6 @@ pub(crate) fn forward(pipe: impl Read + Send + 'static, from: Stream, tx: mpsc::
     });
 }
 
-/// A guest line that means the run is worthless: lost data, a clock jump, a crash.
-pub(crate) fn guest_trouble(line: &str) -> bool {
-    line.contains("CORRUPTION") || line.contains("ferry-guest: FATAL")
-}
-
 pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -274,17 +270,5 @@ impl WorkDir {
 impl Drop for WorkDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spots_guest_trouble() {
-        assert!(guest_trouble("ferry-guest: CORRUPTION mem page=3"));
-        assert!(guest_trouble("ferry-guest: FATAL exception vector=14"));
-        assert!(!guest_trouble("ferry-guest: status t=3 errors=0"));
     }
 }

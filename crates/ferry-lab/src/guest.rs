@@ -1,30 +1,39 @@
-//! `ferry guest build`: builds the test guest kernel and says where it is.
+//! `ferry-lab guest build`: builds the test guest kernel and says where it is.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::paths::{testguest_source, testguest_target};
 
-/// What `ferry guest build --json` prints.
+/// What `ferry-lab guest build --json` prints.
 #[derive(Debug, Serialize)]
 pub struct BuiltGuest {
     pub kernel: PathBuf,
     pub seconds: f64,
 }
 
+/// Why the test guest could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("the test guest's source is not at {0}; run ferry-lab from its source tree")]
+    NoSource(PathBuf),
+    #[error("cannot run {0}")]
+    Cargo(PathBuf, #[source] std::io::Error),
+    #[error("building the test guest failed ({0})")]
+    Failed(std::process::ExitStatus),
+    #[error("the test guest build did not produce {0}")]
+    NoKernel(PathBuf),
+}
+
 /// Builds the test guest with cargo (a no-op when nothing changed) into the cache.
-pub fn build_testguest() -> Result<BuiltGuest> {
+pub fn build_testguest() -> Result<BuiltGuest, BuildError> {
     let started = Instant::now();
     let source = testguest_source();
     if !source.join("Cargo.toml").is_file() {
-        bail!(
-            "the test guest's source is not at {}; run ferry from its source tree",
-            source.display()
-        );
+        return Err(BuildError::NoSource(source));
     }
     let target_dir = testguest_target(&source);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -39,13 +48,13 @@ pub fn build_testguest() -> Result<BuiltGuest> {
         .env_remove("CARGO_BUILD_TARGET")
         .env_remove("CARGO_BUILD_RUSTFLAGS")
         .status()
-        .with_context(|| format!("cannot run {}", PathBuf::from(&cargo).display()))?;
+        .map_err(|e| BuildError::Cargo(PathBuf::from(&cargo), e))?;
     if !status.success() {
-        bail!("building the test guest failed ({status})");
+        return Err(BuildError::Failed(status));
     }
     let kernel = target_dir.join("release").join("ferry-testguest");
     if !kernel.is_file() {
-        bail!("the test guest build did not produce {}", kernel.display());
+        return Err(BuildError::NoKernel(kernel));
     }
     Ok(BuiltGuest {
         kernel,

@@ -8,9 +8,30 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use super::elf::{self, Elf};
+use super::tools;
 
-use super::elf::Elf;
+/// Why the modules to load could not be worked out.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kernel modules depend on each other in a cycle through {0}")]
+    Cycle(String),
+    #[error("kernel module {name}{} is neither built in nor shipped", needed_by.as_ref().map(|p| format!(" (needed by {p})")).unwrap_or_default())]
+    Missing {
+        name: String,
+        needed_by: Option<String>,
+    },
+    #[error("cannot list {0}")]
+    List(PathBuf, #[source] std::io::Error),
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    Module(#[from] tools::Error),
+    #[error("kernel module {0}")]
+    Elf(String, #[source] elf::Error),
+}
+
+type Result<T> = std::result::Result<T, Error>;
 
 /// A module the guest should load, and whether the build fails without it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,18 +141,14 @@ pub fn load_order(
         }
         match marks.get(name) {
             Some(Mark::Done) => return Ok(()),
-            Some(Mark::Visiting) => {
-                bail!("kernel modules depend on each other in a cycle through {name}")
-            }
+            Some(Mark::Visiting) => return Err(Error::Cycle(name.to_string())),
             None => {}
         }
         let Some(node) = graph.get(name) else {
-            match needed_by {
-                Some(parent) => bail!(
-                    "kernel module {name} (needed by {parent}) is neither built in nor shipped"
-                ),
-                None => bail!("kernel module {name} is neither built in nor shipped"),
-            }
+            return Err(Error::Missing {
+                name: name.to_string(),
+                needed_by: needed_by.map(String::from),
+            });
         };
         marks.insert(name.to_string(), Mark::Visiting);
         for dep in &node.deps {
@@ -161,10 +178,10 @@ fn scan_module_files(dir: &Path) -> Result<BTreeMap<String, String>> {
         let entries = match std::fs::read_dir(&folder) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).with_context(|| format!("cannot list {}", folder.display())),
+            Err(e) => return Err(Error::List(folder, e)),
         };
         for entry in entries {
-            let entry = entry.with_context(|| format!("cannot list {}", folder.display()))?;
+            let entry = entry.map_err(|e| Error::List(folder.clone(), e))?;
             let path = entry.path();
             if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 pending.push(path);
@@ -204,10 +221,10 @@ fn graph_from_modinfo(
             continue;
         };
         let bytes = super::read_module(&dir.join(relative))?;
-        let elf = Elf::parse(&bytes).with_context(|| format!("kernel module {relative}"))?;
+        let elf = Elf::parse(&bytes).map_err(|e| Error::Elf(relative.clone(), e))?;
         let deps = modinfo_depends(
             elf.section(".modinfo")
-                .with_context(|| format!("kernel module {relative}"))?
+                .map_err(|e| Error::Elf(relative.clone(), e))?
                 .unwrap_or_default(),
         );
         pending.extend(deps.iter().cloned());
@@ -228,18 +245,14 @@ pub fn plan(dir: &Path, wanted: &[WantedModule]) -> Result<Vec<ModuleFile>> {
     let builtin = match std::fs::read_to_string(dir.join("modules.builtin")) {
         Ok(text) => parse_builtin(&text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
-        Err(e) => {
-            return Err(e).with_context(|| format!("cannot read {}/modules.builtin", dir.display()))
-        }
+        Err(e) => return Err(Error::Read(dir.join("modules.builtin"), e)),
     };
     let graph = match std::fs::read_to_string(dir.join("modules.dep")) {
         Ok(text) => parse_modules_dep(&text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             graph_from_modinfo(dir, &builtin, wanted)?
         }
-        Err(e) => {
-            return Err(e).with_context(|| format!("cannot read {}/modules.dep", dir.display()))
-        }
+        Err(e) => return Err(Error::Read(dir.join("modules.dep"), e)),
     };
     let order = load_order(&graph, &builtin, wanted)?;
     Ok(order

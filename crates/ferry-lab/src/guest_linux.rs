@@ -1,4 +1,4 @@
-//! `ferry guest build --linux`: a stock Debian kernel and a small initramfs for it.
+//! `ferry-lab guest build --linux`: a stock Debian kernel and a small initramfs for it.
 //!
 //! The kernel is the package `linux-image-amd64` currently depends on (for example
 //! `linux-image-6.1.0-56-amd64`), fetched with `apt-get download` and unpacked with
@@ -28,7 +28,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 
 use crate::paths::cache_dir;
@@ -40,6 +39,12 @@ use elf::Elf;
 pub use init::{ALIVE_PREFIX, HEARTBEAT_SECONDS, INIT_LINE, READY_PREFIX};
 use kmod::WantedModule;
 use tools::{filter, read_module};
+
+pub use apt::Error as AptError;
+pub use bzimage::Error as BzImageError;
+pub use elf::Error as ElfError;
+pub use kmod::Error as ModulesError;
+pub use tools::Error as ToolError;
 
 /// The Debian meta package whose dependency names the current kernel package.
 pub const META_PACKAGE: &str = "linux-image-amd64";
@@ -78,7 +83,54 @@ const NEEDED_SPACE: u64 = 640 << 20;
 /// Marks an unpacked package as complete (written last, inside the folder that is renamed).
 const COMPLETE_MARKER: &str = ".ferry-unpacked";
 
-/// What `ferry guest build --linux` built, and what `--json` prints.
+/// A file operation on the cache that failed: "cannot {action} {path}".
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} {}", path.display())]
+pub struct FileError {
+    action: &'static str,
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+impl FileError {
+    fn new(action: &'static str, path: &Path, source: std::io::Error) -> FileError {
+        FileError {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Why the Linux guest could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Apt(#[from] apt::Error),
+    #[error(transparent)]
+    Tool(#[from] tools::Error),
+    #[error("unexpected kernel package name {0:?}")]
+    PackageName(String),
+    #[error("the kernel package has no {what} under {}", pkg.display())]
+    NotInPackage { what: &'static str, pkg: PathBuf },
+    #[error("cannot take the vmlinux out of {}", .0.display())]
+    Vmlinux(PathBuf, #[source] bzimage::Error),
+    #[error("kernel modules in {}", .0.display())]
+    Modules(PathBuf, #[source] kmod::Error),
+    #[error("busybox-static has no static bin/busybox in {}", .0.display())]
+    NoBusybox(PathBuf),
+    #[error("cannot compress the initramfs")]
+    Compress(#[source] tools::Error),
+    #[error("cannot write the initramfs")]
+    Initramfs(#[source] std::io::Error),
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// What `ferry-lab guest build --linux` built, and what `--json` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct LinuxGuest {
     /// The stock kernel as Debian ships it: a bzImage.
@@ -113,7 +165,7 @@ pub fn build_linux_guest_in(cache: &Path) -> Result<LinuxGuest> {
     let started = Instant::now();
     let linux_dir = cache.join("linux");
     fs::create_dir_all(&linux_dir)
-        .with_context(|| format!("cannot create the cache folder {}", linux_dir.display()))?;
+        .map_err(|e| FileError::new("create the cache folder", &linux_dir, e))?;
     let _lock = lock(&linux_dir.join(".lock"))?;
     remove_leftovers(&linux_dir)?;
 
@@ -122,11 +174,10 @@ pub fn build_linux_guest_in(cache: &Path) -> Result<LinuxGuest> {
     let version = package
         .strip_prefix("linux-image-")
         .filter(|v| is_safe_name(v))
-        .with_context(|| format!("unexpected kernel package name {package:?}"))?
+        .ok_or_else(|| Error::PackageName(package.clone()))?
         .to_string();
     let root = linux_dir.join(&version);
-    fs::create_dir_all(&root)
-        .with_context(|| format!("cannot create the cache folder {}", root.display()))?;
+    fs::create_dir_all(&root).map_err(|e| FileError::new("create the cache folder", &root, e))?;
     remove_leftovers(&root)?;
 
     let pkg = root.join("pkg");
@@ -141,7 +192,7 @@ pub fn build_linux_guest_in(cache: &Path) -> Result<LinuxGuest> {
         .is_some_and(|v| v == "y");
     if !virtio_mmio_cmdline && !root.join("initrd.img").exists() {
         eprintln!(
-            "ferry: note: kernel {version} has no CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES; it ignores \
+            "ferry-lab: note: kernel {version} has no CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES; it ignores \
              virtio_mmio.device= and finds virtio-mmio devices only through ACPI (LNRO0005) or \
              a device tree"
         );
@@ -149,15 +200,13 @@ pub fn build_linux_guest_in(cache: &Path) -> Result<LinuxGuest> {
 
     let vmlinux = root.join("vmlinux");
     if !starts_with_file(&vmlinux, b"\x7fELF") {
-        let image =
-            fs::read(&kernel).with_context(|| format!("cannot read {}", kernel.display()))?;
-        let elf = vmlinux_from_bzimage(&image)
-            .with_context(|| format!("cannot take the vmlinux out of {}", kernel.display()))?;
+        let image = fs::read(&kernel).map_err(|e| FileError::new("read", &kernel, e))?;
+        let elf = vmlinux_from_bzimage(&image).map_err(|e| Error::Vmlinux(kernel.clone(), e))?;
         write_atomic(&vmlinux, &elf)?;
     }
 
     let modules = kmod::plan(&modules_dir, WANTED_MODULES)
-        .with_context(|| format!("kernel modules in {}", modules_dir.display()))?;
+        .map_err(|e| Error::Modules(modules_dir.clone(), e))?;
     let busybox = find_busybox(&linux_dir, &mut apt)?;
     let initrd = root.join("initrd.img");
     let key_path = root.join("initrd.key");
@@ -166,8 +215,8 @@ pub fn build_linux_guest_in(cache: &Path) -> Result<LinuxGuest> {
     let cached = initrd.is_file() && fs::read_to_string(&key_path).is_ok_and(|k| k == key);
     if !cached {
         let archive = build_initramfs(&busybox, &modules, &script)?;
-        let compressed = filter("gzip", &["-n", "-9", "-c"], &archive, &[0])
-            .context("cannot compress the initramfs")?;
+        let compressed =
+            filter("gzip", &["-n", "-9", "-c"], &archive, &[0]).map_err(Error::Compress)?;
         write_atomic(&initrd, &compressed)?;
         write_atomic(&key_path, key.as_bytes())?;
     }
@@ -198,43 +247,46 @@ fn is_safe_name(name: &str) -> bool {
 // Files and the cache
 
 /// An exclusive lock on `path`, held until the file is dropped.
-fn lock(path: &Path) -> Result<File> {
+fn lock(path: &Path) -> std::result::Result<File, FileError> {
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
-        .with_context(|| format!("cannot open the lock {}", path.display()))?;
+        .map_err(|e| FileError::new("open the lock", path, e))?;
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        eprintln!("ferry: waiting for another `ferry guest build --linux` to finish");
+        eprintln!("ferry-lab: waiting for another `ferry-lab guest build --linux` to finish");
         // SAFETY: as above.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("cannot lock {}", path.display()));
+            return Err(FileError::new(
+                "lock",
+                path,
+                std::io::Error::last_os_error(),
+            ));
         }
     }
     Ok(file)
 }
 
-fn remove_any(path: &Path) -> Result<()> {
+fn remove_any(path: &Path) -> std::result::Result<(), FileError> {
     let result = match fs::symlink_metadata(path) {
         Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
         Ok(_) => fs::remove_file(path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => Err(e),
     };
-    result.with_context(|| format!("cannot remove {}", path.display()))
+    result.map_err(|e| FileError::new("remove", path, e))
 }
 
 /// Removes what an interrupted build left (`*.tmp-<pid>`); called with the lock held. Best
 /// effort: temporary names are per process, so one that cannot go yet is in nobody's way.
-fn remove_leftovers(dir: &Path) -> Result<()> {
-    let entries = fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+fn remove_leftovers(dir: &Path) -> std::result::Result<(), FileError> {
+    let entries = fs::read_dir(dir).map_err(|e| FileError::new("list", dir, e))?;
     for entry in entries.flatten() {
         if entry.file_name().to_string_lossy().contains(".tmp-") {
             if let Err(e) = remove_any(&entry.path()) {
-                eprintln!("ferry: {e:#}");
+                eprintln!("ferry-lab: {e}: {}", e.source);
             }
         }
     }
@@ -242,10 +294,16 @@ fn remove_leftovers(dir: &Path) -> Result<()> {
 }
 
 /// Writes `bytes` to a temporary name beside `path` and renames it into place.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::result::Result<(), FileError> {
     let name = path
         .file_name()
-        .context("no file name")?
+        .ok_or_else(|| {
+            FileError::new(
+                "write",
+                path,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"),
+            )
+        })?
         .to_string_lossy()
         .into_owned();
     let tmp = path.with_file_name(format!("{name}.tmp-{}", std::process::id()));
@@ -258,7 +316,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.with_context(|| format!("cannot write {}", path.display()))
+    result.map_err(|e| FileError::new("write", path, e))
 }
 
 fn starts_with_file(path: &Path, magic: &[u8]) -> bool {
@@ -273,11 +331,9 @@ fn find_kernel(pkg: &Path, version: &str) -> Result<PathBuf> {
     if exact.is_file() {
         return Ok(exact);
     }
-    find_one(&pkg.join("boot"), "vmlinuz-").with_context(|| {
-        format!(
-            "the kernel package has no boot/vmlinuz-* under {}",
-            pkg.display()
-        )
+    find_one(&pkg.join("boot"), "vmlinuz-").ok_or_else(|| Error::NotInPackage {
+        what: "boot/vmlinuz-*",
+        pkg: pkg.to_path_buf(),
     })
 }
 
@@ -293,10 +349,10 @@ fn find_modules_dir(pkg: &Path, version: &str) -> Result<PathBuf> {
             return Ok(dir);
         }
     }
-    bail!(
-        "the kernel package has no lib/modules/<version> under {}",
-        pkg.display()
-    )
+    Err(Error::NotInPackage {
+        what: "lib/modules/<version>",
+        pkg: pkg.to_path_buf(),
+    })
 }
 
 /// The first entry of `dir` (sorted) whose name starts with `prefix`.
@@ -320,8 +376,7 @@ fn read_kernel_config(pkg: &Path, version: &str) -> Result<BTreeMap<String, Stri
     else {
         return Ok(BTreeMap::new());
     };
-    let text =
-        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = fs::read_to_string(&path).map_err(|e| FileError::new("read", &path, e))?;
     Ok(parse_kernel_config(&text))
 }
 
@@ -352,7 +407,8 @@ fn find_busybox(linux_dir: &Path, apt: &mut Apt) -> Result<PathBuf> {
             return Ok(PathBuf::from(host));
         }
     }
-    let pkg = linux_dir.join("busybox-static").join("pkg");
+    let parent = linux_dir.join("busybox-static");
+    let pkg = parent.join("pkg");
     let cached = ["bin/busybox", "usr/bin/busybox"]
         .iter()
         .map(|p| pkg.join(p))
@@ -360,20 +416,14 @@ fn find_busybox(linux_dir: &Path, apt: &mut Apt) -> Result<PathBuf> {
     if let (Some(path), true) = (&cached, pkg.join(COMPLETE_MARKER).is_file()) {
         return Ok(path.clone());
     }
-    let parent = pkg.parent().context("no parent")?;
-    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    remove_leftovers(parent)?;
+    fs::create_dir_all(&parent).map_err(|e| FileError::new("create", &parent, e))?;
+    remove_leftovers(&parent)?;
     fetch_package(apt, "busybox-static", &pkg, 16 << 20)?;
     ["bin/busybox", "usr/bin/busybox"]
         .iter()
         .map(|p| pkg.join(p))
         .find(|p| is_static_elf(p))
-        .with_context(|| {
-            format!(
-                "busybox-static has no static bin/busybox in {}",
-                pkg.display()
-            )
-        })
+        .ok_or(Error::NoBusybox(pkg))
 }
 
 /// The applets to link to busybox: what it says it has, else the ones `/init` uses and a few
@@ -410,7 +460,7 @@ fn busybox_applets(busybox: &Path) -> Vec<String> {
 /// What decides the initramfs's bytes; the cached one is reused while this is unchanged.
 fn initrd_key(busybox: &Path, modules: &[kmod::ModuleFile], script: &str) -> Result<String> {
     let stamp = |path: &Path| -> Result<String> {
-        let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let meta = fs::metadata(path).map_err(|e| FileError::new("read", path, e))?;
         Ok(format!(
             "{} {} {}",
             path.display(),
@@ -432,10 +482,9 @@ fn initrd_key(busybox: &Path, modules: &[kmod::ModuleFile], script: &str) -> Res
 
 /// The uncompressed newc archive.
 fn build_initramfs(busybox: &Path, modules: &[kmod::ModuleFile], script: &str) -> Result<Vec<u8>> {
-    let busybox_bytes =
-        fs::read(busybox).with_context(|| format!("cannot read {}", busybox.display()))?;
+    let busybox_bytes = fs::read(busybox).map_err(|e| FileError::new("read", busybox, e))?;
     let mut w = cpio::NewcWriter::new(Vec::new());
-    let io = |e: std::io::Error| anyhow!(e).context("cannot write the initramfs");
+    let io = Error::Initramfs;
     for dir in [
         "bin",
         "sbin",

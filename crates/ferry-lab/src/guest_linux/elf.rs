@@ -2,7 +2,22 @@
 //! `.modinfo` section, whether a program is statically linked, and whether a `vmlinux` has a
 //! PVH entry note. Every read is bounds-checked; a malformed file is an error, never a panic.
 
-use anyhow::{bail, Context, Result};
+/// Why an ELF file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not an ELF file")]
+    NotElf,
+    #[error("not a 64-bit little-endian ELF file")]
+    NotElf64,
+    #[error("truncated ELF {0}")]
+    Truncated(&'static str),
+    #[error("bad ELF section string table")]
+    BadStringTable,
+    #[error("ELF {0} lies outside the file")]
+    Outside(String),
+}
+
+type Result<T> = std::result::Result<T, Error>;
 
 const PT_INTERP: u32 = 3;
 const PT_NOTE: u32 = 4;
@@ -43,20 +58,20 @@ impl<'a> Elf<'a> {
     /// Checks the identification bytes: ELF, 64-bit, little-endian.
     pub fn parse(data: &'a [u8]) -> Result<Self> {
         if data.len() < 64 || &data[..4] != b"\x7fELF" {
-            bail!("not an ELF file");
+            return Err(Error::NotElf);
         }
         if data[4] != 2 || data[5] != 1 {
-            bail!("not a 64-bit little-endian ELF file");
+            return Err(Error::NotElf64);
         }
         Ok(Self { data })
     }
 
     fn header_u16(&self, at: u64) -> Result<u16> {
-        u16_at(self.data, at).context("truncated ELF header")
+        u16_at(self.data, at).ok_or(Error::Truncated("header"))
     }
 
     fn header_u64(&self, at: u64) -> Result<u64> {
-        u64_at(self.data, at).context("truncated ELF header")
+        u64_at(self.data, at).ok_or(Error::Truncated("header"))
     }
 
     /// (p_type, p_offset, p_filesz) of every program header.
@@ -74,7 +89,7 @@ impl<'a> Elf<'a> {
                 ))
             })
             .collect::<Option<Vec<_>>>()
-            .context("truncated ELF program headers")
+            .ok_or(Error::Truncated("program headers"))
     }
 
     /// Whether the file asks for a program interpreter (is dynamically linked).
@@ -103,11 +118,11 @@ impl<'a> Elf<'a> {
                 u64_at(self.data, at + 0x20)?,
             ))
         };
-        let (_, _, str_off, str_size) = header(strndx).context("bad ELF section string table")?;
-        let names = slice(self.data, str_off, str_size).context("bad ELF section string table")?;
+        let (_, _, str_off, str_size) = header(strndx).ok_or(Error::BadStringTable)?;
+        let names = slice(self.data, str_off, str_size).ok_or(Error::BadStringTable)?;
         for i in 0..count {
             let (name_off, kind, offset, size) =
-                header(i).context("truncated ELF section headers")?;
+                header(i).ok_or(Error::Truncated("section headers"))?;
             let Some(rest) = names.get(name_off as usize..) else {
                 continue;
             };
@@ -118,7 +133,7 @@ impl<'a> Elf<'a> {
                 }
                 return slice(self.data, offset, size)
                     .map(Some)
-                    .with_context(|| format!("ELF section {name} lies outside the file"));
+                    .ok_or_else(|| Error::Outside(format!("section {name}")));
             }
         }
         Ok(None)
@@ -130,7 +145,8 @@ impl<'a> Elf<'a> {
             if kind != PT_NOTE {
                 continue;
             }
-            let notes = slice(self.data, offset, size).context("ELF note lies outside the file")?;
+            let notes =
+                slice(self.data, offset, size).ok_or_else(|| Error::Outside("note".into()))?;
             let mut at = 0u64;
             while at + 12 <= notes.len() as u64 {
                 let (Some(namesz), Some(descsz), Some(note_type)) = (

@@ -24,7 +24,7 @@ pub fn init_script(modules: &[String]) -> String {
     }
     format!(
         r#"#!/bin/sh
-# /init of ferry's Linux test guest, written by `ferry guest build --linux`.
+# /init of ferry's Linux test guest, written by `ferry-lab guest build --linux`.
 export PATH=/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys

@@ -5,10 +5,50 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use std::process::ExitStatus;
 
-use super::tools::{run, tail};
-use super::{remove_any, write_atomic, COMPLETE_MARKER, META_PACKAGE};
+use super::tools::{self, run, tail};
+use super::{remove_any, write_atomic, FileError, COMPLETE_MARKER, META_PACKAGE};
+
+/// Why apt did not give us a package.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Tool(#[from] tools::Error),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(
+        "apt knows no {META_PACKAGE} with a linux-image-* dependency (is this a Debian amd64 \
+         host with the main component in its sources?):\n{0}"
+    )]
+    NoKernelPackage(String),
+    #[error("{0}, even after apt-get update")]
+    StillFailing(String),
+    #[error("{0}; run `sudo apt-get update` and try again")]
+    NeedsUpdate(String),
+    #[error("{command} failed ({status}):\n{tail}")]
+    Failed {
+        command: String,
+        status: ExitStatus,
+        tail: String,
+    },
+    #[error("apt-get download {package} left no .deb in {dir}")]
+    NoDeb { package: String, dir: PathBuf },
+    #[error("the package folder {0} has no parent")]
+    NoParent(PathBuf),
+    #[error(
+        "not enough free space in {dir}: {free_mib} MiB free, this needs about {needed_mib} MiB"
+    )]
+    NoSpace {
+        dir: PathBuf,
+        free_mib: u64,
+        needed_mib: u64,
+    },
+    #[error("cannot fetch {0}")]
+    Fetch(String, #[source] Box<Error>),
+}
+
+type Result<T> = std::result::Result<T, Error>;
 
 /// apt, run at most one `apt-get update` per build (and only when it is needed).
 #[derive(Debug, Default)]
@@ -51,11 +91,7 @@ impl Apt {
                 return Ok(package);
             }
             if self.updated {
-                bail!(
-                    "apt knows no {META_PACKAGE} with a linux-image-* dependency (is this a \
-                     Debian amd64 host with the main component in its sources?):\n{}",
-                    tail(&output)
-                );
+                return Err(Error::NoKernelPackage(tail(&output)));
             }
             self.update(&format!("apt does not know {META_PACKAGE} yet"))?;
         }
@@ -64,22 +100,22 @@ impl Apt {
     /// Runs `apt-get update`, once.
     fn update(&mut self, why: &str) -> Result<()> {
         if self.updated {
-            bail!("{why}, even after apt-get update");
+            return Err(Error::StillFailing(why.to_string()));
         }
         if !is_root() {
-            bail!("{why}; run `sudo apt-get update` and try again");
+            return Err(Error::NeedsUpdate(why.to_string()));
         }
-        eprintln!("ferry: {why}; running apt-get update");
+        eprintln!("ferry-lab: {why}; running apt-get update");
         let mut cmd = apt_command("apt-get");
         cmd.args(["update", "-q"]);
         let output = run(cmd)?;
         self.updated = true;
         if !output.status.success() {
-            bail!(
-                "apt-get update failed ({}):\n{}",
-                output.status,
-                tail(&output)
-            );
+            return Err(Error::Failed {
+                command: "apt-get update".into(),
+                status: output.status,
+                tail: tail(&output),
+            });
         }
         Ok(())
     }
@@ -92,22 +128,21 @@ impl Apt {
             let output = run(cmd)?;
             if output.status.success() {
                 let deb = fs::read_dir(dir)
-                    .with_context(|| format!("cannot list {}", dir.display()))?
+                    .map_err(|e| FileError::new("list", dir, e))?
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .find(|p| p.extension().is_some_and(|x| x == "deb"));
-                return deb.with_context(|| {
-                    format!(
-                        "apt-get download {package} left no .deb in {}",
-                        dir.display()
-                    )
+                return deb.ok_or_else(|| Error::NoDeb {
+                    package: package.to_string(),
+                    dir: dir.to_path_buf(),
                 });
             }
             let problem = tail(&output);
             if self.updated || !is_root() {
-                bail!(
-                    "apt-get download {package} failed ({}):\n{problem}",
-                    output.status
-                );
+                return Err(Error::Failed {
+                    command: format!("apt-get download {package}"),
+                    status: output.status,
+                    tail: problem,
+                });
             }
             // Stale lists name a version the mirror no longer has.
             self.update(&format!("apt-get download {package} failed ({problem})"))?;
@@ -155,7 +190,9 @@ pub fn current_kernel_package(apt: &mut Apt, memo: &Path) -> Result<String> {
 /// Downloads `package` and unpacks it to `dest` (replacing an incomplete one), by way of
 /// temporary names next to it.
 pub fn fetch_package(apt: &mut Apt, package: &str, dest: &Path, needed: u64) -> Result<()> {
-    let parent = dest.parent().context("package folder has no parent")?;
+    let parent = dest
+        .parent()
+        .ok_or_else(|| Error::NoParent(dest.to_path_buf()))?;
     check_space(parent, needed)?;
     let pid = std::process::id();
     let download = parent.join(format!("download.tmp-{pid}"));
@@ -163,29 +200,26 @@ pub fn fetch_package(apt: &mut Apt, package: &str, dest: &Path, needed: u64) -> 
     for tmp in [&download, &unpacked] {
         remove_any(tmp)?;
     }
-    fs::create_dir_all(&download)
-        .with_context(|| format!("cannot create {}", download.display()))?;
-    eprintln!("ferry: downloading {package} with apt-get download");
+    fs::create_dir_all(&download).map_err(|e| FileError::new("create", &download, e))?;
+    eprintln!("ferry-lab: downloading {package} with apt-get download");
     let result = (|| -> Result<()> {
         let deb = apt.download(package, &download)?;
-        eprintln!("ferry: unpacking {}", deb.display());
+        eprintln!("ferry-lab: unpacking {}", deb.display());
         let mut cmd = Command::new("dpkg-deb");
         cmd.arg("-x").arg(&deb).arg(&unpacked);
         let output = run(cmd)?;
         if !output.status.success() {
-            bail!(
-                "dpkg-deb -x {} failed ({}):\n{}",
-                deb.display(),
-                output.status,
-                tail(&output)
-            );
+            return Err(Error::Failed {
+                command: format!("dpkg-deb -x {}", deb.display()),
+                status: output.status,
+                tail: tail(&output),
+            });
         }
         File::create(unpacked.join(COMPLETE_MARKER))
             .and_then(|f| f.sync_all())
-            .with_context(|| format!("cannot write into {}", unpacked.display()))?;
+            .map_err(|e| FileError::new("write into", &unpacked, e))?;
         remove_any(dest)?;
-        fs::rename(&unpacked, dest)
-            .with_context(|| format!("cannot move {} into place", dest.display()))?;
+        fs::rename(&unpacked, dest).map_err(|e| FileError::new("move into place", dest, e))?;
         Ok(())
     })();
     // The .deb is not needed once unpacked, and nothing partial stays behind.
@@ -193,7 +227,7 @@ pub fn fetch_package(apt: &mut Apt, package: &str, dest: &Path, needed: u64) -> 
     if result.is_err() {
         let _ = fs::remove_dir_all(&unpacked);
     }
-    result.with_context(|| format!("cannot fetch {package}"))
+    result.map_err(|e| Error::Fetch(package.to_string(), Box::new(e)))
 }
 
 /// Fails clearly when the file system under `dir` has less than `needed` bytes free.
@@ -212,12 +246,11 @@ fn check_space(dir: &Path, needed: u64) -> Result<()> {
     #[allow(clippy::useless_conversion)]
     let free = stat.f_bavail.saturating_mul(stat.f_frsize);
     if free < needed {
-        bail!(
-            "not enough free space in {}: {} MiB free, this needs about {} MiB",
-            dir.display(),
-            free >> 20,
-            needed >> 20
-        );
+        return Err(Error::NoSpace {
+            dir: dir.to_path_buf(),
+            free_mib: free >> 20,
+            needed_mib: needed >> 20,
+        });
     }
     Ok(())
 }

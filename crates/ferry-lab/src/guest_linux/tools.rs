@@ -2,10 +2,41 @@
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use anyhow::{anyhow, bail, Context, Result};
+/// Why a host tool did not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{program} is not installed ({hint})")]
+    NotInstalled { program: String, hint: &'static str },
+    #[error("cannot run {program}")]
+    Run {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot feed {program}")]
+    Feed {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("feeding {0} panicked")]
+    FeedPanicked(String),
+    #[error("{command} failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("cannot decompress {0}")]
+    Decompress(PathBuf, #[source] Box<Error>),
+}
+
+type Result<T> = std::result::Result<T, Error>;
 
 /// Makes the command's process die with ferry, so a killed build leaves no apt-get or
 /// dpkg-deb writing into the cache behind it.
@@ -32,13 +63,16 @@ pub fn run(mut cmd: Command) -> Result<Output> {
 }
 
 /// A clear message for a tool that cannot be started.
-pub fn tool_error(program: &str, e: std::io::Error) -> anyhow::Error {
+pub fn tool_error(program: &str, e: std::io::Error) -> Error {
     if e.kind() != std::io::ErrorKind::NotFound {
-        return anyhow!(e).context(format!("cannot run {program}"));
+        return Error::Run {
+            program: program.to_string(),
+            source: e,
+        };
     }
     let hint = match program {
         "apt-get" | "apt-cache" | "dpkg-deb" => {
-            "ferry guest build --linux fetches Debian's kernel with apt: it needs a Debian (or \
+            "ferry-lab guest build --linux fetches Debian's kernel with apt: it needs a Debian (or \
              derivative) host with apt and dpkg"
         }
         "xz" => "install xz-utils",
@@ -48,7 +82,10 @@ pub fn tool_error(program: &str, e: std::io::Error) -> anyhow::Error {
         "bzip2" => "install bzip2",
         _ => "is it installed?",
     };
-    anyhow!("{program} is not installed ({hint})")
+    Error::NotInstalled {
+        program: program.to_string(),
+        hint,
+    }
 }
 
 /// The last few lines of a command's stderr (and stdout), for error messages.
@@ -76,35 +113,42 @@ pub fn filter(program: &str, args: &[&str], input: &[u8], ok: &[i32]) -> Result<
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| tool_error(program, e))?;
-    let mut stdin = child.stdin.take().context("no stdin")?;
+    let mut stdin = child.stdin.take().expect("stdin was asked to be piped");
     let (output, written) = std::thread::scope(|scope| {
         let writer = scope.spawn(move || stdin.write_all(input));
         let output = child.wait_with_output();
         (output, writer.join())
     });
-    let output = output.with_context(|| format!("cannot run {program}"))?;
+    let output = output.map_err(|source| Error::Run {
+        program: program.to_string(),
+        source,
+    })?;
     match written {
         Ok(Ok(())) => {}
         // The program may stop reading once it has what it wants (xz --single-stream).
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-        Ok(Err(e)) => return Err(e).with_context(|| format!("cannot feed {program}")),
-        Err(_) => bail!("feeding {program} panicked"),
+        Ok(Err(source)) => {
+            return Err(Error::Feed {
+                program: program.to_string(),
+                source,
+            })
+        }
+        Err(_) => return Err(Error::FeedPanicked(program.to_string())),
     }
     let code = output.status.code().unwrap_or(-1);
     if !ok.contains(&code) {
-        bail!(
-            "{program} {} failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        return Err(Error::Failed {
+            command: format!("{program} {}", args.join(" ")),
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
     }
     Ok(output.stdout)
 }
 
 /// A kernel module's bytes, decompressed if it is `.ko.xz`, `.ko.zst` or `.ko.gz`.
 pub fn read_module(path: &Path) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::Read(path.into(), e))?;
     let name = path.to_string_lossy();
     let plain = if name.ends_with(".xz") {
         filter("xz", &["-dc"], &bytes, &[0])
@@ -115,5 +159,5 @@ pub fn read_module(path: &Path) -> Result<Vec<u8>> {
     } else {
         return Ok(bytes);
     };
-    plain.with_context(|| format!("cannot decompress {}", path.display()))
+    plain.map_err(|e| Error::Decompress(path.into(), Box::new(e)))
 }

@@ -1,4 +1,4 @@
-//! `ferry bench`: measurements of ferry beside its peer (QEMU) on the same guest, in one run.
+//! `ferry-lab bench`: measurements of ferry beside its peer (QEMU) on the same guest, in one run.
 //!
 //! Benchmarks are not tests: the machine is noisy, so each figure is measured several times,
 //! ferry and QEMU interleaved, and reported as min/median/max with the ratio between them.
@@ -12,7 +12,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::guest::build_testguest;
+use ferry_lab::guest::build_testguest;
+use ferry_lab::product::ferry_binary;
+
+pub mod migrate;
+pub mod snapshot;
+mod watch;
 
 /// How long one boot may take before the run counts as failed.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -46,7 +51,7 @@ impl Spread {
     }
 }
 
-/// The JSON `ferry bench boot` prints.
+/// The JSON `ferry-lab bench boot` prints.
 #[derive(Debug, Serialize)]
 pub struct BootReport {
     pub runs: usize,
@@ -167,13 +172,13 @@ pub fn qemu_command(kernel: &Path, memory_mib: u64, append: &str) -> Command {
     c
 }
 
-/// `ferry bench boot`: boots the test guest `runs` times with ferry and with QEMU.
+/// `ferry-lab bench boot`: boots the test guest `runs` times with ferry and with QEMU.
 pub fn boot(runs: usize, memory_mib: u64) -> Result<BootReport> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
     let guest = build_testguest()?.kernel;
-    let me = std::env::current_exe().context("cannot find the ferry binary")?;
+    let me = ferry_binary()?;
     let qemu = qemu_binary();
     let append = "workload=idle";
     let mem_bytes = memory_mib << 20;

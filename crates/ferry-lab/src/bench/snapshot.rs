@@ -1,4 +1,4 @@
-//! `ferry bench snapshot`: saving a VM to disk and starting it again, ferry beside QEMU.
+//! `ferry-lab bench snapshot`: saving a VM to disk and starting it again, ferry beside QEMU.
 //!
 //! For an idle guest and a busy one (256 MiB rewritten at 200 MiB/s), each run boots the test
 //! guest, saves it once it is ready (paused, then written to a folder or file) and starts it
@@ -16,12 +16,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_lab::guest::build_testguest;
+use ferry_lab::product::ferry_binary;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::bench::{qemu_binary, qemu_command, Spread};
-use crate::bench_watch::{ms, Stream, Watched, WorkDir};
-use crate::guest::build_testguest;
+use super::watch::{ms, Stream, Watched, WorkDir};
+use super::{qemu_binary, qemu_command, Spread};
 use crate::qmp::{migration_state, run_status, MigrationState, Qmp};
 
 const READY_LINE: &str = "ferry-guest: ready";
@@ -50,7 +51,7 @@ const SCENARIOS: [(&str, &str); 2] = [
     ("busy", "workload=mem mem_mib=256 mem_rate=200"),
 ];
 
-/// The JSON `ferry bench snapshot` prints.
+/// The JSON `ferry-lab bench snapshot` prints.
 #[derive(Debug, Serialize)]
 pub struct SnapshotBenchReport {
     pub runs: usize,
@@ -437,7 +438,7 @@ fn qemu_wait_running(vm: &mut Watched, qmp_path: &Path) -> Result<Instant> {
     }
 }
 
-/// `ferry bench snapshot`: saves and restores the test guest `runs` times per workload with
+/// `ferry-lab bench snapshot`: saves and restores the test guest `runs` times per workload with
 /// ferry and with QEMU.
 pub fn snapshot(runs: usize, memory_mib: u64) -> Result<SnapshotBenchReport> {
     use std::io::IsTerminal;
@@ -445,7 +446,7 @@ pub fn snapshot(runs: usize, memory_mib: u64) -> Result<SnapshotBenchReport> {
         bail!("--runs must be at least 1");
     }
     let setup = Setup {
-        ferry: std::env::current_exe().context("cannot find the ferry binary")?,
+        ferry: ferry_binary()?,
         guest: build_testguest()?.kernel,
         memory_mib,
     };
@@ -457,7 +458,10 @@ pub fn snapshot(runs: usize, memory_mib: u64) -> Result<SnapshotBenchReport> {
     for run in 0..runs {
         for (i, (name, append)) in SCENARIOS.iter().enumerate() {
             if progress {
-                eprintln!("ferry bench snapshot: run {}/{runs}, {name} guest", run + 1);
+                eprintln!(
+                    "ferry-lab bench snapshot: run {}/{runs}, {name} guest",
+                    run + 1
+                );
             }
             let dir = work.0.join(format!("ferry-{name}-{run}"));
             std::fs::create_dir_all(&dir)

@@ -1,0 +1,283 @@
+//! Processes whose console is watched line by line: `ferry run` and `ferry receive`, or any
+//! VMM booting the test guest. The panicking methods are for tests (a failed wait shows the
+//! console); the `try_` ones return the same failure as an [`Error`](super::Error).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::console::{guest_trouble, Status, STATUS};
+use super::{ferry, guest_kernel, Error};
+
+/// A VM to boot, described by name rather than by a row of flags.
+#[derive(Debug, Clone)]
+pub struct Boot {
+    pub vcpus: u8,
+    pub memory: &'static str,
+    pub append: String,
+    pub disks: Vec<PathBuf>,
+    pub api_socket: Option<PathBuf>,
+}
+
+impl Boot {
+    pub fn guest(append: &str) -> Boot {
+        Boot {
+            vcpus: 1,
+            memory: "256M",
+            append: append.to_string(),
+            disks: vec![],
+            api_socket: None,
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = ferry();
+        c.arg("run")
+            .arg("--kernel")
+            .arg(guest_kernel())
+            .args(["--memory", self.memory, "--vcpus", &self.vcpus.to_string()])
+            .args(["--append", &self.append]);
+        for d in &self.disks {
+            c.arg("--disk").arg(d);
+        }
+        if let Some(s) = &self.api_socket {
+            c.arg("--api-socket").arg(s);
+        }
+        c
+    }
+
+    pub fn start(&self) -> VmProcess {
+        VmProcess::spawn(self.command())
+    }
+}
+
+#[derive(Debug, Default)]
+struct Output {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+/// A running `ferry run` whose console (stdout) and stderr are collected line by line.
+/// Killed when dropped, so a failing test leaves no VM behind.
+#[derive(Debug)]
+pub struct VmProcess {
+    child: Option<Child>,
+    out: Arc<(Mutex<Output>, Condvar)>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl VmProcess {
+    pub fn spawn(command: Command) -> VmProcess {
+        VmProcess::try_spawn(command).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn try_spawn(mut command: Command) -> Result<VmProcess, Error> {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::Spawn(command.get_program().into(), e))?;
+        let out = Arc::new((Mutex::new(Output::default()), Condvar::new()));
+        let stdout = child.stdout.take().expect("stdout");
+        let o = out.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let mut g = o.0.lock().expect("output");
+                g.lines.push(line);
+                o.1.notify_all();
+            }
+            o.0.lock().expect("output").closed = true;
+            o.1.notify_all();
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let e = stderr.clone();
+        let err_pipe = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut g = e.lock().expect("stderr");
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        Ok(VmProcess {
+            child: Some(child),
+            out,
+            stderr,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("child").id()
+    }
+
+    /// Every console line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.out.0.lock().expect("output").lines.clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr").clone()
+    }
+
+    /// Waits for a console line (at index >= `from`) containing `needle`; returns its index
+    /// and text. Panics with the console so far if it does not come in time.
+    pub fn wait_for_from(&self, from: usize, needle: &str, timeout: Duration) -> (usize, String) {
+        self.try_wait_for_from(from, needle, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`VmProcess::wait_for_from`], failing with the console so far instead of panicking.
+    pub fn try_wait_for_from(
+        &self,
+        from: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<(usize, String), Error> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.out;
+        let mut g = lock.lock().expect("output");
+        loop {
+            if let Some(i) = g.lines.iter().skip(from).position(|l| l.contains(needle)) {
+                return Ok((from + i, g.lines[from + i].clone()));
+            }
+            let now = Instant::now();
+            if g.closed || now >= deadline {
+                let console = g.lines.join("\n");
+                drop(g);
+                return Err(Error::NoLine {
+                    needle: needle.to_string(),
+                    why: if now >= deadline {
+                        "timed out"
+                    } else {
+                        "console closed"
+                    },
+                    console,
+                    stderr: self.stderr(),
+                });
+            }
+            g = cv.wait_timeout(g, deadline - now).expect("wait").0;
+        }
+    }
+
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_from(0, needle, timeout).1
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("child");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "ferry run did not exit in {timeout:?}; console:\n{}",
+                    self.lines().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the guest's first status line and then for a later one with more timer ticks.
+    /// Status lines follow the guest's TSC, so a vCPU thread starved by a loaded host can
+    /// print two of them back to back before its next timer interrupt; the ticks must still
+    /// go on within a few lines. Returns (first, later).
+    pub fn wait_for_ticks(&self, timeout: Duration) -> (Status, Status) {
+        let deadline = Instant::now() + timeout;
+        let (mut at, line) = self.wait_for_from(0, STATUS, timeout);
+        let first = Status::parse(&line).expect("a status line");
+        for _ in 0..10 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (i, line) = self.wait_for_from(at + 1, STATUS, left);
+            let later = Status::parse(&line).expect("a status line");
+            if later.ticks > first.ticks {
+                return (first, later);
+            }
+            at = i;
+        }
+        panic!("timer ticks stopped: {:?}", self.statuses());
+    }
+
+    /// Status lines parsed so far.
+    pub fn statuses(&self) -> Vec<Status> {
+        self.lines()
+            .iter()
+            .filter_map(|l| Status::parse(l))
+            .collect()
+    }
+
+    /// The guest's reports of corruption or a fatal error so far.
+    pub fn troubles(&self) -> Vec<String> {
+        self.lines()
+            .into_iter()
+            .filter(|l| guest_trouble(l))
+            .collect()
+    }
+
+    /// Panics if the guest reported corruption or a fatal error.
+    pub fn assert_clean(&self) {
+        let bad = self.troubles();
+        assert!(
+            bad.is_empty(),
+            "the guest reported problems:\n{}",
+            bad.join("\n")
+        );
+        for s in self.statuses() {
+            assert_eq!(s.errors, 0, "status with errors: {s:?}");
+        }
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A digest of the VM process's guest RAM mapping (the anonymous mapping of exactly
+/// `guest_bytes`), read through /proc/PID/mem: it changes if and only if guest memory does.
+pub fn guest_memory_digest(pid: u32, guest_bytes: u64) -> u64 {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let (start, _) = maps
+        .lines()
+        .filter_map(|l| {
+            let range = l.split_whitespace().next()?;
+            let (a, b) = range.split_once('-')?;
+            let (a, b) = (
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            );
+            (b - a == guest_bytes).then_some((a, b))
+        })
+        .next()
+        .expect("a mapping the size of guest memory");
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open mem");
+    mem.seek(SeekFrom::Start(start)).expect("seek");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut left = guest_bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        mem.read_exact(&mut buf[..n]).expect("read guest memory");
+        for chunk in buf[..n].chunks_exact(8) {
+            let w = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            hash = (hash ^ w).wrapping_mul(0x0100_0000_01b3);
+        }
+        left -= n as u64;
+    }
+    hash
+}

@@ -1,0 +1,164 @@
+//! `ferry-lab`: ferry's tooling, apart from the product. Builds guests, runs the demo and the
+//! benchmarks beside QEMU. It drives the product binary `ferry` by its command line.
+
+mod bench;
+mod demo;
+mod qmp;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use ferry_lab::{guest, guest_linux};
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry-lab",
+    version,
+    about = "ferry's lab: guests, the demo, benchmarks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The main job, on an embedded default: boot a busy VM on one host, live-migrate it to a
+    /// second (network namespaces on this machine), and show the report and the guest's verdict.
+    Demo {
+        /// Print the final status and verdict as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build guests for ferry.
+    Guest {
+        #[command(subcommand)]
+        action: GuestAction,
+    },
+    /// Measure ferry beside QEMU on the same guest (JSON with min/median/max and ratios).
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchWhat {
+    /// Process start to the guest's ready line, and the VMM's own memory overhead.
+    Boot {
+        /// How many boots of each VMM.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+    },
+    /// Save a running guest to disk (pause to saved) and start it again (process start to
+    /// running), for an idle and a busy guest.
+    Snapshot {
+        /// How many save/restore cycles of each VMM per guest workload.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory_mib: u64,
+    },
+    /// Live-migrate a 1 GiB guest over loopback (idle, and dirtying memory at several rates,
+    /// on an unlimited and a 1 Gbit/s link): total time, downtime and bytes sent.
+    Migrate {
+        /// How many migrations of each VMM per case.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Only the idle, populated 256 MiB and 200 MiB/s guests on an unlimited link, QEMU in
+        /// its best mode.
+        #[arg(long)]
+        quick: bool,
+        /// Only the cases whose name starts with this (e.g. `populated2g`).
+        #[arg(long)]
+        only: Option<String>,
+    },
+    /// The migration send path alone (scanning, encoding, writing) into a receiver on
+    /// loopback that discards: GB/s and CPU per page next to a plain memcpy.
+    SendPath {
+        /// How many passes.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Guest memory full of data, MiB.
+        #[arg(long, default_value_t = 2048)]
+        memory_mib: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GuestAction {
+    /// Build ferry's test guest kernel and print its path.
+    Build {
+        /// Print {"kernel": PATH, "seconds": N}.
+        #[arg(long)]
+        json: bool,
+        /// Instead: fetch Debian's stock kernel (through apt) and build an initramfs for it
+        /// (busybox, virtio modules, an init that says ready); print the kernel and initrd.
+        #[arg(long)]
+        linux: bool,
+    },
+}
+
+fn guest_build(json: bool, linux: bool) -> Result<()> {
+    if linux {
+        let built = guest_linux::build_linux_guest()?;
+        if json {
+            println!("{}", serde_json::to_string(&built).context("encode")?);
+        } else {
+            println!("kernel  {}", built.kernel.display());
+            println!("vmlinux {}", built.vmlinux.display());
+            println!("initrd  {}", built.initrd.display());
+        }
+    } else {
+        let built = guest::build_testguest()?;
+        if json {
+            println!("{}", serde_json::to_string(&built).context("encode")?);
+        } else {
+            println!("{}", built.kernel.display());
+        }
+    }
+    Ok(())
+}
+
+fn print_report(report: &impl Serialize) -> Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(report).context("encode")?
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo { json } => demo::demo(json),
+        Command::Guest {
+            action: GuestAction::Build { json, linux },
+        } => guest_build(json, linux),
+        Command::Bench {
+            what: BenchWhat::Boot { runs, memory_mib },
+        } => bench::boot(runs, memory_mib).and_then(|r| print_report(&r)),
+        Command::Bench {
+            what: BenchWhat::Snapshot { runs, memory_mib },
+        } => bench::snapshot::snapshot(runs, memory_mib).and_then(|r| print_report(&r)),
+        Command::Bench {
+            what: BenchWhat::Migrate { runs, quick, only },
+        } => bench::migrate::migrate(runs, quick, only.as_deref()).and_then(|r| print_report(&r)),
+        Command::Bench {
+            what: BenchWhat::SendPath { runs, memory_mib },
+        } => bench::send_path(runs, memory_mib).and_then(|r| print_report(&r)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-lab: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
