@@ -15,6 +15,8 @@ use ferry_proto::migration::{
 };
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::prefault::Prefaulter;
+
 /// Messages read ahead of the one being applied.
 const READ_AHEAD: usize = 3;
 
@@ -27,16 +29,18 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Starts reading `reader`; every message is checked by `machine` before it is passed on.
+    /// Starts reading `reader`; every message is checked by `machine` before it is passed on,
+    /// and the memory a page batch will fill is faulted in by `prefault` on the way.
     pub fn start(
         reader: BufReader<TcpStream>,
         machine: Arc<Mutex<ReceiverMachine>>,
+        mut prefault: Option<Prefaulter>,
     ) -> std::io::Result<Reader> {
         let (tx, messages) = mpsc::sync_channel(READ_AHEAD);
         let (spent, buffers) = mpsc::sync_channel::<Vec<u8>>(READ_AHEAD + 2);
         let thread = std::thread::Builder::new()
             .name("ferry-recv".into())
-            .spawn(move || read_loop(reader, &machine, &tx, &buffers))?;
+            .spawn(move || read_loop(reader, &machine, &tx, &buffers, prefault.as_mut()))?;
         Ok(Reader {
             messages,
             spent,
@@ -69,6 +73,7 @@ fn read_loop(
     machine: &Mutex<ReceiverMachine>,
     out: &SyncSender<Result<Message, String>>,
     buffers: &Receiver<Vec<u8>>,
+    mut prefault: Option<&mut Prefaulter>,
 ) {
     loop {
         let spare = buffers.try_recv().unwrap_or_default();
@@ -79,6 +84,9 @@ fn read_loop(
                 machine.received(&m).map_err(|e| e.to_string())?;
                 Ok(m)
             });
+        if let (Ok(Message::Pages(batch)), Some(p)) = (&result, prefault.as_deref_mut()) {
+            p.batch(batch);
+        }
         let end = result.is_err();
         if out.send(result).is_err() || end {
             return;

@@ -13,6 +13,7 @@
 
 mod apply;
 mod listener;
+mod prefault;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -66,7 +67,10 @@ pub enum ReceiveError {
 struct Link {
     stream: std::net::TcpStream,
     machine: Arc<Mutex<ReceiverMachine>>,
-    reader: Reader,
+    /// The connection's reading side until the reader thread takes it (once guest memory
+    /// exists, so it can fault memory in ahead of the pages).
+    unread: Option<std::io::BufReader<std::net::TcpStream>>,
+    reader: Option<Reader>,
 }
 
 impl Link {
@@ -79,10 +83,30 @@ impl Link {
         write_message(&mut self.stream, m).map_err(|e| format!("sending to the source: {e}"))
     }
 
+    /// Starts the reader thread; `memory` is faulted in ahead of the pages that fill it.
+    fn start_reading(&mut self, memory: &ferry_devices::GuestMemory) -> Result<(), String> {
+        let unread = self.unread.take().ok_or("the reader runs already")?;
+        let reader = Reader::start(
+            unread,
+            self.machine.clone(),
+            Some(prefault::Prefaulter::new(memory)),
+        )
+        .map_err(|e| format!("cannot start the reader thread: {e}"))?;
+        self.reader = Some(reader);
+        Ok(())
+    }
+
     fn receive(&mut self) -> Result<Message, String> {
-        match self.reader.next()? {
+        let reader = self.reader.as_ref().ok_or("nothing reads the connection")?;
+        match reader.next()? {
             Message::Abort(why) => Err(format!("the source aborted: {why}")),
             m => Ok(m),
+        }
+    }
+
+    fn recycle(&self, buffer: Vec<u8>) {
+        if let Some(r) = &self.reader {
+            r.recycle(buffer);
         }
     }
 }
@@ -136,8 +160,9 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
     let machine = Arc::new(Mutex::new(machine));
     let mut link = Link {
         stream,
-        machine: machine.clone(),
-        reader: Reader::start(reader, machine).map_err(VmmError::Thread)?,
+        machine,
+        unread: Some(reader),
+        reader: None,
     };
     let attach = Attachments {
         disks: config.disks,
@@ -272,6 +297,7 @@ fn receive_state(
     let skeleton =
         Skeleton::new(kvm, mem, setup.vcpus).map_err(|e| lacking(crate::error_chain(&e)))?;
     let mem = skeleton.memory().clone();
+    link.start_reading(&mem)?;
     link.send(&Message::SetupOk)?;
 
     let mut totals = AppliedTotals::default();
@@ -284,7 +310,7 @@ fn receive_state(
                     totals.pages += record.page_count();
                     totals.bytes += apply::apply(&mem, record)?;
                 }
-                link.reader.recycle(batch.into_bytes());
+                link.recycle(batch.into_bytes());
                 if flow_control && totals.due(REPORT_EVERY) {
                     report(link, &mut totals)?;
                 }

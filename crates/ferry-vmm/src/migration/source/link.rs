@@ -219,6 +219,37 @@ impl Link {
         }
     }
 
+    /// Queues a last message (an Abort) and waits at most `timeout` for it to be written,
+    /// whatever the cancel flag says; gives up silently, since the link is being closed.
+    pub fn send_last(&mut self, m: Message, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let Some(tx) = &self.outgoing else {
+            return;
+        };
+        let mut item = Outgoing::Message(m);
+        loop {
+            self.stats.in_queue.fetch_add(1, Ordering::AcqRel);
+            match tx.try_send(item) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(back)) if Instant::now() < deadline => {
+                    self.stats.in_queue.fetch_sub(1, Ordering::AcqRel);
+                    item = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => {
+                    self.stats.in_queue.fetch_sub(1, Ordering::AcqRel);
+                    return;
+                }
+            }
+        }
+        while self.stats.in_queue.load(Ordering::Acquire) > 0
+            && Instant::now() < deadline
+            && !self.writer.as_ref().is_some_and(JoinHandle::is_finished)
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     /// A page buffer the writer is done with, waiting at most `timeout`.
     pub fn spent_buffer(&mut self, timeout: Duration) -> Result<Option<PageBatch>, Stop> {
         let deadline = Instant::now() + timeout;

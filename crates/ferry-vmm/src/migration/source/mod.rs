@@ -333,15 +333,9 @@ impl<'a> Worker<'a> {
                     _ => AbortKind::Failed,
                 };
                 let reason = Message::abort_as(kind, e.message.clone());
-                if self.ctx.cancel.load(Ordering::Relaxed) {
-                    // send() refuses once cancelled; the writer may still take the Abort.
-                    self.ctx.cancel.store(false, Ordering::Relaxed);
-                    let _ = link.send(reason);
-                    self.ctx.cancel.store(true, Ordering::Relaxed);
-                } else {
-                    let _ = link.send(reason);
-                }
-                let _ = link.drain(Instant::now() + Duration::from_millis(500));
+                // A last word, within a bounded time: a frozen peer gets the closed
+                // connection instead.
+                link.send_last(reason, Duration::from_millis(500));
             }
         }
         link.close();

@@ -1,0 +1,147 @@
+//! Faulting guest memory in ahead of the pages that will fill it.
+//!
+//! Fresh anonymous memory costs the kernel a fault and a page clear on first touch, and on a
+//! nested host that is most of what a destination spends (measured here: about two thirds of
+//! its CPU time). The reader thread populates the 2 MiB chunks a batch will write while the
+//! main thread still applies the batch before it, so the clearing runs on another core and
+//! the copy lands in memory that is already there. Only chunks that data pages go to are
+//! populated: a sparse guest stays sparse.
+
+use ferry_devices::GuestMemory;
+use ferry_proto::migration::{PageBatch, PageRecord};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Populated in chunks of a transparent huge page.
+const CHUNK: u64 = 2 << 20;
+
+#[derive(Debug)]
+struct Region {
+    gpa: u64,
+    len: u64,
+    host: *mut u8,
+    /// One flag per chunk: populated already.
+    done: Vec<bool>,
+}
+
+/// Populates the chunks of guest memory that data pages are about to land in.
+#[derive(Debug)]
+pub struct Prefaulter {
+    regions: Vec<Region>,
+    /// Off once the kernel refused (before Linux 5.14 it does not know the advice).
+    enabled: bool,
+    /// Keeps the mapping alive while the raw pointers above are used.
+    _memory: GuestMemory,
+}
+
+// SAFETY: the raw pointers point into `_memory`'s mappings, which the prefaulter owns a handle
+// to; it only asks the kernel to populate them, and one thread uses it at a time.
+unsafe impl Send for Prefaulter {}
+
+impl Prefaulter {
+    pub fn new(memory: &GuestMemory) -> Prefaulter {
+        let regions = memory
+            .iter()
+            .map(|r| Region {
+                gpa: r.start_addr().raw_value(),
+                len: r.len(),
+                host: memory
+                    .get_host_address(r.start_addr())
+                    .expect("a region's start is mapped"),
+                done: vec![false; r.len().div_ceil(CHUNK) as usize],
+            })
+            .collect();
+        Prefaulter {
+            regions,
+            enabled: true,
+            _memory: memory.clone(),
+        }
+    }
+
+    /// Populates the chunks the data pages of `batch` go to, each once.
+    pub fn batch(&mut self, batch: &PageBatch) {
+        if !self.enabled {
+            return;
+        }
+        for record in batch.records() {
+            let Ok(PageRecord::Data { gpa, .. }) = record else {
+                continue;
+            };
+            let Some(region) = self
+                .regions
+                .iter_mut()
+                .find(|r| gpa >= r.gpa && gpa < r.gpa + r.len)
+            else {
+                continue;
+            };
+            let chunk = ((gpa - region.gpa) / CHUNK) as usize;
+            if region.done[chunk] {
+                continue;
+            }
+            region.done[chunk] = true;
+            let offset = chunk as u64 * CHUNK;
+            let len = CHUNK.min(region.len - offset);
+            // SAFETY: `offset..offset + len` lies inside the region's live mapping of `len`
+            // bytes at `host` (kept alive by `_memory`); MADV_POPULATE_WRITE only faults the
+            // pages in, as a write would, and changes no byte of them.
+            let rc = unsafe {
+                libc::madvise(
+                    region.host.add(offset as usize).cast(),
+                    len as usize,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                tracing::debug!("populating guest memory ahead: {e}; not trying again");
+                self.enabled = false;
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::migration::PageBatchWriter;
+
+    #[test]
+    fn the_chunks_of_data_pages_are_populated_and_nothing_else() {
+        let mem = crate::memory::create_guest_memory(64 << 20).expect("mem");
+        let host = mem
+            .get_host_address(vm_memory::GuestAddress(0))
+            .expect("host");
+        let resident = || {
+            crate::memory::resident_pages(host, 64 << 20)
+                .expect("mincore")
+                .iter()
+                .filter(|b| *b & 1 == 1)
+                .count()
+        };
+        let before = resident();
+        let mut w = PageBatchWriter::new(1 << 20);
+        assert!(w.push_page(0x40_0000, &[7u8; 4096]));
+        assert!(w.push_zero_run(0x100_0000, 512));
+        let mut p = Prefaulter::new(&mem);
+        p.batch(&w.take());
+        let after = resident();
+        if !p.enabled {
+            println!("this kernel cannot populate ahead; nothing to check");
+            return;
+        }
+        assert!(
+            after >= before + 512,
+            "the data page's chunk: {before} -> {after}"
+        );
+        assert!(
+            after <= before + 1024,
+            "the zero run's chunk stays empty: {after}"
+        );
+        assert!(p.regions[0].done[2] && !p.regions[0].done[8]);
+        // The guest memory reads as zero still: populating changes no byte.
+        let mut page = [1u8; 4096];
+        vm_memory::Bytes::read_slice(&mem, &mut page, vm_memory::GuestAddress(0x40_0000))
+            .expect("read");
+        assert!(page.iter().all(|b| *b == 0));
+    }
+}
