@@ -11,7 +11,7 @@ use ferry_devices::GuestMemory;
 use ferry_proto::migration::{PageBatch, PageRecord};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
-/// Populated in chunks of a transparent huge page.
+/// Populated in chunks of 2 MiB: one call per chunk, few calls per batch.
 const CHUNK: u64 = 2 << 20;
 
 #[derive(Debug)]
