@@ -83,6 +83,66 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
     GuestMemory::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Mmap { size, source })
 }
 
+/// One RAM region as host memory: where the guest sees it and where this process maps it.
+#[derive(Debug, Clone, Copy)]
+pub struct HostRegion {
+    pub gpa: u64,
+    pub len: u64,
+    pub host: *mut u8,
+}
+
+impl HostRegion {
+    /// The offset of `gpa..gpa + len` in this region, if it lies inside.
+    pub fn offset_of(&self, gpa: u64, len: u64) -> Option<u64> {
+        let end = gpa.checked_add(len)?;
+        (gpa >= self.gpa && end <= self.gpa + self.len).then(|| gpa - self.gpa)
+    }
+}
+
+/// Guest memory as raw host regions, for code that works on it in place (the migration
+/// scanner reads pages, the destination faults chunks in). It holds a handle on the memory,
+/// so the regions stay mapped while it lives.
+#[derive(Debug)]
+pub struct HostRegions {
+    regions: Vec<HostRegion>,
+    _memory: GuestMemory,
+}
+
+// SAFETY: the raw pointers point into `_memory`'s mappings, which live as long as this; the
+// type hands out only addresses, and what its users do with them carries its own SAFETY.
+unsafe impl Send for HostRegions {}
+
+impl HostRegions {
+    pub fn new(memory: &GuestMemory) -> HostRegions {
+        let regions = memory
+            .iter()
+            .map(|r| HostRegion {
+                gpa: r.start_addr().raw_value(),
+                len: r.len(),
+                host: memory
+                    .get_host_address(r.start_addr())
+                    .expect("a region's own start address is mapped"),
+            })
+            .collect();
+        HostRegions {
+            regions,
+            _memory: memory.clone(),
+        }
+    }
+
+    pub fn regions(&self) -> &[HostRegion] {
+        &self.regions
+    }
+
+    /// The region holding all of `gpa..gpa + len`, with the offset of `gpa` in it.
+    pub fn find(&self, gpa: u64, len: u64) -> Option<(usize, u64)> {
+        self.regions
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| r.offset_of(gpa, len).map(|o| (i, o)))
+    }
+}
+
 /// Hands every region of `mem` to KVM as a memory slot, in order.
 pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
     set_slots(vm, mem, 0)
@@ -176,6 +236,31 @@ mod tests {
         // With transparent huge pages (if the host forces them) one write makes at most its
         // 2 MiB page resident.
         assert!(r.iter().filter(|b| *b & 1 == 1).count() <= 512);
+    }
+
+    #[test]
+    fn host_regions_find_ranges_that_lie_wholly_inside_one_region() {
+        let mem = create_guest_memory(MMIO_HOLE_START + (64 << 20)).expect("mem");
+        let regions = HostRegions::new(&mem);
+        assert_eq!(regions.regions().len(), 2);
+        assert_eq!(regions.find(0x1000, 4096), Some((0, 0x1000)));
+        assert_eq!(
+            regions.find(MMIO_HOLE_START - 4096, 4096),
+            Some((0, MMIO_HOLE_START - 4096))
+        );
+        assert_eq!(
+            regions.find(MMIO_HOLE_START - 4096, 8192),
+            None,
+            "runs into the hole"
+        );
+        assert_eq!(regions.find(MMIO_HOLE_START, 4096), None, "in the hole");
+        assert_eq!(regions.find(RAM_ABOVE_4G_START, 4096), Some((1, 0)));
+        assert_eq!(
+            regions.find(RAM_ABOVE_4G_START + (64 << 20), 1),
+            None,
+            "past the end"
+        );
+        assert_eq!(regions.find(u64::MAX, 2), None, "no overflow");
     }
 
     #[test]

@@ -7,53 +7,35 @@
 //! the copy lands in memory that is already there. Only chunks that data pages go to are
 //! populated: a sparse guest stays sparse.
 
+use crate::memory::HostRegions;
 use ferry_devices::GuestMemory;
 use ferry_proto::migration::{PageBatch, PageRecord};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Populated in chunks of 2 MiB: one call per chunk, few calls per batch.
 const CHUNK: u64 = 2 << 20;
 
-#[derive(Debug)]
-struct Region {
-    gpa: u64,
-    len: u64,
-    host: *mut u8,
-    /// One flag per chunk: populated already.
-    done: Vec<bool>,
-}
-
 /// Populates the chunks of guest memory that data pages are about to land in.
 #[derive(Debug)]
 pub struct Prefaulter {
-    regions: Vec<Region>,
+    memory: HostRegions,
+    /// Per region, one flag per chunk: populated already.
+    done: Vec<Vec<bool>>,
     /// Off once the kernel refused (before Linux 5.14 it does not know the advice).
     enabled: bool,
-    /// Keeps the mapping alive while the raw pointers above are used.
-    _memory: GuestMemory,
 }
-
-// SAFETY: the raw pointers point into `_memory`'s mappings, which the prefaulter owns a handle
-// to; it only asks the kernel to populate them, and one thread uses it at a time.
-unsafe impl Send for Prefaulter {}
 
 impl Prefaulter {
     pub fn new(memory: &GuestMemory) -> Prefaulter {
-        let regions = memory
+        let memory = HostRegions::new(memory);
+        let done = memory
+            .regions()
             .iter()
-            .map(|r| Region {
-                gpa: r.start_addr().raw_value(),
-                len: r.len(),
-                host: memory
-                    .get_host_address(r.start_addr())
-                    .expect("a region's start is mapped"),
-                done: vec![false; r.len().div_ceil(CHUNK) as usize],
-            })
+            .map(|r| vec![false; r.len.div_ceil(CHUNK) as usize])
             .collect();
         Prefaulter {
-            regions,
+            memory,
+            done,
             enabled: true,
-            _memory: memory.clone(),
         }
     }
 
@@ -66,22 +48,18 @@ impl Prefaulter {
             let Ok(PageRecord::Data { gpa, .. }) = record else {
                 continue;
             };
-            let Some(region) = self
-                .regions
-                .iter_mut()
-                .find(|r| gpa >= r.gpa && gpa < r.gpa + r.len)
-            else {
+            let Some((i, in_region)) = self.memory.find(gpa, 1) else {
                 continue;
             };
-            let chunk = ((gpa - region.gpa) / CHUNK) as usize;
-            if region.done[chunk] {
+            let region = self.memory.regions()[i];
+            let chunk = (in_region / CHUNK) as usize;
+            if std::mem::replace(&mut self.done[i][chunk], true) {
                 continue;
             }
-            region.done[chunk] = true;
             let offset = chunk as u64 * CHUNK;
             let len = CHUNK.min(region.len - offset);
             // SAFETY: `offset..offset + len` lies inside the region's live mapping of `len`
-            // bytes at `host` (kept alive by `_memory`); MADV_POPULATE_WRITE only faults the
+            // bytes at `host` (kept alive by `memory`); MADV_POPULATE_WRITE only faults the
             // pages in, as a write would, and changes no byte of them.
             let rc = unsafe {
                 libc::madvise(
@@ -104,6 +82,7 @@ impl Prefaulter {
 mod tests {
     use super::*;
     use ferry_proto::migration::PageBatchWriter;
+    use vm_memory::GuestMemoryBackend;
 
     #[test]
     fn the_chunks_of_data_pages_are_populated_and_nothing_else() {
@@ -137,7 +116,7 @@ mod tests {
             after <= before + 1024,
             "the zero run's chunk stays empty: {after}"
         );
-        assert!(p.regions[0].done[2] && !p.regions[0].done[8]);
+        assert!(p.done[0][2] && !p.done[0][8]);
         // The guest memory reads as zero still: populating changes no byte.
         let mut page = [1u8; 4096];
         vm_memory::Bytes::read_slice(&mem, &mut page, vm_memory::GuestAddress(0x40_0000))

@@ -9,11 +9,10 @@ use std::time::{Duration, Instant};
 
 use ferry_devices::GuestMemory;
 use ferry_proto::migration::{Message, PageBatch, PageBatchWriter};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::link::Link;
 use super::PassProgress;
-use crate::memory::is_zero_page;
+use crate::memory::{is_zero_page, HostRegions};
 use crate::migration::error::Stop;
 use crate::migration::pages::PAGE;
 
@@ -33,62 +32,34 @@ pub enum ZeroPages {
     Data,
 }
 
-/// One RAM region as the scanner reads it.
-#[derive(Debug, Clone, Copy)]
-struct Region {
-    gpa: u64,
-    len: u64,
-    host: *const u8,
-}
-
 /// Reads guest pages into batches and hands them to the link.
 #[derive(Debug)]
 pub struct Scanner {
-    regions: Vec<Region>,
+    memory: HostRegions,
     writer: PageBatchWriter,
     spare: Vec<PageBatch>,
     in_circulation: usize,
-    /// Keeps the mapping alive while the raw pointers above are used.
-    _memory: GuestMemory,
 }
-
-// SAFETY: the raw pointers point into `_memory`'s mappings, which the scanner owns a handle
-// to; they are only read, and the scanner is used by one thread at a time.
-unsafe impl Send for Scanner {}
 
 impl Scanner {
     pub fn new(memory: &GuestMemory) -> Scanner {
-        let regions = memory
-            .iter()
-            .map(|r| Region {
-                gpa: r.start_addr().raw_value(),
-                len: r.len(),
-                host: memory
-                    .get_host_address(r.start_addr())
-                    .expect("a region's start is mapped"),
-            })
-            .collect();
         Scanner {
-            regions,
+            memory: HostRegions::new(memory),
             writer: PageBatchWriter::new(BATCH_BYTES),
             spare: Vec::new(),
             in_circulation: 1,
-            _memory: memory.clone(),
         }
     }
 
     /// The page at `gpa`, read in place. `None` if it is not in guest memory.
-    fn page(regions: &[Region], gpa: u64) -> Option<&[u8]> {
-        let r = regions
-            .iter()
-            .find(|r| gpa >= r.gpa && gpa + PAGE <= r.gpa + r.len)?;
-        // SAFETY: `gpa..gpa + PAGE` lies inside the region (checked above), whose mapping of
-        // `len` bytes at `host` lives as long as `_memory`. The guest may write the page while
+    fn page(memory: &HostRegions, gpa: u64) -> Option<&[u8]> {
+        let (i, offset) = memory.find(gpa, PAGE)?;
+        let r = memory.regions()[i];
+        // SAFETY: `gpa..gpa + PAGE` lies inside the region (found above), whose mapping of
+        // `len` bytes at `host` lives as long as `memory`. The guest may write the page while
         // it is read: the copy may then be torn, but such a page is in the dirty log and is
         // sent again before the switchover, as in every pre-copy.
-        Some(unsafe {
-            std::slice::from_raw_parts(r.host.add((gpa - r.gpa) as usize), PAGE as usize)
-        })
+        Some(unsafe { std::slice::from_raw_parts(r.host.add(offset as usize), PAGE as usize) })
     }
 
     /// Sends the pages at `pages`; calls `progress` after each batch with how many pages are
@@ -108,7 +79,7 @@ impl Scanner {
             return Ok(pass);
         }
         for (n, &gpa) in pages.iter().enumerate() {
-            let Some(page) = Self::page(&self.regions, gpa) else {
+            let Some(page) = Self::page(&self.memory, gpa) else {
                 return Err(Stop::failed(
                     ferry_api::MigrationErrorKind::Internal,
                     format!("page {gpa:#x} is not in guest memory"),
@@ -139,7 +110,7 @@ impl Scanner {
                     pass.done = n;
                     return Ok(pass);
                 }
-                let page = Self::page(&self.regions, gpa).expect("checked above");
+                let page = Self::page(&self.memory, gpa).expect("checked above");
                 let again = if zero {
                     self.writer.push_zero_run(gpa, 1)
                 } else {
