@@ -393,7 +393,9 @@ fn a_guest_throttled_hard_still_ticks_every_second() {
     let (src, socket) = source(
         &hosts.a,
         &dir,
-        Boot::guest("workload=mem mem_mib=128 mem_rate=max"),
+        // Small enough that a pass over it takes about a second on the capped link, so the
+        // throttle steps up every second or so.
+        Boot::guest("workload=mem mem_mib=24 mem_rate=max"),
         None,
     );
     let migrating = migrate_command(
@@ -405,13 +407,13 @@ fn a_guest_throttled_hard_still_ticks_every_second() {
             "--downtime-ms",
             "1",
             "--max-time",
-            "40",
+            "60",
         ],
     )
     .spawn()
     .expect("migrate");
     // Wait until auto-converge holds the vCPUs back by 90 % or more.
-    let deadline = Instant::now() + Duration::from_secs(35);
+    let deadline = Instant::now() + Duration::from_secs(50);
     loop {
         let (_, s) = api_get(&socket, "/vm/migration");
         if s["throttle_percent"].as_u64().unwrap_or(0) >= 90 {

@@ -14,8 +14,9 @@
 //!
 //! Rules, in order:
 //! 1. Time is up: switch over if the operator said `force`, else give up (timed out).
-//! 2. The destination is behind (its backlog exceeds what it applies in a millisecond): wait
-//!    for it. The guest is never stopped while the destination still has a backlog.
+//! 2. The destination is behind (its backlog exceeds what it applies in a millisecond) and
+//!    catching up: wait for it. A backlog that holds steady is data in flight on a link no
+//!    faster than the guest dirties; it counts in the prediction instead.
 //! 3. The prediction fits the target: switch over, unless another pass still shrinks the dirty
 //!    set by a quarter and the memory part is above its floor (a shorter downtime for free).
 //! 4. The target is below the floor (nothing left to gain, the prediction is the floor): switch
@@ -53,6 +54,8 @@ pub struct Inputs<'a> {
     pub send_rate: f64,
     /// Bytes sent but not yet applied by the destination.
     pub backlog_bytes: u64,
+    /// The backlog at the previous look.
+    pub previous_backlog: Option<u64>,
     /// Bytes per second the destination applies. 0 means unknown.
     pub apply_rate: f64,
     pub target_ms: f64,
@@ -118,6 +121,8 @@ pub const MAX_EXTRA_PASSES: u32 = 10;
 pub const MAX_STALLED_PASSES: u32 = 8;
 /// The destination counts as caught up when its backlog is applied within this long.
 pub const BACKLOG_SLACK_MS: f64 = 1.0;
+/// A backlog that shrank to less than this share of the previous look's is draining.
+pub const BACKLOG_DRAINING: f64 = 0.9;
 
 /// The prediction, in parts (milliseconds).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -176,7 +181,13 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             },
         };
     }
-    if p.backlog_ms > BACKLOG_SLACK_MS {
+    // A backlog that drains is waited for: the guest is not stopped while the destination
+    // catches up. One that holds steady (a link as fast as the guest dirties) is data in
+    // flight, and counts in the prediction like the rest.
+    let draining = i
+        .previous_backlog
+        .is_none_or(|prev| (i.backlog_bytes as f64) < BACKLOG_DRAINING * prev as f64);
+    if p.backlog_ms > BACKLOG_SLACK_MS && draining {
         return Decision::WaitForDestination;
     }
     let shrinking = i
@@ -240,6 +251,7 @@ mod tests {
             sources,
             send_rate: 2.0 * GBPS,
             backlog_bytes: 0,
+            previous_backlog: None,
             apply_rate: 2.0 * GBPS,
             target_ms: 100.0,
             floor_ms: 2.0,
@@ -299,6 +311,38 @@ mod tests {
                 dirty_bytes: 0,
                 dirty_rate: 0.0,
                 tweak: |i| i.backlog_bytes = 64 * MIB,
+                expect: Decision::WaitForDestination,
+            },
+            Case {
+                name: "a steady backlog is data in flight: it counts, and here it fits",
+                dirty_bytes: 0,
+                dirty_rate: 0.0,
+                tweak: |i| {
+                    i.backlog_bytes = 64 * MIB;
+                    i.previous_backlog = Some(64 * MIB);
+                },
+                expect: Decision::SwitchOver {
+                    why: SwitchReason::Fits,
+                },
+            },
+            Case {
+                name: "a steady backlog that does not fit the target is not waited for forever",
+                dirty_bytes: 0,
+                dirty_rate: 0.0,
+                tweak: |i| {
+                    i.backlog_bytes = 512 * MIB;
+                    i.previous_backlog = Some(500 * MIB);
+                },
+                expect: Decision::AnotherPass { extra: false },
+            },
+            Case {
+                name: "a draining backlog is waited for",
+                dirty_bytes: 0,
+                dirty_rate: 0.0,
+                tweak: |i| {
+                    i.backlog_bytes = 32 * MIB;
+                    i.previous_backlog = Some(64 * MIB);
+                },
                 expect: Decision::WaitForDestination,
             },
             Case {

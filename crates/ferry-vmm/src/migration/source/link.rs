@@ -45,7 +45,7 @@ const WRITE_SLICE: Duration = Duration::from_millis(50);
 /// The destination's apply rate is measured over windows at least this long.
 const RATE_WINDOW: Duration = Duration::from_millis(100);
 /// Messages queued for the writer, at most (page batches are most of them).
-const QUEUE: usize = 4;
+const QUEUE: usize = 2;
 
 /// Counters both threads update and the worker reads.
 #[derive(Debug, Default)]
@@ -54,6 +54,8 @@ pub struct LinkStats {
     pub bytes_sent: AtomicU64,
     /// Page bytes (data records) handed to the socket.
     pub page_bytes_sent: AtomicU64,
+    /// Page bytes (data records) handed to the link, written or still queued.
+    page_bytes_queued: AtomicU64,
     /// Nanoseconds the writer spent writing page batches.
     pub busy_ns: AtomicU64,
     /// The destination's last Applied, as the reader thread took it off the wire.
@@ -196,6 +198,10 @@ impl Link {
     /// Queues `m` for the writer. Fails if the writer has stopped (its error is returned) or
     /// the operator cancelled.
     pub fn send(&mut self, m: Message) -> Result<(), Stop> {
+        let page_bytes = match &m {
+            Message::Pages(batch) => batch.data_pages() * 4096,
+            _ => 0,
+        };
         let mut item = Outgoing::Message(m);
         loop {
             self.check_cancel()?;
@@ -204,7 +210,12 @@ impl Link {
             };
             self.stats.in_queue.fetch_add(1, Ordering::AcqRel);
             match tx.try_send(item) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.stats
+                        .page_bytes_queued
+                        .fetch_add(page_bytes, Ordering::Relaxed);
+                    return Ok(());
+                }
                 Err(mpsc::TrySendError::Full(back)) => {
                     self.stats.in_queue.fetch_sub(1, Ordering::AcqRel);
                     item = back;
@@ -367,10 +378,12 @@ impl Link {
         Ok(())
     }
 
-    /// Page bytes sent but not yet applied by the destination.
+    /// Page bytes handed to the link and not yet applied by the destination: queued for the
+    /// writer, in flight, or waiting at the destination. All of it must be through before the
+    /// guest may stop, or the last pass waits behind it.
     pub fn backlog(&self) -> u64 {
         self.stats
-            .page_bytes_sent
+            .page_bytes_queued
             .load(Ordering::Relaxed)
             .saturating_sub(self.stats.applied_bytes.load(Ordering::Relaxed))
     }

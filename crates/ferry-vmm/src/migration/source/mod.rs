@@ -404,6 +404,7 @@ impl<'a> Worker<'a> {
         };
         let max_time = self.ctx.request.max_time_secs.map(Duration::from_secs);
         let mut previous_dirty = None;
+        let mut previous_backlog = None;
         let mut extra_passes = 0u32;
         let mut stalled_passes = 0u32;
         let mut forced = false;
@@ -416,28 +417,31 @@ impl<'a> Worker<'a> {
             let dirty = tracker
                 .collect()
                 .map_err(|e| Stop::failed(Kind::Internal, crate::error_chain(&e)))?;
-            let dirty_bytes: u64 =
-                (dirty.iter().map(RegionDirty::count).sum::<u64>() + carry.len() as u64) * PAGE;
+            let fresh_bytes = dirty.iter().map(RegionDirty::count).sum::<u64>() * PAGE;
+            // What a switchover now would send: the fresh dirty pages and those still carried.
+            let dirty_bytes = fresh_bytes + carry.len() as u64 * PAGE;
             let since = last_look.elapsed().as_secs_f64().max(1e-3);
             last_look = Instant::now();
             let sources = [DirtySource {
                 name: "memory",
                 dirty_bytes,
-                dirty_rate: dirty_bytes as f64 / since,
+                dirty_rate: fresh_bytes as f64 / since,
             }];
             let send_rate = if self.pass_rate > 0.0 {
                 self.pass_rate
             } else {
                 link.write_rate()
             };
+            let inputs_backlog = if self.features.flow_control {
+                link.backlog()
+            } else {
+                0
+            };
             let inputs = Inputs {
                 sources: &sources,
                 send_rate,
-                backlog_bytes: if self.features.flow_control {
-                    link.backlog()
-                } else {
-                    0
-                },
+                backlog_bytes: inputs_backlog,
+                previous_backlog,
                 apply_rate: link.apply_rate(),
                 target_ms: self.ctx.request.downtime_ms as f64,
                 floor_ms: self.floor_ms(),
@@ -577,6 +581,7 @@ impl<'a> Worker<'a> {
             if !pages.is_empty() || !matches!(decision, Decision::WaitForDestination) {
                 self.send_pass(link, &pages, zeros)?;
             }
+            previous_backlog = Some(inputs_backlog);
             if matches!(decision, Decision::WaitForDestination) {
                 link.wait_for_progress(Duration::from_millis(20))?;
             }

@@ -16,10 +16,11 @@ use crate::memory::{is_zero_page, HostRegions};
 use crate::migration::error::Stop;
 use crate::migration::pages::PAGE;
 
-/// Bytes per page batch frame.
-const BATCH_BYTES: usize = 4 << 20;
+/// Bytes per page batch frame: small enough that what waits in the writer's queue is a few
+/// milliseconds of a slow link, large enough that framing costs nothing.
+const BATCH_BYTES: usize = 1 << 20;
 /// Batch buffers in circulation at most: the writer's queue plus the one being filled.
-const POOL: usize = 6;
+const POOL: usize = 4;
 
 /// What a pass does with a page that is all zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
