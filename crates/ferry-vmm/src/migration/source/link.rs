@@ -190,6 +190,26 @@ impl Link {
         })
     }
 
+    /// The connection's round-trip time as the kernel smooths it (TCP_INFO), if it can say.
+    /// Unlike a timed message, it does not include the peer's work on that message.
+    pub fn kernel_rtt(&self) -> Option<Duration> {
+        // SAFETY: an all-zero tcp_info is a valid value for the kernel to overwrite.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: the fd is this link's open socket; `info` is a live, writable tcp_info and
+        // `len` its size, as getsockopt(TCP_INFO) requires.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0 && info.tcpi_rtt > 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
+    }
+
     /// The protocol machine, for what was negotiated and the commit point.
     pub fn machine(&self) -> std::sync::MutexGuard<'_, SenderMachine> {
         self.machine.lock().unwrap_or_else(|p| p.into_inner())

@@ -349,7 +349,11 @@ impl<'a> Worker<'a> {
             CAPABILITIES,
         )))?;
         link.receive("hello", Instant::now() + ANSWER_TIMEOUT)?;
-        self.rtt = t.elapsed();
+        // The Hello's round trip includes the destination's own start-up; the kernel's
+        // estimate does not.
+        self.rtt = link
+            .kernel_rtt()
+            .map_or(t.elapsed(), |k| k.min(t.elapsed()));
         let agreed = link.machine().negotiated().map(<[String]>::to_vec);
         self.features = Features::from_agreed(&agreed.unwrap_or_default())
             .map_err(|e| Stop::Failed(super::error::classify("the destination", &e)))?;
