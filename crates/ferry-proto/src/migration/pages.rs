@@ -292,6 +292,12 @@ impl PageBatchWriter {
         }
     }
 
+    /// Changes the largest batch, clamped as in [`new`](Self::new). The batch being filled
+    /// keeps what it holds; the limit applies to what is added from now on.
+    pub fn set_max_bytes(&mut self, max_bytes: usize) {
+        self.max_bytes = max_bytes.clamp(DATA_RECORD_LEN, MAX_BATCH_BYTES);
+    }
+
     /// Empties the batch, keeping the buffer.
     pub fn clear(&mut self) {
         self.buf.clear();

@@ -649,6 +649,16 @@ impl<'a> Worker<'a> {
                 .longest_stall_ms
                 .max(throttle.longest_rest().as_secs_f64() * 1e3);
         };
+        // What the link carries: the cap if one is set and lower, else what writes achieve.
+        let rate = match self.ctx.request.bandwidth_bytes_per_sec {
+            Some(cap)
+                if cap > 0 && (link.write_rate() == 0.0 || (cap as f64) < link.write_rate()) =>
+            {
+                cap as f64
+            }
+            _ => link.write_rate(),
+        };
+        self.scanner.pace_for(rate);
         let pass = self.scanner.send(link, pages, zeros, deadline, progress)?;
         // Passes of a few pages say little about the rate; keep the last good estimate.
         if pass.data_pages >= 256 {

@@ -16,11 +16,24 @@ use crate::memory::{is_zero_page, HostRegions};
 use crate::migration::error::Stop;
 use crate::migration::pages::PAGE;
 
-/// Bytes per page batch frame: small enough that what waits in the writer's queue is a few
-/// milliseconds of a slow link, large enough that framing costs nothing.
-const BATCH_BYTES: usize = 1 << 20;
+/// The largest page batch frame, for fast links (fewer, larger writes).
+const MAX_BATCH: usize = 4 << 20;
+/// The smallest, for slow links.
+const MIN_BATCH: usize = 256 << 10;
+/// A batch carries about this much of the link's time, so what waits in the writer's queue
+/// stays a few milliseconds however fast the link is.
+const BATCH_TIME: f64 = 2e-3;
 /// Batch buffers in circulation at most: the writer's queue plus the one being filled.
 const POOL: usize = 4;
+
+/// The batch size for a link that carries `bytes_per_sec` (0: not known yet, take the
+/// largest).
+pub fn batch_bytes(bytes_per_sec: f64) -> usize {
+    if bytes_per_sec <= 0.0 {
+        return MAX_BATCH;
+    }
+    ((bytes_per_sec * BATCH_TIME) as usize).clamp(MIN_BATCH, MAX_BATCH)
+}
 
 /// What a pass does with a page that is all zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +59,7 @@ impl Scanner {
     pub fn new(memory: &GuestMemory) -> Scanner {
         Scanner {
             memory: HostRegions::new(memory),
-            writer: PageBatchWriter::new(BATCH_BYTES),
+            writer: PageBatchWriter::new(MAX_BATCH),
             spare: Vec::new(),
             in_circulation: 1,
         }
@@ -61,6 +74,11 @@ impl Scanner {
         // it is read: the copy may then be torn, but such a page is in the dirty log and is
         // sent again before the switchover, as in every pre-copy.
         Some(unsafe { std::slice::from_raw_parts(r.host.add(offset as usize), PAGE as usize) })
+    }
+
+    /// Sizes the batches from now on for a link that carries `bytes_per_sec`.
+    pub fn pace_for(&mut self, bytes_per_sec: f64) {
+        self.writer.set_max_bytes(batch_bytes(bytes_per_sec));
     }
 
     /// Sends the pages at `pages`; calls `progress` after each batch with how many pages are
@@ -154,5 +172,19 @@ impl Scanner {
                 return Ok(b);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_carry_a_few_milliseconds_of_the_link() {
+        assert_eq!(batch_bytes(0.0), MAX_BATCH, "unknown: the largest");
+        assert_eq!(batch_bytes(125e6), MIN_BATCH.max(250_000), "1 Gbit/s");
+        assert_eq!(batch_bytes(1e9), 2_000_000);
+        assert_eq!(batch_bytes(10e9), MAX_BATCH, "capped");
+        assert_eq!(batch_bytes(1e6), MIN_BATCH, "floored");
     }
 }
