@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -89,27 +89,66 @@ fn assert_error(status: &serde_json::Value, kind: &str, retryable: bool) {
 /// error and the exit code.
 #[test]
 fn a_destination_that_dies_is_network_lost_and_retryable() {
-    let Some(hosts) = hosts_or_skip(
-        "flt",
+    let Some(f) = fixture(
         "a_destination_that_dies_is_network_lost_and_retryable",
+        "dies",
+        7101,
+        None,
+        slow_boot(),
+        None,
     ) else {
         return;
     };
-    let dir = TempDir::new("dies");
-    let listen = format!("{}:7101", hosts.b_addr);
-    let dst = receiver(&hosts.b, &listen, None, &[]);
-    let (src, socket) = source(&hosts.a, &dir, slow_boot(), None);
-    let migrating = migrate_command(&socket, &listen, &["--bandwidth", "50MiB"])
+    let migrating = migrate_command(&f.socket, &f.listen, &["--bandwidth", "50MiB"])
         .spawn()
         .expect("migrate");
     std::thread::sleep(Duration::from_secs(2));
-    drop(dst); // kills the destination
+    drop(f.dst); // kills the destination
     let out = migrating.wait_with_output().expect("migrate output");
     let status = status_json(&out);
     assert_eq!(status["phase"], "failed", "{status}");
     assert_error(&status, "network_lost", true);
     assert_eq!(out.status.code(), Some(75), "retryable exit code");
-    assert_source_goes_on(&src, &socket);
+    assert_source_goes_on(&f.src, &f.socket);
+}
+
+/// Two hosts, a receiver on B (with `dst_fault` injected) listening on `port`, and a source on
+/// A running `boot` (with `src_fault`), ready to migrate. Fields drop in order: the processes
+/// before the folder and the namespaces.
+struct Fixture {
+    dst: VmProcess,
+    src: VmProcess,
+    socket: PathBuf,
+    listen: String,
+    dir: TempDir,
+    /// Held only to keep the namespaces until the processes are gone.
+    _hosts: TwoHosts,
+}
+
+fn fixture(
+    test: &str,
+    tag: &str,
+    port: u16,
+    dst_fault: Option<&str>,
+    boot: Boot,
+    src_fault: Option<&str>,
+) -> Option<Fixture> {
+    let hosts = hosts_or_skip("flt", test)?;
+    let dir = TempDir::new(tag);
+    let listen = format!("{}:{port}", hosts.b_addr);
+    let dst = match dst_fault {
+        Some(f) => faulty_receiver(&hosts.b, &listen, None, f),
+        None => receiver(&hosts.b, &listen, None, &[]),
+    };
+    let (src, socket) = source(&hosts.a, &dir, boot, src_fault);
+    Some(Fixture {
+        dst,
+        src,
+        socket,
+        listen,
+        dir,
+        _hosts: hosts,
+    })
 }
 
 /// CRC32C (Castagnoli), for the fake peer's frames.
@@ -174,27 +213,29 @@ fn signal(pid: u32, sig: &str) {
 
 #[test]
 fn a_frozen_destination_is_detected_as_network_lost() {
-    let Some(hosts) = hosts_or_skip("flt", "a_frozen_destination_is_detected_as_network_lost")
-    else {
+    let Some(f) = fixture(
+        "a_frozen_destination_is_detected_as_network_lost",
+        "frozen",
+        7103,
+        None,
+        slow_boot(),
+        None,
+    ) else {
         return;
     };
-    let dir = TempDir::new("frozen");
-    let listen = format!("{}:7103", hosts.b_addr);
-    let dst = receiver(&hosts.b, &listen, None, &[]);
-    let (src, socket) = source(&hosts.a, &dir, slow_boot(), None);
     let migrating = migrate_command(
-        &socket,
-        &listen,
+        &f.socket,
+        &f.listen,
         &["--bandwidth", "50MiB", "--link-timeout-ms", "3000"],
     )
     .spawn()
     .expect("migrate");
     std::thread::sleep(Duration::from_secs(2));
-    signal(dst.pid(), "-STOP");
+    signal(f.dst.pid(), "-STOP");
     let frozen = Instant::now();
     let out = migrating.wait_with_output().expect("migrate output");
     let detected = frozen.elapsed();
-    signal(dst.pid(), "-CONT");
+    signal(f.dst.pid(), "-CONT");
     let status = status_json(&out);
     assert_eq!(status["phase"], "failed", "{status}");
     assert_error(&status, "network_lost", true);
@@ -202,33 +243,36 @@ fn a_frozen_destination_is_detected_as_network_lost() {
         detected < Duration::from_secs(20),
         "a 3 s link timeout took {detected:?} to notice"
     );
-    assert_source_goes_on(&src, &socket);
+    assert_source_goes_on(&f.src, &f.socket);
 }
 
 #[test]
 fn cancel_works_while_the_destination_is_frozen() {
-    let Some(hosts) = hosts_or_skip("flt", "cancel_works_while_the_destination_is_frozen") else {
+    let Some(f) = fixture(
+        "cancel_works_while_the_destination_is_frozen",
+        "frozen-cancel",
+        7104,
+        None,
+        slow_boot(),
+        None,
+    ) else {
         return;
     };
-    let dir = TempDir::new("frozen-cancel");
-    let listen = format!("{}:7104", hosts.b_addr);
-    let dst = receiver(&hosts.b, &listen, None, &[]);
-    let (src, socket) = source(&hosts.a, &dir, slow_boot(), None);
     let migrating = migrate_command(
-        &socket,
-        &listen,
+        &f.socket,
+        &f.listen,
         &["--bandwidth", "50MiB", "--link-timeout-ms", "600000"],
     )
     .spawn()
     .expect("migrate");
     std::thread::sleep(Duration::from_secs(2));
-    signal(dst.pid(), "-STOP");
-    // Let the writer block on the full socket first.
+    signal(f.dst.pid(), "-STOP");
+    // Let the writer block on the full f.socket first.
     std::thread::sleep(Duration::from_secs(1));
     let cancelled = Instant::now();
     let out = ferry()
         .args(["migrate", "--cancel", "--api-socket"])
-        .arg(&socket)
+        .arg(&f.socket)
         .output()
         .expect("cancel");
     assert!(
@@ -238,32 +282,27 @@ fn cancel_works_while_the_destination_is_frozen() {
     );
     let out = migrating.wait_with_output().expect("migrate output");
     let took = cancelled.elapsed();
-    signal(dst.pid(), "-CONT");
+    signal(f.dst.pid(), "-CONT");
     let status = status_json(&out);
     assert_eq!(status["phase"], "cancelled", "{status}");
     assert_error(&status, "cancelled", true);
     assert!(took < Duration::from_secs(5), "cancel took {took:?}");
-    assert_source_goes_on(&src, &socket);
+    assert_source_goes_on(&f.src, &f.socket);
 }
 
 #[test]
 fn a_handover_whose_destination_stalls_keeps_the_guest_paused_no_longer_than_the_bound() {
-    let Some(hosts) = hosts_or_skip(
-        "flt",
+    let Some(mut f) = fixture(
         "a_handover_whose_destination_stalls_keeps_the_guest_paused_no_longer_than_the_bound",
+        "stall",
+        7105,
+        Some("stall-prepare"),
+        Boot::guest("workload=mem mem_mib=32 mem_rate=20"),
+        None,
     ) else {
         return;
     };
-    let dir = TempDir::new("stall");
-    let listen = format!("{}:7105", hosts.b_addr);
-    let mut dst = faulty_receiver(&hosts.b, &listen, None, "stall-prepare");
-    let (src, socket) = source(
-        &hosts.a,
-        &dir,
-        Boot::guest("workload=mem mem_mib=32 mem_rate=20"),
-        None,
-    );
-    let out = migrate_command(&socket, &listen, &["--downtime-ms", "100"])
+    let out = migrate_command(&f.socket, &f.listen, &["--downtime-ms", "100"])
         .output()
         .expect("migrate");
     let status = status_json(&out);
@@ -274,30 +313,27 @@ fn a_handover_whose_destination_stalls_keeps_the_guest_paused_no_longer_than_the
     // The bound is the target plus the handover's round trips and 50 ms of slack; the
     // destination held Prepared back for 5 s. Scheduling on a loaded host may add a little.
     assert!(paused < 1000.0, "paused {paused} ms: {status}");
-    assert_source_goes_on(&src, &socket);
-    assert!(!dst.wait_exit(Duration::from_secs(30)).success());
+    assert_source_goes_on(&f.src, &f.socket);
+    assert!(!f.dst.wait_exit(Duration::from_secs(30)).success());
     assert!(
-        !dst.lines().iter().any(|l| l.contains("ferry-guest")),
+        !f.dst.lines().iter().any(|l| l.contains("ferry-guest")),
         "the destination ran the guest"
     );
 }
 
 #[test]
 fn a_lost_commit_is_resolved_and_the_source_runs_on() {
-    let Some(hosts) = hosts_or_skip("flt", "a_lost_commit_is_resolved_and_the_source_runs_on")
-    else {
-        return;
-    };
-    let dir = TempDir::new("lost-commit");
-    let listen = format!("{}:7106", hosts.b_addr);
-    let mut dst = receiver(&hosts.b, &listen, None, &[]);
-    let (src, socket) = source(
-        &hosts.a,
-        &dir,
+    let Some(mut f) = fixture(
+        "a_lost_commit_is_resolved_and_the_source_runs_on",
+        "lost-commit",
+        7106,
+        None,
         Boot::guest("workload=mem mem_mib=32 mem_rate=20"),
         Some("lose-commit"),
-    );
-    let out = migrate_command(&socket, &listen, &[])
+    ) else {
+        return;
+    };
+    let out = migrate_command(&f.socket, &f.listen, &[])
         .output()
         .expect("migrate");
     let status = status_json(&out);
@@ -309,68 +345,61 @@ fn a_lost_commit_is_resolved_and_the_source_runs_on() {
             .contains("asking the destination"),
         "{status}"
     );
-    assert_source_goes_on(&src, &socket);
+    assert_source_goes_on(&f.src, &f.socket);
     // The destination was fenced: it never runs the guest, and ends once the source is gone.
     std::thread::sleep(Duration::from_secs(1));
     assert!(
-        !dst.lines().iter().any(|l| l.contains("ferry-guest")),
+        !f.dst.lines().iter().any(|l| l.contains("ferry-guest")),
         "the destination ran the guest"
     );
-    assert!(!dst.wait_exit(Duration::from_secs(30)).success());
+    assert!(!f.dst.wait_exit(Duration::from_secs(30)).success());
 }
 
 #[test]
 fn a_lost_running_is_resolved_and_the_source_ends() {
-    let Some(hosts) = hosts_or_skip("flt", "a_lost_running_is_resolved_and_the_source_ends") else {
-        return;
-    };
-    let dir = TempDir::new("lost-running");
-    let listen = format!("{}:7107", hosts.b_addr);
-    let dst = faulty_receiver(&hosts.b, &listen, None, "lose-running");
-    let (mut src, socket) = source(
-        &hosts.a,
-        &dir,
+    let Some(mut f) = fixture(
+        "a_lost_running_is_resolved_and_the_source_ends",
+        "lost-running",
+        7107,
+        Some("lose-running"),
         Boot::guest("workload=mem mem_mib=32 mem_rate=20"),
         None,
-    );
-    let out = migrate_command(&socket, &listen, &[])
+    ) else {
+        return;
+    };
+    let out = migrate_command(&f.socket, &f.listen, &[])
         .output()
         .expect("migrate");
     let status = status_json(&out);
     assert_eq!(status["phase"], "completed", "{status}");
     assert!(out.status.success());
-    assert!(src.wait_exit(Duration::from_secs(30)).success());
+    assert!(f.src.wait_exit(Duration::from_secs(30)).success());
     // The guest runs on the destination, and only there.
-    dst.wait_for_ticks(BOOT);
-    dst.assert_clean();
+    f.dst.wait_for_ticks(BOOT);
+    f.dst.assert_clean();
 }
 
 #[test]
 fn a_panic_in_the_migration_worker_leaves_the_source_running() {
-    let Some(hosts) = hosts_or_skip(
-        "flt",
+    let Some(f) = fixture(
         "a_panic_in_the_migration_worker_leaves_the_source_running",
+        "panic",
+        7108,
+        None,
+        Boot::guest("workload=mem mem_mib=16 mem_rate=16"),
+        Some("worker-panic"),
     ) else {
         return;
     };
-    let dir = TempDir::new("panic");
-    let listen = format!("{}:7108", hosts.b_addr);
-    let _dst = receiver(&hosts.b, &listen, None, &[]);
-    let (src, socket) = source(
-        &hosts.a,
-        &dir,
-        Boot::guest("workload=mem mem_mib=16 mem_rate=16"),
-        Some("worker-panic"),
-    );
-    let out = migrate_command(&socket, &listen, &[])
+    let out = migrate_command(&f.socket, &f.listen, &[])
         .output()
         .expect("migrate");
     let status = status_json(&out);
     assert_eq!(status["phase"], "failed", "{status}");
     assert_error(&status, "internal", false);
-    assert_source_goes_on(&src, &socket);
+    assert_source_goes_on(&f.src, &f.socket);
     // And a migration can be started again: the lifecycle is back to idle.
-    let again = migrate_command(&socket, &listen, &[])
+    let again = migrate_command(&f.socket, &f.listen, &[])
         .output()
         .expect("migrate");
     assert_ne!(
@@ -383,24 +412,21 @@ fn a_panic_in_the_migration_worker_leaves_the_source_running() {
 
 #[test]
 fn a_guest_throttled_hard_still_ticks_every_second() {
-    let Some(hosts) = hosts_or_skip("flt", "a_guest_throttled_hard_still_ticks_every_second")
-    else {
-        return;
-    };
-    let dir = TempDir::new("throttle");
-    let listen = format!("{}:7109", hosts.b_addr);
-    let _dst = receiver(&hosts.b, &listen, None, &[]);
-    let (src, socket) = source(
-        &hosts.a,
-        &dir,
+    let Some(f) = fixture(
+        "a_guest_throttled_hard_still_ticks_every_second",
+        "throttle",
+        7109,
+        None,
         // Small enough that a pass over it takes about a second on the capped link, so the
         // throttle steps up every second or so.
         Boot::guest("workload=mem mem_mib=24 mem_rate=max"),
         None,
-    );
+    ) else {
+        return;
+    };
     let migrating = migrate_command(
-        &socket,
-        &listen,
+        &f.socket,
+        &f.listen,
         &[
             "--bandwidth",
             "20MiB",
@@ -415,7 +441,7 @@ fn a_guest_throttled_hard_still_ticks_every_second() {
     // Wait until auto-converge holds the vCPUs back by 90 % or more.
     let deadline = Instant::now() + Duration::from_secs(50);
     loop {
-        let (_, s) = api_get(&socket, "/vm/migration");
+        let (_, s) = api_get(&f.socket, "/vm/migration");
         if s["throttle_percent"].as_u64().unwrap_or(0) >= 90 {
             break;
         }
@@ -423,9 +449,13 @@ fn a_guest_throttled_hard_still_ticks_every_second() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // Timer ticks keep coming: status lines a second apart, ticks going up.
-    let n = src.lines().len();
-    let (i, first) = src.wait_for_from(n, "ferry-guest: status", Duration::from_secs(5));
-    let (_, second) = src.wait_for_from(i + 1, "ferry-guest: status", Duration::from_secs(5));
+    let n = f.src.lines().len();
+    let (i, first) = f
+        .src
+        .wait_for_from(n, "ferry-guest: status", Duration::from_secs(5));
+    let (_, second) = f
+        .src
+        .wait_for_from(i + 1, "ferry-guest: status", Duration::from_secs(5));
     let (a, b) = (
         common::Status::parse(&first).expect("status"),
         common::Status::parse(&second).expect("status"),
@@ -433,14 +463,14 @@ fn a_guest_throttled_hard_still_ticks_every_second() {
     assert!(b.ticks > a.ticks, "ticks stalled: {first} / {second}");
     let _ = ferry()
         .args(["migrate", "--cancel", "--api-socket"])
-        .arg(&socket)
+        .arg(&f.socket)
         .output();
     let out = migrating.wait_with_output().expect("migrate output");
     let status = status_json(&out);
     // The longest rest is one throttle period (20 ms), nowhere near seconds.
     let stall = status["longest_stall_ms"].as_f64().unwrap_or(0.0);
     assert!(stall > 0.0 && stall < 1000.0, "{status}");
-    src.assert_clean();
+    f.src.assert_clean();
 }
 
 #[test]
@@ -497,41 +527,36 @@ fn a_receiver_survives_bad_connections_and_answers_its_api_while_waiting() {
 
 #[test]
 fn an_unknown_outcome_keeps_the_vm_paused_allows_a_snapshot_and_is_resolved_by_the_operator() {
-    let Some(hosts) = hosts_or_skip(
-        "flt",
+    let Some(mut f) = fixture(
         "an_unknown_outcome_keeps_the_vm_paused_allows_a_snapshot_and_is_resolved_by_the_operator",
+        "unknown",
+        7111,
+        None,
+        Boot::guest("workload=mem mem_mib=32 mem_rate=20"),
+        Some("lose-commit,no-auto-resolve"),
     ) else {
         return;
     };
-    let dir = TempDir::new("unknown");
-    let listen = format!("{}:7111", hosts.b_addr);
-    let mut dst = receiver(&hosts.b, &listen, None, &[]);
-    let (src, socket) = source(
-        &hosts.a,
-        &dir,
-        Boot::guest("workload=mem mem_mib=32 mem_rate=20"),
-        Some("lose-commit,no-auto-resolve"),
-    );
-    let out = migrate_command(&socket, &listen, &[])
+    let out = migrate_command(&f.socket, &f.listen, &[])
         .output()
         .expect("migrate");
     let status = status_json(&out);
     assert_eq!(status["phase"], "outcome_unknown", "{status}");
     assert_error(&status, "outcome_unknown", false);
     assert_eq!(out.status.code(), Some(3), "the unknown-outcome exit code");
-    assert_eq!(vm_api(&socket, "info")["state"], "paused");
+    assert_eq!(vm_api(&f.socket, "info")["state"], "paused");
     // Resume is refused: the VM may run on the destination.
     let resume = ferry()
         .args(["vm", "resume", "--api-socket"])
-        .arg(&socket)
+        .arg(&f.socket)
         .output()
         .expect("resume");
     assert!(!resume.status.success());
     // A snapshot is the operator's way to keep the VM either way.
-    let snap = dir.join("snap");
+    let snap = f.dir.join("snap");
     let out = ferry()
         .args(["snapshot", "create", "--json", "--api-socket"])
-        .arg(&socket)
+        .arg(&f.socket)
         .arg("--dir")
         .arg(&snap)
         .output()
@@ -541,12 +566,12 @@ fn an_unknown_outcome_keeps_the_vm_paused_allows_a_snapshot_and_is_resolved_by_t
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(vm_api(&socket, "info")["state"], "paused", "still paused");
+    assert_eq!(vm_api(&f.socket, "info")["state"], "paused", "still paused");
     // The operator resolves: the destination never got the Commit, is fenced, and the VM
     // resumes here.
     let out = ferry()
         .args(["migrate", "--resolve", "--json", "--api-socket"])
-        .arg(&socket)
+        .arg(&f.socket)
         .output()
         .expect("resolve");
     assert!(
@@ -554,32 +579,27 @@ fn an_unknown_outcome_keeps_the_vm_paused_allows_a_snapshot_and_is_resolved_by_t
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_source_goes_on(&src, &socket);
-    assert!(!dst.wait_exit(Duration::from_secs(30)).success());
+    assert_source_goes_on(&f.src, &f.socket);
+    assert!(!f.dst.wait_exit(Duration::from_secs(30)).success());
     assert!(
-        !dst.lines().iter().any(|l| l.contains("ferry-guest")),
+        !f.dst.lines().iter().any(|l| l.contains("ferry-guest")),
         "the destination ran the guest"
     );
 }
 
 #[test]
 fn a_switchover_whose_last_pass_overruns_resumes_the_guest_and_migrates_later() {
-    let Some(hosts) = hosts_or_skip(
-        "flt",
+    let Some(mut f) = fixture(
         "a_switchover_whose_last_pass_overruns_resumes_the_guest_and_migrates_later",
+        "overrun",
+        7112,
+        None,
+        Boot::guest("workload=mem mem_mib=64 mem_rate=50"),
+        Some("overrun-switchover"),
     ) else {
         return;
     };
-    let dir = TempDir::new("overrun");
-    let listen = format!("{}:7112", hosts.b_addr);
-    let dst = receiver(&hosts.b, &listen, None, &[]);
-    let (mut src, socket) = source(
-        &hosts.a,
-        &dir,
-        Boot::guest("workload=mem mem_mib=64 mem_rate=50"),
-        Some("overrun-switchover"),
-    );
-    let out = migrate_command(&socket, &listen, &[])
+    let out = migrate_command(&f.socket, &f.listen, &[])
         .output()
         .expect("migrate");
     let status = status_json(&out);
@@ -588,9 +608,9 @@ fn a_switchover_whose_last_pass_overruns_resumes_the_guest_and_migrates_later() 
         status["notes"].to_string().contains("did not fit"),
         "the first switchover was cut: {status}"
     );
-    assert!(src.wait_exit(Duration::from_secs(30)).success());
-    let before = *src.statuses().last().expect("a source status");
-    let (first, _) = dst.wait_for_ticks(BOOT);
+    assert!(f.src.wait_exit(Duration::from_secs(30)).success());
+    let before = *f.src.statuses().last().expect("a source status");
+    let (first, _) = f.dst.wait_for_ticks(BOOT);
     assert!(first.t >= before.t && first.mem_written >= before.mem_written);
-    dst.assert_clean();
+    f.dst.assert_clean();
 }
