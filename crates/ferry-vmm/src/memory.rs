@@ -102,7 +102,7 @@ impl HostRegion {
 /// Guest memory as raw host regions, for code that works on it in place (the migration
 /// scanner reads pages, the destination faults chunks in). It holds a handle on the memory,
 /// so the regions stay mapped while it lives.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct HostRegions {
     regions: Vec<HostRegion>,
     _memory: GuestMemory,
