@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
             len: 1 << 20,
         }],
         disks: vec![],
+        moving_disks: vec![],
     });
     machine.sent(&setup).expect("setup");
     machine.received(&Message::SetupOk).expect("setup ok");

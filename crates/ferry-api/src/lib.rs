@@ -251,6 +251,10 @@ pub struct MigrateRequest {
     /// Answer when the migration has ended (with its final status) instead of at once.
     #[serde(default)]
     pub wait: bool,
+    /// Disks (indices in the VM's disk order) that stay where they are, on storage both hosts
+    /// see. Every other disk moves with the VM.
+    #[serde(default)]
+    pub shared_disks: Vec<u32>,
 }
 
 /// `PUT /vm/migration/resolve`: settle a migration whose outcome is unknown by asking the
@@ -298,6 +302,9 @@ pub struct DowntimeBreakdown {
     pub total_ms: f64,
     /// Stopping vCPUs and devices.
     pub pause_ms: f64,
+    /// Sending the disk blocks written since the last pass.
+    #[serde(default)]
+    pub final_disk_ms: f64,
     /// Sending the pages dirtied since the last pass.
     pub final_memory_ms: f64,
     /// Reading and sending the CPU and device state.
@@ -352,6 +359,23 @@ pub struct MigrationStatus {
     /// Identifies this migration to the destination (for resolving an unknown outcome).
     #[serde(default)]
     pub migration_id: u64,
+    /// The disks that move with the VM.
+    #[serde(default)]
+    pub disks: Vec<DiskMigrationStatus>,
+}
+
+/// One moving disk in [`MigrationStatus`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskMigrationStatus {
+    /// Its index in the VM's disk order.
+    pub index: u32,
+    pub total_bytes: u64,
+    /// Sent as data or as zero ranges, all passes.
+    pub sent_bytes: u64,
+    /// Left in the bulk copy, then written by the guest and not yet sent.
+    pub remaining_bytes: u64,
+    /// How fast the guest writes blocks that must be sent again, bytes per second.
+    pub dirty_rate_bytes_per_sec: f64,
 }
 
 /// What kind of failure ended a migration: what a controller matches on.

@@ -102,9 +102,17 @@ struct ReceiveArgs {
     /// ADDR:PORT to listen on.
     #[arg(long)]
     listen: String,
-    /// New paths for the VM's disks, in their order (default: the source's paths).
+    /// Where the VM's disks go, in their order. A disk that moves with the VM is written
+    /// there (created sparse); a shared disk is opened there (default: the source's path).
     #[arg(long = "disk")]
     disks: Vec<PathBuf>,
+    /// Let a moving disk replace a file that exists already at its --disk path.
+    #[arg(long)]
+    overwrite: bool,
+    /// Test and benchmark aid: write moving disks no faster than this (e.g. 20MiB, 100M),
+    /// to emulate a slow destination disk.
+    #[arg(long, value_parser = migrate::parse_rate)]
+    test_disk_write_limit: Option<u64>,
     /// Serve the control API on this unix socket once the VM runs.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -136,6 +144,10 @@ struct MigrateCliArgs {
     /// The link counts as lost when the destination takes no data for this long, ms.
     #[arg(long)]
     link_timeout_ms: Option<u64>,
+    /// Leave disk N (from 0, in the VM's disk order) in place, on storage both hosts see;
+    /// every other disk moves with the VM. Repeatable.
+    #[arg(long = "shared-disk", value_name = "N")]
+    shared_disks: Vec<u32>,
     /// Cancel the running migration instead.
     #[arg(long, conflicts_with = "to")]
     cancel: bool,
@@ -204,6 +216,8 @@ fn receive(args: ReceiveArgs) -> Result<()> {
         ferry_vmm::migration::destination::ReceiveConfig {
             listen: args.listen,
             disks: args.disks,
+            overwrite: args.overwrite,
+            disk_write_limit: args.test_disk_write_limit,
             api_socket: args.api_socket,
             console: console_config(&args.console),
         },
@@ -232,6 +246,7 @@ fn migrate_cmd(args: MigrateCliArgs) -> Result<()> {
             max_time_secs: args.max_time,
             on_timeout,
             link_timeout_ms: args.link_timeout_ms,
+            shared_disks: args.shared_disks,
             json: args.json,
         },
     )

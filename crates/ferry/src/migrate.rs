@@ -19,6 +19,7 @@ pub struct MigrateArgs {
     pub max_time_secs: Option<u64>,
     pub on_timeout: OnTimeout,
     pub link_timeout_ms: Option<u64>,
+    pub shared_disks: Vec<u32>,
     pub json: bool,
 }
 
@@ -97,6 +98,7 @@ pub fn run(socket: &Path, args: MigrateArgs) -> Result<MigrationStatus> {
         max_time_secs: args.max_time_secs,
         on_timeout: args.on_timeout,
         link_timeout_ms: args.link_timeout_ms,
+        shared_disks: args.shared_disks.clone(),
         wait: true,
     };
     // One connection waits for the end; progress comes from polling on others.

@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::blocks::BlockBatch;
 use super::error::ProtocolError;
 use super::message::{Message, MessageKind};
 use super::pages::PageBatch;
@@ -31,6 +32,7 @@ pub fn write_message<W: Write>(w: &mut W, m: &Message) -> io::Result<()> {
         Message::Resolved(r) => frame(w, &json(r)?)?,
         Message::Abort(a) => frame(w, &json(a)?)?,
         Message::Pages(batch) => frame(w, batch.as_bytes())?,
+        Message::Blocks(batch) => frame(w, batch.as_bytes())?,
         Message::State(state) => frame(w, state)?,
         Message::SetupOk | Message::Prepared | Message::Commit => frame(w, &[])?,
     }
@@ -101,6 +103,7 @@ pub fn read_message_reusing<R: Read>(r: &mut R, spare: Vec<u8>) -> Result<Messag
         MessageKind::Resolve => Message::Resolve(from_json(kind, &payload)?),
         MessageKind::Resolved => Message::Resolved(from_json(kind, &payload)?),
         MessageKind::Pages => Message::Pages(PageBatch::from_bytes(payload)?),
+        MessageKind::Blocks => Message::Blocks(BlockBatch::from_bytes(payload)?),
         MessageKind::State => Message::State(payload),
         // Their limit is 0: the frame reader refused any payload.
         MessageKind::SetupOk => Message::SetupOk,

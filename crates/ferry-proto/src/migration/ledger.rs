@@ -1,5 +1,6 @@
 //! Page accounting shared by both machines: where pages may go and how many went.
 
+use super::blocks::{BlockBatch, BlockRecord};
 use super::error::ProtocolError;
 use super::message::{Applied, Complete, IterationDone, Setup};
 use super::pages::{PageBatch, PageRecord};
@@ -12,6 +13,9 @@ pub struct PageTotals {
     pub iterations: u32,
     pub data_pages: u64,
     pub zero_pages: u64,
+    /// Disk bytes as data and as zero ranges, all disks.
+    pub disk_data_bytes: u64,
+    pub disk_hole_bytes: u64,
 }
 
 /// Checks each batch against guest memory and counts it; checks the totals the source
@@ -21,6 +25,8 @@ pub(super) struct Ledger {
     /// Guest memory as disjoint `[start, end)` spans, sorted, adjacent regions merged (a zero
     /// run may cross from one into the next). Empty until Setup: no page fits.
     spans: Vec<(u64, u64)>,
+    /// The moving disks: index and size.
+    disks: Vec<(u32, u64)>,
     totals: PageTotals,
     /// Counts of the pass in progress.
     pass_data: u64,
@@ -47,6 +53,11 @@ impl Ledger {
         }
         Ledger {
             spans,
+            disks: setup
+                .moving_disks
+                .iter()
+                .map(|d| (d.index, d.size))
+                .collect(),
             ..Ledger::default()
         }
     }
@@ -96,6 +107,37 @@ impl Ledger {
         self.pass_zero = self.pass_zero.saturating_add(count.zero);
     }
 
+    /// Checks a block batch: a moving disk, every range inside it. Returns its data and
+    /// zero-range bytes.
+    pub(super) fn check_blocks(&self, batch: &BlockBatch) -> Result<(u64, u64), ProtocolError> {
+        batch.check_sendable()?;
+        let disk = batch.disk();
+        let &(_, size) = self
+            .disks
+            .iter()
+            .find(|(index, _)| *index == disk)
+            .ok_or_else(|| {
+                ProtocolError::BadRecord(format!("blocks for disk {disk}, which is not moving"))
+            })?;
+        for record in batch.records() {
+            let record: BlockRecord<'_> = record?;
+            // The record's own check ruled out overflow.
+            if record.offset() + record.len() > size {
+                return Err(ProtocolError::BadRecord(format!(
+                    "disk {disk}: bytes {:#x}+{:#x} lie beyond its {size:#x} bytes",
+                    record.offset(),
+                    record.len()
+                )));
+            }
+        }
+        Ok(batch.counts())
+    }
+
+    pub(super) fn add_blocks(&mut self, (data, holes): (u64, u64)) {
+        self.totals.disk_data_bytes = self.totals.disk_data_bytes.saturating_add(data);
+        self.totals.disk_hole_bytes = self.totals.disk_hole_bytes.saturating_add(holes);
+    }
+
     /// Checks an IterationDone: the next number, and the pages of this pass.
     pub(super) fn check_iteration(&self, d: &IterationDone) -> Result<(), ProtocolError> {
         let checks = [
@@ -130,7 +172,11 @@ impl Ledger {
             .totals
             .data_pages
             .saturating_add(self.totals.zero_pages);
-        let sent_bytes = self.totals.data_pages.saturating_mul(PAGE_SIZE);
+        let sent_bytes = self
+            .totals
+            .data_pages
+            .saturating_mul(PAGE_SIZE)
+            .saturating_add(self.totals.disk_data_bytes);
         for (what, claimed, limit) in [
             ("applied pages", a.pages, sent_pages),
             ("applied bytes", a.bytes, sent_bytes),
@@ -156,6 +202,16 @@ impl Ledger {
             ),
             ("data pages", c.data_pages, self.totals.data_pages),
             ("zero pages", c.zero_pages, self.totals.zero_pages),
+            (
+                "disk data bytes",
+                c.disk_data_bytes,
+                self.totals.disk_data_bytes,
+            ),
+            (
+                "disk zero bytes",
+                c.disk_hole_bytes,
+                self.totals.disk_hole_bytes,
+            ),
         ])
     }
 }

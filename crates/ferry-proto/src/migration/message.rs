@@ -5,6 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::blocks::{BlockBatch, SECTOR_SIZE};
 use super::error::ProtocolError;
 use super::pages::PageBatch;
 use super::{
@@ -87,6 +88,22 @@ pub struct Setup {
     pub regions: Vec<Region>,
     /// Disk image paths as the source saved them.
     pub disks: Vec<String>,
+    /// The disks whose contents travel in this stream ([`Message::Blocks`]), in ascending
+    /// index order; the others stay where they are (storage both hosts see). Absent in a peer
+    /// without the `disk-blocks` feature: nothing moves.
+    #[serde(default)]
+    pub moving_disks: Vec<MovingDisk>,
+}
+
+/// A disk whose contents move with the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovingDisk {
+    /// Its index in [`Setup::disks`] (the VM's disk order).
+    pub index: u32,
+    /// Its size in bytes, a multiple of the sector size.
+    pub size: u64,
+    /// The guest cannot write it: one pass copies it.
+    pub read_only: bool,
 }
 
 impl Setup {
@@ -151,6 +168,23 @@ impl Setup {
                 d.len()
             )));
         }
+        let mut previous = None;
+        for m in &self.moving_disks {
+            if m.index as usize >= self.disks.len() || previous.is_some_and(|p| p >= m.index) {
+                return Err(invalid(format!(
+                    "moving disk {} is not one of the {} disks, or out of order",
+                    m.index,
+                    self.disks.len()
+                )));
+            }
+            if m.size % SECTOR_SIZE != 0 {
+                return Err(invalid(format!(
+                    "moving disk {} has {} bytes, not whole sectors",
+                    m.index, m.size
+                )));
+            }
+            previous = Some(m.index);
+        }
         Ok(())
     }
 }
@@ -175,6 +209,12 @@ pub struct Complete {
     pub data_pages: u64,
     /// Pages sent as zero runs in all passes.
     pub zero_pages: u64,
+    /// Disk bytes sent as data, all disks and passes.
+    #[serde(default)]
+    pub disk_data_bytes: u64,
+    /// Disk bytes sent as zero ranges, all disks and passes.
+    #[serde(default)]
+    pub disk_hole_bytes: u64,
 }
 
 /// The destination's vCPUs run.
@@ -189,7 +229,7 @@ pub struct Running {
 /// destination is behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
-    /// Page bytes (data records' pages) written, in all passes.
+    /// Data bytes written, in all passes: the data pages' bytes and the disk blocks' data.
     pub bytes: u64,
     /// Page records (data and zero pages) applied, in all passes.
     pub pages: u64,
@@ -251,6 +291,8 @@ pub enum Message {
     Setup(Setup),
     SetupOk,
     Pages(PageBatch),
+    /// Disk contents of one moving disk.
+    Blocks(BlockBatch),
     IterationDone(IterationDone),
     /// The VM's device and CPU state: the VMM's bytes, opaque here.
     State(Vec<u8>),
@@ -282,11 +324,12 @@ pub enum MessageKind {
     Applied = 0x010c,
     Resolve = 0x010d,
     Resolved = 0x010e,
+    Blocks = 0x010f,
 }
 
 impl MessageKind {
     /// Every kind, in protocol order.
-    pub const ALL: [MessageKind; 14] = [
+    pub const ALL: [MessageKind; 15] = [
         MessageKind::Hello,
         MessageKind::Setup,
         MessageKind::SetupOk,
@@ -301,6 +344,7 @@ impl MessageKind {
         MessageKind::Applied,
         MessageKind::Resolve,
         MessageKind::Resolved,
+        MessageKind::Blocks,
     ];
 
     pub fn from_u16(kind: u16) -> Option<MessageKind> {
@@ -323,6 +367,7 @@ impl MessageKind {
             MessageKind::Applied => "Applied",
             MessageKind::Resolve => "Resolve",
             MessageKind::Resolved => "Resolved",
+            MessageKind::Blocks => "Blocks",
         }
     }
 
@@ -338,7 +383,7 @@ impl MessageKind {
     pub fn max_payload(self) -> usize {
         match self {
             MessageKind::SetupOk | MessageKind::Prepared | MessageKind::Commit => 0,
-            MessageKind::Pages => MAX_BATCH_BYTES,
+            MessageKind::Pages | MessageKind::Blocks => MAX_BATCH_BYTES,
             MessageKind::State => MAX_STATE_BYTES,
             MessageKind::Hello
             | MessageKind::Setup
@@ -376,6 +421,7 @@ impl Message {
             Message::Applied(_) => MessageKind::Applied,
             Message::Resolve(_) => MessageKind::Resolve,
             Message::Resolved(_) => MessageKind::Resolved,
+            Message::Blocks(_) => MessageKind::Blocks,
         }
     }
 
@@ -408,6 +454,7 @@ impl Message {
             Message::Hello(h) => h.validate(),
             Message::Setup(s) => s.validate(),
             Message::Pages(b) => b.check_sendable(),
+            Message::Blocks(b) => b.check_sendable(),
             Message::State(s) if s.len() > MAX_STATE_BYTES => Err(ProtocolError::TooLarge {
                 what: "State",
                 len: s.len() as u64,
@@ -438,6 +485,7 @@ impl fmt::Debug for Message {
             Message::Hello(h) => f.debug_tuple("Hello").field(h).finish(),
             Message::Setup(s) => f.debug_tuple("Setup").field(s).finish(),
             Message::Pages(b) => f.debug_tuple("Pages").field(b).finish(),
+            Message::Blocks(b) => f.debug_tuple("Blocks").field(b).finish(),
             Message::IterationDone(d) => f.debug_tuple("IterationDone").field(d).finish(),
             Message::State(s) => write!(f, "State(<{} bytes>)", s.len()),
             Message::Complete(c) => f.debug_tuple("Complete").field(c).finish(),

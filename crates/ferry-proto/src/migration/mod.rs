@@ -2,8 +2,9 @@
 //!
 //! Every message is one [frame](crate::frame) whose kind is the message type
 //! ([`MessageKind`]) and whose version is [`MESSAGE_FORMAT_VERSION`]. Control messages carry
-//! JSON; [`Message::Pages`] carries a compact binary run of page records ([`PageBatch`]) and
-//! [`Message::State`] the VMM's opaque state bytes. [`write_message`] and [`read_message`] move
+//! JSON; [`Message::Pages`] carries a compact binary run of page records ([`PageBatch`]),
+//! [`Message::Blocks`] the same for one moving disk ([`BlockBatch`]), and [`Message::State`]
+//! the VM state as versioned sections. [`write_message`] and [`read_message`] move
 //! them; [`SenderMachine`] and [`ReceiverMachine`] say which message may come next. Each side
 //! calls `sent(&m)` before it writes `m` and `received(&m)` after it reads `m`, and stops at the
 //! first error.
@@ -20,15 +21,16 @@
 //!  SetupSent                                            SetupReceived    allocates memory
 //!    ◀─────────────────────────────────────── SetupOk ──
 //!  SendingMemory{0}                                     ReceivingMemory
+//!    ── Blocks … (moving disks: bulk copy) ─────────────▶ disks first, where any move
 //!    ── Pages … Pages, IterationDone{0} ────────────────▶ pre-copy passes; the guest runs
 //!    ◀──────────────────────────── Applied {bytes, pages} ── (the destination's progress,
 //!                                                          any time until Prepared)
 //!  SendingMemory{1}
-//!    ── Pages … IterationDone{1} … ─────────────────────▶
-//!    (vCPUs stop) ── Pages … final dirty pages ─────────▶ the downtime starts here
+//!    ── Blocks … Pages … IterationDone{1} … ────────────▶ dirty blocks, dirty pages
+//!    (vCPUs stop) ── Blocks … Pages … (final dirty) ────▶ the downtime starts here
 //!    ── State (device and CPU state) ───────────────────▶
 //!  StateSent                                            StateReceived
-//!    ── Complete {iterations, data_pages, zero_pages} ──▶ totals checked against the stream
+//!    ── Complete {iterations, pages, disk bytes} ───────▶ totals checked against the stream
 //!  Completed                                            Completed        builds the VM, paused
 //!    ◀────────────────────────────────────── Prepared ──
 //!  AwaitingCommitDecision                               Prepared
@@ -62,6 +64,7 @@
 //! the order, the negotiated version, that every page lies in guest memory and that the page
 //! totals the source announces match what arrived.
 
+mod blocks;
 mod codec;
 mod error;
 mod ledger;
@@ -74,12 +77,16 @@ mod sender;
 #[cfg(test)]
 mod tests;
 
+pub use blocks::{
+    BlockBatch, BlockBatchWriter, BlockRecord, BlockRecords, MAX_BLOCK_DATA,
+    SECTOR_SIZE as DISK_SECTOR_SIZE,
+};
 pub use codec::{read_message, read_message_reusing, write_message};
 pub use error::{Direction, FailureClass, ProtocolError, Side, TransitionError};
 pub use ledger::PageTotals;
 pub use message::{
-    Abort, AbortKind, Applied, Complete, Hello, IterationDone, Message, MessageKind, Region,
-    Resolve, Resolved, Running, Setup, MESSAGE_FORMAT_VERSION,
+    Abort, AbortKind, Applied, Complete, Hello, IterationDone, Message, MessageKind, MovingDisk,
+    Region, Resolve, Resolved, Running, Setup, MESSAGE_FORMAT_VERSION,
 };
 pub use negotiation::{feature, Features};
 pub use pages::{is_zero_page, PageBatch, PageBatchWriter, PageRecord, Records};

@@ -1,7 +1,7 @@
 //! The Hello exchange: version check and capability intersection.
 
 use super::error::ProtocolError;
-use super::message::Hello;
+use super::message::{Hello, Setup};
 use super::PROTOCOL_VERSION;
 
 /// What each side said in its Hello.
@@ -61,6 +61,17 @@ impl Negotiation {
         }
     }
 
+    /// Disks may move only when both sides announced `disk-blocks`.
+    pub(super) fn check_moving_disks(&self, setup: &Setup) -> Result<(), ProtocolError> {
+        let agreed = self
+            .agreed()
+            .is_some_and(|a| a.iter().any(|c| c == feature::DISK_BLOCKS));
+        if !setup.moving_disks.is_empty() && !agreed {
+            return Err(ProtocolError::MissingFeature(feature::DISK_BLOCKS));
+        }
+        Ok(())
+    }
+
     pub(super) fn agreed(&self) -> Option<&[String]> {
         self.agreed.as_deref()
     }
@@ -79,10 +90,13 @@ pub mod feature {
     pub const FLOW_CONTROL: &str = "flow-control";
     /// The State payload is the VM state as versioned sections (the snapshot encoding).
     pub const STATE_SECTIONS: &str = "state-sections";
+    /// Disk contents travel in the stream ([`Blocks`](crate::migration::Message::Blocks)):
+    /// storage migration.
+    pub const DISK_BLOCKS: &str = "disk-blocks";
     /// Features a peer must announce to work with this ferry at all.
     pub const REQUIRED: &[&str] = &[STATE_SECTIONS];
     /// Every feature this ferry speaks.
-    pub const ALL: &[&str] = &[ZERO_PAGES, FLOW_CONTROL, STATE_SECTIONS];
+    pub const ALL: &[&str] = &[ZERO_PAGES, FLOW_CONTROL, STATE_SECTIONS, DISK_BLOCKS];
 }
 
 /// What both sides agreed to use.
@@ -90,6 +104,7 @@ pub mod feature {
 pub struct Features {
     pub zero_pages: bool,
     pub flow_control: bool,
+    pub disk_blocks: bool,
 }
 
 impl Features {
@@ -103,6 +118,7 @@ impl Features {
         Ok(Features {
             zero_pages: has(feature::ZERO_PAGES),
             flow_control: has(feature::FLOW_CONTROL),
+            disk_blocks: has(feature::DISK_BLOCKS),
         })
     }
 }

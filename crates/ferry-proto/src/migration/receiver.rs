@@ -210,6 +210,7 @@ impl ReceiverMachine {
             }
             (S::AwaitSetup, Message::Setup(s)) => {
                 m.validate()?;
+                self.hello.check_moving_disks(s)?;
                 self.ledger = Ledger::for_setup(s);
                 self.setup = Some(s.clone());
                 S::SetupReceived
@@ -220,6 +221,11 @@ impl ReceiverMachine {
             (S::ReceivingMemory, Message::Pages(batch)) => {
                 let count = self.ledger.check_batch(batch)?;
                 self.ledger.add_batch(count);
+                S::ReceivingMemory
+            }
+            (S::ReceivingMemory, Message::Blocks(batch)) => {
+                let count = self.ledger.check_blocks(batch)?;
+                self.ledger.add_blocks(count);
                 S::ReceivingMemory
             }
             (S::ReceivingMemory, Message::IterationDone(d)) => {

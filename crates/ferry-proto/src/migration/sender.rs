@@ -170,12 +170,18 @@ impl SenderMachine {
             }
             (S::Negotiated, Message::Setup(s)) => {
                 m.validate()?;
+                self.hello.check_moving_disks(s)?;
                 self.ledger = Ledger::for_setup(s);
                 S::SetupSent
             }
             (S::SendingMemory { .. }, Message::Pages(batch)) => {
                 let count = self.ledger.check_batch(batch)?;
                 self.ledger.add_batch(count);
+                self.state
+            }
+            (S::SendingMemory { .. }, Message::Blocks(batch)) => {
+                let count = self.ledger.check_blocks(batch)?;
+                self.ledger.add_blocks(count);
                 self.state
             }
             (S::SendingMemory { .. }, Message::IterationDone(d)) => {

@@ -192,6 +192,16 @@ impl DeviceManager {
             .collect()
     }
 
+    /// The disks, in the VM's disk order, as storage migration reads and tracks them.
+    pub fn disk_handles(&self) -> Vec<crate::migration::source::DiskHandle> {
+        self.devices
+            .iter()
+            .map(|(_, device)| match device {
+                Device::Block(disk) => disk.migration_handle(),
+            })
+            .collect()
+    }
+
     /// Makes everything the guest wrote durable, on every device even when one fails; the
     /// failures, if any, in one message.
     pub fn flush(&self) -> Result<(), String> {

@@ -118,6 +118,7 @@ impl Control<'_> {
             migration_id,
             vm_fd: self.vm.vm_fd.clone(),
             memory: self.vm.memory.clone(),
+            disks: self.vm.devices.disk_handles(),
             machine: self.vm.machine.clone(),
             throttle: self.throttle.clone(),
             status: status.clone(),

@@ -85,6 +85,16 @@ pub trait BlockBackend: Send + Sync + fmt::Debug {
 
     /// Makes every completed write durable.
     fn flush(&self) -> Result<(), BackendError>;
+
+    /// Reads `buf.len()` bytes at `offset` into host memory (storage migration reads the
+    /// disk this way while the guest runs).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
+
+    /// The parts of `offset..offset + len` that may hold data, ascending; the rest reads as
+    /// zero. A backend that cannot tell returns the whole range.
+    fn data_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, BackendError> {
+        Ok(vec![(offset, len)])
+    }
 }
 
 /// A raw disk image (or block device): disk offset = file offset. Positioned I/O only, and
@@ -201,6 +211,59 @@ impl BlockBackend for RawFile {
         }
         self.file.sync_data().map_err(BackendError::Flush)
     }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.check_range(offset, u32::try_from(buf.len()).unwrap_or(u32::MAX))?;
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+            .map_err(|source| BackendError::Io { offset, source })
+    }
+
+    fn data_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, BackendError> {
+        let end = offset.saturating_add(len).min(self.size);
+        data_extents(&self.file, offset, end).map_err(|source| BackendError::Io { offset, source })
+    }
+}
+
+/// The data extents of `file` in `start..end`, found with SEEK_DATA and SEEK_HOLE. A file
+/// system without them reports the whole range as data.
+fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let seek = |from: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        let from = libc::off64_t::try_from(from).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: lseek on an fd this function borrows; it moves only the file's position,
+        // which nothing here uses (all I/O is positioned).
+        let at = unsafe { libc::lseek64(fd, from, whence) };
+        if at < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data (or hole) after `from`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(at as u64))
+    };
+    let mut extents = Vec::new();
+    let mut at = start;
+    while at < end {
+        let data = match seek(at, libc::SEEK_DATA) {
+            Ok(Some(d)) => d,
+            Ok(None) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // The file system does not know SEEK_DATA: all of it may be data.
+                return Ok(vec![(start, end - start)]);
+            }
+            Err(e) => return Err(e),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        extents.push((data, hole - data));
+        at = hole;
+    }
+    Ok(extents)
 }
 
 fn guest_error(addr: GuestAddress, len: u32, source: vm_memory::GuestMemoryError) -> BackendError {

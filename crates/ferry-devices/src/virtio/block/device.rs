@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::{BackendError, BlockBackend, RawFile};
+use super::dirty::DirtyLog;
 use super::metrics::{add, BlockCounters, BlockMetrics};
 use super::request::{self, Rejected, Request, RequestKind};
 use super::{BlockError, DISK_ID_LEN, QUEUE_SIZE, SECTOR_SIZE};
@@ -88,6 +89,8 @@ pub(super) struct Disk {
     pub(super) capacity: u64,
     counters: Arc<BlockCounters>,
     pub(super) log: LogLimiter,
+    /// What the guest wrote while a migration records it.
+    dirty: Arc<DirtyLog>,
 }
 
 /// The queue of an activated device.
@@ -152,6 +155,7 @@ impl Block {
                 capacity,
                 counters: Arc::new(BlockCounters::default()),
                 log: LogLimiter::new(),
+                dirty: Arc::new(DirtyLog::new(size)),
             },
             config_space,
             avail_features,
@@ -174,6 +178,11 @@ impl Block {
 
     pub fn backend(&self) -> &Arc<dyn BlockBackend> {
         &self.disk.backend
+    }
+
+    /// The log of what the guest writes, for storage migration (off until started).
+    pub fn dirty_log(&self) -> Arc<DirtyLog> {
+        self.disk.dirty.clone()
     }
 
     /// The serial the guest reads with GET_ID.
@@ -316,9 +325,14 @@ impl Disk {
                 log_limited!(self.log, warn, "virtio-blk: write to a read-only disk");
                 return write_status(mem, Some(req.status), VIRTIO_BLK_S_IOERR);
             }
-            RequestKind::Out => self.transfer(req, |backend, offset, addr, len| {
-                backend.write_from_guest(offset, mem, addr, len)
-            }),
+            RequestKind::Out => {
+                let result = self.transfer(req, |backend, offset, addr, len| {
+                    backend.write_from_guest(offset, mem, addr, len)
+                });
+                // After the write, failed or not (part of it may have landed): see dirty.rs.
+                self.dirty.mark(req.sector * SECTOR_SIZE, req.data_len);
+                result
+            }
             RequestKind::Flush => {
                 add(&self.counters.flushes, 1);
                 self.backend.flush().map(|()| 0)

@@ -3,6 +3,7 @@
 //! - `device.rs`: the model: features, configuration space, serving the request queue.
 //! - `request.rs`: turning a hostile descriptor chain into a checked request.
 //! - `backend.rs`: where the bytes live ([`RawFile`] for raw images).
+//! - `dirty.rs`: which blocks the guest wrote while a migration records it.
 //! - `event_handler.rs`: the event-manager plumbing (activation and queue eventfds).
 //! - `metrics.rs`: the counters the API reports.
 //! - `persist.rs`: the saved state, alone and with the virtio-mmio transport ([`VirtioBlock`]).
@@ -13,6 +14,7 @@
 
 mod backend;
 mod device;
+mod dirty;
 mod event_handler;
 mod metrics;
 mod persist;
@@ -26,6 +28,7 @@ use std::io;
 
 pub use backend::{BackendError, BlockBackend, RawFile};
 pub use device::{Block, BlockConfig, BlockInfo};
+pub use dirty::{DirtyLog, DIRTY_BLOCK};
 pub use metrics::{BlockCounters, BlockMetrics};
 pub use persist::{
     save_block, BlockArgs, BlockQueueState, BlockRestoreError, BlockState, VirtioBlock,

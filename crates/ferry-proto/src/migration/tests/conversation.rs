@@ -150,6 +150,8 @@ fn run_source(mut s: UnixStream, setup: Setup, state: Vec<u8>) -> SourceOutcome 
             iterations: t.iterations,
             data_pages: t.data_pages,
             zero_pages: t.zero_pages,
+            disk_data_bytes: t.disk_data_bytes,
+            disk_hole_bytes: t.disk_hole_bytes,
         };
         send(&mut m, &mut s, &Message::Complete(complete))?;
         recv(&mut m, &mut s)?; // Prepared
@@ -219,7 +221,10 @@ fn run_destination(mut s: UnixStream, refuse_after_complete: bool) -> Destinatio
 #[test]
 fn a_full_migration_moves_every_page_over_a_socket_pair() {
     let (a, b) = UnixStream::pair().expect("socketpair");
-    let setup = sample_setup();
+    let setup = Setup {
+        moving_disks: Vec::new(),
+        ..sample_setup()
+    };
     let state = b"{\"vcpus\":[{\"rip\":4096}],\"devices\":[]}".to_vec();
     let src = {
         let (setup, state) = (setup.clone(), state.clone());
@@ -249,6 +254,7 @@ fn a_full_migration_moves_every_page_over_a_socket_pair() {
         iterations: 2,
         data_pages: 23,
         zero_pages: 12,
+        ..PageTotals::default()
     };
     assert_eq!(src.machine.totals(), expected);
     assert_eq!(dst.machine.totals(), expected);
@@ -257,7 +263,16 @@ fn a_full_migration_moves_every_page_over_a_socket_pair() {
 #[test]
 fn a_destination_abort_before_commit_leaves_the_source_free_to_resume() {
     let (a, b) = UnixStream::pair().expect("socketpair");
-    let src = thread::spawn(move || run_source(a, sample_setup(), b"{}".to_vec()));
+    let src = thread::spawn(move || {
+        run_source(
+            a,
+            Setup {
+                moving_disks: Vec::new(),
+                ..sample_setup()
+            },
+            b"{}".to_vec(),
+        )
+    });
     let dst = thread::spawn(move || run_destination(b, true));
     let src = src.join().expect("source thread");
     let dst = dst.join().expect("destination thread");

@@ -55,6 +55,7 @@ const SENDER_RULES: &[(SenderState, &[SenderRule])] = {
             SendingMemory { iteration: 0 },
             &[
                 (S, K::Pages, SendingMemory { iteration: 0 }),
+                (S, K::Blocks, SendingMemory { iteration: 0 }),
                 (S, K::IterationDone, SendingMemory { iteration: 1 }),
                 (S, K::State, StateSent),
                 (R, K::Applied, SendingMemory { iteration: 0 }),
@@ -148,6 +149,7 @@ const RECEIVER_RULES: &[(ReceiverState, &[ReceiverRule])] = {
             ReceivingMemory,
             &[
                 (R, K::Pages, ReceivingMemory),
+                (R, K::Blocks, ReceivingMemory),
                 (R, K::IterationDone, ReceivingMemory),
                 (R, K::State, StateReceived),
                 (S, K::Applied, ReceivingMemory),
@@ -490,12 +492,15 @@ fn totals_that_do_not_match_what_arrived_are_refused_before_prepared() {
         iterations: 1,
         data_pages: 6,
         zero_pages: 6,
+        ..PageTotals::default()
     };
     assert_eq!((src0.totals(), dst0.totals()), (expected, expected));
     let good = Complete {
         iterations: 1,
         data_pages: 6,
         zero_pages: 6,
+        disk_data_bytes: 0,
+        disk_hole_bytes: 0,
     };
     let bad = [
         (
@@ -812,4 +817,99 @@ fn a_destination_cannot_claim_to_have_applied_more_than_it_was_sent() {
         let err = src.received(&Message::Applied(lie)).unwrap_err();
         assert!(matches!(err, ProtocolError::Totals { .. }), "{err}");
     }
+}
+
+#[test]
+fn blocks_must_belong_to_a_moving_disk_and_lie_on_it() {
+    let (src0, dst0) = pair_receiving_memory();
+    type Push = fn(&mut BlockBatchWriter) -> bool;
+    let bad: [(&str, u32, Push); 3] = [
+        ("a disk that does not move", 1, |w| w.push_hole(0, 512)),
+        ("past the end of the disk", 0, |w| w.push_hole(1 << 20, 512)),
+        ("across the end of the disk", 0, |w| {
+            w.push_data((1 << 20) - 512, 1024).is_some()
+        }),
+    ];
+    for (what, disk, push) in bad {
+        let mut w = BlockBatchWriter::new(disk, 1 << 20);
+        assert!(push(&mut w), "{what}");
+        let m = Message::Blocks(w.take());
+        let (mut src, mut dst) = (src0.clone(), dst0.clone());
+        let (a, b) = both(&mut src, &mut dst, &m);
+        assert!(
+            matches!(a, Err(ProtocolError::BadRecord(_))),
+            "{what}: {a:?}"
+        );
+        assert!(
+            matches!(b, Err(ProtocolError::BadRecord(_))),
+            "{what}: {b:?}"
+        );
+        assert_eq!(
+            dst.totals(),
+            PageTotals::default(),
+            "{what}: nothing counted"
+        );
+    }
+    // The last sector is on the disk; the counts reach Complete and Applied.
+    let mut w = BlockBatchWriter::new(0, 1 << 20);
+    w.push_data((1 << 20) - 512, 512).expect("room").fill(1);
+    assert!(w.push_hole(0, 4096));
+    let (mut src, mut dst) = (src0, dst0);
+    let (a, b) = both(&mut src, &mut dst, &Message::Blocks(w.take()));
+    a.expect("inside");
+    b.expect("inside");
+    assert_eq!(dst.totals().disk_data_bytes, 512);
+    assert_eq!(dst.totals().disk_hole_bytes, 4096);
+    src.received(&Message::Applied(Applied {
+        bytes: 512,
+        pages: 0,
+    }))
+    .expect("512 data bytes were sent");
+    let err = src
+        .received(&Message::Applied(Applied {
+            bytes: 513,
+            pages: 0,
+        }))
+        .unwrap_err();
+    assert!(matches!(err, ProtocolError::Totals { .. }), "{err}");
+    let (a, b) = both(&mut src, &mut dst, &sample(K::State));
+    a.expect("state");
+    b.expect("state");
+    let wrong = Message::Complete(Complete {
+        iterations: 0,
+        data_pages: 0,
+        zero_pages: 0,
+        disk_data_bytes: 0,
+        disk_hole_bytes: 4096,
+    });
+    let err = dst.received(&wrong).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProtocolError::Totals {
+                what: "disk data bytes",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn disks_move_only_when_both_sides_speak_disk_blocks() {
+    let mut dst = ReceiverMachine::new();
+    let hello = Message::Hello(Hello::new("old", &["zero-pages", "state-sections"]));
+    dst.received(&hello).expect("hello");
+    dst.sent(&hello).expect("hello");
+    let err = dst.received(&sample(K::Setup)).unwrap_err();
+    assert!(
+        matches!(err, ProtocolError::MissingFeature("disk-blocks")),
+        "{err}"
+    );
+    // Without moving disks, the same Setup is fine.
+    let setup = Setup {
+        moving_disks: Vec::new(),
+        ..sample_setup()
+    };
+    dst.received(&Message::Setup(setup)).expect("no disks move");
 }

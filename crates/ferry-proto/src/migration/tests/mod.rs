@@ -24,7 +24,20 @@ fn sample_setup() -> Setup {
             },
         ],
         disks: vec!["/var/lib/ferry/disk.img".into()],
+        moving_disks: vec![MovingDisk {
+            index: 0,
+            size: 1 << 20,
+            read_only: false,
+        }],
     }
+}
+
+/// A hole and 4 KiB of data on the moving disk of [`sample_setup`].
+fn sample_blocks() -> BlockBatch {
+    let mut w = BlockBatchWriter::new(0, 1 << 20);
+    assert!(w.push_hole(0, 64 << 10));
+    w.push_data(64 << 10, 4096).expect("room").fill(0xd1);
+    w.take()
 }
 
 fn page(fill: u8) -> Vec<u8> {
@@ -48,7 +61,7 @@ fn sample(kind: MessageKind) -> Message {
     match kind {
         MessageKind::Hello => Message::Hello(Hello::new(
             "ferry-test",
-            &["zero-pages", "lz4", "state-sections"],
+            &["zero-pages", "lz4", "state-sections", "disk-blocks"],
         )),
         MessageKind::Setup => Message::Setup(sample_setup()),
         MessageKind::SetupOk => Message::SetupOk,
@@ -63,7 +76,10 @@ fn sample(kind: MessageKind) -> Message {
             iterations: 0,
             data_pages: 0,
             zero_pages: 0,
+            disk_data_bytes: 0,
+            disk_hole_bytes: 0,
         }),
+        MessageKind::Blocks => Message::Blocks(sample_blocks()),
         MessageKind::Prepared => Message::Prepared,
         MessageKind::Commit => Message::Commit,
         MessageKind::Running => Message::Running(Running { resume_ms: 1.25 }),

@@ -134,6 +134,16 @@ impl VirtioDisk {
     }
 
     /// Makes everything the guest wrote durable.
+    /// The disk as storage migration reads and tracks it.
+    pub fn migration_handle(&self) -> crate::migration::source::DiskHandle {
+        let block = lock(&self.block);
+        crate::migration::source::DiskHandle {
+            backend: block.backend().clone(),
+            dirty: block.dirty_log(),
+            read_only: self.read_only,
+        }
+    }
+
     pub fn flush(&self) -> Result<(), String> {
         let backend = lock(&self.block).backend().clone();
         backend

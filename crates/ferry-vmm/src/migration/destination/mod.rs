@@ -12,6 +12,7 @@
 //! ```
 
 mod apply;
+mod disks;
 mod listener;
 mod prefault;
 
@@ -44,8 +45,13 @@ const REPORT_EVERY: Duration = Duration::from_millis(2);
 pub struct ReceiveConfig {
     /// `ADDR:PORT` to listen on.
     pub listen: String,
-    /// New paths for the VM's disks, in their order; empty keeps the source's paths.
+    /// Where the VM's disks go, in their order: a moving disk is written there, a shared
+    /// one opened there; a shared disk without one keeps the source's path.
     pub disks: Vec<PathBuf>,
+    /// A moving disk may replace an existing file.
+    pub overwrite: bool,
+    /// Test aid: moving disks are written no faster than this many bytes per second.
+    pub disk_write_limit: Option<u64>,
     pub api_socket: Option<PathBuf>,
     pub console: ConsoleConfig,
 }
@@ -169,9 +175,24 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         api_socket: None,
         console: config.console,
     };
-    let received = receive_state(&mut link, &setup, features.flow_control, host_memory, &kvm);
+    let landing_paths = attach.disks.clone();
+    let received = receive_state(
+        &mut link,
+        &setup,
+        features.flow_control,
+        host_memory,
+        &kvm,
+        |setup| {
+            disks::Landing::prepare(
+                setup,
+                &landing_paths,
+                config.overwrite,
+                config.disk_write_limit,
+            )
+        },
+    );
     let t_complete = Instant::now();
-    let (state, skeleton) = match received {
+    let (state, skeleton, landing) = match received {
         Ok(v) => v,
         Err(Refusal(kind, e)) => {
             let _ = link.send(&Message::abort_as(kind, e.clone()));
@@ -217,6 +238,8 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         Err(e) => return Err(before(e)),
     }
     if !handover.commit() {
+        drop(vm);
+        drop(landing);
         return Err(before(
             "the source asked whether this VM runs before its Commit arrived, and was told \
              it does not; so it never will"
@@ -224,6 +247,8 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         ));
     }
     let committed = Instant::now();
+    // The VM is ours: its disks stay.
+    landing.keep();
     vm.run_with(Some(Box::new(move || {
         let resume_ms = committed.elapsed().as_secs_f64() * 1e3;
         if crate::migration::fault("lose-running") {
@@ -239,6 +264,7 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
 }
 
 /// Why the destination gives up, and what kind of refusal that is for the source.
+#[derive(Debug)]
 struct Refusal(AbortKind, String);
 
 impl From<String> for Refusal {
@@ -260,7 +286,8 @@ fn receive_state(
     flow_control: bool,
     host_memory: u64,
     kvm: &kvm_ioctls::Kvm,
-) -> Result<(VmState, Skeleton), Refusal> {
+    prepare_disks: impl FnOnce(&ferry_proto::migration::Setup) -> Result<disks::Landing, Refusal>,
+) -> Result<(VmState, Skeleton, disks::Landing), Refusal> {
     let lacking = |why: String| Refusal(AbortKind::Resources, why);
     if setup.memory_bytes > host_memory {
         return Err(lacking(format!(
@@ -297,6 +324,7 @@ fn receive_state(
     let skeleton =
         Skeleton::new(kvm, mem, setup.vcpus).map_err(|e| lacking(crate::error_chain(&e)))?;
     let mem = skeleton.memory().clone();
+    let mut landing = prepare_disks(setup)?;
     link.start_reading(&mem)?;
     link.send(&Message::SetupOk)?;
 
@@ -315,6 +343,12 @@ fn receive_state(
                     report(link, &mut totals)?;
                 }
             }
+            Message::Blocks(batch) => {
+                totals.bytes += landing.apply(&batch)?;
+                if flow_control && totals.due(REPORT_EVERY) {
+                    report(link, &mut totals)?;
+                }
+            }
             Message::IterationDone(d) => {
                 tracing::info!(
                     "pass {} done: {} data and {} zero pages",
@@ -322,6 +356,9 @@ fn receive_state(
                     d.pages_sent,
                     d.zero_pages
                 );
+                // What the disks got so far becomes durable off the downtime, and a slow
+                // disk holds the pass's Applied back: the source sees the backlog.
+                landing.sync()?;
                 // The end of a pass: say where we are even if a report was skipped.
                 if flow_control {
                     report(link, &mut totals)?;
@@ -342,6 +379,8 @@ fn receive_state(
             // The protocol machine checked the page totals against what arrived.
             Message::Complete(_) => {
                 tracing::info!("complete: {} pages applied", totals.pages);
+                // Every write the guest saw flushed is durable here before it runs here.
+                landing.sync()?;
                 break;
             }
             other => return Err(format!("unexpected {} during the transfer", other.kind()).into()),
@@ -351,7 +390,7 @@ fn receive_state(
     if state.machine.memory_bytes != setup.memory_bytes || state.machine.vcpus != setup.vcpus {
         return Err("the VM state does not match the setup".into());
     }
-    Ok((state, skeleton))
+    Ok((state, skeleton, landing))
 }
 
 fn report(link: &mut Link, totals: &mut AppliedTotals) -> Result<(), String> {

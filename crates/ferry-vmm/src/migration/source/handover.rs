@@ -66,7 +66,24 @@ impl Worker<'_> {
         self.paused_at = Some(paused_at);
         tracing::info!("paused for the switchover");
         let deadline = paused_at + self.paused_bound(forced);
-        // From here the guest is stopped: only what is left moves.
+        // The pages and blocks must be out while there is time left for the state and the
+        // handover's round trips; a pass that overruns is cut, and the guest runs again.
+        let data_by = if fault("overrun-switchover") && self.cut_switchovers == 0 {
+            Some(paused_at)
+        } else {
+            (!forced).then(|| {
+                deadline
+                    .checked_sub(Duration::from_secs_f64(self.floor_ms() / 1e3))
+                    .unwrap_or(paused_at)
+            })
+        };
+        // From here the guest and its devices are stopped: only what is left moves. Disks
+        // first: a cut there keeps every dirty page for the next pass as well.
+        let t_disk = Instant::now();
+        let mut disk_totals = self.disk_totals;
+        let disks_sent = self.disks.send_dirty(link, &mut disk_totals, data_by);
+        self.disk_totals = disk_totals;
+        let disks_done = disks_sent?;
         let t_mem = Instant::now();
         let mut dirty = tracker
             .collect()
@@ -81,19 +98,12 @@ impl Worker<'_> {
             pages.dedup();
         }
         let zeros = self.zero_mode();
-        // The pages must be out while there is time left for the state and the handover's
-        // round trips; a pass that overruns is cut, and the guest runs again.
-        let pages_by = if fault("overrun-switchover") && self.cut_switchovers == 0 {
-            Some(paused_at)
+        let sent = if disks_done {
+            self.send_pass_until(link, &pages, zeros, data_by)?
         } else {
-            (!forced).then(|| {
-                deadline
-                    .checked_sub(Duration::from_secs_f64(self.floor_ms() / 1e3))
-                    .unwrap_or(paused_at)
-            })
+            0
         };
-        let sent = self.send_pass_until(link, &pages, zeros, pages_by)?;
-        if sent < pages.len() {
+        if sent < pages.len() || !disks_done {
             carry.extend_from_slice(&pages[sent..]);
             let (reply_tx, reply) = std::sync::mpsc::channel();
             if !(self.ctx.control)(ToControl::Resume(reply_tx)) {
@@ -111,10 +121,11 @@ impl Worker<'_> {
                 s.longest_stall_ms = s.longest_stall_ms.max(paused_ms);
             });
             self.note(format!(
-                "the last pass did not fit in the downtime target ({} of {} pages sent); the \
-                 guest ran again after {paused_ms:.1} ms and iteration goes on",
+                "the last pass did not fit in the downtime target ({} of {} pages sent{}); \
+                 the guest ran again after {paused_ms:.1} ms and iteration goes on",
                 sent,
-                pages.len()
+                pages.len(),
+                if disks_done { "" } else { ", disk blocks left" }
             ));
             return Ok(Handover::Resumed);
         }
@@ -127,6 +138,8 @@ impl Worker<'_> {
             iterations: self.iterations,
             data_pages: self.data_pages,
             zero_pages: self.zero_pages,
+            disk_data_bytes: self.disk_totals.data_bytes,
+            disk_hole_bytes: self.disk_totals.hole_bytes,
         }))?;
         link.drain(deadline)?;
         let t_sent = Instant::now();
@@ -187,6 +200,7 @@ impl Worker<'_> {
         Ok(Handover::Done(DowntimeBreakdown {
             total_ms: ms(paused_at, Instant::now()),
             pause_ms: pause_time.as_secs_f64() * 1e3,
+            final_disk_ms: ms(t_disk, t_mem),
             final_memory_ms: ms(t_mem, t_state),
             device_state_ms: ms(t_state, t_sent),
             destination_prepare_ms: ms(t_sent, t_prepared),

@@ -52,9 +52,9 @@ const QUEUE: usize = 2;
 pub struct LinkStats {
     /// Bytes the socket accepted.
     pub bytes_sent: AtomicU64,
-    /// Page bytes (data records) handed to the socket.
+    /// Data bytes (data pages and disk block data) handed to the socket.
     pub page_bytes_sent: AtomicU64,
-    /// Page bytes (data records) handed to the link, written or still queued.
+    /// Data bytes (data pages and disk block data) handed to the link, written or queued.
     page_bytes_queued: AtomicU64,
     /// Nanoseconds the writer spent writing page batches.
     pub busy_ns: AtomicU64,
@@ -218,10 +218,7 @@ impl Link {
     /// Queues `m` for the writer. Fails if the writer has stopped (its error is returned) or
     /// the operator cancelled.
     pub fn send(&mut self, m: Message) -> Result<(), Stop> {
-        let page_bytes = match &m {
-            Message::Pages(batch) => batch.data_pages() * 4096,
-            _ => 0,
-        };
+        let page_bytes = data_bytes(&m);
         let mut item = Outgoing::Message(m);
         loop {
             self.check_cancel()?;
@@ -445,6 +442,15 @@ impl Drop for Link {
     }
 }
 
+/// The data a message carries, as Applied counts it: data pages and disk block data.
+fn data_bytes(m: &Message) -> u64 {
+    match m {
+        Message::Pages(batch) => batch.data_pages() * 4096,
+        Message::Blocks(batch) => batch.counts().0,
+        _ => 0,
+    }
+}
+
 fn write_loop(
     mut stream: TcpStream,
     queue: Receiver<Outgoing>,
@@ -474,12 +480,13 @@ fn write_loop(
         if let Err(e) = result {
             return Err(out.failure(e));
         }
-        if let Message::Pages(batch) = m {
+        let data = data_bytes(&m);
+        if data > 0 {
             let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
             stats.busy_ns.fetch_add(ns, Ordering::Relaxed);
-            stats
-                .page_bytes_sent
-                .fetch_add(batch.data_pages() * 4096, Ordering::Relaxed);
+            stats.page_bytes_sent.fetch_add(data, Ordering::Relaxed);
+        }
+        if let Message::Pages(batch) = m {
             let _ = spent.send(batch);
         }
         if let Some(cap) = config.cap.filter(|c| *c > 0) {

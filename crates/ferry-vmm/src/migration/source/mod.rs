@@ -19,6 +19,7 @@
 //! The worker is split by job: [`link`] (the connection and its liveness), [`scan`] (reading
 //! and encoding pages into reused buffers), [`handover`] (the paused phase and resolving).
 
+mod disks;
 mod handover;
 mod link;
 mod scan;
@@ -41,6 +42,7 @@ use ferry_proto::migration::{feature, AbortKind, Features, Hello, Message, Regio
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
+pub use disks::DiskHandle;
 pub use handover::resolve;
 use handover::Handover;
 
@@ -50,6 +52,7 @@ use super::pages::{candidate_pages, PAGE};
 use super::{fault, MigrationOutcome};
 use crate::cpu::throttle::Throttle;
 use crate::snapshot::state::{MachineState, VmState};
+use disks::{DiskTotals, MovingDisks};
 use link::{Link, LinkConfig};
 use scan::{Scanner, ZeroPages};
 
@@ -97,6 +100,8 @@ pub struct SourceContext {
     pub migration_id: u64,
     pub vm_fd: Arc<VmFd>,
     pub memory: GuestMemory,
+    /// The VM's disks, in order.
+    pub disks: Vec<DiskHandle>,
     pub machine: MachineState,
     pub throttle: Arc<Throttle>,
     pub status: Arc<Mutex<MigrationStatus>>,
@@ -130,6 +135,7 @@ pub fn initial_status(to: &str, migration_id: u64) -> MigrationStatus {
         eta_secs: None,
         longest_stall_ms: 0.0,
         migration_id,
+        disks: Vec::new(),
     }
 }
 
@@ -215,6 +221,9 @@ struct Worker<'a> {
     paused_at: Option<Instant>,
     /// Switchovers whose last pass was cut short.
     cut_switchovers: u32,
+    /// The disks that move with the VM, and what of them was sent.
+    disks: MovingDisks,
+    disk_totals: DiskTotals,
 }
 
 impl<'a> Worker<'a> {
@@ -232,6 +241,8 @@ impl<'a> Worker<'a> {
             pass_rate: 0.0,
             paused_at: None,
             cut_switchovers: 0,
+            disks: MovingDisks::default(),
+            disk_totals: DiskTotals::default(),
         }
     }
 
@@ -357,6 +368,15 @@ impl<'a> Worker<'a> {
         let agreed = link.machine().negotiated().map(<[String]>::to_vec);
         self.features = Features::from_agreed(&agreed.unwrap_or_default())
             .map_err(|e| Stop::Failed(super::error::classify("the destination", &e)))?;
+        self.disks = MovingDisks::new(&self.ctx.disks, &self.ctx.request.shared_disks)
+            .map_err(|e| Stop::failed(Kind::Internal, e))?;
+        if !self.disks.is_empty() && !self.features.disk_blocks {
+            return Err(Stop::failed(
+                Kind::Incompatible,
+                "the destination cannot take disk contents (it lacks the disk-blocks \
+                 feature); leave disks on storage both hosts see with --shared-disk",
+            ));
+        }
         let mem = &self.ctx.memory;
         link.send(Message::Setup(Setup {
             migration_id: self.ctx.migration_id,
@@ -376,6 +396,7 @@ impl<'a> Worker<'a> {
                 .iter()
                 .map(|d| d.path.display().to_string())
                 .collect(),
+            moving_disks: self.disks.setup(),
         }))?;
         match link.receive("setup acknowledgement", Instant::now() + ANSWER_TIMEOUT)? {
             Message::SetupOk => Ok(()),
@@ -394,6 +415,7 @@ impl<'a> Worker<'a> {
 
     fn transfer(&mut self, link: &mut Link) -> Result<DowntimeBreakdown, Stop> {
         self.handshake(link)?;
+        self.copy_disks(link)?;
         let tracker = DirtyTracker::start(&self.ctx.vm_fd, &self.ctx.memory)
             .map_err(|e| Stop::failed(Kind::Internal, crate::error_chain(&e)))?;
         // The log counts from here: the first look's dirty rate is over the first pass.
@@ -426,11 +448,21 @@ impl<'a> Worker<'a> {
             let dirty_bytes = fresh_bytes + carry.len() as u64 * PAGE;
             let since = last_look.elapsed().as_secs_f64().max(1e-3);
             last_look = Instant::now();
-            let sources = [DirtySource {
-                name: "memory",
-                dirty_bytes,
-                dirty_rate: fresh_bytes as f64 / since,
-            }];
+            let disk_dirty = self.disks.dirty_bytes();
+            let sources = [
+                DirtySource {
+                    name: "memory",
+                    dirty_bytes,
+                    dirty_rate: fresh_bytes as f64 / since,
+                },
+                DirtySource {
+                    name: "disks",
+                    dirty_bytes: disk_dirty,
+                    // What the guest wrote since the last look: the log was emptied then.
+                    dirty_rate: disk_dirty as f64 / since,
+                },
+            ];
+            let dirty_bytes_all = dirty_bytes + disk_dirty;
             let send_rate = if self.pass_rate > 0.0 {
                 self.pass_rate
             } else {
@@ -474,17 +506,20 @@ impl<'a> Worker<'a> {
             self.status(|s| {
                 s.phase = MigrationPhase::Iterating;
                 s.iteration = self.iterations;
-                s.bytes_remaining = dirty_bytes;
-                s.pass_bytes_remaining = dirty_bytes;
+                s.bytes_remaining = dirty_bytes_all;
+                s.pass_bytes_remaining = dirty_bytes_all;
                 s.dirty_rate_bytes_per_sec = sources[0].dirty_rate;
+                self.disks
+                    .report(&mut s.disks, &self.disk_totals, sources[1].dirty_rate);
                 s.link_rate_bytes_per_sec = send_rate;
                 s.expected_downtime_ms = prediction.total_ms();
                 s.bytes_applied = applied;
-                s.eta_secs = (send_rate > 0.0).then(|| dirty_bytes as f64 / send_rate);
+                s.eta_secs = (send_rate > 0.0).then(|| dirty_bytes_all as f64 / send_rate);
             });
             if self.throttle_taken >= THROTTLE_STEPS.len()
-                && previous_dirty
-                    .is_some_and(|p| dirty_bytes as f64 >= policy::WORTH_ANOTHER_PASS * p as f64)
+                && previous_dirty.is_some_and(|p| {
+                    dirty_bytes_all as f64 >= policy::WORTH_ANOTHER_PASS * p as f64
+                })
             {
                 stalled_passes += 1;
             }
@@ -574,13 +609,16 @@ impl<'a> Worker<'a> {
             if !matches!(decision, Decision::WaitForDestination) {
                 waiting_since = None;
             }
-            previous_dirty = Some(dirty_bytes);
+            previous_dirty = Some(dirty_bytes_all);
             let mut pages: Vec<u64> = dirty.iter().flat_map(RegionDirty::addresses).collect();
             if !carry.is_empty() {
                 pages.append(&mut carry);
                 pages.sort_unstable();
                 pages.dedup();
             }
+            // Disks before the memory pass: the destination makes them durable when the
+            // pass ends, so little is left for it to sync in the downtime.
+            self.disks.send_dirty(link, &mut self.disk_totals, None)?;
             let zeros = self.zero_mode();
             if !pages.is_empty() || !matches!(decision, Decision::WaitForDestination) {
                 self.send_pass(link, &pages, zeros)?;
@@ -590,6 +628,53 @@ impl<'a> Worker<'a> {
                 link.wait_for_progress(Duration::from_millis(20))?;
             }
         }
+    }
+
+    /// The bulk copy of the moving disks, before memory: their dirty logs start first, so
+    /// every write from then on is sent again.
+    fn copy_disks(&mut self, link: &mut Link) -> Result<(), Stop> {
+        if self.disks.is_empty() {
+            return Ok(());
+        }
+        self.disks.start();
+        self.status(|s| s.phase = MigrationPhase::FirstPass);
+        let total = self.disks.total_bytes();
+        let status = self.ctx.status.clone();
+        let stats = link.stats.clone();
+        let started = Instant::now();
+        let begun = self.started;
+        let mut last = Instant::now();
+        let disks = std::mem::take(&mut self.disks);
+        let mut totals = self.disk_totals;
+        let result = disks.send_bulk(link, &mut totals, |covered, t| {
+            if last.elapsed() < Duration::from_millis(50) && covered < total {
+                return;
+            }
+            last = Instant::now();
+            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+            s.elapsed_secs = begun.elapsed().as_secs_f64();
+            s.bytes_sent = stats.bytes_sent.load(Ordering::Relaxed);
+            s.bytes_applied = stats.applied_bytes.load(Ordering::Relaxed);
+            s.bytes_remaining = total - covered;
+            s.pass_bytes_remaining = total - covered;
+            let secs = started.elapsed().as_secs_f64();
+            if secs > 0.05 && covered > 0 {
+                let rate = covered as f64 / secs;
+                s.link_rate_bytes_per_sec = (t.data_bytes as f64 / secs).max(0.0);
+                s.eta_secs = Some((total - covered) as f64 / rate);
+            }
+            disks.report_bulk(&mut s.disks, t, covered);
+        });
+        self.disks = disks;
+        self.disk_totals = totals;
+        result?;
+        tracing::info!(
+            "disks copied: {} MiB of data, {} MiB as zero ranges, in {:.2} s",
+            totals.data_bytes >> 20,
+            totals.hole_bytes >> 20,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
     }
 
     fn zero_mode(&self) -> ZeroPages {

@@ -128,6 +128,7 @@ pub fn measure(bytes: u64) -> std::io::Result<SendPathFigures> {
             })
             .collect(),
         disks: Vec::new(),
+        moving_disks: Vec::new(),
     }))
     .map_err(to_io)?;
     link.receive("setup", far).map_err(to_io)?;

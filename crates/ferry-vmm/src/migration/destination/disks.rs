@@ -1,0 +1,322 @@
+//! Storage migration on the destination: the files the moving disks land in.
+//!
+//! Each moving disk gets a new sparse file of its size at the operator's `--disk` path (an
+//! existing file only with `--overwrite`). Data records are written where they belong; a
+//! zero range punches a hole, so the image stays as sparse as the source's. The files are
+//! made durable at the end of every pre-copy pass, off the downtime, and once more before
+//! Prepared, so every write the guest saw flushed is on this host's disk before the guest
+//! runs here. A migration that fails removes the files it created.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferry_proto::migration::{AbortKind, BlockBatch, BlockRecord, Setup};
+
+use super::Refusal;
+
+/// One disk's landing file.
+#[derive(Debug)]
+struct Landed {
+    index: u32,
+    path: PathBuf,
+    file: File,
+}
+
+/// Paces writes to a rate (the receiver's test aid for a slow destination disk).
+#[derive(Debug)]
+struct Pace {
+    bytes_per_sec: u64,
+    started: Instant,
+    written: u64,
+}
+
+/// The moving disks' files. Dropped without [`keep`](Self::keep), it removes them.
+#[derive(Debug)]
+pub struct Landing {
+    disks: Vec<Landed>,
+    pace: Option<Pace>,
+    kept: bool,
+}
+
+impl Landing {
+    /// Creates a file for every moving disk of `setup` at `paths[index]`.
+    pub fn prepare(
+        setup: &Setup,
+        paths: &[PathBuf],
+        overwrite: bool,
+        write_limit: Option<u64>,
+    ) -> Result<Landing, Refusal> {
+        let mut landing = Landing {
+            pace: write_limit.filter(|r| *r > 0).map(|bytes_per_sec| Pace {
+                bytes_per_sec,
+                started: Instant::now(),
+                written: 0,
+            }),
+            disks: Vec::new(),
+            kept: false,
+        };
+        let lacking = |why: String| Refusal(AbortKind::Resources, why);
+        for m in &setup.moving_disks {
+            let Some(path) = paths.get(m.index as usize) else {
+                return Err(lacking(format!(
+                    "disk {} moves with the VM, and this receiver has no place for it: give \
+                     `ferry receive` a --disk PATH for each disk, in order (or migrate with \
+                     --shared-disk {} if both hosts see the same file)",
+                    m.index, m.index
+                )));
+            };
+            if path.exists() && !overwrite {
+                return Err(lacking(format!(
+                    "disk {} would land at {}, which exists already (--overwrite replaces it)",
+                    m.index,
+                    path.display()
+                )));
+            }
+            let file = create_sparse(path, m.size).map_err(|e| {
+                lacking(format!(
+                    "cannot create {} for disk {}: {e}",
+                    path.display(),
+                    m.index
+                ))
+            })?;
+            landing.disks.push(Landed {
+                index: m.index,
+                path: path.clone(),
+                file,
+            });
+        }
+        Ok(landing)
+    }
+
+    /// Writes a batch (the protocol machine checked that its disk moves and that every range
+    /// lies on it). Returns the data bytes written.
+    pub fn apply(&mut self, batch: &BlockBatch) -> Result<u64, Refusal> {
+        let disk = batch.disk();
+        let landed =
+            self.disks.iter().find(|d| d.index == disk).ok_or_else(|| {
+                Refusal::from(format!("blocks for disk {disk}, which has no file"))
+            })?;
+        let mut written = 0;
+        for record in batch.records() {
+            let record = record.map_err(|e| Refusal::from(e.to_string()))?;
+            let result = match record {
+                BlockRecord::Data { offset, bytes } => {
+                    written += bytes.len() as u64;
+                    landed
+                        .file
+                        .write_all_at(bytes, offset)
+                        .map(|()| start_writeback(&landed.file, offset, bytes.len() as u64))
+                }
+                BlockRecord::Hole { offset, len } => punch_hole(&landed.file, offset, len),
+            };
+            if let Err(e) = result {
+                let kind = if e.raw_os_error() == Some(libc::ENOSPC) {
+                    AbortKind::Resources
+                } else {
+                    AbortKind::Failed
+                };
+                return Err(Refusal(
+                    kind,
+                    format!(
+                        "writing disk {disk} to {} at {:#x}: {e}",
+                        landed.path.display(),
+                        record.offset()
+                    ),
+                ));
+            }
+        }
+        if let Some(pace) = &mut self.pace {
+            pace.written += written;
+            let due = Duration::from_secs_f64(pace.written as f64 / pace.bytes_per_sec as f64);
+            let elapsed = pace.started.elapsed();
+            if due > elapsed {
+                std::thread::sleep(due - elapsed);
+            }
+        }
+        Ok(written)
+    }
+
+    /// Makes everything written so far durable.
+    pub fn sync(&self) -> Result<(), Refusal> {
+        for d in &self.disks {
+            d.file.sync_data().map_err(|e| {
+                let kind = if e.raw_os_error() == Some(libc::ENOSPC) {
+                    AbortKind::Resources
+                } else {
+                    AbortKind::Failed
+                };
+                Refusal(kind, format!("cannot sync {}: {e}", d.path.display()))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The VM runs here: the files are its disks now.
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        for d in &self.disks {
+            match std::fs::remove_file(&d.path) {
+                Ok(()) => tracing::info!(
+                    "removed {} (the migration did not complete)",
+                    d.path.display()
+                ),
+                Err(e) => tracing::warn!("cannot remove {}: {e}", d.path.display()),
+            }
+        }
+    }
+}
+
+/// A new (or emptied) file of `size` bytes that holds no data yet.
+fn create_sparse(path: &Path, size: u64) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    file.set_len(size)?;
+    Ok(file)
+}
+
+/// Starts writing `offset..offset + len` back to the disk without waiting, so the syncs at
+/// the end of each pass, and the one in the downtime, find little left to do.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    let (Ok(o), Ok(l)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return;
+    };
+    // SAFETY: sync_file_range on an fd borrowed from `file`; it only schedules writeback.
+    // Failing is harmless: the sync that follows writes everything anyway.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), o, l, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+/// Makes `offset..offset + len` read as zero without storing zeros.
+fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let (Ok(o), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    };
+    // SAFETY: fallocate on an fd borrowed from `file`; it changes only the file's contents.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            o,
+            l,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        // No holes on this file system: write the zeros.
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        return Ok(());
+    }
+    Err(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::migration::{BlockBatchWriter, MovingDisk, Region};
+    use std::os::unix::fs::MetadataExt;
+
+    fn setup(sizes: &[u64]) -> Setup {
+        Setup {
+            migration_id: 1,
+            memory_bytes: 4096,
+            vcpus: 1,
+            regions: vec![Region {
+                guest_addr: 0,
+                len: 4096,
+            }],
+            disks: sizes.iter().map(|_| "/src".to_string()).collect(),
+            moving_disks: sizes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| MovingDisk {
+                    index: i as u32,
+                    size: *s,
+                    read_only: false,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn blocks_land_and_holes_stay_holes() {
+        let dir =
+            vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ferry-landing").expect("tmp");
+        let path = dir.as_path().join("d0.img");
+        let mut landing = Landing::prepare(
+            &setup(&[64 << 20]),
+            std::slice::from_ref(&path),
+            false,
+            None,
+        )
+        .expect("prepare");
+        let mut w = BlockBatchWriter::new(0, 1 << 20);
+        w.push_data(1 << 20, 65536).expect("room").fill(0x5a);
+        assert!(w.push_hole(2 << 20, 65536));
+        assert_eq!(landing.apply(&w.take()).expect("apply"), 65536);
+        landing.sync().expect("sync");
+        landing.keep();
+        let meta = std::fs::metadata(&path).expect("meta");
+        assert_eq!(meta.len(), 64 << 20);
+        assert!(
+            meta.blocks() * 512 < 1 << 20,
+            "sparse: {} blocks",
+            meta.blocks()
+        );
+        let data = std::fs::read(&path).expect("read");
+        assert!(data[(1 << 20)..(1 << 20) + 65536]
+            .iter()
+            .all(|b| *b == 0x5a));
+        assert!(data[..1 << 20].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn an_existing_file_is_refused_unless_overwritten() {
+        let dir =
+            vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ferry-landing").expect("tmp");
+        let path = dir.as_path().join("d0.img");
+        std::fs::write(&path, b"precious").expect("write");
+        let err = Landing::prepare(&setup(&[1 << 20]), std::slice::from_ref(&path), false, None)
+            .expect_err("refused");
+        assert_eq!(err.0, AbortKind::Resources);
+        assert!(err.1.contains("--overwrite"), "{}", err.1);
+        assert_eq!(std::fs::read(&path).expect("read"), b"precious");
+        let landing = Landing::prepare(&setup(&[1 << 20]), std::slice::from_ref(&path), true, None)
+            .expect("prepare");
+        drop(landing);
+        assert!(!path.exists(), "a failed migration removes what it created");
+    }
+
+    #[test]
+    fn a_moving_disk_without_a_path_is_refused() {
+        let err = Landing::prepare(&setup(&[1 << 20]), &[], false, None).expect_err("refused");
+        assert!(err.1.contains("--disk"), "{}", err.1);
+    }
+}
