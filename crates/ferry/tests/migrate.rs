@@ -55,15 +55,16 @@ fn run_scenario(sc: Scenario) -> serde_json::Value {
     };
     let dir = TempDir::new(sc.name);
     let mut boot = sc.boot;
-    let mut disks = vec![];
+    // The disk moves with the VM: it lands in a file of its own on the destination.
+    let mut landing = vec![];
     if sc.with_disk {
         let image = dir.join("disk.img");
         sparse_image(&image, 32 << 20);
-        boot.disks = vec![image.clone()];
-        disks.push(image);
+        boot.disks = vec![image];
+        landing.push(dir.join("disk-b.img"));
     }
     let listen = format!("{}:7000", hosts.b_addr);
-    let dst = receiver(&hosts.b, &listen, None, &[]);
+    let dst = receiver(&hosts.b, &listen, None, &landing);
     let (mut src, socket) = source(&hosts.a, &dir, boot, None);
     let out = migrate(&socket, &listen, &sc.migrate_args);
     let status = status_json(&out);

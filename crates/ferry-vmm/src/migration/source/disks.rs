@@ -177,11 +177,12 @@ impl MovingDisks {
             let mut writer = BlockBatchWriter::new(d.index, BATCH);
             let mut on_batch = |at: u64, t: &DiskTotals| progress(covered + at, t);
             for (offset, len) in extents {
-                // Align to records, so a block later re-sent is one record.
-                let start = (offset / RECORD * RECORD).max(done);
+                // Whole granules of the dirty log: the extent's own, no more, so a small
+                // extent costs a small record and the zeros around it stay holes.
+                let start = (offset / DIRTY_BLOCK * DIRTY_BLOCK).max(done);
                 let end = (offset + len)
-                    .div_ceil(RECORD)
-                    .saturating_mul(RECORD)
+                    .div_ceil(DIRTY_BLOCK)
+                    .saturating_mul(DIRTY_BLOCK)
                     .min(d.size);
                 if start >= end {
                     continue;

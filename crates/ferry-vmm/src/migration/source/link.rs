@@ -318,10 +318,27 @@ impl Link {
     /// The writer's error, once it has stopped.
     fn writer_error(&mut self) -> Stop {
         self.outgoing = None;
-        match self.writer.take().map(JoinHandle::join) {
+        let own = match self.writer.take().map(JoinHandle::join) {
             Some(Ok(Err(stop))) => stop,
             Some(Ok(Ok(()))) | None => lost("the migration link", "closed"),
             Some(Err(_)) => Stop::failed(Kind::Internal, "the migration writer panicked"),
+        };
+        // A writer stops when the destination gave up (its Abort makes the machine refuse to
+        // send, or it closed the connection): then the destination's reason is the cause.
+        // The reader may still be handing that Abort over.
+        let deadline = Instant::now() + Duration::from_millis(200);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.incoming.recv_timeout(left) {
+                Ok(Ok(Message::Abort(why))) => {
+                    return Stop::failed(
+                        refusal_kind(why.kind),
+                        format!("the destination aborted: {why}"),
+                    )
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => return own,
+            }
         }
     }
 

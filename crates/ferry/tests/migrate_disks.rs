@@ -1,0 +1,428 @@
+//! Storage migration end to end: local disks move with the VM in the same stream, between two
+//! hosts (network namespaces), judged by the guest's own verification of its disk blocks and
+//! by comparing the images.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::hosts::TwoHosts;
+use common::migration::{assert_source_goes_on, hosts_or_skip, source, status_json, BOOT};
+use common::{ferry, sparse_image, Boot, TempDir, VmProcess};
+
+const MIGRATE: Duration = Duration::from_secs(120);
+
+/// A `ferry receive` on host `ns` with these extra arguments (its --disk paths and flags).
+fn receiver(ns: &str, listen: &str, args: &[&str]) -> VmProcess {
+    let mut c = ferry();
+    c.args(["receive", "--listen", listen]).args(args);
+    let vm = VmProcess::spawn(TwoHosts::exec(ns, &c));
+    let deadline = Instant::now() + BOOT;
+    while !vm.stderr().contains("listening on") {
+        assert!(Instant::now() < deadline, "no listen: {}", vm.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm
+}
+
+fn migrate_command(socket: &Path, to: &str, extra: &[&str]) -> Command {
+    let mut c = ferry();
+    c.args(["migrate", "--json", "--api-socket"])
+        .arg(socket)
+        .args(["--to", to])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn migrate(socket: &Path, to: &str, extra: &[&str]) -> Output {
+    migrate_command(socket, to, extra)
+        .output()
+        .expect("run ferry migrate")
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The destination runs the guest on from where it was, its disk verification clean.
+fn assert_moved(src: &mut VmProcess, dst: &VmProcess, out: &Output) -> serde_json::Value {
+    let status = status_json(out);
+    assert!(out.status.success(), "migration failed: {status}");
+    assert_eq!(status["phase"], "completed", "{status}");
+    assert!(
+        src.wait_exit(MIGRATE).success(),
+        "the source ends after the handover: {}",
+        src.stderr()
+    );
+    src.assert_clean();
+    let before = *src.statuses().last().expect("a source status");
+    let (first, _) = dst.wait_for_ticks(BOOT);
+    assert!(first.t >= before.t, "guest time went back");
+    assert!(
+        first.disk_written >= before.disk_written,
+        "disk counters restarted"
+    );
+    // The guest reads blocks back on its new disk and finds each one as it last wrote it
+    // (a corrupt one is reported on the console, which assert_clean reads).
+    if before.disk_written > 0 {
+        let deadline = Instant::now() + BOOT;
+        while dst.statuses().last().map_or(0, |s| s.disk_verified) <= before.disk_verified {
+            assert!(
+                Instant::now() < deadline,
+                "the guest verified no disk block"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    dst.assert_clean();
+    status
+}
+
+/// Writes `data` at `offset` of the image at `path`.
+fn put(path: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open image");
+    f.write_all_at(data, offset).expect("write image");
+}
+
+/// Bytes of `n` from a simple generator seeded by `seed` (never all zero).
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8 | 1
+        })
+        .collect()
+}
+
+#[test]
+fn a_writing_guest_moves_with_its_disk() {
+    let name = "a_writing_guest_moves_with_its_disk";
+    let Some(hosts) = hosts_or_skip("sto", name) else {
+        return;
+    };
+    let dir = TempDir::new(name);
+    let image = dir.join("a.img");
+    let landing = dir.join("b.img");
+    sparse_image(&image, 64 << 20);
+    let boot = Boot {
+        disks: vec![image.clone()],
+        ..Boot::guest("workload=mem,disk mem_mib=32 mem_rate=50 disk_blocks=4096 disk_rate=1000")
+    };
+    let listen = format!("{}:7100", hosts.b_addr);
+    let dst = receiver(&hosts.b, &listen, &["--disk", path_str(&landing)]);
+    let (mut src, socket) = source(&hosts.a, &dir, boot, None);
+    let out = migrate(&socket, &listen, &[]);
+    let status = assert_moved(&mut src, &dst, &out);
+    let disks = status["disks"].as_array().expect("per-disk status");
+    assert_eq!(disks.len(), 1, "{status}");
+    assert_eq!(disks[0]["total_bytes"], 64u64 << 20);
+    assert!(disks[0]["sent_bytes"].as_u64().expect("sent") > 0);
+    assert!(status["downtime"]["final_disk_ms"].as_f64().is_some());
+    // The source's image is left for the operator: there, whole, not truncated.
+    assert_eq!(
+        std::fs::metadata(&image).expect("source image").len(),
+        64 << 20
+    );
+}
+
+#[test]
+fn a_sparse_image_arrives_byte_for_byte_and_as_sparse() {
+    let name = "a_sparse_image_arrives_byte_for_byte_and_as_sparse";
+    let Some(hosts) = hosts_or_skip("sto", name) else {
+        return;
+    };
+    let dir = TempDir::new(name);
+    let image = dir.join("a.img");
+    let landing = dir.join("b.img");
+    sparse_image(&image, 256 << 20);
+    put(&image, 0, &noise(1, 1 << 20));
+    put(&image, 100 << 20, &noise(2, 4096));
+    put(&image, (256 << 20) - 512, &noise(3, 512));
+    // Written, but all zero: stored on the source, a hole on the destination.
+    put(&image, 50 << 20, &vec![0u8; 4 << 20]);
+    // The guest leaves its disk alone: the images must match exactly afterwards.
+    let boot = Boot {
+        disks: vec![image.clone()],
+        ..Boot::guest("workload=mem mem_mib=16 mem_rate=20")
+    };
+    let listen = format!("{}:7101", hosts.b_addr);
+    let dst = receiver(&hosts.b, &listen, &["--disk", path_str(&landing)]);
+    let (mut src, socket) = source(&hosts.a, &dir, boot, None);
+    let out = migrate(&socket, &listen, &[]);
+    let status = assert_moved(&mut src, &dst, &out);
+    let a = std::fs::read(&image).expect("source image");
+    let b = std::fs::read(&landing).expect("destination image");
+    assert_eq!(a.len(), b.len());
+    assert!(a == b, "the images differ");
+    let used = |p: &Path| std::fs::metadata(p).expect("meta").blocks() * 512;
+    assert!(
+        used(&landing) <= used(&image) - (4 << 20),
+        "destination {} bytes allocated, source {}",
+        used(&landing),
+        used(&image)
+    );
+    // The zero ranges travelled as markers, not as data.
+    let sent = status["bytes_sent"].as_u64().expect("bytes");
+    assert!(sent < (64 << 20), "{sent} bytes on the wire");
+}
+
+#[test]
+fn a_shared_disk_stays_in_place() {
+    let name = "a_shared_disk_stays_in_place";
+    let Some(hosts) = hosts_or_skip("sto", name) else {
+        return;
+    };
+    let dir = TempDir::new(name);
+    let image = dir.join("shared.img");
+    sparse_image(&image, 32 << 20);
+    let boot = Boot {
+        disks: vec![image.clone()],
+        ..Boot::guest("workload=disk,mem mem_mib=16 mem_rate=20 disk_blocks=512 disk_rate=500")
+    };
+    let listen = format!("{}:7102", hosts.b_addr);
+    // No --disk: the destination opens the source's path, which both hosts see.
+    let dst = receiver(&hosts.b, &listen, &[]);
+    let (mut src, socket) = source(&hosts.a, &dir, boot, None);
+    let out = migrate(&socket, &listen, &["--shared-disk", "0"]);
+    let status = assert_moved(&mut src, &dst, &out);
+    assert_eq!(
+        status["disks"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_disk_with_nowhere_to_land_is_refused_and_the_source_runs_on() {
+    let name = "a_disk_with_nowhere_to_land_is_refused_and_the_source_runs_on";
+    let Some(hosts) = hosts_or_skip("sto", name) else {
+        return;
+    };
+    let dir = TempDir::new(name);
+    let image = dir.join("a.img");
+    let existing = dir.join("precious.img");
+    std::fs::write(&existing, b"keep me").expect("write");
+    sparse_image(&image, 32 << 20);
+    let boot = Boot {
+        disks: vec![image.clone()],
+        ..Boot::guest("workload=disk,mem mem_mib=16 mem_rate=20 disk_blocks=512 disk_rate=200")
+    };
+    let (src, socket) = source(&hosts.a, &dir, boot, None);
+    for (port, args, why) in [
+        (7103, vec![], "--disk"),
+        (7104, vec!["--disk", path_str(&existing)], "--overwrite"),
+    ] {
+        let listen = format!("{}:{port}", hosts.b_addr);
+        let mut dst = receiver(&hosts.b, &listen, &args);
+        let out = migrate(&socket, &listen, &[]);
+        let status = status_json(&out);
+        assert!(!out.status.success(), "{status}");
+        assert_eq!(status["error"]["kind"], "destination_resources", "{status}");
+        let message = status["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{message}");
+        assert!(!dst.wait_exit(MIGRATE).success());
+        assert_source_goes_on(&src, &socket);
+    }
+    assert_eq!(std::fs::read(&existing).expect("read"), b"keep me");
+}
+
+/// An image with `mib` MiB of non-zero data from 16 MiB on (past the guest's own area).
+fn image_with_data(path: &Path, size: u64, mib: usize) {
+    sparse_image(path, size);
+    for i in 0..mib {
+        put(path, (16 + i as u64) << 20, &noise(i as u64 + 7, 1 << 20));
+    }
+}
+
+#[test]
+fn a_slow_destination_disk_still_converges() {
+    let name = "a_slow_destination_disk_still_converges";
+    let Some(hosts) = hosts_or_skip("sto", name) else {
+        return;
+    };
+    let dir = TempDir::new(name);
+    let image = dir.join("a.img");
+    let landing = dir.join("b.img");
+    // 48 MiB of data at 16 MiB/s: three seconds of bulk copy while the guest writes.
+    image_with_data(&image, 128 << 20, 48);
+    let boot = Boot {
+        disks: vec![image.clone()],
+        ..Boot::guest("workload=mem,disk mem_mib=16 mem_rate=20 disk_blocks=2048 disk_rate=500")
+    };
+    let listen = format!("{}:7105", hosts.b_addr);
+    let dst = receiver(
+        &hosts.b,
+        &listen,
+        &[
+            "--disk",
+            path_str(&landing),
+            "--test-disk-write-limit",
+            "16MiB",
+        ],
+    );
+    let (mut src, socket) = source(&hosts.a, &dir, boot, None);
+    let out = migrate(&socket, &listen, &[]);
+    assert_moved(&mut src, &dst, &out);
+    // The guest's own area is checked by the guest; the data beyond it by comparing.
+    let a = std::fs::read(&image).expect("source image");
+    let b = std::fs::read(&landing).expect("destination image");
+    let area = 16 << 20;
+    assert!(
+        a[area..] == b[area..],
+        "the data beyond the guest's area differs"
+    );
+}
+
+#[test]
+fn cancel_during_the_disk_copy_leaves_the_source_whole_and_no_file_behind() {
+    let name = "cancel_during_the_disk_copy_leaves_the_source_whole_and_no_file_behind";
+    let Some(hosts) = hosts_or_skip("sto", name) else {
+        return;
+    };
+    let dir = TempDir::new(name);
+    let image = dir.join("a.img");
+    let landing = dir.join("b.img");
+    image_with_data(&image, 128 << 20, 64);
+    let boot = Boot {
+        disks: vec![image.clone()],
+        ..Boot::guest("workload=mem,disk mem_mib=16 mem_rate=20 disk_blocks=1024 disk_rate=200")
+    };
+    let listen = format!("{}:7106", hosts.b_addr);
+    let mut dst = receiver(
+        &hosts.b,
+        &listen,
+        &[
+            "--disk",
+            path_str(&landing),
+            "--test-disk-write-limit",
+            "4MiB",
+        ],
+    );
+    let (src, socket) = source(&hosts.a, &dir, boot, None);
+    let child = migrate_command(&socket, &listen, &[])
+        .spawn()
+        .expect("start ferry migrate");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        landing.exists(),
+        "the destination file exists during the copy"
+    );
+    let cancel = ferry()
+        .args(["migrate", "--cancel", "--api-socket"])
+        .arg(&socket)
+        .output()
+        .expect("cancel");
+    assert!(cancel.status.success(), "{cancel:?}");
+    let out = child.wait_with_output().expect("migrate output");
+    let status = status_json(&out);
+    assert_eq!(status["error"]["kind"], "cancelled", "{status}");
+    assert_source_goes_on(&src, &socket);
+    assert!(!dst.wait_exit(MIGRATE).success());
+    assert!(!landing.exists(), "the destination removed its file");
+}
+
+#[test]
+fn a_full_destination_file_system_fails_cleanly() {
+    let name = "a_full_destination_file_system_fails_cleanly";
+    let Some(hosts) = hosts_or_skip("sto", name) else {
+        return;
+    };
+    let dir = TempDir::new(name);
+    let small: PathBuf = dir.join("small-fs");
+    std::fs::create_dir_all(&small).expect("mkdir");
+    let mounted = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=8m",
+            "ferry-test",
+            path_str(&small),
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        println!("SKIPPED (cannot mount a small tmpfs): {name}");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let image = dir.join("a.img");
+    let landing = small.join("b.img");
+    image_with_data(&image, 64 << 20, 24);
+    let boot = Boot {
+        disks: vec![image.clone()],
+        ..Boot::guest("workload=mem,disk mem_mib=16 mem_rate=20 disk_blocks=512 disk_rate=200")
+    };
+    let listen = format!("{}:7107", hosts.b_addr);
+    let mut dst = receiver(&hosts.b, &listen, &["--disk", path_str(&landing)]);
+    let (src, socket) = source(&hosts.a, &dir, boot, None);
+    let out = migrate(&socket, &listen, &[]);
+    let status = status_json(&out);
+    assert!(!out.status.success(), "{status}");
+    assert_eq!(status["error"]["kind"], "destination_resources", "{status}");
+    assert!(
+        status["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("No space left")),
+        "{status}"
+    );
+    assert_source_goes_on(&src, &socket);
+    assert!(!dst.wait_exit(MIGRATE).success());
+    assert!(!landing.exists(), "the destination removed its file");
+    // The source's disk is intact and still written: the guest goes on verifying it.
+    let n = src.lines().len();
+    let (i, _) = src.wait_for_from(n, "ferry-guest: status", BOOT);
+    src.wait_for_from(i + 1, "ferry-guest: status", BOOT);
+    src.assert_clean();
+}
+
+#[test]
+fn a_guest_and_its_disk_go_there_and_back() {
+    let name = "a_guest_and_its_disk_go_there_and_back";
+    let Some(hosts) = hosts_or_skip("sto", name) else {
+        return;
+    };
+    let dir = TempDir::new(name);
+    let image = dir.join("a.img");
+    let on_b = dir.join("b.img");
+    let back_on_a = dir.join("a2.img");
+    sparse_image(&image, 32 << 20);
+    let boot = Boot {
+        disks: vec![image.clone()],
+        ..Boot::guest("workload=mem,disk mem_mib=16 mem_rate=20 disk_blocks=2048 disk_rate=500")
+    };
+    let to_b = format!("{}:7108", hosts.b_addr);
+    let to_a = format!("{}:7109", hosts.a_addr);
+    let b_socket = dir.join("b.sock");
+    let b_socket_arg = path_str(&b_socket).to_string();
+    let on_b_arg = path_str(&on_b).to_string();
+    let dst = receiver(
+        &hosts.b,
+        &to_b,
+        &["--disk", &on_b_arg, "--api-socket", &b_socket_arg],
+    );
+    let (mut src, socket) = source(&hosts.a, &dir, boot, None);
+    assert_moved(&mut src, &dst, &migrate(&socket, &to_b, &[]));
+    common::wait_for_path(&b_socket, BOOT);
+    let back = receiver(&hosts.a, &to_a, &["--disk", path_str(&back_on_a)]);
+    let mut on_b_vm = dst;
+    assert_moved(&mut on_b_vm, &back, &migrate(&b_socket, &to_a, &[]));
+}
