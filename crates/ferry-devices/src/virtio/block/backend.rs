@@ -90,6 +90,14 @@ pub trait BlockBackend: Send + Sync + fmt::Debug {
     /// disk this way while the guest runs).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
 
+    /// Makes `offset..offset + len` read as zero. With `unmap`, the space may be freed (the
+    /// range becomes a hole); without, it stays allocated.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError>;
+
+    /// Forgets `offset..offset + len` (a guest's discard or trim). Afterwards it reads as
+    /// zero here; a backend that cannot free space may leave the data as it is.
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError>;
+
     /// The parts of `offset..offset + len` that may hold data, ascending; the rest reads as
     /// zero. A backend that cannot tell returns the whole range.
     fn data_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, BackendError> {
@@ -137,7 +145,10 @@ impl RawFile {
     }
 
     fn check_range(&self, offset: u64, len: u32) -> Result<(), BackendError> {
-        let len = u64::from(len);
+        self.check_range64(offset, u64::from(len))
+    }
+
+    fn check_range64(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(BackendError::OutOfRange { offset, len }),
@@ -212,6 +223,44 @@ impl BlockBackend for RawFile {
         self.file.sync_data().map_err(BackendError::Flush)
     }
 
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError> {
+        if self.read_only {
+            return Err(BackendError::ReadOnly);
+        }
+        self.check_range64(offset, len)?;
+        let io = |source| BackendError::Io { offset, source };
+        if unmap {
+            return zero_file_range(&self.file, offset, len).map_err(io);
+        }
+        match fallocate(
+            &self.file,
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if unsupported(&e) => write_zeros(&self.file, offset, len).map_err(io),
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        if self.read_only {
+            return Err(BackendError::ReadOnly);
+        }
+        self.check_range64(offset, len)?;
+        match fallocate(
+            &self.file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            // Discard is advice: a file system without holes keeps the data.
+            Err(e) if !unsupported(&e) => Err(BackendError::Io { offset, source: e }),
+            _ => Ok(()),
+        }
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         self.check_range(offset, u32::try_from(buf.len()).unwrap_or(u32::MAX))?;
         std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
@@ -221,6 +270,53 @@ impl BlockBackend for RawFile {
     fn data_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, BackendError> {
         let end = offset.saturating_add(len).min(self.size);
         data_extents(&self.file, offset, end).map_err(|source| BackendError::Io { offset, source })
+    }
+}
+
+/// `fallocate(2)` on `file`.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(o), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
+    // SAFETY: fallocate on an fd borrowed from `file`; it changes only the file's contents
+    // and allocation in the range given.
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, o, l) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The file system (or a block device) does not do this kind of fallocate.
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENODEV)
+    )
+}
+
+fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(zeros.len() as u64) as usize;
+        std::os::unix::fs::FileExt::write_all_at(file, &zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Makes `offset..offset + len` of `file` read as zero, as a hole where the file system
+/// can punch one (so a sparse image stays sparse), else by writing zeros.
+pub fn zero_file_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    match fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    ) {
+        Err(e) if unsupported(&e) => write_zeros(file, offset, len),
+        other => other,
     }
 }
 

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
@@ -19,7 +20,9 @@ use super::backend::{BackendError, BlockBackend, RawFile};
 use super::dirty::DirtyLog;
 use super::metrics::{add, BlockCounters, BlockMetrics};
 use super::request::{self, Rejected, Request, RequestKind};
-use super::{BlockError, DISK_ID_LEN, QUEUE_SIZE, SECTOR_SIZE};
+use super::{
+    BlockError, DISK_ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, QUEUE_SIZE, SECTOR_SIZE,
+};
 use crate::ratelimit::{error_chain, log_limited, LogLimiter};
 use crate::virtio::chain::{self, Chain};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
@@ -28,8 +31,10 @@ use crate::GuestMemory;
 /// Requests served per pass over the queue before the device thread turns to other work.
 pub(super) const REQUESTS_PER_PASS: u16 = 64;
 
-/// Bytes of configuration space we define: capacity, size_max, seg_max, geometry, blk_size.
-const CONFIG_LEN: usize = 24;
+/// Bytes of configuration space we define: capacity, size_max, seg_max, geometry, blk_size,
+/// topology, writeback, num_queues, then the discard and write-zeroes limits (virtio 1.x
+/// §5.2.4).
+const CONFIG_LEN: usize = 60;
 
 /// How the VMM describes a disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,6 +142,15 @@ impl Block {
         // seg_max: the header and the status byte take a descriptor each.
         config_space[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         config_space[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        // max_discard_sectors, max_discard_seg, discard_sector_alignment (a 4 KiB block, so
+        // holes are whole file system blocks), max_write_zeroes_sectors and _seg,
+        // write_zeroes_may_unmap.
+        config_space[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        config_space[40..44].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
+        config_space[44..48].copy_from_slice(&8u32.to_le_bytes());
+        config_space[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        config_space[52..56].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
+        config_space[56] = 1;
 
         let mut avail_features = VIRTIO_F_VERSION_1
             | 1 << VIRTIO_BLK_F_FLUSH
@@ -144,6 +158,8 @@ impl Block {
             | 1 << VIRTIO_BLK_F_BLK_SIZE;
         if read_only {
             avail_features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            avail_features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
 
         let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd);
@@ -337,6 +353,17 @@ impl Disk {
                 add(&self.counters.flushes, 1);
                 self.backend.flush().map(|()| 0)
             }
+            RequestKind::Discard | RequestKind::WriteZeroes if self.read_only => {
+                add(&self.counters.invalid_requests, 1);
+                log_limited!(
+                    self.log,
+                    warn,
+                    "virtio-blk: {:?} on a read-only disk",
+                    req.kind
+                );
+                return write_status(mem, Some(req.status), VIRTIO_BLK_S_IOERR);
+            }
+            RequestKind::Discard | RequestKind::WriteZeroes => self.zero_ranges(req),
             RequestKind::GetId => self.write_id(mem, req).map(|()| DISK_ID_LEN as u32),
             RequestKind::Unsupported(t) => {
                 add(&self.counters.unsupported_requests, 1);
@@ -386,6 +413,28 @@ impl Disk {
         add(counter, req.data_len);
         // At most MAX_REQUEST_BYTES.
         Ok(written as u32)
+    }
+
+    /// Serves DISCARD or WRITE_ZEROES, range by range; each range is marked dirty for a
+    /// migration once it is done (it now reads as zero), even when a later one fails.
+    fn zero_ranges(&self, req: &Request) -> Result<u32, BackendError> {
+        for r in &req.ranges {
+            let offset = r.sector * SECTOR_SIZE;
+            let len = u64::from(r.sectors) * SECTOR_SIZE;
+            let result = match req.kind {
+                RequestKind::Discard => {
+                    add(&self.counters.discarded_bytes, len);
+                    self.backend.discard(offset, len)
+                }
+                _ => {
+                    add(&self.counters.zeroed_bytes, len);
+                    self.backend.write_zeroes(offset, len, r.unmap)
+                }
+            };
+            self.dirty.mark(offset, len);
+            result?;
+        }
+        Ok(0)
     }
 
     fn write_id(&self, mem: &GuestMemory, req: &Request) -> Result<(), BackendError> {

@@ -14,6 +14,10 @@ pub struct BlockCounters {
     /// Bytes written from guest memory to the disk.
     pub write_bytes: AtomicU64,
     pub flushes: AtomicU64,
+    /// Bytes the guest discarded (trimmed).
+    pub discarded_bytes: AtomicU64,
+    /// Bytes the guest asked to read as zero (WRITE_ZEROES).
+    pub zeroed_bytes: AtomicU64,
     /// Malformed requests: bad descriptor chains, bad headers, out-of-range sectors, writes to
     /// a read-only disk.
     pub invalid_requests: AtomicU64,
@@ -30,6 +34,8 @@ pub struct BlockMetrics {
     pub read_bytes: u64,
     pub write_bytes: u64,
     pub flushes: u64,
+    pub discarded_bytes: u64,
+    pub zeroed_bytes: u64,
     pub invalid_requests: u64,
     pub unsupported_requests: u64,
     pub io_errors: u64,
@@ -43,6 +49,8 @@ impl BlockCounters {
             read_bytes: get(&self.read_bytes),
             write_bytes: get(&self.write_bytes),
             flushes: get(&self.flushes),
+            discarded_bytes: get(&self.discarded_bytes),
+            zeroed_bytes: get(&self.zeroed_bytes),
             invalid_requests: get(&self.invalid_requests),
             unsupported_requests: get(&self.unsupported_requests),
             io_errors: get(&self.io_errors),

@@ -9,8 +9,10 @@
 //! - `persist.rs`: the saved state, alone and with the virtio-mmio transport ([`VirtioBlock`]).
 //!
 //! One request queue of [`QUEUE_SIZE`] descriptors. Offered features: `VIRTIO_F_VERSION_1`,
-//! `FLUSH`, `SEG_MAX`, `BLK_SIZE` (512) and `RO` for read-only disks. Requests: `IN`, `OUT`,
-//! `FLUSH`, `GET_ID`; anything else completes with `VIRTIO_BLK_S_UNSUPP`.
+//! `FLUSH`, `SEG_MAX`, `BLK_SIZE` (512), and `RO` for read-only disks or `DISCARD` and
+//! `WRITE_ZEROES` for writable ones. Requests: `IN`, `OUT`, `FLUSH`, `GET_ID`, `DISCARD` (a
+//! hole is punched, so a guest's `fstrim` makes the image sparse again), `WRITE_ZEROES`;
+//! anything else completes with `VIRTIO_BLK_S_UNSUPP`.
 
 mod backend;
 mod device;
@@ -26,7 +28,7 @@ mod tests;
 
 use std::io;
 
-pub use backend::{BackendError, BlockBackend, RawFile};
+pub use backend::{zero_file_range, BackendError, BlockBackend, RawFile};
 pub use device::{Block, BlockConfig, BlockInfo};
 pub use dirty::{DirtyLog, DIRTY_BLOCK};
 pub use metrics::{BlockCounters, BlockMetrics};
@@ -41,6 +43,10 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
 /// Bytes of the GET_ID answer.
 pub const DISK_ID_LEN: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
+/// Largest range of a DISCARD or WRITE_ZEROES request, in sectors (1 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Most ranges in one DISCARD or WRITE_ZEROES request.
+pub const MAX_DISCARD_SEGMENTS: u32 = 32;
 /// Largest data transfer of one request. Linux sends at most 1280 KiB by default; the bound
 /// keeps one guest request from holding the device thread for long.
 pub const MAX_REQUEST_BYTES: u64 = 128 << 20;

@@ -10,11 +10,14 @@
 //! Linux uses one descriptor for the header, one per data segment and one for the status.
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{DISK_ID_LEN, MAX_REQUEST_BYTES, SECTOR_SIZE};
+use super::{
+    DISK_ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, MAX_REQUEST_BYTES, SECTOR_SIZE,
+};
 use crate::virtio::chain::{Chain, ChainError, Segment};
 use crate::GuestMemory;
 
@@ -27,6 +30,10 @@ pub(crate) enum RequestKind {
     Out,
     Flush,
     GetId,
+    /// The ranges may be forgotten: they read as zero afterwards (we punch holes).
+    Discard,
+    /// The ranges must read as zero.
+    WriteZeroes,
     Unsupported(u32),
 }
 
@@ -37,6 +44,8 @@ impl RequestKind {
             VIRTIO_BLK_T_OUT => RequestKind::Out,
             VIRTIO_BLK_T_FLUSH => RequestKind::Flush,
             VIRTIO_BLK_T_GET_ID => RequestKind::GetId,
+            VIRTIO_BLK_T_DISCARD => RequestKind::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => RequestKind::WriteZeroes,
             other => RequestKind::Unsupported(other),
         }
     }
@@ -47,6 +56,8 @@ impl RequestKind {
             RequestKind::Out => "OUT",
             RequestKind::Flush => "FLUSH",
             RequestKind::GetId => "GET_ID",
+            RequestKind::Discard => "DISCARD",
+            RequestKind::WriteZeroes => "WRITE_ZEROES",
             RequestKind::Unsupported(_) => "unsupported",
         }
     }
@@ -62,7 +73,21 @@ pub(crate) struct Request {
     pub data: Vec<Segment>,
     pub data_len: u64,
     pub status: GuestAddress,
+    /// DISCARD and WRITE_ZEROES: the ranges, checked against the disk.
+    pub ranges: Vec<ZeroRange>,
 }
+
+/// One range of a DISCARD or WRITE_ZEROES request (`virtio_blk_discard_write_zeroes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ZeroRange {
+    pub sector: u64,
+    pub sectors: u32,
+    /// WRITE_ZEROES only: the device may free the space (punch a hole).
+    pub unmap: bool,
+}
+
+/// Bytes of one range descriptor.
+const RANGE_LEN: u64 = 16;
 
 /// What is wrong with a request.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -91,6 +116,16 @@ pub(crate) enum RequestError {
     },
     #[error("GET_ID buffer of {0} bytes, needs {DISK_ID_LEN}")]
     IdBufferTooSmall(u64),
+    #[error("{0} ranges of {1} bytes: not whole 16-byte ranges, or none")]
+    BadRanges(&'static str, u64),
+    #[error("{0} request with {1} ranges (at most {MAX_DISCARD_SEGMENTS})")]
+    TooManyRanges(&'static str, u64),
+    #[error("cannot read the ranges")]
+    RangesUnreadable,
+    #[error("range of {0} sectors (1 to {MAX_DISCARD_SECTORS})")]
+    BadRangeLength(u32),
+    #[error("flags {0:#x} are not allowed here")]
+    BadFlags(u32),
 }
 
 /// A request refused before it reached the disk, with where to report it, if anywhere.
@@ -137,9 +172,20 @@ pub(crate) fn parse(mem: &GuestMemory, chain: &Chain, capacity: u64) -> Result<R
         RequestKind::Flush if !readable_data.is_empty() || !writable_data.is_empty() => {
             return Err(reject(RequestError::WrongDirection(kind.name())))
         }
+        RequestKind::Discard | RequestKind::WriteZeroes if !writable_data.is_empty() => {
+            return Err(reject(RequestError::WrongDirection(kind.name())))
+        }
         RequestKind::In | RequestKind::GetId => with_len(writable_data),
-        RequestKind::Out => with_len(readable_data),
+        RequestKind::Out | RequestKind::Discard | RequestKind::WriteZeroes => {
+            with_len(readable_data)
+        }
         RequestKind::Flush => (Vec::new(), 0),
+    };
+    let ranges = match kind {
+        RequestKind::Discard | RequestKind::WriteZeroes => {
+            parse_ranges(mem, kind, &data, data_len, capacity).map_err(reject)?
+        }
+        _ => Vec::new(),
     };
 
     match kind {
@@ -157,7 +203,63 @@ pub(crate) fn parse(mem: &GuestMemory, chain: &Chain, capacity: u64) -> Result<R
         data,
         data_len,
         status,
+        ranges,
     })
+}
+
+/// Reads and checks the ranges of a DISCARD or WRITE_ZEROES request.
+fn parse_ranges(
+    mem: &GuestMemory,
+    kind: RequestKind,
+    data: &[Segment],
+    len: u64,
+    capacity: u64,
+) -> Result<Vec<ZeroRange>, RequestError> {
+    if len == 0 || len % RANGE_LEN != 0 {
+        return Err(RequestError::BadRanges(kind.name(), len));
+    }
+    let count = len / RANGE_LEN;
+    if count > u64::from(MAX_DISCARD_SEGMENTS) {
+        return Err(RequestError::TooManyRanges(kind.name(), count));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    let mut filled = 0;
+    for seg in data {
+        let n = seg.len as usize;
+        mem.read_slice(&mut bytes[filled..filled + n], seg.addr)
+            .map_err(|_| RequestError::RangesUnreadable)?;
+        filled += n;
+    }
+    let allowed_flags = match kind {
+        RequestKind::WriteZeroes => VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+        _ => 0,
+    };
+    bytes
+        .chunks_exact(RANGE_LEN as usize)
+        .map(|r| {
+            let sector = u64::from_le_bytes(r[0..8].try_into().expect("8 bytes"));
+            let sectors = u32::from_le_bytes(r[8..12].try_into().expect("4 bytes"));
+            let flags = u32::from_le_bytes(r[12..16].try_into().expect("4 bytes"));
+            if sectors == 0 || sectors > MAX_DISCARD_SECTORS {
+                return Err(RequestError::BadRangeLength(sectors));
+            }
+            if flags & !allowed_flags != 0 {
+                return Err(RequestError::BadFlags(flags));
+            }
+            match sector.checked_add(u64::from(sectors)) {
+                Some(end) if end <= capacity => Ok(ZeroRange {
+                    sector,
+                    sectors,
+                    unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+                }),
+                _ => Err(RequestError::OutOfRange {
+                    sector,
+                    count: u64::from(sectors),
+                    capacity,
+                }),
+            }
+        })
+        .collect()
 }
 
 fn check_transfer(

@@ -13,6 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ferry_devices::virtio::block::zero_file_range;
 use ferry_proto::migration::{AbortKind, BlockBatch, BlockRecord, Setup};
 
 use super::Refusal;
@@ -110,7 +111,7 @@ impl Landing {
                         .write_all_at(bytes, offset)
                         .map(|()| start_writeback(&landed.file, offset, bytes.len() as u64))
                 }
-                BlockRecord::Hole { offset, len } => punch_hole(&landed.file, offset, len),
+                BlockRecord::Hole { offset, len } => zero_file_range(&landed.file, offset, len),
             };
             if let Err(e) = result {
                 let kind = if e.raw_os_error() == Some(libc::ENOSPC) {
@@ -203,38 +204,6 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     unsafe {
         libc::sync_file_range(file.as_raw_fd(), o, l, libc::SYNC_FILE_RANGE_WRITE);
     }
-}
-
-/// Makes `offset..offset + len` read as zero without storing zeros.
-fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let (Ok(o), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(std::io::ErrorKind::InvalidInput.into());
-    };
-    // SAFETY: fallocate on an fd borrowed from `file`; it changes only the file's contents.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            o,
-            l,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-        // No holes on this file system: write the zeros.
-        let zeros = vec![0u8; 1 << 20];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zeros.len() as u64) as usize;
-            file.write_all_at(&zeros[..n], at)?;
-            at += n as u64;
-        }
-        return Ok(());
-    }
-    Err(e)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! real image file in a temporary directory.
 
 mod backend;
+mod discard;
 mod events;
 mod hostile;
 mod persist;
