@@ -12,8 +12,11 @@ use vm_memory::{Bytes, GuestAddress};
 use super::*;
 use crate::virtio::block::{DIRTY_BLOCK, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 
-/// Writes `ranges` (sector, sectors, flags) at DATA as the request's data.
-fn put_ranges(mem: &GuestMemory, ranges: &[(u64, u32, u32)]) -> u32 {
+/// One range descriptor: sector, sectors, flags.
+type Range = (u64, u32, u32);
+
+/// Writes `ranges` at DATA as the request's data.
+fn put_ranges(mem: &GuestMemory, ranges: &[Range]) -> u32 {
     let mut bytes = Vec::new();
     for (sector, sectors, flags) in ranges {
         bytes.extend_from_slice(&sector.to_le_bytes());
@@ -24,7 +27,7 @@ fn put_ranges(mem: &GuestMemory, ranges: &[(u64, u32, u32)]) -> u32 {
     bytes.len() as u32
 }
 
-fn serve(h: &mut Harness, t: u32, ranges: &[(u64, u32, u32)]) -> u8 {
+fn serve(h: &mut Harness, t: u32, ranges: &[Range]) -> u8 {
     let mem = h.mem.clone();
     let vq = TestQueue::new(&mem, QSIZE);
     h.activate(&vq);
@@ -78,10 +81,10 @@ fn zeroed_ranges_are_dirty_for_a_migration() {
 
 #[test]
 fn hostile_range_lists_are_refused() {
-    let too_many: Vec<(u64, u32, u32)> = (0..=MAX_DISCARD_SEGMENTS)
+    let too_many: Vec<Range> = (0..=MAX_DISCARD_SEGMENTS)
         .map(|i| (u64::from(i), 1, 0))
         .collect();
-    let cases: Vec<(&str, u32, Vec<(u64, u32, u32)>)> = vec![
+    let cases: Vec<(&str, u32, Vec<Range>)> = vec![
         ("an empty range", VIRTIO_BLK_T_DISCARD, vec![(0, 0, 0)]),
         (
             "past the end",
