@@ -94,6 +94,12 @@ pub struct BlockDeviceInfo {
     pub read_bytes: u64,
     pub write_bytes: u64,
     pub flushes: u64,
+    /// Bytes the guest discarded (trimmed): holes in the image now.
+    #[serde(default)]
+    pub discarded_bytes: u64,
+    /// Bytes the guest had zeroed (WRITE_ZEROES).
+    #[serde(default)]
+    pub zeroed_bytes: u64,
     /// Requests the guest built wrongly (bad descriptor chains, out-of-range sectors).
     pub invalid_requests: u64,
     pub io_errors: u64,

@@ -26,6 +26,8 @@ pub struct Config {
     pub disk_blocks: Option<u64>,
     pub disk_rate: u64,
     pub disk_flush_every: u64,
+    /// Every this many writes, discard a run of blocks (0: never).
+    pub disk_discard_every: u64,
     pub virtio: [VirtioMmio; MAX_VIRTIO],
     pub virtio_len: usize,
     pub cpus: usize,
@@ -61,6 +63,7 @@ impl Config {
             disk_blocks: None,
             disk_rate: 50,
             disk_flush_every: 16,
+            disk_discard_every: 0,
             virtio: [VirtioMmio { base: 0 }; MAX_VIRTIO],
             virtio_len: 0,
             cpus: 1,
@@ -193,6 +196,10 @@ pub fn parse(line: &[u8]) -> Config {
             b"disk_flush_every" => match num(1, 1 << 32) {
                 Some(v) => cfg.disk_flush_every = v,
                 None => bad(key, value, "expected a block count >= 1"),
+            },
+            b"disk_discard_every" => match num(0, 1 << 32) {
+                Some(v) => cfg.disk_discard_every = v,
+                None => bad(key, value, "expected a write count (0: never)"),
             },
             b"virtio_mmio.device" => match parse_virtio(value) {
                 Some(d) if cfg.virtio_len < MAX_VIRTIO => {

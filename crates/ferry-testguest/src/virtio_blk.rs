@@ -37,6 +37,7 @@ const S_FAILED: u32 = 0x80;
 
 const F_BLK_RO: u64 = 1 << 5;
 const F_BLK_FLUSH: u64 = 1 << 9;
+const F_BLK_DISCARD: u64 = 1 << 13;
 const F_VERSION_1: u64 = 1 << 32;
 
 const DESC_NEXT: u16 = 1;
@@ -50,12 +51,16 @@ const OFF_AVAIL: u64 = 0x200;
 const OFF_USED: u64 = 0x400;
 const OFF_HEADER: u64 = 0x800;
 const OFF_STATUS: u64 = 0x880;
+/// A DISCARD's one range descriptor.
+const OFF_RANGE: u64 = 0x900;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
     Read = 0,
     Write = 1,
     Flush = 4,
+    /// `len` bytes from `sector` on may be forgotten; they read as zero afterwards.
+    Discard = 11,
 }
 
 pub struct Mmio {
@@ -83,6 +88,7 @@ pub struct BlkDev {
     used_seen: u16,
     pub capacity: u64,
     pub flush: bool,
+    pub discard: bool,
     pending: Option<Kind>,
 }
 
@@ -140,7 +146,7 @@ fn init(mmio: Mmio, queue: u64) -> Result<BlkDev, &'static str> {
         mmio.w(R_STATUS, S_FAILED);
         return Err("virtio-blk device is read-only");
     }
-    let ours = F_VERSION_1 | (features & F_BLK_FLUSH);
+    let ours = F_VERSION_1 | (features & (F_BLK_FLUSH | F_BLK_DISCARD));
     mmio.w(R_DRIVER_FEATURES_SEL, 0);
     mmio.w(R_DRIVER_FEATURES, ours as u32);
     mmio.w(R_DRIVER_FEATURES_SEL, 1);
@@ -194,6 +200,7 @@ fn init(mmio: Mmio, queue: u64) -> Result<BlkDev, &'static str> {
         used_seen: 0,
         capacity,
         flush: features & F_BLK_FLUSH != 0,
+        discard: features & F_BLK_DISCARD != 0,
         pending: None,
     })
 }
@@ -224,10 +231,22 @@ impl BlkDev {
         unsafe {
             (hdr as *mut u32).write_volatile(kind as u32);
             ((hdr + 4) as *mut u32).write_volatile(0);
-            ((hdr + 8) as *mut u64).write_volatile(sector);
+            let header_sector = if kind == Kind::Discard { 0 } else { sector };
+            ((hdr + 8) as *mut u64).write_volatile(header_sector);
             (status as *mut u8).write_volatile(0xff);
         }
-        if kind == Kind::Flush {
+        if kind == Kind::Discard {
+            let range = q + OFF_RANGE;
+            // SAFETY: the range descriptor lies in the queue page this driver owns.
+            unsafe {
+                (range as *mut u64).write_volatile(sector);
+                ((range + 8) as *mut u32).write_volatile(len / SECTOR as u32);
+                ((range + 12) as *mut u32).write_volatile(0);
+            }
+            desc(q, 0, hdr, 16, DESC_NEXT, 1);
+            desc(q, 1, range, 16, DESC_NEXT, 2);
+            desc(q, 2, status, 1, DESC_WRITE, 0);
+        } else if kind == Kind::Flush {
             desc(q, 0, hdr, 16, DESC_NEXT, 1);
             desc(q, 1, status, 1, DESC_WRITE, 0);
         } else {

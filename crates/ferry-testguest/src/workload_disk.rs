@@ -4,6 +4,8 @@
 //! (they survive from an earlier run: `recovered`), anything else is corruption. Then blocks
 //! are rewritten at `disk_rate` (read and verify, write generation + 1, flush every
 //! `disk_flush_every` writes) and the region is swept by reads at most once a second.
+//! With `disk_discard_every=N`, every N writes a run of [`DISCARD_RUN`] blocks is discarded
+//! (when the device offers it): they read as zero afterwards, which the model expects.
 //! One request is in flight at a time, driven by `step` from the CPU's loop, so the mem
 //! workload on the same CPU keeps running while the device works.
 
@@ -27,6 +29,8 @@ const CHUNK: u64 = 8;
 /// Expected generation of a block whose content is unknown (found corrupt at the scan).
 const UNKNOWN: u64 = u64::MAX;
 const DEFAULT_REGION: u64 = 4 << 20;
+/// Blocks per discard (64 KiB), at an aligned position.
+const DISCARD_RUN: u64 = 16;
 /// Where QEMU's microvm puts its virtio-mmio transports (512 bytes each).
 const QEMU_MICROVM_BASE: u64 = 0xfeb0_0000;
 const QEMU_MICROVM_WINDOWS: usize = 32;
@@ -75,6 +79,7 @@ enum Op {
     Write { block: u64, gen: u64 },
     Flush,
     Sweep { first: u64, count: u64 },
+    Discard { first: u64, count: u64 },
 }
 
 /// What a block holds.
@@ -104,6 +109,8 @@ pub struct DiskWork {
     cursor: u64,
     since_flush: u64,
     flush_every: u64,
+    discard_every: u64,
+    since_discard: u64,
     rng: Rng,
     written: u64,
     verified: u64,
@@ -206,6 +213,8 @@ impl DiskWork {
             cursor: 0,
             since_flush: 0,
             flush_every: cfg.disk_flush_every,
+            discard_every: cfg.disk_discard_every,
+            since_discard: 0,
             rng: Rng::new(now ^ 0xd15c),
             written: 0,
             verified: 0,
@@ -331,6 +340,7 @@ impl DiskWork {
             let what = match op {
                 Op::Write { .. } => "write",
                 Op::Flush => "flush",
+                Op::Discard { .. } => "discard",
                 _ => "read",
             };
             crate::fatal!("virtio-blk {} failed with status {}", what, status);
@@ -356,12 +366,30 @@ impl DiskWork {
                 self.set_gen(block, gen);
                 self.written += 1;
                 self.since_flush += 1;
+                self.since_discard += 1;
                 if self.dev.flush && self.since_flush >= self.flush_every {
                     self.since_flush = 0;
                     self.submit(Op::Flush, Kind::Flush, 0, 0, 0);
+                } else if self.dev.discard
+                    && self.discard_every > 0
+                    && self.since_discard >= self.discard_every
+                    && self.blocks >= DISCARD_RUN
+                {
+                    self.since_discard = 0;
+                    let first = self.rng.below(self.blocks / DISCARD_RUN) * DISCARD_RUN;
+                    let op = Op::Discard {
+                        first,
+                        count: DISCARD_RUN,
+                    };
+                    self.submit(op, Kind::Discard, first, 0, DISCARD_RUN);
                 }
             }
             Op::Flush => {}
+            Op::Discard { first, count } => {
+                for b in first..first + count {
+                    self.set_gen(b, 0);
+                }
+            }
             Op::Sweep { first, count } => {
                 for k in 0..count {
                     self.verify(self.rbuf + k * BLOCK, first + k);

@@ -166,6 +166,8 @@ impl VirtioDisk {
                 read_bytes: m.read_bytes,
                 write_bytes: m.write_bytes,
                 flushes: m.flushes,
+                discarded_bytes: m.discarded_bytes,
+                zeroed_bytes: m.zeroed_bytes,
                 invalid_requests: m.invalid_requests,
                 io_errors: m.io_errors,
             }),
