@@ -261,6 +261,23 @@ pub struct MigrateRequest {
     /// see. Every other disk moves with the VM.
     #[serde(default)]
     pub shared_disks: Vec<u32>,
+    /// How moving disks are kept current after their bulk copy.
+    #[serde(default)]
+    pub disk_mode: DiskMode,
+}
+
+/// How a moving disk is kept current once its bulk copy has passed a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskMode {
+    /// Passes over the blocks written since the last one, like memory.
+    Iterative,
+    /// Every guest write is sent as it happens; when the destination lags by more than a
+    /// bound, the guest's writes complete later, so the lag stays bounded.
+    Mirror,
+    /// ferry chooses (see docs/architecture.md).
+    #[default]
+    Auto,
 }
 
 /// `PUT /vm/migration/resolve`: settle a migration whose outcome is unknown by asking the
@@ -382,6 +399,15 @@ pub struct DiskMigrationStatus {
     pub remaining_bytes: u64,
     /// How fast the guest writes blocks that must be sent again, bytes per second.
     pub dirty_rate_bytes_per_sec: f64,
+    /// `iterative` or `mirror`.
+    #[serde(default)]
+    pub mode: String,
+    /// Bytes the guest wrote that the destination has not applied yet.
+    #[serde(default)]
+    pub lag_bytes: u64,
+    /// How long the guest's writes were held back because the destination lagged, in all.
+    #[serde(default)]
+    pub writes_held_ms: f64,
 }
 
 /// What kind of failure ended a migration: what a controller matches on.

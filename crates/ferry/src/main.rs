@@ -148,6 +148,11 @@ struct MigrateCliArgs {
     /// every other disk moves with the VM. Repeatable.
     #[arg(long = "shared-disk", value_name = "N")]
     shared_disks: Vec<u32>,
+    /// How moving disks are kept current after their bulk copy: passes over what the guest
+    /// wrote (iterative), every write sent as it happens with the guest's writes slowed when
+    /// the destination lags (mirror), or ferry's choice (auto: mirror).
+    #[arg(long, default_value = "auto", value_parser = ["iterative", "mirror", "auto"])]
+    disk_mode: String,
     /// Cancel the running migration instead.
     #[arg(long, conflicts_with = "to")]
     cancel: bool,
@@ -247,6 +252,11 @@ fn migrate_cmd(args: MigrateCliArgs) -> Result<()> {
             on_timeout,
             link_timeout_ms: args.link_timeout_ms,
             shared_disks: args.shared_disks,
+            disk_mode: match args.disk_mode.as_str() {
+                "iterative" => ferry_api::DiskMode::Iterative,
+                "mirror" => ferry_api::DiskMode::Mirror,
+                _ => ferry_api::DiskMode::Auto,
+            },
             json: args.json,
         },
     )

@@ -20,6 +20,7 @@ pub struct MigrateArgs {
     pub on_timeout: OnTimeout,
     pub link_timeout_ms: Option<u64>,
     pub shared_disks: Vec<u32>,
+    pub disk_mode: ferry_api::DiskMode,
     pub json: bool,
 }
 
@@ -99,6 +100,7 @@ pub fn run(socket: &Path, args: MigrateArgs) -> Result<MigrationStatus> {
         on_timeout: args.on_timeout,
         link_timeout_ms: args.link_timeout_ms,
         shared_disks: args.shared_disks.clone(),
+        disk_mode: args.disk_mode,
         wait: true,
     };
     // One connection waits for the end; progress comes from polling on others.

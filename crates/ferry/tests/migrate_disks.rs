@@ -107,33 +107,82 @@ fn noise(seed: u64, n: usize) -> Vec<u8> {
 }
 
 #[test]
-fn a_writing_guest_moves_with_its_disk() {
-    let name = "a_writing_guest_moves_with_its_disk";
+fn a_writing_guest_moves_with_its_disk_in_either_mode() {
+    let name = "a_writing_guest_moves_with_its_disk_in_either_mode";
+    let Some(hosts) = hosts_or_skip("sto", name) else {
+        return;
+    };
+    for (port, mode) in [(7100, "iterative"), (7111, "mirror")] {
+        let dir = TempDir::new(&format!("{name}-{mode}"));
+        let image = dir.join("a.img");
+        let landing = dir.join("b.img");
+        sparse_image(&image, 64 << 20);
+        let boot = Boot {
+            disks: vec![image.clone()],
+            ..Boot::guest(
+                "workload=mem,disk mem_mib=32 mem_rate=50 disk_blocks=4096 disk_rate=2000",
+            )
+        };
+        let listen = format!("{}:{port}", hosts.b_addr);
+        let dst = receiver(&hosts.b, &listen, &["--disk", path_str(&landing)]);
+        let (mut src, socket) = source(&hosts.a, &dir, boot, None);
+        let out = migrate(&socket, &listen, &["--disk-mode", mode]);
+        let status = assert_moved(&mut src, &dst, &out);
+        let disks = status["disks"].as_array().expect("per-disk status");
+        assert_eq!(disks.len(), 1, "{status}");
+        assert_eq!(disks[0]["mode"], mode, "{status}");
+        assert_eq!(disks[0]["total_bytes"], 64u64 << 20);
+        assert!(disks[0]["sent_bytes"].as_u64().expect("sent") > 0);
+        assert!(status["downtime"]["final_disk_ms"].as_f64().is_some());
+        // The source's image is left for the operator: there, whole, not truncated.
+        assert_eq!(
+            std::fs::metadata(&image).expect("source image").len(),
+            64 << 20
+        );
+    }
+}
+
+#[test]
+fn a_mirrored_disk_slows_the_guests_writes_to_what_the_destination_takes() {
+    let name = "a_mirrored_disk_slows_the_guests_writes_to_what_the_destination_takes";
     let Some(hosts) = hosts_or_skip("sto", name) else {
         return;
     };
     let dir = TempDir::new(name);
     let image = dir.join("a.img");
     let landing = dir.join("b.img");
-    sparse_image(&image, 64 << 20);
+    // 24 MiB of data to copy at 4 MiB/s while the guest writes 16 MiB/s: the mirror's lag
+    // reaches its bound and the guest's writes wait; nothing is lost.
+    image_with_data(&image, 64 << 20, 24);
     let boot = Boot {
         disks: vec![image.clone()],
-        ..Boot::guest("workload=mem,disk mem_mib=32 mem_rate=50 disk_blocks=4096 disk_rate=1000")
+        ..Boot::guest("workload=mem,disk mem_mib=16 mem_rate=20 disk_blocks=2048 disk_rate=4000")
     };
-    let listen = format!("{}:7100", hosts.b_addr);
-    let dst = receiver(&hosts.b, &listen, &["--disk", path_str(&landing)]);
+    let listen = format!("{}:7112", hosts.b_addr);
+    let dst = receiver(
+        &hosts.b,
+        &listen,
+        &[
+            "--disk",
+            path_str(&landing),
+            "--test-disk-write-limit",
+            "4MiB",
+        ],
+    );
     let (mut src, socket) = source(&hosts.a, &dir, boot, None);
-    let out = migrate(&socket, &listen, &[]);
+    let out = migrate(
+        &socket,
+        &listen,
+        &["--disk-mode", "mirror", "--downtime-ms", "50"],
+    );
     let status = assert_moved(&mut src, &dst, &out);
-    let disks = status["disks"].as_array().expect("per-disk status");
-    assert_eq!(disks.len(), 1, "{status}");
-    assert_eq!(disks[0]["total_bytes"], 64u64 << 20);
-    assert!(disks[0]["sent_bytes"].as_u64().expect("sent") > 0);
-    assert!(status["downtime"]["final_disk_ms"].as_f64().is_some());
-    // The source's image is left for the operator: there, whole, not truncated.
-    assert_eq!(
-        std::fs::metadata(&image).expect("source image").len(),
-        64 << 20
+    let held = status["disks"][0]["writes_held_ms"].as_f64().expect("held");
+    assert!(held > 0.0, "the guest's writes were never held: {status}");
+    let a = std::fs::read(&image).expect("source image");
+    let b = std::fs::read(&landing).expect("destination image");
+    assert!(
+        a[16 << 20..] == b[16 << 20..],
+        "the data beyond the guest's area differs"
     );
 }
 

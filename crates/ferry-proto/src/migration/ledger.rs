@@ -180,6 +180,12 @@ impl Ledger {
         for (what, claimed, limit) in [
             ("applied pages", a.pages, sent_pages),
             ("applied bytes", a.bytes, sent_bytes),
+            (
+                "applied disk bytes",
+                a.disk_bytes,
+                self.totals.disk_data_bytes,
+            ),
+            ("applied disk bytes", a.disk_bytes, a.bytes),
         ] {
             if claimed > limit {
                 return Err(ProtocolError::Totals {

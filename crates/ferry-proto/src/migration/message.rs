@@ -227,12 +227,16 @@ pub struct Running {
 /// The destination's progress: what it has written into guest memory so far. Sent while pages
 /// arrive, so the source knows the destination's backlog and never stops the guest while the
 /// destination is behind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
     /// Data bytes written, in all passes: the data pages' bytes and the disk blocks' data.
     pub bytes: u64,
     /// Page records (data and zero pages) applied, in all passes.
     pub pages: u64,
+    /// Of `bytes`, those of disk block data: how far the destination is behind on disks (a
+    /// mirrored disk's lag).
+    #[serde(default)]
+    pub disk_bytes: u64,
 }
 
 /// On a new connection, instead of Setup: "do you run the VM of this migration?" A source

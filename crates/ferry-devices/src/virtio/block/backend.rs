@@ -103,6 +103,12 @@ pub trait BlockBackend: Send + Sync + fmt::Debug {
     fn data_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, BackendError> {
         Ok(vec![(offset, len)])
     }
+
+    /// The first stretch at or after `from` that may hold data, as `(start, end)`; `None`
+    /// when only zeros follow. A backend that cannot tell says everything is data.
+    fn next_extent(&self, from: u64) -> Result<Option<(u64, u64)>, BackendError> {
+        Ok((from < self.size()).then(|| (from, self.size())))
+    }
 }
 
 /// A raw disk image (or block device): disk offset = file offset. Positioned I/O only, and
@@ -271,6 +277,13 @@ impl BlockBackend for RawFile {
         let end = offset.saturating_add(len).min(self.size);
         data_extents(&self.file, offset, end).map_err(|source| BackendError::Io { offset, source })
     }
+
+    fn next_extent(&self, from: u64) -> Result<Option<(u64, u64)>, BackendError> {
+        next_extent(&self.file, from, self.size).map_err(|source| BackendError::Io {
+            offset: from,
+            source,
+        })
+    }
 }
 
 /// `fallocate(2)` on `file`.
@@ -320,42 +333,45 @@ pub fn zero_file_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
-/// The data extents of `file` in `start..end`, found with SEEK_DATA and SEEK_HOLE. A file
-/// system without them reports the whole range as data.
-fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+/// The first data extent of `file` at or after `from`, cut at `end`, found with SEEK_DATA and
+/// SEEK_HOLE. A file system without them reports all of `from..end` as data.
+fn next_extent(file: &File, from: u64, end: u64) -> io::Result<Option<(u64, u64)>> {
+    if from >= end {
+        return Ok(None);
+    }
     let fd = file.as_raw_fd();
-    let seek = |from: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
-        let from = libc::off64_t::try_from(from).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let seek = |at: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        let at = libc::off64_t::try_from(at).map_err(|_| io::ErrorKind::InvalidInput)?;
         // SAFETY: lseek on an fd this function borrows; it moves only the file's position,
         // which nothing here uses (all I/O is positioned).
-        let at = unsafe { libc::lseek64(fd, from, whence) };
-        if at < 0 {
+        let to = unsafe { libc::lseek64(fd, at, whence) };
+        if to < 0 {
             let e = io::Error::last_os_error();
-            // ENXIO: no data (or hole) after `from`.
+            // ENXIO: no data (or hole) after `at`.
             return if e.raw_os_error() == Some(libc::ENXIO) {
                 Ok(None)
             } else {
                 Err(e)
             };
         }
-        Ok(Some(at as u64))
+        Ok(Some(to as u64))
     };
+    let data = match seek(from, libc::SEEK_DATA) {
+        Ok(Some(d)) if d < end => d,
+        Ok(_) => return Ok(None),
+        // The file system does not know SEEK_DATA: all of it may be data.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Some((from, end))),
+        Err(e) => return Err(e),
+    };
+    let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+    Ok(Some((data, hole)))
+}
+
+/// The data extents of `file` in `start..end`.
+fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
     let mut extents = Vec::new();
     let mut at = start;
-    while at < end {
-        let data = match seek(at, libc::SEEK_DATA) {
-            Ok(Some(d)) => d,
-            Ok(None) => break,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                // The file system does not know SEEK_DATA: all of it may be data.
-                return Ok(vec![(start, end - start)]);
-            }
-            Err(e) => return Err(e),
-        };
-        if data >= end {
-            break;
-        }
-        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+    while let Some((data, hole)) = next_extent(file, at, end)? {
         extents.push((data, hole - data));
         at = hole;
     }

@@ -347,6 +347,8 @@ impl Disk {
                 });
                 // After the write, failed or not (part of it may have landed): see dirty.rs.
                 self.dirty.mark(req.sector * SECTOR_SIZE, req.data_len);
+                // A mirrored disk whose destination lags: the write completes a little later.
+                self.dirty.hold_writes();
                 result
             }
             RequestKind::Flush => {
@@ -434,6 +436,7 @@ impl Disk {
             self.dirty.mark(offset, len);
             result?;
         }
+        self.dirty.hold_writes();
         Ok(0)
     }
 

@@ -805,14 +805,25 @@ fn a_destination_cannot_claim_to_have_applied_more_than_it_was_sent() {
     let ok = Message::Applied(Applied {
         bytes: 3 * PAGE_SIZE,
         pages: 6,
+        disk_bytes: 0,
     });
     src.received(&ok).expect("all of it applied");
     for lie in [
         Applied {
             bytes: 4 * PAGE_SIZE,
             pages: 6,
+            disk_bytes: 0,
         },
-        Applied { bytes: 0, pages: 7 },
+        Applied {
+            bytes: 0,
+            pages: 7,
+            disk_bytes: 0,
+        },
+        Applied {
+            bytes: 3 * PAGE_SIZE,
+            pages: 6,
+            disk_bytes: 1,
+        },
     ] {
         let err = src.received(&Message::Applied(lie)).unwrap_err();
         assert!(matches!(err, ProtocolError::Totals { .. }), "{err}");
@@ -863,15 +874,22 @@ fn blocks_must_belong_to_a_moving_disk_and_lie_on_it() {
     src.received(&Message::Applied(Applied {
         bytes: 512,
         pages: 0,
+        disk_bytes: 512,
     }))
     .expect("512 data bytes were sent");
-    let err = src
-        .received(&Message::Applied(Applied {
-            bytes: 513,
-            pages: 0,
-        }))
-        .unwrap_err();
-    assert!(matches!(err, ProtocolError::Totals { .. }), "{err}");
+    for lie in [(513, 0), (512, 513), (256, 512)] {
+        let err = src
+            .received(&Message::Applied(Applied {
+                bytes: lie.0,
+                pages: 0,
+                disk_bytes: lie.1,
+            }))
+            .unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::Totals { .. }),
+            "{lie:?}: {err}"
+        );
+    }
     let (a, b) = both(&mut src, &mut dst, &sample(K::State));
     a.expect("state");
     b.expect("state");

@@ -84,7 +84,7 @@ fn sample(kind: MessageKind) -> Message {
         MessageKind::Commit => Message::Commit,
         MessageKind::Running => Message::Running(Running { resume_ms: 1.25 }),
         MessageKind::Abort => Message::abort("operator cancelled"),
-        MessageKind::Applied => Message::Applied(Applied { bytes: 0, pages: 0 }),
+        MessageKind::Applied => Message::Applied(Applied::default()),
         MessageKind::Resolve => Message::Resolve(Resolve {
             migration_id: 0x5eed,
         }),

@@ -99,6 +99,8 @@ fn read_loop(
 pub struct AppliedTotals {
     pub bytes: u64,
     pub pages: u64,
+    /// Of `bytes`, disk block data.
+    pub disk_bytes: u64,
     /// When the last Applied went out.
     pub reported_at: Option<Instant>,
 }

@@ -344,7 +344,9 @@ fn receive_state(
                 }
             }
             Message::Blocks(batch) => {
-                totals.bytes += landing.apply(&batch)?;
+                let written = landing.apply(&batch)?;
+                totals.bytes += written;
+                totals.disk_bytes += written;
                 if flow_control && totals.due(REPORT_EVERY) {
                     report(link, &mut totals)?;
                 }
@@ -398,6 +400,7 @@ fn report(link: &mut Link, totals: &mut AppliedTotals) -> Result<(), String> {
     link.send(&Message::Applied(Applied {
         bytes: totals.bytes,
         pages: totals.pages,
+        disk_bytes: totals.disk_bytes,
     }))
 }
 

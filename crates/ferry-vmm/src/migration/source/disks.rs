@@ -1,14 +1,24 @@
 //! Storage migration on the source: the contents of the VM's local disks go into the same
 //! stream as its memory, as [`Message::Blocks`].
 //!
-//! - Bulk copy: every data extent of every moving disk (holes found with SEEK_DATA/SEEK_HOLE
-//!   are not sent: the destination's file starts sparse), 64 KiB at a time; a block that
-//!   reads all zero goes as a zero range.
-//! - Iterative passes: the blocks the guest wrote since the last look ([`DirtyLog`], started
-//!   before the bulk copy reads anything, so no write is missed), as a second dirty source
-//!   for the convergence policy.
+//! - Bulk copy, disk by disk, before memory: the data extents (holes found with SEEK_DATA and
+//!   SEEK_HOLE are not sent: the destination's file starts sparse), 64 KiB at a time; a block
+//!   that reads all zero goes as a zero range. The copy's cursor tells the [`DirtyLog`] which
+//!   writes it will still read, so only writes behind it are recorded (see dirty.rs for why
+//!   none is missed, holes skipped included).
+//! - Then, per [`DiskMode`]:
+//!   - iterative: the blocks written since the last look go before each memory pass, as the
+//!     policy's second dirty source;
+//!   - mirror: what the guest writes behind the cursor goes out after every batch of the
+//!     stream (bulk blocks or pages), so the destination trails by milliseconds; the log's
+//!     lag bound holds the guest's writes back when the destination falls behind.
 //! - The switchover: the last dirty blocks, with the guest and its devices paused. A pass cut
 //!   short by its deadline marks what it did not send dirty again.
+//!
+//! Order on the wire: a block is read after its dirty bit was cleared, and every batch holding
+//! an older copy of it was handed to the link before (a mirror step runs only between
+//! batches, with every block writer flushed), so on the one stream a newer copy always
+//! follows an older one.
 //!
 //! Read-only disks are copied once: nothing can dirty them.
 
@@ -16,9 +26,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ferry_api::{DiskMigrationStatus, MigrationErrorKind as Kind};
+use ferry_api::{DiskMigrationStatus, DiskMode, MigrationErrorKind as Kind};
 use ferry_devices::virtio::block::{BlockBackend, DirtyLog, DIRTY_BLOCK};
-use ferry_proto::migration::{BlockBatchWriter, Message, MovingDisk};
+use ferry_proto::migration::{BlockBatchWriter, Message, MovingDisk, DISK_SECTOR_SIZE};
 
 use super::link::Link;
 use crate::migration::error::Stop;
@@ -28,6 +38,12 @@ use crate::migration::error::Stop;
 const RECORD: u64 = 16 * DIRTY_BLOCK;
 /// Block batches stay under this many bytes.
 const BATCH: usize = 4 << 20;
+/// Mirror lag bounds: the bound is the disk data the destination takes in half the downtime
+/// target, within these.
+const MIN_LAG: u64 = 64 << 10;
+const MAX_LAG: u64 = 64 << 20;
+/// The bound before the link's rate is known.
+const FIRST_LAG: u64 = 8 << 20;
 
 /// A disk of the running VM, as storage migration sees it.
 #[derive(Debug, Clone)]
@@ -57,11 +73,19 @@ struct Moving {
 #[derive(Debug, Default)]
 pub struct MovingDisks {
     disks: Vec<Moving>,
+    mirror: bool,
+    /// The downtime target, for the mirror's lag bound.
+    target_ms: u64,
 }
 
 impl MovingDisks {
     /// Every disk but those in `shared` (indices into the VM's disk list).
-    pub fn new(handles: &[DiskHandle], shared: &[u32]) -> Result<MovingDisks, String> {
+    pub fn new(
+        handles: &[DiskHandle],
+        shared: &[u32],
+        mode: DiskMode,
+        target_ms: u64,
+    ) -> Result<MovingDisks, String> {
         if let Some(bad) = shared.iter().find(|i| **i as usize >= handles.len()) {
             return Err(format!(
                 "--shared-disk {bad}: the VM has {} disk(s), numbered from 0",
@@ -74,12 +98,16 @@ impl MovingDisks {
             .filter(|(i, _)| !shared.contains(&(*i as u32)))
             .map(|(i, h)| Moving {
                 index: i as u32,
-                size: h.backend.size() / DIRTY_SECTOR * DIRTY_SECTOR,
+                size: h.backend.size() / DISK_SECTOR_SIZE * DISK_SECTOR_SIZE,
                 handle: h.clone(),
                 sent: AtomicU64::new(0),
             })
             .collect();
-        Ok(MovingDisks { disks })
+        Ok(MovingDisks {
+            disks,
+            mirror: resolve_mode(mode) == DiskMode::Mirror,
+            target_ms,
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -98,10 +126,14 @@ impl MovingDisks {
             .collect()
     }
 
-    /// Starts recording the guest's writes on every writable moving disk.
+    /// Starts recording the guest's writes on every writable moving disk, for a bulk copy
+    /// from offset 0; when mirroring, with the first lag bound.
     pub fn start(&self) {
         for d in self.disks.iter().filter(|d| !d.handle.read_only) {
             d.handle.dirty.start();
+            if self.mirror {
+                d.handle.dirty.set_lag_limit(FIRST_LAG);
+            }
         }
     }
 
@@ -118,8 +150,16 @@ impl MovingDisks {
         self.disks.iter().map(|d| d.size).sum()
     }
 
+    fn mode_name(&self) -> &'static str {
+        if self.mirror {
+            "mirror"
+        } else {
+            "iterative"
+        }
+    }
+
     /// The per-disk status during iteration: what is left is what the guest wrote.
-    pub fn report(&self, out: &mut Vec<DiskMigrationStatus>, _t: &DiskTotals, rate: f64) {
+    pub fn report(&self, out: &mut Vec<DiskMigrationStatus>, rate: f64) {
         let total_dirty = self.dirty_bytes().max(1) as f64;
         *out = self
             .disks
@@ -133,13 +173,16 @@ impl MovingDisks {
                     remaining_bytes: dirty,
                     // Shared out by what each disk has dirty now.
                     dirty_rate_bytes_per_sec: rate * dirty as f64 / total_dirty,
+                    mode: self.mode_name().into(),
+                    lag_bytes: d.handle.dirty.lag(),
+                    writes_held_ms: d.handle.dirty.held().as_secs_f64() * 1e3,
                 }
             })
             .collect();
     }
 
     /// The per-disk status during the bulk copy, `covered` bytes into the disks in order.
-    pub fn report_bulk(&self, out: &mut Vec<DiskMigrationStatus>, _t: &DiskTotals, covered: u64) {
+    pub fn report_bulk(&self, out: &mut Vec<DiskMigrationStatus>, covered: u64) {
         let mut before = 0;
         *out = self
             .disks
@@ -153,13 +196,17 @@ impl MovingDisks {
                     sent_bytes: d.sent.load(Ordering::Relaxed),
                     remaining_bytes: d.size - done + d.handle.dirty.dirty_bytes(),
                     dirty_rate_bytes_per_sec: 0.0,
+                    mode: self.mode_name().into(),
+                    lag_bytes: d.handle.dirty.lag(),
+                    writes_held_ms: d.handle.dirty.held().as_secs_f64() * 1e3,
                 }
             })
             .collect();
     }
 
-    /// Sends every data extent of every moving disk; `progress` learns the disk bytes
-    /// covered so far (holes included).
+    /// The bulk copy of every moving disk; `progress` learns the disk bytes covered so far
+    /// (holes included). When mirroring, what the guest writes behind the cursor follows
+    /// each batch.
     pub fn send_bulk(
         &self,
         link: &mut Link,
@@ -168,34 +215,87 @@ impl MovingDisks {
     ) -> Result<(), Stop> {
         let mut covered = 0;
         for d in &self.disks {
-            let extents = d
-                .handle
-                .backend
-                .data_ranges(0, d.size)
-                .map_err(|e| read_failed(d.index, &e))?;
-            let mut done = 0;
+            let log = &d.handle.dirty;
             let mut writer = BlockBatchWriter::new(d.index, BATCH);
-            let mut on_batch = |at: u64, t: &DiskTotals| progress(covered + at, t);
-            for (offset, len) in extents {
-                // Whole granules of the dirty log: the extent's own, no more, so a small
-                // extent costs a small record and the zeros around it stay holes.
-                let start = (offset / DIRTY_BLOCK * DIRTY_BLOCK).max(done);
-                let end = (offset + len)
-                    .div_ceil(DIRTY_BLOCK)
-                    .saturating_mul(DIRTY_BLOCK)
-                    .min(d.size);
-                if start >= end {
+            let mut after_batch = |link: &mut Link, at: u64, t: &mut DiskTotals| {
+                progress(covered + at, t);
+                self.mirror_step(link, t)
+            };
+            let mut at = 0;
+            while at < d.size {
+                let next = d
+                    .handle
+                    .backend
+                    .next_extent(at)
+                    .map_err(|e| read_failed(d.index, &e))?;
+                // Whole granules of the dirty log, no more: the zeros around stay holes.
+                let (start, end) = match next {
+                    Some((s, e)) => (
+                        s / DIRTY_BLOCK * DIRTY_BLOCK,
+                        e.div_ceil(DIRTY_BLOCK)
+                            .saturating_mul(DIRTY_BLOCK)
+                            .min(d.size),
+                    ),
+                    None => (d.size, d.size),
+                };
+                if start > at {
+                    // Skip the hole: the cursor passes it first, then a second look catches
+                    // a write that landed there before the cursor did.
+                    log.advance_cursor(start);
+                    let again = d
+                        .handle
+                        .backend
+                        .next_extent(at)
+                        .map_err(|e| read_failed(d.index, &e))?
+                        .map_or(d.size, |(s, _)| s / DIRTY_BLOCK * DIRTY_BLOCK);
+                    at = again.clamp(at, start);
                     continue;
                 }
-                let range = (start, end - start);
-                send_range(link, d, &mut writer, range, totals, None, &mut on_batch)?;
-                done = end;
+                let range = (at, end.max(at + DIRTY_BLOCK).min(d.size) - at);
+                let chunk = Chunked {
+                    log: Some(log),
+                    deadline: None,
+                };
+                send_range(link, d, &mut writer, range, totals, chunk, &mut after_batch)?;
+                at += range.1;
             }
-            flush(link, &mut writer, d.size, totals, &mut on_batch)?;
+            log.advance_cursor(d.size);
+            flush(link, &mut writer, d.size, totals, &mut after_batch)?;
+            // From here every write is recorded, wherever it lands.
+            log.bulk_done();
             covered += d.size;
             progress(covered, totals);
         }
         Ok(())
+    }
+
+    /// Mirroring, between two batches of the stream: sends what the guest wrote since the
+    /// last step and renews the lag bound. Does nothing in iterative mode.
+    pub fn mirror_step(&self, link: &mut Link, totals: &mut DiskTotals) -> Result<(), Stop> {
+        if !self.mirror || self.disks.is_empty() {
+            return Ok(());
+        }
+        let unacked = link.disk_backlog();
+        // What reaches the destination's disks per second: the slower of the link and the
+        // destination's own writing.
+        let rate = match (link.write_rate(), link.disk_apply_rate()) {
+            (w, 0.0) => w,
+            (0.0, a) => a,
+            (w, a) => w.min(a),
+        };
+        let bound = if rate > 0.0 {
+            ((rate * self.target_ms as f64 / 2e3) as u64).clamp(MIN_LAG, MAX_LAG)
+        } else {
+            FIRST_LAG
+        };
+        for d in self.disks.iter().filter(|d| !d.handle.read_only) {
+            d.handle.dirty.set_unacked(unacked);
+            d.handle.dirty.set_lag_limit(bound);
+        }
+        if self.dirty_bytes() == 0 {
+            return Ok(());
+        }
+        self.send_dirty(link, totals, None).map(|_| ())
     }
 
     /// Sends the blocks written since the last look. With a `deadline`, stops after the
@@ -208,7 +308,7 @@ impl MovingDisks {
         deadline: Option<Instant>,
     ) -> Result<bool, Stop> {
         let mut cut = false;
-        let mut ignore = |_: u64, _: &DiskTotals| {};
+        let mut ignore = |_: &mut Link, _: u64, _: &mut DiskTotals| Ok(());
         for d in &self.disks {
             let ranges = d.handle.dirty.take();
             if ranges.is_empty() {
@@ -221,8 +321,19 @@ impl MovingDisks {
                     d.handle.dirty.remark(offset, len);
                     continue;
                 }
-                let range = (offset, len);
-                let sent = send_range(link, d, &mut writer, range, totals, deadline, &mut ignore)?;
+                let chunk = Chunked {
+                    log: None,
+                    deadline,
+                };
+                let sent = send_range(
+                    link,
+                    d,
+                    &mut writer,
+                    (offset, len),
+                    totals,
+                    chunk,
+                    &mut ignore,
+                )?;
                 if sent < len {
                     d.handle.dirty.remark(offset + sent, len - sent);
                     cut = true;
@@ -243,8 +354,14 @@ impl Drop for MovingDisks {
     }
 }
 
-/// Sector size of disk offsets; a disk's odd tail beyond it is not visible to the guest.
-const DIRTY_SECTOR: u64 = ferry_proto::migration::DISK_SECTOR_SIZE;
+/// What `auto` means: mirroring, whose lag (and so the last pass) stays bounded whatever the
+/// guest writes, where iterative passes can chase a busy disk (docs/architecture.md).
+fn resolve_mode(mode: DiskMode) -> DiskMode {
+    match mode {
+        DiskMode::Auto => DiskMode::Mirror,
+        m => m,
+    }
+}
 
 fn read_failed(index: u32, e: &dyn std::error::Error) -> Stop {
     Stop::failed(
@@ -256,43 +373,55 @@ fn read_failed(index: u32, e: &dyn std::error::Error) -> Stop {
     )
 }
 
-/// Sends what `writer` holds, if anything.
+/// What a batch is followed by: `(link, offset reached, totals)`.
+type AfterBatch<'a> = dyn FnMut(&mut Link, u64, &mut DiskTotals) -> Result<(), Stop> + 'a;
+
+/// Sends what `writer` holds, if anything, then calls `after_batch`.
 fn flush(
     link: &mut Link,
     writer: &mut BlockBatchWriter,
     at: u64,
-    totals: &DiskTotals,
-    on_batch: &mut dyn FnMut(u64, &DiskTotals),
+    totals: &mut DiskTotals,
+    after_batch: &mut AfterBatch<'_>,
 ) -> Result<(), Stop> {
     if writer.is_empty() {
         return Ok(());
     }
     link.send(Message::Blocks(writer.take()))?;
-    on_batch(at, totals);
-    Ok(())
+    after_batch(link, at, totals)
+}
+
+/// How a range is read: the bulk copy moves the log's cursor past each record before it
+/// reads it; a dirty pass may stop at a deadline.
+struct Chunked<'a> {
+    log: Option<&'a DirtyLog>,
+    deadline: Option<Instant>,
 }
 
 /// Reads `offset..offset + len` of disk `d` into `writer`, sending each batch that fills up;
-/// returns how many bytes were taken (all of them unless `deadline` passed first: then up to
-/// the end of a batch). What stays in `writer` is for the caller to flush.
+/// returns how many bytes were taken (all of them unless the deadline passed first: then up
+/// to the end of a batch). What stays in `writer` is for the caller to flush.
 fn send_range(
     link: &mut Link,
     d: &Moving,
     writer: &mut BlockBatchWriter,
     (offset, len): (u64, u64),
     totals: &mut DiskTotals,
-    deadline: Option<Instant>,
-    on_batch: &mut dyn FnMut(u64, &DiskTotals),
+    how: Chunked<'_>,
+    after_batch: &mut AfterBatch<'_>,
 ) -> Result<u64, Stop> {
     let end = offset + len;
     let mut at = offset;
     while at < end {
         let n = RECORD.min(end - at);
         if writer.data_room() < n as usize {
-            flush(link, writer, at, totals, on_batch)?;
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            flush(link, writer, at, totals, after_batch)?;
+            if how.deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(at - offset);
             }
+        }
+        if let Some(log) = how.log {
+            log.advance_cursor(at + n);
         }
         let Some(buf) = writer.push_data(at, n as usize) else {
             return Err(Stop::failed(

@@ -61,9 +61,15 @@ pub struct LinkStats {
     /// The destination's last Applied, as the reader thread took it off the wire.
     pub applied_bytes: AtomicU64,
     pub applied_pages: AtomicU64,
+    /// Of `applied_bytes`, disk block data.
+    pub applied_disk_bytes: AtomicU64,
+    /// Disk block data handed to the link, written or queued.
+    disk_bytes_queued: AtomicU64,
     /// The destination's apply rate in bytes per second (f64 bits), over windows of at least
     /// RATE_WINDOW of arrival time; 0 until one window is complete.
     apply_rate_bits: AtomicU64,
+    /// The same for disk block data alone.
+    disk_apply_rate_bits: AtomicU64,
     /// Nanoseconds since the link opened when the last Applied arrived.
     last_applied_ns: AtomicU64,
     /// Messages queued and not yet written.
@@ -219,6 +225,10 @@ impl Link {
     /// the operator cancelled.
     pub fn send(&mut self, m: Message) -> Result<(), Stop> {
         let page_bytes = data_bytes(&m);
+        let disk_bytes = match &m {
+            Message::Blocks(batch) => batch.counts().0,
+            _ => 0,
+        };
         let mut item = Outgoing::Message(m);
         loop {
             self.check_cancel()?;
@@ -231,6 +241,9 @@ impl Link {
                     self.stats
                         .page_bytes_queued
                         .fetch_add(page_bytes, Ordering::Relaxed);
+                    self.stats
+                        .disk_bytes_queued
+                        .fetch_add(disk_bytes, Ordering::Relaxed);
                     return Ok(());
                 }
                 Err(mpsc::TrySendError::Full(back)) => {
@@ -422,6 +435,19 @@ impl Link {
             .saturating_sub(self.stats.applied_bytes.load(Ordering::Relaxed))
     }
 
+    /// Disk block data handed to the link and not yet applied by the destination.
+    pub fn disk_backlog(&self) -> u64 {
+        self.stats
+            .disk_bytes_queued
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.stats.applied_disk_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Bytes of disk blocks per second the destination writes (0 until known).
+    pub fn disk_apply_rate(&self) -> f64 {
+        f64::from_bits(self.stats.disk_apply_rate_bits.load(Ordering::Relaxed))
+    }
+
     /// Bytes per second the destination applies (0 until known).
     pub fn apply_rate(&self) -> f64 {
         f64::from_bits(self.stats.apply_rate_bits.load(Ordering::Relaxed))
@@ -584,15 +610,15 @@ impl Write for Paced<'_> {
 /// (the worker may drain a burst of them at once).
 #[derive(Debug, Default)]
 struct ApplyMeter {
-    /// Where the current rate window started: (when, bytes applied then).
-    window: Option<(Instant, u64)>,
+    /// Where the current rate window started: (when, bytes applied then, of them disk data).
+    window: Option<(Instant, u64, u64)>,
 }
 
 impl ApplyMeter {
     fn note(&mut self, a: &Applied, stats: &LinkStats, opened: Instant) {
         let now = Instant::now();
         match self.window {
-            Some((at, bytes)) if now.duration_since(at) >= RATE_WINDOW => {
+            Some((at, bytes, disk)) if now.duration_since(at) >= RATE_WINDOW => {
                 let secs = now.duration_since(at).as_secs_f64();
                 let rate = a.bytes.saturating_sub(bytes) as f64 / secs;
                 if rate > 0.0 {
@@ -600,14 +626,23 @@ impl ApplyMeter {
                         .apply_rate_bits
                         .store(rate.to_bits(), Ordering::Relaxed);
                 }
-                self.window = Some((now, a.bytes));
+                let disk_rate = a.disk_bytes.saturating_sub(disk) as f64 / secs;
+                if disk_rate > 0.0 {
+                    stats
+                        .disk_apply_rate_bits
+                        .store(disk_rate.to_bits(), Ordering::Relaxed);
+                }
+                self.window = Some((now, a.bytes, a.disk_bytes));
             }
             Some(_) => {}
-            None => self.window = Some((now, a.bytes)),
+            None => self.window = Some((now, a.bytes, a.disk_bytes)),
         }
         let ns = u64::try_from(now.duration_since(opened).as_nanos()).unwrap_or(u64::MAX);
         stats.last_applied_ns.store(ns, Ordering::Relaxed);
         stats.applied_pages.store(a.pages, Ordering::Relaxed);
+        stats
+            .applied_disk_bytes
+            .store(a.disk_bytes, Ordering::Relaxed);
         stats.applied_bytes.store(a.bytes, Ordering::Release);
     }
 }

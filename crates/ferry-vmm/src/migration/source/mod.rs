@@ -368,8 +368,13 @@ impl<'a> Worker<'a> {
         let agreed = link.machine().negotiated().map(<[String]>::to_vec);
         self.features = Features::from_agreed(&agreed.unwrap_or_default())
             .map_err(|e| Stop::Failed(super::error::classify("the destination", &e)))?;
-        self.disks = MovingDisks::new(&self.ctx.disks, &self.ctx.request.shared_disks)
-            .map_err(|e| Stop::failed(Kind::Internal, e))?;
+        self.disks = MovingDisks::new(
+            &self.ctx.disks,
+            &self.ctx.request.shared_disks,
+            self.ctx.request.disk_mode,
+            self.ctx.request.downtime_ms,
+        )
+        .map_err(|e| Stop::failed(Kind::Internal, e))?;
         if !self.disks.is_empty() && !self.features.disk_blocks {
             return Err(Stop::failed(
                 Kind::Incompatible,
@@ -509,8 +514,7 @@ impl<'a> Worker<'a> {
                 s.bytes_remaining = dirty_bytes_all;
                 s.pass_bytes_remaining = dirty_bytes_all;
                 s.dirty_rate_bytes_per_sec = sources[0].dirty_rate;
-                self.disks
-                    .report(&mut s.disks, &self.disk_totals, sources[1].dirty_rate);
+                self.disks.report(&mut s.disks, sources[1].dirty_rate);
                 s.link_rate_bytes_per_sec = send_rate;
                 s.expected_downtime_ms = prediction.total_ms();
                 s.bytes_applied = applied;
@@ -663,7 +667,7 @@ impl<'a> Worker<'a> {
                 s.link_rate_bytes_per_sec = (t.data_bytes as f64 / secs).max(0.0);
                 s.eta_secs = Some((total - covered) as f64 / rate);
             }
-            disks.report_bulk(&mut s.disks, t, covered);
+            disks.report_bulk(&mut s.disks, covered);
         });
         self.disks = disks;
         self.disk_totals = totals;
@@ -708,9 +712,13 @@ impl<'a> Worker<'a> {
         let (data_before, zero_before) = (self.data_pages, self.zero_pages);
         let mut last_report = Instant::now();
         let stats = link.stats.clone();
-        let progress = |done: u64, p: PassProgress| {
+        // Mirrored disk writes go out between batches of pages.
+        let disks = &self.disks;
+        let disk_totals = &mut self.disk_totals;
+        let progress = |link: &mut Link, done: u64, p: PassProgress| {
+            disks.mirror_step(link, disk_totals)?;
             if last_report.elapsed() < Duration::from_millis(50) && done < total {
-                return;
+                return Ok(());
             }
             last_report = Instant::now();
             let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
@@ -733,6 +741,7 @@ impl<'a> Worker<'a> {
             s.longest_stall_ms = s
                 .longest_stall_ms
                 .max(throttle.longest_rest().as_secs_f64() * 1e3);
+            Ok(())
         };
         // What the link carries: the cap if one is set and lower, else what writes achieve.
         let rate = match self.ctx.request.bandwidth_bytes_per_sec {

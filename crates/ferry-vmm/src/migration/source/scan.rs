@@ -82,7 +82,7 @@ impl Scanner {
     }
 
     /// Sends the pages at `pages`; calls `progress` after each batch with how many pages are
-    /// done. Stops early, after a batch, once `deadline` has passed: the pages from
+    /// done (it may send on the link too: mirrored disk writes go out between batches). Stops early, after a batch, once `deadline` has passed: the pages from
     /// `PassProgress::done` on are then not sent. Returns what the pass sent.
     pub fn send(
         &mut self,
@@ -90,7 +90,7 @@ impl Scanner {
         pages: &[u64],
         zeros: ZeroPages,
         deadline: Option<Instant>,
-        mut progress: impl FnMut(u64, PassProgress),
+        mut progress: impl FnMut(&mut Link, u64, PassProgress) -> Result<(), Stop>,
     ) -> Result<PassProgress, Stop> {
         let mut pass = PassProgress::default();
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -118,7 +118,7 @@ impl Scanner {
             };
             if !pushed {
                 self.flush(link)?;
-                progress(n as u64, pass);
+                progress(link, n as u64, pass)?;
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     // This page was not taken: it and the rest are left for a later pass.
                     if zero {
@@ -139,7 +139,7 @@ impl Scanner {
             }
         }
         self.flush(link)?;
-        progress(pages.len() as u64, pass);
+        progress(link, pages.len() as u64, pass)?;
         pass.done = pages.len();
         Ok(pass)
     }

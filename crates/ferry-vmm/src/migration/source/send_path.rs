@@ -137,7 +137,7 @@ pub fn measure(bytes: u64) -> std::io::Result<SendPathFigures> {
     let cpu_before = cpu_time(libc::RUSAGE_SELF);
     let started = Instant::now();
     let pass = scanner
-        .send(&mut link, &pages, ZeroPages::Run, None, |_, _| {})
+        .send(&mut link, &pages, ZeroPages::Run, None, |_, _, _| Ok(()))
         .map_err(to_io)?;
     link.drain(Instant::now() + Duration::from_secs(60))
         .map_err(to_io)?;

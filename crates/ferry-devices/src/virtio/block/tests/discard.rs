@@ -71,7 +71,7 @@ fn write_zeroes_with_and_without_unmap() {
 fn zeroed_ranges_are_dirty_for_a_migration() {
     let mut h = Harness::new();
     let log = h.block.dirty_log();
-    log.start();
+    log.start_all();
     assert_eq!(serve(&mut h, VIRTIO_BLK_T_DISCARD, &[(16, 8, 0)]), S_OK);
     assert_eq!(
         log.take(),
