@@ -521,3 +521,51 @@ fn a_guest_that_discards_moves_with_a_sparse_consistent_disk() {
         used(&landing)
     );
 }
+
+#[test]
+fn a_destination_killed_mid_copy_leaves_the_source_and_its_disk_whole() {
+    let name = "a_destination_killed_mid_copy_leaves_the_source_and_its_disk_whole";
+    let Some(hosts) = hosts_or_skip("sto", name) else {
+        return;
+    };
+    let dir = TempDir::new(name);
+    let image = dir.join("a.img");
+    let landing = dir.join("b.img");
+    image_with_data(&image, 128 << 20, 64);
+    let boot = Boot {
+        disks: vec![image.clone()],
+        ..Boot::guest("workload=mem,disk mem_mib=16 mem_rate=20 disk_blocks=1024 disk_rate=500")
+    };
+    let listen = format!("{}:7113", hosts.b_addr);
+    let mut dst = receiver(
+        &hosts.b,
+        &listen,
+        &[
+            "--disk",
+            path_str(&landing),
+            "--test-disk-write-limit",
+            "4MiB",
+        ],
+    );
+    let (src, socket) = source(&hosts.a, &dir, boot, None);
+    let before = std::fs::read(&image).expect("image");
+    let child = migrate_command(&socket, &listen, &[])
+        .spawn()
+        .expect("start ferry migrate");
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = Command::new("kill")
+        .args(["-KILL", &dst.pid().to_string()])
+        .status();
+    let _ = dst.wait_exit(MIGRATE);
+    let out = child.wait_with_output().expect("migrate output");
+    let status = status_json(&out);
+    assert_eq!(status["error"]["kind"], "network_lost", "{status}");
+    assert_eq!(status["error"]["retryable"], true, "{status}");
+    assert_source_goes_on(&src, &socket);
+    // The data beyond the guest's area is as it was; the guest checks its own.
+    let after = std::fs::read(&image).expect("image");
+    assert!(
+        before[16 << 20..] == after[16 << 20..],
+        "the source image changed"
+    );
+}
