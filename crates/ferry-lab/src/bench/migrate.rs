@@ -313,7 +313,7 @@ struct Setup {
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> Result<u16> {
+pub(super) fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("cannot find a free TCP port")?;
     Ok(listener
         .local_addr()

@@ -16,6 +16,7 @@ use ferry_lab::guest::build_testguest;
 use ferry_lab::product::ferry_binary;
 
 pub mod migrate;
+pub mod migrate_disk;
 pub mod snapshot;
 mod watch;
 

@@ -1,0 +1,537 @@
+//! `ferry-lab bench migrate --disk`: live migration with a local disk that moves too, ferry
+//! beside QEMU's non-shared storage migration done the way libvirt does it.
+//!
+//! The guest: 1 GiB of memory, a 4 GiB raw image holding 1 GiB of data (written by the bench,
+//! past the guest's own area), the guest rewriting 4 KiB blocks of a 64 MiB area at 20 MiB/s
+//! and verifying them, and touching 64 MiB of memory at 20 MiB/s. Links: unlimited and
+//! 1 Gbit/s (ferry `--bandwidth`; QEMU's max-bandwidth and the mirror job's speed, each at
+//! the link's rate, so QEMU may use up to twice the link while both run).
+//!
+//! - ferry, in each disk mode: `ferry receive --disk DST`, `ferry run --disk SRC`,
+//!   `ferry migrate`.
+//! - QEMU, in `copy-mode` background and write-blocking: the destination starts with
+//!   `-incoming`, `nbd-server-start` and `block-export-add` of its (empty, sparse) disk; the
+//!   source adds the NBD export as a block node, runs `blockdev-mirror sync=full` to it and
+//!   waits for `BLOCK_JOB_READY`, then migrates RAM with `pause-before-switchover`; at
+//!   `pre-switchover` it completes the mirror (`block-job-cancel` of a ready job: the target
+//!   holds a consistent copy) and continues; the destination then stops its NBD server.
+//!
+//! Figures: total time (ferry: `elapsed_secs`; QEMU: from the mirror's start to the
+//! migration's end), downtime (each VMM's own), bytes on the wire (ferry `bytes_sent`; QEMU
+//! RAM transferred plus what the mirror job copied), and the guest's disk write rate during
+//! the migration against before it (from its status lines: writes done, by guest time).
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_lab::guest::build_testguest;
+use ferry_lab::kit::console::Status;
+use ferry_lab::product::ferry_binary;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::watch::{Stream, Watched, WorkDir};
+use super::{qemu_binary, qemu_command, Spread};
+use crate::qmp::{migration_state, run_status, MigrationState, Qmp};
+
+const READY_LINE: &str = "ferry-guest: ready";
+const STATUS_LINE: &str = "ferry-guest: status";
+const LISTENING_LINE: &str = "listening on";
+const MEMORY_MIB: u64 = 1024;
+const IMAGE_BYTES: u64 = 4 << 30;
+/// The data the image holds beyond the guest's area, and where it starts.
+const DATA_BYTES: u64 = 1 << 30;
+const DATA_AT: u64 = 64 << 20;
+/// 64 MiB of 4 KiB blocks rewritten at 5120 blocks/s: 20 MiB/s.
+const APPEND: &str = "workload=mem,disk mem_mib=64 mem_rate=20 disk_blocks=16384 disk_rate=5120";
+const DOWNTIME_LIMIT_MS: u64 = 100;
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long the guest's write rate is watched before the migration starts.
+const BASELINE: Duration = Duration::from_secs(3);
+const CAPPED_LINK_BYTES: u64 = 125_000_000;
+
+/// One VMM setup of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Contender {
+    Ferry(&'static str),
+    Qemu(&'static str),
+}
+
+impl Contender {
+    fn name(self) -> String {
+        match self {
+            Contender::Ferry(mode) => format!("ferry-{mode}"),
+            Contender::Qemu(mode) => format!("qemu-{mode}"),
+        }
+    }
+}
+
+const CONTENDERS: [Contender; 4] = [
+    Contender::Ferry("mirror"),
+    Contender::Ferry("iterative"),
+    Contender::Qemu("background"),
+    Contender::Qemu("write-blocking"),
+];
+
+/// What one migration measured.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    total_ms: f64,
+    downtime_ms: f64,
+    bytes: f64,
+    /// Guest disk writes per second during the migration / before it.
+    write_rate_ratio: f64,
+}
+
+/// Spreads over the runs of one contender on one link.
+#[derive(Debug, Serialize)]
+pub struct ContenderReport {
+    pub name: String,
+    pub runs: usize,
+    pub total_ms: Spread,
+    pub downtime_ms: Spread,
+    pub bytes: Spread,
+    /// The guest's disk writes per second during the migration, as a share of before it.
+    pub guest_write_rate_during_vs_before: Spread,
+}
+
+/// One link.
+#[derive(Debug, Serialize)]
+pub struct LinkReport {
+    pub link_bytes_per_sec: Option<u64>,
+    pub contenders: Vec<ContenderReport>,
+    /// QEMU's median over ferry's (mirror), per QEMU mode: total time, downtime, bytes.
+    pub ratios: Vec<Value>,
+}
+
+/// The JSON `ferry-lab bench migrate --disk` prints.
+#[derive(Debug, Serialize)]
+pub struct DiskBenchReport {
+    pub runs: usize,
+    pub guest: String,
+    pub append: String,
+    pub memory_mib: u64,
+    pub image_bytes: u64,
+    pub image_data_bytes: u64,
+    pub qemu: Option<String>,
+    pub links: Vec<LinkReport>,
+}
+
+/// A sparse image of IMAGE_BYTES with DATA_BYTES of non-zero data from DATA_AT on.
+fn make_image(path: &Path) -> Result<()> {
+    let f =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.set_len(IMAGE_BYTES)?;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut chunk = vec![0u8; 4 << 20];
+    let mut at = DATA_AT;
+    while at < DATA_AT + DATA_BYTES {
+        for word in chunk.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&(x | 1).to_le_bytes());
+        }
+        f.write_all_at(&chunk, at)?;
+        at += chunk.len() as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// A fresh, empty, sparse destination image.
+fn empty_image(path: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    let f = std::fs::File::create(path)?;
+    f.set_len(IMAGE_BYTES)?;
+    Ok(())
+}
+
+/// Guest disk writes per second between two status lines, by guest time.
+fn write_rate(a: &Status, b: &Status) -> Option<f64> {
+    (b.t > a.t).then(|| (b.disk_written.saturating_sub(a.disk_written)) as f64 / (b.t - a.t) as f64)
+}
+
+/// The status lines `vm` printed so far.
+fn statuses(vm: &mut Watched) -> Vec<Status> {
+    vm.drain();
+    vm.keep_stdout
+        .as_ref()
+        .map(|lines| lines.iter().filter_map(|l| Status::parse(l)).collect())
+        .unwrap_or_default()
+}
+
+/// Boots `command`, waits for the guest, then watches its write rate for BASELINE.
+fn boot_and_watch(what: &str, command: Command) -> Result<(Watched, f64)> {
+    let mut vm = Watched::spawn(what, command)?;
+    vm.wait_line(Stream::Stdout, READY_LINE, READY_TIMEOUT)?;
+    vm.keep_stdout = Some(Vec::new());
+    vm.wait_line(Stream::Stdout, STATUS_LINE, STATUS_TIMEOUT)?;
+    std::thread::sleep(BASELINE);
+    let seen = statuses(&mut vm);
+    let rate = match (seen.first(), seen.last()) {
+        (Some(a), Some(b)) => write_rate(a, b),
+        _ => None,
+    }
+    .context("no guest write rate before the migration")?;
+    Ok((vm, rate))
+}
+
+/// The write rate from the source's last status before the migration to the destination's
+/// second one after it, and the guest's verdict on both sides.
+fn after(source: &mut Watched, before: Status, destination: &mut Watched) -> Result<f64> {
+    destination.keep_stdout.get_or_insert_with(Vec::new);
+    destination.wait_line(Stream::Stdout, STATUS_LINE, STATUS_TIMEOUT)?;
+    destination.wait_line(Stream::Stdout, STATUS_LINE, STATUS_TIMEOUT)?;
+    source.drain();
+    for vm in [&mut *source, &mut *destination] {
+        if let Some(bad) = &vm.trouble {
+            bail!("{}: the guest reported a problem: {bad}", vm.what);
+        }
+    }
+    let first_after = statuses(destination)
+        .into_iter()
+        .next()
+        .context("no status from the destination")?;
+    write_rate(&before, &first_after).context("guest time did not advance")
+}
+
+fn ferry_run(
+    ferry: &Path,
+    guest: &Path,
+    mode: &str,
+    link: Option<u64>,
+    source_image: &Path,
+    dir: &Path,
+) -> Result<Sample> {
+    let landing = dir.join("dst.img");
+    let _ = std::fs::remove_file(&landing);
+    let socket = dir.join("api.sock");
+    let to = format!("127.0.0.1:{}", super::migrate::free_port()?);
+    let mut receive = Command::new(ferry);
+    receive
+        .args(["receive", "--listen", &to, "--disk"])
+        .arg(&landing)
+        .env("FERRY_LOG", "warn");
+    let mut destination = Watched::spawn("ferry receive", receive)?;
+    destination.wait_line(Stream::Stderr, LISTENING_LINE, STATUS_TIMEOUT)?;
+    let mut run = Command::new(ferry);
+    run.args([
+        "run",
+        "--memory",
+        &format!("{MEMORY_MIB}M"),
+        "--append",
+        APPEND,
+    ])
+    .arg("--kernel")
+    .arg(guest)
+    .arg("--disk")
+    .arg(source_image)
+    .arg("--api-socket")
+    .arg(&socket)
+    .env("FERRY_LOG", "warn");
+    let (mut source, before_rate) = boot_and_watch("ferry run", run)?;
+    let before = *statuses(&mut source).last().context("no status")?;
+    let mut migrate = Command::new(ferry);
+    migrate
+        .args(["migrate", "--json", "--api-socket"])
+        .arg(&socket)
+        .args(["--to", &to, "--disk-mode", mode])
+        .args(["--downtime-ms", &DOWNTIME_LIMIT_MS.to_string()]);
+    if link.is_some() {
+        migrate.args(["--bandwidth", "1G"]);
+    }
+    let out = migrate.output().context("ferry migrate")?;
+    let report: ferry_api::MigrationStatus = serde_json::from_slice(&out.stdout).map_err(|e| {
+        anyhow!(
+            "ferry migrate printed no status ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if report.phase != ferry_api::MigrationPhase::Completed {
+        bail!(
+            "ferry migrate ended in {:?}: {:?}",
+            report.phase,
+            report.error
+        );
+    }
+    let during = after(&mut source, before, &mut destination)?;
+    Ok(Sample {
+        total_ms: report.elapsed_secs * 1e3,
+        downtime_ms: report.downtime.map(|d| d.total_ms).unwrap_or(f64::NAN),
+        bytes: report.bytes_sent as f64,
+        write_rate_ratio: during / before_rate,
+    })
+}
+
+/// A QEMU command line for the test guest with one virtio-blk disk on `image`.
+fn qemu_with_disk(guest: &Path, image: &Path, qmp: &Path) -> Command {
+    let mut c = qemu_command(guest, MEMORY_MIB, APPEND);
+    c.arg("-blockdev")
+        .arg(format!(
+            "driver=file,filename={},node-name=disk0,cache.direct=off",
+            image.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=disk0"])
+        .args(["-global", "virtio-mmio.force-legacy=false"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    c
+}
+
+fn qemu_run(
+    guest: &Path,
+    copy_mode: &str,
+    link: Option<u64>,
+    source_image: &Path,
+    dir: &Path,
+) -> Result<Sample> {
+    let landing = dir.join("dst.img");
+    empty_image(&landing)?;
+    let (qmp_src, qmp_dst) = (dir.join("qmp-src.sock"), dir.join("qmp-dst.sock"));
+    let migration_port = super::migrate::free_port()?;
+    let nbd_port = super::migrate::free_port()?;
+    let mut incoming = qemu_with_disk(guest, &landing, &qmp_dst);
+    incoming
+        .arg("-incoming")
+        .arg(format!("tcp:127.0.0.1:{migration_port}"));
+    let mut destination = Watched::spawn("QEMU -incoming", incoming)?;
+    let mut dq = Qmp::connect(&qmp_dst, STATUS_TIMEOUT, || destination.alive())?;
+    if run_status(&dq.execute("query-status", None)?) != Some("inmigrate") {
+        bail!("the QEMU destination is not waiting for a migration");
+    }
+    dq.execute(
+        "nbd-server-start",
+        Some(json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": nbd_port.to_string()}}})),
+    )?;
+    dq.execute(
+        "block-export-add",
+        Some(json!({"type": "nbd", "id": "export0", "node-name": "disk0", "writable": true})),
+    )?;
+
+    let (mut source, before_rate) =
+        boot_and_watch("QEMU", qemu_with_disk(guest, source_image, &qmp_src))?;
+    let before = *statuses(&mut source).last().context("no status")?;
+    let mut q = Qmp::connect(&qmp_src, STATUS_TIMEOUT, || source.alive())?;
+    let started = Instant::now();
+    q.execute(
+        "blockdev-add",
+        Some(
+            json!({"driver": "nbd", "node-name": "target0", "export": "disk0",
+            "server": {"type": "inet", "host": "127.0.0.1", "port": nbd_port.to_string()}}),
+        ),
+    )?;
+    let mut mirror = json!({"job-id": "mirror0", "device": "disk0", "target": "target0",
+        "sync": "full", "copy-mode": copy_mode});
+    if let Some(rate) = link {
+        mirror["speed"] = json!(rate);
+    }
+    q.execute("blockdev-mirror", Some(mirror))?;
+    loop {
+        if started.elapsed() > MIGRATION_TIMEOUT {
+            bail!("QEMU's mirror was not ready in {MIGRATION_TIMEOUT:?}");
+        }
+        if q.wait_event("BLOCK_JOB_READY", Duration::from_millis(200))?
+            .is_some()
+        {
+            break;
+        }
+        if q.wait_event("BLOCK_JOB_COMPLETED", Duration::ZERO)?
+            .is_some()
+        {
+            bail!("QEMU's mirror job ended before it was ready");
+        }
+    }
+    q.execute(
+        "migrate-set-parameters",
+        Some(json!({"downtime-limit": DOWNTIME_LIMIT_MS,
+            "max-bandwidth": link.unwrap_or(1 << 50)})),
+    )?;
+    q.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [
+            {"capability": "events", "state": true},
+            {"capability": "pause-before-switchover", "state": true},
+            {"capability": "auto-converge", "state": true}]})),
+    )?;
+    q.execute(
+        "migrate",
+        Some(json!({"uri": format!("tcp:127.0.0.1:{migration_port}")})),
+    )?;
+    let mut mirrored = 0.0;
+    let answer = loop {
+        if started.elapsed() > MIGRATION_TIMEOUT {
+            bail!("QEMU's migration did not complete in {MIGRATION_TIMEOUT:?}");
+        }
+        let answer = q.execute("query-migrate", None)?;
+        match migration_state(&answer) {
+            MigrationState::Completed { .. } => break answer,
+            MigrationState::Failed(why) => bail!("QEMU's migration {why}"),
+            MigrationState::InProgress(state) if state == "pre-switchover" => {
+                // The guest is paused: complete the mirror (the target is consistent), go on.
+                let jobs = q.execute("query-block-jobs", None)?;
+                mirrored = jobs
+                    .as_array()
+                    .and_then(|j| j.first())
+                    .and_then(|j| j.get("offset"))
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0);
+                q.execute("block-job-cancel", Some(json!({"device": "mirror0"})))?;
+                if q.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(30))?
+                    .is_none()
+                {
+                    bail!("QEMU's mirror did not complete at the switchover");
+                }
+                q.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))?;
+            }
+            MigrationState::InProgress(_) => {
+                q.wait_event("MIGRATION", Duration::from_millis(2))?;
+            }
+        }
+    };
+    let total_ms = started.elapsed().as_secs_f64() * 1e3;
+    let _ = dq.execute("nbd-server-stop", None);
+    let downtime_ms = answer
+        .get("downtime")
+        .and_then(Value::as_f64)
+        .unwrap_or(f64::NAN);
+    let ram = answer
+        .get("ram")
+        .and_then(|r| r.get("transferred"))
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    let during = after(&mut source, before, &mut destination)?;
+    Ok(Sample {
+        total_ms,
+        downtime_ms,
+        bytes: ram + mirrored,
+        write_rate_ratio: during / before_rate,
+    })
+}
+
+/// Runs every contender `runs` times on each link, interleaved.
+pub fn migrate_disk(runs: usize) -> Result<DiskBenchReport> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let ferry = ferry_binary()?;
+    let guest = build_testguest()?.kernel;
+    let qemu = qemu_binary();
+    let work = WorkDir::create("migrate-disk")?;
+    let image = work.0.join("source.img");
+    eprintln!("ferry-lab bench migrate --disk: writing a 4 GiB image with 1 GiB of data");
+    make_image(&image)?;
+    let contenders: Vec<Contender> = CONTENDERS
+        .into_iter()
+        .filter(|c| qemu.is_some() || matches!(c, Contender::Ferry(_)))
+        .collect();
+    let mut links = Vec::new();
+    for link in [None, Some(CAPPED_LINK_BYTES)] {
+        let mut samples: Vec<Vec<Sample>> = contenders.iter().map(|_| Vec::new()).collect();
+        for run in 0..runs {
+            for (i, c) in contenders.iter().enumerate() {
+                eprintln!(
+                    "ferry-lab bench migrate --disk: run {}/{runs}, {}, {}",
+                    run + 1,
+                    c.name(),
+                    link.map_or("unlimited".to_string(), |_| "1 Gbit/s".to_string())
+                );
+                let dir = work.0.join(format!("{}-{run}", c.name()));
+                std::fs::create_dir_all(&dir)?;
+                let sample = match *c {
+                    Contender::Ferry(mode) => ferry_run(&ferry, &guest, mode, link, &image, &dir),
+                    Contender::Qemu(mode) => qemu_run(&guest, mode, link, &image, &dir),
+                }
+                .with_context(|| format!("{}, run {run}", c.name()))?;
+                samples[i].push(sample);
+                let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::io::stderr().flush();
+            }
+        }
+        let report = |c: &Contender, s: &[Sample]| ContenderReport {
+            name: c.name(),
+            runs: s.len(),
+            total_ms: Spread::of(&s.iter().map(|x| x.total_ms).collect::<Vec<_>>()),
+            downtime_ms: Spread::of(&s.iter().map(|x| x.downtime_ms).collect::<Vec<_>>()),
+            bytes: Spread::of(&s.iter().map(|x| x.bytes).collect::<Vec<_>>()),
+            guest_write_rate_during_vs_before: Spread::of(
+                &s.iter().map(|x| x.write_rate_ratio).collect::<Vec<_>>(),
+            ),
+        };
+        let reports: Vec<ContenderReport> = contenders
+            .iter()
+            .zip(&samples)
+            .map(|(c, s)| report(c, s))
+            .collect();
+        let ferry_mirror = &reports[0];
+        let ratios = reports
+            .iter()
+            .filter(|r| r.name.starts_with("qemu"))
+            .map(|q| {
+                json!({
+                    "qemu": q.name,
+                    "over": ferry_mirror.name,
+                    "total": q.total_ms.median / ferry_mirror.total_ms.median,
+                    "downtime": q.downtime_ms.median / ferry_mirror.downtime_ms.median,
+                    "bytes": q.bytes.median / ferry_mirror.bytes.median,
+                })
+            })
+            .collect();
+        links.push(LinkReport {
+            link_bytes_per_sec: link,
+            contenders: reports,
+            ratios,
+        });
+    }
+    Ok(DiskBenchReport {
+        runs,
+        guest: guest.display().to_string(),
+        append: APPEND.to_string(),
+        memory_mib: MEMORY_MIB,
+        image_bytes: IMAGE_BYTES,
+        image_data_bytes: DATA_BYTES,
+        qemu,
+        links,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_rates_come_from_guest_time() {
+        let a = Status {
+            t: 10,
+            disk_written: 1000,
+            ..Status::default()
+        };
+        let b = Status {
+            t: 14,
+            disk_written: 3000,
+            ..Status::default()
+        };
+        assert_eq!(write_rate(&a, &b), Some(500.0));
+        assert_eq!(write_rate(&b, &a), None);
+    }
+
+    #[test]
+    fn contenders_are_named_by_vmm_and_mode() {
+        let names: Vec<String> = CONTENDERS.iter().map(|c| c.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "ferry-mirror",
+                "ferry-iterative",
+                "qemu-background",
+                "qemu-write-blocking"
+            ]
+        );
+    }
+}
