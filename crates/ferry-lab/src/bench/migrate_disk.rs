@@ -18,8 +18,10 @@
 //!
 //! Figures: total time (ferry: `elapsed_secs`; QEMU: from the mirror's start to the
 //! migration's end), downtime (each VMM's own), bytes on the wire (ferry `bytes_sent`; QEMU
-//! RAM transferred plus what the mirror job copied), and the guest's disk write rate during
-//! the migration against before it (from its status lines: writes done, by guest time).
+//! RAM transferred plus the bytes its NBD connection sent, read from the kernel with `ss`
+//! just before the mirror completes; where `ss` cannot tell, the mirror job's offset, which
+//! counts zero ranges whole), and the guest's disk write rate during the migration against
+//! before it (from its status lines: writes done, by guest time).
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -382,6 +384,9 @@ fn qemu_run(
                     .and_then(|j| j.get("offset"))
                     .and_then(Value::as_f64)
                     .unwrap_or(0.0);
+                if let Some(wire) = socket_bytes_sent(nbd_port) {
+                    mirrored = wire;
+                }
                 q.execute("block-job-cancel", Some(json!({"device": "mirror0"})))?;
                 if q.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(30))?
                     .is_none()
@@ -413,6 +418,23 @@ fn qemu_run(
         bytes: ram + mirrored,
         write_rate_ratio: during / before_rate,
     })
+}
+
+/// Bytes sent so far on the established TCP connections to 127.0.0.1:`port`, as the kernel
+/// counts them (`ss -ti`); `None` if that cannot be read.
+fn socket_bytes_sent(port: u16) -> Option<f64> {
+    let out = Command::new("ss")
+        .args(["-tinH", "state", "established", "dst"])
+        .arg(format!("127.0.0.1:{port}"))
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sent: f64 = text
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("bytes_sent:"))
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
+    (sent > 0.0).then_some(sent)
 }
 
 /// Runs every contender `runs` times on each link, interleaved.

@@ -1,5 +1,5 @@
 //! Storage migration on the source: the contents of the VM's local disks go into the same
-//! stream as its memory, as [`Message::Blocks`].
+//! stream as its memory, as [`Message::Blocks`](ferry_proto::migration::Message::Blocks).
 //!
 //! - Bulk copy, disk by disk, before memory: the data extents (holes found with SEEK_DATA and
 //!   SEEK_HOLE are not sent: the destination's file starts sparse), 64 KiB at a time; a block
@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use ferry_api::{DiskMigrationStatus, DiskMode, MigrationErrorKind as Kind};
 use ferry_devices::virtio::block::{BlockBackend, DirtyLog, DIRTY_BLOCK};
-use ferry_proto::migration::{BlockBatchWriter, Message, MovingDisk, DISK_SECTOR_SIZE};
+use ferry_proto::migration::{BlockBatchWriter, MovingDisk, DISK_SECTOR_SIZE};
 
 use super::link::Link;
 use crate::migration::error::Stop;
@@ -260,7 +260,7 @@ impl MovingDisks {
                 at += range.1;
             }
             log.advance_cursor(d.size);
-            flush(link, &mut writer, d.size, totals, &mut after_batch)?;
+            flush(link, &mut writer, true, d.size, totals, &mut after_batch)?;
             // From here every write is recorded, wherever it lands.
             log.bulk_done();
             covered += d.size;
@@ -275,7 +275,7 @@ impl MovingDisks {
         if !self.mirror || self.disks.is_empty() {
             return Ok(());
         }
-        let unacked = link.disk_backlog();
+        let unacked = link.write_backlog();
         // What reaches the destination's disks per second: the slower of the link and the
         // destination's own writing.
         let rate = match (link.write_rate(), link.disk_apply_rate()) {
@@ -340,7 +340,7 @@ impl MovingDisks {
                 }
             }
             // What was read goes, cut or not: the ranges behind it are marked again.
-            flush(link, &mut writer, 0, totals, &mut ignore)?;
+            flush(link, &mut writer, false, 0, totals, &mut ignore)?;
         }
         Ok(!cut)
     }
@@ -376,10 +376,12 @@ fn read_failed(index: u32, e: &dyn std::error::Error) -> Stop {
 /// What a batch is followed by: `(link, offset reached, totals)`.
 type AfterBatch<'a> = dyn FnMut(&mut Link, u64, &mut DiskTotals) -> Result<(), Stop> + 'a;
 
-/// Sends what `writer` holds, if anything, then calls `after_batch`.
+/// Sends what `writer` holds, if anything, then calls `after_batch`. `bulk`: the batch is
+/// the bulk copy's, not the guest's writes.
 fn flush(
     link: &mut Link,
     writer: &mut BlockBatchWriter,
+    bulk: bool,
     at: u64,
     totals: &mut DiskTotals,
     after_batch: &mut AfterBatch<'_>,
@@ -387,7 +389,7 @@ fn flush(
     if writer.is_empty() {
         return Ok(());
     }
-    link.send(Message::Blocks(writer.take()))?;
+    link.send_blocks(writer.take(), !bulk)?;
     after_batch(link, at, totals)
 }
 
@@ -415,7 +417,7 @@ fn send_range(
     while at < end {
         let n = RECORD.min(end - at);
         if writer.data_room() < n as usize {
-            flush(link, writer, at, totals, after_batch)?;
+            flush(link, writer, how.log.is_some(), at, totals, after_batch)?;
             if how.deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(at - offset);
             }

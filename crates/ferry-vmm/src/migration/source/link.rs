@@ -65,6 +65,14 @@ pub struct LinkStats {
     pub applied_disk_bytes: AtomicU64,
     /// Disk block data handed to the link, written or queued.
     disk_bytes_queued: AtomicU64,
+    /// Of that, the guest's writes (dirty and mirrored blocks, not the bulk copy).
+    write_bytes_queued: AtomicU64,
+    /// The guest's writes the destination has applied (see `WriteMarks`).
+    write_bytes_applied: AtomicU64,
+    /// Where each block batch ends in the stream's disk data, and how much of the guest's
+    /// writes had been queued by then: Applied counts disk data in stream order, so the
+    /// marks it has passed say how many of the writes it covers.
+    write_marks: Mutex<std::collections::VecDeque<(u64, u64)>>,
     /// The destination's apply rate in bytes per second (f64 bits), over windows of at least
     /// RATE_WINDOW of arrival time; 0 until one window is complete.
     apply_rate_bits: AtomicU64,
@@ -435,12 +443,37 @@ impl Link {
             .saturating_sub(self.stats.applied_bytes.load(Ordering::Relaxed))
     }
 
-    /// Disk block data handed to the link and not yet applied by the destination.
-    pub fn disk_backlog(&self) -> u64 {
+    /// The guest's disk writes (dirty and mirrored blocks, not the bulk copy) handed to the
+    /// link and not yet applied by the destination.
+    pub fn write_backlog(&self) -> u64 {
         self.stats
-            .disk_bytes_queued
+            .write_bytes_queued
             .load(Ordering::Relaxed)
-            .saturating_sub(self.stats.applied_disk_bytes.load(Ordering::Relaxed))
+            .saturating_sub(self.stats.write_bytes_applied.load(Ordering::Relaxed))
+    }
+
+    /// Queues a block batch; `guest_writes` says whether it carries what the guest wrote
+    /// (for the mirror's lag) or the bulk copy.
+    pub fn send_blocks(
+        &mut self,
+        batch: ferry_proto::migration::BlockBatch,
+        guest_writes: bool,
+    ) -> Result<(), Stop> {
+        let data = batch.counts().0;
+        let disk_end = self.stats.disk_bytes_queued.load(Ordering::Relaxed) + data;
+        let writes_end = self.stats.write_bytes_queued.load(Ordering::Relaxed)
+            + if guest_writes { data } else { 0 };
+        self.send(Message::Blocks(batch))?;
+        // Only this thread queues: the totals moved by exactly this batch.
+        self.stats
+            .write_bytes_queued
+            .store(writes_end, Ordering::Relaxed);
+        self.stats
+            .write_marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((disk_end, writes_end));
+        Ok(())
     }
 
     /// Bytes of disk blocks per second the destination writes (0 until known).
@@ -643,6 +676,18 @@ impl ApplyMeter {
         stats
             .applied_disk_bytes
             .store(a.disk_bytes, Ordering::Relaxed);
+        {
+            let mut marks = stats.write_marks.lock().unwrap_or_else(|p| p.into_inner());
+            while let Some(&(disk_end, writes_end)) = marks.front() {
+                if disk_end > a.disk_bytes {
+                    break;
+                }
+                stats
+                    .write_bytes_applied
+                    .store(writes_end, Ordering::Relaxed);
+                marks.pop_front();
+            }
+        }
         stats.applied_bytes.store(a.bytes, Ordering::Release);
     }
 }
