@@ -25,6 +25,10 @@ pub struct Config {
     pub mem_rate: MemRate,
     pub disk_blocks: Option<u64>,
     pub disk_rate: u64,
+    /// The second and later disks: their area and write rate (default: as the first's).
+    /// Small and fast makes a swap-like disk.
+    pub disk2_blocks: Option<u64>,
+    pub disk2_rate: Option<u64>,
     pub disk_flush_every: u64,
     /// Every this many writes, discard a run of blocks (0: never).
     pub disk_discard_every: u64,
@@ -62,6 +66,8 @@ impl Config {
             mem_rate: MemRate::MibPerSec(8),
             disk_blocks: None,
             disk_rate: 50,
+            disk2_blocks: None,
+            disk2_rate: None,
             disk_flush_every: 16,
             disk_discard_every: 0,
             virtio: [VirtioMmio { base: 0 }; MAX_VIRTIO],
@@ -196,6 +202,14 @@ pub fn parse(line: &[u8]) -> Config {
             b"disk_flush_every" => match num(1, 1 << 32) {
                 Some(v) => cfg.disk_flush_every = v,
                 None => bad(key, value, "expected a block count >= 1"),
+            },
+            b"disk2_blocks" => match num(1, 1 << 40) {
+                Some(v) => cfg.disk2_blocks = Some(v),
+                None => bad(key, value, "expected a block count >= 1"),
+            },
+            b"disk2_rate" => match num(0, 1 << 24) {
+                Some(v) => cfg.disk2_rate = Some(v),
+                None => bad(key, value, "expected blocks per second"),
             },
             b"disk_discard_every" => match num(0, 1 << 32) {
                 Some(v) => cfg.disk_discard_every = v,

@@ -5,7 +5,7 @@ use crate::cmdline::{self, Config, PowerOff};
 use crate::memory::PhysAlloc;
 use crate::racy::Racy;
 use crate::serial::Bytes;
-use crate::workload_disk::DiskWork;
+use crate::workload_disk::{DiskWork, MAX_DISKS};
 use crate::workload_mem::{MemPlan, MemWork};
 use crate::x86::{outb, rdtsc};
 use crate::{bootinfo, clock, lapic, say, smp, status};
@@ -144,12 +144,16 @@ pub extern "C" fn bsp_main(_: usize) -> ! {
     if started + 1 < cfg.cpus {
         crate::fatal!("only {} of {} cpus started", started + 1, cfg.cpus);
     }
-    let disk = cfg.disk.then(|| DiskWork::start(&cfg, &mut alloc, rdtsc()));
+    let disks = if cfg.disk {
+        DiskWork::start_all(&cfg, &mut alloc, rdtsc())
+    } else {
+        Default::default()
+    };
     let mem = cfg.mem.then(|| plan_mem(&cfg, &mut alloc));
     // SAFETY: as above: GO is not set yet.
     unsafe { (*SHARED.get()).mem = mem };
     GO.store(true, Ordering::Release);
-    run(0, disk)
+    run(0, disks)
 }
 
 /// An AP's first ring-3 code.
@@ -159,12 +163,12 @@ pub extern "C" fn ap_main(cpu: usize) -> ! {
         core::hint::spin_loop();
     }
     lapic::start_timer(shared().lapic_count);
-    run(cpu, None)
+    run(cpu, Default::default())
 }
 
-fn shutdown(disk: &mut Option<DiskWork>, how: PowerOff) -> ! {
+fn shutdown(disks: &mut Disks, how: PowerOff) -> ! {
     say!("shutdown");
-    if let Some(d) = disk {
+    for d in disks.iter_mut().flatten() {
         d.quiesce();
     }
     let (port, value, name) = match how {
@@ -200,7 +204,10 @@ fn wait_for_fills(cpus: usize) {
 }
 
 /// Every CPU's workload loop.
-fn run(cpu: usize, mut disk: Option<DiskWork>) -> ! {
+/// The disk workloads of the boot CPU (none elsewhere).
+type Disks = [Option<DiskWork>; MAX_DISKS];
+
+fn run(cpu: usize, mut disks: Disks) -> ! {
     let s = shared();
     let cfg = &s.cfg;
     let hz = clock::tsc_hz();
@@ -226,7 +233,7 @@ fn run(cpu: usize, mut disk: Option<DiskWork>) -> ! {
     }
     let mut clock = clock::ClockCheck::new(cpu, cfg.max_jump_s);
     let mut next_status = clock::seconds(rdtsc()) + 1;
-    let idle = mem.is_none() && disk.is_none();
+    let idle = mem.is_none() && disks.iter().all(Option::is_none);
     loop {
         let now = rdtsc();
         clock.check(now);
@@ -237,13 +244,13 @@ fn run(cpu: usize, mut disk: Option<DiskWork>) -> ! {
                 next_status = t + 1;
             }
             if cfg.exit_after.is_some_and(|e| t >= e) {
-                shutdown(&mut disk, cfg.power);
+                shutdown(&mut disks, cfg.power);
             }
         }
         if let Some(m) = &mut mem {
             m.step(now);
         }
-        if let Some(d) = &mut disk {
+        for d in disks.iter_mut().flatten() {
             d.step(now);
         }
         if idle {

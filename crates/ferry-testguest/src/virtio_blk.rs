@@ -102,10 +102,14 @@ fn r16(addr: u64) -> u16 {
     unsafe { (addr as *const u16).read_volatile() }
 }
 
-/// Finds the first virtio-blk device among the command line's windows. `Ok(None)` if there is
-/// none. Errors name why a device cannot be used.
-pub fn probe(windows: &[VirtioMmio], queue_page: u64) -> Result<Option<BlkDev>, &'static str> {
-    for w in windows {
+/// Finds the first virtio-blk device among `windows`, with the index of the window after its
+/// own, where the next search may begin. `Ok(None)` if there is none. Errors name why a
+/// device cannot be used.
+pub fn probe_from(
+    windows: &[VirtioMmio],
+    queue_page: u64,
+) -> Result<Option<(BlkDev, usize)>, &'static str> {
+    for (i, w) in windows.iter().enumerate() {
         let mmio = Mmio { base: w.base };
         if mmio.r(R_MAGIC) != MAGIC || mmio.r(R_DEVICE_ID) != DEVICE_BLK {
             continue;
@@ -118,7 +122,7 @@ pub fn probe(windows: &[VirtioMmio], queue_page: u64) -> Result<Option<BlkDev>, 
             }
             _ => return Err("virtio-mmio device with an unknown version"),
         }
-        return init(mmio, queue_page).map(Some);
+        return init(mmio, queue_page).map(|dev| Some((dev, i + 1)));
     }
     Ok(None)
 }

@@ -6,7 +6,10 @@
 //! `disk_flush_every` writes) and the region is swept by reads at most once a second.
 //! With `disk_discard_every=N`, every N writes a run of [`DISCARD_RUN`] blocks is discarded
 //! (when the device offers it): they read as zero afterwards, which the model expects.
-//! One request is in flight at a time, driven by `step` from the CPU's loop, so the mem
+//! Every virtio-blk disk the guest finds (up to [`MAX_DISKS`]) gets its own area, request
+//! and model; the second and later use `disk2_blocks` and `disk2_rate` (small and fast: a
+//! swap-like disk). The status line sums them.
+//! One request is in flight at a time per disk, driven by `step` from the CPU's loop, so the mem
 //! workload on the same CPU keeps running while the device works.
 
 use crate::cmdline::{Config, VirtioMmio};
@@ -29,6 +32,8 @@ const CHUNK: u64 = 8;
 /// Expected generation of a block whose content is unknown (found corrupt at the scan).
 const UNKNOWN: u64 = u64::MAX;
 const DEFAULT_REGION: u64 = 4 << 20;
+/// Disks the workload drives at most.
+pub const MAX_DISKS: usize = 4;
 /// Blocks per discard (64 KiB), at an aligned position.
 const DISCARD_RUN: u64 = 16;
 /// Where QEMU's microvm puts its virtio-mmio transports (512 bytes each).
@@ -114,6 +119,10 @@ pub struct DiskWork {
     rng: Rng,
     written: u64,
     verified: u64,
+    /// What `publish` added to the shared counters so far.
+    published: (u64, u64),
+    /// Which disk this is, for reports.
+    index: usize,
 }
 
 fn classify(addr: u64, block: u64) -> Found {
@@ -155,10 +164,13 @@ fn classify(addr: u64, block: u64) -> Found {
 }
 
 impl DiskWork {
-    /// Finds and starts the disk, scans the region, prints `disk ready`. Fatal on failure.
-    pub fn start(cfg: &Config, alloc: &mut PhysAlloc, now: u64) -> Self {
+    /// Finds every virtio-blk disk and starts the workload on each (at least one, or fatal).
+    pub fn start_all(
+        cfg: &Config,
+        alloc: &mut PhysAlloc,
+        now: u64,
+    ) -> [Option<DiskWork>; MAX_DISKS] {
         let oom = || -> ! { crate::fatal!("out of memory for the disk workload") };
-        let queue = alloc.alloc(4096, 4096).unwrap_or_else(|| oom());
         let mut windows = [VirtioMmio { base: 0 }; QEMU_MICROVM_WINDOWS];
         let list = if cfg.virtio().is_empty() {
             // QEMU microvm with ACPI on does not append virtio_mmio.device= itself.
@@ -170,20 +182,54 @@ impl DiskWork {
         } else {
             cfg.virtio()
         };
-        let dev = match virtio_blk::probe(list, queue) {
-            Ok(Some(dev)) => dev,
-            Ok(None) => crate::fatal!(
-                "workload disk: no virtio-blk device among {} virtio-mmio windows",
-                list.len()
-            ),
-            Err(e) => crate::fatal!("{}", e),
-        };
+        let mut disks = [None, None, None, None];
+        let mut from = 0;
+        for (index, slot) in disks.iter_mut().enumerate() {
+            let queue = alloc.alloc(4096, 4096).unwrap_or_else(|| oom());
+            match virtio_blk::probe_from(&list[from..], queue) {
+                Ok(Some((dev, next))) => {
+                    from += next;
+                    let (blocks, rate) = if index == 0 {
+                        (cfg.disk_blocks, cfg.disk_rate)
+                    } else {
+                        (
+                            cfg.disk2_blocks.or(cfg.disk_blocks),
+                            cfg.disk2_rate.unwrap_or(cfg.disk_rate),
+                        )
+                    };
+                    *slot = Some(Self::start(cfg, dev, index, blocks, rate, alloc, now));
+                }
+                Ok(None) if index == 0 => crate::fatal!(
+                    "workload disk: no virtio-blk device among {} virtio-mmio windows",
+                    list.len()
+                ),
+                Ok(None) => break,
+                Err(e) => crate::fatal!("{}", e),
+            }
+            if from >= list.len() {
+                break;
+            }
+        }
+        disks
+    }
+
+    /// Starts the workload on `dev`, scans its area, prints `disk ready`.
+    fn start(
+        cfg: &Config,
+        dev: BlkDev,
+        index: usize,
+        blocks: Option<u64>,
+        rate: u64,
+        alloc: &mut PhysAlloc,
+        now: u64,
+    ) -> Self {
+        let oom = || -> ! { crate::fatal!("out of memory for the disk workload") };
         let capacity_blocks = dev.capacity / SECTORS_PER_BLOCK;
         if capacity_blocks == 0 {
             crate::fatal!("virtio-blk disk too small: {} sectors", dev.capacity);
         }
         let default = capacity_blocks.min(DEFAULT_REGION / BLOCK);
-        let mut blocks = cfg.disk_blocks.unwrap_or(default);
+        let mut blocks = blocks.unwrap_or(default);
         if blocks > capacity_blocks {
             crate::say!(
                 "disk_blocks={} clamped to {} (disk capacity)",
@@ -204,7 +250,7 @@ impl DiskWork {
             wbuf,
             op: Op::Idle,
             timeout: Timeout::new(Kind::Read, 0),
-            write_cost: hz.checked_div(cfg.disk_rate).map_or(u64::MAX, |c| c.max(1)),
+            write_cost: hz.checked_div(rate).map_or(u64::MAX, |c| c.max(1)),
             write_due: now,
             // At most one full pass over the region per second.
             sweep_cost: (hz / blocks).max(1),
@@ -218,10 +264,13 @@ impl DiskWork {
             rng: Rng::new(now ^ 0xd15c),
             written: 0,
             verified: 0,
+            published: (0, 0),
+            index,
         };
         let recovered = d.scan();
         crate::say!(
-            "disk ready capacity_sectors={} blocks={} recovered={}",
+            "disk ready dev={} capacity_sectors={} blocks={} recovered={}",
+            index,
             d.dev.capacity,
             blocks,
             recovered
@@ -241,9 +290,11 @@ impl DiskWork {
         unsafe { self.gens.add(b as usize).write(g) }
     }
 
-    fn publish(&self) {
-        DISK_WRITTEN.store(self.written, Ordering::Relaxed);
-        DISK_VERIFIED.store(self.verified, Ordering::Relaxed);
+    /// Adds what this disk did since the last call to the shared counters (all disks).
+    fn publish(&mut self) {
+        DISK_WRITTEN.fetch_add(self.written - self.published.0, Ordering::Relaxed);
+        DISK_VERIFIED.fetch_add(self.verified - self.published.1, Ordering::Relaxed);
+        self.published = (self.written, self.verified);
     }
 
     /// Reads the whole region; returns how many blocks hold valid data from an earlier run.
@@ -268,8 +319,8 @@ impl DiskWork {
                     }
                     Found::Bad { why, index, gen } => {
                         crate::status::corruption(format_args!(
-                            "disk block={} at_scan reason={} found_index={} found_gen={}",
-                            b, why, index, gen
+                            "disk block={} at_scan reason={} found_index={} found_gen={} dev={}",
+                            b, why, index, gen, self.index
                         ));
                         UNKNOWN
                     }
@@ -299,8 +350,8 @@ impl DiskWork {
             Found::Bad { why, index, gen } => (why, index, gen),
         };
         crate::status::corruption(format_args!(
-            "disk block={} expected_gen={} found_gen={} found_index={} reason={}",
-            b, expected, gen, index, why
+            "disk block={} expected_gen={} found_gen={} found_index={} reason={} dev={}",
+            b, expected, gen, index, why, self.index
         ));
         self.set_gen(b, UNKNOWN);
     }

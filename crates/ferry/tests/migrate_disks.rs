@@ -569,3 +569,47 @@ fn a_destination_killed_mid_copy_leaves_the_source_and_its_disk_whole() {
         "the source image changed"
     );
 }
+
+#[test]
+fn a_data_disk_and_a_swap_disk_move_together_in_either_mode() {
+    let name = "a_data_disk_and_a_swap_disk_move_together_in_either_mode";
+    let Some(hosts) = hosts_or_skip("sto", name) else {
+        return;
+    };
+    for (port, mode) in [(7114, "mirror"), (7115, "iterative")] {
+        let dir = TempDir::new(&format!("{name}-{mode}"));
+        let (data, swap) = (dir.join("data.img"), dir.join("swap.img"));
+        let (data_b, swap_b) = (dir.join("data-b.img"), dir.join("swap-b.img"));
+        image_with_data(&data, 64 << 20, 8);
+        sparse_image(&swap, 8 << 20);
+        // The second disk is swap-like: a 1 MiB area rewritten at 4000 random 4 KiB blocks/s.
+        let boot = Boot {
+            disks: vec![data.clone(), swap.clone()],
+            ..Boot::guest(
+                "workload=mem,disk mem_mib=32 mem_rate=50 disk_blocks=2048 disk_rate=500 \
+                 disk2_blocks=256 disk2_rate=4000",
+            )
+        };
+        let listen = format!("{}:{port}", hosts.b_addr);
+        let dst = receiver(
+            &hosts.b,
+            &listen,
+            &["--disk", path_str(&data_b), "--disk", path_str(&swap_b)],
+        );
+        let (mut src, socket) = source(&hosts.a, &dir, boot, None);
+        assert!(
+            src.lines().iter().any(|l| l.contains("disk ready dev=1")),
+            "the guest drives both disks"
+        );
+        let out = migrate(&socket, &listen, &["--disk-mode", mode]);
+        let status = assert_moved(&mut src, &dst, &out);
+        let disks = status["disks"].as_array().expect("per-disk status");
+        assert_eq!(disks.len(), 2, "{status}");
+        let a = std::fs::read(&data).expect("source image");
+        let b = std::fs::read(&data_b).expect("destination image");
+        assert!(
+            a[16 << 20..] == b[16 << 20..],
+            "{mode}: the data disk differs"
+        );
+    }
+}
