@@ -142,17 +142,30 @@ impl Landing {
 
     /// Makes everything written so far durable.
     pub fn sync(&self) -> Result<(), Refusal> {
-        for d in &self.disks {
-            d.file.sync_data().map_err(|e| {
-                let kind = if e.raw_os_error() == Some(libc::ENOSPC) {
-                    AbortKind::Resources
-                } else {
-                    AbortKind::Failed
-                };
-                Refusal(kind, format!("cannot sync {}: {e}", d.path.display()))
-            })?;
+        sync_files(self.disks.iter().map(|d| (d.path.as_path(), &d.file)))
+    }
+
+    /// Starts [`sync`](Self::sync) on another thread (on duplicates of the files).
+    pub fn sync_in_background(&self) -> Syncing {
+        let files: Result<Vec<(PathBuf, File)>, _> = self
+            .disks
+            .iter()
+            .map(|d| d.file.try_clone().map(|f| (d.path.clone(), f)))
+            .collect();
+        let files = match files {
+            Ok(files) => files,
+            Err(e) => {
+                return Syncing::Done(Err(Refusal::from(format!("cannot sync the disks: {e}"))))
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name("ferry-disk-sync".into())
+            .spawn(move || sync_files(files.iter().map(|(p, f)| (p.as_path(), f))));
+        match spawned {
+            Ok(handle) => Syncing::Running(handle),
+            // No thread: sync here.
+            Err(_) => Syncing::Done(self.sync()),
         }
-        Ok(())
     }
 
     /// The VM runs here: the files are its disks now.
@@ -176,6 +189,39 @@ impl Drop for Landing {
             }
         }
     }
+}
+
+/// A sync running on its own thread, or its result.
+#[derive(Debug)]
+pub enum Syncing {
+    Running(std::thread::JoinHandle<Result<(), Refusal>>),
+    Done(Result<(), Refusal>),
+}
+
+impl Syncing {
+    /// Waits for the sync to finish.
+    pub fn wait(self) -> Result<(), Refusal> {
+        match self {
+            Syncing::Done(result) => result,
+            Syncing::Running(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err(Refusal::from("the disk sync thread panicked"))),
+        }
+    }
+}
+
+fn sync_files<'a>(files: impl Iterator<Item = (&'a Path, &'a File)>) -> Result<(), Refusal> {
+    for (path, file) in files {
+        file.sync_data().map_err(|e| {
+            let kind = if e.raw_os_error() == Some(libc::ENOSPC) {
+                AbortKind::Resources
+            } else {
+                AbortKind::Failed
+            };
+            Refusal(kind, format!("cannot sync {}: {e}", path.display()))
+        })?;
+    }
+    Ok(())
 }
 
 /// A new (or emptied) file of `size` bytes that holds no data yet.
@@ -251,6 +297,7 @@ mod tests {
         assert!(w.push_hole(2 << 20, 65536));
         assert_eq!(landing.apply(&w.take()).expect("apply"), 65536);
         landing.sync().expect("sync");
+        landing.sync_in_background().wait().expect("sync beside");
         landing.keep();
         let meta = std::fs::metadata(&path).expect("meta");
         assert_eq!(meta.len(), 64 << 20);

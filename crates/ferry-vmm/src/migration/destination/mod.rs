@@ -199,6 +199,9 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
             return Err(before(e));
         }
     };
+    // Every write the guest saw flushed must be durable here before it runs here: the last
+    // sync runs while the VM is built, and Prepared waits for it.
+    let synced = landing.sync_in_background();
     // The API socket passes from the waiting answerer to the VM.
     if let Some(server) = waiting_api {
         server.stop(Duration::from_millis(200));
@@ -222,6 +225,10 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
             return Err(before(why));
         }
     };
+    if let Err(Refusal(kind, why)) = synced.wait() {
+        let _ = link.send(&Message::abort_as(kind, why.clone()));
+        return Err(before(why));
+    }
     if crate::migration::fault("stall-prepare") {
         tracing::warn!("FERRY_TEST_FAULT: Prepared is held back for 5 s");
         std::thread::sleep(Duration::from_secs(5));
@@ -381,8 +388,6 @@ fn receive_state(
             // The protocol machine checked the page totals against what arrived.
             Message::Complete(_) => {
                 tracing::info!("complete: {} pages applied", totals.pages);
-                // Every write the guest saw flushed is durable here before it runs here.
-                landing.sync()?;
                 break;
             }
             other => return Err(format!("unexpected {} during the transfer", other.kind()).into()),
