@@ -613,3 +613,31 @@ fn a_data_disk_and_a_swap_disk_move_together_in_either_mode() {
         );
     }
 }
+
+#[test]
+fn a_shared_disk_that_does_not_exist_is_refused_up_front() {
+    let name = "a_shared_disk_that_does_not_exist_is_refused_up_front";
+    let Some(hosts) = hosts_or_skip("sto", name) else {
+        return;
+    };
+    let dir = TempDir::new(name);
+    let image = dir.join("a.img");
+    sparse_image(&image, 8 << 20);
+    let boot = Boot {
+        disks: vec![image],
+        ..Boot::guest("workload=mem mem_mib=16 mem_rate=20")
+    };
+    let (src, socket) = source(&hosts.a, &dir, boot, None);
+    let out = migrate(
+        &socket,
+        &format!("{}:7116", hosts.b_addr),
+        &["--shared-disk", "3"],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("shared disk 3") && stderr.contains("1 disk"),
+        "{stderr}"
+    );
+    assert_source_goes_on(&src, &socket);
+}

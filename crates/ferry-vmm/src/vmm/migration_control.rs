@@ -100,11 +100,42 @@ impl SourceLifecycle {
 }
 
 impl Control<'_> {
+    /// Starts the worker. A `waiter` (a client that asked to hear of the end) is answered
+    /// with the failure too when the migration cannot start.
     pub(super) fn start_migration(
         &mut self,
         request: MigrateRequest,
-        waiter: Option<Waiter>,
+        mut waiter: Option<Waiter>,
     ) -> Result<Option<ApiReply>, ApiFailure> {
+        let started = self.launch_migration(request, &mut waiter);
+        if let (Err(e), Some(w)) = (&started, waiter.take()) {
+            let _ = w.send(Err(ApiFailure {
+                status: e.status,
+                message: e.message.clone(),
+            }));
+        }
+        started
+    }
+
+    fn launch_migration(
+        &mut self,
+        request: MigrateRequest,
+        waiter: &mut Option<Waiter>,
+    ) -> Result<Option<ApiReply>, ApiFailure> {
+        let disks = self.vm.devices.disk_handles();
+        if let Some(bad) = request
+            .shared_disks
+            .iter()
+            .find(|i| **i as usize >= disks.len())
+        {
+            return Err(ApiFailure {
+                status: 400,
+                message: format!(
+                    "shared disk {bad}: the VM has {} disk(s), numbered from 0",
+                    disks.len()
+                ),
+            });
+        }
         let migration_id = source::new_migration_id();
         let status = Arc::new(Mutex::new(source::initial_status(
             &request.to,
@@ -118,7 +149,7 @@ impl Control<'_> {
             migration_id,
             vm_fd: self.vm.vm_fd.clone(),
             memory: self.vm.memory.clone(),
-            disks: self.vm.devices.disk_handles(),
+            disks,
             machine: self.vm.machine.clone(),
             throttle: self.throttle.clone(),
             status: status.clone(),
@@ -138,7 +169,7 @@ impl Control<'_> {
             to,
             migration_id,
             paused_for_switchover: false,
-            waiter,
+            waiter: waiter.take(),
         });
         Ok(answer_now.then_some(reply))
     }
