@@ -8,7 +8,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use ferry_devices::GuestMemory;
@@ -261,28 +260,12 @@ pub fn check_index(
 /// Data ranges of `file` as the file system reports them (SEEK_DATA/SEEK_HOLE); a file
 /// system without hole support reports the whole file.
 fn data_ranges(file: &File, size: u64) -> Result<Vec<(u64, u64)>, MemoryFileError> {
-    let fd = file.as_raw_fd();
-    let mut ranges = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < size {
-        // SAFETY: lseek on a file descriptor we own; no memory is passed.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data past `pos`
-            }
-            return Err(MemoryFileError::Read(e));
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(MemoryFileError::Read(std::io::Error::last_os_error()));
-        }
-        ranges.push((data as u64, (hole as u64).min(size)));
-        pos = hole;
-    }
-    Ok(ranges)
+    let extents =
+        ferry_devices::virtio::block::data_extents(file, 0, size).map_err(MemoryFileError::Read)?;
+    Ok(extents
+        .into_iter()
+        .map(|(at, len)| (at, at + len))
+        .collect())
 }
 
 /// Maps the memory file copy-on-write as guest memory and verifies it against the index.

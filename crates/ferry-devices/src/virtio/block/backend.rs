@@ -98,12 +98,6 @@ pub trait BlockBackend: Send + Sync + fmt::Debug {
     /// zero here; a backend that cannot free space may leave the data as it is.
     fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError>;
 
-    /// The parts of `offset..offset + len` that may hold data, ascending; the rest reads as
-    /// zero. A backend that cannot tell returns the whole range.
-    fn data_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, BackendError> {
-        Ok(vec![(offset, len)])
-    }
-
     /// The first stretch at or after `from` that may hold data, as `(start, end)`; `None`
     /// when only zeros follow. A backend that cannot tell says everything is data.
     fn next_extent(&self, from: u64) -> Result<Option<(u64, u64)>, BackendError> {
@@ -273,11 +267,6 @@ impl BlockBackend for RawFile {
             .map_err(|source| BackendError::Io { offset, source })
     }
 
-    fn data_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, BackendError> {
-        let end = offset.saturating_add(len).min(self.size);
-        data_extents(&self.file, offset, end).map_err(|source| BackendError::Io { offset, source })
-    }
-
     fn next_extent(&self, from: u64) -> Result<Option<(u64, u64)>, BackendError> {
         next_extent(&self.file, from, self.size).map_err(|source| BackendError::Io {
             offset: from,
@@ -367,8 +356,9 @@ fn next_extent(file: &File, from: u64, end: u64) -> io::Result<Option<(u64, u64)
     Ok(Some((data, hole)))
 }
 
-/// The data extents of `file` in `start..end`.
-fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+/// The data extents of `file` in `start..end`, as `(offset, len)`, ascending; the rest
+/// reads as zero (disk images here, snapshot memory files in the VMM).
+pub fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
     let mut extents = Vec::new();
     let mut at = start;
     while let Some((data, hole)) = next_extent(file, at, end)? {

@@ -147,10 +147,6 @@ impl DirtyLog {
         self.held_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
-    pub fn is_recording(&self) -> bool {
-        self.enabled.load(Ordering::SeqCst)
-    }
-
     /// Records a write of `len` bytes at `offset` (clipped to the disk). Call it after the
     /// write reached the backend.
     pub fn mark(&self, offset: u64, len: u64) {

@@ -28,7 +28,7 @@ mod tests;
 
 use std::io;
 
-pub use backend::{zero_file_range, BackendError, BlockBackend, RawFile};
+pub use backend::{data_extents, zero_file_range, BackendError, BlockBackend, RawFile};
 pub use device::{Block, BlockConfig, BlockInfo};
 pub use dirty::{DirtyLog, DIRTY_BLOCK};
 pub use metrics::{BlockCounters, BlockMetrics};
