@@ -174,10 +174,20 @@ pub fn report(s: &MigrationStatus) -> String {
         s.data_pages_sent,
         s.zero_pages_sent
     );
+    for d in &s.disks {
+        out.push_str(&format!(
+            "disk {} ({}): {:.1} of {:.1} MiB sent, guest writes held {:.0} ms\n",
+            d.index,
+            d.mode,
+            d.sent_bytes as f64 / 1048576.0,
+            d.total_bytes as f64 / 1048576.0,
+            d.writes_held_ms
+        ));
+    }
     if let Some(d) = &s.downtime {
         out.push_str(&format!(
-            "downtime {:.1} ms (pause {:.1}, final memory {:.1}, device state {:.1}, destination prepare {:.1}, resume {:.1})\n",
-            d.total_ms, d.pause_ms, d.final_memory_ms, d.device_state_ms, d.destination_prepare_ms, d.resume_ms
+            "downtime {:.1} ms (pause {:.1}, final disk {:.1}, final memory {:.1}, device state {:.1}, destination prepare {:.1}, resume {:.1})\n",
+            d.total_ms, d.pause_ms, d.final_disk_ms, d.final_memory_ms, d.device_state_ms, d.destination_prepare_ms, d.resume_ms
         ));
     }
     for n in &s.notes {
@@ -273,7 +283,31 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_rate;
+    use super::{parse_rate, report};
+
+    #[test]
+    fn the_report_names_each_moving_disk_and_the_final_disk_time() {
+        let status: ferry_api::MigrationStatus = serde_json::from_value(serde_json::json!({
+            "phase": "completed", "to": "b:7000", "iteration": 2, "bytes_sent": 1048576,
+            "data_pages_sent": 10, "zero_pages_sent": 0, "bytes_remaining": 0,
+            "dirty_rate_bytes_per_sec": 0.0, "link_rate_bytes_per_sec": 0.0,
+            "throttle_percent": 0, "expected_downtime_ms": 1.0, "elapsed_secs": 1.5,
+            "notes": [], "error": null,
+            "downtime": {"total_ms": 4.0, "pause_ms": 0.1, "final_disk_ms": 0.7,
+                "final_memory_ms": 0.5, "device_state_ms": 0.2,
+                "destination_prepare_ms": 1.0, "resume_ms": 0.2},
+            "disks": [{"index": 0, "total_bytes": 4194304, "sent_bytes": 2097152,
+                "remaining_bytes": 0, "dirty_rate_bytes_per_sec": 0.0, "mode": "mirror",
+                "lag_bytes": 0, "writes_held_ms": 12.0}]
+        }))
+        .expect("a status");
+        let text = report(&status);
+        assert!(
+            text.contains("disk 0 (mirror): 2.0 of 4.0 MiB sent, guest writes held 12 ms"),
+            "{text}"
+        );
+        assert!(text.contains("final disk 0.7"), "{text}");
+    }
 
     #[test]
     fn rates() {
