@@ -10,22 +10,16 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::hosts::TwoHosts;
-use common::migration::{assert_source_goes_on, hosts_or_skip, source, status_json, BOOT};
+use common::migration::{
+    assert_source_goes_on, hosts_or_skip, receiver_with, source, status_json, BOOT,
+};
 use common::{ferry, sparse_image, Boot, TempDir, VmProcess};
 
 const MIGRATE: Duration = Duration::from_secs(120);
 
 /// A `ferry receive` on host `ns` with these extra arguments (its --disk paths and flags).
 fn receiver(ns: &str, listen: &str, args: &[&str]) -> VmProcess {
-    let mut c = ferry();
-    c.args(["receive", "--listen", listen]).args(args);
-    let vm = VmProcess::spawn(TwoHosts::exec(ns, &c));
-    let deadline = Instant::now() + BOOT;
-    while !vm.stderr().contains("listening on") {
-        assert!(Instant::now() < deadline, "no listen: {}", vm.stderr());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    vm
+    receiver_with(ns, listen, args, None)
 }
 
 fn migrate_command(socket: &Path, to: &str, extra: &[&str]) -> Command {
@@ -334,22 +328,31 @@ fn a_slow_destination_disk_still_converges() {
     );
 }
 
-#[test]
-fn cancel_during_the_disk_copy_leaves_the_source_whole_and_no_file_behind() {
-    let name = "cancel_during_the_disk_copy_leaves_the_source_whole_and_no_file_behind";
-    let Some(hosts) = hosts_or_skip("sto", name) else {
-        return;
-    };
+/// A migration whose disk copy takes many seconds: 64 MiB of data on the source's disk, a
+/// destination disk written at 4 MiB/s; `migrate` runs in the background, 2 s in.
+struct SlowCopy {
+    _hosts: TwoHosts,
+    _dir: TempDir,
+    image: PathBuf,
+    landing: PathBuf,
+    dst: VmProcess,
+    src: VmProcess,
+    socket: PathBuf,
+    migrate: std::process::Child,
+}
+
+fn slow_copy(name: &str, port: u16) -> Option<SlowCopy> {
+    let hosts = hosts_or_skip("sto", name)?;
     let dir = TempDir::new(name);
     let image = dir.join("a.img");
     let landing = dir.join("b.img");
     image_with_data(&image, 128 << 20, 64);
     let boot = Boot {
         disks: vec![image.clone()],
-        ..Boot::guest("workload=mem,disk mem_mib=16 mem_rate=20 disk_blocks=1024 disk_rate=200")
+        ..Boot::guest("workload=mem,disk mem_mib=16 mem_rate=20 disk_blocks=1024 disk_rate=500")
     };
-    let listen = format!("{}:7106", hosts.b_addr);
-    let mut dst = receiver(
+    let listen = format!("{}:{port}", hosts.b_addr);
+    let dst = receiver(
         &hosts.b,
         &listen,
         &[
@@ -360,26 +363,65 @@ fn cancel_during_the_disk_copy_leaves_the_source_whole_and_no_file_behind() {
         ],
     );
     let (src, socket) = source(&hosts.a, &dir, boot, None);
-    let child = migrate_command(&socket, &listen, &[])
+    let migrate = migrate_command(&socket, &listen, &[])
         .spawn()
         .expect("start ferry migrate");
     std::thread::sleep(Duration::from_secs(2));
+    Some(SlowCopy {
+        _hosts: hosts,
+        _dir: dir,
+        image,
+        landing,
+        dst,
+        src,
+        socket,
+        migrate,
+    })
+}
+
+#[test]
+fn cancel_during_the_disk_copy_leaves_the_source_whole_and_no_file_behind() {
+    let name = "cancel_during_the_disk_copy_leaves_the_source_whole_and_no_file_behind";
+    let Some(mut c) = slow_copy(name, 7106) else {
+        return;
+    };
     assert!(
-        landing.exists(),
+        c.landing.exists(),
         "the destination file exists during the copy"
     );
     let cancel = ferry()
         .args(["migrate", "--cancel", "--api-socket"])
-        .arg(&socket)
+        .arg(&c.socket)
         .output()
         .expect("cancel");
     assert!(cancel.status.success(), "{cancel:?}");
-    let out = child.wait_with_output().expect("migrate output");
+    let out = c.migrate.wait_with_output().expect("migrate output");
     let status = status_json(&out);
     assert_eq!(status["error"]["kind"], "cancelled", "{status}");
-    assert_source_goes_on(&src, &socket);
-    assert!(!dst.wait_exit(MIGRATE).success());
-    assert!(!landing.exists(), "the destination removed its file");
+    assert_source_goes_on(&c.src, &c.socket);
+    assert!(!c.dst.wait_exit(MIGRATE).success());
+    assert!(!c.landing.exists(), "the destination removed its file");
+}
+
+#[test]
+fn a_destination_frozen_mid_copy_is_network_lost_and_the_source_runs_on() {
+    let name = "a_destination_frozen_mid_copy_is_network_lost_and_the_source_runs_on";
+    let Some(c) = slow_copy(name, 7117) else {
+        return;
+    };
+    let pid = c.dst.pid().to_string();
+    let _ = Command::new("kill").args(["-STOP", &pid]).status();
+    let started = Instant::now();
+    let out = c.migrate.wait_with_output().expect("migrate output");
+    let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    let status = status_json(&out);
+    assert_eq!(status["error"]["kind"], "network_lost", "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the silence was noticed in {:?}",
+        started.elapsed()
+    );
+    assert_source_goes_on(&c.src, &c.socket);
 }
 
 #[test]
@@ -525,45 +567,21 @@ fn a_guest_that_discards_moves_with_a_sparse_consistent_disk() {
 #[test]
 fn a_destination_killed_mid_copy_leaves_the_source_and_its_disk_whole() {
     let name = "a_destination_killed_mid_copy_leaves_the_source_and_its_disk_whole";
-    let Some(hosts) = hosts_or_skip("sto", name) else {
+    let Some(mut c) = slow_copy(name, 7113) else {
         return;
     };
-    let dir = TempDir::new(name);
-    let image = dir.join("a.img");
-    let landing = dir.join("b.img");
-    image_with_data(&image, 128 << 20, 64);
-    let boot = Boot {
-        disks: vec![image.clone()],
-        ..Boot::guest("workload=mem,disk mem_mib=16 mem_rate=20 disk_blocks=1024 disk_rate=500")
-    };
-    let listen = format!("{}:7113", hosts.b_addr);
-    let mut dst = receiver(
-        &hosts.b,
-        &listen,
-        &[
-            "--disk",
-            path_str(&landing),
-            "--test-disk-write-limit",
-            "4MiB",
-        ],
-    );
-    let (src, socket) = source(&hosts.a, &dir, boot, None);
-    let before = std::fs::read(&image).expect("image");
-    let child = migrate_command(&socket, &listen, &[])
-        .spawn()
-        .expect("start ferry migrate");
-    std::thread::sleep(Duration::from_secs(2));
+    let before = std::fs::read(&c.image).expect("image");
     let _ = Command::new("kill")
-        .args(["-KILL", &dst.pid().to_string()])
+        .args(["-KILL", &c.dst.pid().to_string()])
         .status();
-    let _ = dst.wait_exit(MIGRATE);
-    let out = child.wait_with_output().expect("migrate output");
+    let _ = c.dst.wait_exit(MIGRATE);
+    let out = c.migrate.wait_with_output().expect("migrate output");
     let status = status_json(&out);
     assert_eq!(status["error"]["kind"], "network_lost", "{status}");
     assert_eq!(status["error"]["retryable"], true, "{status}");
-    assert_source_goes_on(&src, &socket);
+    assert_source_goes_on(&c.src, &c.socket);
     // The data beyond the guest's area is as it was; the guest checks its own.
-    let after = std::fs::read(&image).expect("image");
+    let after = std::fs::read(&c.image).expect("image");
     assert!(
         before[16 << 20..] == after[16 << 20..],
         "the source image changed"

@@ -11,24 +11,19 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::hosts::{receiver, TwoHosts};
-use common::migration::{assert_source_goes_on, hosts_or_skip, source, status_json, BOOT};
+use common::migration::{
+    assert_source_goes_on, hosts_or_skip, receiver_with, source, status_json, BOOT,
+};
 use common::{ferry, vm_api, wait_for_path, Boot, TempDir, VmProcess};
 
 /// A `ferry receive` with `fault` injected.
 fn faulty_receiver(ns: &str, listen: &str, socket: Option<&Path>, fault: &str) -> VmProcess {
-    let mut c = ferry();
-    c.env("FERRY_TEST_FAULT", fault)
-        .args(["receive", "--listen", listen]);
-    if let Some(s) = socket {
-        c.arg("--api-socket").arg(s);
-    }
-    let vm = VmProcess::spawn(TwoHosts::exec(ns, &c));
-    let deadline = Instant::now() + BOOT;
-    while !vm.stderr().contains("listening on") {
-        assert!(Instant::now() < deadline, "no listen: {}", vm.stderr());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    vm
+    let socket = socket.map(|s| s.to_str().expect("utf-8 path").to_string());
+    let args: Vec<&str> = match &socket {
+        Some(s) => vec!["--api-socket", s],
+        None => vec![],
+    };
+    receiver_with(ns, listen, &args, Some(fault))
 }
 
 fn migrate_command(socket: &Path, to: &str, extra: &[&str]) -> Command {

@@ -42,6 +42,27 @@ pub fn source(ns: &str, dir: &TempDir, boot: Boot, fault: Option<&str>) -> (VmPr
     (vm, socket)
 }
 
+/// A `ferry receive` on host `ns` with `args` after `--listen` and, if given, the test-only
+/// fault switch `FERRY_TEST_FAULT`; returns once it listens.
+pub fn receiver_with(ns: &str, listen: &str, args: &[&str], fault: Option<&str>) -> VmProcess {
+    let mut c = super::ferry();
+    c.args(["receive", "--listen", listen]).args(args);
+    if let Some(f) = fault {
+        c.env("FERRY_TEST_FAULT", f);
+    }
+    let vm = VmProcess::spawn(TwoHosts::exec(ns, &c));
+    let deadline = std::time::Instant::now() + BOOT;
+    while !vm.stderr().contains("listening on") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no listen: {}",
+            vm.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm
+}
+
 /// The status `ferry migrate --json` printed.
 pub fn status_json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
