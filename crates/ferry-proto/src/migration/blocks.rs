@@ -18,6 +18,7 @@
 use std::fmt;
 
 use super::error::ProtocolError;
+use super::records::RecordIter;
 use super::MAX_BATCH_BYTES;
 
 /// Disk offsets and lengths are multiples of this.
@@ -151,32 +152,7 @@ fn parse_record(bytes: &[u8], pos: usize) -> Result<(BlockRecord<'_>, usize), Pr
 }
 
 /// The records of a block batch, in order. After an error it ends.
-#[derive(Debug, Clone)]
-pub struct BlockRecords<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-    failed: bool,
-}
-
-impl<'a> Iterator for BlockRecords<'a> {
-    type Item = Result<BlockRecord<'a>, ProtocolError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.failed || self.pos >= self.bytes.len() {
-            return None;
-        }
-        match parse_record(self.bytes, self.pos) {
-            Ok((record, next)) => {
-                self.pos = next;
-                Some(Ok(record))
-            }
-            Err(e) => {
-                self.failed = true;
-                Some(Err(e))
-            }
-        }
-    }
-}
+pub type BlockRecords<'a> = RecordIter<'a, BlockRecord<'a>>;
 
 /// A batch of block records of one disk, as it travels: the frame's payload, checked.
 #[derive(Clone, PartialEq, Eq)]
@@ -217,11 +193,10 @@ impl BlockBatch {
     }
 
     pub fn records(&self) -> BlockRecords<'_> {
-        BlockRecords {
-            bytes: self.bytes.get(BATCH_HEADER..).unwrap_or_default(),
-            pos: 0,
-            failed: false,
-        }
+        RecordIter::new(
+            self.bytes.get(BATCH_HEADER..).unwrap_or_default(),
+            parse_record,
+        )
     }
 
     /// The encoded batch, as it goes on the wire.

@@ -73,6 +73,7 @@ mod negotiation;
 mod pages;
 pub mod policy;
 mod receiver;
+mod records;
 mod sender;
 #[cfg(test)]
 mod tests;
@@ -91,6 +92,7 @@ pub use message::{
 pub use negotiation::{feature, Features};
 pub use pages::{is_zero_page, PageBatch, PageBatchWriter, PageRecord, Records};
 pub use receiver::{ReceiverMachine, ReceiverState};
+pub use records::RecordIter;
 pub use sender::{SenderMachine, SenderState};
 
 /// The version both sides announce in [`Hello`]; they must be equal.

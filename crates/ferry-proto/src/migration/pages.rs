@@ -19,6 +19,7 @@
 use std::fmt;
 
 use super::error::ProtocolError;
+use super::records::RecordIter;
 use super::{MAX_BATCH_BYTES, PAGE_SIZE};
 
 const TAG_ZERO: u8 = b'Z';
@@ -113,33 +114,8 @@ fn parse_record(bytes: &[u8], pos: usize) -> Result<(PageRecord<'_>, usize), Pro
     }
 }
 
-/// The records of a batch, in order. After an error it ends.
-#[derive(Debug, Clone)]
-pub struct Records<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-    failed: bool,
-}
-
-impl<'a> Iterator for Records<'a> {
-    type Item = Result<PageRecord<'a>, ProtocolError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.failed || self.pos >= self.bytes.len() {
-            return None;
-        }
-        match parse_record(self.bytes, self.pos) {
-            Ok((record, next)) => {
-                self.pos = next;
-                Some(Ok(record))
-            }
-            Err(e) => {
-                self.failed = true;
-                Some(Err(e))
-            }
-        }
-    }
-}
+/// The records of a page batch, in order. After an error it ends.
+pub type Records<'a> = RecordIter<'a, PageRecord<'a>>;
 
 /// A batch of page records: the payload of [`Message::Pages`](super::Message::Pages).
 ///
@@ -187,11 +163,7 @@ impl PageBatch {
     }
 
     pub fn records(&self) -> Records<'_> {
-        Records {
-            bytes: &self.bytes,
-            pos: 0,
-            failed: false,
-        }
+        RecordIter::new(&self.bytes, parse_record)
     }
 
     /// The encoded size: what goes on the wire (plus a frame header).
