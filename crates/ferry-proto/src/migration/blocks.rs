@@ -158,13 +158,19 @@ pub type BlockRecords<'a> = RecordIter<'a, BlockRecord<'a>>;
 #[derive(Clone, PartialEq, Eq)]
 pub struct BlockBatch {
     bytes: Vec<u8>,
+    /// Data bytes and zero-range bytes, counted once when the batch is made.
+    counts: (u64, u64),
 }
 
 impl BlockBatch {
     /// Takes a received payload; every record is checked before it is accepted.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<BlockBatch, ProtocolError> {
-        let batch = BlockBatch { bytes };
+        let mut batch = BlockBatch {
+            bytes,
+            counts: (0, 0),
+        };
         batch.check_sendable()?;
+        batch.counts = batch.tally();
         Ok(batch)
     }
 
@@ -209,8 +215,12 @@ impl BlockBatch {
         self.bytes
     }
 
-    /// Data bytes and zero-range bytes of the batch (for a batch that passed its checks).
+    /// Data bytes and zero-range bytes of the batch.
     pub fn counts(&self) -> (u64, u64) {
+        self.counts
+    }
+
+    fn tally(&self) -> (u64, u64) {
         self.records()
             .flatten()
             .fold((0, 0), |(data, holes), r| match r {
@@ -298,9 +308,12 @@ impl BlockBatchWriter {
         let disk = self.bytes[..BATCH_HEADER].to_vec();
         let mut fresh = Vec::with_capacity(self.max.min(INITIAL_CAPACITY));
         fresh.extend_from_slice(&disk);
-        BlockBatch {
+        let mut batch = BlockBatch {
             bytes: std::mem::replace(&mut self.bytes, fresh),
-        }
+            counts: (0, 0),
+        };
+        batch.counts = batch.tally();
+        batch
     }
 }
 
