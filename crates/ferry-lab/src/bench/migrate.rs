@@ -322,7 +322,7 @@ pub(super) fn free_port() -> Result<u16> {
 }
 
 /// Boots `command` as the source and waits until its guest is ready and reporting.
-fn boot_source(what: &str, command: Command) -> Result<Watched> {
+pub(super) fn boot_source(what: &str, command: Command) -> Result<Watched> {
     let mut vm = Watched::spawn(what, command)?;
     vm.wait_line(Stream::Stdout, READY_LINE, READY_TIMEOUT)
         .context("boot")?;

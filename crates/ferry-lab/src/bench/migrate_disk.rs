@@ -40,7 +40,6 @@ use super::watch::{Stream, Watched, WorkDir};
 use super::{qemu_binary, qemu_command, Spread};
 use crate::qmp::{migration_state, run_status, MigrationState, Qmp};
 
-const READY_LINE: &str = "ferry-guest: ready";
 const STATUS_LINE: &str = "ferry-guest: status";
 const LISTENING_LINE: &str = "listening on";
 const MEMORY_MIB: u64 = 1024;
@@ -51,7 +50,6 @@ const DATA_AT: u64 = 64 << 20;
 /// 64 MiB of 4 KiB blocks rewritten at 5120 blocks/s: 20 MiB/s.
 const APPEND: &str = "workload=mem,disk mem_mib=64 mem_rate=20 disk_blocks=16384 disk_rate=5120";
 const DOWNTIME_LIMIT_MS: u64 = 100;
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long the guest's write rate is watched before the migration starts.
@@ -171,10 +169,8 @@ fn statuses(vm: &mut Watched) -> Vec<Status> {
 
 /// Boots `command`, waits for the guest, then watches its write rate for BASELINE.
 fn boot_and_watch(what: &str, command: Command) -> Result<(Watched, f64)> {
-    let mut vm = Watched::spawn(what, command)?;
-    vm.wait_line(Stream::Stdout, READY_LINE, READY_TIMEOUT)?;
+    let mut vm = super::migrate::boot_source(what, command)?;
     vm.keep_stdout = Some(Vec::new());
-    vm.wait_line(Stream::Stdout, STATUS_LINE, STATUS_TIMEOUT)?;
     std::thread::sleep(BASELINE);
     let seen = statuses(&mut vm);
     let rate = match (seen.first(), seen.last()) {
