@@ -5,10 +5,14 @@ mod bench;
 mod demo;
 mod qmp;
 
+use std::net::Ipv4Addr;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use ferry_lab::kit::Probe;
 use ferry_lab::{guest, guest_linux};
 use serde::Serialize;
 
@@ -41,6 +45,25 @@ enum Command {
     Bench {
         #[command(subcommand)]
         what: BenchWhat,
+    },
+    /// What a client sees of a VM's network: UDP requests and a TCP connection to its echo
+    /// service at 1 kHz each, then the longest silence (the client-seen downtime) and more.
+    Probe {
+        /// Network namespace to probe from (this process's own if absent).
+        #[arg(long)]
+        netns: Option<String>,
+        /// The echo service's address (the guest's IP).
+        #[arg(long)]
+        target: Ipv4Addr,
+        /// The echo service's port, UDP and TCP.
+        #[arg(long, default_value_t = 7)]
+        port: u16,
+        /// Stop after this many seconds; without it, at Ctrl-C (SIGINT) or SIGTERM.
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -130,6 +153,49 @@ fn guest_build(json: bool, linux: bool) -> Result<()> {
     Ok(())
 }
 
+/// Set by SIGINT or SIGTERM: the probe stops and reports instead of dying.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn probe(
+    netns: Option<&str>,
+    target: Ipv4Addr,
+    port: u16,
+    seconds: Option<f64>,
+    json: bool,
+) -> Result<()> {
+    let limit = seconds
+        .map(Duration::try_from_secs_f64)
+        .transpose()
+        .context("--seconds")?;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+    }
+    let probe = Probe::start(netns, target, port)?;
+    let until = if limit.is_some() {
+        ""
+    } else {
+        "; Ctrl-C to stop"
+    };
+    let from = netns.unwrap_or("this namespace");
+    eprintln!("probing {target}:{port} from {from}{until}");
+    let start = Instant::now();
+    while !STOP.load(Ordering::SeqCst) && limit.is_none_or(|l| start.elapsed() < l) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let report = probe.stop();
+    if json {
+        print_report(&report)
+    } else {
+        println!("{report}");
+        Ok(())
+    }
+}
+
 fn print_report(report: &impl Serialize) -> Result<()> {
     println!(
         "{}",
@@ -164,6 +230,13 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchWhat::SendPath { runs, memory_mib },
         } => bench::send_path(runs, memory_mib).and_then(|r| print_report(&r)),
+        Command::Probe {
+            netns,
+            target,
+            port,
+            seconds,
+            json,
+        } => probe(netns.as_deref(), target, port, seconds, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,8 +10,10 @@
 
 pub mod block;
 pub mod chain;
+mod device_queue;
 mod interrupt;
 pub mod mmio;
+pub mod net;
 pub mod persist;
 mod queue_setup;
 #[cfg(test)]
@@ -94,6 +96,11 @@ pub enum ActivateError {
     QueueNotReady(usize),
     #[error("cannot wake the device's event loop")]
     EventFd(#[source] io::Error),
+}
+
+/// Adds `n` to a device counter.
+pub(crate) fn add_to_counter(counter: &std::sync::atomic::AtomicU64, n: u64) {
+    counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Copies the bytes of `config` at `offset` into `data`; what lies past the end reads as zero.

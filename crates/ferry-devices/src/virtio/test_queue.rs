@@ -106,7 +106,12 @@ impl TestQueue {
 
     /// The queue as a transport would hand it to the device.
     pub fn queue(&self) -> Queue {
-        let mut q = Queue::new(self.size).expect("power-of-two size");
+        self.queue_with_max(self.size)
+    }
+
+    /// The queue as a transport would hand it to a device whose queues hold up to `max`.
+    pub fn queue_with_max(&self, max: u16) -> Queue {
+        let mut q = Queue::new(max).expect("power-of-two size");
         q.try_set_size(self.size).expect("size");
         q.try_set_desc_table_address(self.desc).expect("aligned");
         q.try_set_avail_ring_address(self.avail).expect("aligned");

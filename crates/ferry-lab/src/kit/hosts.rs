@@ -2,7 +2,7 @@
 //! joined by a veth pair, and `ferry receive` started on one of them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::{try_ferry, Error, VmProcess};
@@ -17,12 +17,7 @@ pub struct TwoHosts {
 }
 
 fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    super::lan::ip(args).is_ok()
 }
 
 impl TwoHosts {

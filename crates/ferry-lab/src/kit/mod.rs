@@ -8,6 +8,8 @@
 
 pub mod console;
 pub mod hosts;
+pub mod lan;
+pub mod probe;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -17,6 +19,8 @@ use std::time::{Duration, Instant};
 
 pub use console::Status;
 pub use hosts::{receiver, try_receiver, TwoHosts};
+pub use lan::{in_netns, Lan};
+pub use probe::{Probe, ProbeReport};
 pub use vm::{guest_memory_digest, Boot, VmProcess};
 
 use crate::product::{ferry_binary, FindError};

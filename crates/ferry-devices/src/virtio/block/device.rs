@@ -1,7 +1,6 @@
 //! The virtio-blk device model: what it offers the driver, and serving its request queue.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -11,8 +10,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_UNSUPP,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -24,7 +22,8 @@ use super::{
     BlockError, DISK_ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, QUEUE_SIZE, SECTOR_SIZE,
 };
 use crate::ratelimit::{error_chain, log_limited, LogLimiter};
-use crate::virtio::chain::{self, Chain};
+use crate::virtio::chain::Chain;
+use crate::virtio::device_queue::DeviceQueue;
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::GuestMemory;
 
@@ -99,13 +98,7 @@ pub(super) struct Disk {
 }
 
 /// The queue of an activated device.
-pub(super) struct ActiveQueue {
-    pub(super) mem: GuestMemory,
-    pub(super) queue: Queue,
-    pub(super) interrupt: Arc<VirtioInterrupt>,
-    /// The driver broke the queue beyond repair; nothing more until a reset.
-    pub(super) broken: bool,
-}
+pub(super) type ActiveQueue = DeviceQueue;
 
 impl Block {
     /// A device over the raw image at `config.path`.
@@ -237,34 +230,13 @@ impl Block {
         let Some(active) = self.active.as_mut() else {
             return false;
         };
-        if active.broken {
-            return false;
-        }
         let mut used_any = false;
         for _ in 0..REQUESTS_PER_PASS {
-            let head = match active.queue.iter(&active.mem) {
-                Ok(mut avail) => match avail.next() {
-                    Some(chain) => chain.head_index(),
-                    None => break,
-                },
-                Err(e) => {
-                    active.fail(&self.disk.log, "cannot read the available ring", &e);
-                    break;
-                }
+            let Some(chain) = active.pop(&self.disk.log) else {
+                break;
             };
-            let chain = chain::walk(
-                &active.mem,
-                GuestAddress(active.queue.desc_table()),
-                active.queue.size(),
-                head,
-            );
             let len = self.disk.serve(&active.mem, &chain);
-            if let Err(e) = active.queue.add_used(&active.mem, head, len) {
-                active.fail(
-                    &self.disk.log,
-                    "cannot return a request to the used ring",
-                    &e,
-                );
+            if !active.push(&self.disk.log, chain.head, len) {
                 break;
             }
             used_any = true;
@@ -272,41 +244,7 @@ impl Block {
         if used_any {
             active.notify(&self.disk.log);
         }
-        !active.broken
-            && active
-                .queue
-                .avail_idx(&active.mem, Ordering::Acquire)
-                .is_ok_and(|idx| idx.0 != active.queue.next_avail())
-    }
-}
-
-impl ActiveQueue {
-    /// The driver broke the queue: stop and ask for a reset.
-    fn fail(&mut self, log: &LogLimiter, what: &str, e: &virtio_queue::Error) {
-        log_limited!(
-            log,
-            warn,
-            "virtio-blk: {what}: {e}; the device needs a reset"
-        );
-        self.broken = true;
-        if let Err(e) = self.interrupt.set_needs_reset() {
-            tracing::error!("virtio-blk: cannot raise the interrupt: {e}");
-        }
-    }
-
-    /// Interrupts the driver unless it asked not to be (VIRTQ_AVAIL_F_NO_INTERRUPT; we do not
-    /// offer EVENT_IDX, and virtio-queue's `needs_notification` ignores the flag).
-    fn notify(&mut self, log: &LogLimiter) {
-        let needed = self.queue.needs_notification(&self.mem).unwrap_or(true);
-        let suppressed = self
-            .mem
-            .load::<u16>(GuestAddress(self.queue.avail_ring()), Ordering::Acquire)
-            .is_ok_and(|flags| u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0);
-        if needed && !suppressed {
-            if let Err(e) = self.interrupt.signal_used_queue() {
-                log_limited!(log, error, "virtio-blk: cannot raise the interrupt: {e}");
-            }
-        }
+        active.has_available()
     }
 }
 
@@ -533,12 +471,7 @@ impl VirtioDevice for Block {
             return Err(ActivateError::QueueNotReady(0));
         }
         self.activate_evt.write(1).map_err(ActivateError::EventFd)?;
-        self.active = Some(ActiveQueue {
-            mem,
-            queue,
-            interrupt,
-            broken: false,
-        });
+        self.active = Some(DeviceQueue::new(mem, queue, interrupt, false, "virtio-blk"));
         Ok(())
     }
 

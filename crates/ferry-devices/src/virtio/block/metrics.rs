@@ -58,7 +58,4 @@ impl BlockCounters {
     }
 }
 
-/// Adds `n` to a counter.
-pub(crate) fn add(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
-}
+pub(crate) use crate::virtio::add_to_counter as add;

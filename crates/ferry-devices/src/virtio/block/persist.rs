@@ -17,16 +17,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
-use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK;
 
 use super::backend::{BackendError, BlockBackend, RawFile};
 use super::device::{ActiveQueue, Block};
 use super::{BlockError, DISK_ID_LEN, QUEUE_SIZE, SECTOR_SIZE};
 use crate::interrupt::Interrupt;
 use crate::persist::Persist;
-use crate::virtio::mmio::{MmioRestoreError, MmioTransport, MmioTransportArgs, MmioTransportState};
+use crate::virtio::mmio::{
+    check_halves_agree, Disagreement, MmioRestoreError, MmioTransport, MmioTransportArgs,
+    MmioTransportState,
+};
 use crate::virtio::persist::{check_indices, QueueRestoreError, VirtqueueState};
-use crate::virtio::queue_setup::QueueConfig;
 use crate::virtio::{VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::GuestMemory;
 
@@ -151,12 +152,13 @@ impl Persist for Block {
                 evt.write(1).map_err(BlockRestoreError::EventFd)?;
             }
         }
-        block.active = Some(ActiveQueue {
+        block.active = Some(ActiveQueue::new(
             mem,
             queue,
             interrupt,
-            broken: saved.broken,
-        });
+            saved.broken,
+            "virtio-blk",
+        ));
         Ok(block)
     }
 }
@@ -210,10 +212,8 @@ impl std::fmt::Debug for VirtioBlockArgs {
 pub enum VirtioBlockRestoreError {
     #[error("cannot open the disk")]
     Open(#[source] BackendError),
-    #[error("the device accepted features {acked:#x}, the transport negotiated {negotiated:#x}")]
-    Features { negotiated: u64, acked: u64 },
-    #[error("the device's queue differs from the transport's queue registers")]
-    Queue,
+    #[error("the device's state does not match its transport's")]
+    Halves(#[from] Disagreement),
     #[error("cannot restore the block device")]
     Block(#[from] BlockRestoreError),
     #[error("cannot restore the virtio-mmio transport")]
@@ -251,7 +251,11 @@ impl Persist for VirtioBlock {
     /// (see [`MmioTransport::restore`]), after checking that the two halves of the state agree
     /// with each other.
     fn restore(args: VirtioBlockArgs, state: &VirtioBlockState) -> Result<Self, Self::Error> {
-        check_halves_agree(state)?;
+        check_halves_agree(
+            &state.transport,
+            state.block.acked_features,
+            state.block.queue.iter().map(|q| (0, &q.queue)),
+        )?;
         let backend = RawFile::open(&args.path, state.block.read_only)
             .map_err(VirtioBlockRestoreError::Open)?;
         let interrupt = Arc::new(VirtioInterrupt::new(args.interrupt));
@@ -274,27 +278,4 @@ impl Persist for VirtioBlock {
         )?;
         Ok(VirtioBlock { block, transport })
     }
-}
-
-/// The device accepted what the transport negotiated (nothing before FEATURES_OK), and its
-/// live queue is the one the transport's registers describe.
-fn check_halves_agree(state: &VirtioBlockState) -> Result<(), VirtioBlockRestoreError> {
-    let (t, b) = (&state.transport, &state.block);
-    let negotiated = if t.device_status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
-        t.driver_features
-    } else {
-        0
-    };
-    if b.acked_features != negotiated {
-        return Err(VirtioBlockRestoreError::Features {
-            negotiated,
-            acked: b.acked_features,
-        });
-    }
-    if let (Some(live), Some(registers)) = (&b.queue, t.queues.first()) {
-        if live.queue.config() != QueueConfig::from(registers) {
-            return Err(VirtioBlockRestoreError::Queue);
-        }
-    }
-    Ok(())
 }

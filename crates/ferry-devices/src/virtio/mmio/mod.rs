@@ -40,7 +40,10 @@ use crate::ratelimit::{log_limited, LogLimiter};
 use crate::GuestMemory;
 use layout::*;
 
-pub use persist::{MmioQueueState, MmioRestoreError, MmioTransportArgs, MmioTransportState};
+pub use persist::{
+    check_halves_agree, Disagreement, MmioQueueState, MmioRestoreError, MmioTransportArgs,
+    MmioTransportState,
+};
 
 /// "virt" in little endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;

@@ -276,3 +276,40 @@ impl From<&MmioQueueState> for QueueConfig {
         }
     }
 }
+
+/// A device's saved state that does not match its transport's.
+#[derive(Debug, thiserror::Error)]
+pub enum Disagreement {
+    #[error("the device accepted features {acked:#x}, the transport negotiated {negotiated:#x}")]
+    Features { negotiated: u64, acked: u64 },
+    #[error("the device's queue {0} differs from the transport's queue registers")]
+    Queue(usize),
+}
+
+/// Checks the two halves of a saved virtio device against each other: the device accepted
+/// what the transport negotiated (nothing before FEATURES_OK), and each queue the device was
+/// serving, `(index, state)`, is the one the transport's registers describe.
+pub fn check_halves_agree<'a>(
+    transport: &MmioTransportState,
+    acked_features: u64,
+    live_queues: impl IntoIterator<Item = (usize, &'a crate::virtio::VirtqueueState)>,
+) -> Result<(), Disagreement> {
+    let negotiated = if transport.device_status & FEATURES_OK != 0 {
+        transport.driver_features
+    } else {
+        0
+    };
+    if acked_features != negotiated {
+        return Err(Disagreement::Features {
+            negotiated,
+            acked: acked_features,
+        });
+    }
+    for (i, live) in live_queues {
+        match transport.queues.get(i) {
+            Some(registers) if live.config() == QueueConfig::from(registers) => {}
+            _ => return Err(Disagreement::Queue(i)),
+        }
+    }
+    Ok(())
+}

@@ -15,7 +15,7 @@ use crate::virtio::block::{
     save_block, BlockArgs, BlockRestoreError, VirtioBlock, VirtioBlockArgs,
     VirtioBlockRestoreError, VirtioBlockState, DISK_ID_LEN, QUEUE_SIZE,
 };
-use crate::virtio::mmio::{MmioRestoreError, MMIO_NOTIFY_OFFSET};
+use crate::virtio::mmio::{Disagreement, MmioRestoreError, MMIO_NOTIFY_OFFSET};
 use crate::virtio::test_queue::QUEUE_BASE;
 use crate::virtio::{QueueRestoreError, QueueSetupError, INTERRUPT_USED_BUFFER};
 
@@ -655,13 +655,13 @@ fn halves_that_disagree_or_features_never_offered_are_refused() {
     s.block.acked_features = 0;
     assert!(matches!(
         refused(&s, &mem, &image),
-        VirtioBlockRestoreError::Features { acked: 0, .. }
+        VirtioBlockRestoreError::Halves(Disagreement::Features { acked: 0, .. })
     ));
     let mut s = state.clone();
     s.transport.queues[0].desc += 0x100;
     assert!(matches!(
         refused(&s, &mem, &image),
-        VirtioBlockRestoreError::Queue
+        VirtioBlockRestoreError::Halves(Disagreement::Queue(0))
     ));
     let mut s = state.clone();
     s.block.acked_features |= 1 << 40;
