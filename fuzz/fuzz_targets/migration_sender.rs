@@ -31,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
         }],
         disks: vec![],
         moving_disks: vec![],
+        nics: 0,
     });
     machine.sent(&setup).expect("setup");
     machine.received(&Message::SetupOk).expect("setup ok");

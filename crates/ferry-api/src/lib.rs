@@ -82,6 +82,80 @@ pub struct DeviceInfo {
     /// Block device details, for `virtio-blk`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<BlockDeviceInfo>,
+    /// NIC details, for `virtio-net`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetDeviceInfo>,
+}
+
+/// A virtio-net NIC: its tap, its MAC, its counters and who the VM talks to through it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetDeviceInfo {
+    pub tap: String,
+    pub mac: String,
+    pub link_up: bool,
+    pub metrics: NetMetrics,
+    pub flows: NetFlows,
+}
+
+/// Counters of a NIC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetMetrics {
+    /// Frames delivered to the guest, and their bytes (without the virtio-net header).
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    /// Frames the guest sent out, and their bytes.
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Frames from the host dropped: the driver was not ready, or a frame did not fit the
+    /// buffer the driver gave.
+    pub rx_dropped: u64,
+    /// Frames of the guest the host refused (the tap was down, for one).
+    pub tx_errors: u64,
+    /// Malformed descriptor chains or frames from the guest.
+    pub invalid_chains: u64,
+    /// Commands on the control queue, and those refused.
+    pub ctrl_commands: u64,
+    pub ctrl_refused: u64,
+    /// Announces the guest acknowledged (GUEST_ANNOUNCE), and RARP frames the device sent.
+    pub guest_announces: u64,
+    pub rarp_sent: u64,
+}
+
+/// Who the VM talks to: the dependency-aware placement reads this.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetFlows {
+    /// Hosts the VM exchanged IP packets with in the last minute.
+    pub peers: Vec<NetPeer>,
+    /// TCP connections that look open: a SYN seen, no FIN or RST since.
+    pub connections: Vec<NetConnection>,
+    /// Frames that were not IP (ARP, for one) or could not be parsed.
+    pub other_frames: u64,
+    /// Entries forgotten because the table was full.
+    pub evicted: u64,
+}
+
+/// A host the VM exchanged packets with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetPeer {
+    pub addr: std::net::IpAddr,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Milliseconds since its last packet.
+    pub idle_ms: u64,
+}
+
+/// A TCP connection of the VM that looks open.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConnection {
+    /// The VM's end.
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
+    /// Whether the VM sent the first SYN (it is the client).
+    pub outgoing: bool,
+    /// Milliseconds since its last segment.
+    pub idle_ms: u64,
 }
 
 /// A virtio-blk disk and its counters.
@@ -215,6 +289,7 @@ mod tests {
             kind: "serial".into(),
             location: "io 0x3f8-0x3ff".into(),
             block: None,
+            net: None,
         };
         let json = serde_json::to_string(&dev).expect("serializes");
         assert!(!json.contains("block"), "{json}");

@@ -115,6 +115,29 @@ pub fn tsc_khz(info: &BootInfo, override_khz: Option<u64>) -> Option<(u64, &'sta
     None
 }
 
+/// Time the CPU actually ran since it was created: a step between two ticks counts only when
+/// it is under 100 ms, so a paused VM (or a migration's downtime) does not count.
+pub struct RunTime {
+    prev: u64,
+    run: u64,
+}
+
+impl RunTime {
+    pub fn new(now: u64) -> Self {
+        Self { prev: now, run: 0 }
+    }
+
+    /// Accounts the step to `now`; returns the TSC cycles run so far.
+    pub fn tick(&mut self, now: u64) -> u64 {
+        let d = now.wrapping_sub(self.prev);
+        self.prev = now;
+        if d < tsc_hz() / 10 {
+            self.run += d;
+        }
+        self.run
+    }
+}
+
 /// Per-CPU clock and timer checks, called on every loop iteration.
 pub struct ClockCheck {
     cpu: usize,

@@ -21,6 +21,11 @@ pub struct VirtioMmio {
 pub struct Config {
     pub mem: bool,
     pub disk: bool,
+    pub net: bool,
+    /// `net_ip=`: the NIC's IPv4 address and prefix length.
+    pub net_ip: Option<([u8; 4], u8)>,
+    /// `net_gw=`: the default gateway.
+    pub net_gw: Option<[u8; 4]>,
     pub mem_mib: u64,
     pub mem_rate: MemRate,
     pub disk_blocks: Option<u64>,
@@ -62,6 +67,9 @@ impl Config {
         Self {
             mem: false,
             disk: false,
+            net: false,
+            net_ip: None,
+            net_gw: None,
             mem_mib: 32,
             mem_rate: MemRate::MibPerSec(8),
             disk_blocks: None,
@@ -85,12 +93,17 @@ impl Config {
 
     /// The workload list as printed on the `ready` line.
     pub fn workloads(&self) -> &'static str {
-        match (self.mem, self.disk) {
-            (true, true) => "mem,disk",
-            (true, false) => "mem",
-            (false, true) => "disk",
-            (false, false) => "idle",
-        }
+        const NAMES: [&str; 8] = [
+            "idle",
+            "mem",
+            "disk",
+            "mem,disk",
+            "net",
+            "mem,net",
+            "disk,net",
+            "mem,disk,net",
+        ];
+        NAMES[usize::from(self.mem) | usize::from(self.disk) << 1 | usize::from(self.net) << 2]
     }
 
     pub fn virtio(&self) -> &[VirtioMmio] {
@@ -144,18 +157,57 @@ fn parse_virtio(s: &[u8]) -> Option<VirtioMmio> {
 }
 
 fn parse_workloads(s: &[u8], cfg: &mut Config) -> bool {
-    let (mut mem, mut disk) = (false, false);
+    let (mut mem, mut disk, mut net) = (false, false, false);
     for w in s.split(|&c| c == b',') {
         match w {
             b"mem" => mem = true,
             b"disk" => disk = true,
+            b"net" => net = true,
             b"idle" => {}
             _ => return false,
         }
     }
     cfg.mem = mem;
     cfg.disk = disk;
+    cfg.net = net;
     true
+}
+
+/// A dotted-quad IPv4 address (decimal, no leading `+`, each part 0..=255).
+fn parse_ipv4(s: &[u8]) -> Option<[u8; 4]> {
+    let mut a = [0u8; 4];
+    let mut parts = s.split(|&c| c == b'.');
+    for octet in a.iter_mut() {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 3 || !p.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        *octet = u8::try_from(parse_u64(p)?).ok()?;
+    }
+    parts.next().is_none().then_some(a)
+}
+
+/// An address a host may have: not 0.x, loopback, multicast, reserved or broadcast.
+fn is_host_address(a: [u8; 4]) -> bool {
+    a[0] != 0 && a[0] != 127 && a[0] < 224
+}
+
+/// `A.B.C.D/N`: a host address and prefix length 1..=32; with N <= 30 the host part may be
+/// neither all zeros (the network) nor all ones (its broadcast).
+fn parse_cidr(s: &[u8]) -> Option<([u8; 4], u8)> {
+    let slash = s.iter().position(|&c| c == b'/')?;
+    let a = parse_ipv4(&s[..slash])?;
+    let digits = &s[slash + 1..];
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = parse_u64(digits).filter(|n| (1..=32).contains(n))? as u8;
+    let host_ones = u32::MAX.checked_shr(u32::from(n)).unwrap_or(0);
+    let host = u32::from_be_bytes(a) & host_ones;
+    if !is_host_address(a) || (n <= 30 && (host == 0 || host == host_ones)) {
+        return None;
+    }
+    Some((a, n))
 }
 
 fn bad(key: &[u8], value: &[u8], why: &str) {
@@ -178,8 +230,16 @@ pub fn parse(line: &[u8]) -> Config {
         let num = |lo: u64, hi: u64| parse_u64(value).filter(|v| (lo..=hi).contains(v));
         match key {
             b"workload" if !parse_workloads(value, &mut cfg) => {
-                bad(key, value, "expected mem, disk, idle or a comma list");
+                bad(key, value, "expected mem, disk, net, idle or a comma list");
             }
+            b"net_ip" => match parse_cidr(value) {
+                Some(v) => cfg.net_ip = Some(v),
+                None => bad(key, value, "expected a host address A.B.C.D/N, N in 1..=32"),
+            },
+            b"net_gw" => match parse_ipv4(value).filter(|&a| is_host_address(a)) {
+                Some(v) => cfg.net_gw = Some(v),
+                None => bad(key, value, "expected a host address A.B.C.D"),
+            },
             b"mem_mib" => match num(1, 1 << 24) {
                 Some(v) => cfg.mem_mib = v,
                 None => bad(key, value, "expected MiB >= 1"),

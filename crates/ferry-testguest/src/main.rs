@@ -28,8 +28,11 @@ mod smp;
 mod status;
 mod user;
 mod virtio_blk;
+mod virtio_mmio;
+mod virtio_net;
 mod workload_disk;
 mod workload_mem;
+mod workload_net;
 mod x86;
 
 /// CPUs supported (TSS slots, per-CPU counters).

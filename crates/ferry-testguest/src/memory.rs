@@ -59,6 +59,35 @@ impl PhysAlloc {
         None
     }
 
+    /// Moves `value` into fresh RAM that is never given back, for state that lives as long as
+    /// the guest (too big for a stack, kept out of `.bss`, which ring 0 zeroes slowly).
+    pub fn leak<T>(&mut self, value: T) -> Option<&'static mut T> {
+        let p = self.alloc(size_of::<T>().max(1) as u64, align_of::<T>() as u64)? as *mut T;
+        // SAFETY: the range is fresh, identity-mapped RAM, aligned for T, and never handed out
+        // again, so the reference is the only one and may live forever.
+        unsafe {
+            p.write(value);
+            Some(&mut *p)
+        }
+    }
+
+    /// `n` values made by `make`, in fresh RAM that is never given back (as [`Self::leak`]).
+    pub fn leak_slice<T>(
+        &mut self,
+        n: usize,
+        mut make: impl FnMut() -> T,
+    ) -> Option<&'static mut [T]> {
+        let bytes = size_of::<T>().checked_mul(n)?.max(1);
+        let p = self.alloc(bytes as u64, align_of::<T>() as u64)? as *mut T;
+        // SAFETY: as in `leak`: the n elements are written before the slice is formed.
+        unsafe {
+            for i in 0..n {
+                p.add(i).write(make());
+            }
+            Some(core::slice::from_raw_parts_mut(p, n))
+        }
+    }
+
     /// Takes up to `pages` pages for the mem workload as extents (whatever is left, lowest
     /// first). Returns the extents and how many pages they hold.
     pub fn take_pages(&mut self, pages: u64) -> (Extents, u64) {

@@ -1,5 +1,10 @@
 //! The console: a polled 16550 UART at port 0x3f8. Every line starts with `ferry-guest: ` and
 //! is written whole under a spinlock, so lines from different CPUs never interleave.
+//!
+//! Each byte is a VM exit, and exits are slow: the once-a-second status line would stop its
+//! CPU for milliseconds, which a network client sees as a gap in answers. So that line can be
+//! queued ([`queue_line`]) and written a FIFO's worth at a time by the polling loop
+//! ([`drain_some`]); any other line first finishes the queued one, under the same lock.
 
 use crate::x86::{inb, outb, rdtsc};
 use core::fmt::{self, Write};
@@ -9,6 +14,26 @@ const COM1: u16 = 0x3f8;
 const PREFIX: &str = "ferry-guest: ";
 
 static LOCK: AtomicBool = AtomicBool::new(false);
+
+/// The 16550's transmit FIFO: once the line status says it is empty, this many bytes go
+/// without asking again.
+const FIFO: usize = 16;
+
+/// A line waiting to be written, and how much of it was: only touched under `LOCK`.
+struct Queued {
+    bytes: [u8; 512],
+    len: usize,
+    done: usize,
+}
+
+static QUEUED: crate::racy::Racy<Queued> = crate::racy::Racy::new(Queued {
+    bytes: [0; 512],
+    len: 0,
+    done: 0,
+});
+/// Whether `QUEUED` holds unwritten bytes: read without the lock, so an idle loop pays one
+/// load.
+static PENDING: AtomicBool = AtomicBool::new(false);
 
 /// Programs 115200 8N1 with FIFOs on (harmless for emulated UARTs, correct on real ones).
 pub fn init() {
@@ -25,12 +50,21 @@ pub fn init() {
 }
 
 fn put_byte(b: u8) {
-    // SAFETY: COM1's ports are open to ring 3 (and always usable in ring 0).
-    unsafe {
-        while inb(COM1 + 5) & 0x20 == 0 {
-            core::hint::spin_loop();
+    put_bytes(&[b]);
+}
+
+/// Writes `bytes`, asking the line status once per FIFO's worth.
+fn put_bytes(bytes: &[u8]) {
+    for chunk in bytes.chunks(FIFO) {
+        // SAFETY: COM1's ports are open to ring 3 (and always usable in ring 0).
+        unsafe {
+            while inb(COM1 + 5) & 0x20 == 0 {
+                core::hint::spin_loop();
+            }
+            for &b in chunk {
+                outb(COM1, b);
+            }
         }
-        outb(COM1, b);
     }
 }
 
@@ -38,11 +72,65 @@ struct Uart;
 
 impl Write for Uart {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for b in s.bytes() {
-            put_byte(b);
-        }
+        put_bytes(s.as_bytes());
         Ok(())
     }
+}
+
+/// Collects formatted text into the queued line, cutting what does not fit.
+struct Collect<'a>(&'a mut Queued);
+
+impl Write for Collect<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let q = &mut *self.0;
+        let n = s.len().min(q.bytes.len() - q.len);
+        q.bytes[q.len..q.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        q.len += n;
+        Ok(())
+    }
+}
+
+/// Writes up to `max` bytes of the queued line; the caller holds `LOCK`.
+fn write_queued(max: usize) {
+    // SAFETY: QUEUED is only touched under LOCK, which the caller holds.
+    let q = unsafe { &mut *QUEUED.get() };
+    let end = (q.done + max).min(q.len);
+    put_bytes(&q.bytes[q.done..end]);
+    q.done = end;
+    if q.done == q.len {
+        q.len = 0;
+        q.done = 0;
+        PENDING.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Queues one line (prefix, `args`, newline) to be written by [`drain_some`]; a line still
+/// queued is finished first.
+pub fn queue_line(args: fmt::Arguments) {
+    lock();
+    write_queued(usize::MAX);
+    // SAFETY: QUEUED is only touched under LOCK, which we hold.
+    let q = unsafe { &mut *QUEUED.get() };
+    let mut c = Collect(q);
+    let _ = c.write_str(PREFIX);
+    let _ = c.write_fmt(args);
+    if q.len == q.bytes.len() {
+        q.len -= 1;
+    }
+    q.bytes[q.len] = b'\n';
+    q.len += 1;
+    PENDING.store(true, Ordering::Relaxed);
+    unlock();
+}
+
+/// Writes a FIFO's worth of the queued line, if there is one. Cheap when there is none.
+pub fn drain_some() {
+    if !PENDING.load(Ordering::Relaxed) {
+        return;
+    }
+    lock();
+    write_queued(FIFO);
+    unlock();
 }
 
 fn lock() {
@@ -61,6 +149,7 @@ fn unlock() {
 /// Prints one line: the prefix, `args`, a newline.
 pub fn line(args: fmt::Arguments) {
     lock();
+    write_queued(usize::MAX);
     let _ = Uart.write_str(PREFIX);
     let _ = Uart.write_fmt(args);
     put_byte(b'\n');
@@ -71,6 +160,7 @@ pub fn line(args: fmt::Arguments) {
 /// rate-limited output whose bookkeeping lives under the same lock.
 pub fn with_lock<R>(f: impl FnOnce(&mut dyn FnMut(fmt::Arguments)) -> R) -> R {
     lock();
+    write_queued(usize::MAX);
     let mut emit = |args: fmt::Arguments| {
         let _ = Uart.write_str(PREFIX);
         let _ = Uart.write_fmt(args);
@@ -99,6 +189,8 @@ pub fn fatal(args: fmt::Arguments) -> ! {
     if stolen {
         // The holder was cut off mid-line: end its line first.
         put_byte(b'\n');
+    } else {
+        write_queued(usize::MAX);
     }
     let _ = Uart.write_str("ferry-guest: FATAL ");
     let _ = Uart.write_fmt(args);

@@ -23,6 +23,31 @@ pub static PER_CPU: [PerCpu; MAX_CPUS] = [const {
 pub static DISK_WRITTEN: AtomicU64 = AtomicU64::new(0);
 pub static DISK_VERIFIED: AtomicU64 = AtomicU64::new(0);
 pub static ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// The net workload's counters (written by the boot CPU only).
+pub struct Net {
+    /// Frames received.
+    pub rx: AtomicU64,
+    /// Frames sent.
+    pub tx: AtomicU64,
+    /// UDP datagrams echoed.
+    pub udp: AtomicU64,
+    /// Bytes echoed over TCP.
+    pub tcp: AtomicU64,
+    /// TCP connections accepted.
+    pub conns: AtomicU64,
+    /// Guest announcements done (gratuitous ARPs sent and acknowledged to the device).
+    pub announce: AtomicU64,
+}
+
+pub static NET: Net = Net {
+    rx: AtomicU64::new(0),
+    tx: AtomicU64::new(0),
+    udp: AtomicU64::new(0),
+    tcp: AtomicU64::new(0),
+    conns: AtomicU64::new(0),
+    announce: AtomicU64::new(0),
+};
 static CPUS: AtomicUsize = AtomicUsize::new(1);
 
 const REPORTS_PER_SECOND: u64 = 10;
@@ -83,15 +108,23 @@ pub fn print(now: u64) {
         written += c.mem_written.load(Ordering::Relaxed);
         verified += c.mem_verified.load(Ordering::Relaxed);
     }
-    crate::say!(
+    let net = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    // Queued: the polling loop writes it a little at a time (see serial.rs).
+    crate::serial::queue_line(format_args!(
         "status t={} ticks={} mem_written={} mem_verified={} disk_written={} disk_verified={} \
-         errors={}",
+         errors={} net_rx={} net_tx={} net_udp={} net_tcp={} net_conns={} net_announce={}",
         crate::clock::seconds(now),
         ticks,
         written,
         verified,
         DISK_WRITTEN.load(Ordering::Relaxed),
         DISK_VERIFIED.load(Ordering::Relaxed),
-        ERRORS.load(Ordering::Relaxed)
-    );
+        ERRORS.load(Ordering::Relaxed),
+        net(&NET.rx),
+        net(&NET.tx),
+        net(&NET.udp),
+        net(&NET.tcp),
+        net(&NET.conns),
+        net(&NET.announce)
+    ));
 }

@@ -7,6 +7,7 @@ use crate::racy::Racy;
 use crate::serial::Bytes;
 use crate::workload_disk::{DiskWork, MAX_DISKS};
 use crate::workload_mem::{MemPlan, MemWork};
+use crate::workload_net::{self, NetWork};
 use crate::x86::{outb, rdtsc};
 use crate::{bootinfo, clock, lapic, say, smp, status};
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -103,6 +104,7 @@ pub extern "C" fn bsp_main(_: usize) -> ! {
         );
     }
     let cfg = cmdline::parse(line);
+    workload_net::check_config(&cfg);
     let Some((khz, source)) = clock::tsc_khz(info, cfg.tsc_khz) else {
         crate::fatal!("cannot find the TSC frequency (no CPUID 0x40000010, no PIT): pass tsc_khz=")
     };
@@ -149,11 +151,12 @@ pub extern "C" fn bsp_main(_: usize) -> ! {
     } else {
         Default::default()
     };
+    let net = cfg.net.then(|| NetWork::start(&cfg, &mut alloc, rdtsc()));
     let mem = cfg.mem.then(|| plan_mem(&cfg, &mut alloc));
     // SAFETY: as above: GO is not set yet.
     unsafe { (*SHARED.get()).mem = mem };
     GO.store(true, Ordering::Release);
-    run(0, disks)
+    run(0, disks, net)
 }
 
 /// An AP's first ring-3 code.
@@ -163,7 +166,7 @@ pub extern "C" fn ap_main(cpu: usize) -> ! {
         core::hint::spin_loop();
     }
     lapic::start_timer(shared().lapic_count);
-    run(cpu, Default::default())
+    run(cpu, Default::default(), None)
 }
 
 fn shutdown(disks: &mut Disks, how: PowerOff) -> ! {
@@ -203,11 +206,11 @@ fn wait_for_fills(cpus: usize) {
     }
 }
 
-/// Every CPU's workload loop.
 /// The disk workloads of the boot CPU (none elsewhere).
 type Disks = [Option<DiskWork>; MAX_DISKS];
 
-fn run(cpu: usize, mut disks: Disks) -> ! {
+/// Every CPU's workload loop; the boot CPU's also drives the disks and the NIC.
+fn run(cpu: usize, mut disks: Disks, mut net: Option<&'static mut NetWork>) -> ! {
     let s = shared();
     let cfg = &s.cfg;
     let hz = clock::tsc_hz();
@@ -233,7 +236,7 @@ fn run(cpu: usize, mut disks: Disks) -> ! {
     }
     let mut clock = clock::ClockCheck::new(cpu, cfg.max_jump_s);
     let mut next_status = clock::seconds(rdtsc()) + 1;
-    let idle = mem.is_none() && disks.iter().all(Option::is_none);
+    let idle = mem.is_none() && disks.iter().all(Option::is_none) && net.is_none();
     loop {
         let now = rdtsc();
         clock.check(now);
@@ -243,6 +246,7 @@ fn run(cpu: usize, mut disks: Disks) -> ! {
                 status::print(now);
                 next_status = t + 1;
             }
+            crate::serial::drain_some();
             if cfg.exit_after.is_some_and(|e| t >= e) {
                 shutdown(&mut disks, cfg.power);
             }
@@ -252,6 +256,9 @@ fn run(cpu: usize, mut disks: Disks) -> ! {
         }
         for d in disks.iter_mut().flatten() {
             d.step(now);
+        }
+        if let Some(n) = &mut net {
+            n.step(now);
         }
         if idle {
             core::hint::spin_loop();

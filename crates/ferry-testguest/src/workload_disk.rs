@@ -12,11 +12,13 @@
 //! One request is in flight at a time per disk, driven by `step` from the CPU's loop, so the mem
 //! workload on the same CPU keeps running while the device works.
 
-use crate::cmdline::{Config, VirtioMmio};
+use crate::clock::RunTime;
+use crate::cmdline::Config;
 use crate::memory::PhysAlloc;
 use crate::pattern::{self, Rng};
 use crate::status::{DISK_VERIFIED, DISK_WRITTEN};
 use crate::virtio_blk::{self, BlkDev, Kind};
+use crate::virtio_mmio;
 use crate::x86::rdtsc;
 use core::sync::atomic::Ordering;
 
@@ -36,15 +38,11 @@ const DEFAULT_REGION: u64 = 4 << 20;
 pub const MAX_DISKS: usize = 4;
 /// Blocks per discard (64 KiB), at an aligned position.
 const DISCARD_RUN: u64 = 16;
-/// Where QEMU's microvm puts its virtio-mmio transports (512 bytes each).
-const QEMU_MICROVM_BASE: u64 = 0xfeb0_0000;
-const QEMU_MICROVM_WINDOWS: usize = 32;
 
 /// Bounds how long a request may stay in flight, counting only time the CPU actually ran
 /// (iterations less than 100 ms apart), so a paused VM does not trip it.
 pub struct Timeout {
-    prev: u64,
-    run: u64,
+    run: RunTime,
     kind: Kind,
     sector: u64,
 }
@@ -52,26 +50,18 @@ pub struct Timeout {
 impl Timeout {
     pub fn new(kind: Kind, sector: u64) -> Self {
         Self {
-            prev: rdtsc(),
-            run: 0,
+            run: RunTime::new(rdtsc()),
             kind,
             sector,
         }
     }
 
     pub fn tick(&mut self, now: u64) {
-        let (kind, sector) = (self.kind, self.sector);
-        let hz = crate::clock::tsc_hz();
-        let d = now.wrapping_sub(self.prev);
-        self.prev = now;
-        if d < hz / 10 {
-            self.run += d;
-        }
-        if self.run > 30 * hz {
+        if self.run.tick(now) > 30 * crate::clock::tsc_hz() {
             crate::fatal!(
                 "virtio-blk {:?} request at sector {} not completed after 30 s",
-                kind,
-                sector
+                self.kind,
+                self.sector
             );
         }
     }
@@ -171,17 +161,8 @@ impl DiskWork {
         now: u64,
     ) -> [Option<DiskWork>; MAX_DISKS] {
         let oom = || -> ! { crate::fatal!("out of memory for the disk workload") };
-        let mut windows = [VirtioMmio { base: 0 }; QEMU_MICROVM_WINDOWS];
-        let list = if cfg.virtio().is_empty() {
-            // QEMU microvm with ACPI on does not append virtio_mmio.device= itself.
-            crate::say!("info no virtio_mmio.device= given: probing QEMU microvm's windows");
-            for (i, w) in windows.iter_mut().enumerate() {
-                w.base = QEMU_MICROVM_BASE + 0x200 * i as u64;
-            }
-            &windows[..]
-        } else {
-            cfg.virtio()
-        };
+        let windows = virtio_mmio::windows(cfg);
+        let list = windows.as_slice();
         let mut disks = [None, None, None, None];
         let mut from = 0;
         for (index, slot) in disks.iter_mut().enumerate() {

@@ -2,6 +2,10 @@
 
 use std::path::PathBuf;
 
+pub use ferry_devices::virtio::net::TapConfig;
+use ferry_devices::virtio::net::{parse_mac, Mac};
+
+use crate::devices::slots::MAX_SLOTS;
 use crate::memory::MIN_MEMORY;
 
 /// Where the serial console goes.
@@ -18,6 +22,56 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// One virtio-net NIC on a tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicConfig {
+    pub tap: TapConfig,
+    /// `None` derives a stable, locally administered MAC from the host and tap names.
+    pub mac: Option<Mac>,
+}
+
+impl NicConfig {
+    /// Parses `tap=NAME[,mac=MAC][,create=on|off][,bridge=BRIDGE]`, the form of `--net`.
+    pub fn parse(spec: &str) -> Result<NicConfig, String> {
+        let mut tap = None;
+        let mut mac = None;
+        let mut create = false;
+        let mut bridge = None;
+        for part in spec.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?} in --net {spec:?} is not key=value"))?;
+            match key {
+                "tap" if !value.is_empty() => tap = Some(value.to_owned()),
+                "mac" => mac = Some(parse_mac(value)?),
+                "create" => {
+                    create = match value {
+                        "on" | "yes" | "true" => true,
+                        "off" | "no" | "false" => false,
+                        _ => return Err(format!("create={value:?}: say on or off")),
+                    }
+                }
+                "bridge" if !value.is_empty() => bridge = Some(value.to_owned()),
+                _ => {
+                    return Err(format!(
+                        "{part:?} in --net {spec:?}: expected tap=NAME[,mac=MAC][,create=on]\
+                         [,bridge=BRIDGE]"
+                    ))
+                }
+            }
+        }
+        let name = tap.ok_or_else(|| format!("--net {spec:?} names no tap (tap=NAME)"))?;
+        Ok(NicConfig {
+            tap: TapConfig {
+                name,
+                create,
+                bridge,
+            },
+            mac,
+        })
+    }
+}
+
 /// A VM to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -27,6 +81,7 @@ pub struct VmConfig {
     pub memory_bytes: u64,
     pub vcpus: u8,
     pub disks: Vec<DiskConfig>,
+    pub nics: Vec<NicConfig>,
     pub cmdline: String,
     pub api_socket: Option<PathBuf>,
     pub console: ConsoleConfig,
@@ -52,6 +107,8 @@ pub enum ConfigError {
     MemoryUnaligned(u64),
     #[error("at most {MAX_DISKS} disks are supported, {0} were given")]
     TooManyDisks(usize),
+    #[error("{0} virtio devices (disks and NICs) is more than the {MAX_SLOTS} slots a VM has")]
+    TooManyDevices(usize),
 }
 
 impl VmConfig {
@@ -80,6 +137,10 @@ impl VmConfig {
         }
         if self.disks.len() > MAX_DISKS {
             return Err(ConfigError::TooManyDisks(self.disks.len()));
+        }
+        let devices = self.disks.len() + self.nics.len();
+        if devices > MAX_SLOTS {
+            return Err(ConfigError::TooManyDevices(devices));
         }
         Ok(())
     }
@@ -113,6 +174,7 @@ mod tests {
             memory_bytes: 256 << 20,
             vcpus: 2,
             disks: vec![],
+            nics: vec![],
             cmdline: String::new(),
             api_socket: None,
             console: ConsoleConfig::Stdout,
@@ -193,6 +255,42 @@ mod tests {
             c.validate(HOST, 255),
             Err(ConfigError::TooManyDisks(MAX_DISKS + 1))
         );
+    }
+
+    #[test]
+    fn too_many_devices() {
+        let nic = NicConfig::parse("tap=t0").expect("parses");
+        let c = VmConfig {
+            nics: vec![nic; MAX_SLOTS + 1],
+            ..config()
+        };
+        assert_eq!(
+            c.validate(HOST, 255),
+            Err(ConfigError::TooManyDevices(MAX_SLOTS + 1))
+        );
+    }
+
+    #[test]
+    fn net_specs_parse() {
+        let n =
+            NicConfig::parse("tap=fe0,mac=52:54:00:01:02:03,create=on,bridge=br0").expect("parses");
+        assert_eq!(n.tap.name, "fe0");
+        assert!(n.tap.create);
+        assert_eq!(n.tap.bridge.as_deref(), Some("br0"));
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 1, 2, 3]));
+        let n = NicConfig::parse("tap=fe1").expect("parses");
+        assert!(!n.tap.create && n.mac.is_none() && n.tap.bridge.is_none());
+        for bad in [
+            "",
+            "tap=",
+            "fe0",
+            "mac=52:54:00:01:02:03",
+            "tap=a,mac=01:00:5e:00:00:01",
+            "tap=a,create=maybe",
+            "tap=a,queues=4",
+        ] {
+            assert!(NicConfig::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -159,6 +159,36 @@ pub fn summary(info: &VmInfo) -> String {
                 b.io_errors
             ));
         }
+        if let Some(n) = &d.net {
+            let m = &n.metrics;
+            out.push_str(&format!(
+                " tap {} mac {} link {} rx={} ({}B) tx={} ({}B) dropped={} invalid={}",
+                n.tap,
+                n.mac,
+                if n.link_up { "up" } else { "down" },
+                m.rx_frames,
+                m.rx_bytes,
+                m.tx_frames,
+                m.tx_bytes,
+                m.rx_dropped,
+                m.invalid_chains
+            ));
+            for p in &n.flows.peers {
+                out.push_str(&format!(
+                    "\n    peer {} in={} out={} idle={} ms",
+                    p.addr, p.packets_in, p.packets_out, p.idle_ms
+                ));
+            }
+            for c in &n.flows.connections {
+                out.push_str(&format!(
+                    "\n    tcp {} {} {} idle={} ms",
+                    c.local,
+                    if c.outgoing { "->" } else { "<-" },
+                    c.remote,
+                    c.idle_ms
+                ));
+            }
+        }
         out.push('\n');
     }
     for (i, e) in info.vcpu_exits.iter().enumerate() {

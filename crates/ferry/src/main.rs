@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ferry_vmm::config::{ConsoleConfig, DiskConfig, VmConfig};
+use ferry_vmm::config::{ConsoleConfig, DiskConfig, NicConfig, TapConfig, VmConfig};
 use ferry_vmm::vmm::{RestoreConfig, Vm, VmExit};
 use hyper::Method;
 
@@ -86,6 +86,12 @@ struct RunArgs {
     /// --restore: new paths for the snapshot's disks, in order (default: the saved paths).
     #[arg(long = "disk", value_name = "FILE[,ro]")]
     disks: Vec<String>,
+    /// A virtio-net NIC on a tap: tap=NAME[,mac=MAC][,create=on][,bridge=BRIDGE]. The tap
+    /// must exist unless create=on; bridge= adds it to a bridge. Repeatable. With --restore:
+    /// taps for the snapshot's NICs, in order (default: the saved tap names); the MAC comes
+    /// with the VM.
+    #[arg(long = "net", value_name = "tap=NAME[,...]", value_parser = NicConfig::parse)]
+    nics: Vec<NicConfig>,
     /// Kernel command line.
     #[arg(long)]
     append: Option<String>,
@@ -113,6 +119,11 @@ struct ReceiveArgs {
     /// to emulate a slow destination disk.
     #[arg(long, value_parser = migrate::parse_rate)]
     test_disk_write_limit: Option<u64>,
+    /// The tap for each of the VM's NICs, in their order: tap=NAME[,create=on][,bridge=BR].
+    /// Opened before listening, so a missing tap is reported at once. The MAC comes with
+    /// the VM.
+    #[arg(long = "net", value_name = "tap=NAME[,...]", value_parser = NicConfig::parse)]
+    nics: Vec<NicConfig>,
     /// Serve the control API on this unix socket once the VM runs.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -200,6 +211,19 @@ fn disk_config(spec: &str) -> DiskConfig {
     }
 }
 
+/// The taps of `--net` specs for a VM that brings its own MACs (restored or migrated).
+fn taps_only(nics: Vec<NicConfig>) -> Result<Vec<TapConfig>> {
+    nics.into_iter()
+        .map(|n| match n.mac {
+            Some(_) => anyhow::bail!(
+                "--net {}: the MAC comes with the VM; leave mac= out",
+                n.tap.name
+            ),
+            None => Ok(n.tap),
+        })
+        .collect()
+}
+
 fn console_config(console: &str) -> ConsoleConfig {
     match console {
         "stdout" => ConsoleConfig::Stdout,
@@ -223,6 +247,7 @@ fn receive(args: ReceiveArgs) -> Result<()> {
             disks: args.disks,
             overwrite: args.overwrite,
             disk_write_limit: args.test_disk_write_limit,
+            nics: taps_only(args.nics)?,
             api_socket: args.api_socket,
             console: console_config(&args.console),
         },
@@ -268,6 +293,7 @@ fn run_vm(args: RunArgs) -> Result<()> {
         Some(dir) => Vm::restore(RestoreConfig {
             dir,
             disks: args.disks.iter().map(|d| disk_config(d).path).collect(),
+            nics: taps_only(args.nics)?,
             api_socket: args.api_socket,
             console,
         })?,
@@ -277,6 +303,7 @@ fn run_vm(args: RunArgs) -> Result<()> {
             memory_bytes: args.memory.unwrap_or(256 << 20),
             vcpus: args.vcpus.unwrap_or(1),
             disks: args.disks.iter().map(|d| disk_config(d)).collect(),
+            nics: args.nics,
             cmdline: args.append.unwrap_or_default(),
             api_socket: args.api_socket,
             console,

@@ -10,6 +10,14 @@ pub struct Status {
     pub disk_written: u64,
     pub disk_verified: u64,
     pub errors: u64,
+    /// The `net` workload: frames received and sent, UDP datagrams and TCP bytes echoed, TCP
+    /// connections accepted, announces made on the device's request.
+    pub net_rx: u64,
+    pub net_tx: u64,
+    pub net_udp: u64,
+    pub net_tcp: u64,
+    pub net_conns: u64,
+    pub net_announce: u64,
 }
 
 /// What starts a status line.
@@ -30,6 +38,12 @@ impl Status {
                 "disk_written" => s.disk_written = v,
                 "disk_verified" => s.disk_verified = v,
                 "errors" => s.errors = v,
+                "net_rx" => s.net_rx = v,
+                "net_tx" => s.net_tx = v,
+                "net_udp" => s.net_udp = v,
+                "net_tcp" => s.net_tcp = v,
+                "net_conns" => s.net_conns = v,
+                "net_announce" => s.net_announce = v,
                 _ => {}
             }
         }

@@ -100,8 +100,19 @@ pub fn try_receiver(
     socket: Option<&Path>,
     disks: &[PathBuf],
 ) -> Result<VmProcess, Error> {
+    try_receiver_with(ns, listen, socket, disks, &[])
+}
+
+/// [`try_receiver`] with more arguments for `ferry receive` (`--net tap=NAME`, say).
+pub fn try_receiver_with(
+    ns: Option<&str>,
+    listen: &str,
+    socket: Option<&Path>,
+    disks: &[PathBuf],
+    args: &[String],
+) -> Result<VmProcess, Error> {
     let mut c = try_ferry()?;
-    c.args(["receive", "--listen", listen]);
+    c.args(["receive", "--listen", listen]).args(args);
     if let Some(s) = socket {
         c.arg("--api-socket").arg(s);
     }

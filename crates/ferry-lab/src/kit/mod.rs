@@ -10,6 +10,7 @@ pub mod console;
 pub mod hosts;
 pub mod lan;
 pub mod probe;
+pub mod raw;
 mod vm;
 
 use std::path::{Path, PathBuf};

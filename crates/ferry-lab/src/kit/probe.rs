@@ -81,7 +81,15 @@ struct Arrivals {
     last: Option<Instant>,
     gap: Duration,
     gap_start: Option<Instant>,
+    /// Silences longer than [`NOTED_GAP`], the first [`NOTED_GAPS`] of them: where they
+    /// start and how long they last, to tell a migration's gap from the host's hiccups.
+    noted: Vec<(Instant, Duration)>,
 }
+
+/// Silences at least this long are listed in a report.
+const NOTED_GAP: Duration = Duration::from_millis(5);
+/// At most this many are.
+const NOTED_GAPS: usize = 64;
 
 impl Arrivals {
     fn arrived(&mut self, at: Instant) {
@@ -90,6 +98,9 @@ impl Arrivals {
             if gap > self.gap {
                 self.gap = gap;
                 self.gap_start = Some(last);
+            }
+            if gap >= NOTED_GAP && self.noted.len() < NOTED_GAPS {
+                self.noted.push((last, gap));
             }
         }
         self.last = Some(at);
@@ -478,6 +489,8 @@ pub struct UdpReport {
     pub longest_gap_ms: Option<f64>,
     /// When that silence began, since the probe's start.
     pub longest_gap_at_ms: Option<f64>,
+    /// Silences of 5 ms or more (the first 64): [start, length] in ms.
+    pub gaps: Vec<[f64; 2]>,
     pub rtt_median_ms: Option<f64>,
     pub rtt_max_ms: Option<f64>,
     /// Set when no request was ever answered.
@@ -493,6 +506,8 @@ pub struct TcpReport {
     /// The longest time without an echo since the first one.
     pub longest_gap_ms: Option<f64>,
     pub longest_gap_at_ms: Option<f64>,
+    /// Silences of 5 ms or more (the first 64): [start, length] in ms.
+    pub gaps: Vec<[f64; 2]>,
     /// Longest time from writing a message to its echo.
     pub rtt_max_ms: Option<f64>,
     /// The connection ended: reset, closed by the peer, or timed out (see `error`).
@@ -540,6 +555,12 @@ fn report(target: SocketAddrV4, shared: &Shared, start: Instant, end: Instant) -
             unmatched: u.unmatched,
             longest_gap_ms: gap.map(|(g, _)| ms(g)),
             longest_gap_at_ms: gap.map(|(_, at)| since(at)),
+            gaps: u
+                .arrivals
+                .noted
+                .iter()
+                .map(|&(at, g)| [since(at), ms(g)])
+                .collect(),
             rtt_median_ms: quantile(&rtts, 0.5).map(rtt_ms),
             rtt_max_ms: rtts.last().copied().map(rtt_ms),
             error: (u.answered == 0).then(|| "no UDP request was answered".to_string()),
@@ -554,6 +575,12 @@ fn report(target: SocketAddrV4, shared: &Shared, start: Instant, end: Instant) -
             echoed: t.echoed,
             longest_gap_ms: gap.map(|(g, _)| ms(g)),
             longest_gap_at_ms: gap.map(|(_, at)| since(at)),
+            gaps: t
+                .arrivals
+                .noted
+                .iter()
+                .map(|&(at, g)| [since(at), ms(g)])
+                .collect(),
             rtt_max_ms: (t.echoed > 0).then(|| ms(t.rtt_max)),
             reset: t.ended.is_some(),
             corrupt: t.corruption.is_some(),

@@ -18,6 +18,8 @@ pub struct Boot {
     pub memory: &'static str,
     pub append: String,
     pub disks: Vec<PathBuf>,
+    /// `--net` specs (`tap=NAME[,mac=...]`).
+    pub nets: Vec<String>,
     pub api_socket: Option<PathBuf>,
 }
 
@@ -28,6 +30,7 @@ impl Boot {
             memory: "256M",
             append: append.to_string(),
             disks: vec![],
+            nets: vec![],
             api_socket: None,
         }
     }
@@ -41,6 +44,9 @@ impl Boot {
             .args(["--append", &self.append]);
         for d in &self.disks {
             c.arg("--disk").arg(d);
+        }
+        for n in &self.nets {
+            c.arg("--net").arg(n);
         }
         if let Some(s) = &self.api_socket {
             c.arg("--api-socket").arg(s);

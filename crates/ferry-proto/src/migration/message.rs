@@ -93,6 +93,10 @@ pub struct Setup {
     /// without the `disk-blocks` feature: nothing moves.
     #[serde(default)]
     pub moving_disks: Vec<MovingDisk>,
+    /// How many NICs the VM has: the destination needs a tap for each before it takes the
+    /// VM. Absent in an older peer, whose VMs have none.
+    #[serde(default)]
+    pub nics: u32,
 }
 
 /// A disk whose contents move with the VM.

@@ -11,8 +11,11 @@
 //! [`super::virtio::block`], a variant in [`Device`] and in [`DeviceState`], and the compiler
 //! lists the arms to write here.
 
+use std::sync::Arc;
+
 use ferry_api::DeviceInfo;
 use ferry_devices::virtio::block::VirtioBlockState;
+use ferry_devices::virtio::net::{Announcer, Mac, NetBackend, VirtioNetState};
 use ferry_devices::GuestMemory;
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
@@ -20,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::event_loop::Subscriber;
 use super::slots::{MmioSlot, SlotAllocator, SlotError};
 use super::virtio::block::{DiskError, VirtioDisk};
+use super::virtio::net::{NicError, VirtioNic};
 use crate::bus::Bus;
 use crate::config::DiskConfig;
 
@@ -27,6 +31,7 @@ use crate::config::DiskConfig;
 #[derive(Debug)]
 pub enum Device {
     Block(VirtioDisk),
+    Net(VirtioNic),
 }
 
 /// A device's saved state, with the slot it sat at.
@@ -36,12 +41,16 @@ pub enum DeviceState {
         slot: MmioSlot,
         state: VirtioBlockState,
     },
+    Net {
+        slot: MmioSlot,
+        state: VirtioNetState,
+    },
 }
 
 impl DeviceState {
     pub fn slot(&self) -> MmioSlot {
         match self {
-            DeviceState::Block { slot, .. } => *slot,
+            DeviceState::Block { slot, .. } | DeviceState::Net { slot, .. } => *slot,
         }
     }
 }
@@ -51,6 +60,8 @@ impl DeviceState {
 #[derive(Debug, Clone, Copy)]
 pub struct Backends<'a> {
     pub disks: &'a [DiskConfig],
+    /// The NICs' taps, already opened (a tap takes one opener at a time).
+    pub nics: &'a [Arc<dyn NetBackend>],
 }
 
 /// Why devices cannot be attached or restored.
@@ -66,8 +77,12 @@ pub enum DeviceError {
     },
     #[error("the snapshot has {saved} disk state(s) for {given} disk(s)")]
     DiskCount { saved: usize, given: usize },
+    #[error("the snapshot has {saved} NIC state(s) for {given} tap(s)")]
+    NicCount { saved: usize, given: usize },
     #[error(transparent)]
     Disk(#[from] DiskError),
+    #[error(transparent)]
+    Nic(#[from] NicError),
 }
 
 fn disk_states(states: &[DeviceState]) -> usize {
@@ -77,9 +92,20 @@ fn disk_states(states: &[DeviceState]) -> usize {
         .count()
 }
 
+fn nic_states(states: &[DeviceState]) -> usize {
+    states
+        .iter()
+        .filter(|s| matches!(s, DeviceState::Net { .. }))
+        .count()
+}
+
 /// Reserves the saved devices' slots in a fresh allocator, refusing impossible ones, and checks
-/// that the host provides a backend for every device.
-fn checked(states: &[DeviceState], backends: Backends<'_>) -> Result<SlotAllocator, DeviceError> {
+/// that the host provides a backend for every device: `disks` disks and `nics` taps.
+fn checked(
+    states: &[DeviceState],
+    disks_given: usize,
+    nics_given: usize,
+) -> Result<SlotAllocator, DeviceError> {
     let mut slots = SlotAllocator::new();
     for (index, state) in states.iter().enumerate() {
         slots
@@ -87,10 +113,17 @@ fn checked(states: &[DeviceState], backends: Backends<'_>) -> Result<SlotAllocat
             .map_err(|source| DeviceError::SavedSlot { index, source })?;
     }
     let disks = disk_states(states);
-    if disks != backends.disks.len() {
+    if disks != disks_given {
         return Err(DeviceError::DiskCount {
             saved: disks,
-            given: backends.disks.len(),
+            given: disks_given,
+        });
+    }
+    let nics = nic_states(states);
+    if nics != nics_given {
+        return Err(DeviceError::NicCount {
+            saved: nics,
+            given: nics_given,
         });
     }
     Ok(slots)
@@ -122,10 +155,29 @@ impl DeviceManager {
         Ok(slot)
     }
 
+    /// Attaches a NIC with `mac` on the opened tap `backend` at the next free slot.
+    pub fn attach_nic(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        mmio_bus: &mut Bus,
+        backend: Arc<dyn NetBackend>,
+        mac: Mac,
+    ) -> Result<MmioSlot, DeviceError> {
+        let slot = self.slots.allocate().map_err(DeviceError::Slot)?;
+        let device = VirtioNic::attach(vm, mem, mmio_bus, slot, backend, mac)?;
+        self.devices.push((slot, Device::Net(device)));
+        Ok(slot)
+    }
+
     /// Checks saved devices against what the host provides, without touching anything: every
     /// slot possible and its own, a backend for every device.
-    pub fn check_saved(states: &[DeviceState], backends: Backends<'_>) -> Result<(), DeviceError> {
-        checked(states, backends).map(drop)
+    pub fn check_saved(
+        states: &[DeviceState],
+        disks: usize,
+        nics: usize,
+    ) -> Result<(), DeviceError> {
+        checked(states, disks, nics).map(drop)
     }
 
     /// Attaches every saved device at its saved slot, continuing from its state.
@@ -136,8 +188,9 @@ impl DeviceManager {
         states: &[DeviceState],
         backends: Backends<'_>,
     ) -> Result<DeviceManager, DeviceError> {
-        let slots = checked(states, backends)?;
+        let slots = checked(states, backends.disks.len(), backends.nics.len())?;
         let mut disks = backends.disks.iter();
+        let mut nics = backends.nics.iter();
         let mut devices = Vec::with_capacity(states.len());
         for state in states {
             let device = match state {
@@ -147,6 +200,20 @@ impl DeviceManager {
                         given: backends.disks.len(),
                     })?;
                     Device::Block(VirtioDisk::restore(vm, mem, mmio_bus, *slot, disk, state)?)
+                }
+                DeviceState::Net { slot, state } => {
+                    let tap = nics.next().ok_or(DeviceError::NicCount {
+                        saved: nic_states(states),
+                        given: backends.nics.len(),
+                    })?;
+                    Device::Net(VirtioNic::restore(
+                        vm,
+                        mem,
+                        mmio_bus,
+                        *slot,
+                        tap.clone(),
+                        state,
+                    )?)
                 }
             };
             devices.push((state.slot(), device));
@@ -168,6 +235,10 @@ impl DeviceManager {
                     slot: *slot,
                     state: disk.save(),
                 },
+                Device::Net(nic) => DeviceState::Net {
+                    slot: *slot,
+                    state: nic.save(),
+                },
             })
             .collect()
     }
@@ -178,6 +249,7 @@ impl DeviceManager {
             .iter()
             .map(|(slot, device)| match device {
                 Device::Block(disk) => disk.info(*slot),
+                Device::Net(nic) => nic.info(*slot),
             })
             .collect()
     }
@@ -188,6 +260,7 @@ impl DeviceManager {
             .iter()
             .map(|(_, device)| match device {
                 Device::Block(disk) => disk.subscriber(),
+                Device::Net(nic) => nic.subscriber(),
             })
             .collect()
     }
@@ -196,8 +269,31 @@ impl DeviceManager {
     pub fn disk_handles(&self) -> Vec<crate::migration::source::DiskHandle> {
         self.devices
             .iter()
-            .map(|(_, device)| match device {
-                Device::Block(disk) => disk.migration_handle(),
+            .filter_map(|(_, device)| match device {
+                Device::Block(disk) => Some(disk.migration_handle()),
+                Device::Net(_) => None,
+            })
+            .collect()
+    }
+
+    /// The NICs' taps, in the VM's NIC order.
+    pub fn nic_taps(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .filter_map(|(_, device)| match device {
+                Device::Net(nic) => Some(nic.tap().to_owned()),
+                Device::Block(_) => None,
+            })
+            .collect()
+    }
+
+    /// Tells the network where the VM's NICs are now (after a restore or a migration).
+    pub fn announce(&self) -> Vec<Announcer> {
+        self.devices
+            .iter()
+            .filter_map(|(_, device)| match device {
+                Device::Net(nic) => nic.announce(),
+                Device::Block(_) => None,
             })
             .collect()
     }
@@ -210,6 +306,8 @@ impl DeviceManager {
             .iter()
             .filter_map(|(_, device)| match device {
                 Device::Block(disk) => disk.flush().err(),
+                // Frames are not kept: nothing to make durable.
+                Device::Net(_) => None,
             })
             .collect();
         if failures.is_empty() {

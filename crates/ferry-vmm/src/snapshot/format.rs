@@ -433,7 +433,9 @@ mod tests {
             base: MmioSlot::nth(7).base,
             irq: MmioSlot::nth(2).irq,
         };
-        let DeviceState::Block { slot, .. } = &mut s.devices.virtio[0];
+        let DeviceState::Block { slot, .. } = &mut s.devices.virtio[0] else {
+            panic!("a disk state");
+        };
         *slot = moved;
         let back = read_state(&mut Cursor::new(written(&s))).expect("read");
         assert_eq!(back.devices.virtio[0].slot(), moved);

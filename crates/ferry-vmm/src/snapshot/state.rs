@@ -30,6 +30,16 @@ pub struct MachineState {
     /// The disks, with the paths they had when saved, in the order their states appear among
     /// the devices.
     pub disks: Vec<SavedDisk>,
+    /// The NICs, with the taps they had when saved, in the order their states appear among
+    /// the devices. Absent in snapshots from before NICs: none.
+    #[serde(default)]
+    pub nics: Vec<SavedNic>,
+}
+
+/// A NIC as saved: the tap it was on. Its MAC is part of the device state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedNic {
+    pub tap: String,
 }
 
 /// A disk as saved: where it was and whether it was read-only.

@@ -26,16 +26,17 @@ use crate::cpu::vcpu::{self, Vcpu, VcpuCounters};
 use crate::cpu::{cpuid, regs};
 use crate::devices::event_loop;
 use crate::devices::legacy::SerialConsole;
-use crate::devices::manager::DeviceManager;
+use crate::devices::manager::{DeviceError, DeviceManager};
+use crate::devices::virtio::net::{default_mac, open_tap};
 use crate::event::VmmEvent;
 use crate::memory;
-use crate::snapshot::state::{MachineState, SavedDisk};
+use crate::snapshot::state::{MachineState, SavedDisk, SavedNic};
 use crate::VmmError;
 use control::{Control, VcpuHandle};
 use platform::{kvm_err, Platform};
 use vm_memory::GuestAddress;
 
-pub(crate) use restore::check_fits;
+pub(crate) use restore::{check_fits, open_taps};
 pub use restore::{Attachments, RestoreConfig, Skeleton};
 
 /// Why a VM ended without an error.
@@ -92,6 +93,9 @@ pub struct Vm {
     events: Receiver<VmmEvent>,
     api_socket: Option<ApiSocket>,
     save_progress: Arc<crate::snapshot::SaveProgress>,
+    /// Announce the NICs' MACs once the vCPUs run: the VM was restored or migrated, and the
+    /// network still sends its frames to where it was.
+    announce_on_start: bool,
 }
 
 impl std::fmt::Debug for Vm {
@@ -127,6 +131,11 @@ impl Vm {
         let mut devices = DeviceManager::new();
         for disk in &config.disks {
             devices.attach_disk(&vm_fd, &mem, &mut platform.mmio_bus, disk)?;
+        }
+        for nic in &config.nics {
+            let tap = open_tap(&nic.tap).map_err(DeviceError::Nic)?;
+            let mac = nic.mac.unwrap_or_else(|| default_mac(&nic.tap.name));
+            devices.attach_nic(&vm_fd, &mem, &mut platform.mmio_bus, tap, mac)?;
         }
         let slots = devices.slots();
         // Linux finds virtio-mmio devices in the ACPI DSDT; the test guest (PVH) reads them
@@ -236,6 +245,13 @@ impl Vm {
                     read_only: d.read_only,
                 })
                 .collect(),
+            nics: config
+                .nics
+                .iter()
+                .map(|n| SavedNic {
+                    tap: n.tap.name.clone(),
+                })
+                .collect(),
         };
         Ok(Vm::assemble(VmParts {
             machine,
@@ -276,6 +292,7 @@ impl Vm {
             events: platform.events,
             api_socket,
             save_progress: Arc::default(),
+            announce_on_start: false,
         }
     }
 
@@ -329,6 +346,10 @@ impl Vm {
             });
         }
         tracing::info!(vcpus = handles.len(), "vm running");
+        if self.announce_on_start {
+            // The announcers send from threads of their own and end by themselves.
+            drop(self.devices.announce());
+        }
         if let Some(started) = started.take() {
             started();
         }

@@ -124,11 +124,13 @@ impl Platform {
                     legacy::SERIAL_IRQ
                 ),
                 block: None,
+                net: None,
             },
             DeviceInfo {
                 kind: "i8042".into(),
                 location: format!("io {:#x}", legacy::I8042_PORT_BASE),
                 block: None,
+                net: None,
             },
         ];
         Ok(Platform {

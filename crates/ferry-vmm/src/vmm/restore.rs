@@ -3,19 +3,23 @@
 
 use std::fs::File;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use ferry_devices::virtio::net::{NetBackend, TapConfig};
 
 use kvm_ioctls::{Kvm, VcpuFd};
 
 use super::platform::{self, kvm_err, Platform};
 use super::{open_kvm, Vm, VmParts};
 use crate::api;
-use crate::config::{ConsoleConfig, DiskConfig, VmConfig};
+use crate::config::{ConsoleConfig, DiskConfig, NicConfig, VmConfig};
 use crate::cpu::vcpu;
 use crate::devices::manager::{Backends, DeviceManager};
+use crate::devices::virtio::net::open_tap;
 use crate::kvm_state::restore_all;
 use crate::memory;
 use crate::snapshot::memory_file::{check_index, map_memory_file};
-use crate::snapshot::state::{SavedDisk, VmState};
+use crate::snapshot::state::{SavedDisk, SavedNic, VmState};
 use crate::snapshot::{read_state_file, SnapshotError, MEMORY_FILE};
 use crate::VmmError;
 
@@ -26,6 +30,8 @@ pub struct RestoreConfig {
     pub dir: PathBuf,
     /// New paths for the saved disks, in their order; empty keeps the saved paths.
     pub disks: Vec<PathBuf>,
+    /// Taps for the saved NICs, in their order; empty opens the saved taps by name.
+    pub nics: Vec<TapConfig>,
     pub api_socket: Option<PathBuf>,
     pub console: ConsoleConfig,
 }
@@ -35,8 +41,27 @@ pub struct RestoreConfig {
 pub struct Attachments {
     /// New paths for the saved disks, in their order; empty keeps the saved paths.
     pub disks: Vec<PathBuf>,
+    /// Taps for the saved NICs, in their order; empty opens the saved taps by name.
+    pub nics: Vec<TapConfig>,
     pub api_socket: Option<PathBuf>,
     pub console: ConsoleConfig,
+}
+
+/// What a saved VM is attached to on this host, once checked by [`check_fits`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Fit {
+    pub disks: Vec<SavedDisk>,
+    pub taps: Vec<TapConfig>,
+}
+
+/// Opens the taps of a VM that fits, in its NIC order.
+pub(crate) fn open_taps(taps: &[TapConfig]) -> Result<Vec<Arc<dyn NetBackend>>, VmmError> {
+    taps.iter()
+        .map(|tap| {
+            open_tap(tap)
+                .map_err(|e| VmmError::Device(crate::devices::manager::DeviceError::Nic(e)))
+        })
+        .collect()
 }
 
 impl Vm {
@@ -46,10 +71,12 @@ impl Vm {
         let state = read_state_file(&config.dir)?;
         let attach = Attachments {
             disks: config.disks,
+            nics: config.nics,
             api_socket: config.api_socket,
             console: config.console,
         };
-        let disks = check_fits(&kvm, host_memory, &state, &attach)?;
+        let fit = check_fits(&kvm, host_memory, &state, &attach)?;
+        let taps = open_taps(&fit.taps)?;
         // Bind the API socket before the (possibly long) memory check: a path in use fails fast.
         let api_socket = attach.api_socket.as_deref().map(api::bind).transpose()?;
         let memory_path = config.dir.join(MEMORY_FILE);
@@ -68,14 +95,17 @@ impl Vm {
         })?;
         let mem = map_memory_file(file, &state.memory, total).map_err(mem_err)?;
         let skeleton = Skeleton::new(&kvm, mem, state.machine.vcpus)?;
-        Vm::from_parts(skeleton, state, disks, api_socket, &attach.console)
+        Vm::from_parts(skeleton, state, fit, taps, api_socket, &attach.console)
     }
 
-    /// Builds a VM from its state and its guest memory (already filled), ready to run.
+    /// Builds a VM from its state and its guest memory (already filled), ready to run; it
+    /// announces its NICs' MACs once it runs, as it may run on another host than it was saved
+    /// on. `taps` are the opened taps of `fit.taps`.
     pub(crate) fn from_parts(
         skeleton: Skeleton,
         state: VmState,
-        disks: Vec<SavedDisk>,
+        fit: Fit,
+        taps: Vec<Arc<dyn NetBackend>>,
         api_socket: Option<api::ApiSocket>,
         console: &ConsoleConfig,
     ) -> Result<Vm, VmmError> {
@@ -98,7 +128,8 @@ impl Vm {
             &mut platform.mmio_bus,
             &state.devices.virtio,
             Backends {
-                disks: &disk_configs(&disks),
+                disks: &disk_configs(&fit.disks),
+                nics: &taps,
             },
         )?;
         // Irqchips and PIT, every vCPU, then the clock last: see kvm_state for why.
@@ -107,8 +138,15 @@ impl Vm {
         // The MSRs the source saved were all accepted here: the same list saves them again.
         let msrs: Vec<u32> = state.vcpus[0].msrs.iter().map(|e| e.index).collect();
         let mut machine = state.machine;
-        machine.disks = disks;
-        Ok(Vm::assemble(VmParts {
+        machine.disks = fit.disks;
+        machine.nics = fit
+            .taps
+            .iter()
+            .map(|t| SavedNic {
+                tap: t.name.clone(),
+            })
+            .collect();
+        let mut vm = Vm::assemble(VmParts {
             machine,
             vm_fd,
             memory: mem,
@@ -117,7 +155,9 @@ impl Vm {
             vcpu_fds,
             msrs,
             api_socket,
-        }))
+        });
+        vm.announce_on_start = true;
+        Ok(vm)
     }
 }
 
@@ -160,13 +200,14 @@ impl Skeleton {
     }
 }
 
-/// Checks that a saved VM fits this host and the given disks; returns the disks to open.
+/// Checks that a saved VM fits this host and the given disks and taps; returns the disks and
+/// taps to open.
 pub(crate) fn check_fits(
     kvm: &Kvm,
     host_memory: u64,
     state: &VmState,
     attach: &Attachments,
-) -> Result<Vec<SavedDisk>, VmmError> {
+) -> Result<Fit, VmmError> {
     let machine = &state.machine;
     let bad = |m: String| VmmError::BadSnapshot(m);
     if !attach.disks.is_empty() && attach.disks.len() != machine.disks.len() {
@@ -189,6 +230,26 @@ pub(crate) fn check_fits(
             })
             .collect()
     };
+    if !attach.nics.is_empty() && attach.nics.len() != machine.nics.len() {
+        return Err(bad(format!(
+            "the VM has {} NIC(s) but {} --net tap(s) were given",
+            machine.nics.len(),
+            attach.nics.len()
+        )));
+    }
+    let taps: Vec<TapConfig> = if attach.nics.is_empty() {
+        machine
+            .nics
+            .iter()
+            .map(|n| TapConfig {
+                name: n.tap.clone(),
+                create: false,
+                bridge: None,
+            })
+            .collect()
+    } else {
+        attach.nics.clone()
+    };
     // The same limits as a fresh boot: the VM may come from a bigger host.
     VmConfig {
         kernel: machine.kernel.clone().into(),
@@ -196,6 +257,13 @@ pub(crate) fn check_fits(
         memory_bytes: machine.memory_bytes,
         vcpus: machine.vcpus,
         disks: disk_configs(&disks),
+        nics: taps
+            .iter()
+            .map(|tap| NicConfig {
+                tap: tap.clone(),
+                mac: None,
+            })
+            .collect(),
         cmdline: machine.cmdline.clone(),
         api_socket: None,
         console: ConsoleConfig::Stdout,
@@ -208,12 +276,9 @@ pub(crate) fn check_fits(
             machine.vcpus
         )));
     }
-    let backends = Backends {
-        disks: &disk_configs(&disks),
-    };
-    DeviceManager::check_saved(&state.devices.virtio, backends)
+    DeviceManager::check_saved(&state.devices.virtio, disks.len(), taps.len())
         .map_err(|e| bad(crate::error_chain(&e)))?;
-    Ok(disks)
+    Ok(Fit { disks, taps })
 }
 
 fn disk_configs(disks: &[SavedDisk]) -> Vec<DiskConfig> {

@@ -13,8 +13,6 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 /// How long a peer stays listed after its last packet.
 pub const PEER_WINDOW: Duration = Duration::from_secs(60);
 /// Most peers remembered.
@@ -40,40 +38,7 @@ pub enum Direction {
     ToGuest,
 }
 
-/// A peer as the API shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Peer {
-    pub addr: IpAddr,
-    pub packets_in: u64,
-    pub packets_out: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    /// Milliseconds since its last packet.
-    pub idle_ms: u64,
-}
-
-/// A TCP connection that looks open.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Connection {
-    /// The VM's end.
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    /// Whether the VM sent the first SYN (it is the client).
-    pub outgoing: bool,
-    /// Milliseconds since its last segment.
-    pub idle_ms: u64,
-}
-
-/// What the API reports: the table at one instant.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Flows {
-    pub peers: Vec<Peer>,
-    pub connections: Vec<Connection>,
-    /// Frames that were not IP (ARP, for one) or not parseable.
-    pub other_frames: u64,
-    /// Entries forgotten because a map was full.
-    pub evicted: u64,
-}
+pub use ferry_api::{NetConnection as Connection, NetFlows as Flows, NetPeer as Peer};
 
 /// The saved table: the same as [`Flows`], ages instead of instants, so it survives a
 /// snapshot or a migration. Restoring it checks nothing but the bounds: it only informs.

@@ -2,8 +2,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
-
 /// Live counters, updated by the device thread and readable from any thread.
 #[derive(Debug, Default)]
 pub struct NetCounters {
@@ -28,21 +26,8 @@ pub struct NetCounters {
     pub rarp_sent: AtomicU64,
 }
 
-/// A snapshot of [`NetCounters`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct NetMetrics {
-    pub rx_frames: u64,
-    pub rx_bytes: u64,
-    pub tx_frames: u64,
-    pub tx_bytes: u64,
-    pub rx_dropped: u64,
-    pub tx_errors: u64,
-    pub invalid_chains: u64,
-    pub ctrl_commands: u64,
-    pub ctrl_refused: u64,
-    pub guest_announces: u64,
-    pub rarp_sent: u64,
-}
+/// A snapshot of [`NetCounters`] (the API's type).
+pub use ferry_api::NetMetrics;
 
 impl NetCounters {
     pub fn snapshot(&self) -> NetMetrics {

@@ -36,11 +36,14 @@ use std::io;
 pub use announce::{rarp_frame, Announcer, ANNOUNCE_DELAYS_MS};
 pub use backend::{NetBackend, Tap, TapConfig, TapError};
 pub use device::{Net, NetConfig, NetInfo};
-pub use flows::{Connection, FlowTable, FlowTableState, Flows, Peer};
+pub use flows::{
+    Connection, Direction, FlowTable, FlowTableState, Flows, Peer, MAX_CONNECTIONS, MAX_PEERS,
+    PEER_WINDOW,
+};
 pub use metrics::{NetCounters, NetMetrics};
 pub use persist::{
-    save_net, NetArgs, NetQueueState, NetRestoreError, NetState, VirtioNet, VirtioNetArgs,
-    VirtioNetRestoreError, VirtioNetState,
+    save_net, NetArgs, NetQueueState, NetQueuesState, NetRestoreError, NetState, VirtioNet,
+    VirtioNetArgs, VirtioNetRestoreError, VirtioNetState,
 };
 
 /// Descriptors in each queue.

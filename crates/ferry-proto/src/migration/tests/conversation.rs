@@ -223,6 +223,7 @@ fn a_full_migration_moves_every_page_over_a_socket_pair() {
     let (a, b) = UnixStream::pair().expect("socketpair");
     let setup = Setup {
         moving_disks: Vec::new(),
+        nics: 0,
         ..sample_setup()
     };
     let state = b"{\"vcpus\":[{\"rip\":4096}],\"devices\":[]}".to_vec();
@@ -268,6 +269,7 @@ fn a_destination_abort_before_commit_leaves_the_source_free_to_resume() {
             a,
             Setup {
                 moving_disks: Vec::new(),
+                nics: 0,
                 ..sample_setup()
             },
             b"{}".to_vec(),

@@ -927,6 +927,7 @@ fn disks_move_only_when_both_sides_speak_disk_blocks() {
     // Without moving disks, the same Setup is fine.
     let setup = Setup {
         moving_disks: Vec::new(),
+        nics: 0,
         ..sample_setup()
     };
     dst.received(&Message::Setup(setup)).expect("no disks move");

@@ -29,6 +29,7 @@ fn sample_setup() -> Setup {
             size: 1 << 20,
             read_only: false,
         }],
+        nics: 1,
     }
 }
 

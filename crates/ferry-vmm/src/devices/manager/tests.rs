@@ -16,13 +16,6 @@ fn disk(path: PathBuf) -> DiskConfig {
     }
 }
 
-/// `n` disks for the pure checks, which never open them.
-fn disks(n: usize) -> Vec<DiskConfig> {
-    (0..n)
-        .map(|i| disk(format!("/nonexistent/disk{i}").into()))
-        .collect()
-}
-
 fn block_at(slot: MmioSlot) -> DeviceState {
     DeviceState::Block {
         slot,
@@ -31,7 +24,7 @@ fn block_at(slot: MmioSlot) -> DeviceState {
 }
 
 fn check(states: &[DeviceState], n: usize) -> Result<(), DeviceError> {
-    DeviceManager::check_saved(states, Backends { disks: &disks(n) })
+    DeviceManager::check_saved(states, n, 0)
 }
 
 #[test]
@@ -175,7 +168,9 @@ fn restored_devices_sit_at_their_saved_slots() {
         base: MmioSlot::nth(6).base,
         irq: MmioSlot::nth(4).irq,
     };
-    let DeviceState::Block { slot, .. } = &mut states[1];
+    let DeviceState::Block { slot, .. } = &mut states[1] else {
+        panic!("a disk state");
+    };
     *slot = moved;
 
     let dest = TestVm::new(1);
@@ -185,7 +180,10 @@ fn restored_devices_sit_at_their_saved_slots() {
         &mem,
         &mut bus,
         &states,
-        Backends { disks: &configs },
+        Backends {
+            disks: &configs,
+            nics: &[],
+        },
     )
     .expect("restore");
     assert_eq!(restored.slots(), [MmioSlot::nth(0), moved]);
@@ -208,4 +206,22 @@ fn restored_devices_sit_at_their_saved_slots() {
         .attach_disk(&dest.vm, &mem, &mut bus, &disk(third.as_path().into()))
         .expect("attach a third");
     assert_eq!(slot, MmioSlot::nth(1));
+}
+
+#[test]
+fn a_saved_nic_needs_a_tap_and_a_tap_needs_a_saved_nic() {
+    let nic = DeviceState::Net {
+        slot: MmioSlot::nth(1),
+        state: Default::default(),
+    };
+    let states = [block_at(MmioSlot::nth(0)), nic];
+    assert!(DeviceManager::check_saved(&states, 1, 1).is_ok());
+    assert!(matches!(
+        DeviceManager::check_saved(&states, 1, 0),
+        Err(DeviceError::NicCount { saved: 1, given: 0 })
+    ));
+    assert!(matches!(
+        DeviceManager::check_saved(&states[..1], 1, 2),
+        Err(DeviceError::NicCount { saved: 0, given: 2 })
+    ));
 }

@@ -133,7 +133,6 @@ impl VirtioDisk {
         self.block.clone()
     }
 
-    /// Makes everything the guest wrote durable.
     /// The disk as storage migration reads and tracks it.
     pub fn migration_handle(&self) -> crate::migration::source::DiskHandle {
         let block = lock(&self.block);
@@ -144,6 +143,7 @@ impl VirtioDisk {
         }
     }
 
+    /// Makes everything the guest wrote durable.
     pub fn flush(&self) -> Result<(), String> {
         let backend = lock(&self.block).backend().clone();
         backend
@@ -171,6 +171,7 @@ impl VirtioDisk {
                 invalid_requests: m.invalid_requests,
                 io_errors: m.io_errors,
             }),
+            net: None,
         }
     }
 }

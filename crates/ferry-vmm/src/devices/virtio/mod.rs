@@ -3,6 +3,7 @@
 //! its state, what the API reports) has its own module.
 
 pub mod block;
+pub mod net;
 
 use std::sync::{Arc, Mutex};
 

@@ -277,6 +277,7 @@ mod tests {
                     read_only: false,
                 })
                 .collect(),
+            nics: 0,
         }
     }
 

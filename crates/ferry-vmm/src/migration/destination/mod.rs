@@ -30,9 +30,10 @@ use crate::api;
 use crate::config::ConsoleConfig;
 use crate::memory;
 use crate::snapshot::state::VmState;
-use crate::vmm::{check_fits, open_kvm, Attachments, Skeleton, Vm, VmExit};
+use crate::vmm::{check_fits, open_kvm, open_taps, Attachments, Skeleton, Vm, VmExit};
 use crate::VmmError;
 use apply::{AppliedTotals, Reader};
+use ferry_devices::virtio::net::TapConfig;
 use listener::{Handover, Incoming};
 
 /// How long the destination waits for the source between messages before it gives up.
@@ -52,6 +53,9 @@ pub struct ReceiveConfig {
     pub overwrite: bool,
     /// Test aid: moving disks are written no faster than this many bytes per second.
     pub disk_write_limit: Option<u64>,
+    /// The taps the VM's NICs go on, in their order. They are opened before the receiver
+    /// listens, so a missing tap fails at once, not after the VM's memory has crossed.
+    pub nics: Vec<TapConfig>,
     pub api_socket: Option<PathBuf>,
     pub console: ConsoleConfig,
 }
@@ -123,6 +127,7 @@ impl Link {
 /// waits for the next; the API socket answers meanwhile.
 pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
     let (kvm, host_memory) = open_kvm()?;
+    let taps = open_taps(&config.nics)?;
     let mut api_socket = config.api_socket.as_deref().map(api::bind).transpose()?;
     let waiting_api = match api_socket.as_mut() {
         Some(socket) => Some(serve_waiting_api(socket)?),
@@ -172,6 +177,7 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
     };
     let attach = Attachments {
         disks: config.disks,
+        nics: config.nics,
         api_socket: None,
         console: config.console,
     };
@@ -182,6 +188,7 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         features.flow_control,
         host_memory,
         &kvm,
+        taps.len(),
         |setup| {
             disks::Landing::prepare(
                 setup,
@@ -215,7 +222,7 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         None => None,
     };
     let vm = match check_fits(&kvm, host_memory, &state, &attach)
-        .and_then(|disks| Vm::from_parts(skeleton, state, disks, api_socket, &attach.console))
+        .and_then(|fit| Vm::from_parts(skeleton, state, fit, taps, api_socket, &attach.console))
     {
         Ok(vm) => vm,
         Err(e) => {
@@ -293,6 +300,7 @@ fn receive_state(
     flow_control: bool,
     host_memory: u64,
     kvm: &kvm_ioctls::Kvm,
+    taps: usize,
     prepare_disks: impl FnOnce(&ferry_proto::migration::Setup) -> Result<disks::Landing, Refusal>,
 ) -> Result<(VmState, Skeleton, disks::Landing), Refusal> {
     let lacking = |why: String| Refusal(AbortKind::Resources, why);
@@ -301,6 +309,13 @@ fn receive_state(
             "the VM has {} MiB of memory; this host has {} MiB",
             setup.memory_bytes >> 20,
             host_memory >> 20
+        )));
+    }
+    if setup.nics as usize != taps {
+        return Err(lacking(format!(
+            "the VM has {} NIC(s); this receiver was given {taps} tap(s) (--net tap=NAME, one \
+             per NIC)",
+            setup.nics
         )));
     }
     if setup.vcpus == 0 || usize::from(setup.vcpus) > kvm.get_max_vcpus() {

@@ -402,6 +402,7 @@ impl<'a> Worker<'a> {
                 .map(|d| d.path.display().to_string())
                 .collect(),
             moving_disks: self.disks.setup(),
+            nics: self.ctx.machine.nics.len() as u32,
         }))?;
         match link.receive("setup acknowledgement", Instant::now() + ANSWER_TIMEOUT)? {
             Message::SetupOk => Ok(()),

@@ -129,6 +129,7 @@ pub fn measure(bytes: u64) -> std::io::Result<SendPathFigures> {
             .collect(),
         disks: Vec::new(),
         moving_disks: Vec::new(),
+        nics: 0,
     }))
     .map_err(to_io)?;
     link.receive("setup", far).map_err(to_io)?;
