@@ -94,7 +94,7 @@ impl Write for Collect<'_> {
 fn write_queued(max: usize) {
     // SAFETY: QUEUED is only touched under LOCK, which the caller holds.
     let q = unsafe { &mut *QUEUED.get() };
-    let end = (q.done + max).min(q.len);
+    let end = q.done.saturating_add(max).min(q.len);
     put_bytes(&q.bytes[q.done..end]);
     q.done = end;
     if q.done == q.len {

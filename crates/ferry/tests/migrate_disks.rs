@@ -11,11 +11,10 @@ use std::time::{Duration, Instant};
 
 use common::hosts::TwoHosts;
 use common::migration::{
-    assert_source_goes_on, hosts_or_skip, receiver_with, source, status_json, BOOT,
+    assert_handed_over, assert_source_goes_on, hosts_or_skip, receiver_with, source, status_json,
+    BOOT, MIGRATE,
 };
 use common::{ferry, sparse_image, Boot, TempDir, VmProcess};
-
-const MIGRATE: Duration = Duration::from_secs(120);
 
 /// A `ferry receive` on host `ns` with these extra arguments (its --disk paths and flags).
 fn receiver(ns: &str, listen: &str, args: &[&str]) -> VmProcess {
@@ -45,15 +44,7 @@ fn path_str(p: &Path) -> &str {
 
 /// The destination runs the guest on from where it was, its disk verification clean.
 fn assert_moved(src: &mut VmProcess, dst: &VmProcess, out: &Output) -> serde_json::Value {
-    let status = status_json(out);
-    assert!(out.status.success(), "migration failed: {status}");
-    assert_eq!(status["phase"], "completed", "{status}");
-    assert!(
-        src.wait_exit(MIGRATE).success(),
-        "the source ends after the handover: {}",
-        src.stderr()
-    );
-    src.assert_clean();
+    let status = assert_handed_over(src, out);
     let before = *src.statuses().last().expect("a source status");
     let (first, _) = dst.wait_for_ticks(BOOT);
     assert!(first.t >= before.t, "guest time went back");

@@ -10,13 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::migration::{receiver_with, status_json, BOOT};
+use common::migration::{assert_handed_over, receiver_with, status_json, BOOT};
 use common::{ferry, kvm_or_skip, vm_api, wait_for_path, Boot, TempDir, VmProcess};
 use ferry_lab::kit::lan::CLIENT_IF;
 use ferry_lab::kit::raw::send_raw_frames;
 use ferry_lab::kit::{Lan, Probe};
 
-const MIGRATE: Duration = Duration::from_secs(120);
 /// The tap each host gives the VM.
 const TAP: &str = "vmtap";
 
@@ -71,16 +70,7 @@ fn move_vm(
         &["--net", &format!("tap={TAP}"), "--api-socket", &socket_arg],
         None,
     );
-    let out = migrate(from, &listen);
-    let status = status_json(&out);
-    assert!(out.status.success(), "migration failed: {status}");
-    assert_eq!(status["phase"], "completed", "{status}");
-    assert!(
-        src.wait_exit(MIGRATE).success(),
-        "the source ends after the handover: {}",
-        src.stderr()
-    );
-    src.assert_clean();
+    assert_handed_over(src, &migrate(from, &listen));
     wait_for_path(&socket, BOOT);
     (dst, socket)
 }

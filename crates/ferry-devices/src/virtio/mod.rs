@@ -98,6 +98,30 @@ pub enum ActivateError {
     EventFd(#[source] io::Error),
 }
 
+/// Starts watching a device's queue eventfds on its event loop, queue `i`'s with `Events`
+/// data `first_data + i`. Returns false (and logs) if one could not be watched; an eventfd
+/// watched already is fine (a device activated again after a reset).
+pub(crate) fn watch_queue_events(
+    ops: &mut event_manager::EventOps,
+    evts: &[EventFd],
+    first_data: u32,
+    device: &str,
+) -> bool {
+    use event_manager::{Error, Events};
+    use vmm_sys_util::epoll::EventSet;
+    for (i, evt) in evts.iter().enumerate() {
+        let data = first_data + i as u32;
+        match ops.add(Events::with_data(evt, data, EventSet::IN)) {
+            Ok(()) | Err(Error::FdAlreadyRegistered) => {}
+            Err(e) => {
+                tracing::error!("{device}: cannot watch queue {i}'s eventfd: {e}");
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// Adds `n` to a device counter.
 pub(crate) fn add_to_counter(counter: &std::sync::atomic::AtomicU64, n: u64) {
     counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);

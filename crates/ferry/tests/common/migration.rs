@@ -82,3 +82,21 @@ pub fn assert_source_goes_on(src: &VmProcess, socket: &Path) {
     src.assert_clean();
     assert_eq!(vm_api(socket, "info")["state"], "running");
 }
+
+/// How long a test migration may take, from `ferry migrate` to the source's end.
+pub const MIGRATE: Duration = Duration::from_secs(120);
+
+/// `ferry migrate` (its output `out`) completed, and the source ended cleanly after the
+/// handover; returns the final status.
+pub fn assert_handed_over(src: &mut VmProcess, out: &Output) -> serde_json::Value {
+    let status = status_json(out);
+    assert!(out.status.success(), "migration failed: {status}");
+    assert_eq!(status["phase"], "completed", "{status}");
+    assert!(
+        src.wait_exit(MIGRATE).success(),
+        "the source ends after the handover: {}",
+        src.stderr()
+    );
+    src.assert_clean();
+    status
+}

@@ -13,6 +13,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::device::Net;
 use super::{CTRL_QUEUE, RX_QUEUE, TX_QUEUE};
 use crate::ratelimit::log_limited;
+use crate::virtio::watch_queue_events;
 
 /// `Events` data of the activation eventfd.
 const ACTIVATE_EVENT: u32 = 0;
@@ -66,15 +67,8 @@ impl Net {
     fn on_activate(&mut self, ops: &mut EventOps) {
         let _ = self.activate_evt.read();
         if !self.queue_evts_registered {
-            for (i, evt) in self.queue_evts.iter().enumerate() {
-                let data = QUEUE_EVENT + i as u32;
-                match ops.add(Events::with_data(evt, data, EventSet::IN)) {
-                    Ok(()) | Err(event_manager::Error::FdAlreadyRegistered) => {}
-                    Err(e) => {
-                        tracing::error!("virtio-net: cannot watch queue {i}'s eventfd: {e}");
-                        return;
-                    }
-                }
+            if !watch_queue_events(ops, &self.queue_evts, QUEUE_EVENT, "virtio-net") {
+                return;
             }
             self.queue_evts_registered = true;
         }
