@@ -105,6 +105,11 @@ enum BenchWhat {
         /// 20 MiB/s, ferry in both disk modes beside QEMU's NBD + blockdev-mirror flow.
         #[arg(long, conflicts_with_all = ["quick", "only"])]
         disk: bool,
+        /// NIC instead: a guest answering a client's UDP and TCP echo on a LAN of two hosts
+        /// (network namespaces), idle and busy; the client-seen gap around the migration,
+        /// and the NIC's latency and throughput without one.
+        #[arg(long, conflicts_with_all = ["quick", "only", "disk"])]
+        net: bool,
     },
     /// The migration send path alone (scanning, encoding, writing) into a receiver on
     /// loopback that discards: GB/s and CPU per page next to a plain memcpy.
@@ -222,6 +227,11 @@ fn main() -> ExitCode {
                 runs, disk: true, ..
             },
         } => bench::migrate_disk::migrate_disk(runs).and_then(|r| print_report(&r)),
+        Command::Bench {
+            what: BenchWhat::Migrate {
+                runs, net: true, ..
+            },
+        } => bench::migrate_net::migrate_net(runs).and_then(|r| print_report(&r)),
         Command::Bench {
             what: BenchWhat::Migrate {
                 runs, quick, only, ..

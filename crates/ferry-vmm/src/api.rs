@@ -92,11 +92,29 @@ pub struct ApiServer {
 impl ApiServer {
     /// Stops accepting connections and waits (at most `timeout`) for answers in flight to be
     /// written, so a last reply (the end of a migration) reaches its client before we exit.
-    pub fn stop(mut self, timeout: std::time::Duration) {
+    pub fn stop(self, timeout: std::time::Duration) {
+        self.stop_while(timeout, || {});
+    }
+
+    /// [`Self::stop`], calling `meanwhile` every few milliseconds until the server ended: the
+    /// VM answers what still reaches it (a client polling a migration's status, say) instead
+    /// of leaving it to wait for the timeout.
+    pub fn stop_while(mut self, timeout: std::time::Duration, mut meanwhile: impl FnMut()) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let _ = self.done.recv_timeout(timeout);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            meanwhile();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self
+                .done
+                .recv_timeout(left.min(std::time::Duration::from_millis(5)))
+            {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {}
+                _ => return,
+            }
+        }
     }
 }
 

@@ -126,10 +126,13 @@ pub fn run(socket: &Path, args: MigrateArgs) -> Result<MigrationStatus> {
     let mut pass = None;
     while !waiter.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
-        if let (Some(bar), Ok(s)) = (
-            &bar,
-            client::call_json::<(), MigrationStatus>(socket, Method::GET, "/vm/migration", None),
-        ) {
+        // Progress is only asked for when there is a bar to show it on.
+        let Some(bar) = &bar else {
+            continue;
+        };
+        if let Ok(s) =
+            client::call_json::<(), MigrationStatus>(socket, Method::GET, "/vm/migration", None)
+        {
             // The bar is the current pass; the message says what the whole migration does.
             if pass != Some(s.iteration) {
                 pass = Some(s.iteration);

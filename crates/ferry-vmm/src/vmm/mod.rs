@@ -357,7 +357,11 @@ impl Vm {
         let result = control.run();
         control.stop_all();
         if let Some(server) = api_server {
-            server.stop(std::time::Duration::from_secs(2));
+            // Nothing serves the control loop any more: a request that still arrives is
+            // answered at once, not left waiting for the server's timeout.
+            server.stop_while(std::time::Duration::from_secs(2), || {
+                refuse_late_requests(&self.events)
+            });
         }
         result
     }
@@ -366,4 +370,41 @@ impl Vm {
 /// Boots the VM described by `config` and runs it to its end.
 pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
     Vm::build(config)?.run()
+}
+
+/// Answers every API request waiting in `events` with "the VM has stopped": what reaches a
+/// VM whose control loop has ended.
+fn refuse_late_requests(events: &Receiver<VmmEvent>) {
+    while let Ok(event) = events.try_recv() {
+        if let VmmEvent::Api(request) = event {
+            let _ = request.reply.send(Err(crate::event::ApiFailure {
+                status: 503,
+                message: "the VM has stopped".into(),
+            }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ApiAction, ApiRequest};
+
+    /// Regression: a client polling the migration status as the VM migrated away waited
+    /// for the API server's 2 s shutdown timeout, as nobody answered its request.
+    #[test]
+    fn requests_that_reach_a_stopped_vm_are_answered_at_once() {
+        let (tx, rx) = mpsc::channel();
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        tx.send(VmmEvent::Api(ApiRequest {
+            action: ApiAction::Info,
+            reply,
+        }))
+        .expect("send");
+        refuse_late_requests(&rx);
+        match answer.try_recv() {
+            Ok(Err(failure)) => assert_eq!(failure.status, 503),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
 }
