@@ -56,7 +56,7 @@ const GRACE: Duration = Duration::from_secs(30);
 /// How often QEMU is asked how its migration is doing (a MIGRATION event wakes it earlier).
 const POLL: Duration = Duration::from_millis(2);
 /// The downtime both VMMs aim at, ms: ferry's default, set on QEMU (whose default is 300).
-const DOWNTIME_LIMIT_MS: u64 = 100;
+pub(super) const DOWNTIME_LIMIT_MS: u64 = 100;
 /// QEMU's own default migration bandwidth cap, bytes/s (32 MiB/s).
 const QEMU_DEFAULT_BANDWIDTH: u64 = 32 << 20;
 /// "No cap" for QEMU's max-bandwidth, bytes/s.
@@ -94,7 +94,7 @@ const WORKLOADS: [(&str, &str, u64); 6] = [
 
 /// How QEMU is set up for the migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum QemuMode {
+pub(super) enum QemuMode {
     /// QEMU's defaults: 32 MiB/s, no capabilities.
     Default,
     /// The link's bandwidth (or none) and auto-converge.
@@ -109,7 +109,7 @@ impl QemuMode {
         }
     }
 
-    fn max_bandwidth(self, link: Option<u64>) -> u64 {
+    pub(super) fn max_bandwidth(self, link: Option<u64>) -> u64 {
         match self {
             QemuMode::Default => {
                 link.map_or(QEMU_DEFAULT_BANDWIDTH, |l| l.min(QEMU_DEFAULT_BANDWIDTH))
@@ -118,7 +118,7 @@ impl QemuMode {
         }
     }
 
-    fn capabilities(self) -> &'static [&'static str] {
+    pub(super) fn capabilities(self) -> &'static [&'static str] {
         match self {
             QemuMode::Default => &[],
             QemuMode::Best => &["auto-converge"],
@@ -503,6 +503,32 @@ fn qemu_run(
     Ok(())
 }
 
+/// Sets QEMU's migration parameters (the downtime limit, `mode`'s bandwidth on `link`) and
+/// capabilities (`mode`'s, and MIGRATION events, which wake a poll as soon as the state
+/// changes).
+pub(super) fn set_up_qemu_migration(
+    qmp: &mut Qmp,
+    mode: QemuMode,
+    link: Option<u64>,
+) -> Result<()> {
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({
+            "downtime-limit": DOWNTIME_LIMIT_MS,
+            "max-bandwidth": mode.max_bandwidth(link),
+        })),
+    )?;
+    let mut capabilities = vec![json!({ "capability": "events", "state": true })];
+    for c in mode.capabilities() {
+        capabilities.push(json!({ "capability": c, "state": true }));
+    }
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": capabilities })),
+    )?;
+    Ok(())
+}
+
 /// Sets QEMU up for `mode`, migrates to `port` and waits for the outcome; cancels a migration
 /// still running at the time limit.
 fn qemu_migrate(
@@ -513,22 +539,7 @@ fn qemu_migrate(
     port: u16,
 ) -> Result<Outcome> {
     let mut qmp = Qmp::connect(qmp_path, Duration::from_secs(10), || vm.alive())?;
-    qmp.execute(
-        "migrate-set-parameters",
-        Some(json!({
-            "downtime-limit": DOWNTIME_LIMIT_MS,
-            "max-bandwidth": mode.max_bandwidth(case.link),
-        })),
-    )?;
-    // MIGRATION events wake the poll below as soon as the state changes.
-    let mut capabilities = vec![json!({ "capability": "events", "state": true })];
-    for c in mode.capabilities() {
-        capabilities.push(json!({ "capability": c, "state": true }));
-    }
-    qmp.execute(
-        "migrate-set-capabilities",
-        Some(json!({ "capabilities": capabilities })),
-    )?;
+    set_up_qemu_migration(&mut qmp, mode, case.link)?;
     let started = Instant::now();
     qmp.execute(
         "migrate",

@@ -55,7 +55,7 @@ use ferry_lab::product::ferry_binary;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::migrate::boot_source;
+use super::migrate::{boot_source, set_up_qemu_migration, QemuMode, DOWNTIME_LIMIT_MS};
 use super::watch::{ms, Stream, Watched, WorkDir};
 use super::{qemu_binary, qemu_command, Spread};
 use crate::qmp::{migration_state, run_status, MigrationState, Qmp};
@@ -85,12 +85,6 @@ const MAC: &str = "52:54:00:be:4e:01";
 const ECHO_PORT: u16 = 7;
 /// Where the destination listens on B (each run has its own LAN).
 const MIGRATION_PORT: u16 = 7070;
-/// The downtime both VMMs aim at, ms (ferry's default; QEMU's is 300).
-const DOWNTIME_LIMIT_MS: u64 = 100;
-/// QEMU's max-bandwidth for "no cap" (as the migration bench's best mode).
-const QEMU_UNLIMITED: u64 = 1 << 50;
-/// QEMU's capabilities beyond `events` (as the migration bench's best mode).
-const QEMU_CAPABILITIES: [&str; 1] = ["auto-converge"];
 /// QEMU's announce parameters, read from the destination.
 const ANNOUNCE_PARAMETERS: [&str; 4] = [
     "announce-initial",
@@ -744,22 +738,7 @@ fn qemu_migration(
 /// outcome; cancels a migration still running at the time limit (`None`).
 fn qemu_migrate(vm: &mut Watched, qmp_path: &Path, uri: &str) -> Result<Option<Migrated>> {
     let mut qmp = Qmp::connect(qmp_path, STATUS_TIMEOUT, || vm.alive())?;
-    qmp.execute(
-        "migrate-set-parameters",
-        Some(json!({
-            "downtime-limit": DOWNTIME_LIMIT_MS,
-            "max-bandwidth": QEMU_UNLIMITED,
-        })),
-    )?;
-    // MIGRATION events wake the poll below as soon as the state changes.
-    let mut capabilities = vec![json!({ "capability": "events", "state": true })];
-    for c in QEMU_CAPABILITIES {
-        capabilities.push(json!({ "capability": c, "state": true }));
-    }
-    qmp.execute(
-        "migrate-set-capabilities",
-        Some(json!({ "capabilities": capabilities })),
-    )?;
+    set_up_qemu_migration(&mut qmp, QemuMode::Best, None)?;
     let command = Instant::now();
     qmp.execute("migrate", Some(json!({ "uri": uri })))?;
     // The most QEMU throttled the guest (auto-converge), percent.
@@ -1036,8 +1015,8 @@ pub fn migrate_net(runs: usize) -> Result<NetBenchReport> {
         mac: MAC.to_string(),
         downtime_limit_ms: DOWNTIME_LIMIT_MS,
         qemu_migration: json!({
-            "max-bandwidth": QEMU_UNLIMITED,
-            "capabilities": QEMU_CAPABILITIES,
+            "max-bandwidth": QemuMode::Best.max_bandwidth(None),
+            "capabilities": QemuMode::Best.capabilities(),
         }),
         qemu_announce: announce,
         probe_before_ms: ms(BEFORE),
