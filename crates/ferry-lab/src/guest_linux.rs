@@ -3,9 +3,10 @@
 //! The kernel is the package `linux-image-amd64` currently depends on (for example
 //! `linux-image-6.1.0-56-amd64`), fetched with `apt-get download` and unpacked with
 //! `dpkg-deb -x`, so nothing is installed on the host. The initramfs holds Debian's static
-//! busybox, the modules for virtio-mmio and virtio-blk (and ext4) with everything they need,
-//! in load order, and an `/init` that loads them, mounts `/dev/vda` read-only if there is one,
-//! prints a ready line and then a heartbeat forever.
+//! busybox, the modules for virtio-mmio, virtio-blk and virtio-net (and ext4) with everything
+//! they need, in load order, and an `/init` that loads them, mounts `/dev/vda` read-only if
+//! there is one, reports and brings up a NIC if there is one, prints a ready line and then a
+//! heartbeat forever.
 //!
 //! Everything lands in `<cache>/linux/<kernel version>/`; a second run finds it there and only
 //! asks `apt-cache` (local, fast) which package is current. Files are written under temporary
@@ -36,7 +37,7 @@ pub use bzimage::vmlinux_from_bzimage;
 use elf::Elf;
 // The lines the guest prints, for code that watches its console.
 #[allow(unused_imports)]
-pub use init::{ALIVE_PREFIX, HEARTBEAT_SECONDS, INIT_LINE, READY_PREFIX};
+pub use init::{ALIVE_PREFIX, HEARTBEAT_SECONDS, INIT_LINE, NET_PREFIX, READY_PREFIX};
 use kmod::WantedModule;
 use tools::{filter, read_module};
 
@@ -49,8 +50,8 @@ pub use tools::Error as ToolError;
 /// The Debian meta package whose dependency names the current kernel package.
 pub const META_PACKAGE: &str = "linux-image-amd64";
 
-/// The modules the guest loads (with whatever they depend on): virtio-mmio transport and
-/// block device are required; ext4 (and the crc32c it asks the crypto API for when mounting)
+/// The modules the guest loads (with whatever they depend on, such as `net_failover` and
+/// `failover` for virtio_net): virtio-mmio transport, block device and NIC are required; ext4 (and the crc32c it asks the crypto API for when mounting)
 /// are there so `/dev/vda` can be an ext2/3/4 image.
 pub const WANTED_MODULES: &[WantedModule] = &[
     WantedModule {
@@ -59,6 +60,10 @@ pub const WANTED_MODULES: &[WantedModule] = &[
     },
     WantedModule {
         name: "virtio_blk",
+        required: true,
+    },
+    WantedModule {
+        name: "virtio_net",
         required: true,
     },
     WantedModule {

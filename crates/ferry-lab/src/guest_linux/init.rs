@@ -12,10 +12,15 @@ pub const ALIVE_PREFIX: &str = "ferry-linux: alive uptime=";
 pub const HEARTBEAT_SECONDS: u32 = 2;
 /// Printed before `ferry.exit=` powers the guest off or restarts it.
 pub const EXIT_PREFIX: &str = "ferry-linux: exit ";
+/// The start of a NIC's lines: `ferry-linux: net <name> mac=<address> driver=<driver>` once it
+/// appears, then `ferry-linux: net <name> up` (with ` ip=<A.B.C.D/N>` when the command line
+/// says `ferry_ip=A.B.C.D/N`) or `ferry-linux: net <name> cannot ...`.
+pub const NET_PREFIX: &str = "ferry-linux: net ";
 
 /// The `/init` script that loads `modules` (names; files at `/lib/modules/<name>.ko`) in the
-/// given order, mounts `/dev/vda` read-only at `/mnt` if there is one, prints the ready line
-/// and then a heartbeat forever (PID 1 must not exit).
+/// given order, mounts `/dev/vda` read-only at `/mnt` if there is one, reports every network
+/// interface but `lo`, brings it up and gives the first one the address `ferry_ip=` names,
+/// prints the ready line and then a heartbeat forever (PID 1 must not exit).
 pub fn init_script(modules: &[String]) -> String {
     let mut loads = String::new();
     for name in modules {
@@ -41,12 +46,15 @@ load() {{
 }}
 {loads}
 # A virtio block device (virtio device id 2) becomes /dev/vda; give it a moment to appear.
+# A virtio NIC (id 1) becomes eth0.
 devices=0
 disk=no
+nic=no
 for d in /sys/bus/virtio/devices/*; do
   [ -e "$d/device" ] || continue
   devices=$((devices + 1))
   [ "$(cat "$d/device")" = "0x0002" ] && disk=yes
+  [ "$(cat "$d/device")" = "0x0001" ] && nic=yes
 done
 echo "ferry-linux: virtio devices=$devices"
 if [ "$disk" = yes ]; then
@@ -65,11 +73,56 @@ fi
 
 heartbeat={HEARTBEAT_SECONDS}
 then_exit=
+ferry_ip=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     ferry.heartbeat=*) heartbeat="${{arg#ferry.heartbeat=}}" ;;
     ferry.exit=*) then_exit="${{arg#ferry.exit=}}" ;;
+    ferry_ip=*) ferry_ip="${{arg#ferry_ip=}}" ;;
   esac
+done
+
+# Network interfaces but lo: each is reported and brought up; the first one gets ferry_ip=.
+nets() {{
+  for n in /sys/class/net/*; do
+    [ -e "$n" ] && [ "${{n##*/}}" != lo ] && echo "${{n##*/}}"
+  done
+}}
+# A netmask from a prefix length, for ifconfig.
+netmask() {{
+  m=$(( (0xffffffff << (32 - $1)) & 0xffffffff ))
+  echo "$((m >> 24 & 255)).$((m >> 16 & 255)).$((m >> 8 & 255)).$((m & 255))"
+}}
+link_up() {{
+  if command -v ip >/dev/null; then ip link set "$1" up; else ifconfig "$1" up; fi
+}}
+add_address() {{
+  if command -v ip >/dev/null; then
+    ip addr add "$2" dev "$1"
+  else
+    ifconfig "$1" "${{2%/*}}" netmask "$(netmask "${{2#*/}}")"
+  fi
+}}
+if [ "$nic" = yes ]; then
+  i=0
+  while [ -z "$(nets)" ] && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+fi
+for name in $(nets); do
+  n=/sys/class/net/$name
+  driver=$(readlink "$n/device/driver")
+  echo "{NET_PREFIX}$name mac=$(cat "$n/address") driver=${{driver##*/}}"
+  if ! link_up "$name"; then
+    echo "{NET_PREFIX}$name cannot bring it up"
+  elif [ -n "$ferry_ip" ]; then
+    if add_address "$name" "$ferry_ip"; then
+      echo "{NET_PREFIX}$name up ip=$ferry_ip"
+    else
+      echo "{NET_PREFIX}$name cannot set ip=$ferry_ip"
+    fi
+    ferry_ip=
+  else
+    echo "{NET_PREFIX}$name up"
+  fi
 done
 
 mem=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)
@@ -117,6 +170,55 @@ mod tests {
         assert!(at(READY_PREFIX) < at(ALIVE_PREFIX));
         assert!(script.contains("insmod \"/lib/modules/$1.ko\""));
         assert!(script.contains("cannot mount /dev/vda"));
+    }
+
+    #[test]
+    fn reports_and_brings_up_nics_before_the_ready_line() {
+        let mut names = modules();
+        names.push("virtio_net".into());
+        let script = init_script(&names);
+        let at = |needle: &str| {
+            script
+                .find(needle)
+                .unwrap_or_else(|| panic!("no {needle:?}"))
+        };
+        assert!(at("load virtio_net\n") < at("for name in $(nets); do"));
+        assert!(at("ferry_ip=*) ferry_ip=") < at("for name in $(nets); do"));
+        assert!(at("for name in $(nets); do") < at(READY_PREFIX));
+        assert!(script.contains(&format!(
+            "echo \"{NET_PREFIX}$name mac=$(cat \"$n/address\") driver=${{driver##*/}}\""
+        )));
+        assert!(script.contains("ip link set \"$1\" up"));
+        assert!(script.contains("ip addr add \"$2\" dev \"$1\""));
+        assert!(script.contains(&format!("echo \"{NET_PREFIX}$name up ip=$ferry_ip\"")));
+    }
+
+    #[test]
+    fn netmask_from_prefix_length() {
+        if !std::path::Path::new("/bin/busybox").exists() {
+            return;
+        }
+        let script = init_script(&[]);
+        let start = script.find("netmask() {").expect("netmask()");
+        let end = start + script[start..].find("\n}\n").expect("end of netmask()") + 3;
+        let function = &script[start..end];
+        for (prefix, mask) in [
+            ("24", "255.255.255.0"),
+            ("16", "255.255.0.0"),
+            ("30", "255.255.255.252"),
+            ("32", "255.255.255.255"),
+            ("0", "0.0.0.0"),
+        ] {
+            let out = std::process::Command::new("/bin/busybox")
+                .args(["sh", "-c", &format!("{function}netmask {prefix}")])
+                .output()
+                .expect("run busybox sh");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                mask,
+                "/{prefix}"
+            );
+        }
     }
 
     #[test]
