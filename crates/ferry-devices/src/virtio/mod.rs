@@ -122,6 +122,14 @@ pub(crate) fn watch_queue_events(
     true
 }
 
+/// The 64-bit FNV-1a hash of `text`: stable across builds and hosts, for the names devices
+/// derive from what backs them (a disk's serial, a NIC's MAC).
+pub(crate) fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// Adds `n` to a device counter.
 pub(crate) fn add_to_counter(counter: &std::sync::atomic::AtomicU64, n: u64) {
     counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);

@@ -408,9 +408,7 @@ fn write_status(mem: &GuestMemory, status: Option<GuestAddress>, value: u32) -> 
 /// A 20-character serial from what the backend stores to: "ferry-" and 14 hex digits of a
 /// 64-bit FNV-1a hash, stable across builds and hosts.
 fn default_disk_id(source: &str) -> String {
-    let hash = source.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
+    let hash = crate::virtio::fnv1a(source);
     format!("ferry-{:014x}", hash >> 8)
 }
 

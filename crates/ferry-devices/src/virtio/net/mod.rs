@@ -109,9 +109,7 @@ pub fn parse_mac(s: &str) -> Result<Mac, String> {
 /// A locally administered unicast MAC derived from `seed` (the tap's name, the VM's API
 /// socket...): stable for the same seed, so a VM restarted with the same tap keeps its MAC.
 pub fn derived_mac(seed: &str) -> Mac {
-    let hash = seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
+    let hash = crate::virtio::fnv1a(seed);
     let b = hash.to_le_bytes();
     // 0x02: locally administered, unicast.
     [0x02, b[1], b[2], b[3], b[4], b[5]]
