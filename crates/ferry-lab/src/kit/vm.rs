@@ -71,7 +71,33 @@ struct Output {
 pub struct VmProcess {
     child: Option<Child>,
     out: Arc<(Mutex<Output>, Condvar)>,
-    stderr: Arc<Mutex<String>>,
+    stderr: Arc<(Mutex<Output>, Condvar)>,
+}
+
+/// Collects a pipe's lines into `out` on a thread of its own, and marks it closed at EOF.
+fn collect_lines(pipe: impl std::io::Read + Send + 'static, out: Arc<(Mutex<Output>, Condvar)>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            let mut g = out.0.lock().expect("output");
+            g.lines.push(line);
+            out.1.notify_all();
+        }
+        out.0.lock().expect("output").closed = true;
+        out.1.notify_all();
+    });
+}
+
+/// Waits until the pipe behind `out` reached EOF, or `deadline` passed.
+fn wait_closed(out: &(Mutex<Output>, Condvar), deadline: Instant) {
+    let mut g = out.0.lock().expect("output");
+    while !g.closed {
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        g = out.1.wait_timeout(g, deadline - now).expect("wait").0;
+    }
 }
 
 impl VmProcess {
@@ -87,29 +113,9 @@ impl VmProcess {
             .spawn()
             .map_err(|e| Error::Spawn(command.get_program().into(), e))?;
         let out = Arc::new((Mutex::new(Output::default()), Condvar::new()));
-        let stdout = child.stdout.take().expect("stdout");
-        let o = out.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let mut g = o.0.lock().expect("output");
-                g.lines.push(line);
-                o.1.notify_all();
-            }
-            o.0.lock().expect("output").closed = true;
-            o.1.notify_all();
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let e = stderr.clone();
-        let err_pipe = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(err_pipe).lines() {
-                let Ok(line) = line else { break };
-                let mut g = e.lock().expect("stderr");
-                g.push_str(&line);
-                g.push('\n');
-            }
-        });
+        collect_lines(child.stdout.take().expect("stdout"), out.clone());
+        let stderr = Arc::new((Mutex::new(Output::default()), Condvar::new()));
+        collect_lines(child.stderr.take().expect("stderr"), stderr.clone());
         Ok(VmProcess {
             child: Some(child),
             out,
@@ -127,7 +133,12 @@ impl VmProcess {
     }
 
     pub fn stderr(&self) -> String {
-        self.stderr.lock().expect("stderr").clone()
+        let g = self.stderr.0.lock().expect("stderr");
+        let mut text = g.lines.join("\n");
+        if !g.lines.is_empty() {
+            text.push('\n');
+        }
+        text
     }
 
     /// Waits for a console line (at index >= `from`) containing `needle`; returns its index
@@ -180,6 +191,11 @@ impl VmProcess {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait().expect("try_wait") {
+                // The readers may still hold the last lines the process wrote: a caller
+                // that checks stderr right after the exit must see all of it.
+                let drained = Instant::now() + Duration::from_secs(5);
+                wait_closed(&self.out, drained);
+                wait_closed(&self.stderr, drained);
                 return status;
             }
             if Instant::now() >= deadline {
@@ -286,4 +302,43 @@ pub fn guest_memory_digest(pid: u32, guest_bytes: u64) -> u64 {
         left -= n as u64;
     }
     hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Regression: `wait_exit` returned as soon as the process ended, while the reader threads
+    /// still held its last lines, so a test that read stderr right after the exit missed the
+    /// final log line now and then. Here a thread holds the stderr collector for a while, as a
+    /// loaded host's scheduler would: `wait_exit` must still wait for the reader.
+    #[test]
+    fn wait_exit_returns_with_every_line_the_process_wrote() {
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            "seq 1 1000; seq 1 1000 >&2; echo last-out; echo last-err >&2",
+        ]);
+        let mut process = VmProcess::spawn(command);
+        let released = Arc::new(AtomicBool::new(false));
+        let (held, release) = (process.stderr.clone(), released.clone());
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let _guard = held.0.lock().expect("stderr");
+            locked_tx.send(()).expect("send");
+            std::thread::sleep(Duration::from_millis(300));
+            release.store(true, Ordering::SeqCst);
+        });
+        locked_rx.recv().expect("holder");
+        let status = process.wait_exit(Duration::from_secs(30));
+        assert!(
+            released.load(Ordering::SeqCst),
+            "wait_exit returned while stderr was still being read"
+        );
+        holder.join().expect("holder");
+        assert!(status.success());
+        assert_eq!(process.lines().last().map(String::as_str), Some("last-out"));
+        assert!(process.stderr().ends_with("last-err\n"));
+    }
 }
