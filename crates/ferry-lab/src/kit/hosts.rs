@@ -24,6 +24,19 @@ impl TwoHosts {
     /// Makes the namespaces `ferry-TAG-a…` and `ferry-TAG-b…`, linked; None where this
     /// process may not (it needs root).
     pub fn create(tag: &str) -> Option<TwoHosts> {
+        let (hosts, id) = TwoHosts::unlinked(tag)?;
+        let (va, vb) = (format!("fa{id}"), format!("fb{id}"));
+        let ok = ip(&[
+            "link", "add", &va, "netns", &hosts.a, "type", "veth", "peer", "name", &vb, "netns",
+            &hosts.b,
+        ]) && hosts.address(&hosts.a, &hosts.a_addr, &va)
+            && hosts.address(&hosts.b, &hosts.b_addr, &vb);
+        ok.then_some(hosts)
+    }
+
+    /// The two namespaces with their loopback up and nothing between them yet; also returns
+    /// the suffix that makes interface names unique.
+    pub(crate) fn unlinked(tag: &str) -> Option<(TwoHosts, String)> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let id = format!("{}{}", std::process::id() % 10000, n);
@@ -33,36 +46,18 @@ impl TwoHosts {
             a_addr: format!("10.201.{}.1", n % 250),
             b_addr: format!("10.201.{}.2", n % 250),
         };
-        let (va, vb) = (format!("fa{id}"), format!("fb{id}"));
+        // Dropping `hosts` removes whichever namespace was made.
         let ok = ip(&["netns", "add", &hosts.a])
             && ip(&["netns", "add", &hosts.b])
-            && ip(&[
-                "link", "add", &va, "netns", &hosts.a, "type", "veth", "peer", "name", &vb,
-                "netns", &hosts.b,
-            ])
-            && ip(&[
-                "-n",
-                &hosts.a,
-                "addr",
-                "add",
-                &format!("{}/24", hosts.a_addr),
-                "dev",
-                &va,
-            ])
-            && ip(&[
-                "-n",
-                &hosts.b,
-                "addr",
-                "add",
-                &format!("{}/24", hosts.b_addr),
-                "dev",
-                &vb,
-            ])
-            && ip(&["-n", &hosts.a, "link", "set", &va, "up"])
-            && ip(&["-n", &hosts.b, "link", "set", &vb, "up"])
             && ip(&["-n", &hosts.a, "link", "set", "lo", "up"])
             && ip(&["-n", &hosts.b, "link", "set", "lo", "up"]);
-        ok.then_some(hosts)
+        ok.then_some((hosts, id))
+    }
+
+    /// Gives `dev` in `ns` the address `addr`/24 and brings it up.
+    pub(crate) fn address(&self, ns: &str, addr: &str, dev: &str) -> bool {
+        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])
+            && ip(&["-n", ns, "link", "set", dev, "up"])
     }
 
     /// `command` run inside namespace `ns`.

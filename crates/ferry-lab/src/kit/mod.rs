@@ -12,6 +12,7 @@ pub mod lan;
 pub mod probe;
 pub mod raw;
 mod vm;
+pub mod wan;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,6 +24,7 @@ pub use hosts::{receiver, try_receiver, TwoHosts};
 pub use lan::{in_netns, Lan};
 pub use probe::{Probe, ProbeReport};
 pub use vm::{guest_memory_digest, Boot, VmProcess};
+pub use wan::Wan;
 
 use crate::product::{ferry_binary, FindError};
 
