@@ -261,6 +261,7 @@ mod tests {
             MigrationErrorKind::GuestFailed,
             MigrationErrorKind::Internal,
             MigrationErrorKind::OutcomeUnknown,
+            MigrationErrorKind::Authentication,
         ] {
             assert_eq!(
                 serde_json::to_value(kind).expect("kind"),
@@ -339,6 +340,19 @@ pub struct MigrateRequest {
     /// How moving disks are kept current after their bulk copy.
     #[serde(default)]
     pub disk_mode: DiskMode,
+    /// Mutual TLS with the destination; none means plain TCP.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
+}
+
+/// Mutual TLS for a migration connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsSettings {
+    /// A folder with `ca.pem`, `cert.pem` and `key.pem`, read by the VMM process.
+    pub dir: String,
+    /// The name the destination's certificate must hold; the host part of `to` by default.
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 /// How a moving disk is kept current once its bulk copy has passed a block.
@@ -362,6 +376,9 @@ pub struct ResolveRequest {
     /// Where to ask; the migration's own destination by default.
     #[serde(default)]
     pub to: Option<String>,
+    /// How to reach it; the migration's own TLS settings by default.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
 }
 
 /// The default downtime target, milliseconds.
@@ -507,6 +524,9 @@ pub enum MigrationErrorKind {
     Internal,
     /// The handover's outcome could not be learnt: the VM may run on the destination.
     OutcomeUnknown,
+    /// The two sides could not prove who they are to each other (TLS certificates, or one
+    /// side without TLS).
+    Authentication,
 }
 
 impl MigrationErrorKind {
@@ -522,6 +542,7 @@ impl MigrationErrorKind {
             MigrationErrorKind::GuestFailed => "guest_failed",
             MigrationErrorKind::Internal => "internal",
             MigrationErrorKind::OutcomeUnknown => "outcome_unknown",
+            MigrationErrorKind::Authentication => "authentication",
         }
     }
 

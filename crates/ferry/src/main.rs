@@ -43,6 +43,42 @@ enum Command {
         #[command(subcommand)]
         action: VmAction,
     },
+    /// Make a CA and a certificate for each host, one folder per host for --tls-dir (for labs
+    /// and tests; production sites use their own CA).
+    TlsCerts(TlsCertsArgs),
+}
+
+#[derive(Debug, Args)]
+struct TlsCertsArgs {
+    /// Where to write ca.pem and one folder per host.
+    #[arg(long)]
+    out: PathBuf,
+    /// The CA's common name.
+    #[arg(long, default_value = "ferry test CA")]
+    ca_name: String,
+    /// A host: its folder name, then the addresses and DNS names peers dial it by.
+    #[arg(long = "host", value_name = "NAME=ADDR[,ADDR...]", required = true, value_parser = parse_host_spec)]
+    hosts: Vec<ferry_vmm::migration::wire::pki::HostSpec>,
+}
+
+fn parse_host_spec(text: &str) -> Result<ferry_vmm::migration::wire::pki::HostSpec, String> {
+    let (name, addresses) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected NAME=ADDR[,ADDR...]"))?;
+    let addresses: Vec<String> = addresses
+        .split(',')
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect();
+    if name.is_empty() || addresses.is_empty() {
+        return Err(format!(
+            "{text:?}: a host needs a name and at least one address"
+        ));
+    }
+    Ok(ferry_vmm::migration::wire::pki::HostSpec {
+        name: name.to_string(),
+        addresses,
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,6 +160,10 @@ struct ReceiveArgs {
     /// the VM.
     #[arg(long = "net", value_name = "tap=NAME[,...]", value_parser = NicConfig::parse)]
     nics: Vec<NicConfig>,
+    /// Require mutual TLS: DIR holds ca.pem, cert.pem and key.pem; sources must present a
+    /// certificate of the same CA. Plaintext sources are refused.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
     /// Serve the control API on this unix socket once the VM runs.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -164,6 +204,13 @@ struct MigrateCliArgs {
     /// the destination lags (mirror), or ferry's choice (auto: mirror).
     #[arg(long, default_value = "auto", value_parser = ["iterative", "mirror", "auto"])]
     disk_mode: String,
+    /// Mutual TLS with the destination: DIR holds ca.pem, cert.pem and key.pem (read by the
+    /// VM's process). The destination's certificate must hold the host of --to.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// The name the destination's certificate must hold, when it is not the host of --to.
+    #[arg(long, value_name = "NAME", requires = "tls_dir")]
+    tls_name: Option<String>,
     /// Cancel the running migration instead.
     #[arg(long, conflicts_with = "to")]
     cancel: bool,
@@ -248,6 +295,7 @@ fn receive(args: ReceiveArgs) -> Result<()> {
             overwrite: args.overwrite,
             disk_write_limit: args.test_disk_write_limit,
             nics: taps_only(args.nics)?,
+            tls_dir: args.tls_dir,
             api_socket: args.api_socket,
             console: console_config(&args.console),
         },
@@ -260,8 +308,20 @@ fn migrate_cmd(args: MigrateCliArgs) -> Result<()> {
     if args.cancel {
         return migrate::cancel(&args.api_socket, args.json);
     }
+    let tls = args
+        .tls_dir
+        .map(|dir| -> Result<ferry_api::TlsSettings> {
+            // The VM's process reads the files, from its own working directory.
+            let dir = std::fs::canonicalize(&dir)
+                .with_context(|| format!("--tls-dir {}", dir.display()))?;
+            Ok(ferry_api::TlsSettings {
+                dir: dir.to_string_lossy().into_owned(),
+                server_name: args.tls_name,
+            })
+        })
+        .transpose()?;
     if args.resolve {
-        return migrate::resolve(&args.api_socket, args.to, args.json);
+        return migrate::resolve(&args.api_socket, args.to, tls, args.json);
     }
     let on_timeout = match args.on_timeout.as_str() {
         "force" => ferry_api::OnTimeout::Force,
@@ -282,6 +342,7 @@ fn migrate_cmd(args: MigrateCliArgs) -> Result<()> {
                 "mirror" => ferry_api::DiskMode::Mirror,
                 _ => ferry_api::DiskMode::Auto,
             },
+            tls,
             json: args.json,
         },
     )
@@ -386,6 +447,15 @@ fn main() -> ExitCode {
         Command::Vm { action } => vm_call(action),
         Command::Receive(args) => receive(args),
         Command::Migrate(args) => migrate_cmd(args),
+        Command::TlsCerts(args) => {
+            ferry_vmm::migration::wire::pki::make(&args.out, &args.ca_name, &args.hosts)
+                .map(|dirs| {
+                    for d in dirs {
+                        println!("{}", d.display());
+                    }
+                })
+                .map_err(Into::into)
+        }
         Command::Snapshot {
             action:
                 SnapshotAction::Create {

@@ -21,6 +21,7 @@ pub struct MigrateArgs {
     pub link_timeout_ms: Option<u64>,
     pub shared_disks: Vec<u32>,
     pub disk_mode: ferry_api::DiskMode,
+    pub tls: Option<ferry_api::TlsSettings>,
     pub json: bool,
 }
 
@@ -101,6 +102,7 @@ pub fn run(socket: &Path, args: MigrateArgs) -> Result<MigrationStatus> {
         link_timeout_ms: args.link_timeout_ms,
         shared_disks: args.shared_disks.clone(),
         disk_mode: args.disk_mode,
+        tls: args.tls.clone(),
         wait: true,
     };
     // One connection waits for the end; progress comes from polling on others.
@@ -210,8 +212,13 @@ pub fn report(s: &MigrationStatus) -> String {
 
 /// `ferry migrate --resolve`: asks the destination whether it runs the VM of a migration
 /// whose outcome is unknown, and follows the answer: the source VM then ends or resumes.
-pub fn resolve(socket: &Path, to: Option<String>, json: bool) -> Result<()> {
-    let request = ferry_api::ResolveRequest { to };
+pub fn resolve(
+    socket: &Path,
+    to: Option<String>,
+    tls: Option<ferry_api::TlsSettings>,
+    json: bool,
+) -> Result<()> {
+    let request = ferry_api::ResolveRequest { to, tls };
     let _: MigrationStatus =
         client::call_json(socket, Method::PUT, "/vm/migration/resolve", Some(&request))?;
     // The answer arrives asynchronously: the VM either ends (its socket goes) or resumes.

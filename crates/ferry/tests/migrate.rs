@@ -3,25 +3,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::hosts::{receiver, TwoHosts};
-use common::migration::{assert_source_goes_on, hosts_or_skip, source, status_json, BOOT};
+use common::migration::{assert_source_goes_on, hosts_or_skip, migrate, source, status_json, BOOT};
 use common::{ferry, sparse_image, wait_for_path, Boot, Status, TempDir, VmProcess};
 
 const MIGRATE: Duration = Duration::from_secs(120);
-
-/// Runs `ferry migrate` and returns its output.
-fn migrate(socket: &Path, to: &str, extra: &[&str]) -> Output {
-    let mut c = ferry();
-    c.args(["migrate", "--json", "--api-socket"])
-        .arg(socket)
-        .args(["--to", to])
-        .args(extra);
-    c.output().expect("run ferry migrate")
-}
 
 /// Checks the destination goes on from where the source was.
 fn assert_goes_on(dst: &VmProcess, before: Status) {

@@ -6,36 +6,19 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::hosts::TwoHosts;
 use common::migration::{
-    assert_handed_over, assert_source_goes_on, hosts_or_skip, receiver_with, source, status_json,
-    BOOT, MIGRATE,
+    assert_handed_over, assert_source_goes_on, hosts_or_skip, migrate, migrate_command,
+    receiver_with, source, status_json, BOOT, MIGRATE,
 };
 use common::{ferry, sparse_image, Boot, TempDir, VmProcess};
 
 /// A `ferry receive` on host `ns` with these extra arguments (its --disk paths and flags).
 fn receiver(ns: &str, listen: &str, args: &[&str]) -> VmProcess {
     receiver_with(ns, listen, args, None)
-}
-
-fn migrate_command(socket: &Path, to: &str, extra: &[&str]) -> Command {
-    let mut c = ferry();
-    c.args(["migrate", "--json", "--api-socket"])
-        .arg(socket)
-        .args(["--to", to])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c
-}
-
-fn migrate(socket: &Path, to: &str, extra: &[&str]) -> Output {
-    migrate_command(socket, to, extra)
-        .output()
-        .expect("run ferry migrate")
 }
 
 fn path_str(p: &Path) -> &str {

@@ -7,12 +7,12 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::hosts::{receiver, TwoHosts};
 use common::migration::{
-    assert_source_goes_on, hosts_or_skip, receiver_with, source, status_json, BOOT,
+    assert_source_goes_on, hosts_or_skip, migrate_command, receiver_with, source, status_json, BOOT,
 };
 use common::{ferry, vm_api, wait_for_path, Boot, TempDir, VmProcess};
 
@@ -24,17 +24,6 @@ fn faulty_receiver(ns: &str, listen: &str, socket: Option<&Path>, fault: &str) -
         None => vec![],
     };
     receiver_with(ns, listen, &args, Some(fault))
-}
-
-fn migrate_command(socket: &Path, to: &str, extra: &[&str]) -> Command {
-    let mut c = ferry();
-    c.args(["migrate", "--json", "--api-socket"])
-        .arg(socket)
-        .args(["--to", to])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c
 }
 
 /// A guest busy enough, on a capped link, that the first pass takes many seconds.

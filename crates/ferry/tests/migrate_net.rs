@@ -7,10 +7,9 @@ mod common;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::migration::{assert_handed_over, receiver_with, status_json, BOOT};
+use common::migration::{assert_handed_over, migrate, receiver_with, status_json, BOOT};
 use common::{ferry, kvm_or_skip, vm_api, wait_for_path, Boot, TempDir, VmProcess};
 use ferry_lab::kit::lan::CLIENT_IF;
 use ferry_lab::kit::raw::send_raw_frames;
@@ -43,14 +42,6 @@ fn start_vm(ns: &str, socket: &Path, ip: Ipv4Addr, workloads: &str) -> VmProcess
     vm
 }
 
-fn migrate(socket: &Path, to: &str) -> Output {
-    let mut c = ferry();
-    c.args(["migrate", "--json", "--api-socket"])
-        .arg(socket)
-        .args(["--to", to]);
-    c.output().expect("run ferry migrate")
-}
-
 /// Moves the VM whose API is `from` to a receiver on `ns` at `addr:port`; returns the new VM
 /// and its API socket once the source has ended.
 fn move_vm(
@@ -70,7 +61,7 @@ fn move_vm(
         &["--net", &format!("tap={TAP}"), "--api-socket", &socket_arg],
         None,
     );
-    assert_handed_over(src, &migrate(from, &listen));
+    assert_handed_over(src, &migrate(from, &listen, &[]));
     wait_for_path(&socket, BOOT);
     (dst, socket)
 }
@@ -293,7 +284,7 @@ fn a_missing_tap_on_the_destination_is_refused_and_the_source_runs_on() {
     // A receiver given no tap refuses the VM with a NIC before any memory crosses.
     let listen = format!("{}:7721", lan.b_addr);
     let mut dst = receiver_with(&lan.b, &listen, &[], None);
-    let out = migrate(&socket, &listen);
+    let out = migrate(&socket, &listen, &[]);
     let status = status_json(&out);
     assert!(!out.status.success(), "{status}");
     assert_eq!(status["phase"], "failed", "{status}");

@@ -249,41 +249,67 @@ mod tests {
     }
 }
 
-/// What `ferry bench send-path` prints.
+/// One transport's figures in `ferry bench send-path`.
+#[derive(Debug, Serialize)]
+pub struct SendPathFigures {
+    pub gigabytes_per_sec: Spread,
+    pub cpu_ns_per_page: Spread,
+}
+
+/// What `ferry bench send-path` prints: plain TCP and mutual TLS, runs interleaved.
 #[derive(Debug, Serialize)]
 pub struct SendPathReport {
     pub runs: usize,
     pub memory_mib: u64,
-    pub gigabytes_per_sec: Spread,
-    pub cpu_ns_per_page: Spread,
+    pub plain: SendPathFigures,
+    pub tls: SendPathFigures,
     pub memcpy_ns_per_page: Spread,
-    /// CPU per page of the send path over a plain memcpy's (median).
+    /// CPU per page of the plain send path over a plain memcpy's (median).
     pub cpu_over_memcpy: f64,
+    /// TLS throughput over plaintext (medians).
+    pub tls_throughput_ratio: f64,
+    /// TLS sender CPU per page over plaintext's (medians).
+    pub tls_cpu_ratio: f64,
 }
 
-/// `ferry bench send-path`: the source's send path alone, `runs` passes.
+/// `ferry bench send-path`: the source's send path alone, `runs` passes over plain TCP and
+/// as many over TLS, alternating so both see the same machine.
 pub fn send_path(runs: usize, memory_mib: u64) -> Result<SendPathReport> {
-    let mut figures = Vec::new();
+    use ferry_vmm::migration::source::send_path::{measure, SendPathFigures as F};
+    let (mut plain, mut tls) = (Vec::new(), Vec::new());
     for run in 0..runs.max(1) {
-        let f = ferry_vmm::migration::source::send_path::measure(memory_mib << 20)
-            .with_context(|| format!("send path run {run}"))?;
-        eprintln!(
-            "run {run}: {:.2} GB/s, {:.0} ns CPU per page (memcpy {:.0} ns)",
-            f.gigabytes_per_sec, f.cpu_ns_per_page, f.memcpy_ns_per_page
-        );
-        figures.push(f);
+        for (over_tls, into) in [(false, &mut plain), (true, &mut tls)] {
+            let f = measure(memory_mib << 20, over_tls)
+                .with_context(|| format!("send path run {run} (tls: {over_tls})"))?;
+            eprintln!(
+                "run {run} {}: {:.2} GB/s, {:.0} ns CPU per page (memcpy {:.0} ns)",
+                if over_tls { "tls  " } else { "plain" },
+                f.gigabytes_per_sec,
+                f.cpu_ns_per_page,
+                f.memcpy_ns_per_page
+            );
+            into.push(f);
+        }
     }
-    let of = |f: fn(&ferry_vmm::migration::source::send_path::SendPathFigures) -> f64| {
-        Spread::of(&figures.iter().map(f).collect::<Vec<_>>())
+    let of =
+        |figures: &[F], f: fn(&F) -> f64| Spread::of(&figures.iter().map(f).collect::<Vec<_>>());
+    let figures = |runs: &[F]| SendPathFigures {
+        gigabytes_per_sec: of(runs, |f| f.gigabytes_per_sec),
+        cpu_ns_per_page: of(runs, |f| f.cpu_ns_per_page),
     };
-    let cpu = of(|f| f.cpu_ns_per_page);
-    let memcpy = of(|f| f.memcpy_ns_per_page);
+    let (plain, tls, memcpy) = (
+        figures(&plain),
+        figures(&tls),
+        of(&plain, |f| f.memcpy_ns_per_page),
+    );
     Ok(SendPathReport {
-        runs: figures.len(),
+        runs: runs.max(1),
         memory_mib,
-        gigabytes_per_sec: of(|f| f.gigabytes_per_sec),
-        cpu_over_memcpy: cpu.median / memcpy.median,
-        cpu_ns_per_page: cpu,
+        cpu_over_memcpy: plain.cpu_ns_per_page.median / memcpy.median,
+        tls_throughput_ratio: tls.gigabytes_per_sec.median / plain.gigabytes_per_sec.median,
+        tls_cpu_ratio: tls.cpu_ns_per_page.median / plain.cpu_ns_per_page.median,
+        plain,
+        tls,
         memcpy_ns_per_page: memcpy,
     })
 }

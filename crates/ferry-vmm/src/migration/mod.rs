@@ -21,6 +21,7 @@ pub mod dirty;
 mod error;
 pub mod pages;
 pub mod source;
+pub mod wire;
 
 pub use error::{classify, Stop};
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use ferry_api::{
     MigrateRequest, MigrationError, MigrationErrorKind, MigrationPhase, MigrationStatus,
-    ResolveRequest, VmRunState,
+    ResolveRequest, TlsSettings, VmRunState,
 };
 use tokio::sync::oneshot;
 
@@ -28,6 +28,7 @@ use super::VmExit;
 use crate::bus::lock;
 use crate::event::{ApiFailure, ApiReply, VmmEvent};
 use crate::migration::source::{self, SourceContext, SwitchoverReply, ToControl};
+use crate::migration::wire::TlsPeer;
 use crate::migration::MigrationOutcome;
 
 type Waiter = oneshot::Sender<Result<ApiReply, ApiFailure>>;
@@ -50,6 +51,7 @@ pub(super) enum SourceLifecycle {
     OutcomeUnknown {
         status: Arc<Mutex<MigrationStatus>>,
         to: String,
+        tls: Option<TlsSettings>,
         migration_id: u64,
         resolving: bool,
     },
@@ -59,6 +61,7 @@ pub(super) struct Running {
     status: Arc<Mutex<MigrationStatus>>,
     cancel: Arc<AtomicBool>,
     to: String,
+    tls: Option<TlsSettings>,
     migration_id: u64,
     /// The control loop paused the VM for the switchover (so a failure resumes it).
     paused_for_switchover: bool,
@@ -136,6 +139,13 @@ impl Control<'_> {
                 ),
             });
         }
+        if let Some(tls) = &request.tls {
+            // Unreadable or mismatched files are the operator's to fix before anything moves.
+            TlsPeer::for_destination(tls, &request.to).map_err(|e| ApiFailure {
+                status: 400,
+                message: e.to_string(),
+            })?;
+        }
         let migration_id = source::new_migration_id();
         let status = Arc::new(Mutex::new(source::initial_status(
             &request.to,
@@ -143,7 +153,7 @@ impl Control<'_> {
         )));
         let cancel = Arc::new(AtomicBool::new(false));
         let events = self.vm.events_tx.clone();
-        let to = request.to.clone();
+        let (to, tls) = (request.to.clone(), request.tls.clone());
         let ctx = SourceContext {
             request,
             migration_id,
@@ -167,6 +177,7 @@ impl Control<'_> {
             status,
             cancel,
             to,
+            tls,
             migration_id,
             paused_for_switchover: false,
             waiter: waiter.take(),
@@ -262,6 +273,7 @@ impl Control<'_> {
                 self.migration = SourceLifecycle::OutcomeUnknown {
                     status: r.status.clone(),
                     to: r.to.clone(),
+                    tls: r.tls.clone(),
                     migration_id: r.migration_id,
                     resolving: false,
                 };
@@ -282,6 +294,7 @@ impl Control<'_> {
         let SourceLifecycle::OutcomeUnknown {
             status,
             to,
+            tls,
             migration_id,
             resolving,
         } = &mut self.migration
@@ -293,11 +306,12 @@ impl Control<'_> {
         if !*resolving {
             *resolving = true;
             let to = request.to.unwrap_or_else(|| to.clone());
+            let tls = request.tls.or_else(|| tls.clone());
             let (id, events) = (*migration_id, self.vm.events_tx.clone());
             std::thread::Builder::new()
                 .name("ferry-resolve".into())
                 .spawn(move || {
-                    let answer = source::resolve(&to, id, RESOLVE_WINDOW);
+                    let answer = source::resolve(&to, tls.as_ref(), id, RESOLVE_WINDOW);
                     let _ = events.send(VmmEvent::Resolved(answer));
                 })
                 .map_err(|e| ApiFailure {

@@ -2,7 +2,7 @@
 //! if asked), the JSON of `ferry migrate`, and the check that the source runs on.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use super::hosts::TwoHosts;
@@ -61,6 +61,26 @@ pub fn receiver_with(ns: &str, listen: &str, args: &[&str], fault: Option<&str>)
         std::thread::sleep(Duration::from_millis(10));
     }
     vm
+}
+
+/// `ferry migrate --json` of the VM whose API is `socket` to `to`, with `extra` arguments;
+/// its output is piped.
+pub fn migrate_command(socket: &Path, to: &str, extra: &[&str]) -> Command {
+    let mut c = super::ferry();
+    c.args(["migrate", "--json", "--api-socket"])
+        .arg(socket)
+        .args(["--to", to])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Runs [`migrate_command`] to its end.
+pub fn migrate(socket: &Path, to: &str, extra: &[&str]) -> Output {
+    migrate_command(socket, to, extra)
+        .output()
+        .expect("run ferry migrate")
 }
 
 /// The status `ferry migrate --json` printed.

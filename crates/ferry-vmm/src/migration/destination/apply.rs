@@ -3,7 +3,6 @@
 //! reports its progress (Applied) to the source, so the source knows the backlog.
 
 use std::io::BufReader;
-use std::net::TcpStream;
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -16,6 +15,7 @@ use ferry_proto::migration::{
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::prefault::Prefaulter;
+use crate::migration::wire::WireReader;
 
 /// Messages read ahead of the one being applied.
 const READ_AHEAD: usize = 3;
@@ -32,7 +32,7 @@ impl Reader {
     /// Starts reading `reader`; every message is checked by `machine` before it is passed on,
     /// and the memory a page batch will fill is faulted in by `prefault` on the way.
     pub fn start(
-        reader: BufReader<TcpStream>,
+        reader: BufReader<WireReader>,
         machine: Arc<Mutex<ReceiverMachine>>,
         mut prefault: Option<Prefaulter>,
     ) -> std::io::Result<Reader> {
@@ -69,7 +69,7 @@ impl Drop for Reader {
 }
 
 fn read_loop(
-    mut reader: BufReader<TcpStream>,
+    mut reader: BufReader<WireReader>,
     machine: &Mutex<ReceiverMachine>,
     out: &SyncSender<Result<Message, String>>,
     buffers: &Receiver<Vec<u8>>,

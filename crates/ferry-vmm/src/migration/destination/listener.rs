@@ -8,6 +8,8 @@
 
 use std::io::BufReader;
 use std::net::{TcpListener, TcpStream};
+
+use crate::migration::wire::{self, TlsConfig, Wire, WireReader, WireWriter};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -87,16 +89,19 @@ impl Handover {
 /// A migration connection past its Hello and Setup, for the main thread.
 #[derive(Debug)]
 pub struct Incoming {
-    pub stream: TcpStream,
-    pub reader: BufReader<TcpStream>,
+    pub wire: Wire,
+    pub writer: WireWriter,
+    pub reader: BufReader<WireReader>,
     pub machine: ReceiverMachine,
     pub setup: Setup,
     pub features: Features,
 }
 
 /// Serves `listener` on a thread of its own until the process ends.
+/// With `tls`, every connection must shake hands with a certificate the CA signed.
 pub fn spawn(
     listener: TcpListener,
+    tls: Option<TlsConfig>,
     handover: Arc<Handover>,
     migrations: Sender<Incoming>,
 ) -> std::io::Result<()> {
@@ -118,8 +123,12 @@ pub fn spawn(
                     tracing::warn!("too many migration connections at once; closing one");
                     continue;
                 }
-                let (handover, migrations, active) =
-                    (handover.clone(), migrations.clone(), active.clone());
+                let (handover, migrations, active, tls) = (
+                    handover.clone(),
+                    migrations.clone(),
+                    active.clone(),
+                    tls.clone(),
+                );
                 let spawned =
                     std::thread::Builder::new()
                         .name("ferry-conn".into())
@@ -128,7 +137,7 @@ pub fn spawn(
                                 .peer_addr()
                                 .map(|a| a.to_string())
                                 .unwrap_or_default();
-                            if let Err(e) = serve(stream, &handover, &migrations) {
+                            if let Err(e) = serve(stream, tls.as_ref(), &handover, &migrations) {
                                 tracing::warn!("connection from {peer} refused: {e}");
                                 eprintln!("ferry: connection from {peer} refused: {e}");
                             }
@@ -144,7 +153,7 @@ pub fn spawn(
 
 /// Tells the peer why it is refused (if the protocol still allows an Abort); returns why.
 fn refuse(
-    writer: &mut TcpStream,
+    writer: &mut impl std::io::Write,
     machine: &mut ReceiverMachine,
     kind: AbortKind,
     why: String,
@@ -156,9 +165,35 @@ fn refuse(
     why
 }
 
+/// Opens a new connection as this receiver requires: TLS when it has a configuration (a
+/// plaintext source gets a plaintext Abort that says so), plain TCP otherwise (a TLS source
+/// is told in the log what is missing; it cannot be answered in its language).
+fn open(stream: TcpStream, tls: Option<&TlsConfig>) -> Result<Wire, String> {
+    let first = wire::peek_first(&stream).map_err(|e| format!("reading its first bytes: {e}"))?;
+    match tls {
+        Some(_) if !wire::looks_like_tls(&first) => {
+            let mut writer = stream;
+            Err(refuse(
+                &mut writer,
+                &mut ReceiverMachine::new(),
+                AbortKind::Incompatible,
+                "this receiver requires TLS: run ferry migrate with --tls-dir and a \
+                 certificate from the same CA"
+                    .into(),
+            ))
+        }
+        Some(config) => Wire::server(stream, config).map_err(|e| e.to_string()),
+        None if wire::looks_like_tls(&first) => Err("the source speaks TLS, but this receiver \
+             runs without --tls-dir"
+            .into()),
+        None => Ok(Wire::plain(stream)),
+    }
+}
+
 /// One connection: Hello, then Setup (a migration) or Resolve.
 fn serve(
     stream: TcpStream,
+    tls: Option<&TlsConfig>,
     handover: &Handover,
     migrations: &Sender<Incoming>,
 ) -> Result<(), String> {
@@ -169,9 +204,9 @@ fn serve(
     stream
         .set_write_timeout(Some(HELLO_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    let mut reader =
-        BufReader::with_capacity(1 << 20, stream.try_clone().map_err(|e| e.to_string())?);
-    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let wire = open(stream, tls)?;
+    let mut reader = BufReader::with_capacity(1 << 20, wire.reader().map_err(|e| e.to_string())?);
+    let mut writer = wire.writer().map_err(|e| e.to_string())?;
     let mut machine = ReceiverMachine::new();
 
     let hello = read_message(&mut reader).map_err(|e| crate::error_chain(&e))?;
@@ -237,7 +272,8 @@ fn serve(
                 ));
             }
             let incoming = Incoming {
-                stream,
+                wire,
+                writer,
                 reader,
                 machine,
                 setup,

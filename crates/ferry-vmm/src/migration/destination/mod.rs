@@ -29,6 +29,7 @@ use vm_memory::Address;
 use crate::api;
 use crate::config::ConsoleConfig;
 use crate::memory;
+use crate::migration::wire::{TlsConfig, TlsError, WireReader, WireWriter};
 use crate::snapshot::state::VmState;
 use crate::vmm::{check_fits, open_kvm, open_taps, Attachments, Skeleton, Vm, VmExit};
 use crate::VmmError;
@@ -56,6 +57,9 @@ pub struct ReceiveConfig {
     /// The taps the VM's NICs go on, in their order. They are opened before the receiver
     /// listens, so a missing tap fails at once, not after the VM's memory has crossed.
     pub nics: Vec<TapConfig>,
+    /// Mutual TLS: the folder with `ca.pem`, `cert.pem` and `key.pem`. Sources must then
+    /// use TLS with a certificate of the same CA.
+    pub tls_dir: Option<PathBuf>,
     pub api_socket: Option<PathBuf>,
     pub console: ConsoleConfig,
 }
@@ -71,15 +75,19 @@ pub enum ReceiveError {
     },
     #[error("the migration failed before the handover; nothing was started: {0}")]
     BeforeHandover(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The migration connection on the main thread.
 struct Link {
+    /// The socket, for its timeouts and for shutting it down.
     stream: std::net::TcpStream,
+    writer: WireWriter,
     machine: Arc<Mutex<ReceiverMachine>>,
     /// The connection's reading side until the reader thread takes it (once guest memory
     /// exists, so it can fault memory in ahead of the pages).
-    unread: Option<std::io::BufReader<std::net::TcpStream>>,
+    unread: Option<std::io::BufReader<WireReader>>,
     reader: Option<Reader>,
 }
 
@@ -90,7 +98,7 @@ impl Link {
             .unwrap_or_else(|p| p.into_inner())
             .sent(m)
             .map_err(|e| e.to_string())?;
-        write_message(&mut self.stream, m).map_err(|e| format!("sending to the source: {e}"))
+        write_message(&mut self.writer, m).map_err(|e| format!("sending to the source: {e}"))
     }
 
     /// Starts the reader thread; `memory` is faulted in ahead of the pages that fill it.
@@ -128,6 +136,12 @@ impl Link {
 pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
     let (kvm, host_memory) = open_kvm()?;
     let taps = open_taps(&config.nics)?;
+    let tls = config
+        .tls_dir
+        .as_deref()
+        .map(TlsConfig::load)
+        .transpose()
+        .map_err(ReceiveError::Tls)?;
     let mut api_socket = config.api_socket.as_deref().map(api::bind).transpose()?;
     let waiting_api = match api_socket.as_mut() {
         Some(socket) => Some(serve_waiting_api(socket)?),
@@ -143,25 +157,28 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         .unwrap_or(config.listen.clone());
     let handover = Arc::new(Handover::default());
     let (migrations_tx, migrations) = std::sync::mpsc::channel();
-    listener::spawn(listener, handover.clone(), migrations_tx).map_err(VmmError::Thread)?;
+    listener::spawn(listener, tls, handover.clone(), migrations_tx).map_err(VmmError::Thread)?;
     eprintln!("ferry: listening on {local}");
     let incoming = migrations
         .recv()
         .map_err(|_| VmmError::Internal("the migration listener ended"))?;
     let peer = incoming
-        .stream
+        .wire
+        .tcp()
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
     tracing::info!("incoming migration from {peer}");
     let before = |e: String| VmmError::Receive(ReceiveError::BeforeHandover(e));
     let Incoming {
-        stream,
+        wire,
+        writer,
         reader,
         machine,
         setup,
         features,
     } = incoming;
+    let stream = wire.tcp().try_clone().map_err(|e| before(e.to_string()))?;
     for timeout in [
         stream.set_read_timeout(Some(SILENCE)),
         stream.set_write_timeout(Some(SILENCE)),
@@ -171,6 +188,7 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
     let machine = Arc::new(Mutex::new(machine));
     let mut link = Link {
         stream,
+        writer,
         machine,
         unread: Some(reader),
         reader: None,

@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use ferry_api::{DowntimeBreakdown, MigrationError, MigrationErrorKind as Kind, MigrationPhase};
 use ferry_proto::migration::{Complete, Hello, Message, Resolve};
 
-use super::link::{Link, LinkConfig};
+use super::link::{self, Link, LinkConfig};
 use super::{ToControl, Worker, CAPABILITIES};
 use crate::migration::dirty::{DirtyTracker, RegionDirty};
 use crate::migration::error::Stop;
 use crate::migration::fault;
+use crate::migration::wire::TlsPeer;
 
 /// Scheduling slack on top of the target and the round trips: this host is shared.
 const PAUSED_SLACK: Duration = Duration::from_millis(50);
@@ -220,7 +221,12 @@ impl Worker<'_> {
                 "FERRY_TEST_FAULT: the destination is not asked",
             ))
         } else {
-            resolve(to, self.ctx.migration_id, RESOLVE_WINDOW)
+            resolve(
+                to,
+                self.ctx.request.tls.as_ref(),
+                self.ctx.migration_id,
+                RESOLVE_WINDOW,
+            )
         };
         match answer {
             Ok(true) => {
@@ -251,9 +257,19 @@ impl Worker<'_> {
 /// Asks the destination at `to` whether it runs the VM of migration `migration_id`, for at
 /// most `window`. `Ok(true)`: it does (the source must end); `Ok(false)`: it does not and
 /// never will (the source may resume). A destination that refuses the connection has no
-/// process listening, so it cannot run the VM: that is `Ok(false)` too.
-pub fn resolve(to: &str, migration_id: u64, window: Duration) -> Result<bool, MigrationError> {
+/// process listening, so it cannot run the VM: that is `Ok(false)` too. `tls` as the
+/// migration had it.
+pub fn resolve(
+    to: &str,
+    tls: Option<&ferry_api::TlsSettings>,
+    migration_id: u64,
+    window: Duration,
+) -> Result<bool, MigrationError> {
     let started = Instant::now();
+    let tls = tls
+        .map(|settings| TlsPeer::for_destination(settings, to))
+        .transpose()
+        .map_err(|e| link::tls_stop(e).error().clone())?;
     let addr = to
         .to_socket_addrs()
         .map_err(|e| MigrationError::new(Kind::NetworkLost, format!("cannot resolve {to}: {e}")))?
@@ -264,7 +280,12 @@ pub fn resolve(to: &str, migration_id: u64, window: Duration) -> Result<bool, Mi
         let left = window
             .saturating_sub(started.elapsed())
             .max(Duration::from_millis(100));
-        match ask(addr, migration_id, left.min(Duration::from_secs(3))) {
+        match ask(
+            addr,
+            tls.as_ref(),
+            migration_id,
+            left.min(Duration::from_secs(3)),
+        ) {
             Ok(running) => return Ok(running),
             Err(Asked::Refused) => return Ok(false),
             Err(Asked::Failed(why)) => last = why,
@@ -280,13 +301,19 @@ enum Asked {
     Failed(String),
 }
 
-fn ask(addr: std::net::SocketAddr, migration_id: u64, timeout: Duration) -> Result<bool, Asked> {
+fn ask(
+    addr: std::net::SocketAddr,
+    tls: Option<&TlsPeer>,
+    migration_id: u64,
+    timeout: Duration,
+) -> Result<bool, Asked> {
     let stream = match std::net::TcpStream::connect_timeout(&addr, timeout) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Err(Asked::Refused),
         Err(e) => return Err(Asked::Failed(format!("cannot connect to {addr}: {e}"))),
     };
     let _ = stream.set_nodelay(true);
+    let stream = link::secure(stream, timeout, tls).map_err(|e| Asked::Failed(e.to_string()))?;
     let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut link = Link::start(
         stream,

@@ -28,6 +28,7 @@ use ferry_proto::migration::{
 };
 
 use crate::migration::error::{classify, refusal_kind, Stop};
+use crate::migration::wire::{TlsError, TlsPeer, Wire, WireReader, WireWriter};
 
 /// How the link behaves.
 #[derive(Debug, Clone)]
@@ -150,8 +151,14 @@ fn set_liveness(stream: &TcpStream, silence: Duration) {
     set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &probes.to_ne_bytes());
 }
 
-/// Connects to `addr` within `timeout`, with the socket options every migration link has.
-pub fn connect(addr: SocketAddr, timeout: Duration, silence: Duration) -> Result<TcpStream, Stop> {
+/// Connects to `addr` within `timeout`, with the socket options every migration link has,
+/// and shakes hands over TLS when `tls` says so (within the same timeout).
+pub fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    silence: Duration,
+    tls: Option<&TlsPeer>,
+) -> Result<Wire, Stop> {
     let stream = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|e| lost(&format!("cannot connect to {addr}"), e))?;
     // Every round trip of the switchover counts: no Nagle delays.
@@ -159,12 +166,46 @@ pub fn connect(addr: SocketAddr, timeout: Duration, silence: Duration) -> Result
         .set_nodelay(true)
         .map_err(|e| lost("socket option", e))?;
     set_liveness(&stream, silence);
-    Ok(stream)
+    secure(stream, timeout, tls).map_err(tls_stop)
+}
+
+/// Wraps a connected socket: plain, or TLS after a handshake that must end within `timeout`.
+pub fn secure(
+    stream: TcpStream,
+    timeout: Duration,
+    tls: Option<&TlsPeer>,
+) -> Result<Wire, TlsError> {
+    let Some(tls) = tls else {
+        return Ok(Wire::plain(stream));
+    };
+    let io_error = |e: std::io::Error| TlsError::Handshake {
+        peer: "the destination".into(),
+        reason: e.to_string(),
+        timed_out: false,
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(io_error)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io_error)?;
+    let wire = Wire::client(stream, &tls.config, tls.name.clone())?;
+    // The reader waits as long as the link lives; liveness is the writer's and the policy's.
+    wire.tcp().set_read_timeout(None).map_err(io_error)?;
+    Ok(wire)
+}
+
+/// A TLS failure as the migration reports it: a timeout is a lost link (retry), anything
+/// else is a matter of certificates or configuration (do not).
+pub fn tls_stop(e: TlsError) -> Stop {
+    let kind = if e.is_timeout() {
+        Kind::NetworkLost
+    } else {
+        Kind::Authentication
+    };
+    Stop::failed(kind, e.to_string())
 }
 
 impl Link {
     /// Starts the writer and reader threads on a connected stream.
-    pub fn start(stream: TcpStream, config: LinkConfig) -> Result<Link, Stop> {
+    pub fn start(wire: Wire, config: LinkConfig) -> Result<Link, Stop> {
+        let stream = wire.tcp().try_clone().map_err(|e| lost("socket", e))?;
         stream
             .set_write_timeout(Some(WRITE_SLICE))
             .map_err(|e| lost("socket option", e))?;
@@ -174,8 +215,8 @@ impl Link {
         let (out_tx, out_rx) = mpsc::sync_channel::<Outgoing>(QUEUE);
         let (spent_tx, spent) = mpsc::channel();
         let (in_tx, incoming) = mpsc::channel();
-        let write_half = stream.try_clone().map_err(|e| lost("socket", e))?;
-        let read_half = stream.try_clone().map_err(|e| lost("socket", e))?;
+        let write_half = wire.writer().map_err(|e| lost("socket", e))?;
+        let read_half = wire.reader().map_err(|e| lost("socket", e))?;
         let writer = {
             let (machine, stats, config) = (machine.clone(), stats.clone(), config.clone());
             std::thread::Builder::new()
@@ -528,7 +569,7 @@ fn data_bytes(m: &Message) -> u64 {
 }
 
 fn write_loop(
-    mut stream: TcpStream,
+    mut stream: WireWriter,
     queue: Receiver<Outgoing>,
     spent: Sender<PageBatch>,
     machine: &Mutex<SenderMachine>,
@@ -582,7 +623,7 @@ fn write_loop(
 /// The socket as the writer sees it: a write stuck on a full socket comes back every
 /// [`WRITE_SLICE`] to look at cancel and silence.
 struct Paced<'a> {
-    stream: &'a mut TcpStream,
+    stream: &'a mut WireWriter,
     stats: &'a LinkStats,
     config: &'a LinkConfig,
     last_progress: Instant,
@@ -608,6 +649,27 @@ impl Paced<'_> {
     }
 }
 
+impl Paced<'_> {
+    /// Whether a write or flush that timed out may try again: not once cancelled, nor once
+    /// the peer took nothing for the silence limit.
+    fn retry_after_timeout(&mut self) -> std::io::Result<()> {
+        if self.config.cancel.load(Ordering::Relaxed) {
+            // Not Interrupted: write_all would retry that.
+            return Err(std::io::Error::other("cancelled"));
+        }
+        let quiet = self.last_progress.elapsed();
+        if quiet >= self.config.silence {
+            self.went_silent = Some(quiet);
+            return Err(std::io::Error::new(ErrorKind::TimedOut, "silent peer"));
+        }
+        Ok(())
+    }
+}
+
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
 impl Write for Paced<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         loop {
@@ -617,17 +679,7 @@ impl Write for Paced<'_> {
                     self.last_progress = Instant::now();
                     return Ok(n);
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    if self.config.cancel.load(Ordering::Relaxed) {
-                        // Not Interrupted: write_all would retry that.
-                        return Err(std::io::Error::other("cancelled"));
-                    }
-                    let quiet = self.last_progress.elapsed();
-                    if quiet >= self.config.silence {
-                        self.went_silent = Some(quiet);
-                        return Err(std::io::Error::new(ErrorKind::TimedOut, "silent peer"));
-                    }
-                }
+                Err(e) if timed_out(&e) => self.retry_after_timeout()?,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -635,7 +687,15 @@ impl Write for Paced<'_> {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.stream.flush()
+        // Over TLS, ciphertext may wait in the writer: it goes out here, in write slices.
+        loop {
+            match self.stream.flush() {
+                Ok(()) => return Ok(()),
+                Err(e) if timed_out(&e) => self.retry_after_timeout()?,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -693,7 +753,7 @@ impl ApplyMeter {
 }
 
 fn read_loop(
-    stream: TcpStream,
+    stream: WireReader,
     to_worker: Sender<Result<Message, Stop>>,
     machine: &Mutex<SenderMachine>,
     stats: &LinkStats,

@@ -49,6 +49,7 @@ use handover::Handover;
 use super::dirty::{DirtyTracker, RegionDirty};
 use super::error::Stop;
 use super::pages::{candidate_pages, PAGE};
+use super::wire::TlsPeer;
 use super::{fault, MigrationOutcome};
 use crate::cpu::throttle::Throttle;
 use crate::snapshot::state::{MachineState, VmState};
@@ -321,7 +322,11 @@ impl<'a> Worker<'a> {
             .ok_or_else(|| {
                 Stop::failed(Kind::NetworkLost, format!("{to} resolves to no address"))
             })?;
-        let stream = link::connect(addr, Duration::from_secs(10), self.silence())?;
+        let tls = match &self.ctx.request.tls {
+            Some(settings) => Some(TlsPeer::for_destination(settings, to).map_err(link::tls_stop)?),
+            None => None,
+        };
+        let stream = link::connect(addr, Duration::from_secs(10), self.silence(), tls.as_ref())?;
         Link::start(
             stream,
             LinkConfig {

@@ -2,8 +2,10 @@
 //! memory full of data, into a receiver on loopback that answers the handshake and then
 //! discards every byte. It tells what the source can push when neither the network nor the
 //! destination's memory is the limit, and what a page costs in CPU next to a plain memcpy.
+//! With TLS, the receiver decrypts what it discards (it must, to read it), on a core of its
+//! own when there is one; the CPU figure is the sender's alone either way.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicBool;
@@ -18,6 +20,8 @@ use super::link::{self, Link, LinkConfig};
 use super::scan::{Scanner, ZeroPages};
 use super::CAPABILITIES;
 use crate::migration::pages::PAGE;
+use crate::migration::wire::pki::{self, HostSpec};
+use crate::migration::wire::{server_name, TlsConfig, TlsPeer, Wire};
 
 /// What one pass of the send path achieved.
 #[derive(Debug, Clone, Serialize)]
@@ -46,10 +50,14 @@ fn cpu_time(who: libc::c_int) -> Duration {
 }
 
 /// A receiver that answers Hello and Setup, then discards; returns its own CPU time.
-fn discard(stream: TcpStream) -> std::io::Result<Duration> {
-    let mut reader = BufReader::with_capacity(1 << 20, stream.try_clone()?);
-    let mut writer = stream;
+fn discard(stream: TcpStream, tls: Option<TlsConfig>) -> std::io::Result<Duration> {
     let started = cpu_time(libc::RUSAGE_THREAD);
+    let wire = match &tls {
+        Some(config) => Wire::server(stream, config).map_err(std::io::Error::other)?,
+        None => Wire::plain(stream),
+    };
+    let mut reader = BufReader::with_capacity(1 << 20, wire.reader()?);
+    let mut writer = wire.writer()?;
     let _ = read_message(&mut reader).map_err(std::io::Error::other)?;
     write_message(
         &mut writer,
@@ -57,11 +65,27 @@ fn discard(stream: TcpStream) -> std::io::Result<Duration> {
     )?;
     let _ = read_message(&mut reader).map_err(std::io::Error::other)?;
     write_message(&mut writer, &Message::SetupOk)?;
-    // What the reader buffered first, then the rest dropped in the kernel (MSG_TRUNC on TCP
-    // discards without copying): the receiver costs the sender's cores as little as it can.
     let buffered = reader.buffer().len();
     reader.consume(buffered);
-    let fd = writer.as_raw_fd();
+    if wire.is_tls() {
+        // Every record must be opened to be read.
+        let mut sink = vec![0u8; 1 << 20];
+        let mut reader = reader.into_inner();
+        loop {
+            match reader.read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // The sender closes without close_notify when it is done.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok(cpu_time(libc::RUSAGE_THREAD).saturating_sub(started));
+    }
+    // Plain: the rest is dropped in the kernel (MSG_TRUNC on TCP discards without copying),
+    // so the receiver costs the sender's cores as little as it can.
+    let fd = wire.tcp().as_raw_fd();
     loop {
         // SAFETY: `fd` is this thread's open socket; with MSG_TRUNC and a null buffer the
         // kernel discards up to `len` bytes without writing to user memory.
@@ -80,8 +104,24 @@ fn discard(stream: TcpStream) -> std::io::Result<Duration> {
     Ok(cpu_time(libc::RUSAGE_THREAD).saturating_sub(started))
 }
 
-/// Fills `bytes` of guest memory with data and sends it once through the send path.
-pub fn measure(bytes: u64) -> std::io::Result<SendPathFigures> {
+/// A lab CA with a certificate for 127.0.0.1, for both ends; the folder goes with the
+/// returned guard.
+fn loopback_tls() -> std::io::Result<(vmm_sys_util::tempdir::TempDir, TlsConfig)> {
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ferry-send-path-tls")
+        .map_err(std::io::Error::other)?;
+    let host = HostSpec {
+        name: "loopback".into(),
+        addresses: vec!["127.0.0.1".into()],
+    };
+    let dirs =
+        pki::make(dir.as_path(), "ferry send-path CA", &[host]).map_err(std::io::Error::other)?;
+    let config = TlsConfig::load(&dirs[0]).map_err(std::io::Error::other)?;
+    Ok((dir, config))
+}
+
+/// Fills `bytes` of guest memory with data and sends it once through the send path, over
+/// mutual TLS if `tls`.
+pub fn measure(bytes: u64, tls: bool) -> std::io::Result<SendPathFigures> {
     let memory = crate::memory::create_guest_memory(bytes).map_err(std::io::Error::other)?;
     let mut pages = Vec::new();
     for region in memory.iter() {
@@ -99,9 +139,23 @@ pub fn measure(bytes: u64) -> std::io::Result<SendPathFigures> {
 
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let receiver = std::thread::spawn(move || discard(listener.accept()?.0));
-    let stream = link::connect(addr, Duration::from_secs(5), Duration::from_secs(5))
-        .map_err(|s| std::io::Error::other(s.error().message.clone()))?;
+    let pki = tls.then(loopback_tls).transpose()?;
+    let server_tls = pki.as_ref().map(|(_, c)| c.clone());
+    let peer = match &pki {
+        Some((_, config)) => Some(TlsPeer {
+            config: config.clone(),
+            name: server_name("127.0.0.1:1").map_err(std::io::Error::other)?,
+        }),
+        None => None,
+    };
+    let receiver = std::thread::spawn(move || discard(listener.accept()?.0, server_tls));
+    let stream = link::connect(
+        addr,
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+        peer.as_ref(),
+    )
+    .map_err(|s| std::io::Error::other(s.error().message.clone()))?;
     let to_io = |s: crate::migration::Stop| std::io::Error::other(s.error().message.clone());
     let mut link = Link::start(
         stream,
