@@ -9,7 +9,7 @@ use super::blocks::{BlockBatch, SECTOR_SIZE};
 use super::error::ProtocolError;
 use super::pages::PageBatch;
 use super::{
-    MAX_BATCH_BYTES, MAX_CAPABILITIES, MAX_CAPABILITY_BYTES, MAX_CONTROL_BYTES, MAX_DISKS,
+    MAX_BATCH_BYTES, MAX_CAPABILITIES, MAX_CONNECTIONS, MAX_RESUME_WINDOW_MS, MAX_CAPABILITY_BYTES, MAX_CONTROL_BYTES, MAX_DISKS,
     MAX_REGIONS, MAX_STATE_BYTES, MAX_STRING_BYTES, PAGE_SIZE, PROTOCOL_VERSION,
 };
 
@@ -259,6 +259,29 @@ pub struct Resolved {
     pub running: bool,
 }
 
+/// On a new connection, after Hello: "carry session `session_id`". The first connection of a
+/// session creates it (the id is the migration's); later ones add a stream to it or replace
+/// one that was lost. From the answer on, the connection carries the session's framing, not
+/// messages: the messages travel inside the session's byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attach {
+    pub session_id: u64,
+    /// Which of the session's connections this is (from 0).
+    pub index: u32,
+    /// How long the destination keeps the session without any connection before it gives
+    /// the migration up.
+    pub resume_window_ms: u64,
+    /// Bytes of the destination's stream the source has consumed: what need not be sent
+    /// again.
+    pub received: u64,
+}
+
+/// The answer to [`Attach`]: bytes of the source's stream the destination has consumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attached {
+    pub received: u64,
+}
+
 /// Why a side gives up, so the other can tell a busy peer from an incompatible one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -312,6 +335,8 @@ pub enum Message {
     Applied(Applied),
     Resolve(Resolve),
     Resolved(Resolved),
+    Attach(Attach),
+    Attached(Attached),
 }
 
 /// The type of a message, which is its frame kind.
@@ -333,11 +358,13 @@ pub enum MessageKind {
     Resolve = 0x010d,
     Resolved = 0x010e,
     Blocks = 0x010f,
+    Attach = 0x0110,
+    Attached = 0x0111,
 }
 
 impl MessageKind {
     /// Every kind, in protocol order.
-    pub const ALL: [MessageKind; 15] = [
+    pub const ALL: [MessageKind; 17] = [
         MessageKind::Hello,
         MessageKind::Setup,
         MessageKind::SetupOk,
@@ -353,6 +380,8 @@ impl MessageKind {
         MessageKind::Resolve,
         MessageKind::Resolved,
         MessageKind::Blocks,
+        MessageKind::Attach,
+        MessageKind::Attached,
     ];
 
     pub fn from_u16(kind: u16) -> Option<MessageKind> {
@@ -376,6 +405,8 @@ impl MessageKind {
             MessageKind::Resolve => "Resolve",
             MessageKind::Resolved => "Resolved",
             MessageKind::Blocks => "Blocks",
+            MessageKind::Attach => "Attach",
+            MessageKind::Attached => "Attached",
         }
     }
 
@@ -401,7 +432,9 @@ impl MessageKind {
             | MessageKind::Abort
             | MessageKind::Applied
             | MessageKind::Resolve
-            | MessageKind::Resolved => MAX_CONTROL_BYTES,
+            | MessageKind::Resolved
+            | MessageKind::Attach
+            | MessageKind::Attached => MAX_CONTROL_BYTES,
         }
     }
 }
@@ -430,6 +463,8 @@ impl Message {
             Message::Resolve(_) => MessageKind::Resolve,
             Message::Resolved(_) => MessageKind::Resolved,
             Message::Blocks(_) => MessageKind::Blocks,
+            Message::Attach(_) => MessageKind::Attach,
+            Message::Attached(_) => MessageKind::Attached,
         }
     }
 
@@ -474,6 +509,22 @@ impl Message {
                     reason: format!("resume time {} ms", r.resume_ms),
                 })
             }
+            Message::Attach(a) if a.index >= MAX_CONNECTIONS => Err(ProtocolError::Invalid {
+                what: "Attach",
+                reason: format!(
+                    "connection {} (a session has at most {MAX_CONNECTIONS})",
+                    a.index
+                ),
+            }),
+            Message::Attach(a) if a.resume_window_ms > MAX_RESUME_WINDOW_MS => {
+                Err(ProtocolError::Invalid {
+                    what: "Attach",
+                    reason: format!(
+                        "resume window of {} ms (at most {MAX_RESUME_WINDOW_MS})",
+                        a.resume_window_ms
+                    ),
+                })
+            }
             Message::Abort(a) if a.reason.len() > MAX_STRING_BYTES => {
                 Err(ProtocolError::TooLarge {
                     what: "Abort reason",
@@ -502,6 +553,8 @@ impl fmt::Debug for Message {
             Message::Applied(a) => f.debug_tuple("Applied").field(a).finish(),
             Message::Resolve(r) => f.debug_tuple("Resolve").field(r).finish(),
             Message::Resolved(r) => f.debug_tuple("Resolved").field(r).finish(),
+            Message::Attach(a) => f.debug_tuple("Attach").field(a).finish(),
+            Message::Attached(a) => f.debug_tuple("Attached").field(a).finish(),
             Message::SetupOk | Message::Prepared | Message::Commit => {
                 f.write_str(self.kind().name())
             }

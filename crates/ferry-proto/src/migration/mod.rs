@@ -86,7 +86,7 @@ pub use codec::{read_message, read_message_reusing, write_message};
 pub use error::{Direction, FailureClass, ProtocolError, Side, TransitionError};
 pub use ledger::PageTotals;
 pub use message::{
-    Abort, AbortKind, Applied, Complete, Hello, IterationDone, Message, MessageKind, MovingDisk,
+    Abort, AbortKind, Applied, Attach, Attached, Complete, Hello, IterationDone, Message, MessageKind, MovingDisk,
     Region, Resolve, Resolved, Running, Setup, MESSAGE_FORMAT_VERSION,
 };
 pub use negotiation::{feature, Features};
@@ -115,3 +115,7 @@ pub const MAX_CAPABILITIES: usize = 64;
 pub const MAX_REGIONS: usize = 64;
 /// Most disks in a [`Setup`].
 pub const MAX_DISKS: usize = 64;
+/// Most connections in a session ([`Attach::index`] is below it).
+pub const MAX_CONNECTIONS: u32 = 64;
+/// Longest resume window an [`Attach`] may ask for: one hour.
+pub const MAX_RESUME_WINDOW_MS: u64 = 3_600_000;

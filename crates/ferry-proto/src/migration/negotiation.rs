@@ -93,10 +93,13 @@ pub mod feature {
     /// Disk contents travel in the stream ([`Blocks`](crate::migration::Message::Blocks)):
     /// storage migration.
     pub const DISK_BLOCKS: &str = "disk-blocks";
+    /// The stream is a session ([`Attach`](crate::migration::Attach)): several connections,
+    /// and a lost one is replaced without losing what was sent.
+    pub const SESSION: &str = "session";
     /// Features a peer must announce to work with this ferry at all.
     pub const REQUIRED: &[&str] = &[STATE_SECTIONS];
     /// Every feature this ferry speaks.
-    pub const ALL: &[&str] = &[ZERO_PAGES, FLOW_CONTROL, STATE_SECTIONS, DISK_BLOCKS];
+    pub const ALL: &[&str] = &[ZERO_PAGES, FLOW_CONTROL, STATE_SECTIONS, DISK_BLOCKS, SESSION];
 }
 
 /// What both sides agreed to use.
@@ -105,6 +108,7 @@ pub struct Features {
     pub zero_pages: bool,
     pub flow_control: bool,
     pub disk_blocks: bool,
+    pub session: bool,
 }
 
 impl Features {
@@ -119,6 +123,7 @@ impl Features {
             zero_pages: has(feature::ZERO_PAGES),
             flow_control: has(feature::FLOW_CONTROL),
             disk_blocks: has(feature::DISK_BLOCKS),
+            session: has(feature::SESSION),
         })
     }
 }

@@ -17,6 +17,9 @@
 //!  AwaitSetup ──recv Resolve──▶ Resolving ──send Resolved (same id)──▶ Resolved
 //!                              (a new connection that asks about a handover)
 //!
+//!  AwaitSetup ──recv Attach──▶ Attaching ──send Attached──▶ AwaitSetup (once per machine:
+//!                              the conversation goes on inside the session)
+//!
 //!  send Abort:  any state before Running (not Aborted)             ──▶ Aborted
 //!  recv Abort:  any state before Running, and Aborted (crossing)   ──▶ Aborted, Err(Peer)
 //!  anything else: Err(Transition), and the state does not change
@@ -58,6 +61,8 @@ pub enum ReceiverState {
     },
     /// The answer to Resolve was sent.
     Resolved,
+    /// Attach arrived; its answer is next.
+    Attaching,
 }
 
 impl ReceiverState {
@@ -76,6 +81,7 @@ impl ReceiverState {
             ReceiverState::Aborted => "Aborted",
             ReceiverState::Resolving { .. } => "Resolving",
             ReceiverState::Resolved => "Resolved",
+            ReceiverState::Attaching => "Attaching",
         }
     }
 
@@ -103,6 +109,8 @@ impl fmt::Display for ReceiverState {
 #[derive(Debug, Clone)]
 pub struct ReceiverMachine {
     state: ReceiverState,
+    /// Attached was sent: the conversation runs inside a session.
+    attached: bool,
     hello: Negotiation,
     setup: Option<Setup>,
     ledger: Ledger,
@@ -118,6 +126,7 @@ impl ReceiverMachine {
     pub fn new() -> ReceiverMachine {
         ReceiverMachine {
             state: ReceiverState::AwaitHello,
+            attached: false,
             hello: Negotiation::default(),
             setup: None,
             ledger: Ledger::default(),
@@ -174,6 +183,10 @@ impl ReceiverMachine {
                 S::AwaitSetup
             }
             (S::SetupReceived, Message::SetupOk) => S::ReceivingMemory,
+            (S::Attaching, Message::Attached(_)) => {
+                self.attached = true;
+                S::AwaitSetup
+            }
             (S::Completed, Message::Prepared) => S::Prepared,
             (S::ReceivingMemory | S::StateReceived | S::Completed, Message::Applied(_)) => {
                 self.state
@@ -214,6 +227,10 @@ impl ReceiverMachine {
                 self.ledger = Ledger::for_setup(s);
                 self.setup = Some(s.clone());
                 S::SetupReceived
+            }
+            (S::AwaitSetup, Message::Attach(_)) if !self.attached => {
+                m.validate()?;
+                S::Attaching
             }
             (S::AwaitSetup, Message::Resolve(q)) => S::Resolving {
                 migration_id: q.migration_id,

@@ -18,6 +18,9 @@
 //!  Negotiated ──send Resolve──▶ Resolving ──recv Resolved (same id)──▶ Resolved
 //!                                         (a new connection that asks about a handover)
 //!
+//!  Negotiated ──send Attach──▶ Attaching ──recv Attached──▶ Negotiated (once per machine:
+//!                              the conversation goes on inside the session)
+//!
 //!  send Abort:  any state before CommitSent (not Done, not Aborted)  ──▶ Aborted
 //!  recv Abort:  any state before CommitSent, and Aborted (crossing)  ──▶ Aborted, Err(Peer)
 //!  anything else: Err(Transition), and the state does not change
@@ -56,6 +59,8 @@ pub enum SenderState {
     },
     /// The answer to Resolve arrived.
     Resolved,
+    /// Attach sent; its answer is next.
+    Attaching,
 }
 
 impl SenderState {
@@ -74,6 +79,7 @@ impl SenderState {
             SenderState::Aborted => "Aborted",
             SenderState::Resolving { .. } => "Resolving",
             SenderState::Resolved => "Resolved",
+            SenderState::Attaching => "Attaching",
         }
     }
 
@@ -103,6 +109,8 @@ impl fmt::Display for SenderState {
 #[derive(Debug, Clone)]
 pub struct SenderMachine {
     state: SenderState,
+    /// Attach was answered: the conversation runs inside a session.
+    attached: bool,
     hello: Negotiation,
     ledger: Ledger,
 }
@@ -117,6 +125,7 @@ impl SenderMachine {
     pub fn new() -> SenderMachine {
         SenderMachine {
             state: SenderState::Start,
+            attached: false,
             hello: Negotiation::default(),
             ledger: Ledger::default(),
         }
@@ -203,6 +212,10 @@ impl SenderMachine {
             (S::Negotiated, Message::Resolve(r)) => S::Resolving {
                 migration_id: r.migration_id,
             },
+            (S::Negotiated, Message::Attach(_)) if !self.attached => {
+                m.validate()?;
+                S::Attaching
+            }
             (state, Message::Abort(_)) if state.before_commit() => {
                 m.validate()?;
                 S::Aborted
@@ -225,6 +238,10 @@ impl SenderMachine {
                 S::Negotiated
             }
             (S::SetupSent, Message::SetupOk) => S::SendingMemory { iteration: 0 },
+            (S::Attaching, Message::Attached(_)) => {
+                self.attached = true;
+                S::Negotiated
+            }
             (S::Completed, Message::Prepared) => S::AwaitingCommitDecision,
             (S::SendingMemory { .. } | S::StateSent | S::Completed, Message::Applied(a)) => {
                 // The destination cannot have applied more than it was sent.

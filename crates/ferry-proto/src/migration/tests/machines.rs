@@ -32,6 +32,7 @@ const SENDER_RULES: &[(SenderState, &[SenderRule])] = {
             Negotiated,
             &[
                 (S, K::Setup, SetupSent),
+                (S, K::Attach, Attaching),
                 (
                     S,
                     K::Resolve,
@@ -100,6 +101,14 @@ const SENDER_RULES: &[(SenderState, &[SenderRule])] = {
             &[(R, K::Resolved, Resolved)],
         ),
         (Resolved, &[]),
+        (
+            Attaching,
+            &[
+                (R, K::Attached, Negotiated),
+                (S, K::Abort, Aborted),
+                (R, K::Abort, Aborted),
+            ],
+        ),
     ]
 };
 
@@ -126,6 +135,7 @@ const RECEIVER_RULES: &[(ReceiverState, &[ReceiverRule])] = {
             AwaitSetup,
             &[
                 (R, K::Setup, SetupReceived),
+                (R, K::Attach, Attaching),
                 (
                     R,
                     K::Resolve,
@@ -193,6 +203,14 @@ const RECEIVER_RULES: &[(ReceiverState, &[ReceiverRule])] = {
             &[(S, K::Resolved, Resolved)],
         ),
         (Resolved, &[]),
+        (
+            Attaching,
+            &[
+                (S, K::Attached, AwaitSetup),
+                (S, K::Abort, Aborted),
+                (R, K::Abort, Aborted),
+            ],
+        ),
     ]
 };
 
@@ -245,6 +263,11 @@ fn sender_in(target: SenderState) -> SenderMachine {
         m.sent(&sample(K::Abort)).expect("abort");
         return m;
     }
+    if target == SenderState::Attaching {
+        let mut m = sender_in(SenderState::Negotiated);
+        m.sent(&sample(K::Attach)).expect("attach");
+        return m;
+    }
     if matches!(
         target,
         SenderState::Resolving { .. } | SenderState::Resolved
@@ -272,6 +295,11 @@ fn receiver_in(target: ReceiverState) -> ReceiverMachine {
         m.sent(&sample(K::Abort)).expect("abort");
         return m;
     }
+    if target == ReceiverState::Attaching {
+        let mut m = receiver_in(ReceiverState::AwaitSetup);
+        m.received(&sample(K::Attach)).expect("attach");
+        return m;
+    }
     if matches!(
         target,
         ReceiverState::Resolving { .. } | ReceiverState::Resolved
@@ -295,7 +323,7 @@ fn receiver_in(target: ReceiverState) -> ReceiverMachine {
 
 #[test]
 fn every_sender_transition_follows_the_table() {
-    assert_eq!(SENDER_RULES.len(), 13, "every sender state has a row");
+    assert_eq!(SENDER_RULES.len(), 14, "every sender state has a row");
     let mut illegal = 0;
     for &(state, rules) in SENDER_RULES {
         let start = sender_in(state);
@@ -339,7 +367,7 @@ fn every_sender_transition_follows_the_table() {
 
 #[test]
 fn every_receiver_transition_follows_the_table() {
-    assert_eq!(RECEIVER_RULES.len(), 13, "every receiver state has a row");
+    assert_eq!(RECEIVER_RULES.len(), 14, "every receiver state has a row");
     let mut illegal = 0;
     for &(state, rules) in RECEIVER_RULES {
         let start = receiver_in(state);
@@ -931,4 +959,54 @@ fn disks_move_only_when_both_sides_speak_disk_blocks() {
         ..sample_setup()
     };
     dst.received(&Message::Setup(setup)).expect("no disks move");
+}
+
+/// A session is attached once: the first Attach's answer puts the conversation back where
+/// Setup is next, inside the session, and a second Attach is refused by both sides. Attach's
+/// own bounds are checked.
+#[test]
+fn attach_happens_once_and_its_bounds_are_checked() {
+    let mut src = sender_in(SenderState::Negotiated);
+    let mut dst = receiver_in(ReceiverState::AwaitSetup);
+    let attach = sample(K::Attach);
+    src.sent(&attach).expect("attach");
+    dst.received(&attach).expect("attach");
+    dst.sent(&sample(K::Attached)).expect("attached");
+    src.received(&sample(K::Attached)).expect("attached");
+    assert_eq!(src.state(), SenderState::Negotiated);
+    assert_eq!(dst.state(), ReceiverState::AwaitSetup);
+    assert!(src.clone().sent(&attach).is_err(), "attached already");
+    assert!(dst.clone().received(&attach).is_err(), "attached already");
+    src.sent(&sample(K::Setup)).expect("setup inside the session");
+    dst.received(&sample(K::Setup)).expect("setup inside the session");
+
+    for bad in [
+        Attach {
+            session_id: 1,
+            index: MAX_CONNECTIONS,
+            resume_window_ms: 0,
+            received: 0,
+        },
+        Attach {
+            session_id: 1,
+            index: 0,
+            resume_window_ms: MAX_RESUME_WINDOW_MS + 1,
+            received: 0,
+        },
+    ] {
+        let m = Message::Attach(bad);
+        assert!(m.validate().is_err(), "{m:?}");
+        assert!(receiver_in(ReceiverState::AwaitSetup).received(&m).is_err());
+        assert!(sender_in(SenderState::Negotiated).sent(&m).is_err());
+        let mut bytes = Vec::new();
+        // Written anyway (as a hostile peer would) and read back: refused on reading.
+        crate::frame::write_frame(
+            &mut bytes,
+            K::Attach.format_version(),
+            K::Attach as u16,
+            &serde_json::to_vec(&bad).expect("json"),
+        )
+        .expect("frame");
+        assert!(read_message(&mut &bytes[..]).is_err());
+    }
 }

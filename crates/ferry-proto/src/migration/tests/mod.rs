@@ -66,6 +66,13 @@ fn sample(kind: MessageKind) -> Message {
         )),
         MessageKind::Setup => Message::Setup(sample_setup()),
         MessageKind::SetupOk => Message::SetupOk,
+        MessageKind::Attach => Message::Attach(Attach {
+            session_id: 0x5eed,
+            index: 0,
+            resume_window_ms: 60_000,
+            received: 0,
+        }),
+        MessageKind::Attached => Message::Attached(Attached { received: 0 }),
         MessageKind::Pages => Message::Pages(mixed_batch()),
         MessageKind::IterationDone => Message::IterationDone(IterationDone {
             iteration: 0,
