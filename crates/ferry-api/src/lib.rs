@@ -246,6 +246,32 @@ mod tests {
         assert_eq!(back, VmRunState::Paused);
     }
 
+    /// Regression: a prediction made before any rate was known is infinite; it went out as
+    /// JSON null and `ferry migrate` could not read the status (seen at 100 ms round trip).
+    #[test]
+    fn a_status_with_figures_not_known_yet_still_reads_back() {
+        let mut status: MigrationStatus = serde_json::from_value(serde_json::json!({
+            "phase": "iterating", "to": "b:1", "iteration": 1, "bytes_sent": 0,
+            "data_pages_sent": 0, "zero_pages_sent": 0, "bytes_remaining": 0,
+            "dirty_rate_bytes_per_sec": 0.0, "link_rate_bytes_per_sec": 0.0,
+            "throttle_percent": 0, "expected_downtime_ms": 0.0, "downtime": null,
+            "elapsed_secs": 1.0, "notes": [], "error": null,
+            "disks": [{"index": 0, "total_bytes": 0, "sent_bytes": 0, "remaining_bytes": 0,
+                       "dirty_rate_bytes_per_sec": 0.0}]
+        }))
+        .expect("a status");
+        status.expected_downtime_ms = f64::INFINITY;
+        status.dirty_rate_bytes_per_sec = f64::NAN;
+        status.eta_secs = Some(f64::INFINITY);
+        status.disks[0].writes_held_ms = f64::NEG_INFINITY;
+        let json = serde_json::to_string(&status).expect("serializes");
+        let back: MigrationStatus = serde_json::from_str(&json).expect("reads back");
+        assert_eq!(back.expected_downtime_ms, 0.0);
+        assert_eq!(back.dirty_rate_bytes_per_sec, 0.0);
+        assert_eq!(back.eta_secs, None);
+        assert_eq!(back.disks[0].writes_held_ms, 0.0);
+    }
+
     #[test]
     fn a_migration_error_carries_its_kind_and_whether_to_retry() {
         let e = MigrationError::new(MigrationErrorKind::NetworkLost, "the link went silent");
@@ -343,6 +369,14 @@ pub struct MigrateRequest {
     /// Mutual TLS with the destination; none means plain TCP.
     #[serde(default)]
     pub tls: Option<TlsSettings>,
+    /// TCP connections to stripe the migration over; none: chosen from the measured round
+    /// trip (one on a LAN, more as the bandwidth-delay product grows).
+    #[serde(default)]
+    pub connections: Option<u32>,
+    /// How long a migration whose every connection was lost keeps trying to reconnect and
+    /// resume before it fails (default 60).
+    #[serde(default)]
+    pub resume_window_secs: Option<u64>,
 }
 
 /// Mutual TLS for a migration connection.
@@ -367,6 +401,14 @@ pub enum DiskMode {
     /// ferry chooses (see docs/architecture.md).
     #[default]
     Auto,
+}
+
+/// `PUT /vm/migration/bandwidth`: change the running migration's bandwidth cap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationBandwidth {
+    /// Bytes per second at most; none lifts the cap.
+    #[serde(default)]
+    pub bandwidth_bytes_per_sec: Option<u64>,
 }
 
 /// `PUT /vm/migration/resolve`: settle a migration whose outcome is unknown by asking the
@@ -444,15 +486,19 @@ pub struct MigrationStatus {
     /// Dirty data still to send, as of the last look.
     pub bytes_remaining: u64,
     /// Bytes per second the guest dirtied in the last pass.
+    #[serde(serialize_with = "finite")]
     pub dirty_rate_bytes_per_sec: f64,
     /// Bytes per second the link carried in the last pass.
+    #[serde(serialize_with = "finite")]
     pub link_rate_bytes_per_sec: f64,
     /// How much of its time each vCPU is held back (auto-converge), percent.
     pub throttle_percent: u32,
     /// The downtime the switchover would have now.
+    #[serde(serialize_with = "finite")]
     pub expected_downtime_ms: f64,
     /// Measured, once the VM was handed over.
     pub downtime: Option<DowntimeBreakdown>,
+    #[serde(serialize_with = "finite")]
     pub elapsed_secs: f64,
     /// What the migration decided along the way (throttling, forced switchover, ...).
     pub notes: Vec<String>,
@@ -466,10 +512,10 @@ pub struct MigrationStatus {
     #[serde(default)]
     pub bytes_applied: u64,
     /// Seconds until the switchover at the current rates, if they can be told.
-    #[serde(default)]
+    #[serde(default, serialize_with = "finite_or_none")]
     pub eta_secs: Option<f64>,
     /// The longest stretch any vCPU did not run (auto-converge rests and the downtime).
-    #[serde(default)]
+    #[serde(default, serialize_with = "finite")]
     pub longest_stall_ms: f64,
     /// Identifies this migration to the destination (for resolving an unknown outcome).
     #[serde(default)]
@@ -477,6 +523,30 @@ pub struct MigrationStatus {
     /// The disks that move with the VM.
     #[serde(default)]
     pub disks: Vec<DiskMigrationStatus>,
+    /// The connections the migration runs on: how many it wants, how many are up, how many
+    /// were lost (and replaced), and the bytes sent again because of those losses.
+    #[serde(default)]
+    pub connections: u32,
+    #[serde(default)]
+    pub connections_up: u32,
+    #[serde(default)]
+    pub connections_lost: u64,
+    #[serde(default)]
+    pub resent_bytes: u64,
+}
+
+/// A figure that cannot be told yet (a rate of zero, a prediction without rates) is
+/// infinite or NaN inside ferry; JSON has no such numbers, and a client expecting a number
+/// must get one: 0.
+fn finite<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(if v.is_finite() { *v } else { 0.0 })
+}
+
+fn finite_or_none<S: serde::Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match v.filter(|x| x.is_finite()) {
+        Some(x) => s.serialize_some(&x),
+        None => s.serialize_none(),
+    }
 }
 
 /// One moving disk in [`MigrationStatus`].
@@ -490,6 +560,7 @@ pub struct DiskMigrationStatus {
     /// Left in the bulk copy, then written by the guest and not yet sent.
     pub remaining_bytes: u64,
     /// How fast the guest writes blocks that must be sent again, bytes per second.
+    #[serde(serialize_with = "finite")]
     pub dirty_rate_bytes_per_sec: f64,
     /// `iterative` or `mirror`.
     #[serde(default)]
@@ -498,7 +569,7 @@ pub struct DiskMigrationStatus {
     #[serde(default)]
     pub lag_bytes: u64,
     /// How long the guest's writes were held back because the destination lagged, in all.
-    #[serde(default)]
+    #[serde(default, serialize_with = "finite")]
     pub writes_held_ms: f64,
 }
 

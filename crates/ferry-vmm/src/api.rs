@@ -232,6 +232,7 @@ pub fn router(state: ApiState) -> Router {
             put(|s| call(s, ApiAction::CancelMigration)),
         )
         .route("/vm/migration/resolve", put(resolve))
+        .route("/vm/migration/bandwidth", put(bandwidth))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API route") })
         .method_not_allowed_fallback(|| async {
             error(
@@ -274,6 +275,19 @@ async fn migrate(
         Err(rejection) => error(
             StatusCode::BAD_REQUEST,
             &format!("bad migrate request: {rejection}"),
+        ),
+    }
+}
+
+async fn bandwidth(
+    state: State<ApiState>,
+    body: Result<Json<ferry_api::MigrationBandwidth>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(request)) => call(state, ApiAction::SetMigrationBandwidth(request)).await,
+        Err(rejection) => error(
+            StatusCode::BAD_REQUEST,
+            &format!("bad bandwidth request: {rejection}"),
         ),
     }
 }

@@ -33,6 +33,7 @@ pub enum ApiAction {
     MigrationStatus,
     CancelMigration,
     ResolveMigration(ferry_api::ResolveRequest),
+    SetMigrationBandwidth(ferry_api::MigrationBandwidth),
 }
 
 /// What an API request answers.

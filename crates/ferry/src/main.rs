@@ -61,6 +61,25 @@ struct TlsCertsArgs {
     hosts: Vec<ferry_vmm::migration::wire::pki::HostSpec>,
 }
 
+/// `--connections`: a count, or auto.
+#[derive(Debug, Clone, Copy)]
+struct Connections(Option<u32>);
+
+fn parse_connections(text: &str) -> Result<Connections, String> {
+    if text == "auto" {
+        return Ok(Connections(None));
+    }
+    match text.parse::<u32>() {
+        Ok(n) if (1..=ferry_proto::migration::MAX_CONNECTIONS).contains(&n) => {
+            Ok(Connections(Some(n)))
+        }
+        _ => Err(format!(
+            "{text:?}: expected auto or 1 to {}",
+            ferry_proto::migration::MAX_CONNECTIONS
+        )),
+    }
+}
+
 fn parse_host_spec(text: &str) -> Result<ferry_vmm::migration::wire::pki::HostSpec, String> {
     let (name, addresses) = text
         .split_once('=')
@@ -178,7 +197,7 @@ struct MigrateCliArgs {
     #[arg(long)]
     api_socket: PathBuf,
     /// ADDR:PORT of the destination's `ferry receive`.
-    #[arg(long, required_unless_present_any = ["cancel", "resolve"])]
+    #[arg(long, required_unless_present_any = ["cancel", "resolve", "set_bandwidth"])]
     to: Option<String>,
     /// The longest the guest may be stopped, milliseconds.
     #[arg(long, default_value_t = ferry_api::default_downtime_ms())]
@@ -211,9 +230,21 @@ struct MigrateCliArgs {
     /// The name the destination's certificate must hold, when it is not the host of --to.
     #[arg(long, value_name = "NAME", requires = "tls_dir")]
     tls_name: Option<String>,
+    /// TCP connections to stripe the migration over (1 to 64), or auto: chosen from the
+    /// round trip, one on a LAN and more on long links.
+    #[arg(long, default_value = "auto", value_parser = parse_connections)]
+    connections: Connections,
+    /// With every connection lost, keep reconnecting this many seconds and resume from
+    /// where the migration was; then fail (the VM runs on here).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    resume_window: u64,
     /// Cancel the running migration instead.
     #[arg(long, conflicts_with = "to")]
     cancel: bool,
+    /// Change the running migration's bandwidth cap instead (1G, 100M, 50MiB), or lift it
+    /// (none); the migration plans with it at once.
+    #[arg(long, value_name = "RATE|none", value_parser = migrate::parse_new_cap, conflicts_with_all = ["to", "cancel", "resolve"])]
+    set_bandwidth: Option<migrate::NewCap>,
     /// Settle a migration whose outcome is unknown: ask the destination (the migration's own,
     /// or --to) whether it runs the VM; this VM then ends or resumes.
     #[arg(long, conflicts_with = "cancel")]
@@ -308,6 +339,9 @@ fn migrate_cmd(args: MigrateCliArgs) -> Result<()> {
     if args.cancel {
         return migrate::cancel(&args.api_socket, args.json);
     }
+    if let Some(cap) = args.set_bandwidth {
+        return migrate::set_bandwidth(&args.api_socket, cap.0, args.json);
+    }
     let tls = args
         .tls_dir
         .map(|dir| -> Result<ferry_api::TlsSettings> {
@@ -343,6 +377,8 @@ fn migrate_cmd(args: MigrateCliArgs) -> Result<()> {
                 _ => ferry_api::DiskMode::Auto,
             },
             tls,
+            connections: args.connections.0,
+            resume_window_secs: args.resume_window,
             json: args.json,
         },
     )

@@ -22,6 +22,8 @@ pub struct MigrateArgs {
     pub shared_disks: Vec<u32>,
     pub disk_mode: ferry_api::DiskMode,
     pub tls: Option<ferry_api::TlsSettings>,
+    pub connections: Option<u32>,
+    pub resume_window_secs: u64,
     pub json: bool,
 }
 
@@ -103,6 +105,8 @@ pub fn run(socket: &Path, args: MigrateArgs) -> Result<MigrationStatus> {
         shared_disks: args.shared_disks.clone(),
         disk_mode: args.disk_mode,
         tls: args.tls.clone(),
+        connections: args.connections,
+        resume_window_secs: Some(args.resume_window_secs),
         wait: true,
     };
     // One connection waits for the end; progress comes from polling on others.
@@ -264,6 +268,40 @@ pub fn cancel(socket: &Path, json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// `ferry migrate --set-bandwidth`: the running migration's cap changes now (None lifts it).
+pub fn set_bandwidth(socket: &Path, cap: Option<u64>, json: bool) -> Result<()> {
+    let request = ferry_api::MigrationBandwidth {
+        bandwidth_bytes_per_sec: cap,
+    };
+    let s: MigrationStatus = client::call_json(
+        socket,
+        Method::PUT,
+        "/vm/migration/bandwidth",
+        Some(&request),
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        match cap {
+            Some(c) => println!("the migration to {} is capped at {c} bytes/s now", s.to),
+            None => println!("the migration to {} is no longer capped", s.to),
+        }
+    }
+    Ok(())
+}
+
+/// `--set-bandwidth`: a rate, or `none` to lift the cap.
+pub fn parse_new_cap(text: &str) -> Result<NewCap, String> {
+    if text == "none" {
+        return Ok(NewCap(None));
+    }
+    parse_rate(text).map(|r| NewCap(Some(r)))
+}
+
+/// A bandwidth cap to set on a running migration; None lifts it.
+#[derive(Debug, Clone, Copy)]
+pub struct NewCap(pub Option<u64>);
 
 /// Parses a bandwidth: `1G` / `100M` bits per second, or `50MiB` bytes per second.
 pub fn parse_rate(text: &str) -> Result<u64, String> {

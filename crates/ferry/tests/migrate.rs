@@ -230,9 +230,18 @@ fn killing_the_source_mid_transfer_ends_the_destination_cleanly() {
     let mut dst = receiver(&hosts.b, &listen, None, &[]);
     let (src, socket) = slow_source(&hosts, &dir);
     let mut c = ferry();
-    c.args(["migrate", "--json", "--bandwidth", "50MiB", "--api-socket"])
-        .arg(&socket)
-        .args(["--to", &listen]);
+    // The destination waits the resume window for the source to come back, then gives up.
+    c.args([
+        "migrate",
+        "--json",
+        "--bandwidth",
+        "50MiB",
+        "--resume-window",
+        "5",
+    ])
+    .arg("--api-socket")
+    .arg(&socket)
+    .args(["--to", &listen]);
     let mut migrating = c
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -264,9 +273,18 @@ fn a_cancelled_migration_leaves_the_source_running() {
     let mut dst = receiver(&hosts.b, &listen, None, &[]);
     let (src, socket) = slow_source(&hosts, &dir);
     let mut c = ferry();
-    c.args(["migrate", "--json", "--bandwidth", "50MiB", "--api-socket"])
-        .arg(&socket)
-        .args(["--to", &listen]);
+    // The destination waits the resume window for the source to come back, then gives up.
+    c.args([
+        "migrate",
+        "--json",
+        "--bandwidth",
+        "50MiB",
+        "--resume-window",
+        "5",
+    ])
+    .arg("--api-socket")
+    .arg(&socket)
+    .args(["--to", &listen]);
     let migrating = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -369,4 +387,64 @@ fn a_guest_with_256_mib_of_data_then_idle_migrates() {
 #[test]
 fn a_guest_with_2_gib_of_data_then_idle_migrates() {
     populated_then_idle("a_guest_with_2_gib_of_data_then_idle_migrates", "3G", 2048);
+}
+
+/// The operator lifts the cap of a running migration: it goes on at the link's pace and says
+/// so; with no migration running, the change is refused.
+#[test]
+fn the_bandwidth_cap_changes_while_the_migration_runs() {
+    let test = "the_bandwidth_cap_changes_while_the_migration_runs";
+    let Some(hosts) = hosts_or_skip("mig", test) else {
+        return;
+    };
+    let dir = TempDir::new("set-bw");
+    let listen = format!("{}:7006", hosts.b_addr);
+    let _dst = receiver(&hosts.b, &listen, None, &[]);
+    let (mut src, socket) = source(
+        &hosts.a,
+        &dir,
+        Boot {
+            memory: "1G",
+            ..Boot::guest("workload=mem mem_mib=256 mem_rate=5")
+        },
+        None,
+    );
+    let early = ferry()
+        .args(["migrate", "--set-bandwidth", "1G", "--api-socket"])
+        .arg(&socket)
+        .output()
+        .expect("set-bandwidth");
+    assert!(!early.status.success(), "no migration runs yet: {early:?}");
+    assert!(
+        String::from_utf8_lossy(&early.stderr).contains("no migration is running"),
+        "{early:?}"
+    );
+    // At 8 MiB/s the 256 MiB would take half a minute.
+    let migrating = common::migration::migrate_command(&socket, &listen, &["--bandwidth", "8MiB"])
+        .spawn()
+        .expect("migrate");
+    std::thread::sleep(Duration::from_secs(2));
+    let set = ferry()
+        .args(["migrate", "--set-bandwidth", "none", "--api-socket"])
+        .arg(&socket)
+        .output()
+        .expect("set-bandwidth");
+    assert!(set.status.success(), "{set:?}");
+    assert!(String::from_utf8_lossy(&set.stdout).contains("no longer capped"));
+    let out = migrating.wait_with_output().expect("migrate output");
+    let status = status_json(&out);
+    assert!(out.status.success(), "{status}");
+    assert!(
+        status["notes"].as_array().is_some_and(|n| n
+            .iter()
+            .any(|x| x.as_str().is_some_and(|s| s.contains("lifted")))),
+        "{status}"
+    );
+    // Still capped, the 256 MiB could not have crossed in less than 32 s.
+    assert!(
+        status["elapsed_secs"].as_f64().unwrap_or(99.0) < 30.0,
+        "the cap was lifted, not kept: {status}"
+    );
+
+    assert!(src.wait_exit(MIGRATE).success());
 }

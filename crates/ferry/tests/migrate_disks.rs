@@ -337,7 +337,8 @@ fn slow_copy(name: &str, port: u16) -> Option<SlowCopy> {
         ],
     );
     let (src, socket) = source(&hosts.a, &dir, boot, None);
-    let migrate = migrate_command(&socket, &listen, &[])
+    // A destination gone silent is lost after 5 s, and given up 5 s later.
+    let migrate = migrate_command(&socket, &listen, &["--resume-window", "5"])
         .spawn()
         .expect("start ferry migrate");
     std::thread::sleep(Duration::from_secs(2));

@@ -210,7 +210,16 @@ fn a_frozen_destination_is_detected_as_network_lost() {
     let migrating = migrate_command(
         &f.socket,
         &f.listen,
-        &["--bandwidth", "50MiB", "--link-timeout-ms", "3000"],
+        // Silent for 3 s: the connection is lost; no answer to a redial for 5 s more: the
+        // migration is.
+        &[
+            "--bandwidth",
+            "50MiB",
+            "--link-timeout-ms",
+            "3000",
+            "--resume-window",
+            "5",
+        ],
     )
     .spawn()
     .expect("migrate");
@@ -225,7 +234,7 @@ fn a_frozen_destination_is_detected_as_network_lost() {
     assert_error(&status, "network_lost", true);
     assert!(
         detected < Duration::from_secs(20),
-        "a 3 s link timeout took {detected:?} to notice"
+        "a 3 s link timeout and a 5 s resume window took {detected:?} to give up"
     );
     assert_source_goes_on(&f.src, &f.socket);
 }

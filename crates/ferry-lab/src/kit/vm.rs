@@ -202,8 +202,9 @@ impl VmProcess {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "ferry run did not exit in {timeout:?}; console:\n{}",
-                    self.lines().join("\n")
+                    "ferry run did not exit in {timeout:?}; console:\n{}\n--- stderr ---\n{}",
+                    self.lines().join("\n"),
+                    self.stderr()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -86,8 +86,8 @@ pub use codec::{read_message, read_message_reusing, write_message};
 pub use error::{Direction, FailureClass, ProtocolError, Side, TransitionError};
 pub use ledger::PageTotals;
 pub use message::{
-    Abort, AbortKind, Applied, Attach, Attached, Complete, Hello, IterationDone, Message, MessageKind, MovingDisk,
-    Region, Resolve, Resolved, Running, Setup, MESSAGE_FORMAT_VERSION,
+    Abort, AbortKind, Applied, Attach, Attached, Complete, Hello, IterationDone, Message,
+    MessageKind, MovingDisk, Region, Resolve, Resolved, Running, Setup, MESSAGE_FORMAT_VERSION,
 };
 pub use negotiation::{feature, Features};
 pub use pages::{is_zero_page, PageBatch, PageBatchWriter, PageRecord, Records};

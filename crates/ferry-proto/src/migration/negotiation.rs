@@ -99,7 +99,13 @@ pub mod feature {
     /// Features a peer must announce to work with this ferry at all.
     pub const REQUIRED: &[&str] = &[STATE_SECTIONS];
     /// Every feature this ferry speaks.
-    pub const ALL: &[&str] = &[ZERO_PAGES, FLOW_CONTROL, STATE_SECTIONS, DISK_BLOCKS, SESSION];
+    pub const ALL: &[&str] = &[
+        ZERO_PAGES,
+        FLOW_CONTROL,
+        STATE_SECTIONS,
+        DISK_BLOCKS,
+        SESSION,
+    ];
 }
 
 /// What both sides agreed to use.

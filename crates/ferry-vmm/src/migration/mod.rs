@@ -20,6 +20,7 @@ pub mod destination;
 pub mod dirty;
 mod error;
 pub mod pages;
+pub mod session;
 pub mod source;
 pub mod wire;
 

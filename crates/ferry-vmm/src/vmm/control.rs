@@ -174,6 +174,9 @@ impl<'a> Control<'a> {
             ApiAction::MigrationStatus => return (self.migration_status(), None),
             ApiAction::CancelMigration => return (self.cancel_migration(), None),
             ApiAction::ResolveMigration(request) => return (self.resolve_migration(request), None),
+            ApiAction::SetMigrationBandwidth(request) => {
+                return (self.set_migration_bandwidth(request), None)
+            }
             ApiAction::Snapshot(request) => {
                 return match self.snapshot(&request) {
                     Ok(report) => {

@@ -13,13 +13,13 @@
 //!                                                                          PUT .../resolve)
 //! ```
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_api::{
-    MigrateRequest, MigrationError, MigrationErrorKind, MigrationPhase, MigrationStatus,
-    ResolveRequest, TlsSettings, VmRunState,
+    MigrateRequest, MigrationBandwidth, MigrationError, MigrationErrorKind, MigrationPhase,
+    MigrationStatus, ResolveRequest, TlsSettings, VmRunState,
 };
 use tokio::sync::oneshot;
 
@@ -60,6 +60,8 @@ pub(super) enum SourceLifecycle {
 pub(super) struct Running {
     status: Arc<Mutex<MigrationStatus>>,
     cancel: Arc<AtomicBool>,
+    /// The worker's bandwidth cap (bytes per second, 0: none).
+    bandwidth: Arc<AtomicU64>,
     to: String,
     tls: Option<TlsSettings>,
     migration_id: u64,
@@ -152,6 +154,7 @@ impl Control<'_> {
             migration_id,
         )));
         let cancel = Arc::new(AtomicBool::new(false));
+        let bandwidth = Arc::new(AtomicU64::new(request.bandwidth_bytes_per_sec.unwrap_or(0)));
         let events = self.vm.events_tx.clone();
         let (to, tls) = (request.to.clone(), request.tls.clone());
         let ctx = SourceContext {
@@ -164,6 +167,7 @@ impl Control<'_> {
             throttle: self.throttle.clone(),
             status: status.clone(),
             cancel: cancel.clone(),
+            bandwidth: bandwidth.clone(),
             committing: Arc::new(AtomicBool::new(false)),
             control: Box::new(move |m| events.send(VmmEvent::Migration(m)).is_ok()),
         };
@@ -176,6 +180,7 @@ impl Control<'_> {
         self.migration = SourceLifecycle::Migrating(Running {
             status,
             cancel,
+            bandwidth,
             to,
             tls,
             migration_id,
@@ -200,6 +205,27 @@ impl Control<'_> {
             SourceLifecycle::Migrating(r) => {
                 r.cancel.store(true, Ordering::Relaxed);
                 Ok(ApiReply::Migration(lock(&r.status).clone()))
+            }
+            _ => Err(conflict("no migration is running")),
+        }
+    }
+
+    /// `PUT /vm/migration/bandwidth`: the running migration's cap changes now (None lifts
+    /// it); the policy plans with it from its next look.
+    pub(super) fn set_migration_bandwidth(
+        &self,
+        request: MigrationBandwidth,
+    ) -> Result<ApiReply, ApiFailure> {
+        match &self.migration {
+            SourceLifecycle::Migrating(r) => {
+                let cap = request.bandwidth_bytes_per_sec.unwrap_or(0);
+                r.bandwidth.store(cap, Ordering::Relaxed);
+                let mut status = lock(&r.status);
+                status.notes.push(match cap {
+                    0 => "the bandwidth cap was lifted".to_string(),
+                    cap => format!("the bandwidth cap was set to {cap} bytes/s"),
+                });
+                Ok(ApiReply::Migration(status.clone()))
             }
             _ => Err(conflict("no migration is running")),
         }

@@ -977,8 +977,10 @@ fn attach_happens_once_and_its_bounds_are_checked() {
     assert_eq!(dst.state(), ReceiverState::AwaitSetup);
     assert!(src.clone().sent(&attach).is_err(), "attached already");
     assert!(dst.clone().received(&attach).is_err(), "attached already");
-    src.sent(&sample(K::Setup)).expect("setup inside the session");
-    dst.received(&sample(K::Setup)).expect("setup inside the session");
+    src.sent(&sample(K::Setup))
+        .expect("setup inside the session");
+    dst.received(&sample(K::Setup))
+        .expect("setup inside the session");
 
     for bad in [
         Attach {

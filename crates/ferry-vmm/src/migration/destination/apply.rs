@@ -15,7 +15,6 @@ use ferry_proto::migration::{
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::prefault::Prefaulter;
-use crate::migration::wire::WireReader;
 
 /// Messages read ahead of the one being applied.
 const READ_AHEAD: usize = 3;
@@ -32,7 +31,7 @@ impl Reader {
     /// Starts reading `reader`; every message is checked by `machine` before it is passed on,
     /// and the memory a page batch will fill is faulted in by `prefault` on the way.
     pub fn start(
-        reader: BufReader<WireReader>,
+        reader: BufReader<Box<dyn std::io::Read + Send>>,
         machine: Arc<Mutex<ReceiverMachine>>,
         mut prefault: Option<Prefaulter>,
     ) -> std::io::Result<Reader> {
@@ -69,7 +68,7 @@ impl Drop for Reader {
 }
 
 fn read_loop(
-    mut reader: BufReader<WireReader>,
+    mut reader: BufReader<Box<dyn std::io::Read + Send>>,
     machine: &Mutex<ReceiverMachine>,
     out: &SyncSender<Result<Message, String>>,
     buffers: &Receiver<Vec<u8>>,

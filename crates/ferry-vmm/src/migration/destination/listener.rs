@@ -6,9 +6,11 @@
 //! - anything else, garbage, silence or a wrong version: refused and logged; the receiver goes
 //!   on serving the next connection.
 
-use std::io::BufReader;
+use std::collections::HashMap;
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 
+use crate::migration::session::{PatientWriter, Session, SessionConfig};
 use crate::migration::wire::{self, TlsConfig, Wire, WireReader, WireWriter};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
@@ -38,10 +40,13 @@ pub enum HandoverState {
     Committed,
 }
 
-/// The migration this receiver holds, shared by the main thread and the listener.
+/// The migration this receiver holds, shared by the main thread and the listener: where
+/// its handover stands, and its session (keyed by the migration id) for connections that
+/// join it or replace lost ones.
 #[derive(Debug, Default)]
 pub struct Handover {
     inner: Mutex<Option<(u64, HandoverState)>>,
+    sessions: Mutex<HashMap<u64, Session>>,
 }
 
 impl Handover {
@@ -70,6 +75,20 @@ impl Handover {
         }
     }
 
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Session>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The live session of migration `id`, if there is one.
+    pub fn session(&self, id: u64) -> Option<Session> {
+        self.sessions().get(&id).filter(|s| !s.is_over()).cloned()
+    }
+
+    /// Forgets migration `id`'s session: later connections for it are refused.
+    pub fn forget_session(&self, id: u64) {
+        self.sessions().remove(&id);
+    }
+
     /// Answers a Resolve for `id`: true if that VM was committed here. Otherwise it never
     /// will be: a pending one is fenced.
     pub fn resolve(&self, id: u64) -> bool {
@@ -86,12 +105,55 @@ impl Handover {
     }
 }
 
-/// A migration connection past its Hello and Setup, for the main thread.
+/// What a migration arrived on: one connection, or a session over several.
 #[derive(Debug)]
+pub enum Conn {
+    Tcp(TcpStream),
+    Session(Session),
+}
+
+impl Conn {
+    /// Waits on the source end after `silence` (a session waits its resume window more).
+    pub fn set_timeouts(&self, silence: Duration) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(tcp) => {
+                tcp.set_read_timeout(Some(silence))?;
+                tcp.set_write_timeout(Some(silence))
+            }
+            Conn::Session(s) => {
+                s.set_read_timeout(Some(silence + s.config().resume_window));
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends the connection: a session first delivers what was written (an Abort, Running).
+    pub fn end(&self) {
+        match self {
+            Conn::Tcp(tcp) => {
+                let _ = tcp.shutdown(std::net::Shutdown::Both);
+            }
+            Conn::Session(s) => s.close(Duration::from_secs(1)),
+        }
+    }
+
+    /// Drops the connection without a word (a test fault: an answer lost on the way).
+    pub fn cut(&self) {
+        match self {
+            Conn::Tcp(tcp) => {
+                let _ = tcp.shutdown(std::net::Shutdown::Both);
+            }
+            Conn::Session(s) => s.fail("FERRY_TEST_FAULT: the connections are cut"),
+        }
+    }
+}
+
+/// A migration past its Hello and Setup, for the main thread.
 pub struct Incoming {
-    pub wire: Wire,
-    pub writer: WireWriter,
-    pub reader: BufReader<WireReader>,
+    pub peer: String,
+    pub conn: Conn,
+    pub writer: Box<dyn Write + Send>,
+    pub reader: BufReader<Box<dyn Read + Send>>,
     pub machine: ReceiverMachine,
     pub setup: Setup,
     pub features: Features,
@@ -204,8 +266,14 @@ fn serve(
     stream
         .set_write_timeout(Some(HELLO_TIMEOUT))
         .map_err(|e| e.to_string())?;
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let wire = open(stream, tls)?;
-    let mut reader = BufReader::with_capacity(1 << 20, wire.reader().map_err(|e| e.to_string())?);
+    // Unbuffered until the connection's use is known: a session's framing must find every
+    // byte after Attach where it expects it.
+    let mut reader = wire.reader().map_err(|e| e.to_string())?;
     let mut writer = wire.writer().map_err(|e| e.to_string())?;
     let mut machine = ReceiverMachine::new();
 
@@ -249,6 +317,9 @@ fn serve(
         ));
     }
     match next {
+        Message::Attach(a) => attach(
+            a, wire, reader, writer, machine, features, peer, handover, migrations,
+        ),
         Message::Resolve(q) => {
             let running = handover.resolve(q.migration_id);
             tracing::info!(
@@ -271,10 +342,12 @@ fn serve(
                     "busy: this receiver already takes a VM".into(),
                 ));
             }
+            let conn = Conn::Tcp(wire.tcp().try_clone().map_err(|e| e.to_string())?);
             let incoming = Incoming {
-                wire,
-                writer,
-                reader,
+                peer,
+                conn,
+                writer: Box::new(writer),
+                reader: BufReader::with_capacity(1 << 20, Box::new(reader)),
                 machine,
                 setup,
                 features,
@@ -290,6 +363,124 @@ fn serve(
             format!("expected Setup or Resolve, got {}", other.kind()),
         )),
     }
+}
+
+/// An Attach: the first connection of a new session (the migration starts, its Setup comes
+/// inside the session), or one that joins or replaces a connection of the session this
+/// receiver holds.
+#[allow(clippy::too_many_arguments)]
+fn attach(
+    a: ferry_proto::migration::Attach,
+    wire: Wire,
+    reader: WireReader,
+    mut writer: WireWriter,
+    mut machine: ReceiverMachine,
+    features: Features,
+    peer: String,
+    handover: &Handover,
+    migrations: &Sender<Incoming>,
+) -> Result<(), String> {
+    let tcp = wire.tcp().try_clone().map_err(|e| e.to_string())?;
+    if let Some(session) = handover.session(a.session_id) {
+        answer_attach(&mut writer, &mut machine, session.consumed())?;
+        session
+            .attach_halves(a.index as usize, reader, writer, tcp, a.received)
+            .map_err(|e| format!("connection {} of the session: {e}", a.index))?;
+        tracing::info!(
+            "connection {} of migration {:#x} attached",
+            a.index,
+            a.session_id
+        );
+        return Ok(());
+    }
+    if a.index != 0 || a.received != 0 {
+        return Err(refuse(
+            &mut writer,
+            &mut machine,
+            AbortKind::Failed,
+            format!(
+                "no session {:#x} here: this receiver gave that migration up, or never had it",
+                a.session_id
+            ),
+        ));
+    }
+    if !handover.claim(a.session_id) {
+        return Err(refuse(
+            &mut writer,
+            &mut machine,
+            AbortKind::Busy,
+            "busy: this receiver already takes a VM".into(),
+        ));
+    }
+    let session = Session::new(SessionConfig {
+        resume_window: Duration::from_millis(a.resume_window_ms),
+        ..SessionConfig::default()
+    });
+    handover.sessions().insert(a.session_id, session.clone());
+    answer_attach(&mut writer, &mut machine, 0)?;
+    session
+        .attach_halves(0, reader, writer, tcp, 0)
+        .map_err(|e| e.to_string())?;
+    session.watch().map_err(|e| e.to_string())?;
+    // The conversation goes on inside the session: Setup is next.
+    session.set_read_timeout(Some(HELLO_TIMEOUT));
+    let mut reader: BufReader<Box<dyn Read + Send>> =
+        BufReader::with_capacity(1 << 20, Box::new(session.reader()));
+    let mut writer = PatientWriter {
+        inner: session.writer(),
+        patience: HELLO_TIMEOUT,
+    };
+    let failed = |why: String| {
+        session.close(Duration::from_millis(500));
+        handover.forget_session(a.session_id);
+        why
+    };
+    let next = read_message(&mut reader).map_err(|e| failed(crate::error_chain(&e)))?;
+    if let Err(e) = machine.received(&next) {
+        return Err(failed(refuse(
+            &mut writer,
+            &mut machine,
+            AbortKind::Failed,
+            e.to_string(),
+        )));
+    }
+    let setup = match next {
+        Message::Setup(s) if s.migration_id == a.session_id => s,
+        other => {
+            let why = format!(
+                "expected the Setup of migration {:#x}, got {other:?}",
+                a.session_id
+            );
+            return Err(failed(refuse(
+                &mut writer,
+                &mut machine,
+                AbortKind::Failed,
+                why,
+            )));
+        }
+    };
+    let incoming = Incoming {
+        peer,
+        conn: Conn::Session(session.clone()),
+        writer: Box::new(writer),
+        reader,
+        machine,
+        setup,
+        features,
+    };
+    migrations
+        .send(incoming)
+        .map_err(|_| failed("the receiver is shutting down".to_string()))
+}
+
+fn answer_attach(
+    writer: &mut WireWriter,
+    machine: &mut ReceiverMachine,
+    consumed: u64,
+) -> Result<(), String> {
+    let answer = Message::Attached(ferry_proto::migration::Attached { received: consumed });
+    machine.sent(&answer).map_err(|e| e.to_string())?;
+    write_message(writer, &answer).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -29,13 +29,14 @@ use vm_memory::Address;
 use crate::api;
 use crate::config::ConsoleConfig;
 use crate::memory;
-use crate::migration::wire::{TlsConfig, TlsError, WireReader, WireWriter};
+use crate::migration::session::PatientWriter;
+use crate::migration::wire::{TlsConfig, TlsError};
 use crate::snapshot::state::VmState;
 use crate::vmm::{check_fits, open_kvm, open_taps, Attachments, Skeleton, Vm, VmExit};
 use crate::VmmError;
 use apply::{AppliedTotals, Reader};
 use ferry_devices::virtio::net::TapConfig;
-use listener::{Handover, Incoming};
+use listener::{Conn, Handover, Incoming};
 
 /// How long the destination waits for the source between messages before it gives up.
 const SILENCE: Duration = Duration::from_secs(10);
@@ -81,14 +82,22 @@ pub enum ReceiveError {
 
 /// The migration connection on the main thread.
 struct Link {
-    /// The socket, for its timeouts and for shutting it down.
-    stream: std::net::TcpStream,
-    writer: WireWriter,
+    /// What the migration arrived on, for its timeouts and for ending it.
+    conn: Conn,
+    writer: Box<dyn std::io::Write + Send>,
     machine: Arc<Mutex<ReceiverMachine>>,
     /// The connection's reading side until the reader thread takes it (once guest memory
     /// exists, so it can fault memory in ahead of the pages).
-    unread: Option<std::io::BufReader<WireReader>>,
+    unread: Option<std::io::BufReader<Box<dyn std::io::Read + Send>>>,
     reader: Option<Reader>,
+}
+
+impl Drop for Link {
+    /// A session ends with what was written delivered (an Abort, Running) and a Close, so
+    /// the source hears of the end at once and does not try to resume.
+    fn drop(&mut self) {
+        self.conn.end();
+    }
 }
 
 impl Link {
@@ -162,32 +171,30 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
     let incoming = migrations
         .recv()
         .map_err(|_| VmmError::Internal("the migration listener ended"))?;
-    let peer = incoming
-        .wire
-        .tcp()
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    tracing::info!("incoming migration from {peer}");
+    tracing::info!("incoming migration from {}", incoming.peer);
     let before = |e: String| VmmError::Receive(ReceiveError::BeforeHandover(e));
     let Incoming {
-        wire,
+        conn,
         writer,
         reader,
         machine,
         setup,
         features,
+        ..
     } = incoming;
-    let stream = wire.tcp().try_clone().map_err(|e| before(e.to_string()))?;
-    for timeout in [
-        stream.set_read_timeout(Some(SILENCE)),
-        stream.set_write_timeout(Some(SILENCE)),
-    ] {
-        timeout.map_err(|e| before(e.to_string()))?;
-    }
+    conn.set_timeouts(SILENCE)
+        .map_err(|e| before(e.to_string()))?;
+    let writer: Box<dyn std::io::Write + Send> = match &conn {
+        // A session's writes wait out a lost link for as long as reads do.
+        Conn::Session(session) => Box::new(PatientWriter {
+            inner: session.writer(),
+            patience: SILENCE + session.config().resume_window,
+        }),
+        Conn::Tcp(_) => writer,
+    };
     let machine = Arc::new(Mutex::new(machine));
     let mut link = Link {
-        stream,
+        conn,
         writer,
         machine,
         unread: Some(reader),
@@ -285,13 +292,18 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         let resume_ms = committed.elapsed().as_secs_f64() * 1e3;
         if crate::migration::fault("lose-running") {
             tracing::warn!("FERRY_TEST_FAULT: Running is not sent");
-            let _ = link.stream.shutdown(std::net::Shutdown::Both);
+            link.conn.cut();
             return;
         }
         if let Err(e) = link.send(&Message::Running(Running { resume_ms })) {
             // The VM is ours now whatever happens to the source's connection.
             tracing::warn!("cannot confirm to the source that the VM runs: {e}");
         }
+        // Running is delivered (or the source resolves), then the session ends; off the
+        // VM's path.
+        let _ = std::thread::Builder::new()
+            .name("ferry-sess-end".into())
+            .spawn(move || link.conn.end());
     })))
 }
 

@@ -172,6 +172,7 @@ impl Worker<'_> {
         self.status(|s| {
             s.bytes_applied = applied;
             s.bytes_sent = sent;
+            link.stats.report_connections(s);
         });
         // The commit point: from here the destination may run the VM. A Commit that cannot
         // even be queued was never written: the source may still resume.
@@ -315,11 +316,11 @@ fn ask(
     let _ = stream.set_nodelay(true);
     let stream = link::secure(stream, timeout, tls).map_err(|e| Asked::Failed(e.to_string()))?;
     let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut link = Link::start(
+    let mut link = Link::start_on_wire(
         stream,
         LinkConfig {
             silence: timeout,
-            cap: None,
+            cap: Default::default(),
             cancel,
         },
     )

@@ -13,7 +13,7 @@
 //!   sent or received is checked against the protocol.
 //! - Closing the link shuts the socket down, which ends both threads.
 
-use std::io::{BufReader, ErrorKind, Write};
+use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +28,7 @@ use ferry_proto::migration::{
 };
 
 use crate::migration::error::{classify, refusal_kind, Stop};
+use crate::migration::session::Session;
 use crate::migration::wire::{TlsError, TlsPeer, Wire, WireReader, WireWriter};
 
 /// How the link behaves.
@@ -35,8 +36,9 @@ use crate::migration::wire::{TlsError, TlsPeer, Wire, WireReader, WireWriter};
 pub struct LinkConfig {
     /// No byte taken by the peer (or no answer awaited) for this long: the link is lost.
     pub silence: Duration,
-    /// Bytes per second at most, if capped.
-    pub cap: Option<u64>,
+    /// Bytes per second at most (0: no cap); the operator may change it while the
+    /// migration runs.
+    pub cap: Arc<AtomicU64>,
     /// Set by the operator to cancel.
     pub cancel: Arc<AtomicBool>,
 }
@@ -83,15 +85,64 @@ pub struct LinkStats {
     last_applied_ns: AtomicU64,
     /// Messages queued and not yet written.
     in_queue: AtomicU64,
+    /// The session the link runs on, if any, for the connections' counters.
+    session: std::sync::OnceLock<Session>,
+}
+
+impl LinkStats {
+    /// Puts the connections' state into a status.
+    pub fn report_connections(&self, s: &mut ferry_api::MigrationStatus) {
+        match self.session.get() {
+            Some(session) => {
+                let stats = session.stats();
+                s.connections_up = session.live() as u32;
+                s.connections_lost = stats.lost.load(Ordering::Relaxed);
+                s.resent_bytes = stats.resent_bytes.load(Ordering::Relaxed);
+            }
+            None => s.connections_up = 1,
+        }
+    }
 }
 
 enum Outgoing {
     Message(Message),
 }
 
+/// What a link carries its messages on.
+pub enum Transport {
+    /// One connection. Its halves may have carried the Hello already: they are read
+    /// unbuffered, so nothing after it is lost.
+    Wire {
+        reader: WireReader,
+        writer: WireWriter,
+        tcp: TcpStream,
+    },
+    /// A session over several connections, resumed when they are lost.
+    Session(Session),
+}
+
+impl Transport {
+    pub fn wire(wire: &Wire) -> std::io::Result<Transport> {
+        Ok(Transport::Wire {
+            reader: wire.reader()?,
+            writer: wire.writer()?,
+            tcp: wire.tcp().try_clone()?,
+        })
+    }
+}
+
+/// How the link ends its transport.
+enum Closer {
+    Tcp(TcpStream),
+    Session(Session),
+}
+
+/// How long closing a session waits for what was written to be acknowledged.
+const SESSION_LINGER: Duration = Duration::from_millis(500);
+
 /// The source's end of a migration connection.
 pub struct Link {
-    stream: TcpStream,
+    closer: Closer,
     machine: Arc<Mutex<SenderMachine>>,
     outgoing: Option<SyncSender<Outgoing>>,
     spent: Receiver<PageBatch>,
@@ -116,7 +167,7 @@ fn lost(context: &str, e: impl std::fmt::Display) -> Stop {
 
 /// Sets `TCP_USER_TIMEOUT` (unacknowledged data older than this breaks the connection) and
 /// keepalives, so the kernel too notices a peer that vanished without a word.
-fn set_liveness(stream: &TcpStream, silence: Duration) {
+pub fn set_liveness(stream: &TcpStream, silence: Duration) {
     let fd = stream.as_raw_fd();
     let ms = libc::c_uint::try_from(silence.as_millis()).unwrap_or(libc::c_uint::MAX);
     let secs = libc::c_int::try_from(silence.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
@@ -203,20 +254,47 @@ pub fn tls_stop(e: TlsError) -> Stop {
 }
 
 impl Link {
-    /// Starts the writer and reader threads on a connected stream.
-    pub fn start(wire: Wire, config: LinkConfig) -> Result<Link, Stop> {
-        let stream = wire.tcp().try_clone().map_err(|e| lost("socket", e))?;
-        stream
-            .set_write_timeout(Some(WRITE_SLICE))
-            .map_err(|e| lost("socket option", e))?;
-        let machine = Arc::new(Mutex::new(SenderMachine::new()));
+    /// Starts the writer and reader threads on a connected wire, with a new machine.
+    pub fn start_on_wire(wire: Wire, config: LinkConfig) -> Result<Link, Stop> {
+        let transport = Transport::wire(&wire).map_err(|e| lost("socket", e))?;
+        Link::start(transport, SenderMachine::new(), config)
+    }
+
+    /// Starts the writer and reader threads on `transport`; `machine` has recorded what was
+    /// said on it so far.
+    pub fn start(
+        transport: Transport,
+        machine: SenderMachine,
+        config: LinkConfig,
+    ) -> Result<Link, Stop> {
+        let (write_half, read_half, closer): (Box<dyn Write + Send>, Box<dyn Read + Send>, Closer) =
+            match transport {
+                Transport::Wire {
+                    reader,
+                    writer,
+                    tcp,
+                } => {
+                    tcp.set_write_timeout(Some(WRITE_SLICE))
+                        .map_err(|e| lost("socket option", e))?;
+                    tcp.set_read_timeout(None)
+                        .map_err(|e| lost("socket option", e))?;
+                    (Box::new(writer), Box::new(reader), Closer::Tcp(tcp))
+                }
+                Transport::Session(session) => (
+                    Box::new(session.writer()),
+                    Box::new(session.reader()),
+                    Closer::Session(session),
+                ),
+            };
+        let machine = Arc::new(Mutex::new(machine));
         let stats = Arc::new(LinkStats::default());
+        if let Closer::Session(session) = &closer {
+            let _ = stats.session.set(session.clone());
+        }
         let opened = Instant::now();
         let (out_tx, out_rx) = mpsc::sync_channel::<Outgoing>(QUEUE);
         let (spent_tx, spent) = mpsc::channel();
         let (in_tx, incoming) = mpsc::channel();
-        let write_half = wire.writer().map_err(|e| lost("socket", e))?;
-        let read_half = wire.reader().map_err(|e| lost("socket", e))?;
         let writer = {
             let (machine, stats, config) = (machine.clone(), stats.clone(), config.clone());
             std::thread::Builder::new()
@@ -232,7 +310,7 @@ impl Link {
                 .map_err(|e| Stop::failed(Kind::Internal, format!("cannot start a thread: {e}")))?
         };
         Ok(Link {
-            stream,
+            closer,
             machine,
             outgoing: Some(out_tx),
             spent,
@@ -243,26 +321,6 @@ impl Link {
             config,
             opened,
         })
-    }
-
-    /// The connection's round-trip time as the kernel smooths it (TCP_INFO), if it can say.
-    /// Unlike a timed message, it does not include the peer's work on that message.
-    pub fn kernel_rtt(&self) -> Option<Duration> {
-        // SAFETY: an all-zero tcp_info is a valid value for the kernel to overwrite.
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        // SAFETY: the fd is this link's open socket; `info` is a live, writable tcp_info and
-        // `len` its size, as getsockopt(TCP_INFO) requires.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.stream.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_INFO,
-                (&mut info as *mut libc::tcp_info).cast(),
-                &mut len,
-            )
-        };
-        (rc == 0 && info.tcpi_rtt > 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
     }
 
     /// The protocol machine, for what was negotiated and the commit point.
@@ -543,7 +601,14 @@ impl Link {
 
     fn shutdown(&mut self) {
         self.outgoing = None;
-        let _ = self.stream.shutdown(Shutdown::Both);
+        match &self.closer {
+            Closer::Tcp(tcp) => {
+                let _ = tcp.shutdown(Shutdown::Both);
+            }
+            // What was queued (an Abort, say) is delivered if the link allows, then the
+            // destination hears the session end.
+            Closer::Session(session) => session.close(SESSION_LINGER),
+        }
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
@@ -569,14 +634,18 @@ fn data_bytes(m: &Message) -> u64 {
 }
 
 fn write_loop(
-    mut stream: WireWriter,
+    mut stream: Box<dyn Write + Send>,
     queue: Receiver<Outgoing>,
     spent: Sender<PageBatch>,
     machine: &Mutex<SenderMachine>,
     stats: &LinkStats,
     config: &LinkConfig,
 ) -> Result<(), Stop> {
-    let started = Instant::now();
+    let mut pace = Pace {
+        cap: 0,
+        since: Instant::now(),
+        bytes_then: 0,
+    };
     let mut out = Paced {
         stream: &mut stream,
         stats,
@@ -606,12 +675,20 @@ fn write_loop(
         if let Message::Pages(batch) = m {
             let _ = spent.send(batch);
         }
-        if let Some(cap) = config.cap.filter(|c| *c > 0) {
-            // Pace: never be ahead of cap × elapsed.
-            let due = Duration::from_secs_f64(
-                stats.bytes_sent.load(Ordering::Relaxed) as f64 / cap as f64,
-            );
-            let elapsed = started.elapsed();
+        let cap = config.cap.load(Ordering::Relaxed);
+        if cap != pace.cap {
+            // A new cap counts from now, not from the start.
+            pace = Pace {
+                cap,
+                since: Instant::now(),
+                bytes_then: stats.bytes_sent.load(Ordering::Relaxed),
+            };
+        }
+        if pace.cap > 0 {
+            // Never be ahead of cap × time since the cap was set.
+            let sent = stats.bytes_sent.load(Ordering::Relaxed) - pace.bytes_then;
+            let due = Duration::from_secs_f64(sent as f64 / pace.cap as f64);
+            let elapsed = pace.since.elapsed();
             if due > elapsed {
                 std::thread::sleep(due - elapsed);
             }
@@ -620,10 +697,17 @@ fn write_loop(
     Ok(())
 }
 
+/// The cap the writer paces to, and from when and what byte count it applies.
+struct Pace {
+    cap: u64,
+    since: Instant,
+    bytes_then: u64,
+}
+
 /// The socket as the writer sees it: a write stuck on a full socket comes back every
 /// [`WRITE_SLICE`] to look at cancel and silence.
 struct Paced<'a> {
-    stream: &'a mut WireWriter,
+    stream: &'a mut (dyn Write + Send),
     stats: &'a LinkStats,
     config: &'a LinkConfig,
     last_progress: Instant,
@@ -753,7 +837,7 @@ impl ApplyMeter {
 }
 
 fn read_loop(
-    stream: WireReader,
+    stream: Box<dyn Read + Send>,
     to_worker: Sender<Result<Message, Stop>>,
     machine: &Mutex<SenderMachine>,
     stats: &LinkStats,

@@ -19,6 +19,7 @@
 //! The worker is split by job: [`link`] (the connection and its liveness), [`scan`] (reading
 //! and encoding pages into reused buffers), [`handover`] (the paused phase and resolving).
 
+mod connect;
 mod disks;
 mod handover;
 mod link;
@@ -38,7 +39,7 @@ use ferry_devices::GuestMemory;
 use ferry_proto::migration::policy::{
     self, Decision, DirtySource, GiveUpReason, Inputs, SwitchReason, WhenTimeIsUp,
 };
-use ferry_proto::migration::{feature, AbortKind, Features, Hello, Message, Region, Setup};
+use ferry_proto::migration::{feature, AbortKind, Features, Message, Region, Setup};
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -64,6 +65,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// The link is lost when the destination takes no data, or applies nothing it was sent, for
 /// this long (by default; `MigrateRequest::link_timeout_ms`).
 pub const DEFAULT_SILENCE: Duration = Duration::from_secs(5);
+/// How long a migration whose connections were all lost keeps trying to resume (by default;
+/// `MigrateRequest::resume_window_secs`).
+pub const DEFAULT_RESUME_WINDOW: Duration = Duration::from_secs(60);
 /// The fixed part of a switchover besides the round trips: pausing, reading and sending the
 /// state, the destination loading it, resuming. Measured here at 1–2 ms.
 const SWITCHOVER_WORK_MS: f64 = 2.0;
@@ -107,6 +111,9 @@ pub struct SourceContext {
     pub throttle: Arc<Throttle>,
     pub status: Arc<Mutex<MigrationStatus>>,
     pub cancel: Arc<AtomicBool>,
+    /// The bandwidth cap in bytes per second (0: none), which the operator may change while
+    /// the migration runs.
+    pub bandwidth: Arc<std::sync::atomic::AtomicU64>,
     /// Set just before Commit is queued: from then on a failure, a panic included, leaves
     /// the outcome unknown.
     pub committing: Arc<AtomicBool>,
@@ -137,6 +144,10 @@ pub fn initial_status(to: &str, migration_id: u64) -> MigrationStatus {
         longest_stall_ms: 0.0,
         migration_id,
         disks: Vec::new(),
+        connections: 0,
+        connections_up: 0,
+        connections_lost: 0,
+        resent_bytes: 0,
     }
 }
 
@@ -313,7 +324,7 @@ impl<'a> Worker<'a> {
         outcome
     }
 
-    fn connect(&self) -> Result<Link, Stop> {
+    fn connect(&mut self) -> Result<Link, Stop> {
         let to = &self.ctx.request.to;
         let addr = to
             .to_socket_addrs()
@@ -326,15 +337,28 @@ impl<'a> Worker<'a> {
             Some(settings) => Some(TlsPeer::for_destination(settings, to).map_err(link::tls_stop)?),
             None => None,
         };
-        let stream = link::connect(addr, Duration::from_secs(10), self.silence(), tls.as_ref())?;
-        Link::start(
-            stream,
-            LinkConfig {
+        let opened = connect::open(&connect::Dialing {
+            addr,
+            tls,
+            migration_id: self.ctx.migration_id,
+            silence: self.silence(),
+            resume_window: self
+                .ctx
+                .request
+                .resume_window_secs
+                .map_or(DEFAULT_RESUME_WINDOW, Duration::from_secs),
+            connections: self.ctx.request.connections,
+            link: LinkConfig {
                 silence: self.silence(),
-                cap: self.ctx.request.bandwidth_bytes_per_sec,
+                cap: self.ctx.bandwidth.clone(),
                 cancel: self.ctx.cancel.clone(),
             },
-        )
+        })?;
+        self.rtt = opened.rtt;
+        self.features = opened.features;
+        let connections = opened.connections as u32;
+        self.status(|s| s.connections = connections);
+        Ok(opened.link)
     }
 
     fn migrate(&mut self) -> Result<DowntimeBreakdown, Stop> {
@@ -358,21 +382,8 @@ impl<'a> Worker<'a> {
         result
     }
 
+    /// Setup and its answer, once the link is open (Hello was said).
     fn handshake(&mut self, link: &mut Link) -> Result<(), Stop> {
-        let t = Instant::now();
-        link.send(Message::Hello(Hello::new(
-            format!("ferry {}", env!("CARGO_PKG_VERSION")),
-            CAPABILITIES,
-        )))?;
-        link.receive("hello", Instant::now() + ANSWER_TIMEOUT)?;
-        // The Hello's round trip includes the destination's own start-up; the kernel's
-        // estimate does not.
-        self.rtt = link
-            .kernel_rtt()
-            .map_or(t.elapsed(), |k| k.min(t.elapsed()));
-        let agreed = link.machine().negotiated().map(<[String]>::to_vec);
-        self.features = Features::from_agreed(&agreed.unwrap_or_default())
-            .map_err(|e| Stop::Failed(super::error::classify("the destination", &e)))?;
         self.disks = MovingDisks::new(
             &self.ctx.disks,
             &self.ctx.request.shared_disks,
@@ -515,6 +526,7 @@ impl<'a> Worker<'a> {
             );
             let applied = link.stats.applied_bytes.load(Ordering::Relaxed);
             self.status(|s| {
+                link.stats.report_connections(s);
                 s.phase = MigrationPhase::Iterating;
                 s.iteration = self.iterations;
                 s.bytes_remaining = dirty_bytes_all;
@@ -665,6 +677,7 @@ impl<'a> Worker<'a> {
             s.elapsed_secs = begun.elapsed().as_secs_f64();
             s.bytes_sent = stats.bytes_sent.load(Ordering::Relaxed);
             s.bytes_applied = stats.applied_bytes.load(Ordering::Relaxed);
+            stats.report_connections(&mut s);
             s.bytes_remaining = total - covered;
             s.pass_bytes_remaining = total - covered;
             let secs = started.elapsed().as_secs_f64();
@@ -733,6 +746,7 @@ impl<'a> Worker<'a> {
             s.zero_pages_sent = zero_before + p.zero_pages;
             s.bytes_sent = stats.bytes_sent.load(Ordering::Relaxed);
             s.bytes_applied = stats.applied_bytes.load(Ordering::Relaxed);
+            stats.report_connections(&mut s);
             let remaining = (total - done) * PAGE;
             s.pass_bytes_remaining = remaining;
             if first_pass {
@@ -750,10 +764,8 @@ impl<'a> Worker<'a> {
             Ok(())
         };
         // What the link carries: the cap if one is set and lower, else what writes achieve.
-        let rate = match self.ctx.request.bandwidth_bytes_per_sec {
-            Some(cap)
-                if cap > 0 && (link.write_rate() == 0.0 || (cap as f64) < link.write_rate()) =>
-            {
+        let rate = match self.ctx.bandwidth.load(Ordering::Relaxed) {
+            cap if cap > 0 && (link.write_rate() == 0.0 || (cap as f64) < link.write_rate()) => {
                 cap as f64
             }
             _ => link.write_rate(),

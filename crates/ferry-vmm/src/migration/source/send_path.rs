@@ -157,11 +157,11 @@ pub fn measure(bytes: u64, tls: bool) -> std::io::Result<SendPathFigures> {
     )
     .map_err(|s| std::io::Error::other(s.error().message.clone()))?;
     let to_io = |s: crate::migration::Stop| std::io::Error::other(s.error().message.clone());
-    let mut link = Link::start(
+    let mut link = Link::start_on_wire(
         stream,
         LinkConfig {
             silence: Duration::from_secs(5),
-            cap: None,
+            cap: Default::default(),
             cancel: Arc::new(AtomicBool::new(false)),
         },
     )

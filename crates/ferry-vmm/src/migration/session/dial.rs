@@ -1,0 +1,85 @@
+//! The source's side of keeping a session connected: it dials the connections that are
+//! missing, at first and after each loss, with backoff, until the session ends.
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use super::{Session, FIRST_BACKOFF, MAX_BACKOFF};
+use crate::migration::wire::{WireReader, WireWriter};
+
+/// A connection dialed and attached at the protocol level (Hello, Attach, Attached), ready
+/// for the session's framing; `peer_consumed` is what the destination said it consumed.
+#[derive(Debug)]
+pub struct Dialed {
+    pub reader: WireReader,
+    pub writer: WireWriter,
+    pub tcp: TcpStream,
+    pub peer_consumed: u64,
+}
+
+/// Why a dial did not give a connection.
+#[derive(Debug)]
+pub enum DialError {
+    /// Try again later (a timeout, a reset, a link still down).
+    Retry(String),
+    /// Trying again cannot help: nothing listens there any more, or the destination gave the
+    /// session up. The session fails with this.
+    Fatal(String),
+}
+
+/// Dials connection `index` for a session that consumed `consumed` bytes of the peer's
+/// stream.
+pub type Dial = Box<dyn Fn(usize, u64) -> Result<Dialed, DialError> + Send>;
+
+/// Keeps connections `0..count` of `session` up from a thread of its own, until the session
+/// ends; a fatal dial fails the session.
+pub fn keep_connected(session: &Session, count: usize, dial: Dial) -> std::io::Result<()> {
+    let session = session.clone();
+    std::thread::Builder::new()
+        .name("ferry-sess-dial".into())
+        .spawn(move || {
+            let mut next_try = vec![Instant::now(); count];
+            let mut backoff = vec![FIRST_BACKOFF; count];
+            while !session.is_over() {
+                for index in session.missing(count) {
+                    if Instant::now() < next_try[index] || session.is_over() {
+                        continue;
+                    }
+                    match dial(index, session.consumed()) {
+                        Ok(d) => {
+                            match session.attach_halves(
+                                index,
+                                d.reader,
+                                d.writer,
+                                d.tcp,
+                                d.peer_consumed,
+                            ) {
+                                Ok(()) => {
+                                    backoff[index] = FIRST_BACKOFF;
+                                    tracing::info!("migration connection {index} up");
+                                }
+                                Err(e) => {
+                                    session.fail(&format!("connection {index}: {e}"));
+                                    return;
+                                }
+                            }
+                        }
+                        Err(DialError::Retry(why)) => {
+                            tracing::info!(
+                                "migration connection {index}: {why}; again in {:?}",
+                                backoff[index]
+                            );
+                            next_try[index] = Instant::now() + backoff[index];
+                            backoff[index] = (backoff[index] * 2).min(MAX_BACKOFF);
+                        }
+                        Err(DialError::Fatal(why)) => {
+                            session.fail(&why);
+                            return;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .map(|_| ())
+}

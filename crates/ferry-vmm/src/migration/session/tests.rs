@@ -1,0 +1,262 @@
+use std::net::{TcpListener, TcpStream};
+use std::thread;
+
+use super::*;
+
+fn config() -> SessionConfig {
+    SessionConfig {
+        chunk: 64 << 10,
+        window: 4 << 20,
+        silence: Duration::from_secs(2),
+        resume_window: Duration::from_secs(3),
+    }
+}
+
+/// A loopback connection between `a` and `b` as their connection `index`.
+fn connect(a: &Session, b: &Session, index: usize) -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let left = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let (right, _) = listener.accept().expect("accept");
+    let (lt, rt) = (
+        left.try_clone().expect("clone"),
+        right.try_clone().expect("clone"),
+    );
+    a.attach(index, Wire::plain(left), b.consumed())
+        .expect("attach a");
+    b.attach(index, Wire::plain(right), a.consumed())
+        .expect("attach b");
+    (lt, rt)
+}
+
+/// The byte at `i` of the test stream.
+fn byte(i: u64) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 7) as u8
+}
+
+fn write_stream(mut w: SessionWriter, len: u64) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut at = 0u64;
+        let mut buf = vec![0u8; 100_000];
+        while at < len {
+            let n = buf.len().min((len - at) as usize);
+            for (k, b) in buf[..n].iter_mut().enumerate() {
+                *b = byte(at + k as u64);
+            }
+            let mut part = &buf[..n];
+            while !part.is_empty() {
+                match w.write(part) {
+                    Ok(k) => part = &part[k..],
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+                    Err(e) => panic!("write at {at}: {e}"),
+                }
+            }
+            at += n as u64;
+            w.flush().expect("flush");
+        }
+    })
+}
+
+fn read_stream(r: &mut SessionReader, len: u64) {
+    let mut at = 0u64;
+    let mut buf = vec![0u8; 77_777];
+    while at < len {
+        let n = r.read(&mut buf).expect("read");
+        assert!(n > 0, "end of stream at {at}");
+        for (k, b) in buf[..n].iter().enumerate() {
+            assert_eq!(*b, byte(at + k as u64), "byte {}", at + k as u64);
+        }
+        at += n as u64;
+    }
+}
+
+#[test]
+fn three_connections_carry_one_ordered_stream_each_way_and_close_cleanly() {
+    let (a, b) = (Session::new(config()), Session::new(config()));
+    for i in 0..3 {
+        connect(&a, &b, i);
+    }
+    let len = 40 << 20;
+    let sender = write_stream(a.writer(), len);
+    let back = write_stream(b.writer(), 1 << 20);
+    read_stream(&mut b.reader(), len);
+    read_stream(&mut a.reader(), 1 << 20);
+    sender.join().expect("sender");
+    back.join().expect("back");
+    // Every connection carried some of it.
+    assert!(a.stats().sent_bytes.load(Ordering::Relaxed) >= len);
+    assert_eq!(a.stats().resent_bytes.load(Ordering::Relaxed), 0);
+    let closer = {
+        let a = a.clone();
+        thread::spawn(move || a.close(Duration::from_secs(5)))
+    };
+    let mut rest = Vec::new();
+    b.reader().read_to_end(&mut rest).expect("a clean end");
+    assert!(rest.is_empty());
+    closer.join().expect("close");
+    b.close(Duration::from_secs(1));
+}
+
+#[test]
+fn a_lost_connection_is_replaced_and_nothing_is_lost_or_reordered() {
+    let (a, b) = (Session::new(config()), Session::new(config()));
+    let (first, _) = connect(&a, &b, 0);
+    connect(&a, &b, 1);
+    let len = 24 << 20;
+    let sender = write_stream(a.writer(), len);
+    let reader = {
+        let b = b.clone();
+        thread::spawn(move || read_stream(&mut b.reader(), len))
+    };
+    thread::sleep(Duration::from_millis(30));
+    // Both connections die (as a reset would kill them); the session waits for new ones.
+    first.shutdown(Shutdown::Both).expect("kill 0");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.live() == 2 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    connect(&a, &b, 0);
+    reader.join().expect("all of it, in order");
+    sender.join().expect("sender");
+    assert!(a.stats().lost.load(Ordering::Relaxed) >= 1);
+}
+
+#[test]
+fn all_connections_lost_resume_within_the_window_and_fail_after_it() {
+    let (a, b) = (Session::new(config()), Session::new(config()));
+    a.watch().expect("watch");
+    b.watch().expect("watch");
+    let (c0, _) = connect(&a, &b, 0);
+    let len = 8 << 20;
+    let sender = write_stream(a.writer(), len);
+    let reader = {
+        let b = b.clone();
+        thread::spawn(move || read_stream(&mut b.reader(), len))
+    };
+    thread::sleep(Duration::from_millis(20));
+    c0.shutdown(Shutdown::Both).expect("kill");
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        a.down_for().is_some() && !a.is_over(),
+        "down, within the window"
+    );
+    connect(&a, &b, 0);
+    reader.join().expect("resumed: all of it");
+    sender.join().expect("sender");
+
+    // Now lost for good: both sides fail after the resume window, readers and writers too.
+    let (c0, _) = connect(&a, &b, 0);
+    c0.shutdown(Shutdown::Both).expect("kill");
+    let started = Instant::now();
+    let mut one = [0u8; 1];
+    let err = b.reader().read(&mut one).expect_err("the session fails");
+    assert!(err.to_string().contains("network lost"), "{err}");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !a.is_over() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(a.failure().expect("failed").contains("network lost"));
+    assert!(
+        a.writer().write(b"x").is_err(),
+        "a failed session takes no more"
+    );
+}
+
+/// A peer that breaks the framing's rules fails the session: it is not resumed with.
+#[test]
+fn a_peer_that_lies_fails_the_session() {
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("overlap", {
+            let mut f = Vec::new();
+            frame::write_data(&mut f, 0, 10, &[1; 20]).expect("w");
+            frame::write_data(&mut f, 0, 20, &[1; 20]).expect("w");
+            f
+        }),
+        ("too far ahead", {
+            let mut f = Vec::new();
+            frame::write_data(&mut f, 0, MAX_AHEAD, &[1; 8]).expect("w");
+            f
+        }),
+        (
+            "acknowledges the unsent",
+            frame::ack_frame(1 << 40).to_vec(),
+        ),
+        ("garbage", vec![0xee; 64]),
+    ];
+    for (name, bytes) in cases {
+        let victim = Session::new(config());
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut liar = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (theirs, _) = listener.accept().expect("accept");
+        victim.attach(0, Wire::plain(theirs), 0).expect("attach");
+        liar.write_all(&bytes).expect("lie");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while victim.failure().is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert!(victim.failure().is_some(), "{name}: the session fails");
+        let mut one = [0u8; 1];
+        assert!(victim.reader().read(&mut one).is_err(), "{name}");
+    }
+}
+
+#[test]
+fn duplicates_are_dropped_and_chunks_are_read_in_offset_order() {
+    let mut s = Session::new(config()).shared.lock().clone_for_test();
+    assert!(take_chunk(&mut s, 4, vec![2; 4]).is_ok());
+    assert!(
+        take_chunk(&mut s, 4, vec![2; 4]).is_ok(),
+        "a resend of one had"
+    );
+    assert!(
+        take_chunk(&mut s, 4, vec![2; 5]).is_err(),
+        "same offset, other length"
+    );
+    assert!(take_chunk(&mut s, 0, vec![1; 4]).is_ok());
+    assert_eq!(s.pending.keys().copied().collect::<Vec<_>>(), vec![0, 4]);
+    s.consumed = 8;
+    s.pending.clear();
+    assert!(
+        take_chunk(&mut s, 0, vec![1; 4]).is_ok(),
+        "already read: dropped"
+    );
+    assert!(s.pending.is_empty());
+    assert!(
+        take_chunk(&mut s, 6, vec![1; 4]).is_err(),
+        "straddles what was read"
+    );
+}
+
+/// Regression: a session that failed (its resume window over) reported it as a timeout, which
+/// a patient writer took for a full window and retried for its whole patience (the
+/// destination then lingered 70 s after giving up).
+#[test]
+fn a_patient_writer_stops_at_once_when_the_session_fails() {
+    let session = Session::new(config());
+    let mut w = PatientWriter {
+        inner: session.writer(),
+        patience: Duration::from_secs(30),
+    };
+    session
+        .shared
+        .fail(io::ErrorKind::TimedOut, "network lost".into());
+    let started = Instant::now();
+    let err = w.write(b"x").expect_err("failed");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_ne!(err.kind(), io::ErrorKind::TimedOut);
+}
+
+#[test]
+fn the_fuzz_entry_survives_hostile_streams() {
+    let mut stream = Vec::new();
+    frame::write_data(&mut stream, 0, 8192, &[1; 100]).expect("w");
+    frame::write_data(&mut stream, 0, 0, &[2; 8192]).expect("w");
+    frame::write_data(&mut stream, 0, 0, &[2; 8192]).expect("a duplicate");
+    stream.extend_from_slice(&frame::close_frame(0, 9000));
+    frame::write_data(&mut stream, 0, 50, &[3; 10]).expect("an overlap ends it");
+    fuzzing::receive(&stream);
+    fuzzing::receive(&[0xff; 300]);
+    for cut in 0..stream.len() {
+        fuzzing::receive(&stream[..cut]);
+    }
+}
