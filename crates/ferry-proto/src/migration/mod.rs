@@ -39,6 +39,10 @@
 //!    ◀──────────────────────────── Running {resume_ms} ──
 //!  Done                                                 Done
 //!
+//!  With `pipelined-commit` agreed (a long link): Commit may go right behind Complete; the
+//!  destination then sends Prepared once the VM is built and runs it (or, if it cannot,
+//!  Abort instead: it never runs it, and the source may resume). One round trip less.
+//!
 //!  Abort(reason): either way, at any time before Commit; both sides then go to Aborted, the
 //!  source resumes its VM and the destination frees everything. Aborts may cross.
 //!

@@ -76,6 +76,12 @@ impl Negotiation {
         self.agreed.as_deref()
     }
 
+    /// Whether both sides announced `feature`.
+    pub(super) fn both(&self, feature: &str) -> bool {
+        self.agreed()
+            .is_some_and(|a| a.iter().any(|c| c == feature))
+    }
+
     pub(super) fn peer(&self) -> Option<&Hello> {
         self.peer.as_ref()
     }
@@ -96,6 +102,10 @@ pub mod feature {
     /// The stream is a session ([`Attach`](crate::migration::Attach)): several connections,
     /// and a lost one is replaced without losing what was sent.
     pub const SESSION: &str = "session";
+    /// The source may send Commit right behind Complete, without waiting for Prepared: the
+    /// handover costs one round trip less. The destination that cannot run the VM then
+    /// answers Abort instead of Prepared, and never runs it.
+    pub const PIPELINED_COMMIT: &str = "pipelined-commit";
     /// Features a peer must announce to work with this ferry at all.
     pub const REQUIRED: &[&str] = &[STATE_SECTIONS];
     /// Every feature this ferry speaks.
@@ -105,6 +115,7 @@ pub mod feature {
         STATE_SECTIONS,
         DISK_BLOCKS,
         SESSION,
+        PIPELINED_COMMIT,
     ];
 }
 
@@ -115,6 +126,7 @@ pub struct Features {
     pub flow_control: bool,
     pub disk_blocks: bool,
     pub session: bool,
+    pub pipelined_commit: bool,
 }
 
 impl Features {
@@ -130,6 +142,7 @@ impl Features {
             flow_control: has(feature::FLOW_CONTROL),
             disk_blocks: has(feature::DISK_BLOCKS),
             session: has(feature::SESSION),
+            pipelined_commit: has(feature::PIPELINED_COMMIT),
         })
     }
 }

@@ -17,6 +17,10 @@
 //!  AwaitSetup ──recv Resolve──▶ Resolving ──send Resolved (same id)──▶ Resolved
 //!                              (a new connection that asks about a handover)
 //!
+//!  With pipelined-commit agreed, Commit may come right behind Complete:
+//!  Completed ──recv Commit──▶ CommitPending ──send Prepared──▶ Running (the VM is built)
+//!  CommitPending ──send Abort──▶ Aborted (it cannot be: it never runs)
+//!
 //!  AwaitSetup ──recv Attach──▶ Attaching ──send Attached──▶ AwaitSetup (once per machine:
 //!                              the conversation goes on inside the session)
 //!
@@ -33,7 +37,7 @@ use std::fmt;
 use super::error::{Direction, ProtocolError, Side, TransitionError};
 use super::ledger::{Ledger, PageTotals};
 use super::message::{Message, MessageKind, Setup};
-use super::negotiation::Negotiation;
+use super::negotiation::{feature, Negotiation};
 
 /// Where the destination is in the conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +67,9 @@ pub enum ReceiverState {
     Resolved,
     /// Attach arrived; its answer is next.
     Attaching,
+    /// Commit arrived ahead of Prepared (pipelined): the VM runs once it is built, or
+    /// never (Abort).
+    CommitPending,
 }
 
 impl ReceiverState {
@@ -82,6 +89,7 @@ impl ReceiverState {
             ReceiverState::Resolving { .. } => "Resolving",
             ReceiverState::Resolved => "Resolved",
             ReceiverState::Attaching => "Attaching",
+            ReceiverState::CommitPending => "CommitPending",
         }
     }
 
@@ -188,9 +196,11 @@ impl ReceiverMachine {
                 S::AwaitSetup
             }
             (S::Completed, Message::Prepared) => S::Prepared,
-            (S::ReceivingMemory | S::StateReceived | S::Completed, Message::Applied(_)) => {
-                self.state
-            }
+            (S::CommitPending, Message::Prepared) => S::Running,
+            (
+                S::ReceivingMemory | S::StateReceived | S::Completed | S::CommitPending,
+                Message::Applied(_),
+            ) => self.state,
             (S::Resolving { migration_id }, Message::Resolved(r))
                 if r.migration_id == migration_id =>
             {
@@ -259,6 +269,9 @@ impl ReceiverMachine {
                 S::Completed
             }
             (S::Prepared, Message::Commit) => S::Running,
+            (S::Completed, Message::Commit) if self.hello.both(feature::PIPELINED_COMMIT) => {
+                S::CommitPending
+            }
             (state, Message::Abort(reason)) if state.before_commit() || state == S::Aborted => {
                 self.state = S::Aborted;
                 return Err(ProtocolError::Peer(reason.clone()));

@@ -18,6 +18,11 @@
 //!  Negotiated ──send Resolve──▶ Resolving ──recv Resolved (same id)──▶ Resolved
 //!                                         (a new connection that asks about a handover)
 //!
+//!  With pipelined-commit agreed:
+//!  Completed ──send Commit──▶ CommitSent (Commit right behind Complete)
+//!  CommitSent ──recv Prepared──▶ CommitSent;  CommitSent ──recv Abort──▶ Aborted, Err(Peer)
+//!                              (the destination could not take the VM and never runs it)
+//!
 //!  Negotiated ──send Attach──▶ Attaching ──recv Attached──▶ Negotiated (once per machine:
 //!                              the conversation goes on inside the session)
 //!
@@ -31,7 +36,7 @@ use std::fmt;
 use super::error::{Direction, ProtocolError, Side, TransitionError};
 use super::ledger::{Ledger, PageTotals};
 use super::message::{Message, MessageKind};
-use super::negotiation::Negotiation;
+use super::negotiation::{feature, Negotiation};
 
 /// Where the source is in the conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,6 +214,9 @@ impl SenderMachine {
                 S::Completed
             }
             (S::AwaitingCommitDecision, Message::Commit) => S::CommitSent,
+            (S::Completed, Message::Commit) if self.hello.both(feature::PIPELINED_COMMIT) => {
+                S::CommitSent
+            }
             (S::Negotiated, Message::Resolve(r)) => S::Resolving {
                 migration_id: r.migration_id,
             },
@@ -243,6 +251,19 @@ impl SenderMachine {
                 S::Negotiated
             }
             (S::Completed, Message::Prepared) => S::AwaitingCommitDecision,
+            (S::CommitSent, Message::Prepared) if self.hello.both(feature::PIPELINED_COMMIT) => {
+                S::CommitSent
+            }
+            (S::CommitSent, Message::Applied(a)) if self.hello.both(feature::PIPELINED_COMMIT) => {
+                self.ledger.check_applied(a)?;
+                S::CommitSent
+            }
+            (S::CommitSent, Message::Abort(reason))
+                if self.hello.both(feature::PIPELINED_COMMIT) =>
+            {
+                self.state = S::Aborted;
+                return Err(ProtocolError::Peer(reason.clone()));
+            }
             (S::SendingMemory { .. } | S::StateSent | S::Completed, Message::Applied(a)) => {
                 // The destination cannot have applied more than it was sent.
                 self.ledger.check_applied(a)?;

@@ -1012,3 +1012,82 @@ fn attach_happens_once_and_its_bounds_are_checked() {
         assert!(read_message(&mut &bytes[..]).is_err());
     }
 }
+
+/// Two machines through Hello (with `capabilities`), Setup, State and Complete.
+fn completed_pair(capabilities: &[&str]) -> (SenderMachine, ReceiverMachine) {
+    let hello = Message::Hello(Hello::new("t", capabilities));
+    let (mut src, mut dst) = (SenderMachine::new(), ReceiverMachine::new());
+    src.sent(&hello).expect("hello");
+    dst.received(&hello).expect("hello");
+    dst.sent(&hello).expect("hello");
+    src.received(&hello).expect("hello");
+    for (d, kind) in [
+        (S, K::Setup),
+        (R, K::SetupOk),
+        (S, K::State),
+        (S, K::Complete),
+    ] {
+        let m = sample(kind);
+        match d {
+            S => {
+                src.sent(&m).expect("source sends");
+                dst.received(&m).expect("destination receives");
+            }
+            R => {
+                dst.sent(&m).expect("destination sends");
+                src.received(&m).expect("source receives");
+            }
+        }
+    }
+    (src, dst)
+}
+
+/// With pipelined-commit, Commit follows Complete at once: the source passes its commit point
+/// there; the destination runs the VM once built (Prepared, then Running) or, if it cannot,
+/// answers Abort and the source is free again. Without the feature, Commit waits for Prepared.
+#[test]
+fn a_pipelined_commit_skips_the_prepared_round_trip_and_an_abort_frees_the_source() {
+    let features = ["state-sections", "disk-blocks", "pipelined-commit"];
+    let (mut src, mut dst) = completed_pair(&features);
+    src.sent(&Message::Commit).expect("commit behind complete");
+    assert!(src.is_commit_point_passed());
+    dst.received(&Message::Commit)
+        .expect("commit ahead of prepared");
+    assert_eq!(dst.state(), ReceiverState::CommitPending);
+    assert!(!dst.is_commit_point_passed(), "not run yet");
+    dst.sent(&Message::Prepared).expect("built");
+    assert!(dst.is_commit_point_passed());
+    src.received(&Message::Prepared)
+        .expect("prepared after commit");
+    assert_eq!(src.state(), SenderState::CommitSent);
+    dst.sent(&sample(K::Running)).expect("running");
+    src.received(&sample(K::Running)).expect("running");
+    assert_eq!(
+        (src.state(), dst.state()),
+        (SenderState::Done, ReceiverState::Done)
+    );
+
+    let (mut src, mut dst) = completed_pair(&features);
+    src.sent(&Message::Commit).expect("commit");
+    dst.received(&Message::Commit).expect("commit");
+    let abort = sample(K::Abort);
+    dst.sent(&abort).expect("the VM cannot be built: abort");
+    assert!(matches!(src.received(&abort), Err(ProtocolError::Peer(_))));
+    assert_eq!(src.state(), SenderState::Aborted);
+    assert!(!src.is_commit_point_passed(), "the source may resume");
+    assert!(dst.sent(&sample(K::Running)).is_err(), "and it never runs");
+
+    let (mut src, mut dst) = completed_pair(&["state-sections", "disk-blocks"]);
+    assert!(
+        src.sent(&Message::Commit).is_err(),
+        "not agreed: Prepared first"
+    );
+    assert!(dst.received(&Message::Commit).is_err());
+    let (mut src, _) = completed_pair(&["state-sections", "disk-blocks"]);
+    src.received(&Message::Prepared).expect("prepared");
+    src.sent(&Message::Commit).expect("commit");
+    assert!(
+        src.received(&abort).is_err() && src.state() == SenderState::CommitSent,
+        "a two-phase commit passed cannot be taken back"
+    );
+}

@@ -266,13 +266,14 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         std::thread::sleep(Duration::from_secs(5));
     }
     link.send(&Message::Prepared).map_err(before)?;
+    tracing::info!("prepared sent");
     tracing::info!(
         "prepared {:.2} ms after Complete",
         t_complete.elapsed().as_secs_f64() * 1e3
     );
     // Without Commit the VM is discarded: the source resumes it.
     match link.receive() {
-        Ok(Message::Commit) => {}
+        Ok(Message::Commit) => tracing::info!("commit received"),
         Ok(other) => return Err(before(format!("expected commit, got {}", other.kind()))),
         Err(e) => return Err(before(e)),
     }

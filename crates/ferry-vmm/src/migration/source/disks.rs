@@ -39,7 +39,9 @@ const RECORD: u64 = 16 * DIRTY_BLOCK;
 /// Block batches stay under this many bytes.
 const BATCH: usize = 4 << 20;
 /// Mirror lag bounds: the bound is the disk data the destination takes in half the downtime
-/// target, within these.
+/// target plus what is in flight on the link (5/4 of a round trip: the data on its way and
+/// the acknowledgement on its way back), within these. Without the round trip, a long link
+/// would hold every guest write for a round trip although the link carries them.
 const MIN_LAG: u64 = 64 << 10;
 const MAX_LAG: u64 = 64 << 20;
 /// The bound before the link's rate is known.
@@ -76,6 +78,8 @@ pub struct MovingDisks {
     mirror: bool,
     /// The downtime target, for the mirror's lag bound.
     target_ms: u64,
+    /// The link's round trip, for the same.
+    rtt: std::time::Duration,
 }
 
 impl MovingDisks {
@@ -85,6 +89,7 @@ impl MovingDisks {
         shared: &[u32],
         mode: DiskMode,
         target_ms: u64,
+        rtt: std::time::Duration,
     ) -> Result<MovingDisks, String> {
         if let Some(bad) = shared.iter().find(|i| **i as usize >= handles.len()) {
             return Err(format!(
@@ -107,6 +112,7 @@ impl MovingDisks {
             disks,
             mirror: resolve_mode(mode) == DiskMode::Mirror,
             target_ms,
+            rtt,
         })
     }
 
@@ -283,11 +289,7 @@ impl MovingDisks {
             (0.0, a) => a,
             (w, a) => w.min(a),
         };
-        let bound = if rate > 0.0 {
-            ((rate * self.target_ms as f64 / 2e3) as u64).clamp(MIN_LAG, MAX_LAG)
-        } else {
-            FIRST_LAG
-        };
+        let bound = lag_bound(rate, self.target_ms, self.rtt);
         for d in self.disks.iter().filter(|d| !d.handle.read_only) {
             d.handle.dirty.set_unacked(unacked);
             d.handle.dirty.set_lag_limit(bound);
@@ -352,6 +354,16 @@ impl Drop for MovingDisks {
             d.handle.dirty.stop();
         }
     }
+}
+
+/// The mirror's lag bound for a link delivering `rate` bytes per second to the destination's
+/// disks, a downtime target and a round trip; [`FIRST_LAG`] while the rate is unknown.
+fn lag_bound(rate: f64, target_ms: u64, rtt: std::time::Duration) -> u64 {
+    if rate <= 0.0 {
+        return FIRST_LAG;
+    }
+    let seconds = target_ms as f64 / 2e3 + 1.25 * rtt.as_secs_f64();
+    ((rate * seconds) as u64).clamp(MIN_LAG, MAX_LAG)
 }
 
 /// What `auto` means: mirroring, whose lag (and so the last pass) stays bounded whatever the
@@ -447,4 +459,27 @@ fn send_range(
         at += n;
     }
     Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// The bound covers half the downtime target plus what a long link holds in flight, so a
+    /// link that carries the guest's writes never holds them for a round trip each.
+    #[test]
+    fn the_lag_bound_grows_with_the_round_trip() {
+        let rate = 100e6;
+        let lan = lag_bound(rate, 100, Duration::from_micros(100));
+        let wan = lag_bound(rate, 100, Duration::from_millis(100));
+        assert_eq!(lan, 5_012_500);
+        assert!(
+            wan >= (rate * 0.1) as u64 + lan,
+            "{wan} covers 100 ms in flight"
+        );
+        assert_eq!(lag_bound(0.0, 100, Duration::from_millis(100)), FIRST_LAG);
+        assert_eq!(lag_bound(1e12, 100, Duration::from_secs(1)), MAX_LAG);
+        assert_eq!(lag_bound(1.0, 100, Duration::ZERO), MIN_LAG);
+    }
 }

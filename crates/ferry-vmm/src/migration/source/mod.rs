@@ -389,6 +389,7 @@ impl<'a> Worker<'a> {
             &self.ctx.request.shared_disks,
             self.ctx.request.disk_mode,
             self.ctx.request.downtime_ms,
+            self.rtt,
         )
         .map_err(|e| Stop::failed(Kind::Internal, e))?;
         if !self.disks.is_empty() && !self.features.disk_blocks {
@@ -647,7 +648,11 @@ impl<'a> Worker<'a> {
             }
             previous_backlog = Some(inputs_backlog);
             if matches!(decision, Decision::WaitForDestination) {
-                link.wait_for_progress(Duration::from_millis(20))?;
+                // Long enough for the destination's next Applied to make the trip: on a long
+                // link a shorter wait would see a backlog "holding steady" that is merely on
+                // its way, and switch over with it still in flight.
+                let wait = Duration::from_millis(20).max(self.rtt + self.rtt / 4);
+                link.wait_for_progress(wait)?;
             }
         }
     }
