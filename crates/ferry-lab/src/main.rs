@@ -95,7 +95,7 @@ enum BenchWhat {
         #[arg(long, default_value_t = 3)]
         runs: usize,
         /// Only the idle, populated 256 MiB and 200 MiB/s guests on an unlimited link, QEMU in
-        /// its best mode.
+        /// its best mode. With --wan: the idle guest on 0 and 100 ms, one run.
         #[arg(long)]
         quick: bool,
         /// Only the cases whose name starts with this (e.g. `populated2g`).
@@ -110,6 +110,11 @@ enum BenchWhat {
         /// and the NIC's latency and throughput without one.
         #[arg(long, conflicts_with_all = ["quick", "only", "disk"])]
         net: bool,
+        /// Across an emulated wide-area link instead (two hosts as network namespaces, 1 Gbit/s,
+        /// round trips of 0, 20, 100 and 200 ms): idle, busy and disk guests, ferry with one
+        /// stream, its own choice of streams and TLS, beside QEMU with multifd.
+        #[arg(long, conflicts_with_all = ["only", "disk", "net"])]
+        wan: bool,
     },
     /// The migration send path alone (scanning, encoding, writing) into a receiver on
     /// loopback that discards: GB/s and CPU per page next to a plain memcpy.
@@ -232,6 +237,15 @@ fn main() -> ExitCode {
                 runs, net: true, ..
             },
         } => bench::migrate_net::migrate_net(runs).and_then(|r| print_report(&r)),
+        Command::Bench {
+            what:
+                BenchWhat::Migrate {
+                    runs,
+                    quick,
+                    wan: true,
+                    ..
+                },
+        } => bench::migrate_wan::migrate_wan(runs, quick).and_then(|r| print_report(&r)),
         Command::Bench {
             what: BenchWhat::Migrate {
                 runs, quick, only, ..

@@ -23,7 +23,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -39,7 +39,7 @@ use crate::qmp::{migration_state, run_status, MigrationState, Qmp};
 const READY_LINE: &str = "ferry-guest: ready";
 const STATUS_LINE: &str = "ferry-guest: status";
 /// What `ferry receive` prints on stderr once it accepts a source.
-const LISTENING_LINE: &str = "listening on";
+pub(super) const LISTENING_LINE: &str = "listening on";
 
 /// Guest memory, MiB.
 const MEMORY_MIB: u64 = 1024;
@@ -48,7 +48,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The guest prints a status line every second; a few seconds of silence is a failure.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 /// The destination process up and listening.
-const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest one migration may take before it counts as not converged.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Beyond the migration's own limit: `ferry migrate` giving up, QEMU cancelling.
@@ -241,7 +241,7 @@ pub struct VmmFigures {
 
 /// One VMM's runs in one case.
 #[derive(Debug, Default)]
-struct Samples {
+pub(super) struct Samples {
     converged: usize,
     did_not_converge: usize,
     total_ms: Vec<f64>,
@@ -249,12 +249,13 @@ struct Samples {
     bytes: Vec<f64>,
     iterations: Vec<f64>,
     wall_ms: Vec<f64>,
-    notes: Vec<String>,
+    /// Distinct notes the VMM reported over the runs.
+    pub(super) notes: Vec<String>,
 }
 
 /// One migration's outcome.
-#[derive(Debug)]
-enum Outcome {
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Outcome {
     Done {
         total_ms: f64,
         downtime_ms: f64,
@@ -266,7 +267,7 @@ enum Outcome {
 }
 
 impl Samples {
-    fn add(&mut self, outcome: Outcome) {
+    pub(super) fn add(&mut self, outcome: Outcome) {
         match outcome {
             Outcome::Done {
                 total_ms,
@@ -286,7 +287,7 @@ impl Samples {
         }
     }
 
-    fn figures(&self) -> VmmFigures {
+    pub(super) fn figures(&self) -> VmmFigures {
         VmmFigures {
             converged: self.converged,
             did_not_converge: self.did_not_converge,
@@ -300,7 +301,7 @@ impl Samples {
 }
 
 /// `qemu / ferry` on medians, when both are numbers.
-fn ratio(qemu: Spread, ferry: Spread) -> Option<f64> {
+pub(super) fn ratio(qemu: Spread, ferry: Spread) -> Option<f64> {
     let r = qemu.median / ferry.median;
     r.is_finite().then_some(r)
 }
@@ -333,7 +334,7 @@ pub(super) fn boot_source(what: &str, command: Command) -> Result<Watched> {
 
 /// The verdict: the guest runs on at the destination (a status line, printed after the
 /// migration) and neither side's console reported lost data.
-fn verdict(source: &mut Watched, destination: &mut Watched) -> Result<()> {
+pub(super) fn verdict(source: &mut Watched, destination: &mut Watched) -> Result<()> {
     destination
         .wait_line(Stream::Stdout, STATUS_LINE, STATUS_TIMEOUT)
         .context("the guest on the destination")?;
@@ -366,52 +367,125 @@ fn ferry_run(setup: &Setup, case: &Case, dir: &Path, samples: &mut Samples) -> R
         .wait_line(Stream::Stderr, LISTENING_LINE, LISTEN_TIMEOUT)
         .context("destination")?;
 
-    let mut boot = Command::new(&setup.ferry);
-    boot.args([
-        "run",
-        "--memory",
-        &format!("{}M", case.memory_mib),
-        "--append",
+    let boot = ferry_run_command(
+        &setup.ferry,
+        &setup.guest,
+        case.memory_mib,
         case.append,
-        "--api-socket",
-    ])
-    .arg(&socket)
-    .arg("--kernel")
-    .arg(&setup.guest)
-    .env("FERRY_LOG", "warn");
+        &socket,
+    );
     let mut source = boot_source("ferry run", boot)?;
 
-    let mut migrate = Command::new(&setup.ferry);
-    migrate
-        .args(["migrate", "--api-socket"])
-        .arg(&socket)
-        .args(["--to", &to, "--json"])
-        .args(["--downtime-ms", &DOWNTIME_LIMIT_MS.to_string()])
-        .args(["--max-time", &MIGRATION_TIMEOUT.as_secs().to_string()])
-        .args(["--on-timeout", "abort"])
-        .env("FERRY_LOG", "warn");
+    let mut migrate = ferry_migrate_command(&setup.ferry, &socket, &to, MIGRATION_TIMEOUT);
     if case.link.is_some() {
         migrate.args(["--bandwidth", CAPPED_LINK_FERRY]);
     }
+    let answer = run_ferry_migrate(migrate, &mut source, MIGRATION_TIMEOUT)?;
+    let outcome = ferry_outcome(answer, &mut source, &mut destination, &mut samples.notes)?;
+    samples.add(outcome);
+    Ok(())
+}
+
+/// `ferry run` of `guest` with `memory_mib` of memory, its command line `append` and its API
+/// on `socket`.
+pub(super) fn ferry_run_command(
+    ferry: &Path,
+    guest: &Path,
+    memory_mib: u64,
+    append: &str,
+    socket: &Path,
+) -> Command {
+    let mut c = Command::new(ferry);
+    c.args(["run", "--memory", &format!("{memory_mib}M")])
+        .args(["--append", append, "--api-socket"])
+        .arg(socket)
+        .arg("--kernel")
+        .arg(guest)
+        .env("FERRY_LOG", "warn");
+    c
+}
+
+/// `ferry migrate --json` of the VM at `socket` to `to`, with the benches' downtime target,
+/// aborted (the VM runs on at the source) when it has not converged in `timeout`.
+pub(super) fn ferry_migrate_command(
+    ferry: &Path,
+    socket: &Path,
+    to: &str,
+    timeout: Duration,
+) -> Command {
+    let mut c = Command::new(ferry);
+    c.args(["migrate", "--api-socket"])
+        .arg(socket)
+        .args(["--to", to, "--json"])
+        .args(["--downtime-ms", &DOWNTIME_LIMIT_MS.to_string()])
+        .args(["--max-time", &timeout.as_secs().to_string()])
+        .args(["--on-timeout", "abort"])
+        .env("FERRY_LOG", "warn");
+    c
+}
+
+/// `ferry migrate --json`, run to its end.
+#[derive(Debug)]
+pub(super) struct MigrateAnswer {
+    pub(super) status: ExitStatus,
+    /// What it printed on stdout (the status as JSON, when it got that far).
+    pub(super) stdout: String,
+    /// Our own clock: the command's start to its end, ms.
+    pub(super) wall_ms: f64,
+    /// The process, for its output in error messages.
+    pub(super) cli: Watched,
+}
+
+/// Runs `migrate` (a `ferry migrate --json` command for the VM `source`) and waits up to
+/// `timeout` plus [`GRACE`] for it to end: `--max-time` makes it give up by itself, the grace
+/// covers its winding down.
+pub(super) fn run_ferry_migrate(
+    migrate: Command,
+    source: &mut Watched,
+    timeout: Duration,
+) -> Result<MigrateAnswer> {
     let started = Instant::now();
     let mut cli = Watched::spawn("ferry migrate", migrate)?;
     cli.keep_stdout = Some(Vec::new());
     let status = cli
-        .wait_exit(MIGRATION_TIMEOUT + GRACE)
+        .wait_exit(timeout + GRACE)
         .map_err(|e| source.explain(e))
         .context("migrate")?;
     let wall_ms = ms(started.elapsed());
-    let answer = cli.keep_stdout.take().unwrap_or_default().join("\n");
-    let report: ferry_api::MigrationStatus = serde_json::from_str(&answer).map_err(|e| {
+    let stdout = cli.keep_stdout.take().unwrap_or_default().join("\n");
+    Ok(MigrateAnswer {
+        status,
+        stdout,
+        wall_ms,
+        cli,
+    })
+}
+
+/// Reads what `ferry migrate` answered: a completed migration (with the guest's verdict on
+/// both sides), one that timed out (the guest still sound at the source), or an error. Adds
+/// the notes it reported to `notes`.
+pub(super) fn ferry_outcome(
+    answer: MigrateAnswer,
+    source: &mut Watched,
+    destination: &mut Watched,
+    notes: &mut Vec<String>,
+) -> Result<Outcome> {
+    let MigrateAnswer {
+        status,
+        stdout,
+        wall_ms,
+        cli,
+    } = answer;
+    let report: ferry_api::MigrationStatus = serde_json::from_str(&stdout).map_err(|e| {
         let e = anyhow!(
-            "ferry migrate ({status}) printed no status ({e}): {answer:?}{}",
+            "ferry migrate ({status}) printed no status ({e}): {stdout:?}{}",
             cli.tail_text()
         );
         source.explain(e)
     })?;
     for note in &report.notes {
-        if !samples.notes.contains(note) {
-            samples.notes.push(note.clone());
+        if !notes.contains(note) {
+            notes.push(note.clone());
         }
     }
     if report.phase != ferry_api::MigrationPhase::Completed {
@@ -430,8 +504,7 @@ fn ferry_run(setup: &Setup, case: &Case, dir: &Path, samples: &mut Samples) -> R
             source
                 .wait_line(Stream::Stdout, STATUS_LINE, STATUS_TIMEOUT)
                 .context("the guest on the source after the aborted migration")?;
-            samples.add(Outcome::DidNotConverge);
-            return Ok(());
+            return Ok(Outcome::DidNotConverge);
         }
         let e = anyhow!("ferry migrate ended in {:?}: {why}", report.phase);
         return Err(source.explain(e));
@@ -441,15 +514,14 @@ fn ferry_run(setup: &Setup, case: &Case, dir: &Path, samples: &mut Samples) -> R
         .as_ref()
         .map(|d| d.total_ms)
         .context("ferry migrate reported no downtime")?;
-    verdict(&mut source, &mut destination)?;
-    samples.add(Outcome::Done {
+    verdict(source, destination)?;
+    Ok(Outcome::Done {
         total_ms: report.elapsed_secs * 1e3,
         downtime_ms,
         bytes: report.bytes_sent as f64,
         iterations: f64::from(report.iteration),
         wall_ms,
-    });
-    Ok(())
+    })
 }
 
 /// QEMU: a destination with `-incoming tcp:`, a source, and a QMP `migrate` between them.
@@ -491,16 +563,25 @@ fn qemu_run(
     let outcome = qemu_migrate(&mut source, &qmp_source, case, mode, port)
         .map_err(|e| source.explain(e))
         .context("migrate")?;
-    match outcome {
-        Outcome::Done { .. } => verdict(&mut source, &mut destination)?,
-        Outcome::DidNotConverge => {
-            source
-                .wait_line(Stream::Stdout, STATUS_LINE, STATUS_TIMEOUT)
-                .context("the guest on the source after the cancelled migration")?;
-        }
-    }
+    check_guests(&outcome, &mut source, &mut destination)?;
     samples.add(outcome);
     Ok(())
+}
+
+/// The guests after a QEMU migration: the verdict when it completed; when it was cancelled,
+/// the guest must run on at the source.
+pub(super) fn check_guests(
+    outcome: &Outcome,
+    source: &mut Watched,
+    destination: &mut Watched,
+) -> Result<()> {
+    match outcome {
+        Outcome::Done { .. } => verdict(source, destination),
+        Outcome::DidNotConverge => source
+            .wait_line(Stream::Stdout, STATUS_LINE, STATUS_TIMEOUT)
+            .map(|_| ())
+            .context("the guest on the source after the cancelled migration"),
+    }
 }
 
 /// Sets QEMU's migration parameters (the downtime limit, `mode`'s bandwidth on `link`) and
@@ -529,8 +610,7 @@ pub(super) fn set_up_qemu_migration(
     Ok(())
 }
 
-/// Sets QEMU up for `mode`, migrates to `port` and waits for the outcome; cancels a migration
-/// still running at the time limit.
+/// Sets QEMU up for `mode`, migrates to `port` and waits for the outcome.
 fn qemu_migrate(
     vm: &mut Watched,
     qmp_path: &Path,
@@ -540,19 +620,59 @@ fn qemu_migrate(
 ) -> Result<Outcome> {
     let mut qmp = Qmp::connect(qmp_path, Duration::from_secs(10), || vm.alive())?;
     set_up_qemu_migration(&mut qmp, mode, case.link)?;
-    let started = Instant::now();
+    qemu_follow(
+        &mut qmp,
+        &format!("tcp:127.0.0.1:{port}"),
+        MIGRATION_TIMEOUT,
+    )
+}
+
+/// Turns on multifd with `channels` connections. The destination needs it too, before it
+/// listens (hence `-incoming defer`): QEMU sizes its listener's backlog by the channel count
+/// it knows at that moment, so channels beyond a backlog of one may be refused or delayed.
+pub(super) fn enable_multifd(qmp: &mut Qmp, channels: u64) -> Result<()> {
     qmp.execute(
-        "migrate",
-        Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [{ "capability": "multifd", "state": true }] })),
     )?;
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({ "multifd-channels": channels })),
+    )?;
+    Ok(())
+}
+
+/// Makes a QEMU started with `-incoming defer` listen for the migration at `uri`, with
+/// multifd first when `multifd_channels` is given.
+pub(super) fn listen_for_migration(
+    qmp: &mut Qmp,
+    uri: &str,
+    multifd_channels: Option<u64>,
+) -> Result<()> {
+    let answer = qmp.execute("query-status", None)?;
+    if run_status(&answer) != Some("inmigrate") {
+        bail!("the QEMU destination is not waiting for a migration: {answer}");
+    }
+    if let Some(channels) = multifd_channels {
+        enable_multifd(qmp, channels)?;
+    }
+    qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
+    Ok(())
+}
+
+/// Migrates a QEMU set up for it to `uri` and waits for the outcome; cancels a migration
+/// still running after `timeout` (not converged).
+pub(super) fn qemu_follow(qmp: &mut Qmp, uri: &str, timeout: Duration) -> Result<Outcome> {
+    let started = Instant::now();
+    qmp.execute("migrate", Some(json!({ "uri": uri })))?;
     let mut answer = loop {
         let answer = qmp.execute("query-migrate", None)?;
         match migration_state(&answer) {
             MigrationState::Completed { .. } => break answer,
             MigrationState::Failed(why) => bail!("QEMU's migration {why}"),
             MigrationState::InProgress(state) => {
-                if started.elapsed() > MIGRATION_TIMEOUT {
-                    return qemu_cancel(&mut qmp, &state);
+                if started.elapsed() > timeout {
+                    return qemu_cancel(qmp, &state);
                 }
                 qmp.wait_event("MIGRATION", POLL)?;
             }
@@ -572,19 +692,21 @@ fn qemu_migrate(
         std::thread::sleep(POLL);
         answer = qmp.execute("query-migrate", None)?;
     }
-    let number = |v: &Value, path: &[&str]| -> Result<f64> {
-        path.iter()
-            .try_fold(v, |v, key| v.get(key))
-            .and_then(Value::as_f64)
-            .with_context(|| format!("query-migrate has no {}: {v}", path.join(".")))
-    };
     Ok(Outcome::Done {
-        total_ms: number(&answer, &["total-time"])?,
-        downtime_ms: number(&answer, &["downtime"])?,
-        bytes: number(&answer, &["ram", "transferred"])?,
-        iterations: number(&answer, &["ram", "dirty-sync-count"])?,
+        total_ms: query_number(&answer, &["total-time"])?,
+        downtime_ms: query_number(&answer, &["downtime"])?,
+        bytes: query_number(&answer, &["ram", "transferred"])?,
+        iterations: query_number(&answer, &["ram", "dirty-sync-count"])?,
         wall_ms,
     })
+}
+
+/// The number at `path` in `query-migrate`'s answer `v`.
+pub(super) fn query_number(v: &Value, path: &[&str]) -> Result<f64> {
+    path.iter()
+        .try_fold(v, |v, key| v.get(key))
+        .and_then(Value::as_f64)
+        .with_context(|| format!("query-migrate has no {}: {v}", path.join(".")))
 }
 
 /// `migrate_cancel`, then waits for QEMU to say so: the guest runs on at the source.

@@ -10,7 +10,8 @@
 //! - ferry, in each disk mode: `ferry receive --disk DST`, `ferry run --disk SRC`,
 //!   `ferry migrate`.
 //! - QEMU, in `copy-mode` background and write-blocking: the destination starts with
-//!   `-incoming`, `nbd-server-start` and `block-export-add` of its (empty, sparse) disk; the
+//!   `-incoming defer` and listens (`migrate-incoming`, after any capability the listener
+//!   depends on), then `nbd-server-start` and `block-export-add` of its (empty, sparse) disk; the
 //!   source adds the NBD export as a block node, runs `blockdev-mirror sync=full` to it and
 //!   waits for `BLOCK_JOB_READY`, then migrates RAM with `pause-before-switchover`; at
 //!   `pre-switchover` it completes the mirror (`block-job-cancel` of a ready job: the target
@@ -32,13 +33,15 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_lab::guest::build_testguest;
 use ferry_lab::kit::console::Status;
+use ferry_lab::kit::TwoHosts;
 use ferry_lab::product::ferry_binary;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::migrate::{enable_multifd, listen_for_migration, query_number};
 use super::watch::{Stream, Watched, WorkDir};
 use super::{qemu_binary, qemu_command, Spread};
-use crate::qmp::{migration_state, run_status, MigrationState, Qmp};
+use crate::qmp::{migration_state, MigrationState, Qmp};
 
 const STATUS_LINE: &str = "ferry-guest: status";
 const LISTENING_LINE: &str = "listening on";
@@ -48,7 +51,8 @@ const IMAGE_BYTES: u64 = 4 << 30;
 const DATA_BYTES: u64 = 1 << 30;
 const DATA_AT: u64 = 64 << 20;
 /// 64 MiB of 4 KiB blocks rewritten at 5120 blocks/s: 20 MiB/s.
-const APPEND: &str = "workload=mem,disk mem_mib=64 mem_rate=20 disk_blocks=16384 disk_rate=5120";
+pub(super) const APPEND: &str =
+    "workload=mem,disk mem_mib=64 mem_rate=20 disk_blocks=16384 disk_rate=5120";
 const DOWNTIME_LIMIT_MS: u64 = 100;
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(180);
@@ -81,12 +85,14 @@ const CONTENDERS: [Contender; 4] = [
 
 /// What one migration measured.
 #[derive(Debug, Clone, Copy)]
-struct Sample {
-    total_ms: f64,
-    downtime_ms: f64,
-    bytes: f64,
+pub(super) struct Sample {
+    pub(super) total_ms: f64,
+    pub(super) downtime_ms: f64,
+    pub(super) bytes: f64,
+    /// Passes over memory (ferry: `iteration`; QEMU: `ram.dirty-sync-count`).
+    pub(super) iterations: f64,
     /// Guest disk writes per second during the migration / before it.
-    write_rate_ratio: f64,
+    pub(super) write_rate_ratio: f64,
 }
 
 /// Spreads over the runs of one contender on one link.
@@ -145,11 +151,13 @@ fn make_image(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A fresh, empty, sparse destination image.
-fn empty_image(path: &Path) -> Result<()> {
+/// A fresh, empty, sparse image of `bytes`.
+pub(super) fn empty_image(path: &Path, bytes: u64) -> Result<()> {
     let _ = std::fs::remove_file(path);
-    let f = std::fs::File::create(path)?;
-    f.set_len(IMAGE_BYTES)?;
+    let f =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.set_len(bytes)
+        .with_context(|| format!("cannot size {}", path.display()))?;
     Ok(())
 }
 
@@ -264,13 +272,14 @@ fn ferry_run(
         total_ms: report.elapsed_secs * 1e3,
         downtime_ms: report.downtime.map(|d| d.total_ms).unwrap_or(f64::NAN),
         bytes: report.bytes_sent as f64,
+        iterations: f64::from(report.iteration),
         write_rate_ratio: during / before_rate,
     })
 }
 
-/// A QEMU command line for the test guest with one virtio-blk disk on `image`.
-fn qemu_with_disk(guest: &Path, image: &Path, qmp: &Path) -> Command {
-    let mut c = qemu_command(guest, MEMORY_MIB, APPEND);
+/// A QEMU command line for `plan`'s guest with one virtio-blk disk on `image`.
+fn qemu_with_disk(plan: &QemuDiskPlan, image: &Path, qmp: &Path) -> Command {
+    let mut c = qemu_command(plan.guest, plan.memory_mib, plan.append);
     c.arg("-blockdev")
         .arg(format!(
             "driver=file,filename={},node-name=disk0,cache.direct=off",
@@ -283,6 +292,50 @@ fn qemu_with_disk(guest: &Path, image: &Path, qmp: &Path) -> Command {
     c
 }
 
+/// Where the two QEMUs of a storage migration run: their network namespaces (`None`: this
+/// process's) and the address the destination's migration and NBD listeners take.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Placement<'a> {
+    pub(super) source_ns: Option<&'a str>,
+    pub(super) destination_ns: Option<&'a str>,
+    pub(super) destination_host: &'a str,
+}
+
+impl Placement<'_> {
+    /// Both on this host, over loopback.
+    const LOOPBACK: Placement<'static> = Placement {
+        source_ns: None,
+        destination_ns: None,
+        destination_host: "127.0.0.1",
+    };
+}
+
+/// `command` inside namespace `ns`, or as it is.
+fn placed(ns: Option<&str>, command: Command) -> Command {
+    match ns {
+        Some(ns) => TwoHosts::exec(ns, &command),
+        None => command,
+    }
+}
+
+/// One QEMU storage migration: the guest, its disk, the link and where both sides run.
+#[derive(Debug)]
+pub(super) struct QemuDiskPlan<'a> {
+    pub(super) guest: &'a Path,
+    pub(super) append: &'a str,
+    pub(super) memory_mib: u64,
+    /// The mirror's `copy-mode`: background or write-blocking.
+    pub(super) copy_mode: &'a str,
+    /// The mirror's speed and the RAM migration's max-bandwidth, bytes/s; `None`: no cap.
+    pub(super) link: Option<u64>,
+    /// The source's image; the destination gets an empty one as large in `dir`.
+    pub(super) source_image: &'a Path,
+    pub(super) dir: &'a Path,
+    pub(super) placement: Placement<'a>,
+    /// RAM over this many multifd connections; `None`: one connection.
+    pub(super) multifd_channels: Option<u64>,
+}
+
 fn qemu_run(
     guest: &Path,
     copy_mode: &str,
@@ -290,66 +343,66 @@ fn qemu_run(
     source_image: &Path,
     dir: &Path,
 ) -> Result<Sample> {
-    let landing = dir.join("dst.img");
-    empty_image(&landing)?;
-    let (qmp_src, qmp_dst) = (dir.join("qmp-src.sock"), dir.join("qmp-dst.sock"));
+    qemu_disk_migration(&QemuDiskPlan {
+        guest,
+        append: APPEND,
+        memory_mib: MEMORY_MIB,
+        copy_mode,
+        link,
+        source_image,
+        dir,
+        placement: Placement::LOOPBACK,
+        multifd_channels: None,
+    })
+}
+
+/// QEMU's storage migration of `plan` (see the module's documentation): the destination
+/// exports its empty disk over NBD, the source mirrors to it, migrates RAM and completes the
+/// mirror at the switchover.
+pub(super) fn qemu_disk_migration(plan: &QemuDiskPlan) -> Result<Sample> {
+    let place = plan.placement;
+    let host = place.destination_host;
+    let landing = plan.dir.join("dst.img");
+    let image_bytes = std::fs::metadata(plan.source_image)
+        .with_context(|| format!("cannot read {}", plan.source_image.display()))?
+        .len();
+    empty_image(&landing, image_bytes)?;
+    let (qmp_src, qmp_dst) = (plan.dir.join("qmp-src.sock"), plan.dir.join("qmp-dst.sock"));
     let migration_port = super::migrate::free_port()?;
     let nbd_port = super::migrate::free_port()?;
-    let mut incoming = qemu_with_disk(guest, &landing, &qmp_dst);
-    incoming
-        .arg("-incoming")
-        .arg(format!("tcp:127.0.0.1:{migration_port}"));
-    let mut destination = Watched::spawn("QEMU -incoming", incoming)?;
+    let mut incoming = qemu_with_disk(plan, &landing, &qmp_dst);
+    incoming.args(["-incoming", "defer"]);
+    let mut destination = Watched::spawn("QEMU -incoming", placed(place.destination_ns, incoming))?;
     let mut dq = Qmp::connect(&qmp_dst, STATUS_TIMEOUT, || destination.alive())?;
-    if run_status(&dq.execute("query-status", None)?) != Some("inmigrate") {
-        bail!("the QEMU destination is not waiting for a migration");
-    }
+    listen_for_migration(
+        &mut dq,
+        &format!("tcp:{host}:{migration_port}"),
+        plan.multifd_channels,
+    )?;
     dq.execute(
         "nbd-server-start",
-        Some(json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": nbd_port.to_string()}}})),
+        Some(
+            json!({"addr": {"type": "inet", "data": {"host": host, "port": nbd_port.to_string()}}}),
+        ),
     )?;
     dq.execute(
         "block-export-add",
         Some(json!({"type": "nbd", "id": "export0", "node-name": "disk0", "writable": true})),
     )?;
 
-    let (mut source, before_rate) =
-        boot_and_watch("QEMU", qemu_with_disk(guest, source_image, &qmp_src))?;
+    let boot = placed(
+        place.source_ns,
+        qemu_with_disk(plan, plan.source_image, &qmp_src),
+    );
+    let (mut source, before_rate) = boot_and_watch("QEMU", boot)?;
     let before = *statuses(&mut source).last().context("no status")?;
     let mut q = Qmp::connect(&qmp_src, STATUS_TIMEOUT, || source.alive())?;
     let started = Instant::now();
-    q.execute(
-        "blockdev-add",
-        Some(
-            json!({"driver": "nbd", "node-name": "target0", "export": "disk0",
-            "server": {"type": "inet", "host": "127.0.0.1", "port": nbd_port.to_string()}}),
-        ),
-    )?;
-    let mut mirror = json!({"job-id": "mirror0", "device": "disk0", "target": "target0",
-        "sync": "full", "copy-mode": copy_mode});
-    if let Some(rate) = link {
-        mirror["speed"] = json!(rate);
-    }
-    q.execute("blockdev-mirror", Some(mirror))?;
-    loop {
-        if started.elapsed() > MIGRATION_TIMEOUT {
-            bail!("QEMU's mirror was not ready in {MIGRATION_TIMEOUT:?}");
-        }
-        if q.wait_event("BLOCK_JOB_READY", Duration::from_millis(200))?
-            .is_some()
-        {
-            break;
-        }
-        if q.wait_event("BLOCK_JOB_COMPLETED", Duration::ZERO)?
-            .is_some()
-        {
-            bail!("QEMU's mirror job ended before it was ready");
-        }
-    }
+    mirror_until_ready(&mut q, plan, nbd_port, started)?;
     q.execute(
         "migrate-set-parameters",
         Some(json!({"downtime-limit": DOWNTIME_LIMIT_MS,
-            "max-bandwidth": link.unwrap_or(1 << 50)})),
+            "max-bandwidth": plan.link.unwrap_or(1 << 50)})),
     )?;
     q.execute(
         "migrate-set-capabilities",
@@ -358,9 +411,12 @@ fn qemu_run(
             {"capability": "pause-before-switchover", "state": true},
             {"capability": "auto-converge", "state": true}]})),
     )?;
+    if let Some(channels) = plan.multifd_channels {
+        enable_multifd(&mut q, channels)?;
+    }
     q.execute(
         "migrate",
-        Some(json!({"uri": format!("tcp:127.0.0.1:{migration_port}")})),
+        Some(json!({"uri": format!("tcp:{host}:{migration_port}")})),
     )?;
     let mut mirrored = 0.0;
     let answer = loop {
@@ -372,23 +428,7 @@ fn qemu_run(
             MigrationState::Completed { .. } => break answer,
             MigrationState::Failed(why) => bail!("QEMU's migration {why}"),
             MigrationState::InProgress(state) if state == "pre-switchover" => {
-                // The guest is paused: complete the mirror (the target is consistent), go on.
-                let jobs = q.execute("query-block-jobs", None)?;
-                mirrored = jobs
-                    .as_array()
-                    .and_then(|j| j.first())
-                    .and_then(|j| j.get("offset"))
-                    .and_then(Value::as_f64)
-                    .unwrap_or(0.0);
-                if let Some(wire) = socket_bytes_sent(nbd_port) {
-                    mirrored = wire;
-                }
-                q.execute("block-job-cancel", Some(json!({"device": "mirror0"})))?;
-                if q.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(30))?
-                    .is_none()
-                {
-                    bail!("QEMU's mirror did not complete at the switchover");
-                }
+                mirrored = complete_mirror(&mut q, place, nbd_port)?;
                 q.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))?;
             }
             MigrationState::InProgress(_) => {
@@ -398,32 +438,86 @@ fn qemu_run(
     };
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
     let _ = dq.execute("nbd-server-stop", None);
-    let downtime_ms = answer
-        .get("downtime")
-        .and_then(Value::as_f64)
-        .unwrap_or(f64::NAN);
-    let ram = answer
-        .get("ram")
-        .and_then(|r| r.get("transferred"))
-        .and_then(Value::as_f64)
-        .unwrap_or(0.0);
+    let number = |path: &[&str]| query_number(&answer, path).unwrap_or(f64::NAN);
     let during = after(&mut source, before, &mut destination)?;
     Ok(Sample {
         total_ms,
-        downtime_ms,
-        bytes: ram + mirrored,
+        downtime_ms: number(&["downtime"]),
+        bytes: query_number(&answer, &["ram", "transferred"]).unwrap_or(0.0) + mirrored,
+        iterations: number(&["ram", "dirty-sync-count"]),
         write_rate_ratio: during / before_rate,
     })
 }
 
-/// Bytes sent so far on the established TCP connections to 127.0.0.1:`port`, as the kernel
-/// counts them (`ss -ti`); `None` if that cannot be read.
-fn socket_bytes_sent(port: u16) -> Option<f64> {
-    let out = Command::new("ss")
-        .args(["-tinH", "state", "established", "dst"])
-        .arg(format!("127.0.0.1:{port}"))
-        .output()
-        .ok()?;
+/// Adds the destination's NBD export as a block node, mirrors the disk to it
+/// (`sync=full`) and waits until the mirror has caught up (`BLOCK_JOB_READY`).
+fn mirror_until_ready(
+    q: &mut Qmp,
+    plan: &QemuDiskPlan,
+    nbd_port: u16,
+    started: Instant,
+) -> Result<()> {
+    q.execute(
+        "blockdev-add",
+        Some(
+            json!({"driver": "nbd", "node-name": "target0", "export": "disk0",
+            "server": {"type": "inet", "host": plan.placement.destination_host,
+                "port": nbd_port.to_string()}}),
+        ),
+    )?;
+    let mut mirror = json!({"job-id": "mirror0", "device": "disk0", "target": "target0",
+        "sync": "full", "copy-mode": plan.copy_mode});
+    if let Some(rate) = plan.link {
+        mirror["speed"] = json!(rate);
+    }
+    q.execute("blockdev-mirror", Some(mirror))?;
+    loop {
+        if started.elapsed() > MIGRATION_TIMEOUT {
+            bail!("QEMU's mirror was not ready in {MIGRATION_TIMEOUT:?}");
+        }
+        if q.wait_event("BLOCK_JOB_READY", Duration::from_millis(200))?
+            .is_some()
+        {
+            return Ok(());
+        }
+        if q.wait_event("BLOCK_JOB_COMPLETED", Duration::ZERO)?
+            .is_some()
+        {
+            bail!("QEMU's mirror job ended before it was ready");
+        }
+    }
+}
+
+/// At `pre-switchover` (the guest is paused): completes the mirror (`block-job-cancel` of a
+/// ready job leaves the target consistent) and returns the bytes it sent (the kernel's count
+/// for its NBD connection, or the job's offset where that cannot be read).
+fn complete_mirror(q: &mut Qmp, place: Placement, nbd_port: u16) -> Result<f64> {
+    let jobs = q.execute("query-block-jobs", None)?;
+    let mut mirrored = jobs
+        .as_array()
+        .and_then(|j| j.first())
+        .and_then(|j| j.get("offset"))
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    if let Some(wire) = socket_bytes_sent(place.source_ns, place.destination_host, nbd_port) {
+        mirrored = wire;
+    }
+    q.execute("block-job-cancel", Some(json!({"device": "mirror0"})))?;
+    if q.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(30))?
+        .is_none()
+    {
+        bail!("QEMU's mirror did not complete at the switchover");
+    }
+    Ok(mirrored)
+}
+
+/// Bytes sent so far on the established TCP connections from namespace `ns` (`None`: this
+/// one) to `host`:`port`, as the kernel counts them (`ss -ti`); `None` if that cannot be read.
+fn socket_bytes_sent(ns: Option<&str>, host: &str, port: u16) -> Option<f64> {
+    let mut ss = Command::new("ss");
+    ss.args(["-tinH", "state", "established", "dst"])
+        .arg(format!("{host}:{port}"));
+    let out = placed(ns, ss).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let sent: f64 = text
         .split_whitespace()

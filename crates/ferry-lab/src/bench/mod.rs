@@ -18,6 +18,7 @@ use ferry_lab::product::ferry_binary;
 pub mod migrate;
 pub mod migrate_disk;
 pub mod migrate_net;
+pub mod migrate_wan;
 pub mod snapshot;
 mod watch;
 

@@ -43,7 +43,7 @@ pub(crate) struct Watched {
     pub(crate) trouble: Option<String>,
     lines: mpsc::Receiver<Line>,
     /// The last lines of output, for error messages.
-    tail: VecDeque<String>,
+    tail: VecDeque<(Stream, String)>,
     /// Every stdout line, when asked for (a command's answer).
     pub(crate) keep_stdout: Option<Vec<String>>,
 }
@@ -82,11 +82,7 @@ impl Watched {
         if self.tail.len() == TAIL_LINES {
             self.tail.pop_front();
         }
-        let tag = match line.from {
-            Stream::Stdout => "out",
-            Stream::Stderr => "err",
-        };
-        self.tail.push_back(format!("  [{tag}] {}", line.text));
+        self.tail.push_back((line.from, line.text.clone()));
         if let (Stream::Stdout, Some(kept)) = (line.from, self.keep_stdout.as_mut()) {
             kept.push(line.text.clone());
         }
@@ -203,9 +199,27 @@ impl Watched {
         if self.tail.is_empty() {
             format!("\n{} printed nothing", self.what)
         } else {
-            let lines: Vec<&str> = self.tail.iter().map(String::as_str).collect();
+            let lines: Vec<String> = self
+                .tail
+                .iter()
+                .map(|(from, text)| {
+                    let tag = match from {
+                        Stream::Stdout => "out",
+                        Stream::Stderr => "err",
+                    };
+                    format!("  [{tag}] {text}")
+                })
+                .collect();
             format!("\n{}'s last output:\n{}", self.what, lines.join("\n"))
         }
+    }
+
+    /// The first of the last lines on `from` that starts with `prefix`.
+    pub(crate) fn tail_line(&self, from: Stream, prefix: &str) -> Option<&str> {
+        self.tail
+            .iter()
+            .find(|(f, text)| *f == from && text.starts_with(prefix))
+            .map(|(_, text)| text.as_str())
     }
 
     pub(crate) fn ms_since_start(&self, at: Instant) -> f64 {
