@@ -273,18 +273,9 @@ fn a_cancelled_migration_leaves_the_source_running() {
     let mut dst = receiver(&hosts.b, &listen, None, &[]);
     let (src, socket) = slow_source(&hosts, &dir);
     let mut c = ferry();
-    // The destination waits the resume window for the source to come back, then gives up.
-    c.args([
-        "migrate",
-        "--json",
-        "--bandwidth",
-        "50MiB",
-        "--resume-window",
-        "5",
-    ])
-    .arg("--api-socket")
-    .arg(&socket)
-    .args(["--to", &listen]);
+    c.args(["migrate", "--json", "--bandwidth", "50MiB", "--api-socket"])
+        .arg(&socket)
+        .args(["--to", &listen]);
     let migrating = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -57,7 +57,7 @@ use serde_json::{json, Value};
 
 use super::migrate::{boot_source, set_up_qemu_migration, QemuMode, DOWNTIME_LIMIT_MS};
 use super::watch::{ms, Stream, Watched, WorkDir};
-use super::{qemu_binary, qemu_command, Spread};
+use super::{num, qemu_binary, qemu_command, Spread};
 use crate::qmp::{migration_state, run_status, MigrationState, Qmp};
 
 const STATUS_LINE: &str = "ferry-guest: status";
@@ -1026,15 +1026,6 @@ pub fn migrate_net(runs: usize) -> Result<NetBenchReport> {
     };
     summary(&report);
     Ok(report)
-}
-
-/// `v` with `decimals` places, or a dash when it is no number.
-fn num(v: f64, decimals: usize) -> String {
-    if v.is_finite() {
-        format!("{v:.decimals$}")
-    } else {
-        "-".into()
-    }
 }
 
 /// A short account on stderr: medians, and QEMU's over ferry's.

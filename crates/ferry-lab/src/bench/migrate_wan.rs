@@ -51,7 +51,7 @@ use super::migrate::{
 };
 use super::migrate_disk::{empty_image, qemu_disk_migration, Placement, QemuDiskPlan};
 use super::watch::{Stream, Watched, WorkDir};
-use super::{qemu_binary, qemu_command, Spread};
+use super::{num, qemu_binary, qemu_command, Spread};
 use crate::qmp::Qmp;
 
 /// In the names of the bench's namespaces (`ferry-wanb-a…`), to tell them apart.
@@ -757,15 +757,6 @@ pub fn migrate_wan(runs: usize, quick: bool) -> Result<WanBenchReport> {
     };
     summary(&report);
     Ok(report)
-}
-
-/// `v` with `decimals` places, or a dash when it is no number.
-fn num(v: f64, decimals: usize) -> String {
-    if v.is_finite() {
-        format!("{v:.decimals$}")
-    } else {
-        "-".into()
-    }
 }
 
 /// A short account on stderr: medians per case and contender.

@@ -250,6 +250,15 @@ mod tests {
     }
 }
 
+/// `v` with `decimals` places, or a dash when it is no number (for the benches' tables).
+pub(crate) fn num(v: f64, decimals: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.decimals$}")
+    } else {
+        "-".into()
+    }
+}
+
 /// One transport's figures in `ferry bench send-path`.
 #[derive(Debug, Serialize)]
 pub struct SendPathFigures {

@@ -731,6 +731,24 @@ fn timed_out(e: &io::Error) -> bool {
     )
 }
 
+/// After a write slice that timed out: an error if the connection was given up, or if the
+/// peer took nothing since `progress` for the silence limit.
+fn may_retry(shared: &Shared, index: usize, generation: u64, progress: Instant) -> io::Result<()> {
+    if !still_mine(shared, index, generation) {
+        return Err(io::Error::other("the connection was given up"));
+    }
+    if progress.elapsed() >= shared.config.silence {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the peer took nothing for {:.1} s",
+                progress.elapsed().as_secs_f64()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Writes all of `buf`, coming back every slice to see whether the connection was given up;
 /// a peer that takes nothing for `silence` loses it.
 fn write_fully(
@@ -748,20 +766,7 @@ fn write_fully(
                 buf = &buf[n..];
                 progress = Instant::now();
             }
-            Err(e) if timed_out(&e) => {
-                if !still_mine(shared, index, generation) {
-                    return Err(io::Error::other("the connection was given up"));
-                }
-                if progress.elapsed() >= shared.config.silence {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "the peer took nothing for {:.1} s",
-                            progress.elapsed().as_secs_f64()
-                        ),
-                    ));
-                }
-            }
+            Err(e) if timed_out(&e) => may_retry(shared, index, generation, progress)?,
             Err(e) => return Err(e),
         }
     }
@@ -778,17 +783,7 @@ fn flush_fully(
     loop {
         match w.flush() {
             Ok(()) => return Ok(()),
-            Err(e) if timed_out(&e) => {
-                if !still_mine(shared, index, generation) {
-                    return Err(io::Error::other("the connection was given up"));
-                }
-                if progress.elapsed() >= shared.config.silence {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the peer took nothing",
-                    ));
-                }
-            }
+            Err(e) if timed_out(&e) => may_retry(shared, index, generation, progress)?,
             Err(e) => return Err(e),
         }
     }

@@ -221,16 +221,12 @@ impl Worker<'_> {
                     .map(Handover::Done)
             }
         };
-        let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
-        Ok(Handover::Done(DowntimeBreakdown {
-            total_ms: ms(paused_at, Instant::now()),
-            pause_ms: pause_time.as_secs_f64() * 1e3,
-            final_disk_ms: ms(t_disk, t_mem),
-            final_memory_ms: ms(t_mem, t_state),
-            device_state_ms: ms(t_state, t_sent),
-            destination_prepare_ms: ms(t_sent, t_prepared),
+        Ok(Handover::Done(breakdown(
+            paused_at,
+            pause_time,
+            [t_disk, t_mem, t_state, t_sent, t_prepared],
             resume_ms,
-        }))
+        )))
     }
 
     /// The handover in one round trip (a long link, and both sides agree): Commit goes right
@@ -274,17 +270,13 @@ impl Worker<'_> {
             }
         };
         let now = Instant::now();
-        let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
         self.status(|s| link.stats.report_connections(s));
-        Ok(Handover::Done(DowntimeBreakdown {
-            total_ms: ms(paused_at, now),
-            pause_ms: pause_time.as_secs_f64() * 1e3,
-            final_disk_ms: ms(t_disk, t_mem),
-            final_memory_ms: ms(t_mem, t_state),
-            device_state_ms: ms(t_state, t_sent),
-            destination_prepare_ms: ms(t_sent, t_prepared.unwrap_or(now)),
+        Ok(Handover::Done(breakdown(
+            paused_at,
+            pause_time,
+            [t_disk, t_mem, t_state, t_sent, t_prepared.unwrap_or(now)],
             resume_ms,
-        }))
+        )))
     }
 
     /// The answer to Commit was lost: ask the destination on a new connection.
@@ -329,6 +321,26 @@ impl Worker<'_> {
                 ),
             ))),
         }
+    }
+}
+
+/// The downtime's parts, from the moments the handover passed: the final disk blocks
+/// started, the final pages, the state, all of it sent, Prepared back; up to now.
+fn breakdown(
+    paused_at: Instant,
+    pause_time: Duration,
+    [t_disk, t_mem, t_state, t_sent, t_prepared]: [Instant; 5],
+    resume_ms: f64,
+) -> DowntimeBreakdown {
+    let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
+    DowntimeBreakdown {
+        total_ms: ms(paused_at, Instant::now()),
+        pause_ms: pause_time.as_secs_f64() * 1e3,
+        final_disk_ms: ms(t_disk, t_mem),
+        final_memory_ms: ms(t_mem, t_state),
+        device_state_ms: ms(t_state, t_sent),
+        destination_prepare_ms: ms(t_sent, t_prepared),
+        resume_ms,
     }
 }
 

@@ -319,42 +319,39 @@ impl Wire {
     /// The source's end: shakes hands as a client that proves itself and checks the
     /// destination against `name`.
     pub fn client(
-        mut tcp: TcpStream,
+        tcp: TcpStream,
         config: &TlsConfig,
         name: ServerName<'static>,
     ) -> Result<Wire, TlsError> {
         let peer = format!("the destination ({})", name.to_str());
-        let conn = rustls::ClientConnection::new(config.client.clone(), name).map_err(|e| {
-            TlsError::Handshake {
-                peer: peer.clone(),
-                reason: e.to_string(),
-                timed_out: false,
-            }
-        })?;
-        let conn = handshake(conn.into(), &mut tcp, &peer, config)?;
-        Ok(Wire {
-            tcp,
-            tls: Some(Arc::new(Session {
-                conn: Mutex::new(conn),
-            })),
-        })
+        let conn = rustls::ClientConnection::new(config.client.clone(), name).map(Into::into);
+        Wire::secured(tcp, conn, peer, config)
     }
 
     /// The destination's end: shakes hands as a server that asks for the source's
     /// certificate.
-    pub fn server(mut tcp: TcpStream, config: &TlsConfig) -> Result<Wire, TlsError> {
+    pub fn server(tcp: TcpStream, config: &TlsConfig) -> Result<Wire, TlsError> {
         let peer = tcp
             .peer_addr()
             .map(|a| format!("the source ({a})"))
             .unwrap_or_else(|_| "the source".into());
-        let conn = rustls::ServerConnection::new(config.server.clone()).map_err(|e| {
-            TlsError::Handshake {
-                peer: peer.clone(),
-                reason: e.to_string(),
-                timed_out: false,
-            }
+        let conn = rustls::ServerConnection::new(config.server.clone()).map(Into::into);
+        Wire::secured(tcp, conn, peer, config)
+    }
+
+    /// Shakes hands on `tcp` as `conn` (a client or a server) with `peer`.
+    fn secured(
+        mut tcp: TcpStream,
+        conn: Result<rustls::Connection, rustls::Error>,
+        peer: String,
+        config: &TlsConfig,
+    ) -> Result<Wire, TlsError> {
+        let conn = conn.map_err(|e| TlsError::Handshake {
+            peer: peer.clone(),
+            reason: e.to_string(),
+            timed_out: false,
         })?;
-        let conn = handshake(conn.into(), &mut tcp, &peer, config)?;
+        let conn = handshake(conn, &mut tcp, &peer, config)?;
         Ok(Wire {
             tcp,
             tls: Some(Arc::new(Session {
