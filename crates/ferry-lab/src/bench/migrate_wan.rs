@@ -504,14 +504,18 @@ impl Bench {
             }
             self.progress(&name, run, variant.name);
             let dir = self.run_dir(&format!("{}-{name}-{run}", variant.name))?;
-            let ran = self
-                .ferry_run(link, case, variant, &dir, &mut s.vmm.notes)
-                .with_context(|| format!("{}, {name}, run {run}", variant.name))?;
-            match ran {
-                Ran::Measured(m) => s.add(m),
-                Ran::Rejected(why) => {
+            match self.ferry_run(link, case, variant, &dir, &mut s.vmm.notes) {
+                Ok(Ran::Measured(m)) => s.add(m),
+                Ok(Ran::Rejected(why)) => {
                     eprintln!("  {} is unsupported by this ferry: {why}", variant.name);
                     self.unsupported.push((variant.name, why));
+                }
+                // A run that broke counts as not converged, with why: the other cases go on.
+                Err(e) => {
+                    let why = format!("run {run} failed: {e:#}");
+                    eprintln!("  {}, {name}: {why}", variant.name);
+                    s.vmm.notes.push(why);
+                    s.vmm.add(Outcome::DidNotConverge);
                 }
             }
             let _ = std::fs::remove_dir_all(&dir);
@@ -519,10 +523,15 @@ impl Bench {
         if self.qemu {
             self.progress(&name, run, QEMU_NAME);
             let dir = self.run_dir(&format!("qemu-{name}-{run}"))?;
-            let m = self
-                .qemu_run(link, case, &dir)
-                .with_context(|| format!("QEMU, {name}, run {run}"))?;
-            samples.qemu.add(m);
+            match self.qemu_run(link, case, &dir) {
+                Ok(m) => samples.qemu.add(m),
+                Err(e) => {
+                    let why = format!("run {run} failed: {e:#}");
+                    eprintln!("  {QEMU_NAME}, {name}: {why}");
+                    samples.qemu.vmm.notes.push(why);
+                    samples.qemu.vmm.add(Outcome::DidNotConverge);
+                }
+            }
             let _ = std::fs::remove_dir_all(&dir);
         }
         Ok(())

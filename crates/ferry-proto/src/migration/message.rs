@@ -275,6 +275,10 @@ pub struct Attach {
     /// Bytes of the destination's stream the source has consumed: what need not be sent
     /// again.
     pub received: u64,
+    /// A secret the source chose for the session: a later connection must present the
+    /// first one's, so knowing the migration id is not enough to join or take one over.
+    #[serde(default)]
+    pub key: u64,
 }
 
 /// The answer to [`Attach`]: bytes of the source's stream the destination has consumed.

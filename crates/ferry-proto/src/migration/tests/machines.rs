@@ -988,12 +988,14 @@ fn attach_happens_once_and_its_bounds_are_checked() {
             index: MAX_CONNECTIONS,
             resume_window_ms: 0,
             received: 0,
+            key: 0,
         },
         Attach {
             session_id: 1,
             index: 0,
             resume_window_ms: MAX_RESUME_WINDOW_MS + 1,
             received: 0,
+            key: 0,
         },
     ] {
         let m = Message::Attach(bad);

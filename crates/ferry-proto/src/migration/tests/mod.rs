@@ -71,6 +71,7 @@ fn sample(kind: MessageKind) -> Message {
             index: 0,
             resume_window_ms: 60_000,
             received: 0,
+            key: 0x6b6579,
         }),
         MessageKind::Attached => Message::Attached(Attached { received: 0 }),
         MessageKind::Pages => Message::Pages(mixed_batch()),

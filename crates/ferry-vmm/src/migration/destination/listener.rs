@@ -46,7 +46,8 @@ pub enum HandoverState {
 #[derive(Debug, Default)]
 pub struct Handover {
     inner: Mutex<Option<(u64, HandoverState)>>,
-    sessions: Mutex<HashMap<u64, Session>>,
+    /// Sessions by migration id, with the key their first connection presented.
+    sessions: Mutex<HashMap<u64, (Session, u64)>>,
 }
 
 impl Handover {
@@ -75,13 +76,16 @@ impl Handover {
         }
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Session>> {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Session, u64)>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The live session of migration `id`, if there is one.
-    pub fn session(&self, id: u64) -> Option<Session> {
-        self.sessions().get(&id).filter(|s| !s.is_over()).cloned()
+    /// The live session of migration `id`, if there is one, with its key.
+    pub fn session(&self, id: u64) -> Option<(Session, u64)> {
+        self.sessions()
+            .get(&id)
+            .filter(|(s, _)| !s.is_over())
+            .cloned()
     }
 
     /// Forgets migration `id`'s session: later connections for it are refused.
@@ -381,7 +385,16 @@ fn attach(
     migrations: &Sender<Incoming>,
 ) -> Result<(), String> {
     let tcp = wire.tcp().try_clone().map_err(|e| e.to_string())?;
-    if let Some(session) = handover.session(a.session_id) {
+    if let Some((session, key)) = handover.session(a.session_id) {
+        if a.key != key {
+            // Someone who knows the migration id but not its secret: not the source.
+            return Err(refuse(
+                &mut writer,
+                &mut machine,
+                AbortKind::Failed,
+                format!("connection {} does not hold the session's key", a.index),
+            ));
+        }
         answer_attach(&mut writer, &mut machine, session.consumed())?;
         session
             .attach_halves(a.index as usize, reader, writer, tcp, a.received)
@@ -416,7 +429,9 @@ fn attach(
         resume_window: Duration::from_millis(a.resume_window_ms),
         ..SessionConfig::default()
     });
-    handover.sessions().insert(a.session_id, session.clone());
+    handover
+        .sessions()
+        .insert(a.session_id, (session.clone(), a.key));
     answer_attach(&mut writer, &mut machine, 0)?;
     session
         .attach_halves(0, reader, writer, tcp, 0)
@@ -486,6 +501,54 @@ fn answer_attach(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Says Hello and Attach on a new connection to `addr`; returns the answer to Attach.
+    fn attach_with_key(addr: std::net::SocketAddr, id: u64, key: u64) -> Message {
+        let mut tcp = TcpStream::connect(addr).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let hello = Message::Hello(Hello::new("test", CAPABILITIES));
+        write_message(&mut tcp, &hello).expect("hello");
+        read_message(&mut tcp).expect("hello back");
+        let attach = Message::Attach(ferry_proto::migration::Attach {
+            session_id: id,
+            index: 1,
+            resume_window_ms: 1000,
+            received: 0,
+            key,
+        });
+        write_message(&mut tcp, &attach).expect("attach");
+        read_message(&mut tcp).expect("an answer")
+    }
+
+    /// Knowing a migration's id is not enough to join its session: a connection without the
+    /// key its first connection presented is refused, and one with it is taken.
+    #[test]
+    fn a_connection_without_the_sessions_key_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let handover = Arc::new(Handover::default());
+        let session = Session::new(SessionConfig::default());
+        handover.sessions().insert(7, (session.clone(), 0x5ec2e7));
+        let (tx, _rx) = std::sync::mpsc::channel();
+        spawn(listener, None, handover.clone(), tx).expect("listen");
+
+        match attach_with_key(addr, 7, 0xbad) {
+            Message::Abort(why) => assert!(why.reason.contains("key"), "{why}"),
+            other => panic!("a stranger was answered {other:?}"),
+        }
+        assert_eq!(session.live(), 0, "nothing joined");
+        assert!(matches!(
+            attach_with_key(addr, 7, 0x5ec2e7),
+            Message::Attached(_)
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while session.live() == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(session.live(), 1, "the source's connection joined");
+        session.fail("test over");
+    }
 
     #[test]
     fn a_resolve_fences_a_pending_vm_and_confirms_a_committed_one() {

@@ -19,9 +19,10 @@
 //! - **Acknowledgements.** Every frame carries how much of the other side's stream this side
 //!   has consumed. The sender keeps each chunk until it is acknowledged, and writes no more
 //!   than a window ahead of the acknowledgements: both sides' memory is bounded.
-//! - **Window.** It follows what the link delivers: 5/4 of the acknowledged rate times the
-//!   round trip (at least a millisecond, for the acknowledgements' own delay), plus
-//!   [`MIN_WINDOW`], up to `window`. Enough to keep a long link full, and little more: a
+//! - **Window.** It follows what the link delivers: while the window itself is the limit it
+//!   doubles every period, as TCP's slow start does; otherwise it is 5/4 of the acknowledged
+//!   rate times the round trip (at least a millisecond, for the acknowledgements' own delay),
+//!   plus [`MIN_WINDOW`], up to `window`. Enough to keep a long link full, and little more: a
 //!   larger buffer would only hide the link's pace from the writer, whose rate the migration
 //!   policy plans with, and hold data that the last pass must wait for.
 //! - **Liveness.** A connection that hears nothing for `silence` is dropped (each side sends
@@ -588,10 +589,7 @@ fn acknowledge(s: &mut State, ack: u64) {
             .filter_map(|c| tcp_rtt(&c.tcp))
             .min()
             .unwrap_or(Duration::ZERO);
-        let rtt = rtt.max(Duration::from_millis(1));
-        let wanted = (1.25 * rate * rtt.as_secs_f64()) as u64 + MIN_WINDOW;
-        // Grow at once, shrink by halves: a pause in the stream is not a slower link.
-        s.window = wanted.max(s.window / 2).clamp(MIN_WINDOW, s.max_window);
+        s.window = next_window(s.window, rate, rtt, s.max_window);
     }
     while s
         .out
@@ -600,6 +598,23 @@ fn acknowledge(s: &mut State, ack: u64) {
     {
         s.out.pop_front();
     }
+}
+
+/// The window after a period that acknowledged `rate` bytes per second over a round trip
+/// `rtt`. A window the link's pipe fills (rate × round trip near the window) was the limit:
+/// it doubles, as TCP's slow start does. Otherwise it is 5/4 of the pipe plus
+/// [`MIN_WINDOW`]: it shrinks by halves at most, since a pause in the stream is not a slower
+/// link. The round trip counts as at least a millisecond (the acknowledgements' own delay).
+fn next_window(window: u64, rate: f64, rtt: Duration, max: u64) -> u64 {
+    let pipe = rate * rtt.max(Duration::from_millis(1)).as_secs_f64();
+    let wanted = if pipe >= 0.9 * window as f64 {
+        window.saturating_mul(2)
+    } else {
+        (1.25 * pipe) as u64 + MIN_WINDOW
+    };
+    wanted
+        .max(window / 2)
+        .clamp(MIN_WINDOW, max.max(MIN_WINDOW))
 }
 
 /// The kernel's smoothed round trip of `tcp`.

@@ -260,3 +260,22 @@ fn the_fuzz_entry_survives_hostile_streams() {
         fuzzing::receive(&stream[..cut]);
     }
 }
+
+/// The window doubles while it is what limits the stream, settles at 5/4 of the pipe when
+/// the link does, and never falls below its floor or above its ceiling.
+#[test]
+fn the_window_grows_while_it_limits_and_settles_on_the_pipe() {
+    let rtt = Duration::from_millis(100);
+    let max = 64 << 20;
+    // 1 MiB in flight per 100 ms: the window is full, it doubles.
+    assert_eq!(next_window(1 << 20, 10.0 * 1048576.0, rtt, max), 2 << 20);
+    // The link delivers 100 MB/s: a pipe of 10 MB, with the window at 16 MiB: 5/4 of it.
+    let settled = next_window(16 << 20, 100e6, rtt, max);
+    assert_eq!(settled, 12_500_000 + MIN_WINDOW);
+    // From a window far above it, halves first.
+    assert_eq!(next_window(48 << 20, 100e6, rtt, max), 24 << 20);
+    // Idle: halves, down to the floor.
+    assert_eq!(next_window(8 << 20, 0.0, rtt, max), 4 << 20);
+    assert_eq!(next_window(MIN_WINDOW, 0.0, rtt, max), MIN_WINDOW);
+    assert_eq!(next_window(48 << 20, 1e12, rtt, max), max);
+}

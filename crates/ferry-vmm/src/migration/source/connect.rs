@@ -48,6 +48,8 @@ pub struct Dialing {
     /// Connections asked for; None: auto.
     pub connections: Option<u32>,
     pub link: LinkConfig,
+    /// The session's secret, presented by every connection that joins it.
+    pub key: u64,
 }
 
 /// An open migration link and what its opening learnt.
@@ -177,6 +179,7 @@ pub fn open(d: &Dialing) -> Result<Opened, Stop> {
         index: 0,
         resume_window_ms: d.resume_window.as_millis() as u64,
         received: 0,
+        key: d.key,
     };
     let Message::Attached(attached) = exchange(
         &mut machine,
@@ -276,6 +279,7 @@ fn dial_one(d: &Dialing, index: usize, consumed: u64) -> Result<Dialed, DialErro
         index: index as u32,
         resume_window_ms: d.resume_window.as_millis() as u64,
         received: consumed,
+        key: d.key,
     };
     match exchange(
         &mut machine,

@@ -353,6 +353,7 @@ impl<'a> Worker<'a> {
                 cap: self.ctx.bandwidth.clone(),
                 cancel: self.ctx.cancel.clone(),
             },
+            key: new_migration_id(),
         })?;
         self.rtt = opened.rtt;
         self.features = opened.features;
