@@ -502,8 +502,9 @@ fn answer_attach(
 mod tests {
     use super::*;
 
-    /// Says Hello and Attach on a new connection to `addr`; returns the answer to Attach.
-    fn attach_with_key(addr: std::net::SocketAddr, id: u64, key: u64) -> Message {
+    /// Says Hello and Attach on a new connection to `addr`; returns the answer to Attach and
+    /// the connection (which stays attached as long as it is open).
+    fn attach_with_key(addr: std::net::SocketAddr, id: u64, key: u64) -> (Message, TcpStream) {
         let mut tcp = TcpStream::connect(addr).expect("connect");
         tcp.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
@@ -518,7 +519,8 @@ mod tests {
             key,
         });
         write_message(&mut tcp, &attach).expect("attach");
-        read_message(&mut tcp).expect("an answer")
+        let answer = read_message(&mut tcp).expect("an answer");
+        (answer, tcp)
     }
 
     /// Knowing a migration's id is not enough to join its session: a connection without the
@@ -533,15 +535,13 @@ mod tests {
         let (tx, _rx) = std::sync::mpsc::channel();
         spawn(listener, None, handover.clone(), tx).expect("listen");
 
-        match attach_with_key(addr, 7, 0xbad) {
+        match attach_with_key(addr, 7, 0xbad).0 {
             Message::Abort(why) => assert!(why.reason.contains("key"), "{why}"),
             other => panic!("a stranger was answered {other:?}"),
         }
         assert_eq!(session.live(), 0, "nothing joined");
-        assert!(matches!(
-            attach_with_key(addr, 7, 0x5ec2e7),
-            Message::Attached(_)
-        ));
+        let (answer, _kept_open) = attach_with_key(addr, 7, 0x5ec2e7);
+        assert!(matches!(answer, Message::Attached(_)), "{answer:?}");
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while session.live() == 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));

@@ -48,7 +48,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::wire::{Wire, WireReader, WireWriter};
+use super::wire::{is_retry, Wire, WireReader, WireWriter};
 use frame::Frame;
 
 /// Each side sends something this often at least, so silence means a lost connection.
@@ -739,13 +739,6 @@ fn still_mine(shared: &Shared, index: usize, generation: u64) -> bool {
             .is_some_and(|c| c.generation == generation)
 }
 
-fn timed_out(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
-    )
-}
-
 /// After a write slice that timed out: an error if the connection was given up, or if the
 /// peer took nothing since `progress` for the silence limit.
 fn may_retry(shared: &Shared, index: usize, generation: u64, progress: Instant) -> io::Result<()> {
@@ -781,7 +774,7 @@ fn write_fully(
                 buf = &buf[n..];
                 progress = Instant::now();
             }
-            Err(e) if timed_out(&e) => may_retry(shared, index, generation, progress)?,
+            Err(e) if is_retry(&e) => may_retry(shared, index, generation, progress)?,
             Err(e) => return Err(e),
         }
     }
@@ -798,7 +791,7 @@ fn flush_fully(
     loop {
         match w.flush() {
             Ok(()) => return Ok(()),
-            Err(e) if timed_out(&e) => may_retry(shared, index, generation, progress)?,
+            Err(e) if is_retry(&e) => may_retry(shared, index, generation, progress)?,
             Err(e) => return Err(e),
         }
     }

@@ -197,16 +197,7 @@ impl Worker<'_> {
             s.bytes_sent = sent;
             link.stats.report_connections(s);
         });
-        // The commit point: from here the destination may run the VM. A Commit that cannot
-        // even be queued was never written: the source may still resume.
-        self.ctx
-            .committing
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        if fault("lose-commit") {
-            tracing::warn!("FERRY_TEST_FAULT: the Commit is not sent");
-        } else {
-            link.send(Message::Commit)?;
-        }
+        self.send_commit(link)?;
         let answer_by = deadline.max(Instant::now() + 2 * self.rtt + PAUSED_SLACK);
         let resume_ms = match link.receive("running", answer_by) {
             Ok(Message::Running(r)) => r.resume_ms,
@@ -229,6 +220,19 @@ impl Worker<'_> {
         )))
     }
 
+    /// The commit point: from here the destination may run the VM. A Commit that cannot even
+    /// be queued was never written: then the source may still resume.
+    fn send_commit(&self, link: &mut Link) -> Result<(), Stop> {
+        self.ctx
+            .committing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if fault("lose-commit") {
+            tracing::warn!("FERRY_TEST_FAULT: the Commit is not sent");
+            return Ok(());
+        }
+        link.send(Message::Commit)
+    }
+
     /// The handover in one round trip (a long link, and both sides agree): Commit goes right
     /// behind Complete, so the destination runs the VM as soon as it is built, without a
     /// Prepared round trip first. From the moment Commit is queued the outcome is the
@@ -242,15 +246,7 @@ impl Worker<'_> {
         pause_time: Duration,
         [t_disk, t_mem, t_state]: [Instant; 3],
     ) -> Result<Handover, Stop> {
-        self.ctx
-            .committing
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        if fault("lose-commit") {
-            tracing::warn!("FERRY_TEST_FAULT: the Commit is not sent");
-        } else {
-            // A Commit that cannot even be queued was never written: the source may resume.
-            link.send(Message::Commit)?;
-        }
+        self.send_commit(link)?;
         let lost = |this: &Self, why: String| this.resolve_lost(why).map(Handover::Done);
         if let Err(stop) = link.drain(deadline) {
             return lost(self, stop.error().message.clone());

@@ -407,6 +407,15 @@ impl WireReader {
     }
 }
 
+/// A socket error that only says "not now" (a timeout slice, a signal): the call may be made
+/// again.
+pub fn is_retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
@@ -497,16 +506,7 @@ impl Write for WireWriter {
         // The plaintext is taken: a timeout now only leaves ciphertext for the next call.
         match self.write_pending() {
             Ok(()) => Ok(taken),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                Ok(taken)
-            }
+            Err(e) if is_retry(&e) => Ok(taken),
             Err(e) => Err(e),
         }
     }
