@@ -223,7 +223,9 @@ impl Shared {
         if s.conns.iter().all(Option::is_none) && s.down_since.is_none() {
             s.down_since = Some(Instant::now());
         }
-        let already_over = s.failed.is_some() || self.ended.load(Ordering::Relaxed);
+        // After the peer's Close its connections going away is the end, not a loss.
+        let already_over =
+            s.failed.is_some() || self.ended.load(Ordering::Relaxed) || s.peer_end.is_some();
         drop(s);
         if !already_over {
             self.stats.lost.fetch_add(1, Ordering::Relaxed);

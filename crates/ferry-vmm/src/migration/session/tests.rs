@@ -93,6 +93,18 @@ fn three_connections_carry_one_ordered_stream_each_way_and_close_cleanly() {
     b.reader().read_to_end(&mut rest).expect("a clean end");
     assert!(rest.is_empty());
     closer.join().expect("close");
+    // Regression: the peer's connections going away after its Close were logged and
+    // counted as lost.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.live() > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(b.live(), 0, "a's close shut its connections");
+    assert_eq!(
+        b.stats().lost.load(Ordering::Relaxed),
+        0,
+        "an end, not a loss"
+    );
     b.close(Duration::from_secs(1));
 }
 
