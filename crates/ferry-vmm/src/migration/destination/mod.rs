@@ -266,7 +266,6 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         std::thread::sleep(Duration::from_secs(5));
     }
     link.send(&Message::Prepared).map_err(before)?;
-    tracing::info!("prepared sent");
     tracing::info!(
         "prepared {:.2} ms after Complete",
         t_complete.elapsed().as_secs_f64() * 1e3
