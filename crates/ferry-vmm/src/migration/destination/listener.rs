@@ -18,11 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_proto::migration::{
-    read_message, write_message, AbortKind, FailureClass, Features, Hello, Message,
-    ReceiverMachine, Resolved, Setup,
+    read_message, write_message, AbortKind, FailureClass, Features, Message, ReceiverMachine,
+    Resolved, Setup,
 };
-
-use crate::migration::source::CAPABILITIES;
 
 /// How long a new connection may take to say Hello and what it wants.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -289,10 +287,7 @@ fn serve(
         };
         return Err(refuse(&mut writer, &mut machine, kind, e.to_string()));
     }
-    let ours = Message::Hello(Hello::new(
-        format!("ferry {}", env!("CARGO_PKG_VERSION")),
-        CAPABILITIES,
-    ));
+    let ours = crate::migration::source::hello();
     machine.sent(&ours).map_err(|e| e.to_string())?;
     write_message(&mut writer, &ours).map_err(|e| e.to_string())?;
     let agreed = machine
@@ -501,6 +496,8 @@ fn answer_attach(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migration::source::CAPABILITIES;
+    use ferry_proto::migration::Hello;
 
     /// Says Hello and Attach on a new connection to `addr`; returns the answer to Attach and
     /// the connection (which stays attached as long as it is open).

@@ -63,7 +63,7 @@ pub struct Opened {
     pub connections: usize,
 }
 
-/// The Hello this ferry says.
+/// The Hello this ferry says, as a source or as a destination.
 pub fn hello() -> Message {
     Message::Hello(Hello::new(
         format!("ferry {}", env!("CARGO_PKG_VERSION")),

@@ -21,10 +21,10 @@ use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
 use ferry_api::{DowntimeBreakdown, MigrationError, MigrationErrorKind as Kind, MigrationPhase};
-use ferry_proto::migration::{Complete, Hello, Message, Resolve, SenderState};
+use ferry_proto::migration::{Complete, Message, Resolve, SenderState};
 
 use super::link::{self, Link, LinkConfig};
-use super::{ToControl, Worker, CAPABILITIES};
+use super::{ToControl, Worker};
 use crate::migration::dirty::{DirtyTracker, RegionDirty};
 use crate::migration::error::Stop;
 use crate::migration::fault;
@@ -412,11 +412,7 @@ fn ask(
     .map_err(|s| Asked::Failed(s.error().message.clone()))?;
     let deadline = Instant::now() + timeout;
     let failed = |s: Stop| Asked::Failed(s.error().message.clone());
-    link.send(Message::Hello(Hello::new(
-        format!("ferry {}", env!("CARGO_PKG_VERSION")),
-        CAPABILITIES,
-    )))
-    .map_err(failed)?;
+    link.send(super::hello()).map_err(failed)?;
     link.receive("hello", deadline).map_err(failed)?;
     link.send(Message::Resolve(Resolve { migration_id }))
         .map_err(failed)?;

@@ -43,6 +43,7 @@ use ferry_proto::migration::{feature, AbortKind, Features, Message, Region, Setu
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
+pub use connect::hello;
 pub use disks::DiskHandle;
 pub use handover::resolve;
 use handover::Handover;
