@@ -98,9 +98,14 @@ enum BenchWhat {
         /// its best mode. With --wan: the idle guest on 0 and 100 ms, one run.
         #[arg(long)]
         quick: bool,
-        /// Only the cases whose name starts with this (e.g. `populated2g`).
+        /// Only the cases whose name starts with this (e.g. `populated2g`; with --wan,
+        /// `mem50-rtt100ms`).
         #[arg(long)]
         only: Option<String>,
+        /// With --wan: only these contenders (`ferry-1stream`, `ferry-auto`, `ferry-tls`,
+        /// `qemu-multifd`); repeat or separate with commas. All of them when absent.
+        #[arg(long, value_delimiter = ',', requires = "wan")]
+        contender: Vec<String>,
         /// Storage migration instead: a guest with a 4 GiB disk (1 GiB of data) writing
         /// 20 MiB/s, ferry in both disk modes beside QEMU's NBD + blockdev-mirror flow.
         #[arg(long, conflicts_with_all = ["quick", "only"])]
@@ -113,7 +118,7 @@ enum BenchWhat {
         /// Across an emulated wide-area link instead (two hosts as network namespaces, 1 Gbit/s,
         /// round trips of 0, 20, 100 and 200 ms): idle, busy and disk guests, ferry with one
         /// stream, its own choice of streams and TLS, beside QEMU with multifd.
-        #[arg(long, conflicts_with_all = ["only", "disk", "net"])]
+        #[arg(long, conflicts_with_all = ["disk", "net"])]
         wan: bool,
     },
     /// The migration send path alone (scanning, encoding, writing) into a receiver on
@@ -242,10 +247,13 @@ fn main() -> ExitCode {
                 BenchWhat::Migrate {
                     runs,
                     quick,
+                    only,
+                    contender,
                     wan: true,
                     ..
                 },
-        } => bench::migrate_wan::migrate_wan(runs, quick).and_then(|r| print_report(&r)),
+        } => bench::migrate_wan::migrate_wan(runs, quick, only.as_deref(), &contender)
+            .and_then(|r| print_report(&r)),
         Command::Bench {
             what: BenchWhat::Migrate {
                 runs, quick, only, ..

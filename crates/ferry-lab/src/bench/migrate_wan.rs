@@ -433,6 +433,8 @@ struct Bench {
     guest: PathBuf,
     qemu: bool,
     runs: usize,
+    /// The contenders to run; all when empty.
+    contenders: Vec<String>,
     work: WorkDir,
     /// Variants ferry rejected, with its message: not tried again.
     unsupported: Vec<(&'static str, String)>,
@@ -442,6 +444,11 @@ struct Bench {
 }
 
 impl Bench {
+    /// Whether the contender `name` runs in this bench.
+    fn wanted(&self, name: &str) -> bool {
+        self.contenders.is_empty() || self.contenders.iter().any(|c| c == name)
+    }
+
     fn unsupported(&self, variant: &str) -> Option<&str> {
         self.unsupported
             .iter()
@@ -467,7 +474,10 @@ impl Bench {
         if self.host_tcp.is_null() {
             self.host_tcp = tcp_settings(&link.hosts().a);
         }
-        let variants = variants(&link.certs);
+        let variants: Vec<Variant> = variants(&link.certs)
+            .into_iter()
+            .filter(|v| self.wanted(v.name))
+            .collect();
         let mut samples: Vec<CaseSamples> = workloads
             .iter()
             .map(|_| CaseSamples {
@@ -669,6 +679,8 @@ impl Bench {
     fn case_report(&self, case: Case, variants: &[Variant], s: &CaseSamples) -> WanCaseReport {
         let qemu = if self.qemu {
             s.qemu.report(QEMU_NAME)
+        } else if !self.wanted(QEMU_NAME) {
+            not_run(QEMU_NAME, "not_run", "not among the chosen contenders")
         } else {
             not_run(
                 QEMU_NAME,
@@ -716,10 +728,28 @@ fn qmp_socket(path: &Path) -> String {
 
 /// `ferry-lab bench migrate --wan`: `runs` migrations per case and contender (one with
 /// `quick`, which also keeps only the idle guest on 0 and 100 ms).
-pub fn migrate_wan(runs: usize, quick: bool) -> Result<WanBenchReport> {
+///
+/// `only`: just the cases whose name starts with it; `contenders`: just these (all if empty).
+pub fn migrate_wan(
+    runs: usize,
+    quick: bool,
+    only: Option<&str>,
+    contenders: &[String],
+) -> Result<WanBenchReport> {
     let runs = if quick { 1 } else { runs };
     if runs == 0 {
         bail!("--runs must be at least 1");
+    }
+    let known: Vec<&str> = variants(Path::new("CERTS"))
+        .iter()
+        .map(|v| v.name)
+        .chain([QEMU_NAME])
+        .collect();
+    if let Some(unknown) = contenders.iter().find(|c| !known.contains(&c.as_str())) {
+        bail!(
+            "no contender {unknown:?}; the contenders are {}",
+            known.join(", ")
+        );
     }
     let qemu = qemu_binary();
     if qemu.is_none() {
@@ -728,16 +758,32 @@ pub fn migrate_wan(runs: usize, quick: bool) -> Result<WanBenchReport> {
     let mut bench = Bench {
         ferry: ferry_binary()?,
         guest: build_testguest()?.kernel,
-        qemu: qemu.is_some(),
+        qemu: qemu.is_some()
+            && (contenders.is_empty() || contenders.iter().any(|c| c == QEMU_NAME)),
         runs,
+        contenders: contenders.to_vec(),
         work: WorkDir::create("migrate-wan")?,
         unsupported: Vec::new(),
         host_tcp: Value::Null,
     };
-    let (rtts, workloads) = plan(quick);
+    let (all_rtts, all_workloads) = plan(quick);
     let mut cases = Vec::new();
-    for &rtt_ms in rtts {
-        cases.extend(bench.on_link(rtt_ms, &workloads)?);
+    let mut rtts = Vec::new();
+    for &rtt_ms in all_rtts {
+        let workloads: Vec<&'static Workload> = all_workloads
+            .iter()
+            .copied()
+            .filter(|&workload| {
+                only.is_none_or(|o| Case { rtt_ms, workload }.name().starts_with(o))
+            })
+            .collect();
+        if !workloads.is_empty() {
+            rtts.push(rtt_ms);
+            cases.extend(bench.on_link(rtt_ms, &workloads)?);
+        }
+    }
+    if cases.is_empty() {
+        bail!("no case's name starts with {:?}", only.unwrap_or_default());
     }
     let report = WanBenchReport {
         runs,
@@ -746,10 +792,13 @@ pub fn migrate_wan(runs: usize, quick: bool) -> Result<WanBenchReport> {
         qemu,
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         link_mbit: LINK_MBIT,
-        rtts_ms: rtts.to_vec(),
+        rtts_ms: rtts,
         downtime_limit_ms: DOWNTIME_LIMIT_MS,
         migration_timeout_secs: MIGRATION_TIMEOUT.as_secs(),
-        ferry_variants: variants(Path::new("CERTS")),
+        ferry_variants: variants(Path::new("CERTS"))
+            .into_iter()
+            .filter(|v| bench.wanted(v.name))
+            .collect(),
         qemu_migration: json!({
             "machine": "microvm",
             "cpu": "host,-arch-capabilities",

@@ -9,8 +9,13 @@
 //! predicted downtime = floor                        pausing, device state, the handover's
 //!                                                   round trips (measured RTT)
 //!                    + Σ remaining bytes / send rate   what is dirty now, sent while paused
-//!                    + backlog / apply rate            what the destination has yet to apply
+//!                    + queued backlog / apply rate     what the destination has yet to apply,
+//!                                                   less the round trip's worth on its way
 //! ```
+//!
+//! Of the backlog (sent, not yet reported applied), one round trip's worth at the apply rate
+//! is merely on its way: it left the source's queues and the final data follows right behind
+//! it, as fast as the link goes. Only the rest is a queue the paused guest would wait for.
 //!
 //! Rules, in order:
 //! 1. Time is up: switch over if the operator said `force`, else give up (timed out).
@@ -24,6 +29,16 @@
 //! 5. The guest dirties faster than half the send rate: throttle one step more.
 //! 6. Throttled all the way and passes no longer shrink: give up, saying why.
 //! 7. Otherwise: another pass.
+//!
+//! A switchover (3 or 4) with data still in flight drains first: the source sends nothing new
+//! until the destination applied what it has, and the next look switches over whatever the
+//! dirty set grew to meanwhile. On a long link the in flight is a bandwidth-delay product,
+//! which a paused guest would otherwise wait for in full; running, it dirties less than that
+//! (it dirties slower than the link carries), so draining only shortens the downtime.
+//!
+//! The memory part's floor is [`MEMORY_FLOOR_MS`] or [`MEMORY_FLOOR_SHARE`] of the fixed part,
+//! whichever is larger: next to a 100 ms round trip, a last pass of 10 ms is as short as it
+//! usefully gets.
 
 use std::time::Duration;
 
@@ -58,6 +73,8 @@ pub struct Inputs<'a> {
     pub previous_backlog: Option<u64>,
     /// Bytes per second the destination applies. 0 means unknown.
     pub apply_rate: f64,
+    /// The link's round trip: this long of the apply rate is in flight, not queued.
+    pub rtt: Duration,
     pub target_ms: f64,
     /// The fixed part of the switchover: pause, device state, round trips.
     pub floor_ms: f64,
@@ -75,6 +92,8 @@ pub struct Inputs<'a> {
     pub extra_passes: u32,
     /// Passes at the last throttle step that did not shrink the dirty set.
     pub stalled_passes: u32,
+    /// The last look decided to switch over (for this reason) and drained the link first.
+    pub drained: Option<SwitchReason>,
 }
 
 /// What to do next.
@@ -88,6 +107,9 @@ pub enum Decision {
     Throttle { percent: u32 },
     /// Stop the guest and send the rest.
     SwitchOver { why: SwitchReason },
+    /// Switch over, but first let the destination apply what is in flight, sending nothing
+    /// new; the next look switches over (with `drained` set).
+    Drain { why: SwitchReason },
     /// End the migration; the source VM runs on.
     GiveUp { why: GiveUpReason },
 }
@@ -115,6 +137,8 @@ pub enum GiveUpReason {
 pub const WORTH_ANOTHER_PASS: f64 = 0.75;
 /// Below this many milliseconds of dirty data the last pass is as short as it gets.
 pub const MEMORY_FLOOR_MS: f64 = 1.0;
+/// ... or below this share of the switchover's fixed part, when that is larger.
+pub const MEMORY_FLOOR_SHARE: f64 = 0.1;
 /// Extra passes taken for a shorter downtime, at most.
 pub const MAX_EXTRA_PASSES: u32 = 10;
 /// Passes at full throttle without progress before giving up.
@@ -157,11 +181,18 @@ impl Inputs<'_> {
         self.sources.iter().map(|s| s.dirty_rate).sum()
     }
 
+    /// The backlog less the round trip's worth that is on its way.
+    pub fn queued_backlog(&self) -> u64 {
+        let on_its_way = self.apply_rate * self.rtt.as_secs_f64();
+        self.backlog_bytes
+            .saturating_sub(on_its_way.clamp(0.0, u64::MAX as f64) as u64)
+    }
+
     /// The downtime a switchover now would have.
     pub fn predict(&self) -> Prediction {
         Prediction {
             dirty_ms: ms(self.dirty_bytes(), self.send_rate),
-            backlog_ms: ms(self.backlog_bytes, self.apply_rate),
+            backlog_ms: ms(self.queued_backlog(), self.apply_rate),
             floor_ms: self.floor_ms,
         }
     }
@@ -181,6 +212,9 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             },
         };
     }
+    if let Some(why) = i.drained {
+        return Decision::SwitchOver { why };
+    }
     // A backlog that drains is waited for: the guest is not stopped while the destination
     // catches up. One that holds steady (a link as fast as the guest dirties) is data in
     // flight, and counts in the prediction like the rest.
@@ -193,19 +227,23 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     let shrinking = i
         .previous_dirty
         .is_none_or(|prev| (dirty as f64) < WORTH_ANOTHER_PASS * prev as f64);
-    let at_memory_floor = p.dirty_ms <= MEMORY_FLOOR_MS;
+    let at_memory_floor = p.dirty_ms <= MEMORY_FLOOR_MS.max(MEMORY_FLOOR_SHARE * p.floor_ms);
+    // Switching over with data in flight: let it arrive first.
+    let switch = |why| {
+        if p.backlog_ms > BACKLOG_SLACK_MS {
+            Decision::Drain { why }
+        } else {
+            Decision::SwitchOver { why }
+        }
+    };
     if p.total_ms() <= i.target_ms {
         if at_memory_floor || !shrinking || i.extra_passes >= MAX_EXTRA_PASSES {
-            return Decision::SwitchOver {
-                why: SwitchReason::Fits,
-            };
+            return switch(SwitchReason::Fits);
         }
         return Decision::AnotherPass { extra: true };
     }
     if at_memory_floor && p.floor_ms + BACKLOG_SLACK_MS >= i.target_ms {
-        return Decision::SwitchOver {
-            why: SwitchReason::AtFloor,
-        };
+        return switch(SwitchReason::AtFloor);
     }
     let fully_throttled = i.throttle_taken >= i.throttle_steps.len();
     if i.iteration >= 1 && !fully_throttled && i.dirty_rate() > 0.5 * i.send_rate {
@@ -253,6 +291,7 @@ mod tests {
             backlog_bytes: 0,
             previous_backlog: None,
             apply_rate: 2.0 * GBPS,
+            rtt: Duration::from_micros(100),
             target_ms: 100.0,
             floor_ms: 2.0,
             time_left: None,
@@ -263,6 +302,7 @@ mod tests {
             previous_dirty: None,
             extra_passes: 0,
             stalled_passes: 0,
+            drained: None,
         }
     }
 
@@ -314,15 +354,74 @@ mod tests {
                 expect: Decision::WaitForDestination,
             },
             Case {
-                name: "a steady backlog is data in flight: it counts, and here it fits",
+                name: "a steady backlog is data in flight: it counts, here it fits, and it \
+                       drains before the switchover",
                 dirty_bytes: 0,
                 dirty_rate: 0.0,
                 tweak: |i| {
                     i.backlog_bytes = 64 * MIB;
                     i.previous_backlog = Some(64 * MIB);
                 },
-                expect: Decision::SwitchOver {
+                expect: Decision::Drain {
                     why: SwitchReason::Fits,
+                },
+            },
+            Case {
+                name: "after the drain the switchover goes ahead, whatever the guest dirtied",
+                dirty_bytes: 512 * MIB,
+                dirty_rate: 0.5 * GBPS,
+                tweak: |i| {
+                    i.backlog_bytes = 64 * MIB;
+                    i.previous_backlog = Some(128 * MIB);
+                    i.drained = Some(SwitchReason::AtFloor);
+                },
+                expect: Decision::SwitchOver {
+                    why: SwitchReason::AtFloor,
+                },
+            },
+            Case {
+                name: "at a long link's floor, with a queue beyond the round trip's worth, the \
+                       link drains first",
+                dirty_bytes: MIB,
+                dirty_rate: 10.0 * MIB as f64,
+                tweak: |i| {
+                    i.send_rate = 0.125 * GBPS;
+                    i.apply_rate = 0.125 * GBPS;
+                    i.floor_ms = 102.0;
+                    i.rtt = Duration::from_millis(100);
+                    i.backlog_bytes = 25 * MIB;
+                    i.previous_backlog = Some(12 * MIB);
+                },
+                expect: Decision::Drain {
+                    why: SwitchReason::AtFloor,
+                },
+            },
+            Case {
+                name: "a round trip's worth of backlog is on its way, not queued",
+                dirty_bytes: MIB,
+                dirty_rate: 10.0 * MIB as f64,
+                tweak: |i| {
+                    i.send_rate = 0.125 * GBPS;
+                    i.apply_rate = 0.125 * GBPS;
+                    i.floor_ms = 102.0;
+                    i.rtt = Duration::from_millis(100);
+                    i.backlog_bytes = 12_000_000;
+                    i.previous_backlog = Some(12_000_000);
+                },
+                expect: Decision::SwitchOver {
+                    why: SwitchReason::AtFloor,
+                },
+            },
+            Case {
+                name: "at a long link's floor a last pass of a tenth of it is short enough",
+                dirty_bytes: MIB,
+                dirty_rate: 10.0 * MIB as f64,
+                tweak: |i| {
+                    i.send_rate = 0.125 * GBPS;
+                    i.floor_ms = 102.0;
+                },
+                expect: Decision::SwitchOver {
+                    why: SwitchReason::AtFloor,
                 },
             },
             Case {
@@ -489,9 +588,14 @@ mod tests {
         i.send_rate = 200.0 * MIB as f64;
         i.backlog_bytes = 20 * MIB;
         i.apply_rate = 100.0 * MIB as f64;
+        i.rtt = Duration::ZERO;
         let p = i.predict();
         assert!((p.dirty_ms - 1000.0).abs() < 1e-6, "{p:?}");
         assert!((p.backlog_ms - 200.0).abs() < 1e-6, "{p:?}");
         assert!((p.total_ms() - 1202.0).abs() < 1e-6, "{p:?}");
+        // Over a 100 ms round trip, 10 MiB of it is on its way, not queued.
+        i.rtt = Duration::from_millis(100);
+        let p = i.predict();
+        assert!((p.backlog_ms - 100.0).abs() < 1e-6, "{p:?}");
     }
 }

@@ -2,6 +2,7 @@
 //! missing, at first and after each loss, with backoff, until the session ends.
 
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Session, FIRST_BACKOFF, MAX_BACKOFF};
@@ -29,57 +30,56 @@ pub enum DialError {
 
 /// Dials connection `index` for a session that consumed `consumed` bytes of the peer's
 /// stream.
-pub type Dial = Box<dyn Fn(usize, u64) -> Result<Dialed, DialError> + Send>;
+pub type Dial = Arc<dyn Fn(usize, u64) -> Result<Dialed, DialError> + Send + Sync>;
 
-/// Keeps connections `0..count` of `session` up from a thread of its own, until the session
-/// ends; a fatal dial fails the session.
+/// Keeps connections `0..count` of `session` up, each from a thread of its own (on a long
+/// link a dial takes a few round trips: one after the other, the last would join late),
+/// until the session ends; a fatal dial fails the session.
 pub fn keep_connected(session: &Session, count: usize, dial: Dial) -> std::io::Result<()> {
-    let session = session.clone();
-    std::thread::Builder::new()
-        .name("ferry-sess-dial".into())
-        .spawn(move || {
-            let mut next_try = vec![Instant::now(); count];
-            let mut backoff = vec![FIRST_BACKOFF; count];
-            while !session.is_over() {
-                for index in session.missing(count) {
-                    if Instant::now() < next_try[index] || session.is_over() {
-                        continue;
-                    }
-                    match dial(index, session.consumed()) {
-                        Ok(d) => {
-                            match session.attach_halves(
-                                index,
-                                d.reader,
-                                d.writer,
-                                d.tcp,
-                                d.peer_consumed,
-                            ) {
-                                Ok(()) => {
-                                    backoff[index] = FIRST_BACKOFF;
-                                    tracing::info!("migration connection {index} up");
-                                }
-                                Err(e) => {
-                                    session.fail(&format!("connection {index}: {e}"));
-                                    return;
-                                }
-                            }
-                        }
-                        Err(DialError::Retry(why)) => {
-                            tracing::info!(
-                                "migration connection {index}: {why}; again in {:?}",
-                                backoff[index]
-                            );
-                            next_try[index] = Instant::now() + backoff[index];
-                            backoff[index] = (backoff[index] * 2).min(MAX_BACKOFF);
-                        }
-                        Err(DialError::Fatal(why)) => {
-                            session.fail(&why);
-                            return;
-                        }
-                    }
+    for index in 0..count {
+        let session = session.clone();
+        let dial = dial.clone();
+        std::thread::Builder::new()
+            .name(format!("ferry-sess-dial{index}"))
+            .spawn(move || keep_one(&session, index, &*dial))?;
+    }
+    Ok(())
+}
+
+/// Keeps connection `index` of `session` up until the session ends.
+fn keep_one(
+    session: &Session,
+    index: usize,
+    dial: &(dyn Fn(usize, u64) -> Result<Dialed, DialError> + Send + Sync),
+) {
+    let mut next_try = Instant::now();
+    let mut backoff = FIRST_BACKOFF;
+    while !session.is_over() {
+        if Instant::now() < next_try || session.connected(index) {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        match dial(index, session.consumed()) {
+            Ok(d) => match session.attach_halves(index, d.reader, d.writer, d.tcp, d.peer_consumed)
+            {
+                Ok(()) => {
+                    backoff = FIRST_BACKOFF;
+                    tracing::info!("migration connection {index} up");
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                Err(e) => {
+                    session.fail(&format!("connection {index}: {e}"));
+                    return;
+                }
+            },
+            Err(DialError::Retry(why)) => {
+                tracing::info!("migration connection {index}: {why}; again in {backoff:?}");
+                next_try = Instant::now() + backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
-        })
-        .map(|_| ())
+            Err(DialError::Fatal(why)) => {
+                session.fail(&why);
+                return;
+            }
+        }
+    }
 }

@@ -19,12 +19,17 @@
 //! - **Acknowledgements.** Every frame carries how much of the other side's stream this side
 //!   has consumed. The sender keeps each chunk until it is acknowledged, and writes no more
 //!   than a window ahead of the acknowledgements: both sides' memory is bounded.
-//! - **Window.** It follows what the link delivers: while the window itself is the limit it
-//!   doubles every period, as TCP's slow start does; otherwise it is 5/4 of the acknowledged
-//!   rate times the round trip (at least a millisecond, for the acknowledgements' own delay),
-//!   plus [`MIN_WINDOW`], up to `window`. Enough to keep a long link full, and little more: a
-//!   larger buffer would only hide the link's pace from the writer, whose rate the migration
-//!   policy plans with, and hold data that the last pass must wait for.
+//! - **Pacing.** The connections' own congestion control sets the pace; the session only
+//!   keeps every connection fed and no more. Each socket holds at most [`UNSENT_LOW_WATER`]
+//!   of data not yet on the wire (`TCP_NOTSENT_LOWAT`), and the writer blocks while
+//!   [`FEED_CHUNKS`] chunks wait for a connection to take them. So the bytes queued ahead of
+//!   the link are a few chunks per connection, whatever its round trip: the writer sees the
+//!   link's pace (the migration policy plans with it), and the last pass never waits behind
+//!   a deep queue. What TCP has in flight is its own window, sized by its congestion control
+//!   to the path, which a session-level estimate could only lag behind.
+//! - **Memory.** No more than `window` bytes are ever written and not yet acknowledged: a
+//!   connection that stalls (a loss, a retransmission) holds up the acknowledgements while
+//!   the others go on, and the bound caps what both sides keep meanwhile.
 //! - **Liveness.** A connection that hears nothing for `silence` is dropped (each side sends
 //!   an Ack at least every [`KEEPALIVE`]); its chunks in flight go back to the queue for the
 //!   other connections, or for the one that replaces it.
@@ -63,10 +68,13 @@ const ACK_DELAY: Duration = Duration::from_millis(2);
 /// Redials of a lost connection wait this long at first, doubling up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// The window a session starts with, and never goes below: two chunks.
+/// The least `window` a session takes: two chunks.
 pub const MIN_WINDOW: u64 = 512 << 10;
-/// The acknowledged rate is measured over at least this long.
-const RATE_PERIOD: Duration = Duration::from_millis(100);
+/// Chunks written but taken by no connection yet, at most, before the writer blocks.
+pub const FEED_CHUNKS: u64 = 2;
+/// Data a connection's socket holds not yet sent, at most (`TCP_NOTSENT_LOWAT`): in flight
+/// TCP keeps its congestion window, but no queue builds up behind it.
+pub const UNSENT_LOW_WATER: u32 = 128 << 10;
 
 /// The most a receiver buffers ahead of what its reader consumed; a peer that sends beyond
 /// it breaks the protocol.
@@ -77,7 +85,7 @@ pub const MAX_AHEAD: u64 = 256 << 20;
 pub struct SessionConfig {
     /// Bytes per chunk (the striping unit).
     pub chunk: usize,
-    /// Bytes written and not yet acknowledged, at most (the window grows up to it).
+    /// Bytes written and not yet acknowledged, at most: what both sides may hold meanwhile.
     pub window: u64,
     /// A connection that hears nothing this long is lost.
     pub silence: Duration,
@@ -139,12 +147,10 @@ struct State {
     written: u64,
     /// The peer consumed this much.
     acked: u64,
-    /// Bytes written and not yet acknowledged, at most, now, and its ceiling.
+    /// Bytes of sealed chunks that no connection carries.
+    waiting: u64,
+    /// Bytes written and not yet acknowledged, at most.
     window: u64,
-    max_window: u64,
-    /// Where the acknowledged rate's measurement started: when, and what was acked then.
-    rate_since: Instant,
-    rate_acked: u64,
     /// This side's stream ends here (Close sent or to be sent).
     closing: Option<u64>,
     // Receiving.
@@ -237,12 +243,15 @@ impl Shared {
 
 /// Puts the chunks connection (`index`, `generation`) carried back in the queue.
 fn requeue(s: &mut State, index: usize, generation: u64) {
+    let mut back = 0;
     for c in s.out.iter_mut() {
         if c.carrier == Some((index, generation)) {
             c.carrier = None;
             c.resend = true;
+            back += c.data.len() as u64;
         }
     }
+    s.waiting += back;
 }
 
 /// Seals the open bytes into a chunk.
@@ -252,6 +261,7 @@ fn seal(s: &mut State) {
     }
     let data = std::mem::take(&mut s.open);
     let offset = s.written - data.len() as u64;
+    s.waiting += data.len() as u64;
     s.out.push_back(Chunk {
         offset,
         data: Arc::new(data),
@@ -276,10 +286,8 @@ impl Session {
                     open: Vec::new(),
                     written: 0,
                     acked: 0,
-                    window: config.window.min(MIN_WINDOW),
-                    max_window: config.window.max(MIN_WINDOW),
-                    rate_since: Instant::now(),
-                    rate_acked: 0,
+                    waiting: 0,
+                    window: config.window.max(MIN_WINDOW),
                     closing: None,
                     pending: BTreeMap::new(),
                     front: None,
@@ -318,12 +326,13 @@ impl Session {
         self.shared.lock().conns.iter().flatten().count()
     }
 
-    /// The indexes below `count` with no live connection.
-    pub fn missing(&self, count: usize) -> Vec<usize> {
-        let s = self.shared.lock();
-        (0..count)
-            .filter(|&i| s.conns.get(i).and_then(Option::as_ref).is_none())
-            .collect()
+    /// Whether connection `index` is alive.
+    pub fn connected(&self, index: usize) -> bool {
+        self.shared
+            .lock()
+            .conns
+            .get(index)
+            .is_some_and(Option::is_some)
     }
 
     /// Why the session failed, if it did.
@@ -336,9 +345,10 @@ impl Session {
         self.shared.lock().down_since.map(|t| t.elapsed())
     }
 
-    /// Bytes that may be written ahead of the peer's acknowledgements now.
-    pub fn window(&self) -> u64 {
-        self.shared.lock().window
+    /// Bytes written and not yet acknowledged by the peer.
+    pub fn unacknowledged(&self) -> u64 {
+        let s = self.shared.lock();
+        s.written - s.acked
     }
 
     /// The smallest round trip the kernel measured on a live connection.
@@ -372,6 +382,7 @@ impl Session {
         // until the watchdog shuts the socket down.
         tcp.set_write_timeout(Some(SLICE))?;
         tcp.set_read_timeout(None)?;
+        set_unsent_low_water(&tcp, UNSENT_LOW_WATER)?;
         let generation = {
             let mut s = self.shared.lock();
             if let Some((kind, why)) = &s.failed {
@@ -554,10 +565,8 @@ impl State {
             open: Vec::new(),
             written: 0,
             acked: 0,
+            waiting: 0,
             window: MIN_WINDOW,
-            max_window: MIN_WINDOW,
-            rate_since: Instant::now(),
-            rate_acked: 0,
             closing: None,
             pending: BTreeMap::new(),
             front: None,
@@ -579,44 +588,41 @@ fn acknowledge(s: &mut State, ack: u64) {
         return;
     }
     s.acked = ack;
-    let period = s.rate_since.elapsed();
-    if period >= RATE_PERIOD {
-        s.rate_since = Instant::now();
-        let rate = (ack - s.rate_acked) as f64 / period.as_secs_f64();
-        s.rate_acked = ack;
-        let rtt = s
-            .conns
-            .iter()
-            .flatten()
-            .filter_map(|c| tcp_rtt(&c.tcp))
-            .min()
-            .unwrap_or(Duration::ZERO);
-        s.window = next_window(s.window, rate, rtt, s.max_window);
-    }
     while s
         .out
         .front()
         .is_some_and(|c| c.offset + c.data.len() as u64 <= ack)
     {
-        s.out.pop_front();
+        if let Some(done) = s.out.pop_front() {
+            if done.carrier.is_none() {
+                // Acknowledged before a connection took it again (a resume's Attach).
+                s.waiting -= done.data.len() as u64;
+            }
+        }
     }
 }
 
-/// The window after a period that acknowledged `rate` bytes per second over a round trip
-/// `rtt`. A window the link's pipe fills (rate × round trip near the window) was the limit:
-/// it doubles, as TCP's slow start does. Otherwise it is 5/4 of the pipe plus
-/// [`MIN_WINDOW`]: it shrinks by halves at most, since a pause in the stream is not a slower
-/// link. The round trip counts as at least a millisecond (the acknowledgements' own delay).
-fn next_window(window: u64, rate: f64, rtt: Duration, max: u64) -> u64 {
-    let pipe = rate * rtt.max(Duration::from_millis(1)).as_secs_f64();
-    let wanted = if pipe >= 0.9 * window as f64 {
-        window.saturating_mul(2)
-    } else {
-        (1.25 * pipe) as u64 + MIN_WINDOW
+/// Keeps at most `bytes` of `tcp`'s send queue unsent, so data waits in the session (where
+/// any connection can take it) rather than behind one socket's congestion window.
+fn set_unsent_low_water(tcp: &TcpStream, bytes: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = bytes as libc::c_int;
+    // SAFETY: the fd is an open socket; `value` is a live c_int and its size is passed, as
+    // setsockopt(TCP_NOTSENT_LOWAT) requires.
+    let rc = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
     };
-    wanted
-        .max(window / 2)
-        .clamp(MIN_WINDOW, max.max(MIN_WINDOW))
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The kernel's smoothed round trip of `tcp`.
@@ -666,6 +672,10 @@ fn send_loop(shared: &Shared, index: usize, generation: u64, mut w: WireWriter) 
                 if let Some(c) = s.out.iter_mut().find(|c| c.carrier.is_none()) {
                     c.carrier = Some((index, generation));
                     let next = Next::Data(c.offset, c.data.clone(), c.resend);
+                    let taken = c.data.len() as u64;
+                    s.waiting -= taken;
+                    // Room for the writer.
+                    shared.changed.notify_all();
                     let ack = s.consumed;
                     s.ack_sent = ack;
                     s.ack_owed_since = None;
@@ -930,9 +940,10 @@ impl Write for SessionWriter {
                     "the session is closed",
                 ));
             }
-            let in_flight = s.written - s.acked;
-            if in_flight < s.window {
-                let room = (s.window - in_flight) as usize;
+            let unacknowledged = s.written - s.acked;
+            let fed = s.waiting + s.open.len() as u64 >= FEED_CHUNKS * config.chunk as u64;
+            if unacknowledged < s.window && !fed {
+                let room = (s.window - unacknowledged) as usize;
                 let n = buf.len().min(room).min(config.chunk - s.open.len());
                 if s.open.capacity() == 0 {
                     s.open.reserve_exact(config.chunk);
@@ -950,7 +961,7 @@ impl Write for SessionWriter {
             if now >= deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    "the session's window is full",
+                    "the session's connections are busy or its window is full",
                 ));
             }
             s = self.shared.wait(s, deadline - now);

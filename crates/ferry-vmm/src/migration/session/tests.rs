@@ -273,21 +273,60 @@ fn the_fuzz_entry_survives_hostile_streams() {
     }
 }
 
-/// The window doubles while it is what limits the stream, settles at 5/4 of the pipe when
-/// the link does, and never falls below its floor or above its ceiling.
+/// Without a connection to take them, the writer stops after [`FEED_CHUNKS`] chunks: data
+/// waits in the session, not in an ever deeper queue.
 #[test]
-fn the_window_grows_while_it_limits_and_settles_on_the_pipe() {
-    let rtt = Duration::from_millis(100);
-    let max = 64 << 20;
-    // 1 MiB in flight per 100 ms: the window is full, it doubles.
-    assert_eq!(next_window(1 << 20, 10.0 * 1048576.0, rtt, max), 2 << 20);
-    // The link delivers 100 MB/s: a pipe of 10 MB, with the window at 16 MiB: 5/4 of it.
-    let settled = next_window(16 << 20, 100e6, rtt, max);
-    assert_eq!(settled, 12_500_000 + MIN_WINDOW);
-    // From a window far above it, halves first.
-    assert_eq!(next_window(48 << 20, 100e6, rtt, max), 24 << 20);
-    // Idle: halves, down to the floor.
-    assert_eq!(next_window(8 << 20, 0.0, rtt, max), 4 << 20);
-    assert_eq!(next_window(MIN_WINDOW, 0.0, rtt, max), MIN_WINDOW);
-    assert_eq!(next_window(48 << 20, 1e12, rtt, max), max);
+fn the_writer_stops_when_no_connection_takes_its_chunks() {
+    let a = Session::new(config());
+    let mut w = a.writer();
+    let mut written = 0u64;
+    let buf = vec![5u8; 10_000];
+    loop {
+        match w.write(&buf) {
+            Ok(n) => written += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => break,
+            Err(e) => panic!("write: {e}"),
+        }
+        assert!(written <= 64 << 20, "the writer never stopped");
+    }
+    let chunk = config().chunk as u64;
+    assert_eq!(written, FEED_CHUNKS * chunk);
+    assert_eq!(a.unacknowledged(), written);
+}
+
+/// A receiver that reads nothing holds the acknowledgements: the writer stops at the window,
+/// however fast the connections take chunks.
+#[test]
+fn unacknowledged_bytes_never_exceed_the_window() {
+    let (a, b) = (Session::new(config()), Session::new(config()));
+    connect(&a, &b, 0);
+    connect(&a, &b, 1);
+    let mut w = a.writer();
+    let buf = vec![9u8; 64 << 10];
+    let started = Instant::now();
+    let mut stalled_since: Option<Instant> = None;
+    while stalled_since.is_none_or(|t| t.elapsed() < Duration::from_millis(300)) {
+        assert!(started.elapsed() < Duration::from_secs(10), "no stall");
+        match w.write(&buf) {
+            Ok(_) => stalled_since = None,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                stalled_since.get_or_insert_with(Instant::now);
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    assert_eq!(a.unacknowledged(), config().window);
+    // Reading frees it.
+    let mut r = b.reader();
+    read_some(&mut r, 1 << 20);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.unacknowledged() >= config().window {
+        assert!(Instant::now() < deadline, "the acknowledgements never came");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn read_some(r: &mut SessionReader, len: usize) {
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).expect("read");
 }

@@ -213,7 +213,7 @@ pub fn open(d: &Dialing) -> Result<Opened, Stop> {
     dial::keep_connected(
         &session,
         connections,
-        Box::new(move |index, consumed| dial_one(&redial, index, consumed)),
+        std::sync::Arc::new(move |index, consumed| dial_one(&redial, index, consumed)),
     )
     .map_err(fail)?;
     tracing::info!(

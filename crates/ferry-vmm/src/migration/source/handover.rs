@@ -53,6 +53,21 @@ pub(super) enum Handover {
 }
 
 impl Worker<'_> {
+    /// Whether the handover pipelines Commit behind Complete.
+    pub(super) fn pipelines_commit(&self) -> bool {
+        self.features.pipelined_commit && self.rtt >= PIPELINE_RTT
+    }
+
+    /// The round trips from pause to the source hearing Running, as its figure counts them:
+    /// one pipelined, two with a Prepared first.
+    pub(super) fn handover_round_trips(&self) -> f64 {
+        if self.pipelines_commit() {
+            1.0
+        } else {
+            2.0
+        }
+    }
+
     /// How long the guest may stay paused.
     fn paused_bound(&self, forced: bool) -> Duration {
         if forced {
@@ -156,7 +171,7 @@ impl Worker<'_> {
             disk_data_bytes: self.disk_totals.data_bytes,
             disk_hole_bytes: self.disk_totals.hole_bytes,
         }))?;
-        if self.features.pipelined_commit && self.rtt >= PIPELINE_RTT {
+        if self.pipelines_commit() {
             return self.commit_pipelined(
                 link,
                 deadline,

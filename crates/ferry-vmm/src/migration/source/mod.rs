@@ -72,6 +72,10 @@ pub const DEFAULT_RESUME_WINDOW: Duration = Duration::from_secs(60);
 /// The fixed part of a switchover besides the round trips: pausing, reading and sending the
 /// state, the destination loading it, resuming. Measured here at 1–2 ms.
 const SWITCHOVER_WORK_MS: f64 = 2.0;
+/// The longest a drain before the switchover waits for the destination.
+const MAX_DRAIN: Duration = Duration::from_secs(5);
+/// On top of the drain's expected time: scheduling, and the last Applied's way back.
+const DRAIN_SLACK: Duration = Duration::from_millis(20);
 
 /// Switchovers whose last pass overran (the guest resumed each time) before giving up.
 const MAX_SWITCHOVER_ATTEMPTS: u32 = 8;
@@ -432,10 +436,9 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// The switchover's fixed cost: the work plus the handover's round trips (Prepared,
-    /// Commit/Running).
+    /// The switchover's fixed cost: the work plus the handover's round trips.
     fn floor_ms(&self) -> f64 {
-        SWITCHOVER_WORK_MS + 2.0 * self.rtt.as_secs_f64() * 1e3
+        SWITCHOVER_WORK_MS + self.handover_round_trips() * self.rtt.as_secs_f64() * 1e3
     }
 
     fn transfer(&mut self, link: &mut Link) -> Result<DowntimeBreakdown, Stop> {
@@ -460,6 +463,7 @@ impl<'a> Worker<'a> {
         let mut stalled_passes = 0u32;
         let mut forced = false;
         let mut waiting_since: Option<Instant> = None;
+        let mut drained = None;
         // Pages a cut-short switchover left unsent: they go with the next pass.
         let mut carry: Vec<u64> = Vec::new();
         // Collecting clears the logs: what was collected must be sent, here or at switchover.
@@ -504,6 +508,7 @@ impl<'a> Worker<'a> {
                 backlog_bytes: inputs_backlog,
                 previous_backlog,
                 apply_rate: link.apply_rate(),
+                rtt: self.rtt,
                 target_ms: self.ctx.request.downtime_ms as f64,
                 floor_ms: self.floor_ms(),
                 time_left: max_time.map(|m| m.saturating_sub(self.started.elapsed())),
@@ -514,6 +519,7 @@ impl<'a> Worker<'a> {
                 previous_dirty,
                 extra_passes,
                 stalled_passes,
+                drained: drained.take(),
             };
             let prediction = inputs.predict();
             let decision = policy::decide(&inputs);
@@ -617,6 +623,14 @@ impl<'a> Worker<'a> {
                     ));
                 }
                 Decision::AnotherPass { extra } => extra_passes += u32::from(extra),
+                Decision::Drain { why } => {
+                    // What was collected goes with the switchover; nothing new goes out
+                    // until the destination has applied what is in flight.
+                    carry.extend(dirty.iter().flat_map(RegionDirty::addresses));
+                    self.drain(link, &inputs)?;
+                    drained = Some(why);
+                    continue;
+                }
                 Decision::WaitForDestination => {
                     let since = *waiting_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= CATCH_UP_LIMIT {
@@ -657,6 +671,33 @@ impl<'a> Worker<'a> {
                 link.wait_for_progress(wait)?;
             }
         }
+    }
+
+    /// Waits, the guest running and nothing new sent, until what was queued ahead of the
+    /// link is through (the backlog is down to the round trip's worth on its way, see
+    /// [`Inputs::queued_backlog`]), or for about twice as long as that should take.
+    fn drain(&mut self, link: &mut Link, inputs: &Inputs<'_>) -> Result<(), Stop> {
+        let rate = inputs.apply_rate;
+        let queued = inputs.queued_backlog();
+        let expected = if rate > 0.0 {
+            Duration::from_secs_f64((queued as f64 / rate).min(MAX_DRAIN.as_secs_f64()))
+        } else {
+            MAX_DRAIN
+        };
+        let until = Instant::now() + (2 * expected + self.rtt / 2 + DRAIN_SLACK).min(MAX_DRAIN);
+        let slack = Duration::from_secs_f64(policy::BACKLOG_SLACK_MS / 1e3);
+        let done_below = (rate * (self.rtt + slack).as_secs_f64()) as u64;
+        let started = Instant::now();
+        while link.backlog() > done_below && Instant::now() < until {
+            link.wait_for_progress(until.saturating_duration_since(Instant::now()))?;
+        }
+        tracing::debug!(
+            "drained {:.1} MiB queued in {:.1} ms before the switchover ({:.1} MiB in flight)",
+            queued as f64 / 1048576.0,
+            started.elapsed().as_secs_f64() * 1e3,
+            link.backlog() as f64 / 1048576.0
+        );
+        Ok(())
     }
 
     /// The bulk copy of the moving disks, before memory: their dirty logs start first, so
