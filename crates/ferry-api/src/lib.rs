@@ -411,6 +411,22 @@ pub struct MigrationBandwidth {
     pub bandwidth_bytes_per_sec: Option<u64>,
 }
 
+/// `PUT /vm/migration/resume`: an operator's nudge to a migration whose connections are down:
+/// redial now (the backoff is reset), to a new address if given. The migration goes on from
+/// where it was, within its resume window.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationResume {
+    /// The migration's ID (its status's `migration_id`); another one is refused.
+    pub migration_id: u64,
+    /// Where the destination listens now; the migration's own address by default. Its
+    /// certificate is still checked against the original name (or `--tls-name`).
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Answer when the migration ends, not at once.
+    #[serde(default)]
+    pub wait: bool,
+}
+
 /// `PUT /vm/migration/resolve`: settle a migration whose outcome is unknown by asking the
 /// destination whether it runs the VM; the source then ends (it does) or resumes (it does not).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -233,6 +233,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/vm/migration/resolve", put(resolve))
         .route("/vm/migration/bandwidth", put(bandwidth))
+        .route("/vm/migration/resume", put(resume_migration))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API route") })
         .method_not_allowed_fallback(|| async {
             error(
@@ -275,6 +276,19 @@ async fn migrate(
         Err(rejection) => error(
             StatusCode::BAD_REQUEST,
             &format!("bad migrate request: {rejection}"),
+        ),
+    }
+}
+
+async fn resume_migration(
+    state: State<ApiState>,
+    body: Result<Json<ferry_api::MigrationResume>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(request)) => call(state, ApiAction::ResumeMigration(request)).await,
+        Err(rejection) => error(
+            StatusCode::BAD_REQUEST,
+            &format!("bad resume request: {rejection}"),
         ),
     }
 }

@@ -34,6 +34,7 @@ pub enum ApiAction {
     CancelMigration,
     ResolveMigration(ferry_api::ResolveRequest),
     SetMigrationBandwidth(ferry_api::MigrationBandwidth),
+    ResumeMigration(ferry_api::MigrationResume),
 }
 
 /// What an API request answers.

@@ -197,7 +197,7 @@ struct MigrateCliArgs {
     #[arg(long)]
     api_socket: PathBuf,
     /// ADDR:PORT of the destination's `ferry receive`.
-    #[arg(long, required_unless_present_any = ["cancel", "resolve", "set_bandwidth"])]
+    #[arg(long, required_unless_present_any = ["cancel", "resolve", "set_bandwidth", "resume", "status"])]
     to: Option<String>,
     /// The longest the guest may be stopped, milliseconds.
     #[arg(long, default_value_t = ferry_api::default_downtime_ms())]
@@ -245,6 +245,14 @@ struct MigrateCliArgs {
     /// (none); the migration plans with it at once.
     #[arg(long, value_name = "RATE|none", value_parser = migrate::parse_new_cap, conflicts_with_all = ["to", "cancel", "resolve"])]
     set_bandwidth: Option<migrate::NewCap>,
+    /// Show the running (or last) migration's status instead, its `migration_id` included.
+    #[arg(long, conflicts_with_all = ["to", "cancel", "resolve", "set_bandwidth", "resume"])]
+    status: bool,
+    /// Resume migration ID (its status's `migration_id`, decimal or 0x-hex) by hand: its lost
+    /// connections are dialed again now, to --to if given, and this command follows it to its
+    /// end, as the command that started it would have. Within its resume window only.
+    #[arg(long, value_name = "ID", value_parser = migrate::parse_migration_id, conflicts_with_all = ["cancel", "resolve", "set_bandwidth"])]
+    resume: Option<u64>,
     /// Settle a migration whose outcome is unknown: ask the destination (the migration's own,
     /// or --to) whether it runs the VM; this VM then ends or resumes.
     #[arg(long, conflicts_with = "cancel")]
@@ -341,6 +349,12 @@ fn migrate_cmd(args: MigrateCliArgs) -> Result<()> {
     }
     if let Some(cap) = args.set_bandwidth {
         return migrate::set_bandwidth(&args.api_socket, cap.0, args.json);
+    }
+    if args.status {
+        return migrate::show_status(&args.api_socket, args.json);
+    }
+    if let Some(id) = args.resume {
+        return migrate::resume(&args.api_socket, id, args.to, args.json);
     }
     let tls = args
         .tls_dir

@@ -77,6 +77,11 @@ fn finished(phase: MigrationPhase) -> bool {
 pub fn migrate(socket: &Path, args: MigrateArgs) -> Result<()> {
     let json = args.json;
     let status = run(socket, args)?;
+    conclude(status, json)
+}
+
+/// Prints a finished migration's status (JSON or a report); fails unless the VM moved.
+fn conclude(status: MigrationStatus, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
@@ -257,6 +262,47 @@ pub fn resolve(
     }
 }
 
+/// `ferry migrate --status`: the running (or last) migration's status.
+pub fn show_status(socket: &Path, json: bool) -> Result<()> {
+    let s: MigrationStatus =
+        client::call_json::<(), _>(socket, Method::GET, "/vm/migration", None)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!(
+            "migration {} to {}: {:?}, pass {}, {} connection(s) up of {}",
+            s.migration_id, s.to, s.phase, s.iteration, s.connections_up, s.connections
+        );
+        print!("{}", report(&s));
+    }
+    Ok(())
+}
+
+/// `ferry migrate --resume ID`: nudges the running migration `id` to redial now (to `to` if
+/// given) and follows it to its end.
+pub fn resume(socket: &Path, id: u64, to: Option<String>, json: bool) -> Result<()> {
+    let request = ferry_api::MigrationResume {
+        migration_id: id,
+        to,
+        wait: true,
+    };
+    if !json {
+        eprintln!("resuming migration {id}; waiting for it to end");
+    }
+    let status: MigrationStatus =
+        client::call_json(socket, Method::PUT, "/vm/migration/resume", Some(&request))?;
+    conclude(status, json)
+}
+
+/// A migration ID as its status shows it (decimal) or as the logs do (0x-hex).
+pub fn parse_migration_id(text: &str) -> Result<u64, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|_| format!("{text:?} is not a migration ID (decimal, or hex with 0x)"))
+}
+
 /// `ferry migrate --cancel`.
 pub fn cancel(socket: &Path, json: bool) -> Result<()> {
     let s: MigrationStatus =
@@ -331,7 +377,18 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_rate, report};
+    use super::{parse_migration_id, parse_rate, report};
+
+    #[test]
+    fn migration_ids_are_decimal_or_hex() {
+        assert_eq!(parse_migration_id("42"), Ok(42));
+        assert_eq!(parse_migration_id("0x2a"), Ok(42));
+        assert_eq!(parse_migration_id("0XFF"), Ok(255));
+        assert_eq!(parse_migration_id("18446744073709551615"), Ok(u64::MAX));
+        for bad in ["", "0x", "-1", "12ab", "0xgg", "18446744073709551616"] {
+            assert!(parse_migration_id(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn the_report_names_each_moving_disk_and_the_final_disk_time() {

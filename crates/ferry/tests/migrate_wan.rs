@@ -208,3 +208,74 @@ fn a_bandwidth_drop_mid_migration_is_planned_for_not_fatal() {
     wan.set_rate(100_000_000);
     assert_moved(run);
 }
+
+/// `ferry migrate ARGS --json --api-socket SOCKET`, run to its end.
+fn ferry_migrate(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
+    common::ferry()
+        .args(["migrate", "--json", "--api-socket"])
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run ferry migrate")
+}
+
+/// The operator's `ferry migrate` died and then the link went down: `--status` names the
+/// migration, `--resume ID` with another ID is refused, and `--resume ID` redials at once
+/// and follows the migration to its end, which it reports as the first command would have.
+#[test]
+fn an_operator_resumes_a_migration_by_hand() {
+    let test = "an_operator_resumes_a_migration_by_hand";
+    let Some(wan) = wan_or_skip(test, Profile::wan(20, 200)) else {
+        return;
+    };
+    let mut run = start(
+        &wan,
+        "wan-by-hand",
+        5,
+        false,
+        &["--link-timeout-ms", "2000", "--connections", "2"],
+    );
+    wait_until_crossed(&wan, 20 << 20);
+    run.migrate.kill().expect("kill ferry migrate");
+    let _ = run.migrate.wait();
+    wan.black_hole(true);
+    // Long enough to be noticed, and for the redials to back off to seconds.
+    std::thread::sleep(Duration::from_secs(5));
+    let shown = status_json(&ferry_migrate(&run.socket, &["--status"]));
+    assert!(
+        shown["phase"] == "first_pass" || shown["phase"] == "iterating",
+        "{shown}"
+    );
+    let id = shown["migration_id"].as_u64().expect("an ID");
+
+    let wrong = ferry_migrate(&run.socket, &["--resume", &(id ^ 1).to_string()]);
+    assert!(!wrong.status.success());
+    let why = String::from_utf8_lossy(&wrong.stderr);
+    assert!(why.contains("is not running here"), "{why}");
+
+    let bad = ferry_migrate(
+        &run.socket,
+        &["--resume", &id.to_string(), "--to", "nowhere"],
+    );
+    assert!(!bad.status.success());
+    let why = String::from_utf8_lossy(&bad.stderr);
+    assert!(why.contains("not an address"), "{why}");
+
+    wan.black_hole(false);
+    let out = ferry_migrate(&run.socket, &["--resume", &format!("{id:#x}")]);
+    let status = assert_handed_over(&mut run.src, &out);
+    assert_eq!(status["migration_id"].as_u64(), Some(id), "{status}");
+    assert!(
+        status["notes"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n == "resume asked: redialing now")),
+        "{status}"
+    );
+    assert!(
+        status["connections_lost"].as_u64().unwrap_or(0) >= 1,
+        "{status}"
+    );
+    let (first, later) = run.dst.wait_for_ticks(BOOT);
+    assert!(later.mem_written >= first.mem_written);
+    run.dst.assert_clean();
+}

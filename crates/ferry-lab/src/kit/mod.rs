@@ -48,10 +48,12 @@ pub enum Error {
     Folder(PathBuf, #[source] std::io::Error),
 }
 
-/// The product binary (see [`ferry_binary`]), logging warnings only.
+/// The product binary (see [`ferry_binary`]), logging warnings only, or what
+/// `FERRY_TEST_LOG` says (a `FERRY_LOG` filter, to debug a test).
 pub fn try_ferry() -> Result<Command, FindError> {
     let mut c = Command::new(ferry_binary()?);
-    c.env("FERRY_LOG", "warn");
+    let filter = std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "warn".to_string());
+    c.env("FERRY_LOG", filter);
     Ok(c)
 }
 

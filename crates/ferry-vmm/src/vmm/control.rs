@@ -108,6 +108,16 @@ impl<'a> Control<'a> {
                         tracing::warn!("cannot start the migration: {}", e.message);
                     }
                 }
+                VmmEvent::Api(ApiRequest {
+                    action: ApiAction::ResumeMigration(m),
+                    reply,
+                }) if m.wait => {
+                    // Answered when the migration ends, unless the nudge is refused.
+                    match self.resume_migration(m, Some(reply)) {
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("resume refused: {}", e.message),
+                    }
+                }
                 VmmEvent::Api(request) => {
                     let (answer, exit) = self.handle_api(request.action);
                     let _ = request.reply.send(answer);
@@ -176,6 +186,12 @@ impl<'a> Control<'a> {
             ApiAction::ResolveMigration(request) => return (self.resolve_migration(request), None),
             ApiAction::SetMigrationBandwidth(request) => {
                 return (self.set_migration_bandwidth(request), None)
+            }
+            ApiAction::ResumeMigration(request) => {
+                return match self.resume_migration(request, None) {
+                    Ok(reply) => (reply.ok_or_else(|| failed("no reply".into())), None),
+                    Err(e) => (Err(e), None),
+                }
             }
             ApiAction::Snapshot(request) => {
                 return match self.snapshot(&request) {

@@ -13,13 +13,14 @@
 //!                                                                          PUT .../resolve)
 //! ```
 
+use std::net::ToSocketAddrs;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_api::{
     MigrateRequest, MigrationBandwidth, MigrationError, MigrationErrorKind, MigrationPhase,
-    MigrationStatus, ResolveRequest, TlsSettings, VmRunState,
+    MigrationResume, MigrationStatus, ResolveRequest, TlsSettings, VmRunState,
 };
 use tokio::sync::oneshot;
 
@@ -27,6 +28,7 @@ use super::control::Control;
 use super::VmExit;
 use crate::bus::lock;
 use crate::event::{ApiFailure, ApiReply, VmmEvent};
+use crate::migration::session::dial::Redial;
 use crate::migration::source::{self, SourceContext, SwitchoverReply, ToControl};
 use crate::migration::wire::TlsPeer;
 use crate::migration::MigrationOutcome;
@@ -62,13 +64,15 @@ pub(super) struct Running {
     cancel: Arc<AtomicBool>,
     /// The worker's bandwidth cap (bytes per second, 0: none).
     bandwidth: Arc<AtomicU64>,
+    /// The operator's nudges to redial the lost connections.
+    redial: Arc<Redial>,
     to: String,
     tls: Option<TlsSettings>,
     migration_id: u64,
     /// The control loop paused the VM for the switchover (so a failure resumes it).
     paused_for_switchover: bool,
-    /// A client that asked to be answered when the migration ends.
-    waiter: Option<Waiter>,
+    /// Clients that asked to be answered when the migration ends.
+    waiters: Vec<Waiter>,
 }
 
 fn conflict(message: &str) -> ApiFailure {
@@ -155,6 +159,7 @@ impl Control<'_> {
         )));
         let cancel = Arc::new(AtomicBool::new(false));
         let bandwidth = Arc::new(AtomicU64::new(request.bandwidth_bytes_per_sec.unwrap_or(0)));
+        let redial = Arc::new(Redial::default());
         let events = self.vm.events_tx.clone();
         let (to, tls) = (request.to.clone(), request.tls.clone());
         let ctx = SourceContext {
@@ -168,6 +173,7 @@ impl Control<'_> {
             status: status.clone(),
             cancel: cancel.clone(),
             bandwidth: bandwidth.clone(),
+            redial: redial.clone(),
             committing: Arc::new(AtomicBool::new(false)),
             control: Box::new(move |m| events.send(VmmEvent::Migration(m)).is_ok()),
         };
@@ -181,11 +187,12 @@ impl Control<'_> {
             status,
             cancel,
             bandwidth,
+            redial,
             to,
             tls,
             migration_id,
             paused_for_switchover: false,
-            waiter: waiter.take(),
+            waiters: waiter.take().into_iter().collect(),
         });
         Ok(answer_now.then_some(reply))
     }
@@ -229,6 +236,90 @@ impl Control<'_> {
             }
             _ => Err(conflict("no migration is running")),
         }
+    }
+
+    /// `PUT /vm/migration/resume`: the operator's nudge to the running migration `request`
+    /// names: its lost connections are dialed again now (to a new address if given). With
+    /// `waiter`, that client is answered when the migration ends.
+    pub(super) fn resume_migration(
+        &mut self,
+        request: MigrationResume,
+        waiter: Option<Waiter>,
+    ) -> Result<Option<ApiReply>, ApiFailure> {
+        let reply = match self.nudge_migration(&request) {
+            Ok(reply) => reply,
+            Err(e) => {
+                if let Some(w) = waiter {
+                    let _ = w.send(Err(ApiFailure {
+                        status: e.status,
+                        message: e.message.clone(),
+                    }));
+                }
+                return Err(e);
+            }
+        };
+        match (waiter, &mut self.migration) {
+            (Some(w), SourceLifecycle::Migrating(r)) => {
+                r.waiters.push(w);
+                Ok(None)
+            }
+            _ => Ok(Some(reply)),
+        }
+    }
+
+    /// Checks that `request` names the running, resumable migration and nudges it.
+    fn nudge_migration(&mut self, request: &MigrationResume) -> Result<ApiReply, ApiFailure> {
+        let r = match &mut self.migration {
+            SourceLifecycle::Migrating(r) if r.migration_id == request.migration_id => r,
+            SourceLifecycle::Migrating(r) => {
+                return Err(conflict(&format!(
+                    "migration {} is not running here; the one running is {}",
+                    request.migration_id, r.migration_id
+                )))
+            }
+            SourceLifecycle::OutcomeUnknown { migration_id, .. } => {
+                return Err(conflict(&format!(
+                    "migration {migration_id} is past its commit and its outcome is unknown: \
+                     settle it with `ferry migrate --resolve`, not --resume"
+                )))
+            }
+            other => {
+                let last = other.status().map(|s| {
+                    let s = lock(s);
+                    format!("; the last one, {}, ended {:?}", s.migration_id, s.phase)
+                });
+                return Err(conflict(&format!(
+                    "migration {} is not running here{}: start a new one with --to",
+                    request.migration_id,
+                    last.unwrap_or_default()
+                )));
+            }
+        };
+        if !r.redial.is_resumable() {
+            return Err(conflict(
+                "this migration cannot be resumed: it runs over a single connection (the \
+                 destination does not speak sessions) or has not opened its link yet",
+            ));
+        }
+        let to = match &request.to {
+            Some(to) => Some(
+                to.to_socket_addrs()
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| ApiFailure {
+                        status: 400,
+                        message: format!("--to {to}: not an address (HOST:PORT)"),
+                    })?,
+            ),
+            None => None,
+        };
+        r.redial.now(to);
+        let mut status = lock(&r.status);
+        status.notes.push(match to {
+            Some(to) => format!("resume asked: redialing {to} now"),
+            None => "resume asked: redialing now".to_string(),
+        });
+        Ok(ApiReply::Migration(status.clone()))
     }
 
     /// What the worker asks; returns how the VM ends if it moved away.
@@ -305,7 +396,8 @@ impl Control<'_> {
                 };
             }
         }
-        if let Some(waiter) = r.waiter.take() {
+        for waiter in r.waiters.drain(..) {
+            // A waiter that went away (its client died) is fine to lose.
             let _ = waiter.send(Ok(ApiReply::Migration(lock(&r.status).clone())));
         }
         exit

@@ -110,7 +110,11 @@ pub const MIGRATE: Duration = Duration::from_secs(120);
 /// handover; returns the final status.
 pub fn assert_handed_over(src: &mut VmProcess, out: &Output) -> serde_json::Value {
     let status = status_json(out);
-    assert!(out.status.success(), "migration failed: {status}");
+    assert!(
+        out.status.success(),
+        "migration failed: {status}\nthe source's log:\n{}",
+        src.stderr()
+    );
     assert_eq!(status["phase"], "completed", "{status}");
     assert!(
         src.wait_exit(MIGRATE).success(),

@@ -330,3 +330,35 @@ fn read_some(r: &mut SessionReader, len: usize) {
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).expect("read");
 }
+
+/// Small messages one way (each flushed, as the destination's reports are) get through while
+/// the other way streams as fast as it can.
+#[test]
+fn small_flushed_messages_get_through_against_a_bulk_stream() {
+    let (a, b) = (Session::new(config()), Session::new(config()));
+    connect(&a, &b, 0);
+    let bulk = write_stream(a.writer(), 200 << 20);
+    let sink = {
+        let mut r = b.reader();
+        thread::spawn(move || read_stream(&mut r, 200 << 20))
+    };
+    let mut w = b.writer();
+    let mut r = a.reader();
+    for i in 0..200u32 {
+        let msg = i.to_le_bytes();
+        let mut part = &msg[..];
+        while !part.is_empty() {
+            match w.write(part) {
+                Ok(k) => part = &part[k..],
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+                Err(e) => panic!("write {i}: {e}"),
+            }
+        }
+        w.flush().expect("flush");
+        let mut got = [0u8; 4];
+        r.read_exact(&mut got).expect("read");
+        assert_eq!(u32::from_le_bytes(got), i);
+    }
+    bulk.join().expect("bulk");
+    sink.join().expect("sink");
+}

@@ -10,6 +10,7 @@
 //! [`MAX_AUTO_CONNECTIONS`]. On a LAN that is one.
 
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_api::MigrationErrorKind as Kind;
@@ -20,7 +21,7 @@ use ferry_proto::migration::{
 use super::link::{self, Link, LinkConfig, Transport};
 use super::CAPABILITIES;
 use crate::migration::error::{classify, refusal_kind, Stop};
-use crate::migration::session::dial::{self, DialError, Dialed};
+use crate::migration::session::dial::{self, DialError, Dialed, Redial};
 use crate::migration::session::{tcp_rtt, Session, SessionConfig};
 use crate::migration::wire::{TlsPeer, WireReader, WireWriter};
 
@@ -50,6 +51,15 @@ pub struct Dialing {
     pub link: LinkConfig,
     /// The session's secret, presented by every connection that joins it.
     pub key: u64,
+    /// The operator's nudges to redial, and the address they gave.
+    pub redial: Arc<Redial>,
+}
+
+impl Dialing {
+    /// Where the destination listens: the operator's new address, or the first.
+    pub fn address(&self) -> SocketAddr {
+        self.redial.address().unwrap_or(self.addr)
+    }
 }
 
 /// An open migration link and what its opening learnt.
@@ -213,9 +223,11 @@ pub fn open(d: &Dialing) -> Result<Opened, Stop> {
     dial::keep_connected(
         &session,
         connections,
-        std::sync::Arc::new(move |index, consumed| dial_one(&redial, index, consumed)),
+        Arc::new(move |index, consumed| dial_one(&redial, index, consumed)),
+        d.redial.clone(),
     )
     .map_err(fail)?;
+    d.redial.set_resumable();
     tracing::info!(
         "migration session of {connections} connection(s), round trip {:.1} ms",
         rtt.as_secs_f64() * 1e3
@@ -238,12 +250,13 @@ pub fn open(d: &Dialing) -> Result<Opened, Stop> {
 /// Dials connection `index` of the session again (or for the first time).
 fn dial_one(d: &Dialing, index: usize, consumed: u64) -> Result<Dialed, DialError> {
     let retry = |what: &str, e: &dyn std::fmt::Display| DialError::Retry(format!("{what}: {e}"));
-    let tcp = match TcpStream::connect_timeout(&d.addr, DIAL_TIMEOUT) {
+    let addr = d.address();
+    let tcp = match TcpStream::connect_timeout(&addr, DIAL_TIMEOUT) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             return Err(DialError::Fatal(format!(
                 "network lost: nothing listens at {} any more (the destination is gone)",
-                d.addr
+                addr
             )))
         }
         Err(e) => return Err(retry("connecting", &e)),

@@ -268,7 +268,11 @@ impl Worker<'_> {
         }
         let t_sent = Instant::now();
         self.status(|s| s.phase = MigrationPhase::Handover);
-        let answer_by = deadline.max(Instant::now() + 2 * self.rtt + PAUSED_SLACK);
+        // Past Commit the outcome is the destination's: its answer is waited for as long as
+        // what is still in flight needs to arrive (a link that slowed down holds more than
+        // the deadline planned for), or it is asked for.
+        let answer_by =
+            deadline.max(Instant::now() + 2 * self.rtt + PAUSED_SLACK + self.in_flight_time(link));
         let mut t_prepared = None;
         let resume_ms = loop {
             match link.receive("running", answer_by) {
@@ -290,12 +294,34 @@ impl Worker<'_> {
         )))
     }
 
+    /// How long what the link holds unacknowledged takes to arrive, at the rate the
+    /// destination applies (or the writer's), at most [`FORCED_BOUND`].
+    fn in_flight_time(&self, link: &Link) -> Duration {
+        let rate = match link.apply_rate() {
+            r if r > 0.0 => r,
+            _ => link.write_rate(),
+        };
+        let bytes = link.unacknowledged() as f64;
+        if bytes == 0.0 {
+            return Duration::ZERO;
+        }
+        if rate <= 0.0 {
+            return FORCED_BOUND;
+        }
+        Duration::from_secs_f64((bytes / rate).min(FORCED_BOUND.as_secs_f64()))
+    }
+
     /// The answer to Commit was lost: ask the destination on a new connection.
     fn resolve_lost(&self, why: String) -> Result<DowntimeBreakdown, Stop> {
         self.note(format!(
             "no confirmation after commit ({why}); asking the destination whether it runs the VM"
         ));
-        let to = &self.ctx.request.to;
+        // Where the operator last said the destination listens, or where it first did.
+        let to = self
+            .ctx
+            .redial
+            .address()
+            .map_or_else(|| self.ctx.request.to.clone(), |a| a.to_string());
         let answer = if fault("no-auto-resolve") {
             Err(MigrationError::new(
                 Kind::OutcomeUnknown,
@@ -303,7 +329,7 @@ impl Worker<'_> {
             ))
         } else {
             resolve(
-                to,
+                &to,
                 self.ctx.request.tls.as_ref(),
                 self.ctx.migration_id,
                 RESOLVE_WINDOW,
@@ -311,9 +337,19 @@ impl Worker<'_> {
         };
         match answer {
             Ok(true) => {
-                self.note("the destination confirmed it runs the VM".into());
-                // The downtime cannot be measured to the end: the confirmation was lost.
-                Ok(DowntimeBreakdown::default())
+                // The confirmation was lost, so the downtime's end is not known: from the pause
+                // to the resolve's answer bounds it (0 would claim none at all).
+                let bound_ms = self
+                    .paused_at
+                    .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+                self.note(format!(
+                    "the destination confirmed it runs the VM; the downtime is at most \
+                     {bound_ms:.1} ms (to this answer)"
+                ));
+                Ok(DowntimeBreakdown {
+                    total_ms: bound_ms,
+                    ..DowntimeBreakdown::default()
+                })
             }
             Ok(false) => Err(Stop::failed(
                 Kind::NetworkLost,

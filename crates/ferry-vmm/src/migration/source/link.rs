@@ -532,6 +532,15 @@ impl Link {
         Ok(())
     }
 
+    /// Bytes written into the stream that the destination has not acknowledged yet: in
+    /// flight, or queued ahead of the link. Known over a session only (0 otherwise).
+    pub fn unacknowledged(&self) -> u64 {
+        match &self.closer {
+            Closer::Session(session) => session.unacknowledged(),
+            Closer::Tcp(_) => 0,
+        }
+    }
+
     /// Page bytes handed to the link and not yet applied by the destination: queued for the
     /// writer, in flight, or waiting at the destination. All of it must be through before the
     /// guest may stop, or the last pass waits behind it.

@@ -72,6 +72,11 @@ pub const DEFAULT_RESUME_WINDOW: Duration = Duration::from_secs(60);
 /// The fixed part of a switchover besides the round trips: pausing, reading and sending the
 /// state, the destination loading it, resuming. Measured here at 1–2 ms.
 const SWITCHOVER_WORK_MS: f64 = 2.0;
+/// Throttle steps, and passes counted as stalled, are at least this far apart (or two round
+/// trips): long enough for a step's effect to show in the dirty rate.
+const STEP_SPACING: Duration = Duration::from_millis(100);
+/// Looks at the dirty logs are at least this far apart (or a quarter round trip).
+const MIN_LOOK_INTERVAL: Duration = Duration::from_millis(2);
 /// The longest a drain before the switchover waits for the destination.
 const MAX_DRAIN: Duration = Duration::from_secs(5);
 /// On top of the drain's expected time: scheduling, and the last Applied's way back.
@@ -122,6 +127,8 @@ pub struct SourceContext {
     /// Set just before Commit is queued: from then on a failure, a panic included, leaves
     /// the outcome unknown.
     pub committing: Arc<AtomicBool>,
+    /// The operator's nudges to redial (`PUT /vm/migration/resume`).
+    pub redial: Arc<crate::migration::session::dial::Redial>,
     pub control: ControlPort,
 }
 
@@ -359,6 +366,7 @@ impl<'a> Worker<'a> {
                 cancel: self.ctx.cancel.clone(),
             },
             key: new_migration_id(),
+            redial: self.ctx.redial.clone(),
         })?;
         self.rtt = opened.rtt;
         self.features = opened.features;
@@ -461,6 +469,12 @@ impl<'a> Worker<'a> {
         let mut previous_backlog = None;
         let mut extra_passes = 0u32;
         let mut stalled_passes = 0u32;
+        // When the last throttle step was taken, and the last stalled pass counted: steps
+        // and stalls are spaced by STEP_SPACING (or two round trips), so a run of quick
+        // looks cannot throttle all the way or give up before a step could show.
+        let mut last_step: Option<Instant> = None;
+        let mut last_stall: Option<Instant> = None;
+        let step_spacing = STEP_SPACING.max(2 * self.rtt);
         let mut forced = false;
         let mut waiting_since: Option<Instant> = None;
         let mut drained = None;
@@ -469,6 +483,13 @@ impl<'a> Worker<'a> {
         // Collecting clears the logs: what was collected must be sent, here or at switchover.
         loop {
             link.poll()?;
+            // Looks too close together measure nothing: a dirty rate over a few microseconds
+            // is noise (it throttled idle guests), and empty passes in a tight loop count
+            // as stalled while the destination is still applying the last one.
+            let min_look = MIN_LOOK_INTERVAL.max(self.rtt / 4);
+            while last_look.elapsed() < min_look {
+                link.wait_for_progress(min_look.saturating_sub(last_look.elapsed()))?;
+            }
             let dirty = tracker
                 .collect()
                 .map_err(|e| Stop::failed(Kind::Internal, crate::error_chain(&e)))?;
@@ -520,6 +541,7 @@ impl<'a> Worker<'a> {
                 extra_passes,
                 stalled_passes,
                 drained: drained.take(),
+                throttled_recently: last_step.is_some_and(|t| t.elapsed() < step_spacing),
             };
             let prediction = inputs.predict();
             let decision = policy::decide(&inputs);
@@ -551,8 +573,10 @@ impl<'a> Worker<'a> {
                 && previous_dirty.is_some_and(|p| {
                     dirty_bytes_all as f64 >= policy::WORTH_ANOTHER_PASS * p as f64
                 })
+                && last_stall.is_none_or(|t| t.elapsed() >= step_spacing)
             {
                 stalled_passes += 1;
+                last_stall = Some(Instant::now());
             }
             match decision {
                 Decision::SwitchOver { why } => {
@@ -613,6 +637,7 @@ impl<'a> Worker<'a> {
                 }
                 Decision::Throttle { percent } => {
                     self.throttle_taken += 1;
+                    last_step = Some(Instant::now());
                     self.ctx.throttle.set(percent);
                     self.status(|s| s.throttle_percent = percent);
                     self.note(format!(
