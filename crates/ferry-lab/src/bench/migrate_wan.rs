@@ -15,7 +15,11 @@
 //!
 //! - Workloads (1 GiB guests): idle; 256 MiB rewritten at 50 MiB/s; and the disk bench's
 //!   guest (64 MiB of memory and 64 MiB of disk blocks rewritten at 20 MiB/s each) on a fresh,
-//!   sparse 256 MiB image, which moves with the VM.
+//!   sparse 256 MiB image, which moves with the VM. On the 20 ms link also `mem50-outage5s`:
+//!   the busy guest again, the link black-holing for 5 s once 128 MiB crossed it (packets
+//!   vanish, sockets stay open); its bytes beside mem50's are what the outage cost each VMM
+//!   (ferry drops the silent connections and resumes on new ones; QEMU's one TCP stream
+//!   retransmits through it).
 //! - ferry: `ferry receive --listen B:PORT` in B, `ferry run` in A, `ferry migrate --json`
 //!   (downtime target 100 ms, `--max-time` so a migration that cannot converge ends, no
 //!   bandwidth cap: ferry finds the link's rate itself). Variants add arguments to `migrate`
@@ -84,23 +88,46 @@ struct Workload {
     append: &'static str,
     /// With a disk image that moves with the VM.
     disk: bool,
+    /// The link black-holes for this long once [`OUTAGE_AFTER`] crossed it.
+    outage: Option<Duration>,
+    /// Only on a link of this round trip.
+    only_rtt_ms: Option<u64>,
 }
 
-const WORKLOADS: [Workload; 3] = [
+/// The busy guest: 256 MiB rewritten at 50 MiB/s.
+const MEM50: &str = "workload=mem mem_mib=256 mem_rate=50";
+/// How much crosses the link before an outage starts: mid-copy of the busy guest.
+const OUTAGE_AFTER: u64 = 128 << 20;
+
+const WORKLOADS: [Workload; 4] = [
     Workload {
         name: "idle",
         append: "workload=idle",
         disk: false,
+        outage: None,
+        only_rtt_ms: None,
     },
     Workload {
         name: "mem50",
-        append: "workload=mem mem_mib=256 mem_rate=50",
+        append: MEM50,
         disk: false,
+        outage: None,
+        only_rtt_ms: None,
     },
     Workload {
         name: "disk",
         append: super::migrate_disk::APPEND,
         disk: true,
+        outage: None,
+        only_rtt_ms: None,
+    },
+    // Beside mem50 on the same link, its bytes give what a 5 s outage costs.
+    Workload {
+        name: "mem50-outage5s",
+        append: MEM50,
+        disk: false,
+        outage: Some(Duration::from_secs(5)),
+        only_rtt_ms: Some(20),
     },
 ];
 
@@ -111,6 +138,36 @@ fn plan(quick: bool) -> (&'static [u64], Vec<&'static Workload>) {
     } else {
         (&RTTS_MS, WORKLOADS.iter().collect())
     }
+}
+
+/// Runs `migrate` while, if `outage` is set, the link black-holes for that long once
+/// [`OUTAGE_AFTER`] crossed it from A (or until `migrate` ends, whichever is first).
+fn with_outage<T>(wan: &Wan, outage: Option<Duration>, migrate: impl FnOnce() -> T) -> T {
+    let Some(outage) = outage else {
+        return migrate();
+    };
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let start = wan.stats()[0].delivered_bytes;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let over = || done.load(std::sync::atomic::Ordering::SeqCst);
+            while !over() && wan.stats()[0].delivered_bytes - start < OUTAGE_AFTER {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if over() {
+                return;
+            }
+            wan.black_hole(true);
+            let until = std::time::Instant::now() + outage;
+            while !over() && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            wan.black_hole(false);
+        });
+        let result = migrate();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        result
+    })
 }
 
 /// One workload on one link.
@@ -600,7 +657,9 @@ impl Bench {
         let mut migrate = ferry_migrate_command(&self.ferry, &socket, &to, MIGRATION_TIMEOUT);
         migrate.args(&variant.migrate_args);
         let before = link.wan.stats();
-        let answer = run_ferry_migrate(migrate, &mut source, MIGRATION_TIMEOUT)?;
+        let answer = with_outage(&link.wan, case.workload.outage, || {
+            run_ferry_migrate(migrate, &mut source, MIGRATION_TIMEOUT)
+        })?;
         let traffic = since(before, link.wan.stats());
         if let Some(why) = usage_error(Some(answer.status), &answer.cli) {
             return Ok(Ran::Rejected(format!("ferry migrate: {why}")));
@@ -635,9 +694,11 @@ impl Bench {
         set_up_qemu_migration(&mut q, QemuMode::Best, None)?;
         enable_multifd(&mut q, MULTIFD_CHANNELS)?;
         let before = link.wan.stats();
-        let outcome = qemu_follow(&mut q, &uri, MIGRATION_TIMEOUT)
-            .map_err(|e| source.explain(e))
-            .context("migrate")?;
+        let outcome = with_outage(&link.wan, case.workload.outage, || {
+            qemu_follow(&mut q, &uri, MIGRATION_TIMEOUT)
+        })
+        .map_err(|e| source.explain(e))
+        .context("migrate")?;
         let traffic = since(before, link.wan.stats());
         check_guests(&outcome, &mut source, &mut destination)?;
         Ok(Measured { outcome, traffic })
@@ -773,6 +834,7 @@ pub fn migrate_wan(
         let workloads: Vec<&'static Workload> = all_workloads
             .iter()
             .copied()
+            .filter(|w| w.only_rtt_ms.is_none_or(|r| r == rtt_ms))
             .filter(|&workload| {
                 only.is_none_or(|o| Case { rtt_ms, workload }.name().starts_with(o))
             })
@@ -866,8 +928,13 @@ mod tests {
         assert_eq!(names, ["idle"]);
         let (rtts, workloads) = plan(false);
         assert_eq!(rtts, [0, 20, 100, 200]);
-        assert_eq!(workloads.len(), 3);
+        assert_eq!(workloads.len(), 4);
         assert_eq!(workloads.iter().filter(|w| w.disk).count(), 1);
+        // The outage runs beside mem50, on the 20 ms link only.
+        let outage: Vec<&&Workload> = workloads.iter().filter(|w| w.outage.is_some()).collect();
+        assert_eq!(outage.len(), 1);
+        assert_eq!(outage[0].append, workloads[1].append);
+        assert_eq!(outage[0].only_rtt_ms, Some(20));
         let case = Case {
             rtt_ms: 20,
             workload: workloads[1],
