@@ -30,6 +30,11 @@
 //! - **Memory.** No more than `window` bytes are ever written and not yet acknowledged: a
 //!   connection that stalls (a loss, a retransmission) holds up the acknowledgements while
 //!   the others go on, and the bound caps what both sides keep meanwhile.
+//! - **Hedging.** The reader takes bytes in order, so one connection's stall (a loss being
+//!   recovered, a retransmission timer backing off) holds up the whole stream. When the
+//!   chunk the peer waits for has been on its connection for a few round trips (at least
+//!   [`MIN_HEDGE_STALL`]) and nothing was acknowledged meanwhile, an idle connection sends a
+//!   copy; the receiver drops whichever arrives second.
 //! - **Liveness.** A connection that hears nothing for `silence` is dropped (each side sends
 //!   an Ack at least every [`KEEPALIVE`]); its chunks in flight go back to the queue for the
 //!   other connections, or for the one that replaces it.
@@ -41,6 +46,7 @@
 //!   reads to that end and sees end of file. A connection that closes without Close is lost,
 //!   not ended.
 
+pub mod cap;
 pub mod dial;
 pub mod frame;
 #[cfg(test)]
@@ -70,6 +76,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// The least `window` a session takes: two chunks.
 pub const MIN_WINDOW: u64 = 512 << 10;
+/// The least time the stream stands still behind one connection's chunk before another
+/// connection sends a copy.
+const MIN_HEDGE_STALL: Duration = Duration::from_millis(200);
 /// Chunks written but taken by no connection yet, at most, before the writer blocks.
 pub const FEED_CHUNKS: u64 = 2;
 /// Data a connection's socket holds not yet sent, at most (`TCP_NOTSENT_LOWAT`): in flight
@@ -126,6 +135,10 @@ struct Chunk {
     carrier: Option<(usize, u64)>,
     /// It was on a connection that was lost: sending it again is a resend.
     resend: bool,
+    /// A copy went out on another connection while its carrier held the stream up.
+    hedged: bool,
+    /// When its carrier took it.
+    taken_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -145,12 +158,15 @@ struct State {
     open: Vec<u8>,
     /// End of everything written (sealed and open).
     written: u64,
-    /// The peer consumed this much.
+    /// The peer consumed this much, and since when.
     acked: u64,
+    acked_at: Instant,
     /// Bytes of sealed chunks that no connection carries.
     waiting: u64,
-    /// Bytes written and not yet acknowledged, at most.
+    /// Bytes written and not yet acknowledged, at most: what both sides may hold.
     window: u64,
+    /// ... and what keeps the path full without a queue behind a slow consumer.
+    cap: cap::InFlightCap,
     /// This side's stream ends here (Close sent or to be sent).
     closing: Option<u64>,
     // Receiving.
@@ -241,6 +257,39 @@ impl Shared {
     }
 }
 
+/// The chunk the peer's reader waits for, if its carrier has held it so long that a copy on
+/// connection `index` should go out: the stream is stuck behind it (one connection's loss
+/// recovery, or a retransmission timeout backing off) while `index` is idle. The receiver
+/// drops whichever copy comes second. Once per chunk.
+fn hedge(s: &mut State, index: usize, stall: Duration) -> Option<(u64, Arc<Vec<u8>>)> {
+    if s.acked_at.elapsed() < stall {
+        return None;
+    }
+    let front = s.out.front_mut()?;
+    let stuck = front.offset == s.acked
+        && !front.hedged
+        && front.taken_at.is_some_and(|t| t.elapsed() >= stall)
+        && front.carrier.is_some_and(|(carrier, _)| carrier != index);
+    if !stuck {
+        return None;
+    }
+    front.hedged = true;
+    Some((front.offset, front.data.clone()))
+}
+
+/// How long the stream may stand still behind one chunk before it is hedged: a few round
+/// trips (a retransmission's time), and never less than [`MIN_HEDGE_STALL`].
+fn hedge_stall(s: &State) -> Duration {
+    let rtt = s
+        .conns
+        .iter()
+        .flatten()
+        .filter_map(|c| tcp_rtt(&c.tcp))
+        .max()
+        .unwrap_or(Duration::ZERO);
+    (4 * rtt).max(MIN_HEDGE_STALL)
+}
+
 /// Puts the chunks connection (`index`, `generation`) carried back in the queue.
 fn requeue(s: &mut State, index: usize, generation: u64) {
     let mut back = 0;
@@ -267,6 +316,8 @@ fn seal(s: &mut State) {
         data: Arc::new(data),
         carrier: None,
         resend: false,
+        hedged: false,
+        taken_at: None,
     });
 }
 
@@ -286,8 +337,10 @@ impl Session {
                     open: Vec::new(),
                     written: 0,
                     acked: 0,
+                    acked_at: Instant::now(),
                     waiting: 0,
                     window: config.window.max(MIN_WINDOW),
+                    cap: cap::InFlightCap::new(config.window.max(MIN_WINDOW), Instant::now()),
                     closing: None,
                     pending: BTreeMap::new(),
                     front: None,
@@ -565,8 +618,10 @@ impl State {
             open: Vec::new(),
             written: 0,
             acked: 0,
+            acked_at: Instant::now(),
             waiting: 0,
             window: MIN_WINDOW,
+            cap: cap::InFlightCap::new(MIN_WINDOW, Instant::now()),
             closing: None,
             pending: BTreeMap::new(),
             front: None,
@@ -588,6 +643,17 @@ fn acknowledge(s: &mut State, ack: u64) {
         return;
     }
     s.acked = ack;
+    let now = Instant::now();
+    s.acked_at = now;
+    if s.cap.due(now) {
+        let rtt = s
+            .conns
+            .iter()
+            .flatten()
+            .filter_map(|c| tcp_rtt(&c.tcp))
+            .min();
+        s.cap.on_ack(ack, rtt, now);
+    }
     while s
         .out
         .front()
@@ -671,6 +737,7 @@ fn send_loop(shared: &Shared, index: usize, generation: u64, mut w: WireWriter) 
                 }
                 if let Some(c) = s.out.iter_mut().find(|c| c.carrier.is_none()) {
                     c.carrier = Some((index, generation));
+                    c.taken_at = Some(Instant::now());
                     let next = Next::Data(c.offset, c.data.clone(), c.resend);
                     let taken = c.data.len() as u64;
                     s.waiting -= taken;
@@ -680,6 +747,15 @@ fn send_loop(shared: &Shared, index: usize, generation: u64, mut w: WireWriter) 
                     s.ack_sent = ack;
                     s.ack_owed_since = None;
                     break (next, ack);
+                }
+                if !s.out.is_empty() {
+                    let stall = hedge_stall(&s);
+                    if let Some((offset, data)) = hedge(&mut s, index, stall) {
+                        let ack = s.consumed;
+                        s.ack_sent = ack;
+                        s.ack_owed_since = None;
+                        break (Next::Data(offset, data, true), ack);
+                    }
                 }
                 if let Some(end) = s.closing.filter(|_| !close_sent && s.out.is_empty()) {
                     let ack = s.consumed;
@@ -697,6 +773,9 @@ fn send_loop(shared: &Shared, index: usize, generation: u64, mut w: WireWriter) 
                 let until_keepalive = KEEPALIVE.saturating_sub(last_sent.elapsed());
                 let wait = if s.ack_owed_since.is_some() {
                     ACK_DELAY
+                } else if !s.out.is_empty() {
+                    // Chunks in flight: look again soon, to hedge one the stream waits for.
+                    until_keepalive.min(MIN_HEDGE_STALL / 4)
                 } else {
                     until_keepalive
                 };
@@ -942,8 +1021,12 @@ impl Write for SessionWriter {
             }
             let unacknowledged = s.written - s.acked;
             let fed = s.waiting + s.open.len() as u64 >= FEED_CHUNKS * config.chunk as u64;
-            if unacknowledged < s.window && !fed {
-                let room = (s.window - unacknowledged) as usize;
+            let limit = s.cap.get().min(s.window);
+            if unacknowledged >= limit && !fed {
+                s.cap.bound();
+            }
+            if unacknowledged < limit && !fed {
+                let room = (limit - unacknowledged) as usize;
                 let n = buf.len().min(room).min(config.chunk - s.open.len());
                 if s.open.capacity() == 0 {
                     s.open.reserve_exact(config.chunk);
