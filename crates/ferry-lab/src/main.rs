@@ -98,8 +98,8 @@ enum BenchWhat {
         /// its best mode. With --wan: the idle guest on 0 and 100 ms, one run.
         #[arg(long)]
         quick: bool,
-        /// Only the cases whose name starts with this (e.g. `populated2g`; with --wan,
-        /// `mem50-rtt100ms`).
+        /// Only the cases whose name starts with this (e.g. `populated2g`; with --wan, one or
+        /// more comma-separated prefixes, e.g. `mem50-rtt100ms,idle-rtt100ms`).
         #[arg(long)]
         only: Option<String>,
         /// With --wan: only these contenders (`ferry-1stream`, `ferry-auto`, `ferry-tls`,

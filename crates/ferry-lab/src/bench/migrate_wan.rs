@@ -790,7 +790,8 @@ fn qmp_socket(path: &Path) -> String {
 /// `ferry-lab bench migrate --wan`: `runs` migrations per case and contender (one with
 /// `quick`, which also keeps only the idle guest on 0 and 100 ms).
 ///
-/// `only`: just the cases whose name starts with it; `contenders`: just these (all if empty).
+/// `only`: just the cases whose name starts with one of its comma-separated prefixes;
+/// `contenders`: just these (all if empty).
 pub fn migrate_wan(
     runs: usize,
     quick: bool,
@@ -836,7 +837,8 @@ pub fn migrate_wan(
             .copied()
             .filter(|w| w.only_rtt_ms.is_none_or(|r| r == rtt_ms))
             .filter(|&workload| {
-                only.is_none_or(|o| Case { rtt_ms, workload }.name().starts_with(o))
+                let name = Case { rtt_ms, workload }.name();
+                only.is_none_or(|o| o.split(',').any(|prefix| name.starts_with(prefix)))
             })
             .collect();
         if !workloads.is_empty() {
@@ -845,7 +847,10 @@ pub fn migrate_wan(
         }
     }
     if cases.is_empty() {
-        bail!("no case's name starts with {:?}", only.unwrap_or_default());
+        bail!(
+            "no case's name starts with any of {:?}",
+            only.unwrap_or_default()
+        );
     }
     let report = WanBenchReport {
         runs,

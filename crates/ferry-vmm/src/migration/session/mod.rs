@@ -280,14 +280,13 @@ fn hedge(s: &mut State, index: usize, stall: Duration) -> Option<(u64, Arc<Vec<u
 /// How long the stream may stand still behind one chunk before it is hedged: a few round
 /// trips (a retransmission's time), and never less than [`MIN_HEDGE_STALL`].
 fn hedge_stall(s: &State) -> Duration {
-    let rtt = s
-        .conns
-        .iter()
-        .flatten()
-        .filter_map(|c| tcp_rtt(&c.tcp))
-        .max()
-        .unwrap_or(Duration::ZERO);
+    let rtt = round_trips(s).max().unwrap_or(Duration::ZERO);
     (4 * rtt).max(MIN_HEDGE_STALL)
+}
+
+/// The kernel's round trip of each live connection.
+fn round_trips(s: &State) -> impl Iterator<Item = Duration> + '_ {
+    s.conns.iter().flatten().filter_map(|c| tcp_rtt(&c.tcp))
 }
 
 /// Puts the chunks connection (`index`, `generation`) carried back in the queue.
@@ -406,12 +405,7 @@ impl Session {
 
     /// The smallest round trip the kernel measured on a live connection.
     pub fn rtt(&self) -> Option<Duration> {
-        let s = self.shared.lock();
-        s.conns
-            .iter()
-            .flatten()
-            .filter_map(|c| tcp_rtt(&c.tcp))
-            .min()
+        round_trips(&self.shared.lock()).min()
     }
 
     /// Carries the session on `wire` as connection `index`; see [`Session::attach_halves`].
@@ -646,12 +640,7 @@ fn acknowledge(s: &mut State, ack: u64) {
     let now = Instant::now();
     s.acked_at = now;
     if s.cap.due(now) {
-        let rtt = s
-            .conns
-            .iter()
-            .flatten()
-            .filter_map(|c| tcp_rtt(&c.tcp))
-            .min();
+        let rtt = round_trips(s).min();
         s.cap.on_ack(ack, rtt, now);
     }
     while s
@@ -748,7 +737,8 @@ fn send_loop(shared: &Shared, index: usize, generation: u64, mut w: WireWriter) 
                     s.ack_owed_since = None;
                     break (next, ack);
                 }
-                if !s.out.is_empty() {
+                // The cheap test first: the round trips cost a system call per connection.
+                if !s.out.is_empty() && s.acked_at.elapsed() >= MIN_HEDGE_STALL {
                     let stall = hedge_stall(&s);
                     if let Some((offset, data)) = hedge(&mut s, index, stall) {
                         let ack = s.consumed;
