@@ -293,6 +293,9 @@ pub struct WanFigures {
     pub link_utilisation: Spread,
     /// What the emulator carried during the migrations.
     pub link: LinkFigures,
+    /// ferry: bytes sent again because the connection carrying them was lost (an outage's
+    /// direct cost; what the guest dirtied meanwhile is in `bytes`). Null for QEMU.
+    pub resent_bytes: Option<Spread>,
 }
 
 /// The emulator's counters over one migration (A: the source's host, B: the destination's).
@@ -312,6 +315,8 @@ pub struct LinkFigures {
 struct Measured {
     outcome: Outcome,
     traffic: [DirectionStats; 2],
+    /// ferry's `resent_bytes`: what went again because the connection carrying it was lost.
+    resent_bytes: Option<u64>,
 }
 
 /// A ferry run: measured, or its command line rejected (clap's message).
@@ -344,6 +349,8 @@ struct ContenderSamples {
     utilisation: Vec<f64>,
     /// The link's counters of the runs that converged.
     traffic: Vec<[DirectionStats; 2]>,
+    /// ferry's resent bytes, of the runs that converged.
+    resent: Vec<f64>,
 }
 
 impl ContenderSamples {
@@ -354,6 +361,9 @@ impl ContenderSamples {
         {
             self.utilisation.push(utilisation(bytes, total_ms));
             self.traffic.push(m.traffic);
+            if let Some(r) = m.resent_bytes {
+                self.resent.push(r as f64);
+            }
         }
         self.vmm.add(m.outcome);
     }
@@ -372,6 +382,7 @@ impl ContenderSamples {
                 dropped_queue_a_to_b: of(|t| t[0].dropped_queue),
                 dropped_queue_b_to_a: of(|t| t[1].dropped_queue),
             },
+            resent_bytes: (!self.resent.is_empty()).then(|| Spread::of(&self.resent)),
         }
     }
 
@@ -664,8 +675,15 @@ impl Bench {
         if let Some(why) = usage_error(Some(answer.status), &answer.cli) {
             return Ok(Ran::Rejected(format!("ferry migrate: {why}")));
         }
+        let resent_bytes = serde_json::from_str::<Value>(&answer.stdout)
+            .ok()
+            .and_then(|v| v["resent_bytes"].as_u64());
         let outcome = ferry_outcome(answer, &mut source, &mut destination, notes)?;
-        Ok(Ran::Measured(Measured { outcome, traffic }))
+        Ok(Ran::Measured(Measured {
+            outcome,
+            traffic,
+            resent_bytes,
+        }))
     }
 
     /// One QEMU migration of `case`, A to B over the link.
@@ -701,7 +719,11 @@ impl Bench {
         .context("migrate")?;
         let traffic = since(before, link.wan.stats());
         check_guests(&outcome, &mut source, &mut destination)?;
-        Ok(Measured { outcome, traffic })
+        Ok(Measured {
+            outcome,
+            traffic,
+            resent_bytes: None,
+        })
     }
 
     /// QEMU's storage migration of `case` (the disk bench's flow, with multifd), A to B.
@@ -734,7 +756,11 @@ impl Bench {
             iterations: sample.iterations,
             wall_ms: sample.total_ms,
         };
-        Ok(Measured { outcome, traffic })
+        Ok(Measured {
+            outcome,
+            traffic,
+            resent_bytes: None,
+        })
     }
 
     fn case_report(&self, case: Case, variants: &[Variant], s: &CaseSamples) -> WanCaseReport {
@@ -977,6 +1003,7 @@ mod tests {
         s.add(Measured {
             outcome: Outcome::DidNotConverge,
             traffic: d,
+            resent_bytes: None,
         });
         s.add(Measured {
             outcome: Outcome::Done {
@@ -987,6 +1014,7 @@ mod tests {
                 wall_ms: 1010.0,
             },
             traffic: d,
+            resent_bytes: None,
         });
         let f = s.figures();
         assert_eq!((f.vmm.converged, f.vmm.did_not_converge), (1, 1));

@@ -582,11 +582,12 @@ impl<'a> Worker<'a> {
                 Decision::SwitchOver { why } => {
                     match why {
                         SwitchReason::Fits => {}
+                        // Without the backlog: the switchover only comes once it drained.
                         SwitchReason::AtFloor => self.note(format!(
                             "the downtime target of {} ms is below what the switchover reaches \
                              here (about {:.1} ms): switching over at that floor",
                             self.ctx.request.downtime_ms,
-                            prediction.total_ms()
+                            prediction.floor_ms + prediction.dirty_ms
                         )),
                         SwitchReason::Forced => {
                             forced = true;
