@@ -19,7 +19,9 @@
 //!   the busy guest again, the link black-holing for 5 s once 128 MiB crossed it (packets
 //!   vanish, sockets stay open); its bytes beside mem50's are what the outage cost each VMM
 //!   (ferry drops the silent connections and resumes on new ones; QEMU's one TCP stream
-//!   retransmits through it).
+//!   retransmits through it). On the 100 ms link also `populated2g`: a 3 GiB guest whose
+//!   2 GiB of data move once, long enough that the link's share is the copy's rather than
+//!   the setup's round trips and slow start.
 //! - ferry: `ferry receive --listen B:PORT` in B, `ferry run` in A, `ferry migrate --json`
 //!   (downtime target 100 ms, `--max-time` so a migration that cannot converge ends, no
 //!   bandwidth cap: ferry finds the link's rate itself). Variants add arguments to `migrate`
@@ -92,6 +94,8 @@ struct Workload {
     outage: Option<Duration>,
     /// Only on a link of this round trip.
     only_rtt_ms: Option<u64>,
+    /// Guest memory, MiB.
+    memory_mib: u64,
 }
 
 /// The busy guest: 256 MiB rewritten at 50 MiB/s.
@@ -99,13 +103,14 @@ const MEM50: &str = "workload=mem mem_mib=256 mem_rate=50";
 /// How much crosses the link before an outage starts: mid-copy of the busy guest.
 const OUTAGE_AFTER: u64 = 128 << 20;
 
-const WORKLOADS: [Workload; 4] = [
+const WORKLOADS: [Workload; 5] = [
     Workload {
         name: "idle",
         append: "workload=idle",
         disk: false,
         outage: None,
         only_rtt_ms: None,
+        memory_mib: MEMORY_MIB,
     },
     Workload {
         name: "mem50",
@@ -113,6 +118,7 @@ const WORKLOADS: [Workload; 4] = [
         disk: false,
         outage: None,
         only_rtt_ms: None,
+        memory_mib: MEMORY_MIB,
     },
     Workload {
         name: "disk",
@@ -120,6 +126,7 @@ const WORKLOADS: [Workload; 4] = [
         disk: true,
         outage: None,
         only_rtt_ms: None,
+        memory_mib: MEMORY_MIB,
     },
     // Beside mem50 on the same link, its bytes give what a 5 s outage costs.
     Workload {
@@ -128,6 +135,17 @@ const WORKLOADS: [Workload; 4] = [
         disk: false,
         outage: Some(Duration::from_secs(5)),
         only_rtt_ms: Some(20),
+        memory_mib: MEMORY_MIB,
+    },
+    // A bulk copy long enough (2 GiB) that the link's share is the copy's, not the setup's
+    // round trips and slow start.
+    Workload {
+        name: "populated2g",
+        append: "workload=mem mem_mib=2048 mem_rate=0",
+        disk: false,
+        outage: None,
+        only_rtt_ms: Some(100),
+        memory_mib: 3 * MEMORY_MIB,
     },
 ];
 
@@ -642,7 +660,7 @@ impl Bench {
         let mut boot = ferry_run_command(
             &self.ferry,
             &self.guest,
-            MEMORY_MIB,
+            case.workload.memory_mib,
             case.workload.append,
             &socket,
         );
@@ -693,7 +711,8 @@ impl Bench {
         }
         let uri = format!("tcp:{}", link.fresh_address());
         let (qmp_source, qmp_destination) = (dir.join("qmp-src.sock"), dir.join("qmp-dst.sock"));
-        let mut incoming = qemu_command(&self.guest, MEMORY_MIB, case.workload.append);
+        let mut incoming =
+            qemu_command(&self.guest, case.workload.memory_mib, case.workload.append);
         incoming
             .arg("-qmp")
             .arg(qmp_socket(&qmp_destination))
@@ -705,7 +724,7 @@ impl Bench {
             .context("destination")?;
         listen_for_migration(&mut dq, &uri, Some(MULTIFD_CHANNELS))?;
 
-        let mut boot = qemu_command(&self.guest, MEMORY_MIB, case.workload.append);
+        let mut boot = qemu_command(&self.guest, case.workload.memory_mib, case.workload.append);
         boot.arg("-qmp").arg(qmp_socket(&qmp_source));
         let mut source = boot_source("QEMU", TwoHosts::exec(&link.hosts().a, &boot))?;
         let mut q = Qmp::connect(&qmp_source, LISTEN_TIMEOUT, || source.alive())?;
@@ -736,7 +755,7 @@ impl Bench {
         let sample = qemu_disk_migration(&QemuDiskPlan {
             guest: &self.guest,
             append: case.workload.append,
-            memory_mib: MEMORY_MIB,
+            memory_mib: case.workload.memory_mib,
             copy_mode: "background",
             link: None,
             source_image: &image,
@@ -800,7 +819,7 @@ impl Bench {
             rtt_ms: case.rtt_ms,
             workload: case.workload.name.to_string(),
             append: case.workload.append.to_string(),
-            memory_mib: MEMORY_MIB,
+            memory_mib: case.workload.memory_mib,
             disk_bytes: case.workload.disk.then_some(DISK_BYTES),
             ferry,
             qemu,
@@ -959,7 +978,7 @@ mod tests {
         assert_eq!(names, ["idle"]);
         let (rtts, workloads) = plan(false);
         assert_eq!(rtts, [0, 20, 100, 200]);
-        assert_eq!(workloads.len(), 4);
+        assert_eq!(workloads.len(), 5);
         assert_eq!(workloads.iter().filter(|w| w.disk).count(), 1);
         // The outage runs beside mem50, on the 20 ms link only.
         let outage: Vec<&&Workload> = workloads.iter().filter(|w| w.outage.is_some()).collect();
