@@ -90,6 +90,7 @@ fn encoding_and_decoding_256_mib_of_pages_does_not_allocate_per_page() {
                     assert!(is_zero(gpa / PAGE_SIZE));
                     zero_seen += u64::from(pages);
                 }
+                PageRecord::Encoded { gpa, .. } => panic!("page {gpa:#x} encoded: none was"),
             }
         }
         // The receiver hands its buffer back too.

@@ -3,6 +3,7 @@
 use super::blocks::{BlockBatch, BlockRecord};
 use super::error::ProtocolError;
 use super::message::{Applied, Complete, IterationDone, Setup};
+use super::page_codec::CodecSet;
 use super::pages::{PageBatch, PageRecord};
 use super::PAGE_SIZE;
 
@@ -27,6 +28,8 @@ pub(super) struct Ledger {
     spans: Vec<(u64, u64)>,
     /// The moving disks: index and size.
     disks: Vec<(u32, u64)>,
+    /// The page codecs both sides announced: an encoded page with another is refused.
+    codecs: CodecSet,
     totals: PageTotals,
     /// Counts of the pass in progress.
     pass_data: u64,
@@ -41,8 +44,9 @@ pub(super) struct BatchCount {
 }
 
 impl Ledger {
-    /// A ledger for the memory `setup` describes (already validated: sorted, disjoint).
-    pub(super) fn for_setup(setup: &Setup) -> Ledger {
+    /// A ledger for the memory `setup` describes (already validated: sorted, disjoint), taking
+    /// pages encoded with `codecs`.
+    pub(super) fn for_setup(setup: &Setup, codecs: CodecSet) -> Ledger {
         let mut spans: Vec<(u64, u64)> = Vec::with_capacity(setup.regions.len());
         for r in &setup.regions {
             let end = r.guest_addr.saturating_add(r.len);
@@ -58,6 +62,7 @@ impl Ledger {
                 .iter()
                 .map(|d| (d.index, d.size))
                 .collect(),
+            codecs,
             ..Ledger::default()
         }
     }
@@ -93,6 +98,14 @@ impl Ledger {
             match record {
                 PageRecord::Zero { .. } => count.zero += pages,
                 PageRecord::Data { .. } => count.data += 1,
+                PageRecord::Encoded { gpa, codec, .. } => {
+                    if !self.codecs.contains(codec) {
+                        return Err(ProtocolError::BadRecord(format!(
+                            "page {gpa:#x} is encoded with {codec}, which was not agreed"
+                        )));
+                    }
+                    count.data += 1;
+                }
             }
         }
         Ok(count)

@@ -74,6 +74,8 @@ mod error;
 mod ledger;
 mod message;
 mod negotiation;
+mod page_cache;
+pub mod page_codec;
 mod pages;
 pub mod policy;
 mod receiver;
@@ -94,7 +96,11 @@ pub use message::{
     MessageKind, MovingDisk, Region, Resolve, Resolved, Running, Setup, MESSAGE_FORMAT_VERSION,
 };
 pub use negotiation::{feature, Features};
-pub use pages::{is_zero_page, PageBatch, PageBatchWriter, PageRecord, Records};
+pub use page_cache::PageCache;
+pub use page_codec::{CodecSet, DecodeError, PageCodec, PageDecoder, PageEncoder};
+pub use pages::{
+    is_zero_page, PageBatch, PageBatchWriter, PageRecord, Pushed, Records, MAX_ENCODED_BODY,
+};
 pub use receiver::{ReceiverMachine, ReceiverState};
 pub use records::RecordIter;
 pub use sender::{SenderMachine, SenderState};

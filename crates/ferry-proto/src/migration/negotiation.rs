@@ -76,6 +76,14 @@ impl Negotiation {
         self.agreed.as_deref()
     }
 
+    /// The page codecs both sides announced.
+    pub(super) fn codecs(&self) -> crate::migration::CodecSet {
+        self.agreed().map_or(
+            crate::migration::CodecSet::NONE,
+            crate::migration::CodecSet::from_features,
+        )
+    }
+
     /// Whether both sides announced `feature`.
     pub(super) fn both(&self, feature: &str) -> bool {
         self.agreed()
@@ -106,6 +114,12 @@ pub mod feature {
     /// handover costs one round trip less. The destination that cannot run the VM then
     /// answers Abort instead of Prepared, and never runs it.
     pub const PIPELINED_COMMIT: &str = "pipelined-commit";
+    /// Page codecs ([`PageCodec`](crate::migration::PageCodec)), one feature each: a page may
+    /// travel encoded with a codec both sides announced.
+    pub const PAGE_SPARSE: &str = "page-sparse";
+    pub const PAGE_DELTA: &str = "page-delta";
+    pub const PAGE_LZ4: &str = "page-lz4";
+    pub const PAGE_ZSTD: &str = "page-zstd";
     /// Features a peer must announce to work with this ferry at all.
     pub const REQUIRED: &[&str] = &[STATE_SECTIONS];
     /// Every feature this ferry speaks.
@@ -116,6 +130,10 @@ pub mod feature {
         DISK_BLOCKS,
         SESSION,
         PIPELINED_COMMIT,
+        PAGE_SPARSE,
+        PAGE_DELTA,
+        PAGE_LZ4,
+        PAGE_ZSTD,
     ];
 }
 
@@ -127,6 +145,8 @@ pub struct Features {
     pub disk_blocks: bool,
     pub session: bool,
     pub pipelined_commit: bool,
+    /// The page codecs both announced.
+    pub codecs: crate::migration::CodecSet,
 }
 
 impl Features {
@@ -143,6 +163,7 @@ impl Features {
             disk_blocks: has(feature::DISK_BLOCKS),
             session: has(feature::SESSION),
             pipelined_commit: has(feature::PIPELINED_COMMIT),
+            codecs: crate::migration::CodecSet::from_features(agreed),
         })
     }
 }

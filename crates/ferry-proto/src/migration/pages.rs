@@ -5,11 +5,17 @@
 //! record := tag:u8  gpa:u64le  body
 //!   tag 'Z' (0x5a)  a run of zero pages   body = pages:u32le        13 bytes
 //!   tag 'D' (0x44)  one data page         body = 4096 bytes       4105 bytes
+//!   tag 'E' (0x45)  one encoded page      body = codec:u8 len:u16le bytes[len]
+//!                                                          12 + len bytes (len < 4096)
 //! ```
+//!
+//! An encoded page's codec ([`PageCodec`]) must be one both sides announced; the ledger checks
+//! that, and the destination's decoder checks the body.
 //!
 //! Rules a reader enforces (hostile input): the tag is known, the gpa is page-aligned, a zero
 //! run has at least one page, no record reaches past the end of the 64-bit address space, a
-//! data page is whole, and the batch ends exactly at the end of its last record.
+//! data page is whole, an encoded page's codec is known and its body is shorter than a page
+//! and whole, and the batch ends exactly at the end of its last record.
 //!
 //! No allocation per page: a [`PageBatchWriter`] appends into one buffer reserved up front and
 //! hands it to a [`PageBatch`] by swapping buffers ([`PageBatchWriter::swap_into`]), which
@@ -19,15 +25,21 @@
 use std::fmt;
 
 use super::error::ProtocolError;
+use super::page_codec::PageCodec;
 use super::records::RecordIter;
 use super::{MAX_BATCH_BYTES, PAGE_SIZE};
 
 const TAG_ZERO: u8 = b'Z';
 const TAG_DATA: u8 = b'D';
+const TAG_ENCODED: u8 = b'E';
 const PAGE: usize = PAGE_SIZE as usize;
 const RECORD_HEADER: usize = 1 + 8;
 const ZERO_RECORD_LEN: usize = RECORD_HEADER + 4;
 const DATA_RECORD_LEN: usize = RECORD_HEADER + PAGE;
+/// Header of an encoded page: the record header, the codec and the body's length.
+const ENCODED_HEADER: usize = RECORD_HEADER + 1 + 2;
+/// The largest encoded body: one byte less than a page, or the page goes raw.
+pub const MAX_ENCODED_BODY: usize = PAGE - 1;
 
 /// One record of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,12 +48,21 @@ pub enum PageRecord<'a> {
     Zero { gpa: u64, pages: u32 },
     /// The page at `gpa`; `bytes` is exactly [`PAGE_SIZE`] long and borrows from the batch.
     Data { gpa: u64, bytes: &'a [u8] },
+    /// The page at `gpa`, encoded with `codec`; `body` is shorter than a page and not yet
+    /// checked against the codec (the decoder does that).
+    Encoded {
+        gpa: u64,
+        codec: PageCodec,
+        body: &'a [u8],
+    },
 }
 
 impl PageRecord<'_> {
     pub fn gpa(&self) -> u64 {
         match self {
-            PageRecord::Zero { gpa, .. } | PageRecord::Data { gpa, .. } => *gpa,
+            PageRecord::Zero { gpa, .. }
+            | PageRecord::Data { gpa, .. }
+            | PageRecord::Encoded { gpa, .. } => *gpa,
         }
     }
 
@@ -49,7 +70,7 @@ impl PageRecord<'_> {
     pub fn page_count(&self) -> u64 {
         match self {
             PageRecord::Zero { pages, .. } => u64::from(*pages),
-            PageRecord::Data { .. } => 1,
+            PageRecord::Data { .. } | PageRecord::Encoded { .. } => 1,
         }
     }
 }
@@ -71,7 +92,7 @@ fn parse_record(bytes: &[u8], pos: usize) -> Result<(PageRecord<'_>, usize), Pro
     let mut gpa_bytes = [0u8; 8];
     gpa_bytes.copy_from_slice(&rest[1..RECORD_HEADER]);
     let gpa = u64::from_le_bytes(gpa_bytes);
-    if tag != TAG_ZERO && tag != TAG_DATA {
+    if tag != TAG_ZERO && tag != TAG_DATA && tag != TAG_ENCODED {
         return Err(bad(format!(
             "unknown record tag {tag:#04x} at offset {pos}"
         )));
@@ -97,6 +118,41 @@ fn parse_record(bytes: &[u8], pos: usize) -> Result<(PageRecord<'_>, usize), Pro
             )));
         }
         Ok((PageRecord::Zero { gpa, pages }, pos + ZERO_RECORD_LEN))
+    } else if tag == TAG_ENCODED {
+        if rest.len() < ENCODED_HEADER {
+            return Err(bad(format!("encoded page at {gpa:#x} is cut short")));
+        }
+        if gpa.checked_add(PAGE_SIZE).is_none() {
+            return Err(bad(format!(
+                "encoded page at {gpa:#x} runs past the address space"
+            )));
+        }
+        let codec = PageCodec::from_u8(rest[RECORD_HEADER]).ok_or_else(|| {
+            bad(format!(
+                "encoded page at {gpa:#x}: unknown codec {}",
+                rest[RECORD_HEADER]
+            ))
+        })?;
+        let len = usize::from(u16::from_le_bytes([
+            rest[RECORD_HEADER + 1],
+            rest[RECORD_HEADER + 2],
+        ]));
+        if len > MAX_ENCODED_BODY {
+            return Err(bad(format!(
+                "encoded page at {gpa:#x}: a body of {len} bytes is not shorter than a page"
+            )));
+        }
+        if rest.len() < ENCODED_HEADER + len {
+            return Err(bad(format!(
+                "encoded page at {gpa:#x} has {} of its {len} bytes",
+                rest.len() - ENCODED_HEADER
+            )));
+        }
+        let body = &rest[ENCODED_HEADER..ENCODED_HEADER + len];
+        Ok((
+            PageRecord::Encoded { gpa, codec, body },
+            pos + ENCODED_HEADER + len,
+        ))
     } else {
         if rest.len() < DATA_RECORD_LEN {
             return Err(bad(format!(
@@ -154,7 +210,7 @@ impl PageBatch {
         for record in batch.records() {
             match record? {
                 PageRecord::Zero { pages, .. } => zero += u64::from(pages),
-                PageRecord::Data { .. } => data += 1,
+                PageRecord::Data { .. } | PageRecord::Encoded { .. } => data += 1,
             }
         }
         batch.data_pages = data;
@@ -223,6 +279,17 @@ impl fmt::Debug for PageBatch {
     }
 }
 
+/// What [`PageBatchWriter::push_encoded`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Added,
+    /// The batch has no room for another page.
+    Full,
+    /// The encoder declined (the body would not be shorter than a page, or the codec could not
+    /// be used): send the page raw.
+    NotEncoded,
+}
+
 /// Where the last record, a zero run, ends: a run that continues it grows it in place.
 #[derive(Debug, Clone, Copy)]
 struct OpenZeroRun {
@@ -245,6 +312,8 @@ pub struct PageBatchWriter {
     max_bytes: usize,
     data_pages: u64,
     zero_pages: u64,
+    /// Of the data pages, those encoded.
+    encoded_pages: u64,
     open_zero: Option<OpenZeroRun>,
     invalid: Option<String>,
 }
@@ -259,6 +328,7 @@ impl PageBatchWriter {
             max_bytes,
             data_pages: 0,
             zero_pages: 0,
+            encoded_pages: 0,
             open_zero: None,
             invalid: None,
         }
@@ -275,6 +345,7 @@ impl PageBatchWriter {
         self.buf.clear();
         self.data_pages = 0;
         self.zero_pages = 0;
+        self.encoded_pages = 0;
         self.open_zero = None;
         self.invalid = None;
     }
@@ -345,6 +416,42 @@ impl PageBatchWriter {
         true
     }
 
+    /// Adds the page at `gpa` encoded with `codec`: `encode` appends the body to the buffer it
+    /// is given and says whether it did (a body longer than [`MAX_ENCODED_BODY`] counts as not).
+    /// [`Pushed::Full`]: no room for a page, nothing was added (and `encode` was not called);
+    /// [`Pushed::NotEncoded`]: `encode` declined, nothing was added.
+    pub fn push_encoded(
+        &mut self,
+        gpa: u64,
+        codec: PageCodec,
+        encode: impl FnOnce(&mut Vec<u8>) -> bool,
+    ) -> Pushed {
+        if gpa % PAGE_SIZE != 0 || gpa.checked_add(PAGE_SIZE).is_none() {
+            self.poison(format!("encoded page at {gpa:#x} is not one aligned page"));
+            return Pushed::Added;
+        }
+        if self.buf.len() + ENCODED_HEADER + MAX_ENCODED_BODY > self.max_bytes {
+            return Pushed::Full;
+        }
+        let at = self.buf.len();
+        self.buf.push(TAG_ENCODED);
+        self.buf.extend_from_slice(&gpa.to_le_bytes());
+        self.buf.push(codec as u8);
+        self.buf.extend_from_slice(&[0, 0]);
+        let encoded = encode(&mut self.buf);
+        let len = self.buf.len() - at - ENCODED_HEADER;
+        if !encoded || len > MAX_ENCODED_BODY {
+            self.buf.truncate(at);
+            return Pushed::NotEncoded;
+        }
+        let len = u16::try_from(len).expect("shorter than a page");
+        self.buf[at + RECORD_HEADER + 1..at + ENCODED_HEADER].copy_from_slice(&len.to_le_bytes());
+        self.open_zero = None;
+        self.data_pages += 1;
+        self.encoded_pages += 1;
+        Pushed::Added
+    }
+
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }
@@ -360,6 +467,11 @@ impl PageBatchWriter {
 
     pub fn zero_pages(&self) -> u64 {
         self.zero_pages
+    }
+
+    /// Of the data pages, those encoded.
+    pub fn encoded_pages(&self) -> u64 {
+        self.encoded_pages
     }
 
     pub fn len_bytes(&self) -> usize {

@@ -234,7 +234,7 @@ impl ReceiverMachine {
             (S::AwaitSetup, Message::Setup(s)) => {
                 m.validate()?;
                 self.hello.check_moving_disks(s)?;
-                self.ledger = Ledger::for_setup(s);
+                self.ledger = Ledger::for_setup(s, self.hello.codecs());
                 self.setup = Some(s.clone());
                 S::SetupReceived
             }

@@ -185,7 +185,7 @@ impl SenderMachine {
             (S::Negotiated, Message::Setup(s)) => {
                 m.validate()?;
                 self.hello.check_moving_disks(s)?;
-                self.ledger = Ledger::for_setup(s);
+                self.ledger = Ledger::for_setup(s, self.hello.codecs());
                 S::SetupSent
             }
             (S::SendingMemory { .. }, Message::Pages(batch)) => {

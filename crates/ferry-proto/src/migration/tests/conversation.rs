@@ -45,6 +45,9 @@ impl Memory {
         for record in batch.records() {
             match record.expect("checked by the machine") {
                 PageRecord::Data { gpa, bytes } => self.page_mut(gpa).copy_from_slice(bytes),
+                PageRecord::Encoded { gpa, codec, body } => PageDecoder::new()
+                    .decode(codec, body, self.page_mut(gpa))
+                    .expect("decodes"),
                 PageRecord::Zero { gpa, pages } => {
                     for i in 0..u64::from(pages) {
                         self.page_mut(gpa + i * PAGE_SIZE).fill(0);

@@ -3,6 +3,7 @@
 mod codec;
 mod conversation;
 mod machines;
+mod page_codec;
 mod pages;
 
 use super::*;

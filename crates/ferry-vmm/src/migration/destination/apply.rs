@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ferry_devices::GuestMemory;
 use ferry_proto::migration::{
-    read_message_reusing, Message, PageRecord, ReceiverMachine, PAGE_SIZE,
+    read_message_reusing, Message, PageDecoder, PageRecord, ReceiverMachine, PAGE_SIZE,
 };
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -111,35 +111,69 @@ impl AppliedTotals {
     }
 }
 
-/// Writes one page record into guest memory; records outside RAM are refused. Returns the
-/// data bytes written.
-pub fn apply(mem: &GuestMemory, record: PageRecord<'_>) -> Result<u64, String> {
-    match record {
-        PageRecord::Data { gpa, bytes } => mem
-            .write_slice(bytes, GuestAddress(gpa))
-            .map(|()| bytes.len() as u64)
-            .map_err(|e| format!("page {gpa:#x} is not in guest memory: {e}")),
-        PageRecord::Zero { gpa, pages } => {
-            let len = u64::from(pages) * PAGE_SIZE;
-            mem.find_region(GuestAddress(gpa))
-                .filter(|r| gpa + len <= r.start_addr().raw_value() + r.len())
-                .ok_or_else(|| format!("zero pages {gpa:#x}+{len:#x} are not in guest memory"))?;
-            let host = mem
-                .get_host_address(GuestAddress(gpa))
-                .map_err(|e| e.to_string())?;
-            // SAFETY: the range lies inside one anonymous private mapping of guest memory
-            // (checked above) and is page aligned (the protocol checks it); MADV_DONTNEED
-            // makes those pages read as zero again, which is exactly the record's meaning.
-            let rc = unsafe {
-                libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED)
-            };
-            if rc != 0 {
-                return Err(format!(
-                    "cannot zero pages at {gpa:#x}: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            Ok(0)
+/// Writes page records into guest memory, decoding encoded ones.
+#[derive(Debug)]
+pub struct PageApplier {
+    decoder: PageDecoder,
+    /// One page: an encoded page is decoded here, then written (for delta, the current page is
+    /// read in first).
+    scratch: Vec<u8>,
+}
+
+impl Default for PageApplier {
+    fn default() -> Self {
+        PageApplier {
+            decoder: PageDecoder::new(),
+            scratch: vec![0; PAGE_SIZE as usize],
         }
     }
+}
+
+impl PageApplier {
+    /// Writes one page record into guest memory; records outside RAM and bodies that do not
+    /// decode are refused. Returns the page data bytes written (a decoded page counts whole,
+    /// as the source counts what it sent).
+    pub fn apply(&mut self, mem: &GuestMemory, record: PageRecord<'_>) -> Result<u64, String> {
+        match record {
+            PageRecord::Data { gpa, bytes } => write_page(mem, gpa, bytes),
+            PageRecord::Encoded { gpa, codec, body } => {
+                if codec.reads_old_page() {
+                    mem.read_slice(&mut self.scratch, GuestAddress(gpa))
+                        .map_err(|e| format!("page {gpa:#x} is not in guest memory: {e}"))?;
+                }
+                self.decoder
+                    .decode(codec, body, &mut self.scratch)
+                    .map_err(|e| format!("page {gpa:#x}: {e}"))?;
+                write_page(mem, gpa, &self.scratch)
+            }
+            PageRecord::Zero { gpa, pages } => zero_pages(mem, gpa, pages).map(|()| 0),
+        }
+    }
+}
+
+fn write_page(mem: &GuestMemory, gpa: u64, bytes: &[u8]) -> Result<u64, String> {
+    mem.write_slice(bytes, GuestAddress(gpa))
+        .map(|()| bytes.len() as u64)
+        .map_err(|e| format!("page {gpa:#x} is not in guest memory: {e}"))
+}
+
+fn zero_pages(mem: &GuestMemory, gpa: u64, pages: u32) -> Result<(), String> {
+    let len = u64::from(pages) * PAGE_SIZE;
+    mem.find_region(GuestAddress(gpa))
+        .filter(|r| gpa + len <= r.start_addr().raw_value() + r.len())
+        .ok_or_else(|| format!("zero pages {gpa:#x}+{len:#x} are not in guest memory"))?;
+    let host = mem
+        .get_host_address(GuestAddress(gpa))
+        .map_err(|e| e.to_string())?;
+    // SAFETY: the range lies inside one anonymous private mapping of guest memory (checked
+    // above) and is page aligned (the protocol checks it); MADV_DONTNEED makes those pages
+    // read as zero again, which is exactly the record's meaning.
+    let rc = unsafe { libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
+    if rc != 0 {
+        return Err(format!(
+            "cannot zero pages at {gpa:#x}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }

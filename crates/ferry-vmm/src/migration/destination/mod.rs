@@ -381,6 +381,7 @@ fn receive_state(
     link.send(&Message::SetupOk)?;
 
     let mut totals = AppliedTotals::default();
+    let mut pages = apply::PageApplier::default();
     let mut state = None;
     loop {
         match link.receive()? {
@@ -388,7 +389,7 @@ fn receive_state(
                 for record in batch.records() {
                     let record = record.map_err(|e| e.to_string())?;
                     totals.pages += record.page_count();
-                    totals.bytes += apply::apply(&mem, record)?;
+                    totals.bytes += pages.apply(&mem, record)?;
                 }
                 link.recycle(batch.into_bytes());
                 if flow_control && totals.due(REPORT_EVERY) {

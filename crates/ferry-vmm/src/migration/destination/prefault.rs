@@ -97,8 +97,9 @@ impl Prefaulter {
             return;
         };
         for record in batch.records() {
-            let Ok(PageRecord::Data { gpa, .. }) = record else {
-                continue;
+            let gpa = match record {
+                Ok(PageRecord::Data { gpa, .. } | PageRecord::Encoded { gpa, .. }) => gpa,
+                _ => continue,
             };
             let Some((i, in_region)) = self.memory.find(gpa, 1) else {
                 continue;
