@@ -377,6 +377,77 @@ pub struct MigrateRequest {
     /// resume before it fails (default 60).
     #[serde(default)]
     pub resume_window_secs: Option<u64>,
+    /// How data pages are encoded for the wire (a codec the destination does not speak is
+    /// not used).
+    #[serde(default)]
+    pub encoding: PageEncoding,
+}
+
+/// How a migration encodes the data pages it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PageEncoding {
+    /// Every data page goes raw.
+    #[default]
+    Off,
+    /// ferry compresses while the link, not the CPU, is the bottleneck, with whichever codec
+    /// moves the most pages per second (see docs/architecture.md).
+    Auto,
+    /// Every data page is tried with this codec and goes raw where it does not shrink.
+    Sparse,
+    Delta,
+    Lz4,
+    Zstd,
+}
+
+impl PageEncoding {
+    pub const NAMES: &'static [&'static str] = &["off", "auto", "sparse", "delta", "lz4", "zstd"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PageEncoding::Off => "off",
+            PageEncoding::Auto => "auto",
+            PageEncoding::Sparse => "sparse",
+            PageEncoding::Delta => "delta",
+            PageEncoding::Lz4 => "lz4",
+            PageEncoding::Zstd => "zstd",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<PageEncoding> {
+        [
+            PageEncoding::Off,
+            PageEncoding::Auto,
+            PageEncoding::Sparse,
+            PageEncoding::Delta,
+            PageEncoding::Lz4,
+            PageEncoding::Zstd,
+        ]
+        .into_iter()
+        .find(|e| e.name() == name)
+    }
+}
+
+/// What the page encoding did, in [`MigrationStatus`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EncodingStatus {
+    pub mode: PageEncoding,
+    /// The codec most pages get now ("raw" when none pays), and why.
+    pub chosen: String,
+    pub why: String,
+    /// Data pages sent encoded, per codec.
+    pub pages: Vec<CodecPages>,
+    /// Data pages sent raw.
+    pub raw_pages: u64,
+    /// What the encoded pages would have taken raw, less what they took.
+    pub saved_bytes: u64,
+}
+
+/// Pages one codec encoded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodecPages {
+    pub codec: String,
+    pub pages: u64,
 }
 
 /// Mutual TLS for a migration connection.
@@ -549,6 +620,9 @@ pub struct MigrationStatus {
     pub connections_lost: u64,
     #[serde(default)]
     pub resent_bytes: u64,
+    /// The page encoding, when one is on (boxed: most migrations have none).
+    #[serde(default)]
+    pub encoding: Option<Box<EncodingStatus>>,
 }
 
 /// A figure that cannot be told yet (a rate of zero, a prediction without rates) is

@@ -12,6 +12,17 @@ pub enum MemRate {
     MibPerSec(u64),
 }
 
+/// What the `mem` workload's pages hold (`mem_data=`): how well they encode.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum MemData {
+    /// Noise: no codec shrinks it.
+    Random,
+    /// Words from a small vocabulary: compresses like text.
+    Text,
+    /// Noise of which a rewrite changes one word in 64: a delta against the last copy is small.
+    Delta,
+}
+
 #[derive(Clone, Copy)]
 pub struct VirtioMmio {
     pub base: u64,
@@ -28,6 +39,7 @@ pub struct Config {
     pub net_gw: Option<[u8; 4]>,
     pub mem_mib: u64,
     pub mem_rate: MemRate,
+    pub mem_data: MemData,
     pub disk_blocks: Option<u64>,
     pub disk_rate: u64,
     /// The second and later disks: their area and write rate (default: as the first's).
@@ -72,6 +84,7 @@ impl Config {
             net_gw: None,
             mem_mib: 32,
             mem_rate: MemRate::MibPerSec(8),
+            mem_data: MemData::Random,
             disk_blocks: None,
             disk_rate: 50,
             disk2_blocks: None,
@@ -250,6 +263,12 @@ pub fn parse(line: &[u8]) -> Config {
                     Some(v) => cfg.mem_rate = MemRate::MibPerSec(v),
                     None => bad(key, value, "expected MiB/s or max"),
                 },
+            },
+            b"mem_data" => match value {
+                b"random" => cfg.mem_data = MemData::Random,
+                b"text" => cfg.mem_data = MemData::Text,
+                b"delta" => cfg.mem_data = MemData::Delta,
+                _ => bad(key, value, "expected random, text or delta"),
             },
             b"disk_blocks" => match num(1, 1 << 40) {
                 Some(v) => cfg.disk_blocks = Some(v),

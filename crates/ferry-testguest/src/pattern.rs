@@ -49,14 +49,75 @@ impl Sum {
     }
 }
 
+/// The vocabulary of text-like payloads: 16 eight-byte words, so a word carries 4 bits.
+const TEXT: [u64; 16] = {
+    let words: [&[u8; 8]; 16] = [
+        b"ferry   ",
+        b"moves   ",
+        b"the     ",
+        b"guest   ",
+        b"over    ",
+        b"a       ",
+        b"link,   ",
+        b"pages   ",
+        b"and     ",
+        b"blocks  ",
+        b"while   ",
+        b"it      ",
+        b"runs.   ",
+        b"never   ",
+        b"lost    ",
+        b"twice   ",
+    ];
+    let mut out = [0u64; 16];
+    let mut i = 0;
+    while i < 16 {
+        out[i] = u64::from_le_bytes(*words[i]);
+        i += 1;
+    }
+    out
+};
+/// A delta-friendly payload changes one word in this many per generation.
+const DELTA_STRIDE: usize = 64;
+
+/// What a payload looks like, and so how well it encodes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Noise from `seed`.
+    Random,
+    /// Words of [`TEXT`], chosen by `seed`.
+    Text,
+    /// Noise from `stable` except one word in [`DELTA_STRIDE`], from `seed`.
+    Delta { stable: u64 },
+}
+
+#[inline(always)]
+fn payload_word(kind: Kind, seed: u64, j: usize) -> u64 {
+    match kind {
+        Kind::Random => word(seed, j),
+        Kind::Text => TEXT[(word(seed, j) >> 60) as usize],
+        Kind::Delta { stable } if !j.is_multiple_of(DELTA_STRIDE) => word(stable, j),
+        Kind::Delta { .. } => word(seed, j),
+    }
+}
+
 /// Writes `words` payload words for `seed` at `dst`; returns their checksum.
 ///
 /// # Safety
 /// `dst` must be valid for writing `words` u64s and owned by the caller.
 pub unsafe fn fill(dst: *mut u64, words: usize, seed: u64) -> u64 {
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { fill_as(dst, words, seed, Kind::Random) }
+}
+
+/// [`fill`] with a payload of `kind`.
+///
+/// # Safety
+/// As for [`fill`].
+pub unsafe fn fill_as(dst: *mut u64, words: usize, seed: u64, kind: Kind) -> u64 {
     let mut sum = Sum { a: 0, b: 0 };
     for j in 0..words {
-        let w = word(seed, j);
+        let w = payload_word(kind, seed, j);
         // SAFETY: j < words; the caller guarantees the range.
         unsafe { dst.add(j).write_volatile(w) };
         sum.add(w);
@@ -70,12 +131,21 @@ pub unsafe fn fill(dst: *mut u64, words: usize, seed: u64) -> u64 {
 /// # Safety
 /// `src` must be valid for reading `words` u64s.
 pub unsafe fn check(src: *const u64, words: usize, seed: u64) -> (bool, u64) {
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { check_as(src, words, seed, Kind::Random) }
+}
+
+/// [`check`] against a payload of `kind`.
+///
+/// # Safety
+/// As for [`check`].
+pub unsafe fn check_as(src: *const u64, words: usize, seed: u64, kind: Kind) -> (bool, u64) {
     let mut sum = Sum { a: 0, b: 0 };
     let mut diff = 0;
     for j in 0..words {
         // SAFETY: j < words; the caller guarantees the range.
         let w = unsafe { src.add(j).read_volatile() };
-        diff |= w ^ word(seed, j);
+        diff |= w ^ payload_word(kind, seed, j);
         sum.add(w);
     }
     (diff == 0, sum.finish())

@@ -81,6 +81,7 @@ fn plan_mem(cfg: &Config, alloc: &mut PhysAlloc) -> MemPlan {
         pages,
         gens,
         rate: cfg.mem_rate,
+        data: cfg.mem_data,
         cpus: cfg.cpus,
     }
 }

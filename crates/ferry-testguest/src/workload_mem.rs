@@ -4,7 +4,7 @@
 //! slice once (generation 1), then rewrites random pages at its share of `mem_rate` (verifying
 //! each before the rewrite) and spends the remaining time verifying its slice round-robin.
 
-use crate::cmdline::MemRate;
+use crate::cmdline::{MemData, MemRate};
 use crate::memory::Extents;
 use crate::pattern::{self, Rng};
 use crate::status::PER_CPU;
@@ -25,6 +25,7 @@ pub struct MemPlan {
     /// Physical address of the expected-generation table (one u64 per page).
     pub gens: u64,
     pub rate: MemRate,
+    pub data: MemData,
     pub cpus: usize,
 }
 
@@ -36,6 +37,7 @@ pub struct MemWork {
     hi: u64,
     /// TSC cycles per rewrite for this CPU; None = as fast as possible.
     cost: Option<u64>,
+    data: MemData,
     next_due: u64,
     burst: u64,
     cursor: u64,
@@ -62,6 +64,7 @@ impl MemWork {
             lo,
             hi,
             cost,
+            data: plan.data,
             next_due: now,
             burst: tsc_hz / 20,
             cursor: lo,
@@ -81,14 +84,27 @@ impl MemWork {
         unsafe { self.gens.add(i as usize).write(g) }
     }
 
+    /// The payload kind of page `i`.
+    fn kind(&self, i: u64) -> pattern::Kind {
+        match self.data {
+            MemData::Random => pattern::Kind::Random,
+            MemData::Text => pattern::Kind::Text,
+            MemData::Delta => pattern::Kind::Delta {
+                stable: pattern::seed(SALT, i, 0),
+            },
+        }
+    }
+
     fn write_page(&mut self, i: u64, g: u64) {
         let p = self.extents.addr(i) as *mut u64;
+        let kind = self.kind(i);
         // SAFETY: page i of the working set is RAM this CPU owns (its slice).
         unsafe {
-            let ck = pattern::fill(
+            let ck = pattern::fill_as(
                 p.add(HEADER_WORDS),
                 PAYLOAD_WORDS,
                 pattern::seed(SALT, i, g),
+                kind,
             );
             p.write_volatile(i);
             p.add(1).write_volatile(g);
@@ -104,12 +120,14 @@ impl MemWork {
         let g = self.gen(i);
         let addr = self.extents.addr(i);
         let p = addr as *const u64;
+        let kind = self.kind(i);
         // SAFETY: as in `write_page`.
         let (idx, found_gen, ck, payload_ok, content_ck) = unsafe {
-            let (ok, content) = pattern::check(
+            let (ok, content) = pattern::check_as(
                 p.add(HEADER_WORDS),
                 PAYLOAD_WORDS,
                 pattern::seed(SALT, i, g),
+                kind,
             );
             (
                 p.read_volatile(),

@@ -238,6 +238,11 @@ struct MigrateCliArgs {
     /// where the migration was; then fail (the VM runs on here).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     resume_window: u64,
+    /// How data pages are encoded: raw (off); compressed while the link is the bottleneck,
+    /// with the codec that moves the most pages (auto); or one codec for every page, raw
+    /// where it does not shrink (sparse, delta, lz4, zstd).
+    #[arg(long, default_value = "off", value_parser = ferry_api::PageEncoding::NAMES.to_vec())]
+    encoding: String,
     /// Cancel the running migration instead.
     #[arg(long, conflicts_with = "to")]
     cancel: bool,
@@ -393,6 +398,8 @@ fn migrate_cmd(args: MigrateCliArgs) -> Result<()> {
             tls,
             connections: args.connections.0,
             resume_window_secs: args.resume_window,
+            encoding: ferry_api::PageEncoding::from_name(&args.encoding)
+                .context("--encoding takes off, auto, sparse, delta, lz4 or zstd")?,
             json: args.json,
         },
     )

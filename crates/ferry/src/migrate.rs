@@ -24,6 +24,7 @@ pub struct MigrateArgs {
     pub tls: Option<ferry_api::TlsSettings>,
     pub connections: Option<u32>,
     pub resume_window_secs: u64,
+    pub encoding: ferry_api::PageEncoding,
     pub json: bool,
 }
 
@@ -112,6 +113,7 @@ pub fn run(socket: &Path, args: MigrateArgs) -> Result<MigrationStatus> {
         tls: args.tls.clone(),
         connections: args.connections,
         resume_window_secs: Some(args.resume_window_secs),
+        encoding: args.encoding,
         wait: true,
     };
     // One connection waits for the end; progress comes from polling on others.

@@ -40,6 +40,8 @@ const DATA_RECORD_LEN: usize = RECORD_HEADER + PAGE;
 const ENCODED_HEADER: usize = RECORD_HEADER + 1 + 2;
 /// The largest encoded body: one byte less than a page, or the page goes raw.
 pub const MAX_ENCODED_BODY: usize = PAGE - 1;
+/// The least a batch holds: one data page, raw or encoded.
+const MIN_BATCH_ROOM: usize = ENCODED_HEADER + MAX_ENCODED_BODY;
 
 /// One record of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,10 +321,10 @@ pub struct PageBatchWriter {
 }
 
 impl PageBatchWriter {
-    /// A writer whose batches hold at most `max_bytes`, clamped between one data record and
-    /// [`MAX_BATCH_BYTES`]. The buffer is allocated here, once.
+    /// A writer whose batches hold at most `max_bytes`, clamped between one data page (raw or
+    /// encoded) and [`MAX_BATCH_BYTES`]. The buffer is allocated here, once.
     pub fn new(max_bytes: usize) -> PageBatchWriter {
-        let max_bytes = max_bytes.clamp(DATA_RECORD_LEN, MAX_BATCH_BYTES);
+        let max_bytes = max_bytes.clamp(MIN_BATCH_ROOM, MAX_BATCH_BYTES);
         PageBatchWriter {
             buf: Vec::with_capacity(max_bytes),
             max_bytes,
@@ -337,7 +339,7 @@ impl PageBatchWriter {
     /// Changes the largest batch, clamped as in [`new`](Self::new). The batch being filled
     /// keeps what it holds; the limit applies to what is added from now on.
     pub fn set_max_bytes(&mut self, max_bytes: usize) {
-        self.max_bytes = max_bytes.clamp(DATA_RECORD_LEN, MAX_BATCH_BYTES);
+        self.max_bytes = max_bytes.clamp(MIN_BATCH_ROOM, MAX_BATCH_BYTES);
     }
 
     /// Empties the batch, keeping the buffer.
@@ -450,6 +452,11 @@ impl PageBatchWriter {
         self.data_pages += 1;
         self.encoded_pages += 1;
         Pushed::Added
+    }
+
+    /// Whether a data page, raw or encoded, still fits.
+    pub fn has_room_for_page(&self) -> bool {
+        self.buf.len() + MIN_BATCH_ROOM <= self.max_bytes
     }
 
     pub fn is_empty(&self) -> bool {

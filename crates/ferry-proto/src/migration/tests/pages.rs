@@ -124,8 +124,11 @@ fn the_writer_fills_up_to_max_bytes_and_no_further() {
 #[test]
 fn max_bytes_is_clamped_between_one_page_and_the_batch_limit() {
     let mut tiny = PageBatchWriter::new(0);
-    assert_eq!(tiny.max_bytes(), DATA_RECORD);
+    // An encoded page's record may be two bytes longer than a raw one.
+    assert_eq!(tiny.max_bytes(), 12 + MAX_ENCODED_BODY);
+    assert!(tiny.has_room_for_page());
     assert!(tiny.push_page(0, &page(1)), "one page always fits");
+    assert!(!tiny.has_room_for_page());
     assert_eq!(
         PageBatchWriter::new(usize::MAX).max_bytes(),
         MAX_BATCH_BYTES

@@ -19,8 +19,10 @@
 //! The worker is split by job: [`link`] (the connection and its liveness), [`scan`] (reading
 //! and encoding pages into reused buffers), [`handover`] (the paused phase and resolving).
 
+mod codec_choice;
 mod connect;
 mod disks;
+mod encode;
 mod handover;
 mod link;
 mod scan;
@@ -160,6 +162,7 @@ pub fn initial_status(to: &str, migration_id: u64) -> MigrationStatus {
         connections_up: 0,
         connections_lost: 0,
         resent_bytes: 0,
+        encoding: None,
     }
 }
 
@@ -370,6 +373,14 @@ impl<'a> Worker<'a> {
         })?;
         self.rtt = opened.rtt;
         self.features = opened.features;
+        let encoding = encode::Encoding::new(self.ctx.request.encoding, self.features.codecs);
+        if encoding.is_none() && self.ctx.request.encoding != ferry_api::PageEncoding::Off {
+            self.note(format!(
+                "page encoding {} is off: the destination speaks none of its codecs",
+                self.ctx.request.encoding.name()
+            ));
+        }
+        self.scanner.set_encoding(encoding, self.ctx.status.clone());
         let connections = opened.connections as u32;
         self.status(|s| s.connections = connections);
         Ok(opened.link)
@@ -861,6 +872,7 @@ impl<'a> Worker<'a> {
             },
         ))?;
         self.iterations += 1;
+        self.scanner.report_encoding();
         let sent = link.stats.bytes_sent.load(Ordering::Relaxed);
         self.status(|s| {
             s.data_pages_sent = self.data_pages;

@@ -5,11 +5,14 @@
 //! round between this stage and the link's writer, so a pass allocates nothing once the pool
 //! is warm. The checksum is computed by the writer thread, on the other core.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_api::MigrationStatus;
 use ferry_devices::GuestMemory;
 use ferry_proto::migration::{Message, PageBatch, PageBatchWriter};
 
+use super::encode::Encoding;
 use super::link::Link;
 use super::PassProgress;
 use crate::memory::{is_zero_page, HostRegions};
@@ -25,6 +28,8 @@ const MIN_BATCH: usize = 256 << 10;
 const BATCH_TIME: f64 = 2e-3;
 /// Batch buffers in circulation at most: the writer's queue plus the one being filled.
 const POOL: usize = 4;
+/// How often the encoding hears how long the scanner waited for the link.
+const WINDOW: Duration = Duration::from_millis(50);
 
 /// The batch size for a link that carries `bytes_per_sec` (0: not known yet, take the
 /// largest).
@@ -53,6 +58,33 @@ pub struct Scanner {
     writer: PageBatchWriter,
     spare: Vec<PageBatch>,
     in_circulation: usize,
+    /// The page encoding, when one is on, and the status it reports into.
+    encoding: Option<Encoding>,
+    status: Option<Arc<Mutex<MigrationStatus>>>,
+    /// The current window: since when, time spent waiting for the link, bytes handed to it.
+    window: (Instant, Duration, u64),
+}
+
+/// Adds a data page, through the encoding when there is one. False: the batch is full.
+fn push_data(
+    writer: &mut PageBatchWriter,
+    encoding: &mut Option<Encoding>,
+    gpa: u64,
+    page: &[u8],
+) -> bool {
+    match encoding {
+        Some(e) => e.push(writer, gpa, page),
+        None => writer.push_page(gpa, page),
+    }
+}
+
+/// Adds a zero page; a kept copy of it is forgotten. False: the batch is full.
+fn push_zero(writer: &mut PageBatchWriter, encoding: &mut Option<Encoding>, gpa: u64) -> bool {
+    let pushed = writer.push_zero_run(gpa, 1);
+    if let (true, Some(e)) = (pushed, encoding) {
+        e.zeroed(gpa);
+    }
+    pushed
 }
 
 impl Scanner {
@@ -62,6 +94,29 @@ impl Scanner {
             writer: PageBatchWriter::new(MAX_BATCH),
             spare: Vec::new(),
             in_circulation: 1,
+            encoding: None,
+            status: None,
+            window: (Instant::now(), Duration::ZERO, 0),
+        }
+    }
+
+    /// Encodes data pages from now on (`None`: raw), and reports what it does into `status`
+    /// every window.
+    pub fn set_encoding(
+        &mut self,
+        encoding: Option<Encoding>,
+        status: Arc<Mutex<MigrationStatus>>,
+    ) {
+        self.encoding = encoding;
+        self.status = Some(status);
+        self.report_encoding();
+    }
+
+    /// Writes what the encoding did so far into the status.
+    pub fn report_encoding(&self) {
+        if let Some(status) = &self.status {
+            let e = self.encoding.as_ref().map(|e| Box::new(e.status()));
+            status.lock().unwrap_or_else(|p| p.into_inner()).encoding = e;
         }
     }
 
@@ -93,6 +148,9 @@ impl Scanner {
         mut progress: impl FnMut(&mut Link, u64, PassProgress) -> Result<(), Stop>,
     ) -> Result<PassProgress, Stop> {
         let mut pass = PassProgress::default();
+        // A window measures the link while pages flow: the time between passes (the dirty
+        // log, the policy, the destination catching up) is not the link's.
+        self.window = (Instant::now(), Duration::ZERO, 0);
         if deadline.is_some_and(|d| Instant::now() >= d) {
             // No time left at all: nothing is taken.
             return Ok(pass);
@@ -109,11 +167,11 @@ impl Scanner {
                 (true, ZeroPages::Skip) => continue,
                 (true, _) => {
                     pass.zero_pages += 1;
-                    self.writer.push_zero_run(gpa, 1)
+                    push_zero(&mut self.writer, &mut self.encoding, gpa)
                 }
                 (false, _) => {
                     pass.data_pages += 1;
-                    self.writer.push_page(gpa, page)
+                    push_data(&mut self.writer, &mut self.encoding, gpa, page)
                 }
             };
             if !pushed {
@@ -131,9 +189,9 @@ impl Scanner {
                 }
                 let page = Self::page(&self.memory, gpa).expect("checked above");
                 let again = if zero {
-                    self.writer.push_zero_run(gpa, 1)
+                    push_zero(&mut self.writer, &mut self.encoding, gpa)
                 } else {
-                    self.writer.push_page(gpa, page)
+                    push_data(&mut self.writer, &mut self.encoding, gpa, page)
                 };
                 assert!(again, "an empty batch holds a page");
             }
@@ -151,6 +209,15 @@ impl Scanner {
         }
         let mut batch = self.buffer(link)?;
         self.writer.swap_into(&mut batch);
+        self.window.2 += batch.len_bytes() as u64;
+        let elapsed = self.window.0.elapsed();
+        if elapsed >= WINDOW {
+            if let Some(e) = self.encoding.as_mut() {
+                e.window(elapsed, self.window.1, self.window.2);
+                self.report_encoding();
+            }
+            self.window = (Instant::now(), Duration::ZERO, 0);
+        }
         link.send(Message::Pages(batch))
     }
 
@@ -167,8 +234,11 @@ impl Scanner {
             self.in_circulation += 1;
             return Ok(PageBatch::new());
         }
+        // The link is behind: the wait is what tells the encoding it is the bottleneck.
+        let waiting = Instant::now();
         loop {
             if let Some(b) = link.spent_buffer(Duration::from_secs(1))? {
+                self.window.1 += waiting.elapsed();
                 return Ok(b);
             }
         }

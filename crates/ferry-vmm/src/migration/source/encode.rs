@@ -1,0 +1,246 @@
+//! Encoding data pages on their way into a batch: the operator's mode, the codecs both sides
+//! speak, the copies of sent pages that delta needs, and the counts the status shows.
+//!
+//! A page is copied once out of guest memory into a snapshot, and everything (the encoders,
+//! the raw record, the copy kept for delta) is made from that snapshot: the guest may write the
+//! page meanwhile, and the destination must end up with exactly the bytes the cache holds.
+//! When nothing is to be encoded or kept, the page goes from guest memory into the batch
+//! directly, as without encoding.
+
+use std::time::{Duration, Instant};
+
+use ferry_api::{CodecPages, EncodingStatus, PageEncoding};
+use ferry_proto::migration::{
+    CodecSet, PageBatchWriter, PageCache, PageCodec, PageEncoder, Pushed, MAX_ENCODED_BODY,
+};
+
+use super::codec_choice::{CodecChoice, RAW_PAGE_BYTES};
+use crate::migration::pages::PAGE;
+
+/// Copies of sent pages kept for delta, at most (QEMU's XBZRLE cache is as large by default).
+pub const DELTA_CACHE_BYTES: usize = 64 << 20;
+/// A delta larger than this goes another way: the general codec or raw does as well.
+const DELTA_MAX: usize = 2048;
+/// Sample every codec on one page in this many, at most once per `PROBE_EVERY`.
+const PROBE_PAGES: u64 = 64;
+const PROBE_EVERY: Duration = Duration::from_millis(2);
+/// Encoded record header: tag, gpa, codec, length.
+const ENCODED_HEADER: usize = 12;
+
+/// The encoding stage of one migration.
+#[derive(Debug)]
+pub struct Encoding {
+    mode: PageEncoding,
+    /// The codecs both sides speak, narrowed to the forced one.
+    usable: CodecSet,
+    encoder: PageEncoder,
+    /// Copies of sent pages, when delta may be used.
+    cache: Option<PageCache>,
+    snapshot: Vec<u8>,
+    probe_out: Vec<u8>,
+    choice: CodecChoice,
+    pages_seen: u64,
+    last_probe: Option<Instant>,
+    counts: [u64; 5],
+    raw_pages: u64,
+    saved_bytes: u64,
+}
+
+impl Encoding {
+    /// The stage for `mode` with the codecs both sides agreed; `None` when nothing is to be
+    /// encoded (off, or no codec in common).
+    pub fn new(mode: PageEncoding, agreed: CodecSet) -> Option<Encoding> {
+        let forced = match mode {
+            PageEncoding::Off => return None,
+            PageEncoding::Auto => None,
+            PageEncoding::Sparse => Some(PageCodec::Sparse),
+            PageEncoding::Delta => Some(PageCodec::Delta),
+            PageEncoding::Lz4 => Some(PageCodec::Lz4),
+            PageEncoding::Zstd => Some(PageCodec::Zstd),
+        };
+        let usable = match forced {
+            Some(c) => agreed.intersect(CodecSet::NONE.with(c)),
+            None => agreed,
+        };
+        if usable.is_empty() {
+            return None;
+        }
+        Some(Encoding {
+            mode,
+            usable,
+            encoder: PageEncoder::new(),
+            cache: usable
+                .contains(PageCodec::Delta)
+                .then(|| PageCache::new(DELTA_CACHE_BYTES)),
+            snapshot: vec![0; PAGE as usize],
+            probe_out: Vec::with_capacity(2 * PAGE as usize),
+            choice: CodecChoice::new(usable),
+            pages_seen: 0,
+            last_probe: None,
+            counts: [0; 5],
+            raw_pages: 0,
+            saved_bytes: 0,
+        })
+    }
+
+    fn forced(&self) -> bool {
+        self.mode != PageEncoding::Auto
+    }
+
+    /// Whether sent pages are kept for delta now: always when delta is forced; in auto mode
+    /// while the link is the bottleneck (otherwise the copy is CPU spent for nothing).
+    fn keeping(&self) -> bool {
+        self.cache.is_some() && (self.forced() || self.choice.link_bound())
+    }
+
+    /// The general codec for this page: the forced one, or the chooser's.
+    fn general(&self) -> Option<PageCodec> {
+        if self.forced() {
+            self.usable.iter().find(|c| *c != PageCodec::Delta)
+        } else {
+            self.choice.chosen()
+        }
+    }
+
+    /// The destination's page at `gpa` became zero (a zero run): a kept copy is wrong now.
+    pub fn zeroed(&mut self, gpa: u64) {
+        if let Some(cache) = self.cache.as_mut() {
+            cache.forget(gpa);
+        }
+    }
+
+    /// A window of the scanner: `elapsed`, of which it `waited` for the link, `bytes` handed
+    /// to it.
+    pub fn window(&mut self, elapsed: Duration, waited: Duration, bytes: u64) {
+        self.choice.window(elapsed, waited, bytes);
+    }
+
+    /// Adds the data page `page` at `gpa` to `w`, encoded where that pays. False: the batch is
+    /// full and nothing was added.
+    pub fn push(&mut self, w: &mut PageBatchWriter, gpa: u64, page: &[u8]) -> bool {
+        if !w.has_room_for_page() {
+            return false;
+        }
+        self.pages_seen += 1;
+        if !self.forced() && self.pages_seen % PROBE_PAGES == 1 {
+            let due = self.last_probe.is_none_or(|t| t.elapsed() >= PROBE_EVERY);
+            if due {
+                self.last_probe = Some(Instant::now());
+                self.probe(page);
+            }
+        }
+        let keeping = self.keeping();
+        let general = self.general();
+        let delta_base = if keeping {
+            self.cache.as_ref().and_then(|c| c.get(gpa)).is_some()
+        } else {
+            false
+        };
+        if !keeping && general.is_none() {
+            self.raw_pages += 1;
+            return w.push_page(gpa, page);
+        }
+        self.snapshot.copy_from_slice(page);
+        let snap = &self.snapshot;
+        let before = w.len_bytes();
+        let mut encoded_with = None;
+        if delta_base {
+            let base = self.cache.as_ref().and_then(|c| c.get(gpa));
+            let encoder = &mut self.encoder;
+            let pushed = w.push_encoded(gpa, PageCodec::Delta, |out| {
+                encoder.encode(PageCodec::Delta, snap, base, DELTA_MAX, out)
+            });
+            if pushed == Pushed::Added {
+                encoded_with = Some(PageCodec::Delta);
+            }
+        }
+        if let (None, Some(codec)) = (encoded_with, general) {
+            let encoder = &mut self.encoder;
+            let pushed = w.push_encoded(gpa, codec, |out| {
+                encoder.encode(codec, snap, None, MAX_ENCODED_BODY, out)
+            });
+            if pushed == Pushed::Added {
+                encoded_with = Some(codec);
+            }
+        }
+        match encoded_with {
+            Some(codec) => {
+                self.counts[codec as usize] += 1;
+                let record = w.len_bytes() - before;
+                self.saved_bytes += (RAW_PAGE_BYTES as usize).saturating_sub(record) as u64;
+            }
+            None => {
+                self.raw_pages += 1;
+                // Room was checked above.
+                w.push_page(gpa, snap);
+            }
+        }
+        if keeping {
+            if let Some(cache) = self.cache.as_mut() {
+                cache.put(gpa, &self.snapshot);
+            }
+        }
+        true
+    }
+
+    /// Times raw and every candidate codec on `page`, for the chooser.
+    fn probe(&mut self, page: &[u8]) {
+        let started = Instant::now();
+        self.snapshot.copy_from_slice(page);
+        self.probe_out.clear();
+        self.probe_out.extend_from_slice(&self.snapshot);
+        let raw_ns = started.elapsed().as_nanos() as f64;
+        self.choice.sample_raw(raw_ns);
+        for codec in self.choice.candidates().iter() {
+            self.probe_out.clear();
+            let t = Instant::now();
+            let ok = self.encoder.encode(
+                codec,
+                &self.snapshot,
+                None,
+                MAX_ENCODED_BODY,
+                &mut self.probe_out,
+            );
+            let ns = t.elapsed().as_nanos() as f64;
+            let (ns, bytes) = if ok {
+                (ns + raw_ns, (ENCODED_HEADER + self.probe_out.len()) as f64)
+            } else {
+                (ns + raw_ns, RAW_PAGE_BYTES)
+            };
+            self.choice.sample(codec, ns, bytes);
+        }
+    }
+
+    /// What the status shows.
+    pub fn status(&self) -> EncodingStatus {
+        let (chosen, why) = if self.forced() {
+            (
+                self.mode.name().to_string(),
+                "forced by the operator".to_string(),
+            )
+        } else {
+            (
+                self.choice
+                    .chosen()
+                    .map_or("raw", PageCodec::name)
+                    .to_string(),
+                self.choice.why().to_string(),
+            )
+        };
+        EncodingStatus {
+            mode: self.mode,
+            chosen,
+            why,
+            pages: PageCodec::ALL
+                .into_iter()
+                .filter(|c| self.counts[*c as usize] > 0)
+                .map(|c| CodecPages {
+                    codec: c.name().to_string(),
+                    pages: self.counts[c as usize],
+                })
+                .collect(),
+            raw_pages: self.raw_pages,
+            saved_bytes: self.saved_bytes,
+        }
+    }
+}
