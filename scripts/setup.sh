@@ -8,6 +8,10 @@ need_apt=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need_apt+=(qemu-system-x86)
 command -v busybox >/dev/null 2>&1 || [ -x /bin/busybox ] || need_apt+=(busybox-static)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+# The NIC tests ping the guest from a client namespace.
+command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)
+# zstd's C library is built from source by its crate.
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 command -v iasl >/dev/null 2>&1 || need_apt+=(acpica-tools)
 command -v xz >/dev/null 2>&1 || need_apt+=(xz-utils)
 

@@ -120,6 +120,11 @@ enum BenchWhat {
         /// stream, its own choice of streams and TLS, beside QEMU with multifd.
         #[arg(long, conflicts_with_all = ["disk", "net"])]
         wan: bool,
+        /// Page encoding instead: guests rewriting text-like, delta-friendly or random pages
+        /// at 50 MiB/s, on a 1 Gbit/s and an unlimited link; ferry with encoding off and auto
+        /// beside QEMU plain, with XBZRLE and with multifd + zstd; bytes, times and CPU.
+        #[arg(long, conflicts_with_all = ["quick", "disk", "net", "wan"])]
+        encoding: bool,
     },
     /// The migration send path alone (scanning, encoding, writing) into a receiver on
     /// loopback that discards: GB/s and CPU per page next to a plain memcpy.
@@ -242,6 +247,16 @@ fn main() -> ExitCode {
                 runs, net: true, ..
             },
         } => bench::migrate_net::migrate_net(runs).and_then(|r| print_report(&r)),
+        Command::Bench {
+            what:
+                BenchWhat::Migrate {
+                    runs,
+                    only,
+                    encoding: true,
+                    ..
+                },
+        } => bench::migrate_encoding::migrate_encoding(runs, only.as_deref())
+            .and_then(|r| print_report(&r)),
         Command::Bench {
             what:
                 BenchWhat::Migrate {

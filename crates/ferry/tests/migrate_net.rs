@@ -67,13 +67,18 @@ fn move_vm(
 }
 
 /// `ping` from the client gets answers.
+/// Whether the VM answers ping. A host without ping is a broken setup, not a silent VM.
 fn ping(lan: &Lan, ip: Ipv4Addr) -> bool {
     let mut c = std::process::Command::new("ping");
     c.args(["-c", "3", "-i", "0.2", "-W", "2"])
         .arg(ip.to_string());
-    Lan::exec(&lan.client, &c)
-        .output()
-        .is_ok_and(|o| o.status.success())
+    let out = Lan::exec(&lan.client, &c).output().expect("run ping");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No such file"),
+        "cannot run ping ({stderr}): scripts/setup.sh installs iputils-ping"
+    );
+    out.status.success()
 }
 
 /// Waits until the probe saw `more` answers on UDP and on TCP beyond what it had.

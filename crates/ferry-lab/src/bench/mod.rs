@@ -17,6 +17,7 @@ use ferry_lab::product::ferry_binary;
 
 pub mod migrate;
 pub mod migrate_disk;
+pub mod migrate_encoding;
 pub mod migrate_net;
 pub mod migrate_wan;
 pub mod snapshot;

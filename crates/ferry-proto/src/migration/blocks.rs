@@ -5,7 +5,12 @@
 //! record := tag:u8  offset:u64le  body
 //!   tag 'H' (0x48)  a range that reads as zero   body = len:u64le              17 bytes
 //!   tag 'D' (0x44)  data                          body = len:u32le bytes[len]  13 + len
+//!   tag 'C' (0x43)  compressed data               body = len:u32le codec:u8 n:u32le bytes[n]
+//!                                                                               18 + n
 //! ```
+//!
+//! A compressed record opens (lz4 or zstd, [`PageCodec`]) to exactly `len` bytes, with `n <
+//! len`; the codec must be one both sides announced (the ledger checks that).
 //!
 //! Offsets and lengths count bytes and are multiples of [`SECTOR_SIZE`]; a range is never
 //! empty, a data record carries at most [`MAX_BLOCK_DATA`] bytes, and no range reaches past
@@ -18,6 +23,7 @@
 use std::fmt;
 
 use super::error::ProtocolError;
+use super::page_codec::{PageCodec, PageEncoder};
 use super::records::RecordIter;
 use super::MAX_BATCH_BYTES;
 
@@ -28,10 +34,12 @@ pub const MAX_BLOCK_DATA: usize = 1 << 20;
 
 const TAG_HOLE: u8 = b'H';
 const TAG_DATA: u8 = b'D';
+const TAG_COMPRESSED: u8 = b'C';
 const BATCH_HEADER: usize = 4;
 const RECORD_HEADER: usize = 1 + 8;
 const HOLE_RECORD_LEN: usize = RECORD_HEADER + 8;
 const DATA_HEADER_LEN: usize = RECORD_HEADER + 4;
+const COMPRESSED_HEADER_LEN: usize = DATA_HEADER_LEN + 1 + 4;
 /// A writer reserves this much up front and grows from there: a pass of a few small blocks
 /// then costs a small buffer, not a whole batch's.
 const INITIAL_CAPACITY: usize = 128 << 10;
@@ -43,19 +51,29 @@ pub enum BlockRecord<'a> {
     Hole { offset: u64, len: u64 },
     /// The bytes at `offset`; borrows from the batch.
     Data { offset: u64, bytes: &'a [u8] },
+    /// `len` bytes at `offset`, compressed with `codec` into `body` (not yet opened: the
+    /// decoder checks it).
+    Compressed {
+        offset: u64,
+        len: u64,
+        codec: PageCodec,
+        body: &'a [u8],
+    },
 }
 
 impl BlockRecord<'_> {
     pub fn offset(&self) -> u64 {
         match self {
-            BlockRecord::Hole { offset, .. } | BlockRecord::Data { offset, .. } => *offset,
+            BlockRecord::Hole { offset, .. }
+            | BlockRecord::Data { offset, .. }
+            | BlockRecord::Compressed { offset, .. } => *offset,
         }
     }
 
     /// The bytes of the disk the record covers.
     pub fn len(&self) -> u64 {
         match self {
-            BlockRecord::Hole { len, .. } => *len,
+            BlockRecord::Hole { len, .. } | BlockRecord::Compressed { len, .. } => *len,
             BlockRecord::Data { bytes, .. } => bytes.len() as u64,
         }
     }
@@ -145,6 +163,51 @@ fn parse_record(bytes: &[u8], pos: usize) -> Result<(BlockRecord<'_>, usize), Pr
                 pos + DATA_HEADER_LEN + len,
             ))
         }
+        TAG_COMPRESSED => {
+            if rest.len() < COMPRESSED_HEADER_LEN {
+                return Err(bad(format!(
+                    "compressed block at offset {pos} is cut short"
+                )));
+            }
+            let len = read_u32(&rest[RECORD_HEADER..]) as usize;
+            if len > MAX_BLOCK_DATA {
+                return Err(bad(format!(
+                    "compressed block at offset {pos} claims {len} bytes (at most \
+                     {MAX_BLOCK_DATA})"
+                )));
+            }
+            check_range(offset, len as u64, pos)?;
+            let codec = PageCodec::from_u8(rest[DATA_HEADER_LEN])
+                .filter(|c| matches!(c, PageCodec::Lz4 | PageCodec::Zstd))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "compressed block {offset:#x}: codec {} is not a compressor",
+                        rest[DATA_HEADER_LEN]
+                    ))
+                })?;
+            let n = read_u32(&rest[DATA_HEADER_LEN + 1..]) as usize;
+            if n >= len {
+                return Err(bad(format!(
+                    "compressed block {offset:#x}: {n} bytes for {len} is no compression"
+                )));
+            }
+            let body = &rest[COMPRESSED_HEADER_LEN..];
+            if body.len() < n {
+                return Err(bad(format!(
+                    "compressed block {offset:#x} has {} of {n} bytes",
+                    body.len()
+                )));
+            }
+            Ok((
+                BlockRecord::Compressed {
+                    offset,
+                    len: len as u64,
+                    codec,
+                    body: &body[..n],
+                },
+                pos + COMPRESSED_HEADER_LEN + n,
+            ))
+        }
         other => Err(bad(format!(
             "unknown block record tag {other:#04x} at offset {pos}"
         ))),
@@ -225,6 +288,7 @@ impl BlockBatch {
             .flatten()
             .fold((0, 0), |(data, holes), r| match r {
                 BlockRecord::Data { bytes, .. } => (data + bytes.len() as u64, holes),
+                BlockRecord::Compressed { len, .. } => (data + len, holes),
                 BlockRecord::Hole { len, .. } => (data, holes + len),
             })
     }
@@ -246,6 +310,10 @@ impl fmt::Debug for BlockBatch {
 pub struct BlockBatchWriter {
     bytes: Vec<u8>,
     max: usize,
+    /// Where the last record starts, when it is a data record (it may still be compressed).
+    last_data: Option<usize>,
+    /// The compressor's output, before it replaces the data.
+    scratch: Vec<u8>,
 }
 
 impl BlockBatchWriter {
@@ -258,7 +326,12 @@ impl BlockBatchWriter {
         );
         let mut bytes = Vec::with_capacity(max.min(INITIAL_CAPACITY));
         bytes.extend_from_slice(&disk.to_le_bytes());
-        BlockBatchWriter { bytes, max }
+        BlockBatchWriter {
+            bytes,
+            max,
+            last_data: None,
+            scratch: Vec::new(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -280,6 +353,7 @@ impl BlockBatchWriter {
         self.bytes.push(TAG_HOLE);
         self.bytes.extend_from_slice(&offset.to_le_bytes());
         self.bytes.extend_from_slice(&len.to_le_bytes());
+        self.last_data = None;
         true
     }
 
@@ -289,6 +363,7 @@ impl BlockBatchWriter {
         if len > self.data_room() || len == 0 {
             return None;
         }
+        self.last_data = Some(self.bytes.len());
         self.bytes.push(TAG_DATA);
         self.bytes.extend_from_slice(&offset.to_le_bytes());
         self.bytes.extend_from_slice(&(len as u32).to_le_bytes());
@@ -301,6 +376,35 @@ impl BlockBatchWriter {
     pub fn pop_data(&mut self, len: usize) {
         let keep = self.bytes.len().saturating_sub(len + DATA_HEADER_LEN);
         self.bytes.truncate(keep.max(BATCH_HEADER));
+        self.last_data = None;
+    }
+
+    /// Compresses the last data record with `codec` (lz4 or zstd) when that makes it
+    /// shorter; returns whether it did. The record must be the last thing pushed.
+    pub fn compress_last(&mut self, codec: PageCodec, encoder: &mut PageEncoder) -> bool {
+        let Some(at) = self.last_data else {
+            return false;
+        };
+        let len = read_u32(&self.bytes[at + RECORD_HEADER..]) as usize;
+        let data = at + DATA_HEADER_LEN;
+        let Some(max) = len.checked_sub(COMPRESSED_HEADER_LEN - DATA_HEADER_LEN + 1) else {
+            return false;
+        };
+        self.scratch.clear();
+        if !encoder.compress(codec, &self.bytes[data..data + len], max, &mut self.scratch) {
+            return false;
+        }
+        let offset = read_u64(&self.bytes[at + 1..]);
+        self.bytes.truncate(at);
+        self.bytes.push(TAG_COMPRESSED);
+        self.bytes.extend_from_slice(&offset.to_le_bytes());
+        self.bytes.extend_from_slice(&(len as u32).to_le_bytes());
+        self.bytes.push(codec as u8);
+        self.bytes
+            .extend_from_slice(&(self.scratch.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(&self.scratch);
+        self.last_data = None;
+        true
     }
 
     /// The batch so far; the writer starts over for the same disk.
@@ -308,6 +412,7 @@ impl BlockBatchWriter {
         let disk = self.bytes[..BATCH_HEADER].to_vec();
         let mut fresh = Vec::with_capacity(self.max.min(INITIAL_CAPACITY));
         fresh.extend_from_slice(&disk);
+        self.last_data = None;
         let mut batch = BlockBatch {
             bytes: std::mem::replace(&mut self.bytes, fresh),
             counts: (0, 0),

@@ -134,6 +134,14 @@ impl Ledger {
             })?;
         for record in batch.records() {
             let record: BlockRecord<'_> = record?;
+            if let BlockRecord::Compressed { offset, codec, .. } = record {
+                if !self.codecs.contains(codec) {
+                    return Err(ProtocolError::BadRecord(format!(
+                        "disk {disk}: block {offset:#x} is compressed with {codec}, which was \
+                         not agreed"
+                    )));
+                }
+            }
             // The record's own check ruled out overflow.
             if record.offset() + record.len() > size {
                 return Err(ProtocolError::BadRecord(format!(

@@ -257,8 +257,7 @@ impl PageEncoder {
         PageEncoder {
             // A compressor that cannot be made (out of memory) just leaves zstd unused.
             zstd: zstd::bulk::Compressor::new(ZSTD_LEVEL).ok(),
-            // Room for the worst case of either compressor (lz4 wants it up front).
-            scratch: vec![0; 2 * PAGE],
+            scratch: Vec::new(),
         }
     }
 
@@ -284,25 +283,39 @@ impl PageEncoder {
                 Some(base) if base.len() == PAGE => encode_runs(page, Some(base), max_len, out),
                 _ => false,
             },
-            PageCodec::Lz4 => match lz4_flex::block::compress_into(page, &mut self.scratch) {
-                Ok(n) if n <= max_len => {
-                    out.extend_from_slice(&self.scratch[..n]);
-                    true
-                }
-                _ => false,
-            },
-            PageCodec::Zstd => {
-                let Some(zstd) = self.zstd.as_mut() else {
-                    return false;
-                };
-                match zstd.compress_to_buffer(page, &mut self.scratch[..]) {
-                    Ok(n) if n <= max_len => {
-                        out.extend_from_slice(&self.scratch[..n]);
-                        true
-                    }
-                    _ => false,
-                }
+            PageCodec::Lz4 | PageCodec::Zstd => self.compress(codec, page, max_len, out),
+        }
+    }
+
+    /// Appends `data` (any length) compressed with lz4 or zstd to `out`, if that takes at
+    /// most `max_len` bytes; sparse and delta are page codecs and decline. For disk blocks as
+    /// well as pages. On false `out` is as it was.
+    pub fn compress(
+        &mut self,
+        codec: PageCodec,
+        data: &[u8],
+        max_len: usize,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        // Room for the worst case of either compressor (lz4 wants it up front).
+        let bound = lz4_flex::block::get_maximum_output_size(data.len()).max(data.len() + 1024);
+        if self.scratch.len() < bound {
+            self.scratch.resize(bound, 0);
+        }
+        let n = match codec {
+            PageCodec::Lz4 => lz4_flex::block::compress_into(data, &mut self.scratch).ok(),
+            PageCodec::Zstd => self
+                .zstd
+                .as_mut()
+                .and_then(|z| z.compress_to_buffer(data, &mut self.scratch[..]).ok()),
+            PageCodec::Sparse | PageCodec::Delta => None,
+        };
+        match n {
+            Some(n) if n <= max_len => {
+                out.extend_from_slice(&self.scratch[..n]);
+                true
             }
+            _ => false,
         }
     }
 }
@@ -350,22 +363,37 @@ impl PageDecoder {
                 apply_runs(body, page).map_err(fail)
             }
             PageCodec::Delta => apply_runs(body, page).map_err(fail),
-            PageCodec::Lz4 => match lz4_flex::block::decompress_into(body, page) {
-                Ok(PAGE) => Ok(()),
-                Ok(n) => Err(fail(format!("opens to {n} bytes, not a page"))),
-                Err(e) => Err(fail(e.to_string())),
-            },
-            PageCodec::Zstd => {
-                let zstd = self
-                    .zstd
-                    .as_mut()
-                    .ok_or_else(|| fail("no zstd decompressor (out of memory)".into()))?;
-                match zstd.decompress_to_buffer(body, page) {
-                    Ok(PAGE) => Ok(()),
-                    Ok(n) => Err(fail(format!("opens to {n} bytes, not a page"))),
-                    Err(e) => Err(fail(e.to_string())),
-                }
-            }
+            PageCodec::Lz4 | PageCodec::Zstd => self.decompress(codec, body, page),
         }
+    }
+
+    /// Opens an lz4 or zstd `body` into `out`, which it must fill exactly (a page, or a disk
+    /// block of the length its record announced).
+    pub fn decompress(
+        &mut self,
+        codec: PageCodec,
+        body: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), DecodeError> {
+        let fail = |reason: String| DecodeError { codec, reason };
+        let want = out.len();
+        let n = match codec {
+            PageCodec::Lz4 => {
+                lz4_flex::block::decompress_into(body, out).map_err(|e| fail(e.to_string()))?
+            }
+            PageCodec::Zstd => self
+                .zstd
+                .as_mut()
+                .ok_or_else(|| fail("no zstd decompressor (out of memory)".into()))?
+                .decompress_to_buffer(body, out)
+                .map_err(|e| fail(e.to_string()))?,
+            PageCodec::Sparse | PageCodec::Delta => {
+                return Err(fail("not a compressor".into()));
+            }
+        };
+        if n != want {
+            return Err(fail(format!("opens to {n} bytes, not {want}")));
+        }
+        Ok(())
     }
 }

@@ -286,3 +286,92 @@ fn codec_sets_follow_the_agreed_features() {
         assert!(feature::ALL.contains(&codec.feature()));
     }
 }
+
+#[test]
+fn a_data_block_compresses_in_place_and_opens_to_the_same_bytes() {
+    let data: Vec<u8> = (0..16).flat_map(text_page).collect();
+    let mut enc = PageEncoder::new();
+    let mut w = BlockBatchWriter::new(3, 1 << 20);
+    w.push_data(4096, data.len())
+        .expect("room")
+        .copy_from_slice(&data);
+    assert!(w.compress_last(PageCodec::Zstd, &mut enc));
+    assert!(!w.compress_last(PageCodec::Zstd, &mut enc), "only once");
+    // Noise stays data.
+    let noise = random_page(9);
+    w.push_data(1 << 20, PAGE)
+        .expect("room")
+        .copy_from_slice(&noise);
+    assert!(!w.compress_last(PageCodec::Lz4, &mut enc));
+    assert!(w.push_hole(2 << 20, 512));
+    let batch = w.take();
+    assert!(batch.as_bytes().len() < data.len() / 2 + PAGE + 64);
+    let again = BlockBatch::from_bytes(batch.as_bytes().to_vec()).expect("valid");
+    assert_eq!(again.counts(), ((data.len() + PAGE) as u64, 512));
+    let records: Vec<_> = again.records().collect::<Result<_, _>>().expect("valid");
+    let BlockRecord::Compressed {
+        offset,
+        len,
+        codec,
+        body,
+    } = records[0]
+    else {
+        panic!("not compressed: {:?}", records[0]);
+    };
+    assert_eq!(
+        (offset, len, codec),
+        (4096, data.len() as u64, PageCodec::Zstd)
+    );
+    let mut out = vec![0u8; len as usize];
+    PageDecoder::new()
+        .decompress(codec, body, &mut out)
+        .expect("opens");
+    assert_eq!(out, data);
+    // The wrong length is refused.
+    let mut short = vec![0u8; len as usize - 512];
+    assert!(PageDecoder::new()
+        .decompress(codec, body, &mut short)
+        .is_err());
+    assert!(matches!(records[1], BlockRecord::Data { .. }));
+}
+
+fn compressed_record(len: u32, codec: u8, n: u32, body: &[u8]) -> Vec<u8> {
+    let mut r = 0u32.to_le_bytes().to_vec(); // disk 0
+    r.push(b'C');
+    r.extend_from_slice(&0u64.to_le_bytes());
+    r.extend_from_slice(&len.to_le_bytes());
+    r.push(codec);
+    r.extend_from_slice(&n.to_le_bytes());
+    r.extend_from_slice(body);
+    r
+}
+
+#[test]
+fn hostile_compressed_blocks_are_refused() {
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (compressed_record(512, 1, 1, &[0]), "not a compressor"),
+        (compressed_record(512, 9, 1, &[0]), "not a compressor"),
+        (compressed_record(512, 3, 512, &[0; 512]), "no compression"),
+        (compressed_record(512, 3, 10, &[0; 9]), "has 9 of 10 bytes"),
+        (compressed_record(100, 3, 1, &[0]), "whole sectors"),
+        (compressed_record((2 << 20) as u32, 3, 1, &[0]), "at most"),
+        (
+            compressed_record(512, 3, 1, &[])[..20].to_vec(),
+            "cut short",
+        ),
+    ];
+    for (bytes, why) in cases {
+        let err = BlockBatch::from_bytes(bytes.clone()).expect_err("refused");
+        assert!(err.to_string().contains(why), "{bytes:?}: {err}");
+    }
+    // Well-formed, and its codec must have been agreed.
+    let batch = BlockBatch::from_bytes(compressed_record(512, 4, 1, &[0])).expect("well-formed");
+    let setup = sample_setup();
+    let err = ledger::Ledger::for_setup(&setup, CodecSet::NONE.with(PageCodec::Lz4))
+        .check_blocks(&batch)
+        .expect_err("zstd not agreed");
+    assert!(err.to_string().contains("not agreed"), "{err}");
+    assert!(ledger::Ledger::for_setup(&setup, CodecSet::all())
+        .check_blocks(&batch)
+        .is_ok());
+}

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_devices::virtio::block::zero_file_range;
-use ferry_proto::migration::{AbortKind, BlockBatch, BlockRecord, Setup};
+use ferry_proto::migration::{AbortKind, BlockBatch, BlockRecord, PageDecoder, Setup};
 
 use super::Refusal;
 
@@ -40,6 +40,9 @@ pub struct Landing {
     disks: Vec<Landed>,
     pace: Option<Pace>,
     kept: bool,
+    /// Opens compressed blocks, into `opened`.
+    decoder: PageDecoder,
+    opened: Vec<u8>,
 }
 
 impl Landing {
@@ -58,6 +61,8 @@ impl Landing {
             }),
             disks: Vec::new(),
             kept: false,
+            decoder: PageDecoder::new(),
+            opened: Vec::new(),
         };
         let lacking = |why: String| Refusal(AbortKind::Resources, why);
         for m in &setup.moving_disks {
@@ -103,13 +108,32 @@ impl Landing {
         let mut written = 0;
         for record in batch.records() {
             let record = record.map_err(|e| Refusal::from(e.to_string()))?;
+            let write = |bytes: &[u8], offset: u64| {
+                landed
+                    .file
+                    .write_all_at(bytes, offset)
+                    .map(|()| start_writeback(&landed.file, offset, bytes.len() as u64))
+            };
             let result = match record {
                 BlockRecord::Data { offset, bytes } => {
                     written += bytes.len() as u64;
-                    landed
-                        .file
-                        .write_all_at(bytes, offset)
-                        .map(|()| start_writeback(&landed.file, offset, bytes.len() as u64))
+                    write(bytes, offset)
+                }
+                BlockRecord::Compressed {
+                    offset,
+                    len,
+                    codec,
+                    body,
+                } => {
+                    // The record was checked: `len` is at most one block record's data.
+                    self.opened.resize(len as usize, 0);
+                    self.decoder
+                        .decompress(codec, body, &mut self.opened)
+                        .map_err(|e| {
+                            Refusal::from(format!("disk {disk}, block {offset:#x}: {e}"))
+                        })?;
+                    written += len;
+                    write(&self.opened, offset)
                 }
                 BlockRecord::Hole { offset, len } => zero_file_range(&landed.file, offset, len),
             };

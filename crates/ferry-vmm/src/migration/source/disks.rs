@@ -28,7 +28,9 @@ use std::time::Instant;
 
 use ferry_api::{DiskMigrationStatus, DiskMode, MigrationErrorKind as Kind};
 use ferry_devices::virtio::block::{BlockBackend, DirtyLog, DIRTY_BLOCK};
-use ferry_proto::migration::{BlockBatchWriter, MovingDisk, DISK_SECTOR_SIZE};
+use ferry_proto::migration::{
+    BlockBatchWriter, MovingDisk, PageCodec, PageEncoder, DISK_SECTOR_SIZE,
+};
 
 use super::link::Link;
 use crate::migration::error::Stop;
@@ -80,6 +82,15 @@ pub struct MovingDisks {
     target_ms: u64,
     /// The link's round trip, for the same.
     rtt: std::time::Duration,
+    /// The compressor for data blocks, while the page encoding has one in use.
+    compression: std::sync::Mutex<Option<Compression>>,
+}
+
+/// A compressor for disk blocks: lz4 or zstd.
+#[derive(Debug)]
+struct Compression {
+    codec: PageCodec,
+    encoder: PageEncoder,
 }
 
 impl MovingDisks {
@@ -113,7 +124,25 @@ impl MovingDisks {
             mirror: resolve_mode(mode) == DiskMode::Mirror,
             target_ms,
             rtt,
+            compression: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Compresses data blocks with `codec` from now on (`None`, or a codec that only works on
+    /// pages: raw).
+    pub fn set_compression(&self, codec: Option<PageCodec>) {
+        let codec = codec.filter(|c| matches!(c, PageCodec::Lz4 | PageCodec::Zstd));
+        let mut current = self.compression.lock().unwrap_or_else(|p| p.into_inner());
+        match (current.as_mut(), codec) {
+            (Some(c), Some(codec)) => c.codec = codec,
+            (None, Some(codec)) => {
+                *current = Some(Compression {
+                    codec,
+                    encoder: PageEncoder::new(),
+                })
+            }
+            (_, None) => *current = None,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -261,6 +290,7 @@ impl MovingDisks {
                 let chunk = Chunked {
                     log: Some(log),
                     deadline: None,
+                    compression: &self.compression,
                 };
                 send_range(link, d, &mut writer, range, totals, chunk, &mut after_batch)?;
                 at += range.1;
@@ -326,6 +356,7 @@ impl MovingDisks {
                 let chunk = Chunked {
                     log: None,
                     deadline,
+                    compression: &self.compression,
                 };
                 let sent = send_range(
                     link,
@@ -410,6 +441,7 @@ fn flush(
 struct Chunked<'a> {
     log: Option<&'a DirtyLog>,
     deadline: Option<Instant>,
+    compression: &'a std::sync::Mutex<Option<Compression>>,
 }
 
 /// Reads `offset..offset + len` of disk `d` into `writer`, sending each batch that fills up;
@@ -455,6 +487,10 @@ fn send_range(
             totals.hole_bytes += n;
         } else {
             totals.data_bytes += n;
+            let mut compression = how.compression.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = compression.as_mut() {
+                writer.compress_last(c.codec, &mut c.encoder);
+            }
         }
         at += n;
     }

@@ -102,6 +102,13 @@ impl Encoding {
         }
     }
 
+    /// The compressor for disk blocks now: the forced one, or the one the chooser took for
+    /// pages (lz4 or zstd; the page codecs do not apply to blocks).
+    pub fn block_codec(&self) -> Option<PageCodec> {
+        self.general()
+            .filter(|c| matches!(c, PageCodec::Lz4 | PageCodec::Zstd))
+    }
+
     /// The destination's page at `gpa` became zero (a zero run): a kept copy is wrong now.
     pub fn zeroed(&mut self, gpa: u64) {
         if let Some(cache) = self.cache.as_mut() {
@@ -242,5 +249,106 @@ impl Encoding {
             raw_pages: self.raw_pages,
             saved_bytes: self.saved_bytes,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::migration::{PageDecoder, PageRecord};
+    use std::collections::HashMap;
+
+    const P: usize = PAGE as usize;
+
+    /// A destination's memory: applies every record of a batch as ferry's does.
+    #[derive(Default)]
+    struct Destination {
+        pages: HashMap<u64, Vec<u8>>,
+        decoder: PageDecoder,
+    }
+
+    impl Destination {
+        fn apply(&mut self, w: &mut PageBatchWriter) {
+            let batch = w.take();
+            let batch = ferry_proto::migration::PageBatch::from_bytes(batch.into_bytes())
+                .expect("a valid batch");
+            for record in batch.records() {
+                match record.expect("valid") {
+                    PageRecord::Data { gpa, bytes } => {
+                        self.pages.insert(gpa, bytes.to_vec());
+                    }
+                    PageRecord::Zero { gpa, pages } => {
+                        for i in 0..u64::from(pages) {
+                            self.pages.insert(gpa + i * PAGE, vec![0; P]);
+                        }
+                    }
+                    PageRecord::Encoded { gpa, codec, body } => {
+                        let page = self.pages.entry(gpa).or_insert_with(|| vec![0; P]);
+                        self.decoder.decode(codec, body, page).expect("decodes");
+                    }
+                }
+            }
+        }
+    }
+
+    fn noise(seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..P)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn forced_delta_keeps_the_destination_equal_to_the_source_through_rewrites_and_zeroing() {
+        let mut enc = Encoding::new(PageEncoding::Delta, CodecSet::all()).expect("on");
+        let mut dst = Destination::default();
+        let mut src: HashMap<u64, Vec<u8>> = (0..8).map(|i| (i * PAGE, noise(i + 1))).collect();
+        let mut w = PageBatchWriter::new(1 << 20);
+        for round in 0..5u64 {
+            for (gpa, page) in &src {
+                assert!(enc.push(&mut w, *gpa, page));
+            }
+            dst.apply(&mut w);
+            assert_eq!(dst.pages, src, "round {round}");
+            // The guest changes a word of every page, and zeroes one (sent as a zero run).
+            for (gpa, page) in src.iter_mut() {
+                let at = (*gpa as usize / P * 8 + round as usize * 64) % P;
+                page[at] ^= 0x5a;
+            }
+            let zeroed = (round % 8) * PAGE;
+            let before = src.insert(zeroed, vec![0; P]).expect("a page");
+            assert!(w.push_zero_run(zeroed, 1));
+            enc.zeroed(zeroed);
+            dst.apply(&mut w);
+            // It gets its old data back before the next round: a small delta against the copy
+            // sent before the zero run, which the destination no longer holds. Only a copy
+            // forgotten at the zero run keeps that delta from being sent.
+            src.insert(zeroed, before);
+        }
+        let s = enc.status();
+        let delta = s
+            .pages
+            .iter()
+            .find(|c| c.codec == "delta")
+            .map_or(0, |c| c.pages);
+        assert!(delta >= 8 * 3, "{s:?}");
+        assert!(s.saved_bytes > 0);
+    }
+
+    #[test]
+    fn a_full_batch_takes_nothing_and_off_or_no_common_codec_is_no_stage() {
+        let mut enc = Encoding::new(PageEncoding::Lz4, CodecSet::all()).expect("on");
+        let mut w = PageBatchWriter::new(0);
+        assert!(enc.push(&mut w, 0, &noise(1)));
+        assert!(!enc.push(&mut w, PAGE, &noise(2)), "full");
+        assert!(Encoding::new(PageEncoding::Off, CodecSet::all()).is_none());
+        let only_sparse = CodecSet::NONE.with(PageCodec::Sparse);
+        assert!(Encoding::new(PageEncoding::Zstd, only_sparse).is_none());
+        assert!(Encoding::new(PageEncoding::Auto, CodecSet::NONE).is_none());
     }
 }

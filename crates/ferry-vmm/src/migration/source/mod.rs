@@ -744,6 +744,7 @@ impl<'a> Worker<'a> {
             return Ok(());
         }
         self.disks.start();
+        self.disks.set_compression(self.scanner.block_codec());
         self.status(|s| s.phase = MigrationPhase::FirstPass);
         let total = self.disks.total_bytes();
         let status = self.ctx.status.clone();
@@ -856,6 +857,7 @@ impl<'a> Worker<'a> {
             _ => link.write_rate(),
         };
         self.scanner.pace_for(rate);
+        self.disks.set_compression(self.scanner.block_codec());
         let pass = self.scanner.send(link, pages, zeros, deadline, progress)?;
         // Passes of a few pages say little about the rate; keep the last good estimate.
         if pass.data_pages >= 256 {

@@ -112,6 +112,11 @@ impl Scanner {
         self.report_encoding();
     }
 
+    /// The compressor for disk blocks now, if any.
+    pub fn block_codec(&self) -> Option<ferry_proto::migration::PageCodec> {
+        self.encoding.as_ref().and_then(Encoding::block_codec)
+    }
+
     /// Writes what the encoding did so far into the status.
     pub fn report_encoding(&self) {
         if let Some(status) = &self.status {
