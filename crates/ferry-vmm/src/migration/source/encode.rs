@@ -111,9 +111,7 @@ impl Encoding {
 
     /// The destination's page at `gpa` became zero (a zero run): a kept copy is wrong now.
     pub fn zeroed(&mut self, gpa: u64) {
-        if let Some(cache) = self.cache.as_mut() {
-            cache.forget(gpa);
-        }
+        self.drop_copy(gpa);
     }
 
     /// A window of the scanner: `elapsed`, of which it `waited` for the link, `bytes` handed
@@ -145,6 +143,7 @@ impl Encoding {
         };
         if !keeping && general.is_none() {
             self.raw_pages += 1;
+            self.drop_copy(gpa);
             return w.push_page(gpa, page);
         }
         self.snapshot.copy_from_slice(page);
@@ -182,12 +181,19 @@ impl Encoding {
                 w.push_page(gpa, snap);
             }
         }
-        if keeping {
-            if let Some(cache) = self.cache.as_mut() {
-                cache.put(gpa, &self.snapshot);
-            }
+        match self.cache.as_mut() {
+            Some(cache) if keeping => cache.put(gpa, &self.snapshot),
+            _ => self.drop_copy(gpa),
         }
         true
+    }
+
+    /// The page at `gpa` went out without a kept copy (or became zero): an older copy must
+    /// not serve as a delta base any more. Whether copies are kept can change between passes.
+    fn drop_copy(&mut self, gpa: u64) {
+        if let Some(cache) = self.cache.as_mut() {
+            cache.forget(gpa);
+        }
     }
 
     /// Times raw and every candidate codec on `page`, for the chooser.
@@ -338,6 +344,38 @@ mod tests {
             .map_or(0, |c| c.pages);
         assert!(delta >= 8 * 3, "{s:?}");
         assert!(s.saved_bytes > 0);
+    }
+
+    #[test]
+    fn a_page_sent_while_copies_are_not_kept_is_no_delta_base_later() {
+        let mut enc = Encoding::new(PageEncoding::Auto, CodecSet::all()).expect("on");
+        let bind = |enc: &mut Encoding| {
+            enc.window(
+                Duration::from_millis(50),
+                Duration::from_millis(40),
+                1 << 20,
+            )
+        };
+        let mut dst = Destination::default();
+        let mut w = PageBatchWriter::new(1 << 20);
+        let v1 = noise(1);
+        bind(&mut enc);
+        assert!(enc.keeping());
+        assert!(enc.push(&mut w, 0, &v1));
+        dst.apply(&mut w);
+        // The link stops being the bottleneck: copies are not kept, the page goes raw.
+        enc.choice = CodecChoice::new(enc.usable);
+        assert!(!enc.keeping());
+        let v2 = noise(2);
+        assert!(enc.push(&mut w, 0, &v2));
+        dst.apply(&mut w);
+        // Kept again: the next version is close to v1, which the destination no longer has.
+        bind(&mut enc);
+        let mut v3 = v1.clone();
+        v3[8] ^= 1;
+        assert!(enc.push(&mut w, 0, &v3));
+        dst.apply(&mut w);
+        assert_eq!(dst.pages[&0], v3);
     }
 
     #[test]
