@@ -21,6 +21,11 @@ use crate::migration::pages::PAGE;
 pub const DELTA_CACHE_BYTES: usize = 64 << 20;
 /// A delta larger than this goes another way: the general codec or raw does as well.
 const DELTA_MAX: usize = 2048;
+/// Copies stop being kept (in auto mode) for `DELTA_REST` pages once fewer than one delta in
+/// 20 of the last `DELTA_TRIES` paid: pages rewritten whole gain nothing from a copy that
+/// costs two page copies each.
+const DELTA_TRIES: u32 = 512;
+const DELTA_REST: u64 = 1 << 16;
 /// Sample every codec on one page in this many, at most once per `PROBE_EVERY`.
 const PROBE_PAGES: u64 = 64;
 const PROBE_EVERY: Duration = Duration::from_millis(2);
@@ -41,6 +46,11 @@ pub struct Encoding {
     choice: CodecChoice,
     pages_seen: u64,
     last_probe: Option<Instant>,
+    /// Deltas tried and deltas that paid since the last verdict; no copies are kept before
+    /// page `resting_until`.
+    delta_tries: u32,
+    delta_hits: u32,
+    resting_until: u64,
     counts: [u64; 5],
     raw_pages: u64,
     saved_bytes: u64,
@@ -77,6 +87,9 @@ impl Encoding {
             choice: CodecChoice::new(usable),
             pages_seen: 0,
             last_probe: None,
+            delta_tries: 0,
+            delta_hits: 0,
+            resting_until: 0,
             counts: [0; 5],
             raw_pages: 0,
             saved_bytes: 0,
@@ -90,7 +103,22 @@ impl Encoding {
     /// Whether sent pages are kept for delta now: always when delta is forced; in auto mode
     /// while the link is the bottleneck (otherwise the copy is CPU spent for nothing).
     fn keeping(&self) -> bool {
-        self.cache.is_some() && (self.forced() || self.choice.link_bound())
+        self.cache.is_some()
+            && (self.forced()
+                || (self.choice.link_bound() && self.pages_seen >= self.resting_until))
+    }
+
+    /// Counts a delta attempt; in auto mode, rests from keeping copies when deltas do not pay.
+    fn delta_tried(&mut self, paid: bool) {
+        self.delta_tries += 1;
+        self.delta_hits += u32::from(paid);
+        if self.delta_tries >= DELTA_TRIES {
+            if !self.forced() && self.delta_hits * 20 < self.delta_tries {
+                self.resting_until = self.pages_seen + DELTA_REST;
+            }
+            self.delta_tries = 0;
+            self.delta_hits = 0;
+        }
     }
 
     /// The general codec for this page: the forced one, or the chooser's.
@@ -150,6 +178,7 @@ impl Encoding {
         let snap = &self.snapshot;
         let before = w.len_bytes();
         let mut encoded_with = None;
+        let mut delta_paid = None;
         if delta_base {
             let base = self.cache.as_ref().and_then(|c| c.get(gpa));
             let encoder = &mut self.encoder;
@@ -159,6 +188,7 @@ impl Encoding {
             if pushed == Pushed::Added {
                 encoded_with = Some(PageCodec::Delta);
             }
+            delta_paid = Some(pushed == Pushed::Added);
         }
         if let (None, Some(codec)) = (encoded_with, general) {
             let encoder = &mut self.encoder;
@@ -184,6 +214,9 @@ impl Encoding {
         match self.cache.as_mut() {
             Some(cache) if keeping => cache.put(gpa, &self.snapshot),
             _ => self.drop_copy(gpa),
+        }
+        if let Some(paid) = delta_paid {
+            self.delta_tried(paid);
         }
         true
     }
@@ -376,6 +409,46 @@ mod tests {
         assert!(enc.push(&mut w, 0, &v3));
         dst.apply(&mut w);
         assert_eq!(dst.pages[&0], v3);
+    }
+
+    #[test]
+    fn auto_rests_from_keeping_copies_when_deltas_do_not_pay() {
+        let mut enc = Encoding::new(PageEncoding::Auto, CodecSet::all()).expect("on");
+        enc.window(
+            Duration::from_millis(50),
+            Duration::from_millis(40),
+            1 << 20,
+        );
+        let mut dst = Destination::default();
+        let mut w = PageBatchWriter::new(8 << 20);
+        // Pages rewritten whole, again and again: every delta fails.
+        for round in 0..3u64 {
+            for gpa in 0..300u64 {
+                assert!(enc.push(&mut w, gpa * PAGE, &noise(round * 1000 + gpa + 1)));
+            }
+            dst.apply(&mut w);
+        }
+        assert!(
+            !enc.keeping(),
+            "still keeping after {} pages",
+            enc.pages_seen
+        );
+        for gpa in 0..300u64 {
+            assert_eq!(
+                dst.pages[&(gpa * PAGE)],
+                noise(2000 + gpa + 1),
+                "page {gpa}"
+            );
+        }
+        // Forced delta never rests.
+        let mut forced = Encoding::new(PageEncoding::Delta, CodecSet::all()).expect("on");
+        for round in 0..3u64 {
+            for gpa in 0..300u64 {
+                assert!(forced.push(&mut w, gpa * PAGE, &noise(round * 1000 + gpa + 1)));
+            }
+            dst.apply(&mut w);
+        }
+        assert!(forced.keeping());
     }
 
     #[test]

@@ -215,6 +215,10 @@ impl Scanner {
         let mut batch = self.buffer(link)?;
         self.writer.swap_into(&mut batch);
         self.window.2 += batch.len_bytes() as u64;
+        // A full writer queue (a capped or slow link) blocks the send: that is waiting too.
+        let queued = Instant::now();
+        let sent = link.send(Message::Pages(batch));
+        self.window.1 += queued.elapsed();
         let elapsed = self.window.0.elapsed();
         if elapsed >= WINDOW {
             if let Some(e) = self.encoding.as_mut() {
@@ -223,7 +227,7 @@ impl Scanner {
             }
             self.window = (Instant::now(), Duration::ZERO, 0);
         }
-        link.send(Message::Pages(batch))
+        sent
     }
 
     /// A buffer to swap with the writer's: one the link is done with, a new one while the
