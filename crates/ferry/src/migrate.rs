@@ -154,19 +154,24 @@ pub fn run(socket: &Path, args: MigrateArgs) -> Result<MigrationStatus> {
             let length = bar.length().unwrap_or(1).max(s.pass_bytes_remaining);
             bar.set_length(length);
             bar.set_position(length - s.pass_bytes_remaining);
-            bar.set_message(format!(
-                "{:?} pass {} | {:.0} MiB sent, {:.0} MiB applied | {} data + {} zero pages | \
+            bar.set_message(
+                format!(
+                    "{:?} pass {} | {:.0} MiB sent, {:.0} MiB applied | {} data + {} zero pages | \
                  {:.0} MiB/s | eta {} | throttle {}%",
-                s.phase,
-                s.iteration,
-                s.bytes_sent as f64 / 1048576.0,
-                s.bytes_applied as f64 / 1048576.0,
-                s.data_pages_sent,
-                s.zero_pages_sent,
-                s.link_rate_bytes_per_sec / 1048576.0,
-                s.eta_secs.map_or("-".into(), |e| format!("{e:.1}s")),
-                s.throttle_percent
-            ));
+                    s.phase,
+                    s.iteration,
+                    s.bytes_sent as f64 / 1048576.0,
+                    s.bytes_applied as f64 / 1048576.0,
+                    s.data_pages_sent,
+                    s.zero_pages_sent,
+                    s.link_rate_bytes_per_sec / 1048576.0,
+                    s.eta_secs.map_or("-".into(), |e| format!("{e:.1}s")),
+                    s.throttle_percent
+                ) + &s
+                    .encoding
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(" | pages {}", e.chosen)),
+            );
         }
     }
     if let Some(bar) = bar {
@@ -198,6 +203,22 @@ pub fn report(s: &MigrationStatus) -> String {
             d.sent_bytes as f64 / 1048576.0,
             d.total_bytes as f64 / 1048576.0,
             d.writes_held_ms
+        ));
+    }
+    if let Some(e) = &s.encoding {
+        let codecs: Vec<String> = e
+            .pages
+            .iter()
+            .map(|c| format!("{} {}", c.pages, c.codec))
+            .collect();
+        out.push_str(&format!(
+            "encoding {}: pages sent as {}{}{} raw, {:.1} MiB saved; last choice {}\n",
+            e.mode.name(),
+            codecs.join(", "),
+            if codecs.is_empty() { "" } else { ", " },
+            e.raw_pages,
+            e.saved_bytes as f64 / 1048576.0,
+            e.chosen
         ));
     }
     if let Some(d) = &s.downtime {
@@ -392,9 +413,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_report_names_each_moving_disk_and_the_final_disk_time() {
-        let status: ferry_api::MigrationStatus = serde_json::from_value(serde_json::json!({
+    /// A completed migration with one mirrored disk.
+    fn completed() -> ferry_api::MigrationStatus {
+        serde_json::from_value(serde_json::json!({
             "phase": "completed", "to": "b:7000", "iteration": 2, "bytes_sent": 1048576,
             "data_pages_sent": 10, "zero_pages_sent": 0, "bytes_remaining": 0,
             "dirty_rate_bytes_per_sec": 0.0, "link_rate_bytes_per_sec": 0.0,
@@ -407,13 +428,42 @@ mod tests {
                 "remaining_bytes": 0, "dirty_rate_bytes_per_sec": 0.0, "mode": "mirror",
                 "lag_bytes": 0, "writes_held_ms": 12.0}]
         }))
-        .expect("a status");
+        .expect("a status")
+    }
+
+    #[test]
+    fn the_report_names_each_moving_disk_and_the_final_disk_time() {
+        let status = completed();
         let text = report(&status);
         assert!(
             text.contains("disk 0 (mirror): 2.0 of 4.0 MiB sent, guest writes held 12 ms"),
             "{text}"
         );
         assert!(text.contains("final disk 0.7"), "{text}");
+        assert!(!text.contains("encoding"), "{text}");
+    }
+
+    #[test]
+    fn the_report_says_what_the_encoding_did() {
+        let mut status = completed();
+        status.encoding = Some(Box::new(ferry_api::EncodingStatus {
+            mode: ferry_api::PageEncoding::Auto,
+            chosen: "lz4".into(),
+            why: "the link is the bottleneck".into(),
+            pages: vec![ferry_api::CodecPages {
+                codec: "lz4".into(),
+                pages: 900,
+            }],
+            raw_pages: 100,
+            saved_bytes: 3 << 20,
+        }));
+        let text = report(&status);
+        assert!(
+            text.contains(
+                "encoding auto: pages sent as 900 lz4, 100 raw, 3.0 MiB saved; last choice lz4"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
