@@ -185,9 +185,9 @@ pub fn encode_runs(page: &[u8], base: Option<&[u8]>, max_len: usize, out: &mut V
             continue;
         }
         let run_start = i;
-        // A single equal word between two changed ones costs less inside the run (8 bytes)
-        // than as a new run header (2–4 bytes) plus what it splits: merge gaps of one word.
-        while i < words && (differs(i) || (i + 1 < words && differs(i + 1))) {
+        // An equal word ends the run: a new run's header (2 bytes for a page's offsets) costs
+        // less than carrying the 8 unchanged bytes.
+        while i < words && differs(i) {
             i += 1;
         }
         put_varint(out, (run_start - last_end) * WORD);

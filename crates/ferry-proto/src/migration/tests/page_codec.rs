@@ -110,15 +110,16 @@ fn a_codec_that_does_not_pay_declines_and_leaves_the_buffer_as_it_was() {
 }
 
 #[test]
-fn runs_merge_single_equal_words_between_changes() {
+fn runs_split_at_an_equal_word() {
     let mut page = vec![0u8; PAGE];
-    // Words 0 and 2 set, word 1 zero: one run of 24 bytes beats two runs.
+    // Words 0 and 2 set, word 1 zero: two runs of 8 bytes (20 bytes) beat one of 24 (26).
     page[0] = 1;
     page[16] = 1;
     let mut body = Vec::new();
     assert!(encode_runs(&page, None, PAGE, &mut body));
-    assert_eq!(&body[..2], &[0, 24], "skip 0, write 24");
-    assert_eq!(body.len(), 2 + 24);
+    assert_eq!(&body[..2], &[0, 8], "skip 0, write 8");
+    assert_eq!(&body[10..12], &[8, 8], "skip 8, write 8");
+    assert_eq!(body.len(), 2 * (2 + 8));
 }
 
 #[test]
