@@ -99,7 +99,8 @@ pub use negotiation::{feature, Features};
 pub use page_cache::PageCache;
 pub use page_codec::{CodecSet, DecodeError, PageCodec, PageDecoder, PageEncoder};
 pub use pages::{
-    is_zero_page, PageBatch, PageBatchWriter, PageRecord, Pushed, Records, MAX_ENCODED_BODY,
+    is_zero_page, PageBatch, PageBatchWriter, PageRecord, Pushed, Records, DATA_RECORD_BYTES,
+    ENCODED_RECORD_HEADER, MAX_ENCODED_BODY,
 };
 pub use receiver::{ReceiverMachine, ReceiverState};
 pub use records::RecordIter;

@@ -36,8 +36,12 @@ const PAGE: usize = PAGE_SIZE as usize;
 const RECORD_HEADER: usize = 1 + 8;
 const ZERO_RECORD_LEN: usize = RECORD_HEADER + 4;
 const DATA_RECORD_LEN: usize = RECORD_HEADER + PAGE;
+/// A raw data page on the wire: its record's length.
+pub const DATA_RECORD_BYTES: usize = DATA_RECORD_LEN;
 /// Header of an encoded page: the record header, the codec and the body's length.
 const ENCODED_HEADER: usize = RECORD_HEADER + 1 + 2;
+/// An encoded page's record header: what it costs beyond its body.
+pub const ENCODED_RECORD_HEADER: usize = ENCODED_HEADER;
 /// The largest encoded body: one byte less than a page, or the page goes raw.
 pub const MAX_ENCODED_BODY: usize = PAGE - 1;
 /// The least a batch holds: one data page, raw or encoded.

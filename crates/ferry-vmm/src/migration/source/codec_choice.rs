@@ -19,7 +19,7 @@ use std::time::Duration;
 use ferry_proto::migration::{CodecSet, PageCodec};
 
 /// A raw page on the wire: the record header and the page.
-pub const RAW_PAGE_BYTES: f64 = 4105.0;
+pub const RAW_PAGE_BYTES: f64 = ferry_proto::migration::DATA_RECORD_BYTES as f64;
 /// Waiting for the link this share of a window or more means the link is the bottleneck.
 const BOUND_SHARE: f64 = 0.1;
 /// A new choice must move this many times the pages of the current one: a small gain is not

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use ferry_api::{CodecPages, EncodingStatus, PageEncoding};
 use ferry_proto::migration::{
-    CodecSet, PageBatchWriter, PageCache, PageCodec, PageEncoder, Pushed, MAX_ENCODED_BODY,
+    CodecSet, PageBatchWriter, PageCache, PageCodec, PageEncoder, Pushed, ENCODED_RECORD_HEADER,
+    MAX_ENCODED_BODY,
 };
 
 use super::codec_choice::{CodecChoice, RAW_PAGE_BYTES};
@@ -29,8 +30,6 @@ const DELTA_REST: u64 = 1 << 16;
 /// Sample every codec on one page in this many, at most once per `PROBE_EVERY`.
 const PROBE_PAGES: u64 = 64;
 const PROBE_EVERY: Duration = Duration::from_millis(2);
-/// Encoded record header: tag, gpa, codec, length.
-const ENCODED_HEADER: usize = 12;
 
 /// The encoding stage of one migration.
 #[derive(Debug)]
@@ -249,7 +248,10 @@ impl Encoding {
             );
             let ns = t.elapsed().as_nanos() as f64;
             let (ns, bytes) = if ok {
-                (ns + raw_ns, (ENCODED_HEADER + self.probe_out.len()) as f64)
+                (
+                    ns + raw_ns,
+                    (ENCODED_RECORD_HEADER + self.probe_out.len()) as f64,
+                )
             } else {
                 (ns + raw_ns, RAW_PAGE_BYTES)
             };
