@@ -265,6 +265,10 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         tracing::warn!("FERRY_TEST_FAULT: Prepared is held back for 5 s");
         std::thread::sleep(Duration::from_secs(5));
     }
+    if crate::migration::fault("slow-prepare") {
+        tracing::warn!("FERRY_TEST_FAULT: Prepared is held back for 300 ms");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     link.send(&Message::Prepared).map_err(before)?;
     tracing::info!(
         "prepared {:.2} ms after Complete",

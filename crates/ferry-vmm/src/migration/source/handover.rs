@@ -4,8 +4,9 @@
 //!
 //! Every wait while the guest is paused has a deadline: the downtime target plus the
 //! handover's round trips (and a little slack for scheduling), unless the operator forced the
-//! switchover. Before Commit, a missed deadline aborts and resumes the source; after it, the
-//! worker resolves.
+//! switchover. Data that misses it is cut and the guest runs again; the destination's answer
+//! gets [`ANSWER_PATIENCE`] more, since it comes after all the data. Before Commit, a missed
+//! deadline aborts and resumes the source; after it, the worker resolves.
 //!
 //! The handover's round trips, as the guest feels them (it is paused from the first line):
 //! - two-phase (a LAN): final data, State, Complete → ← Prepared, Commit → the destination
@@ -34,6 +35,12 @@ use crate::migration::wire::TlsPeer;
 /// makes the last disk blocks durable in the downtime (50 ms once let a slow sync abort a
 /// LAN handover whose data took 18 ms).
 const PAUSED_SLACK: Duration = Duration::from_millis(100);
+/// How long past its data the source waits for the destination to build the VM and make its
+/// disks durable (its Prepared, or Running when pipelined) before it aborts. The guest has
+/// been paused all along by then: giving up on a destination that is merely slow (a loaded
+/// host, a slow final sync) wastes that pause and the whole copy, while a destination that
+/// is gone is known by the deadline plus this.
+const ANSWER_PATIENCE: Duration = Duration::from_millis(500);
 /// How long a forced switchover may keep the guest paused before it gives up.
 const FORCED_BOUND: Duration = Duration::from_secs(30);
 /// How long the control loop may take to stop the VM.
@@ -190,7 +197,8 @@ impl Worker<'_> {
             t_sent.duration_since(t_mem).as_secs_f64() * 1e3
         );
         self.status(|s| s.phase = MigrationPhase::Handover);
-        match link.receive("prepared", deadline)? {
+        let prepared_by = deadline.max(t_sent + 2 * self.rtt + ANSWER_PATIENCE);
+        match link.receive("prepared", prepared_by)? {
             Message::Prepared => {}
             other => {
                 return Err(Stop::failed(
@@ -274,7 +282,7 @@ impl Worker<'_> {
         // what is still in flight needs to arrive (a link that slowed down holds more than
         // the deadline planned for), or it is asked for.
         let answer_by =
-            deadline.max(Instant::now() + 2 * self.rtt + PAUSED_SLACK + self.in_flight_time(link));
+            deadline.max(t_sent + 2 * self.rtt + ANSWER_PATIENCE + self.in_flight_time(link));
         let mut t_prepared = None;
         let resume_ms = loop {
             match link.receive("running", answer_by) {
