@@ -85,6 +85,77 @@ pub struct DeviceInfo {
     /// NIC details, for `virtio-net`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<NetDeviceInfo>,
+    /// Balloon details, for `virtio-balloon`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonDeviceInfo>,
+}
+
+/// A virtio-balloon: how much memory the host asked for and got, what the guest hinted and
+/// reported free, and the guest's own statistics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonDeviceInfo {
+    /// A driver uses the device.
+    pub activated: bool,
+    /// What the host asked the guest to give, in bytes.
+    pub target_bytes: u64,
+    /// What the guest says it gave, in bytes.
+    pub actual_bytes: u64,
+    /// The optional features the driver took.
+    pub stats: bool,
+    pub free_page_hinting: bool,
+    pub free_page_reporting: bool,
+    /// The guest's last statistics, and their age in milliseconds.
+    pub guest_stats: Option<BalloonStats>,
+    pub guest_stats_age_ms: Option<u64>,
+    /// Pages the guest inflated and deflated the balloon by.
+    pub inflated_pages: u64,
+    pub deflated_pages: u64,
+    /// Pages the guest reported free (given back to the host).
+    pub reported_pages: u64,
+    /// Pages the guest hinted free to a migration, and hint buffers that came outside a
+    /// command (ignored).
+    pub hinted_pages: u64,
+    pub ignored_hints: u64,
+    /// Statistics buffers received.
+    pub stats_updates: u64,
+    /// Malformed chains from the driver.
+    pub invalid_chains: u64,
+    /// Ranges the device could not give back to the host.
+    pub give_back_failures: u64,
+}
+
+/// A guest's memory statistics, as its balloon driver reports them (virtio 1.2 §5.5.6.3).
+/// Absent figures were not reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStats {
+    /// Bytes swapped in (tag 0).
+    pub swap_in: Option<u64>,
+    /// Bytes swapped out (tag 1).
+    pub swap_out: Option<u64>,
+    /// Major page faults (tag 2).
+    pub major_faults: Option<u64>,
+    /// Minor page faults (tag 3).
+    pub minor_faults: Option<u64>,
+    /// Free memory in bytes (tag 4).
+    pub free_memory: Option<u64>,
+    /// Total memory in bytes (tag 5).
+    pub total_memory: Option<u64>,
+    /// Memory available to new work without swapping, in bytes (tag 6).
+    pub available_memory: Option<u64>,
+    /// Disk caches in bytes (tag 7).
+    pub disk_caches: Option<u64>,
+    /// Huge page allocations (tag 8).
+    pub hugetlb_allocations: Option<u64>,
+    /// Failed huge page allocations (tag 9).
+    pub hugetlb_failures: Option<u64>,
+}
+
+/// `PUT /vm/balloon`: how much memory the balloon should take from the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonTarget {
+    /// Mebibytes the guest gives back (0 deflates it all).
+    pub target_mib: u64,
 }
 
 /// A virtio-net NIC: its tap, its MAC, its counters and who the VM talks to through it.
@@ -317,9 +388,11 @@ mod tests {
             location: "io 0x3f8-0x3ff".into(),
             block: None,
             net: None,
+            balloon: None,
         };
         let json = serde_json::to_string(&dev).expect("serializes");
         assert!(!json.contains("block"), "{json}");
+        assert!(!json.contains("balloon"), "{json}");
         let back: DeviceInfo = serde_json::from_str(&json).expect("parses");
         assert_eq!(back, dev);
     }
@@ -381,6 +454,14 @@ pub struct MigrateRequest {
     /// not used).
     #[serde(default)]
     pub encoding: PageEncoding,
+    /// Memory exploration: when the VM has a balloon whose driver hints free pages, the
+    /// first pass skips the pages the guest hinted free (default on).
+    #[serde(default = "explore_default")]
+    pub explore: bool,
+}
+
+fn explore_default() -> bool {
+    true
 }
 
 /// How a migration encodes the data pages it sends.
@@ -623,6 +704,28 @@ pub struct MigrationStatus {
     /// The page encoding, when one is on (boxed: most migrations have none).
     #[serde(default)]
     pub encoding: Option<Box<EncodingStatus>>,
+    /// Memory exploration, when the guest was asked for free page hints (boxed: most
+    /// migrations have none).
+    #[serde(default)]
+    pub exploration: Option<Box<ExplorationStatus>>,
+}
+
+/// What memory exploration did: the guest's free page hints and the pages the first pass
+/// skipped because of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExplorationStatus {
+    /// The hint command's ID.
+    pub command: u32,
+    /// The guest answered the command.
+    pub answered: bool,
+    /// The guest said it had lent all it would.
+    pub finished: bool,
+    /// Pages the guest hinted free.
+    pub hinted_pages: u64,
+    /// Pages the first pass skipped because they were hinted.
+    pub skipped_pages: u64,
+    /// How long the first pass waited for the guest's hints.
+    pub wait_ms: f64,
 }
 
 /// A figure that cannot be told yet (a rate of zero, a prediction without rates) is

@@ -234,6 +234,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/vm/migration/resolve", put(resolve))
         .route("/vm/migration/bandwidth", put(bandwidth))
         .route("/vm/migration/resume", put(resume_migration))
+        .route("/vm/balloon", put(balloon))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API route") })
         .method_not_allowed_fallback(|| async {
             error(
@@ -302,6 +303,19 @@ async fn bandwidth(
         Err(rejection) => error(
             StatusCode::BAD_REQUEST,
             &format!("bad bandwidth request: {rejection}"),
+        ),
+    }
+}
+
+async fn balloon(
+    state: State<ApiState>,
+    body: Result<Json<ferry_api::BalloonTarget>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(request)) => call(state, ApiAction::SetBalloon(request)).await,
+        Err(rejection) => error(
+            StatusCode::BAD_REQUEST,
+            &format!("bad balloon request: {rejection}"),
         ),
     }
 }

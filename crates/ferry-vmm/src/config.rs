@@ -82,6 +82,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub disks: Vec<DiskConfig>,
     pub nics: Vec<NicConfig>,
+    /// A virtio-balloon (free page hints and reporting, statistics, inflate and deflate).
+    pub balloon: bool,
     pub cmdline: String,
     pub api_socket: Option<PathBuf>,
     pub console: ConsoleConfig,
@@ -107,7 +109,9 @@ pub enum ConfigError {
     MemoryUnaligned(u64),
     #[error("at most {MAX_DISKS} disks are supported, {0} were given")]
     TooManyDisks(usize),
-    #[error("{0} virtio devices (disks and NICs) is more than the {MAX_SLOTS} slots a VM has")]
+    #[error(
+        "{0} virtio devices (disks, NICs, a balloon) is more than the {MAX_SLOTS} slots a VM has"
+    )]
     TooManyDevices(usize),
 }
 
@@ -138,7 +142,7 @@ impl VmConfig {
         if self.disks.len() > MAX_DISKS {
             return Err(ConfigError::TooManyDisks(self.disks.len()));
         }
-        let devices = self.disks.len() + self.nics.len();
+        let devices = self.disks.len() + self.nics.len() + usize::from(self.balloon);
         if devices > MAX_SLOTS {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -175,6 +179,7 @@ mod tests {
             vcpus: 2,
             disks: vec![],
             nics: vec![],
+            balloon: false,
             cmdline: String::new(),
             api_socket: None,
             console: ConsoleConfig::Stdout,

@@ -35,6 +35,7 @@ pub enum ApiAction {
     ResolveMigration(ferry_api::ResolveRequest),
     SetMigrationBandwidth(ferry_api::MigrationBandwidth),
     ResumeMigration(ferry_api::MigrationResume),
+    SetBalloon(ferry_api::BalloonTarget),
 }
 
 /// What an API request answers.
@@ -43,7 +44,7 @@ pub enum ApiAction {
 pub enum ApiReply {
     Info(VmInfo),
     Snapshot(SnapshotReport),
-    Migration(MigrationStatus),
+    Migration(Box<MigrationStatus>),
 }
 
 /// Why an API request failed: an HTTP status and a message for the client.

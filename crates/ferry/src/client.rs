@@ -16,11 +16,6 @@ use serde::Serialize;
 /// large VM writes gigabytes before it answers.
 const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Calls `method path` on the API at `socket` and decodes the VM info it answers.
-pub fn call(socket: &Path, method: Method, path: &str) -> Result<VmInfo> {
-    call_json::<(), VmInfo>(socket, method, path, None)
-}
-
 /// Calls `method path` with an optional JSON body and decodes the JSON answer.
 pub fn call_json<Req: Serialize, Resp: DeserializeOwned>(
     socket: &Path,
@@ -187,6 +182,20 @@ pub fn summary(info: &VmInfo) -> String {
                     c.remote,
                     c.idle_ms
                 ));
+            }
+        }
+        if let Some(b) = &d.balloon {
+            out.push_str(&format!(
+                " target={} MiB actual={} MiB hinted={} reported={} inflated={} deflated={}",
+                b.target_bytes >> 20,
+                b.actual_bytes >> 20,
+                b.hinted_pages,
+                b.reported_pages,
+                b.inflated_pages,
+                b.deflated_pages
+            ));
+            if let Some(free) = b.guest_stats.and_then(|s| s.free_memory) {
+                out.push_str(&format!(" guest_free={} MiB", free >> 20));
             }
         }
         out.push('\n');

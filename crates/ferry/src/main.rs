@@ -147,6 +147,11 @@ struct RunArgs {
     /// with the VM.
     #[arg(long = "net", value_name = "tap=NAME[,...]", value_parser = NicConfig::parse)]
     nics: Vec<NicConfig>,
+    /// Add a virtio-balloon: the guest can hint and report free memory (a migration then
+    /// skips what it hinted), report its memory statistics, and give memory back when asked
+    /// (`ferry balloon`). A restored VM keeps the balloon it had.
+    #[arg(long, conflicts_with = "restore")]
+    balloon: bool,
     /// Kernel command line.
     #[arg(long)]
     append: Option<String>,
@@ -243,6 +248,10 @@ struct MigrateCliArgs {
     /// where it does not shrink (sparse, delta, lz4, zstd).
     #[arg(long, default_value = "off", value_parser = ferry_api::PageEncoding::NAMES.to_vec())]
     encoding: String,
+    /// Send the pages the guest hinted free through its balloon too (memory exploration is
+    /// on by default for a VM with a balloon whose driver hints).
+    #[arg(long)]
+    no_explore: bool,
     /// Cancel the running migration instead.
     #[arg(long, conflicts_with = "to")]
     cancel: bool,
@@ -287,6 +296,14 @@ enum VmAction {
     Resume(ApiArgs),
     /// Stop the VM and end its process (exit code 0).
     Shutdown(ApiArgs),
+    /// Ask the guest's balloon to take this much of its memory (0 gives it all back).
+    Balloon {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The balloon's size, e.g. 512M or 1G.
+        #[arg(long, value_parser = size::parse_size)]
+        target: u64,
+    },
 }
 
 fn disk_config(spec: &str) -> DiskConfig {
@@ -400,6 +417,7 @@ fn migrate_cmd(args: MigrateCliArgs) -> Result<()> {
             resume_window_secs: args.resume_window,
             encoding: ferry_api::PageEncoding::from_name(&args.encoding)
                 .context("--encoding takes off, auto, sparse, delta, lz4 or zstd")?,
+            explore: !args.no_explore,
             json: args.json,
         },
     )
@@ -422,6 +440,7 @@ fn run_vm(args: RunArgs) -> Result<()> {
             vcpus: args.vcpus.unwrap_or(1),
             disks: args.disks.iter().map(|d| disk_config(d)).collect(),
             nics: args.nics,
+            balloon: args.balloon,
             cmdline: args.append.unwrap_or_default(),
             api_socket: args.api_socket,
             console,
@@ -432,13 +451,22 @@ fn run_vm(args: RunArgs) -> Result<()> {
 }
 
 fn vm_call(action: VmAction) -> Result<()> {
-    let (args, method, path) = match action {
-        VmAction::Info(a) => (a, Method::GET, "/vm"),
-        VmAction::Pause(a) => (a, Method::PUT, "/vm/pause"),
-        VmAction::Resume(a) => (a, Method::PUT, "/vm/resume"),
-        VmAction::Shutdown(a) => (a, Method::PUT, "/vm/shutdown"),
+    let (args, method, path, body) = match action {
+        VmAction::Info(a) => (a, Method::GET, "/vm", None),
+        VmAction::Pause(a) => (a, Method::PUT, "/vm/pause", None),
+        VmAction::Resume(a) => (a, Method::PUT, "/vm/resume", None),
+        VmAction::Shutdown(a) => (a, Method::PUT, "/vm/shutdown", None),
+        VmAction::Balloon { api, target } => {
+            if target % (1 << 20) != 0 {
+                anyhow::bail!("--target {target}: the balloon moves in whole MiB");
+            }
+            let body = ferry_api::BalloonTarget {
+                target_mib: target >> 20,
+            };
+            (api, Method::PUT, "/vm/balloon", Some(body))
+        }
     };
-    let info = client::call(&args.api_socket, method, path)?;
+    let info: ferry_api::VmInfo = client::call_json(&args.api_socket, method, path, body.as_ref())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {

@@ -25,6 +25,7 @@ pub struct MigrateArgs {
     pub connections: Option<u32>,
     pub resume_window_secs: u64,
     pub encoding: ferry_api::PageEncoding,
+    pub explore: bool,
     pub json: bool,
 }
 
@@ -114,6 +115,7 @@ pub fn run(socket: &Path, args: MigrateArgs) -> Result<MigrationStatus> {
         connections: args.connections,
         resume_window_secs: Some(args.resume_window_secs),
         encoding: args.encoding,
+        explore: args.explore,
         wait: true,
     };
     // One connection waits for the end; progress comes from polling on others.
@@ -219,6 +221,20 @@ pub fn report(s: &MigrationStatus) -> String {
             e.raw_pages,
             e.saved_bytes as f64 / 1048576.0,
             e.chosen
+        ));
+    }
+    if let Some(x) = &s.exploration {
+        out.push_str(&format!(
+            "exploration: the guest hinted {:.1} MiB free{}; the first pass skipped {:.1} MiB \
+             (waited {:.0} ms for hints)\n",
+            x.hinted_pages as f64 / 256.0,
+            if x.answered {
+                ""
+            } else {
+                " (it never answered)"
+            },
+            x.skipped_pages as f64 / 256.0,
+            x.wait_ms
         ));
     }
     if let Some(d) = &s.downtime {

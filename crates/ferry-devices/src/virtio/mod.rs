@@ -8,6 +8,7 @@
 //! Only split virtqueues are supported, and no transport feature beyond `VIRTIO_F_VERSION_1`
 //! (no indirect descriptors, no `EVENT_IDX`, no packed rings).
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 mod device_queue;

@@ -14,6 +14,7 @@
 use std::sync::Arc;
 
 use ferry_api::DeviceInfo;
+use ferry_devices::virtio::balloon::VirtioBalloonState;
 use ferry_devices::virtio::block::VirtioBlockState;
 use ferry_devices::virtio::net::{Announcer, Mac, NetBackend, VirtioNetState};
 use ferry_devices::GuestMemory;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::event_loop::Subscriber;
 use super::slots::{MmioSlot, SlotAllocator, SlotError};
+use super::virtio::balloon::{BalloonDeviceError, FreePageHinting, VirtioBalloonDevice};
 use super::virtio::block::{DiskError, VirtioDisk};
 use super::virtio::net::{NicError, VirtioNic};
 use crate::bus::Bus;
@@ -32,6 +34,7 @@ use crate::config::DiskConfig;
 pub enum Device {
     Block(VirtioDisk),
     Net(VirtioNic),
+    Balloon(VirtioBalloonDevice),
 }
 
 /// A device's saved state, with the slot it sat at.
@@ -45,12 +48,19 @@ pub enum DeviceState {
         slot: MmioSlot,
         state: VirtioNetState,
     },
+    /// Needs nothing from the host: restored wherever the VM lands.
+    Balloon {
+        slot: MmioSlot,
+        state: VirtioBalloonState,
+    },
 }
 
 impl DeviceState {
     pub fn slot(&self) -> MmioSlot {
         match self {
-            DeviceState::Block { slot, .. } | DeviceState::Net { slot, .. } => *slot,
+            DeviceState::Block { slot, .. }
+            | DeviceState::Net { slot, .. }
+            | DeviceState::Balloon { slot, .. } => *slot,
         }
     }
 }
@@ -83,6 +93,10 @@ pub enum DeviceError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Nic(#[from] NicError),
+    #[error(transparent)]
+    Balloon(#[from] BalloonDeviceError),
+    #[error("a VM has at most one balloon; the snapshot has {0}")]
+    BalloonCount(usize),
 }
 
 fn disk_states(states: &[DeviceState]) -> usize {
@@ -118,6 +132,13 @@ fn checked(
             saved: disks,
             given: disks_given,
         });
+    }
+    let balloons = states
+        .iter()
+        .filter(|s| matches!(s, DeviceState::Balloon { .. }))
+        .count();
+    if balloons > 1 {
+        return Err(DeviceError::BalloonCount(balloons));
     }
     let nics = nic_states(states);
     if nics != nics_given {
@@ -170,6 +191,19 @@ impl DeviceManager {
         Ok(slot)
     }
 
+    /// Attaches a balloon at the next free slot.
+    pub fn attach_balloon(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        mmio_bus: &mut Bus,
+    ) -> Result<MmioSlot, DeviceError> {
+        let slot = self.slots.allocate().map_err(DeviceError::Slot)?;
+        let device = VirtioBalloonDevice::attach(vm, mem, mmio_bus, slot)?;
+        self.devices.push((slot, Device::Balloon(device)));
+        Ok(slot)
+    }
+
     /// Checks saved devices against what the host provides, without touching anything: every
     /// slot possible and its own, a backend for every device.
     pub fn check_saved(
@@ -215,6 +249,9 @@ impl DeviceManager {
                         state,
                     )?)
                 }
+                DeviceState::Balloon { slot, state } => Device::Balloon(
+                    VirtioBalloonDevice::restore(vm, mem, mmio_bus, *slot, state)?,
+                ),
             };
             devices.push((state.slot(), device));
         }
@@ -239,6 +276,10 @@ impl DeviceManager {
                     slot: *slot,
                     state: nic.save(),
                 },
+                Device::Balloon(balloon) => DeviceState::Balloon {
+                    slot: *slot,
+                    state: balloon.save(),
+                },
             })
             .collect()
     }
@@ -250,6 +291,7 @@ impl DeviceManager {
             .map(|(slot, device)| match device {
                 Device::Block(disk) => disk.info(*slot),
                 Device::Net(nic) => nic.info(*slot),
+                Device::Balloon(balloon) => balloon.info(*slot),
             })
             .collect()
     }
@@ -261,6 +303,7 @@ impl DeviceManager {
             .map(|(_, device)| match device {
                 Device::Block(disk) => disk.subscriber(),
                 Device::Net(nic) => nic.subscriber(),
+                Device::Balloon(balloon) => balloon.subscriber(),
             })
             .collect()
     }
@@ -271,7 +314,7 @@ impl DeviceManager {
             .iter()
             .filter_map(|(_, device)| match device {
                 Device::Block(disk) => Some(disk.migration_handle()),
-                Device::Net(_) => None,
+                Device::Net(_) | Device::Balloon(_) => None,
             })
             .collect()
     }
@@ -282,9 +325,27 @@ impl DeviceManager {
             .iter()
             .filter_map(|(_, device)| match device {
                 Device::Net(nic) => Some(nic.tap().to_owned()),
-                Device::Block(_) => None,
+                Device::Block(_) | Device::Balloon(_) => None,
             })
             .collect()
+    }
+
+    /// The balloon, if the VM has one.
+    fn balloon(&self) -> Option<&VirtioBalloonDevice> {
+        self.devices.iter().find_map(|(_, device)| match device {
+            Device::Balloon(b) => Some(b),
+            Device::Block(_) | Device::Net(_) => None,
+        })
+    }
+
+    /// Asks the guest's balloon for `bytes`; false if the VM has no balloon.
+    pub fn set_balloon_target(&self, bytes: u64) -> bool {
+        self.balloon().map(|b| b.set_target(bytes)).is_some()
+    }
+
+    /// The migration's way to free page hints, if the VM has a balloon.
+    pub fn free_page_hinting(&self) -> Option<FreePageHinting> {
+        self.balloon().map(VirtioBalloonDevice::hinting)
     }
 
     /// Tells the network where the VM's NICs are now (after a restore or a migration).
@@ -293,7 +354,7 @@ impl DeviceManager {
             .iter()
             .filter_map(|(_, device)| match device {
                 Device::Net(nic) => nic.announce(),
-                Device::Block(_) => None,
+                Device::Block(_) | Device::Balloon(_) => None,
             })
             .collect()
     }
@@ -306,8 +367,8 @@ impl DeviceManager {
             .iter()
             .filter_map(|(_, device)| match device {
                 Device::Block(disk) => disk.flush().err(),
-                // Frames are not kept: nothing to make durable.
-                Device::Net(_) => None,
+                // Frames are not kept, the balloon keeps nothing: nothing to make durable.
+                Device::Net(_) | Device::Balloon(_) => None,
             })
             .collect();
         if failures.is_empty() {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ferry_api::BalloonTarget;
 use ferry_api::{VmInfo, VmRunState};
 use vmm_sys_util::signal::Killable;
 
@@ -186,6 +187,32 @@ impl<'a> Control<'a> {
             ApiAction::ResolveMigration(request) => return (self.resolve_migration(request), None),
             ApiAction::SetMigrationBandwidth(request) => {
                 return (self.set_migration_bandwidth(request), None)
+            }
+            ApiAction::SetBalloon(BalloonTarget { target_mib }) => {
+                let bytes = target_mib.saturating_mul(1 << 20);
+                if bytes > self.vm.machine.memory_bytes {
+                    return (
+                        Err(ApiFailure {
+                            status: 400,
+                            message: format!(
+                                "a balloon of {target_mib} MiB is more than the VM's {} MiB",
+                                self.vm.machine.memory_bytes >> 20
+                            ),
+                        }),
+                        None,
+                    );
+                }
+                if self.vm.devices.set_balloon_target(bytes) {
+                    Ok(())
+                } else {
+                    return (
+                        Err(ApiFailure {
+                            status: 409,
+                            message: "the VM has no balloon (start it with --balloon)".into(),
+                        }),
+                        None,
+                    );
+                }
             }
             ApiAction::ResumeMigration(request) => {
                 return match self.resume_migration(request, None) {

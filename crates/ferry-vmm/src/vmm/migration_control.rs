@@ -175,13 +175,14 @@ impl Control<'_> {
             bandwidth: bandwidth.clone(),
             redial: redial.clone(),
             committing: Arc::new(AtomicBool::new(false)),
+            hinting: self.vm.devices.free_page_hinting(),
             control: Box::new(move |m| events.send(VmmEvent::Migration(m)).is_ok()),
         };
         source::spawn(ctx).map_err(|e| ApiFailure {
             status: 500,
             message: format!("cannot start the migration: {e}"),
         })?;
-        let reply = ApiReply::Migration(lock(&status).clone());
+        let reply = ApiReply::Migration(Box::new(lock(&status).clone()));
         let answer_now = waiter.is_none();
         self.migration = SourceLifecycle::Migrating(Running {
             status,
@@ -199,7 +200,7 @@ impl Control<'_> {
 
     pub(super) fn migration_status(&self) -> Result<ApiReply, ApiFailure> {
         match self.migration.status() {
-            Some(s) => Ok(ApiReply::Migration(lock(s).clone())),
+            Some(s) => Ok(ApiReply::Migration(Box::new(lock(s).clone()))),
             None => Err(ApiFailure {
                 status: 404,
                 message: "no migration was started".into(),
@@ -211,7 +212,7 @@ impl Control<'_> {
         match &self.migration {
             SourceLifecycle::Migrating(r) => {
                 r.cancel.store(true, Ordering::Relaxed);
-                Ok(ApiReply::Migration(lock(&r.status).clone()))
+                Ok(ApiReply::Migration(Box::new(lock(&r.status).clone())))
             }
             _ => Err(conflict("no migration is running")),
         }
@@ -232,7 +233,7 @@ impl Control<'_> {
                     0 => "the bandwidth cap was lifted".to_string(),
                     cap => format!("the bandwidth cap was set to {cap} bytes/s"),
                 });
-                Ok(ApiReply::Migration(status.clone()))
+                Ok(ApiReply::Migration(Box::new(status.clone())))
             }
             _ => Err(conflict("no migration is running")),
         }
@@ -319,7 +320,7 @@ impl Control<'_> {
             Some(to) => format!("resume asked: redialing {to} now"),
             None => "resume asked: redialing now".to_string(),
         });
-        Ok(ApiReply::Migration(status.clone()))
+        Ok(ApiReply::Migration(Box::new(status.clone())))
     }
 
     /// What the worker asks; returns how the VM ends if it moved away.
@@ -398,7 +399,7 @@ impl Control<'_> {
         }
         for waiter in r.waiters.drain(..) {
             // A waiter that went away (its client died) is fine to lose.
-            let _ = waiter.send(Ok(ApiReply::Migration(lock(&r.status).clone())));
+            let _ = waiter.send(Ok(ApiReply::Migration(Box::new(lock(&r.status).clone()))));
         }
         exit
     }
@@ -437,7 +438,7 @@ impl Control<'_> {
                     message: format!("cannot start resolving: {e}"),
                 })?;
         }
-        Ok(ApiReply::Migration(lock(status).clone()))
+        Ok(ApiReply::Migration(Box::new(lock(status).clone())))
     }
 
     /// The answer of a resolve; returns how the VM ends if it runs on the destination.

@@ -137,6 +137,9 @@ impl Vm {
             let mac = nic.mac.unwrap_or_else(|| default_mac(&nic.tap.name));
             devices.attach_nic(&vm_fd, &mem, &mut platform.mmio_bus, tap, mac)?;
         }
+        if config.balloon {
+            devices.attach_balloon(&vm_fd, &mem, &mut platform.mmio_bus)?;
+        }
         let slots = devices.slots();
         // Linux finds virtio-mmio devices in the ACPI DSDT; the test guest (PVH) reads them
         // from its command line, as Linux would without ACPI.

@@ -125,12 +125,14 @@ impl Platform {
                 ),
                 block: None,
                 net: None,
+                balloon: None,
             },
             DeviceInfo {
                 kind: "i8042".into(),
                 location: format!("io {:#x}", legacy::I8042_PORT_BASE),
                 block: None,
                 net: None,
+                balloon: None,
             },
         ];
         Ok(Platform {

@@ -264,6 +264,11 @@ pub(crate) fn check_fits(
                 mac: None,
             })
             .collect(),
+        balloon: state
+            .devices
+            .virtio
+            .iter()
+            .any(|d| matches!(d, crate::devices::manager::DeviceState::Balloon { .. })),
         cmdline: machine.cmdline.clone(),
         api_socket: None,
         console: ConsoleConfig::Stdout,

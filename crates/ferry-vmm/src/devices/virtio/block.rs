@@ -172,6 +172,7 @@ impl VirtioDisk {
                 io_errors: m.io_errors,
             }),
             net: None,
+            balloon: None,
         }
     }
 }

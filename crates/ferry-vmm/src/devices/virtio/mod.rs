@@ -2,6 +2,7 @@
 //! kicks, irqfd for its interrupt), whatever its kind. Each kind's own wiring (its backend,
 //! its state, what the API reports) has its own module.
 
+pub mod balloon;
 pub mod block;
 pub mod net;
 

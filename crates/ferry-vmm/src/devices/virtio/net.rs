@@ -178,6 +178,7 @@ impl VirtioNic {
             kind: "virtio-net".into(),
             location: slot.location(),
             block: None,
+            balloon: None,
             net: Some(NetDeviceInfo {
                 tap: info.tap,
                 mac: info.mac,

@@ -23,6 +23,7 @@ mod codec_choice;
 mod connect;
 mod disks;
 mod encode;
+mod explore;
 mod handover;
 mod link;
 mod scan;
@@ -131,6 +132,8 @@ pub struct SourceContext {
     pub committing: Arc<AtomicBool>,
     /// The operator's nudges to redial (`PUT /vm/migration/resume`).
     pub redial: Arc<crate::migration::session::dial::Redial>,
+    /// The way to the guest's free page hints, if the VM has a balloon.
+    pub hinting: Option<crate::devices::virtio::balloon::FreePageHinting>,
     pub control: ControlPort,
 }
 
@@ -163,6 +166,7 @@ pub fn initial_status(to: &str, migration_id: u64) -> MigrationStatus {
         connections_lost: 0,
         resent_bytes: 0,
         encoding: None,
+        exploration: None,
     }
 }
 
@@ -455,6 +459,40 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Asks the guest's balloon for free page hints (the dirty log runs already) and gives
+    /// the guest a moment to lend its free pages; the first pass then skips them.
+    fn start_exploration(&mut self, link: &mut Link) -> Result<(), Stop> {
+        let Some(hinting) = self
+            .ctx
+            .hinting
+            .clone()
+            .filter(|_| self.ctx.request.explore)
+        else {
+            return Ok(());
+        };
+        let memory_end = self.ctx.memory.last_addr().raw_value() + 1;
+        let Some(mut x) = explore::Exploration::start(hinting, memory_end) else {
+            self.note(
+                "the guest's balloon driver does not hint free pages: the first pass reads all \
+                 memory"
+                    .into(),
+            );
+            return Ok(());
+        };
+        x.wait_for_guest(link)?;
+        let status = x.status();
+        if !status.answered {
+            self.note(format!(
+                "the guest did not answer free page hint command {} within {:.0} ms; hints \
+                 that come during the first pass still count",
+                status.command, status.wait_ms
+            ));
+        }
+        self.status(|s| s.exploration = Some(Box::new(status)));
+        self.scanner.explore(Some(x));
+        Ok(())
+    }
+
     /// The switchover's fixed cost: the work plus the handover's round trips.
     fn floor_ms(&self) -> f64 {
         SWITCHOVER_WORK_MS + self.handover_round_trips() * self.rtt.as_secs_f64() * 1e3
@@ -468,8 +506,14 @@ impl<'a> Worker<'a> {
         // The log counts from here: the first look's dirty rate is over the first pass.
         let mut last_look = Instant::now();
         self.status(|s| s.phase = MigrationPhase::FirstPass);
+        self.start_exploration(link)?;
         let first = candidate_pages(&self.ctx.memory);
         self.send_pass(link, &first, ZeroPages::Skip)?;
+        if let Some(mut x) = self.scanner.explore(None) {
+            x.finish();
+            let status = x.status();
+            self.status(|s| s.exploration = Some(Box::new(status)));
+        }
 
         let when_time_is_up = match self.ctx.request.on_timeout {
             OnTimeout::Force => WhenTimeIsUp::Force,

@@ -13,6 +13,7 @@ use ferry_devices::GuestMemory;
 use ferry_proto::migration::{Message, PageBatch, PageBatchWriter};
 
 use super::encode::Encoding;
+use super::explore::Exploration;
 use super::link::Link;
 use super::PassProgress;
 use crate::memory::{is_zero_page, HostRegions};
@@ -63,6 +64,8 @@ pub struct Scanner {
     status: Option<Arc<Mutex<MigrationStatus>>>,
     /// The current window: since when, time spent waiting for the link, bytes handed to it.
     window: (Instant, Duration, u64),
+    /// The guest's free page hints, while the first pass may skip what they name.
+    exploration: Option<Exploration>,
 }
 
 /// Adds a data page, through the encoding when there is one. False: the batch is full.
@@ -97,7 +100,14 @@ impl Scanner {
             encoding: None,
             status: None,
             window: (Instant::now(), Duration::ZERO, 0),
+            exploration: None,
         }
+    }
+
+    /// Skips hinted pages in passes that skip zero pages (the first) from now on, or stops
+    /// (`None`); returns the exploration it had.
+    pub fn explore(&mut self, exploration: Option<Exploration>) -> Option<Exploration> {
+        std::mem::replace(&mut self.exploration, exploration)
     }
 
     /// Encodes data pages from now on (`None`: raw), and reports what it does into `status`
@@ -161,6 +171,12 @@ impl Scanner {
             return Ok(pass);
         }
         for (n, &gpa) in pages.iter().enumerate() {
+            if zeros == ZeroPages::Skip {
+                // Not even read: the guest lent it, and reading would fault it in.
+                if self.exploration.as_mut().is_some_and(|x| x.skip(gpa)) {
+                    continue;
+                }
+            }
             let Some(page) = Self::page(&self.memory, gpa) else {
                 return Err(Stop::failed(
                     ferry_api::MigrationErrorKind::Internal,
@@ -211,6 +227,9 @@ impl Scanner {
     fn flush(&mut self, link: &mut Link) -> Result<(), Stop> {
         if self.writer.is_empty() {
             return Ok(());
+        }
+        if let Some(x) = self.exploration.as_mut() {
+            x.refresh();
         }
         let mut batch = self.buffer(link)?;
         self.writer.swap_into(&mut batch);
