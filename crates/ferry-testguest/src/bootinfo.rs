@@ -149,10 +149,14 @@ impl BootInfo {
             .filter(|e| e.kind == E820_RAM && e.size > 0)
     }
 
+    /// Total RAM in bytes.
+    pub fn ram_bytes(&self) -> u64 {
+        self.ram().map(|e| e.size).sum()
+    }
+
     /// Total RAM in MiB, rounded to the nearest MiB.
     pub fn ram_mib(&self) -> u64 {
-        let bytes: u64 = self.ram().map(|e| e.size).sum();
-        (bytes + MIB / 2) / MIB
+        (self.ram_bytes() + MIB / 2) / MIB
     }
 
     /// Whether [start, end) lies inside one RAM entry.

@@ -115,6 +115,21 @@ pub fn tsc_khz(info: &BootInfo, override_khz: Option<u64>) -> Option<(u64, &'sta
     None
 }
 
+/// A token bucket on the TSC: whether the next piece of work costing `cost` cycles is due at
+/// `now` (then `due` moves on by `cost`). `u64::MAX` means never. A long pause must not turn
+/// into a long burst: at most `burst` cycles of work are owed.
+#[inline]
+pub fn due(due: &mut u64, now: u64, cost: u64, burst: u64) -> bool {
+    if cost == u64::MAX || now < *due {
+        return false;
+    }
+    *due = due.saturating_add(cost);
+    if now.saturating_sub(*due) > burst {
+        *due = now - burst;
+    }
+    true
+}
+
 /// Time the CPU actually ran since it was created: a step between two ticks counts only when
 /// it is under 100 ms, so a paused VM (or a migration's downtime) does not count.
 pub struct RunTime {

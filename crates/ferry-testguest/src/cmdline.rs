@@ -3,6 +3,7 @@
 
 use crate::serial::Bytes;
 use crate::MAX_CPUS;
+use core::fmt;
 
 pub const MAX_VIRTIO: usize = 16;
 
@@ -33,6 +34,8 @@ pub struct Config {
     pub mem: bool,
     pub disk: bool,
     pub net: bool,
+    /// The `alloc` workload: chunks allocated, churned and freed over the chunk pool.
+    pub alloc: bool,
     /// `net_ip=`: the NIC's IPv4 address and prefix length.
     pub net_ip: Option<([u8; 4], u8)>,
     /// `net_gw=`: the default gateway.
@@ -40,6 +43,10 @@ pub struct Config {
     pub mem_mib: u64,
     pub mem_rate: MemRate,
     pub mem_data: MemData,
+    /// `alloc_mib=`: MiB the alloc workload keeps allocated.
+    pub alloc_mib: u64,
+    /// `alloc_rate=`: MiB/s it frees and allocates again (0: none).
+    pub alloc_rate: u64,
     pub disk_blocks: Option<u64>,
     pub disk_rate: u64,
     /// The second and later disks: their area and write rate (default: as the first's).
@@ -80,11 +87,14 @@ impl Config {
             mem: false,
             disk: false,
             net: false,
+            alloc: false,
             net_ip: None,
             net_gw: None,
             mem_mib: 32,
             mem_rate: MemRate::MibPerSec(8),
             mem_data: MemData::Random,
+            alloc_mib: 64,
+            alloc_rate: 16,
             disk_blocks: None,
             disk_rate: 50,
             disk2_blocks: None,
@@ -105,22 +115,36 @@ impl Config {
     }
 
     /// The workload list as printed on the `ready` line.
-    pub fn workloads(&self) -> &'static str {
-        const NAMES: [&str; 8] = [
-            "idle",
-            "mem",
-            "disk",
-            "mem,disk",
-            "net",
-            "mem,net",
-            "disk,net",
-            "mem,disk,net",
-        ];
-        NAMES[usize::from(self.mem) | usize::from(self.disk) << 1 | usize::from(self.net) << 2]
+    pub fn workloads(&self) -> Workloads<'_> {
+        Workloads(self)
     }
 
     pub fn virtio(&self) -> &[VirtioMmio] {
         &self.virtio[..self.virtio_len]
+    }
+}
+
+/// The workloads that run, in the order mem, disk, net, alloc (or `idle`).
+pub struct Workloads<'a>(&'a Config);
+
+impl fmt::Display for Workloads<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.0;
+        let on = [
+            (c.mem, "mem"),
+            (c.disk, "disk"),
+            (c.net, "net"),
+            (c.alloc, "alloc"),
+        ];
+        let mut sep = "";
+        for (_, name) in on.iter().filter(|(on, _)| *on) {
+            write!(f, "{sep}{name}")?;
+            sep = ",";
+        }
+        if sep.is_empty() {
+            f.write_str("idle")?;
+        }
+        Ok(())
     }
 }
 
@@ -170,12 +194,13 @@ fn parse_virtio(s: &[u8]) -> Option<VirtioMmio> {
 }
 
 fn parse_workloads(s: &[u8], cfg: &mut Config) -> bool {
-    let (mut mem, mut disk, mut net) = (false, false, false);
+    let (mut mem, mut disk, mut net, mut alloc) = (false, false, false, false);
     for w in s.split(|&c| c == b',') {
         match w {
             b"mem" => mem = true,
             b"disk" => disk = true,
             b"net" => net = true,
+            b"alloc" => alloc = true,
             b"idle" => {}
             _ => return false,
         }
@@ -183,6 +208,7 @@ fn parse_workloads(s: &[u8], cfg: &mut Config) -> bool {
     cfg.mem = mem;
     cfg.disk = disk;
     cfg.net = net;
+    cfg.alloc = alloc;
     true
 }
 
@@ -243,7 +269,11 @@ pub fn parse(line: &[u8]) -> Config {
         let num = |lo: u64, hi: u64| parse_u64(value).filter(|v| (lo..=hi).contains(v));
         match key {
             b"workload" if !parse_workloads(value, &mut cfg) => {
-                bad(key, value, "expected mem, disk, net, idle or a comma list");
+                bad(
+                    key,
+                    value,
+                    "expected mem, disk, net, alloc, idle or a comma list",
+                );
             }
             b"net_ip" => match parse_cidr(value) {
                 Some(v) => cfg.net_ip = Some(v),
@@ -269,6 +299,14 @@ pub fn parse(line: &[u8]) -> Config {
                 b"text" => cfg.mem_data = MemData::Text,
                 b"delta" => cfg.mem_data = MemData::Delta,
                 _ => bad(key, value, "expected random, text or delta"),
+            },
+            b"alloc_mib" => match num(1, 1 << 24) {
+                Some(v) => cfg.alloc_mib = v,
+                None => bad(key, value, "expected MiB >= 1"),
+            },
+            b"alloc_rate" => match num(0, 1 << 20) {
+                Some(v) => cfg.alloc_rate = v,
+                None => bad(key, value, "expected MiB/s"),
             },
             b"disk_blocks" => match num(1, 1 << 40) {
                 Some(v) => cfg.disk_blocks = Some(v),

@@ -9,6 +9,9 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod balloon;
+mod balloon_hint;
+mod balloon_report;
 mod boot;
 mod bootinfo;
 mod clock;
@@ -20,6 +23,7 @@ mod lapic;
 mod memory;
 mod paging;
 mod pattern;
+mod pool;
 mod racy;
 mod rt;
 mod selftest;
@@ -27,9 +31,11 @@ mod serial;
 mod smp;
 mod status;
 mod user;
+mod virtio_balloon;
 mod virtio_blk;
 mod virtio_mmio;
 mod virtio_net;
+mod workload_alloc;
 mod workload_disk;
 mod workload_mem;
 mod workload_net;

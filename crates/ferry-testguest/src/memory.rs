@@ -1,5 +1,6 @@
 //! Physical memory after the kernel: a bump allocator over the RAM ranges of the memory map
-//! (stacks, tables, virtqueues), and the extents that make up the mem workload's pages.
+//! (stacks, tables, virtqueues), and the extents that make up the mem workload's pages and the
+//! chunk pool.
 
 use crate::bootinfo::BootInfo;
 
@@ -91,24 +92,33 @@ impl PhysAlloc {
     /// Takes up to `pages` pages for the mem workload as extents (whatever is left, lowest
     /// first). Returns the extents and how many pages they hold.
     pub fn take_pages(&mut self, pages: u64) -> (Extents, u64) {
+        self.take_units(pages, PAGE)
+    }
+
+    /// Takes up to `count` units of `unit` bytes (a power of two, at least a page), each
+    /// aligned to its size, as extents (whatever is left, lowest first; the bytes skipped to
+    /// align are lost). Returns the extents and how many units they hold.
+    pub fn take_units(&mut self, count: u64, unit: u64) -> (Extents, u64) {
         let mut ext = Extents {
             list: [Extent::default(); MAX_RANGES],
             len: 0,
+            unit,
         };
         let mut got = 0;
         for r in self.ranges[..self.len].iter_mut() {
-            if got == pages {
+            if got == count {
                 break;
             }
-            let n = ((r.end - r.start) / PAGE).min(pages - got);
+            let start = r.start.next_multiple_of(unit).min(r.end);
+            let n = ((r.end - start) / unit).min(count - got);
             if n > 0 {
                 ext.list[ext.len] = Extent {
                     first: got,
-                    start: r.start,
-                    pages: n,
+                    start,
+                    units: n,
                 };
                 ext.len += 1;
-                r.start += n * PAGE;
+                r.start = start + n * unit;
                 got += n;
             }
         }
@@ -118,29 +128,38 @@ impl PhysAlloc {
 
 #[derive(Clone, Copy, Default)]
 pub struct Extent {
-    /// Index of the extent's first page in the working set.
+    /// Index of the extent's first unit in the set.
     pub first: u64,
     pub start: u64,
-    pub pages: u64,
+    pub units: u64,
 }
 
-/// The working set: page `i` lives in the extent whose `first..first + pages` holds `i`.
+/// A set of equal units (the mem workload's pages, the pool's chunks): unit `i` lives in the
+/// extent whose `first..first + units` holds `i`.
 #[derive(Clone, Copy)]
 pub struct Extents {
     list: [Extent; MAX_RANGES],
     len: usize,
+    unit: u64,
 }
 
 impl Extents {
-    /// Physical address of page `i` (which must be below the total).
+    /// Physical address of unit `i` (which must be below the total).
     #[inline]
     pub fn addr(&self, i: u64) -> u64 {
         for e in &self.list[..self.len] {
-            if i < e.first + e.pages {
-                return e.start + (i - e.first) * PAGE;
+            if i < e.first + e.units {
+                return e.start + (i - e.first) * self.unit;
             }
         }
         // Unreachable for valid indices; a wrong index must not scribble anywhere.
-        crate::fatal!("mem page index {} outside the working set", i)
+        crate::fatal!("memory unit index {} outside its extents", i)
+    }
+
+    /// Whether units `i` and `i + 1` are adjacent in physical memory (same extent).
+    pub fn contiguous(&self, i: u64) -> bool {
+        self.list[..self.len]
+            .iter()
+            .any(|e| e.first <= i && i + 1 < e.first + e.units)
     }
 }

@@ -48,6 +48,28 @@ pub static NET: Net = Net {
     conns: AtomicU64::new(0),
     announce: AtomicU64::new(0),
 };
+
+/// The alloc workload's and the balloon's counters (written by the boot CPU only).
+pub struct Memory {
+    /// Bytes the alloc workload churned (allocated and written after its fill).
+    pub alloc_bytes: AtomicU64,
+    /// 4 KiB pages given to the device as free page hints.
+    pub hinted: AtomicU64,
+    /// Hinted chunks taken back under memory pressure before the device said DONE.
+    pub reclaimed: AtomicU64,
+    /// 4 KiB pages reported free (free page reporting) and acknowledged by the device.
+    pub reported: AtomicU64,
+    /// 4 KiB pages in the balloon (the `actual` told to the device).
+    pub balloon: AtomicU64,
+}
+
+pub static MEMORY: Memory = Memory {
+    alloc_bytes: AtomicU64::new(0),
+    hinted: AtomicU64::new(0),
+    reclaimed: AtomicU64::new(0),
+    reported: AtomicU64::new(0),
+    balloon: AtomicU64::new(0),
+};
 static CPUS: AtomicUsize = AtomicUsize::new(1);
 
 const REPORTS_PER_SECOND: u64 = 10;
@@ -108,11 +130,13 @@ pub fn print(now: u64) {
         written += c.mem_written.load(Ordering::Relaxed);
         verified += c.mem_verified.load(Ordering::Relaxed);
     }
-    let net = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let m = &MEMORY;
     // Queued: the polling loop writes it a little at a time (see serial.rs).
     crate::serial::queue_line(format_args!(
         "status t={} ticks={} mem_written={} mem_verified={} disk_written={} disk_verified={} \
-         errors={} net_rx={} net_tx={} net_udp={} net_tcp={} net_conns={} net_announce={}",
+         errors={} net_rx={} net_tx={} net_udp={} net_tcp={} net_conns={} net_announce={} \
+         alloc={} hinted={} reclaimed={} reported={} balloon={}",
         crate::clock::seconds(now),
         ticks,
         written,
@@ -120,11 +144,16 @@ pub fn print(now: u64) {
         DISK_WRITTEN.load(Ordering::Relaxed),
         DISK_VERIFIED.load(Ordering::Relaxed),
         ERRORS.load(Ordering::Relaxed),
-        net(&NET.rx),
-        net(&NET.tx),
-        net(&NET.udp),
-        net(&NET.tcp),
-        net(&NET.conns),
-        net(&NET.announce)
+        get(&NET.rx),
+        get(&NET.tx),
+        get(&NET.udp),
+        get(&NET.tcp),
+        get(&NET.conns),
+        get(&NET.announce),
+        get(&m.alloc_bytes) >> 20,
+        get(&m.hinted),
+        get(&m.reclaimed),
+        get(&m.reported),
+        get(&m.balloon)
     ));
 }

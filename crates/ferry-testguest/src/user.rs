@@ -1,10 +1,13 @@
 //! Ring 3: the boot CPU's start-up (command line, clocks, other CPUs, workloads) and every
 //! CPU's polling loop. Nothing here enters ring 0 except through a fault or the crash gate.
 
+use crate::balloon::{self, Balloon};
 use crate::cmdline::{self, Config, PowerOff};
 use crate::memory::PhysAlloc;
+use crate::pool::{Pool, CHUNK};
 use crate::racy::Racy;
 use crate::serial::Bytes;
+use crate::workload_alloc::{self, AllocWork};
 use crate::workload_disk::{DiskWork, MAX_DISKS};
 use crate::workload_mem::{MemPlan, MemWork};
 use crate::workload_net::{self, NetWork};
@@ -154,10 +157,50 @@ pub extern "C" fn bsp_main(_: usize) -> ! {
     };
     let net = cfg.net.then(|| NetWork::start(&cfg, &mut alloc, rdtsc()));
     let mem = cfg.mem.then(|| plan_mem(&cfg, &mut alloc));
+    let (alloc_work, balloon, pool) = plan_pool(&cfg, &mut alloc, info.ram_bytes());
     // SAFETY: as above: GO is not set yet.
     unsafe { (*SHARED.get()).mem = mem };
     GO.store(true, Ordering::Release);
-    run(0, disks, net)
+    run(
+        0,
+        Cpu0 {
+            disks,
+            net,
+            alloc: alloc_work,
+            balloon,
+            pool,
+        },
+    )
+}
+
+/// The chunk pool (all the RAM left), when the alloc workload or a balloon needs it, and
+/// those two. Comes last: the pool takes whatever the other workloads left.
+fn plan_pool(
+    cfg: &Config,
+    alloc: &mut PhysAlloc,
+    ram_bytes: u64,
+) -> (
+    Option<AllocWork>,
+    Option<Balloon>,
+    Option<&'static mut Pool>,
+) {
+    let slots = cfg.alloc.then(|| workload_alloc::reserve(cfg, alloc));
+    let mut balloon = balloon::start(cfg, alloc, ram_bytes, rdtsc());
+    if !cfg.alloc && balloon.is_none() {
+        return (None, None, None);
+    }
+    let Some(pool) = Pool::new(alloc) else {
+        if cfg.alloc {
+            crate::fatal!("workload alloc: no RAM left for the chunk pool");
+        }
+        say!("info no RAM left for the chunk pool: the balloon stays empty");
+        return (None, None, None);
+    };
+    let work = slots.map(|s| AllocWork::new(cfg, s, pool, rdtsc()));
+    if let Some(b) = &mut balloon {
+        b.begin(pool);
+    }
+    (work, balloon, Some(pool))
 }
 
 /// An AP's first ring-3 code.
@@ -167,7 +210,7 @@ pub extern "C" fn ap_main(cpu: usize) -> ! {
         core::hint::spin_loop();
     }
     lapic::start_timer(shared().lapic_count);
-    run(cpu, Default::default(), None)
+    run(cpu, Cpu0::default())
 }
 
 fn shutdown(disks: &mut Disks, how: PowerOff) -> ! {
@@ -210,14 +253,40 @@ fn wait_for_fills(cpus: usize) {
 /// The disk workloads of the boot CPU (none elsewhere).
 type Disks = [Option<DiskWork>; MAX_DISKS];
 
-/// Every CPU's workload loop; the boot CPU's also drives the disks and the NIC.
-fn run(cpu: usize, mut disks: Disks, mut net: Option<&'static mut NetWork>) -> ! {
+/// What only the boot CPU drives (nothing, on the others).
+#[derive(Default)]
+struct Cpu0 {
+    disks: Disks,
+    net: Option<&'static mut NetWork>,
+    alloc: Option<AllocWork>,
+    balloon: Option<Balloon>,
+    pool: Option<&'static mut Pool>,
+}
+
+/// Every CPU's workload loop; the boot CPU's also drives the devices and the chunk pool.
+fn run(cpu: usize, own: Cpu0) -> ! {
+    let Cpu0 {
+        mut disks,
+        mut net,
+        alloc: mut alloc_work,
+        mut balloon,
+        mut pool,
+    } = own;
     let s = shared();
     let cfg = &s.cfg;
     let hz = clock::tsc_hz();
     let mut mem = s.mem.as_ref().map(|p| MemWork::new(p, cpu, hz, rdtsc()));
     if let Some(m) = &mut mem {
         m.fill();
+    }
+    if let (Some(a), Some(p)) = (&mut alloc_work, &mut pool) {
+        a.fill(p);
+        say!(
+            "alloc ready mib={} pool_mib={} free_mib={}",
+            a.mib(),
+            (p.chunks() * CHUNK) >> 20,
+            (p.free_chunks() * CHUNK) >> 20
+        );
     }
     FILLED.fetch_add(1, Ordering::Release);
     if cpu == 0 {
@@ -237,7 +306,8 @@ fn run(cpu: usize, mut disks: Disks, mut net: Option<&'static mut NetWork>) -> !
     }
     let mut clock = clock::ClockCheck::new(cpu, cfg.max_jump_s);
     let mut next_status = clock::seconds(rdtsc()) + 1;
-    let idle = mem.is_none() && disks.iter().all(Option::is_none) && net.is_none();
+    let idle =
+        mem.is_none() && disks.iter().all(Option::is_none) && net.is_none() && pool.is_none();
     loop {
         let now = rdtsc();
         clock.check(now);
@@ -260,6 +330,14 @@ fn run(cpu: usize, mut disks: Disks, mut net: Option<&'static mut NetWork>) -> !
         }
         if let Some(n) = &mut net {
             n.step(now);
+        }
+        if let Some(p) = &mut pool {
+            if let Some(a) = &mut alloc_work {
+                a.step(now, p);
+            }
+            if let Some(b) = &mut balloon {
+                b.step(now, p);
+            }
         }
         if idle {
             core::hint::spin_loop();

@@ -22,6 +22,8 @@ const R_QUEUE_NUM_MAX: u64 = 0x034;
 const R_QUEUE_NUM: u64 = 0x038;
 const R_QUEUE_READY: u64 = 0x044;
 const R_QUEUE_NOTIFY: u64 = 0x050;
+const R_INTERRUPT_STATUS: u64 = 0x060;
+const R_INTERRUPT_ACK: u64 = 0x064;
 const R_STATUS: u64 = 0x070;
 const R_QUEUE_DESC: u64 = 0x080;
 const R_QUEUE_DRIVER: u64 = 0x090;
@@ -35,6 +37,9 @@ const S_DRIVER_OK: u32 = 4;
 const S_FEATURES_OK: u32 = 8;
 const S_NEEDS_RESET: u32 = 0x40;
 const S_FAILED: u32 = 0x80;
+
+/// InterruptStatus: the device configuration changed.
+const INT_CONFIG: u32 = 2;
 
 pub const F_VERSION_1: u64 = 1 << 32;
 
@@ -221,6 +226,17 @@ impl Mmio {
         self.r(R_STATUS) & S_NEEDS_RESET != 0
     }
 
+    /// Whether the device signalled a configuration change since the last call, which is then
+    /// acknowledged: what a driver's configuration interrupt handler would see, polled. One
+    /// VM exit, two when it did.
+    pub fn config_changed(&self) -> bool {
+        if self.r(R_INTERRUPT_STATUS) & INT_CONFIG == 0 {
+            return false;
+        }
+        self.w(R_INTERRUPT_ACK, INT_CONFIG);
+        true
+    }
+
     /// Reads device configuration with `f` until the configuration generation is stable, so
     /// fields wider than one access (or several fields) are consistent.
     pub fn config<T>(&self, f: impl Fn(&DevConfig) -> T) -> T {
@@ -264,6 +280,12 @@ impl DevConfig {
     pub fn u32(&self, off: u64) -> u32 {
         // SAFETY: as in `u8`; `off` is a 32-bit field's (aligned) offset.
         unsafe { ((self.base + R_CONFIG + off) as *const u32).read_volatile() }
+    }
+
+    /// Writes a 32-bit field the driver owns (e.g. the balloon's `actual`).
+    pub fn set_u32(&self, off: u64, v: u32) {
+        // SAFETY: as in `u32`.
+        unsafe { ((self.base + R_CONFIG + off) as *mut u32).write_volatile(v) }
     }
 }
 
@@ -454,5 +476,57 @@ impl SplitQueue {
         if r16(self.used) & USED_NO_NOTIFY == 0 {
             mmio.notify(self.index);
         }
+    }
+}
+
+/// The descriptors of a queue whose buffers are one descriptor each (descriptor `i` may stand
+/// for buffer `i`): which are free to use, and which the device holds, so a device that
+/// returns one it does not hold is caught. `N` bounds the queue size.
+pub struct Descs<const N: usize> {
+    free: [u16; N],
+    nfree: usize,
+    held: [bool; N],
+}
+
+impl<const N: usize> Descs<N> {
+    /// All `size` (at most `N`) descriptors free.
+    pub fn new(size: u16) -> Self {
+        let size = usize::from(size).min(N);
+        let mut d = Self {
+            free: [0; N],
+            nfree: size,
+            held: [false; N],
+        };
+        for (i, f) in d.free[..size].iter_mut().enumerate() {
+            // The first taken is descriptor 0.
+            *f = (size - 1 - i) as u16;
+        }
+        d
+    }
+
+    /// Descriptors free to use.
+    pub fn available(&self) -> usize {
+        self.nfree
+    }
+
+    /// A free descriptor, now counted as the device's.
+    pub fn take(&mut self) -> Option<u16> {
+        self.nfree = self.nfree.checked_sub(1)?;
+        let id = self.free[self.nfree];
+        self.held[usize::from(id)] = true;
+        Some(id)
+    }
+
+    /// Takes back descriptor `id` that the device returned; false if the device did not hold
+    /// it (the caller reports that).
+    pub fn give_back(&mut self, id: u16) -> bool {
+        let i = usize::from(id);
+        if i >= N || !self.held[i] {
+            return false;
+        }
+        self.held[i] = false;
+        self.free[self.nfree] = id;
+        self.nfree += 1;
+        true
     }
 }

@@ -13,7 +13,9 @@
 use crate::clock::RunTime;
 use crate::cmdline::VirtioMmio;
 use crate::memory::PhysAlloc;
-use crate::virtio_mmio::{self, Error, Mmio, SplitQueue, DESC_NEXT, DESC_WRITE, F_VERSION_1};
+use crate::virtio_mmio::{
+    self, Descs, Error, Mmio, SplitQueue, DESC_NEXT, DESC_WRITE, F_VERSION_1,
+};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
@@ -121,10 +123,8 @@ impl Rx {
 struct Tx {
     q: SplitQueue,
     bufs: u64,
-    /// Which buffers the device holds.
-    busy: [bool; RING as usize],
-    free: [u16; RING as usize],
-    nfree: usize,
+    /// Which buffers are free and which the device holds (descriptor `i` is buffer `i`).
+    descs: Descs<{ RING as usize }>,
     kick: bool,
     frames: u64,
     /// Buffers the device gave back so far.
@@ -139,33 +139,28 @@ impl Tx {
     /// Takes back the buffers the device has sent.
     fn reclaim(&mut self) {
         while let Some((id, len)) = self.q.pop_used() {
-            if !self.busy[usize::from(id)] || len as usize > BUF {
+            if len as usize > BUF || !self.descs.give_back(id) {
                 crate::fatal!(
                     "virtio-net returned transmit buffer {} (length {}) that it did not hold",
                     id,
                     len
                 );
             }
-            self.busy[usize::from(id)] = false;
-            self.free[self.nfree] = id;
-            self.nfree += 1;
             self.returned += 1;
         }
     }
 
     fn has_room(&mut self) -> bool {
-        if self.nfree == 0 {
+        if self.descs.available() == 0 {
             self.reclaim();
         }
-        self.nfree > 0
+        self.descs.available() > 0
     }
 
     /// Queues one frame of `len` bytes that `f` writes. There must be room.
     fn send<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
         assert!(len <= MAX_FRAME, "virtio-net: frame of {len} bytes");
-        self.nfree -= 1;
-        let id = self.free[self.nfree];
-        self.busy[usize::from(id)] = true;
+        let id = self.descs.take().expect("virtio-net: send without room");
         let b = self.buf(id);
         // SAFETY: buffer `id` (BUF bytes of RAM this driver owns) was free, so the device does
         // not hold it; it is handed over only after `f` is done.
@@ -244,9 +239,7 @@ pub fn probe(windows: &[VirtioMmio], alloc: &mut PhysAlloc) -> Result<Option<Net
     };
     let mut tx = Tx {
         bufs: take(u64::from(txq.size()) * BUF as u64),
-        busy: [false; RING as usize],
-        free: [0; RING as usize],
-        nfree: usize::from(txq.size()),
+        descs: Descs::new(txq.size()),
         q: txq,
         kick: false,
         frames: 0,
@@ -255,9 +248,6 @@ pub fn probe(windows: &[VirtioMmio], alloc: &mut PhysAlloc) -> Result<Option<Net
     for id in 0..rx.q.size() {
         rx.q.desc(id, rx.buf(id), BUF as u32, DESC_WRITE, 0);
         rx.post(id);
-    }
-    for (i, f) in tx.free.iter_mut().enumerate() {
-        *f = i as u16;
     }
     tx.kick = false;
     let mac = if ours & F_MAC != 0 {

@@ -431,17 +431,6 @@ impl DiskWork {
         self.publish();
     }
 
-    fn due(due: &mut u64, now: u64, cost: u64, burst: u64) -> bool {
-        if cost == u64::MAX || now < *due {
-            return false;
-        }
-        *due = due.saturating_add(cost);
-        if now.saturating_sub(*due) > burst {
-            *due = now - burst;
-        }
-        true
-    }
-
     /// One bounded slice of work: poll the request in flight, or start the next one.
     #[inline]
     pub fn step(&mut self, now: u64) {
@@ -452,7 +441,7 @@ impl DiskWork {
             }
             return;
         }
-        if Self::due(&mut self.write_due, now, self.write_cost, self.burst) {
+        if crate::clock::due(&mut self.write_due, now, self.write_cost, self.burst) {
             let block = self.rng.below(self.blocks);
             self.submit(
                 Op::VerifyBeforeWrite { block },
@@ -461,7 +450,7 @@ impl DiskWork {
                 self.rbuf,
                 1,
             );
-        } else if Self::due(
+        } else if crate::clock::due(
             &mut self.sweep_due,
             now,
             self.sweep_cost * CHUNK.min(self.blocks - self.cursor),

@@ -203,13 +203,8 @@ impl MemWork {
         match self.cost {
             None => self.rewrite_random(),
             Some(cost) => {
-                if now >= self.next_due {
+                if crate::clock::due(&mut self.next_due, now, cost, self.burst) {
                     self.rewrite_random();
-                    self.next_due = self.next_due.saturating_add(cost);
-                    // A long pause must not turn into a long burst: keep at most 50 ms owed.
-                    if now.saturating_sub(self.next_due) > self.burst {
-                        self.next_due = now - self.burst;
-                    }
                 } else {
                     for _ in 0..SWEEP_BATCH {
                         if !self.verify_page(self.cursor) {

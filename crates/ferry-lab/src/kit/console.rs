@@ -18,6 +18,13 @@ pub struct Status {
     pub net_tcp: u64,
     pub net_conns: u64,
     pub net_announce: u64,
+    /// The `alloc` workload: MiB churned; its balloon: 4 KiB pages hinted free, hinted chunks
+    /// taken back early (memory pressure), pages reported free, pages in the balloon now.
+    pub alloc: u64,
+    pub hinted: u64,
+    pub reclaimed: u64,
+    pub reported: u64,
+    pub balloon: u64,
 }
 
 /// What starts a status line.
@@ -44,6 +51,11 @@ impl Status {
                 "net_tcp" => s.net_tcp = v,
                 "net_conns" => s.net_conns = v,
                 "net_announce" => s.net_announce = v,
+                "alloc" => s.alloc = v,
+                "hinted" => s.hinted = v,
+                "reclaimed" => s.reclaimed = v,
+                "reported" => s.reported = v,
+                "balloon" => s.balloon = v,
                 _ => {}
             }
         }

@@ -21,6 +21,8 @@ pub struct Boot {
     /// `--net` specs (`tap=NAME[,mac=...]`).
     pub nets: Vec<String>,
     pub api_socket: Option<PathBuf>,
+    /// A virtio-balloon (`--balloon`).
+    pub balloon: bool,
 }
 
 impl Boot {
@@ -32,6 +34,7 @@ impl Boot {
             disks: vec![],
             nets: vec![],
             api_socket: None,
+            balloon: false,
         }
     }
 
@@ -50,6 +53,9 @@ impl Boot {
         }
         if let Some(s) = &self.api_socket {
             c.arg("--api-socket").arg(s);
+        }
+        if self.balloon {
+            c.arg("--balloon");
         }
         c
     }
