@@ -253,6 +253,71 @@ pub fn run_net_queues(
     })
 }
 
+/// What the balloon did in [`run_balloon_queues`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BalloonRun {
+    /// One per queue the features use, in queue order.
+    pub queues: Vec<NetQueueRun>,
+    /// The statistics queue's index, if negotiated.
+    pub stats_queue: Option<usize>,
+    /// The device holds a statistics chain.
+    pub stats_held: bool,
+    pub needs_reset: bool,
+}
+
+/// Puts a balloon behind a virtio-mmio transport over [`guest_memory`]`(memory_image)`,
+/// brings it up with `features_low` (its optional feature bits) and its queues at
+/// `layouts` (as many as the features use), starts a free page hint command, serves every
+/// queue as kicks would ([`MAX_PASSES`] times each, asking for statistics between passes)
+/// and reports what the device did. `None` if the device did not come up.
+pub fn run_balloon_queues(
+    memory_image: &[u8],
+    layouts: &[QueueLayout],
+    features_low: u32,
+) -> Option<BalloonRun> {
+    use crate::virtio::balloon::{roles, Balloon, Role};
+
+    let balloon = Arc::new(Mutex::new(Balloon::new().ok()?));
+    let mem = guest_memory(memory_image);
+    let mut transport = MmioTransport::new(mem, balloon.clone(), Arc::new(NullInterrupt));
+    let used = roles(u64::from(features_low)).len();
+    driver_init_queues(
+        &mut transport,
+        &layouts[..used.min(layouts.len())],
+        features_low,
+    );
+    let mut balloon = balloon.lock().unwrap_or_else(PoisonError::into_inner);
+    if !balloon.is_activated() {
+        return None;
+    }
+    balloon.start_hinting();
+    for pass in 0..MAX_PASSES {
+        for q in 0..used {
+            balloon.process_queue(q);
+        }
+        if pass % 2 == 1 {
+            balloon.request_stats();
+        }
+    }
+    balloon.finish_hinting();
+    let state = balloon.save();
+    let features = state.acked_features;
+    let queues = state.queues?;
+    Some(BalloonRun {
+        queues: queues
+            .iter()
+            .map(|q| NetQueueRun {
+                consumed: q.queue.next_avail,
+                returned: q.queue.next_used,
+                broken: q.broken,
+            })
+            .collect(),
+        stats_queue: roles(features).iter().position(|&r| r == Role::Stats),
+        stats_held: state.stats_head.is_some(),
+        needs_reset: transport.interrupt().needs_reset(),
+    })
+}
+
 /// A NIC backend over one end of a datagram socket pair: one datagram, one frame.
 #[derive(Debug)]
 struct DatagramBackend(std::os::unix::net::UnixDatagram);
