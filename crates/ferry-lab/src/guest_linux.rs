@@ -3,7 +3,7 @@
 //! The kernel is the package `linux-image-amd64` currently depends on (for example
 //! `linux-image-6.1.0-56-amd64`), fetched with `apt-get download` and unpacked with
 //! `dpkg-deb -x`, so nothing is installed on the host. The initramfs holds Debian's static
-//! busybox, the modules for virtio-mmio, virtio-blk and virtio-net (and ext4) with everything
+//! busybox, the modules for virtio-mmio, virtio-blk, virtio-net and virtio-balloon (and ext4) with everything
 //! they need, in load order, and an `/init` that loads them, mounts `/dev/vda` read-only if
 //! there is one, reports and brings up a NIC if there is one, prints a ready line and then a
 //! heartbeat forever.
@@ -37,7 +37,9 @@ pub use bzimage::vmlinux_from_bzimage;
 use elf::Elf;
 // The lines the guest prints, for code that watches its console.
 #[allow(unused_imports)]
-pub use init::{ALIVE_PREFIX, HEARTBEAT_SECONDS, INIT_LINE, NET_PREFIX, READY_PREFIX};
+pub use init::{
+    ALIVE_PREFIX, BALLOON_PREFIX, HEARTBEAT_SECONDS, INIT_LINE, NET_PREFIX, READY_PREFIX,
+};
 use kmod::WantedModule;
 use tools::{filter, read_module};
 
@@ -51,7 +53,8 @@ pub use tools::Error as ToolError;
 pub const META_PACKAGE: &str = "linux-image-amd64";
 
 /// The modules the guest loads (with whatever they depend on, such as `net_failover` and
-/// `failover` for virtio_net): virtio-mmio transport, block device and NIC are required; ext4 (and the crc32c it asks the crypto API for when mounting)
+/// `failover` for virtio_net): virtio-mmio transport, block device, NIC and balloon are
+/// required; ext4 (and the crc32c it asks the crypto API for when mounting)
 /// are there so `/dev/vda` can be an ext2/3/4 image.
 pub const WANTED_MODULES: &[WantedModule] = &[
     WantedModule {
@@ -64,6 +67,10 @@ pub const WANTED_MODULES: &[WantedModule] = &[
     },
     WantedModule {
         name: "virtio_net",
+        required: true,
+    },
+    WantedModule {
+        name: "virtio_balloon",
         required: true,
     },
     WantedModule {
@@ -82,7 +89,7 @@ pub const CMDLINE: &str =
     "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// Bumped whenever the initramfs layout changes, so cached ones are rebuilt.
-const INITRD_FORMAT: u32 = 1;
+const INITRD_FORMAT: u32 = 2;
 /// Room the kernel package needs: the .deb (~70 MiB), unpacked (~400 MiB), the vmlinux.
 const NEEDED_SPACE: u64 = 640 << 20;
 /// Marks an unpacked package as complete (written last, inside the folder that is renamed).

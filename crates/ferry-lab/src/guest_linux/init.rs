@@ -16,6 +16,9 @@ pub const EXIT_PREFIX: &str = "ferry-linux: exit ";
 /// appears, then `ferry-linux: net <name> up` (with ` ip=<A.B.C.D/N>` when the command line
 /// says `ferry_ip=A.B.C.D/N`) or `ferry-linux: net <name> cannot ...`.
 pub const NET_PREFIX: &str = "ferry-linux: net ";
+/// The balloon's line, when the VM has one: `ferry-linux: balloon driver=<driver>
+/// features=<the negotiated feature bits, as sysfs prints them>`.
+pub const BALLOON_PREFIX: &str = "ferry-linux: balloon ";
 
 /// The `/init` script that loads `modules` (names; files at `/lib/modules/<name>.ko`) in the
 /// given order, mounts `/dev/vda` read-only at `/mnt` if there is one, reports every network
@@ -57,6 +60,13 @@ for d in /sys/bus/virtio/devices/*; do
   [ "$(cat "$d/device")" = "0x0001" ] && nic=yes
 done
 echo "ferry-linux: virtio devices=$devices"
+# A balloon (virtio device id 5): with its driver bound, the kernel hints and reports free
+# pages to the host by itself.
+for d in /sys/bus/virtio/devices/*; do
+  [ -e "$d/device" ] && [ "$(cat "$d/device")" = "0x0005" ] || continue
+  driver=$(readlink "$d/driver")
+  echo "{BALLOON_PREFIX}driver=${{driver##*/}} features=$(cat "$d/features")"
+done
 if [ "$disk" = yes ]; then
   i=0
   while [ ! -b /dev/vda ] && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
