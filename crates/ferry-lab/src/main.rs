@@ -120,9 +120,11 @@ enum BenchWhat {
         /// stream, its own choice of streams and TLS, beside QEMU with multifd.
         #[arg(long, conflicts_with_all = ["disk", "net"])]
         wan: bool,
-        /// Page encoding instead: guests rewriting text-like, delta-friendly or random pages
-        /// at 50 MiB/s, on a 1 Gbit/s and an unlimited link; ferry with encoding off and auto
-        /// beside QEMU plain, with XBZRLE and with multifd + zstd; bytes, times and CPU.
+        /// Memory exploration and page encoding instead: guests rewriting text-like,
+        /// delta-friendly or random pages at 50 MiB/s, and one with a balloon whose freed
+        /// memory holds old data, on a 1 Gbit/s and an unlimited link; ferry with exploration
+        /// and encoding off and on beside QEMU plain, with XBZRLE, with multifd + zstd and with
+        /// free page hinting; bytes, times and CPU.
         #[arg(long, conflicts_with_all = ["quick", "disk", "net", "wan"])]
         encoding: bool,
     },

@@ -1,18 +1,27 @@
-//! `ferry-lab bench migrate --encoding`: page encoding, ferry beside QEMU's compression modes.
+//! `ferry-lab bench migrate --encoding`: memory exploration and page encoding, ferry beside
+//! QEMU's compression modes and its free page hinting.
 //!
-//! Each case is a guest rewriting 256 MiB of its 1 GiB at 50 MiB/s with pages of one kind —
-//! text-like (compresses), delta-friendly (a rewrite changes one word in 64) or random (nothing
-//! shrinks it) — on a link capped at 1 Gbit/s or unlimited (loopback). Contenders, run by run
-//! interleaved:
-//! - ferry with `--encoding off` and `--encoding auto`;
+//! Each case is a 1 GiB guest on a link capped at 1 Gbit/s or unlimited (loopback), running
+//! one of:
+//! - text, delta, random: rewriting 256 MiB at 50 MiB/s with pages of one kind — text-like
+//!   (compresses), delta-friendly (a rewrite changes one word in 64) or random (nothing
+//!   shrinks it);
+//! - freed: the alloc workload, 256 MiB allocated and churned at 50 MiB/s, the rest of memory
+//!   freed chunks full of old data; this guest has a virtio-balloon (in QEMU too, with free
+//!   page reporting, and free page hinting only for `qemu-free-page-hint`).
+//!
+//! Contenders, run by run interleaved:
+//! - ferry with encoding and exploration off (`--encoding off --no-explore`), and on
+//!   (`--encoding auto`, exploration on by default);
 //! - QEMU with auto-converge and no compression ("plain"), with XBZRLE (its delta encoding,
-//!   64 MiB cache), and with multifd (2 channels) compressing with zstd.
+//!   64 MiB cache), with multifd (2 channels) compressing with zstd, and (the freed case)
+//!   plain with its balloon's `free-page-hint=on`.
 //!
 //! Figures per contender: each VMM's own total time, downtime and bytes (as `bench migrate`),
 //! and the CPU seconds the source process spent on anything but the guest's vCPUs during the
 //! migration (its threads sampled from /proc every 20 ms; vCPU threads are `ferry-vcpu*` and
-//! QEMU's `CPU n/KVM`). Ratios compare medians: ferry auto over ferry off, and ferry auto's
-//! bytes over the fewest any QEMU mode sent.
+//! QEMU's `CPU n/KVM`). Ratios compare medians: ferry on over ferry off, and ferry on's bytes
+//! over the fewest any QEMU mode sent.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,14 +46,19 @@ use super::{qemu_binary, qemu_command, Spread};
 use crate::qmp::Qmp;
 
 const MEMORY_MIB: u64 = 1024;
-const WORKLOADS: [(&str, &str); 3] = [
+const WORKLOADS: [(&str, &str); 4] = [
     ("text", "workload=mem mem_mib=256 mem_rate=50 mem_data=text"),
     (
         "delta",
         "workload=mem mem_mib=256 mem_rate=50 mem_data=delta",
     ),
     ("random", "workload=mem mem_mib=256 mem_rate=50"),
+    (FREED, "workload=alloc alloc_mib=256 alloc_rate=50"),
 ];
+/// The case whose guest has a balloon and frees memory.
+const FREED: &str = "freed";
+/// QEMU's balloon for the freed case; free page hinting is added for its own contender.
+const QEMU_BALLOON: &str = "virtio-balloon-device,free-page-reporting=on,iothread=balloon-io";
 /// 1 Gbit/s, for ferry's `--bandwidth` and QEMU's max-bandwidth.
 const LINKS: [(&str, Option<(&str, u64)>); 2] =
     [("1gbit", Some(("1G", 125_000_000))), ("unlimited", None)];
@@ -56,36 +70,42 @@ const CPU_SAMPLE: Duration = Duration::from_millis(20);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Contender {
     FerryOff,
-    FerryAuto,
+    FerryOn,
     QemuPlain,
     QemuXbzrle,
     QemuMultifdZstd,
+    QemuFreePageHint,
 }
 
-const CONTENDERS: [Contender; 5] = [
+const CONTENDERS: [Contender; 6] = [
     Contender::FerryOff,
-    Contender::FerryAuto,
+    Contender::FerryOn,
     Contender::QemuPlain,
     Contender::QemuXbzrle,
     Contender::QemuMultifdZstd,
+    Contender::QemuFreePageHint,
 ];
 
 impl Contender {
     fn name(self) -> &'static str {
         match self {
             Contender::FerryOff => "ferry-off",
-            Contender::FerryAuto => "ferry-auto",
+            Contender::FerryOn => "ferry-on",
             Contender::QemuPlain => "qemu-plain",
             Contender::QemuXbzrle => "qemu-xbzrle",
             Contender::QemuMultifdZstd => "qemu-multifd-zstd",
+            Contender::QemuFreePageHint => "qemu-free-page-hint",
         }
     }
 
     fn is_qemu(self) -> bool {
-        matches!(
-            self,
-            Contender::QemuPlain | Contender::QemuXbzrle | Contender::QemuMultifdZstd
-        )
+        !matches!(self, Contender::FerryOff | Contender::FerryOn)
+    }
+
+    /// Whether it runs in the case `workload`: free page hinting needs the freed guest's
+    /// balloon.
+    fn runs_in(self, workload: &str) -> bool {
+        self != Contender::QemuFreePageHint || workload == FREED
     }
 }
 
@@ -105,12 +125,12 @@ pub struct EncodingCase {
     pub append: String,
     pub link_bytes_per_sec: Option<u64>,
     pub contenders: Vec<ContenderReport>,
-    /// ferry auto's medians over ferry off's (below 1: encoding helps).
-    pub auto_over_off_bytes: Option<f64>,
-    pub auto_over_off_total: Option<f64>,
-    pub auto_over_off_downtime: Option<f64>,
-    /// ferry auto's median bytes over those of the QEMU mode that sent the fewest.
-    pub auto_over_best_qemu_bytes: Option<f64>,
+    /// ferry on's medians over ferry off's (below 1: exploration and encoding help).
+    pub on_over_off_bytes: Option<f64>,
+    pub on_over_off_total: Option<f64>,
+    pub on_over_off_downtime: Option<f64>,
+    /// ferry on's median bytes over those of the QEMU mode that sent the fewest.
+    pub on_over_best_qemu_bytes: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -119,7 +139,8 @@ pub struct ContenderReport {
     pub figures: VmmFigures,
     /// CPU of the source process outside the vCPUs, during the migration, seconds.
     pub cpu_secs: Spread,
-    /// Distinct notes (ferry's, and what its encoding chose and why in the last run).
+    /// Distinct notes (ferry's, what its encoding chose and why and what exploration
+    /// skipped in the last run).
     pub notes: Vec<String>,
 }
 
@@ -222,9 +243,10 @@ struct Setup {
 
 fn ferry_run(
     setup: &Setup,
+    workload: &str,
     append: &str,
     link: Option<(&str, u64)>,
-    encoding: &str,
+    on: bool,
     dir: &Path,
     runs: &mut Runs,
 ) -> Result<()> {
@@ -238,10 +260,17 @@ fn ferry_run(
     destination
         .wait_line(Stream::Stderr, LISTENING_LINE, LISTEN_TIMEOUT)
         .context("destination")?;
-    let boot = ferry_run_command(&setup.ferry, &setup.guest, MEMORY_MIB, append, &socket);
+    let mut boot = ferry_run_command(&setup.ferry, &setup.guest, MEMORY_MIB, append, &socket);
+    if workload == FREED {
+        boot.arg("--balloon");
+    }
     let mut source = boot_source("ferry run", boot)?;
     let mut migrate = ferry_migrate_command(&setup.ferry, &socket, &to, MIGRATION_TIMEOUT);
-    migrate.args(["--encoding", encoding]);
+    if on {
+        migrate.args(["--encoding", "auto"]);
+    } else {
+        migrate.args(["--encoding", "off", "--no-explore"]);
+    }
     if let Some((flag, _)) = link {
         migrate.args(["--bandwidth", flag]);
     }
@@ -254,6 +283,17 @@ fn ferry_run(
             runs.samples
                 .notes
                 .retain(|n| !n.starts_with("encoding chose"));
+            runs.samples.notes.push(note);
+        }
+        if let Some(x) = status.exploration {
+            let note = format!(
+                "exploration skipped {:.0} MiB of {:.0} MiB hinted",
+                x.skipped_pages as f64 / 256.0,
+                x.hinted_pages as f64 / 256.0
+            );
+            runs.samples
+                .notes
+                .retain(|n| !n.starts_with("exploration skipped"));
             runs.samples.notes.push(note);
         }
     }
@@ -271,8 +311,21 @@ fn ferry_run(
     Ok(())
 }
 
+/// Adds the freed case's balloon to a QEMU command line.
+fn qemu_balloon(c: &mut Command, contender: Contender) {
+    let hint = if contender == Contender::QemuFreePageHint {
+        "on"
+    } else {
+        "off"
+    };
+    c.args(["-object", "iothread,id=balloon-io"])
+        .args(["-global", "virtio-mmio.force-legacy=false"])
+        .args(["-device", &format!("{QEMU_BALLOON},free-page-hint={hint}")]);
+}
+
 fn qemu_run(
     setup: &Setup,
+    workload: &str,
     append: &str,
     link: Option<(&str, u64)>,
     contender: Contender,
@@ -285,6 +338,9 @@ fn qemu_run(
     let uri = format!("tcp:127.0.0.1:{port}");
     let multifd = contender == Contender::QemuMultifdZstd;
     let mut incoming = qemu_command(&setup.guest, MEMORY_MIB, append);
+    if workload == FREED {
+        qemu_balloon(&mut incoming, contender);
+    }
     incoming
         .arg("-qmp")
         .arg(format!(
@@ -306,6 +362,9 @@ fn qemu_run(
         listen_for_migration(&mut qmp, &uri, multifd.then_some(MULTIFD_CHANNELS))?;
     }
     let mut boot = qemu_command(&setup.guest, MEMORY_MIB, append);
+    if workload == FREED {
+        qemu_balloon(&mut boot, contender);
+    }
     boot.arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp_source.display()));
     let mut source = boot_source("QEMU", boot)?;
@@ -360,7 +419,7 @@ pub fn migrate_encoding(runs: usize, only: Option<&str>) -> Result<EncodingBench
         for (link_name, link) in LINKS {
             let name = format!("{workload}-{link_name}");
             if only.is_none_or(|p| name.starts_with(p)) {
-                cases.push((name, append, link));
+                cases.push((name, workload, append, link));
             }
         }
     }
@@ -378,8 +437,11 @@ pub fn migrate_encoding(runs: usize, only: Option<&str>) -> Result<EncodingBench
         .map(|_| contenders.iter().map(|_| Runs::default()).collect())
         .collect();
     for run in 0..runs {
-        for (i, (name, append, link)) in cases.iter().enumerate() {
+        for (i, (name, workload, append, link)) in cases.iter().enumerate() {
             for (c, contender) in contenders.iter().enumerate() {
+                if !contender.runs_in(workload) {
+                    continue;
+                }
                 if progress {
                     eprintln!(
                         "ferry-lab bench migrate --encoding: run {}/{runs}, {name}, {}",
@@ -392,9 +454,13 @@ pub fn migrate_encoding(runs: usize, only: Option<&str>) -> Result<EncodingBench
                     .with_context(|| format!("cannot create {}", dir.display()))?;
                 let out = &mut results[i][c];
                 match contender {
-                    Contender::FerryOff => ferry_run(&setup, append, *link, "off", &dir, out),
-                    Contender::FerryAuto => ferry_run(&setup, append, *link, "auto", &dir, out),
-                    q => qemu_run(&setup, append, *link, *q, &dir, out),
+                    Contender::FerryOff => {
+                        ferry_run(&setup, workload, append, *link, false, &dir, out)
+                    }
+                    Contender::FerryOn => {
+                        ferry_run(&setup, workload, append, *link, true, &dir, out)
+                    }
+                    q => qemu_run(&setup, workload, append, *link, *q, &dir, out),
                 }
                 .with_context(|| format!("{}, {name}, run {run}", contender.name()))?;
                 let _ = std::fs::remove_dir_all(&dir);
@@ -404,10 +470,11 @@ pub fn migrate_encoding(runs: usize, only: Option<&str>) -> Result<EncodingBench
     let cases = cases
         .iter()
         .zip(&results)
-        .map(|((name, append, link), runs)| {
+        .map(|((name, workload, append, link), runs)| {
             let reports: Vec<ContenderReport> = contenders
                 .iter()
                 .zip(runs)
+                .filter(|(c, _)| c.runs_in(workload))
                 .map(|(c, r)| ContenderReport {
                     name: c.name().to_string(),
                     figures: r.samples.figures(),
@@ -416,8 +483,8 @@ pub fn migrate_encoding(runs: usize, only: Option<&str>) -> Result<EncodingBench
                 })
                 .collect();
             let by = |c: Contender| reports.iter().find(|r| r.name == c.name());
-            let (off, auto) = (by(Contender::FerryOff), by(Contender::FerryAuto));
-            let pair = |f: fn(&VmmFigures) -> Spread| match (auto, off) {
+            let (off, on) = (by(Contender::FerryOff), by(Contender::FerryOn));
+            let pair = |f: fn(&VmmFigures) -> Spread| match (on, off) {
                 (Some(a), Some(o)) => ratio(f(&a.figures), f(&o.figures)),
                 _ => None,
             };
@@ -426,17 +493,17 @@ pub fn migrate_encoding(runs: usize, only: Option<&str>) -> Result<EncodingBench
                 .filter(|r| r.name.starts_with("qemu") && r.figures.converged > 0)
                 .map(|r| r.figures.bytes.median)
                 .fold(f64::INFINITY, f64::min);
-            let auto_over_best_qemu_bytes = auto
+            let on_over_best_qemu_bytes = on
                 .map(|a| a.figures.bytes.median / best_qemu)
                 .filter(|r| r.is_finite() && *r > 0.0);
             EncodingCase {
                 name: name.clone(),
                 append: append.to_string(),
                 link_bytes_per_sec: link.map(|(_, b)| b),
-                auto_over_off_bytes: pair(|f| f.bytes),
-                auto_over_off_total: pair(|f| f.total_ms),
-                auto_over_off_downtime: pair(|f| f.downtime_ms),
-                auto_over_best_qemu_bytes,
+                on_over_off_bytes: pair(|f| f.bytes),
+                on_over_off_total: pair(|f| f.total_ms),
+                on_over_off_downtime: pair(|f| f.downtime_ms),
+                on_over_best_qemu_bytes,
                 contenders: reports,
             }
         })
