@@ -458,6 +458,10 @@ pub struct MigrateRequest {
     /// first pass skips the pages the guest hinted free (default on).
     #[serde(default = "explore_default")]
     pub explore: bool,
+    /// Threads that compress pages besides the scanning one; by default one per core the
+    /// VM's vCPUs, the scanner and the link writer leave free (none on a host they fill).
+    #[serde(default)]
+    pub encode_threads: Option<u32>,
 }
 
 fn explore_default() -> bool {

@@ -252,6 +252,10 @@ struct MigrateCliArgs {
     /// on by default for a VM with a balloon whose driver hints).
     #[arg(long)]
     no_explore: bool,
+    /// Threads that compress pages besides the scanning one (default: the cores the VM's
+    /// vCPUs and the migration's own two threads leave free).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=8))]
+    encode_threads: Option<u32>,
     /// Cancel the running migration instead.
     #[arg(long, conflicts_with = "to")]
     cancel: bool,
@@ -418,6 +422,7 @@ fn migrate_cmd(args: MigrateCliArgs) -> Result<()> {
             encoding: ferry_api::PageEncoding::from_name(&args.encoding)
                 .context("--encoding takes off, auto, sparse, delta, lz4 or zstd")?,
             explore: !args.no_explore,
+            encode_threads: args.encode_threads,
             json: args.json,
         },
     )

@@ -26,6 +26,7 @@ pub struct MigrateArgs {
     pub resume_window_secs: u64,
     pub encoding: ferry_api::PageEncoding,
     pub explore: bool,
+    pub encode_threads: Option<u32>,
     pub json: bool,
 }
 
@@ -116,6 +117,7 @@ pub fn run(socket: &Path, args: MigrateArgs) -> Result<MigrationStatus> {
         resume_window_secs: Some(args.resume_window_secs),
         encoding: args.encoding,
         explore: args.explore,
+        encode_threads: args.encode_threads,
         wait: true,
     };
     // One connection waits for the end; progress comes from polling on others.

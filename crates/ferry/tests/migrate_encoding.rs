@@ -131,6 +131,59 @@ fn auto_compresses_text_while_the_link_is_the_bottleneck() {
 }
 
 #[test]
+fn zstd_on_worker_threads_moves_text_pages_in_under_half_their_size() {
+    let test = "zstd_on_worker_threads_moves_text_pages_in_under_half_their_size";
+    let Some(s) = moved(
+        test,
+        "workload=mem mem_mib=64 mem_rate=20 mem_data=text",
+        &[
+            "--encoding",
+            "zstd",
+            "--encode-threads",
+            "2",
+            "--bandwidth",
+            "100MiB",
+        ],
+    ) else {
+        return;
+    };
+    let pages = s["data_pages_sent"].as_u64().expect("pages");
+    assert!(encoded(&s, "zstd") > pages / 2, "{s}");
+    assert!(
+        s["bytes_sent"].as_u64().expect("bytes") < data_bytes(&s) / 2,
+        "{s}"
+    );
+}
+
+#[test]
+fn auto_on_worker_threads_keeps_delta_bases_equal_to_what_was_sent() {
+    // Pages rewritten one word in 64 at a capped link: some go as deltas from the scanner,
+    // the rest compressed by the workers, and the copies kept for later deltas must be the
+    // very bytes the workers compressed, or the destination's pages drift from the guest's.
+    let test = "auto_on_worker_threads_keeps_delta_bases_equal_to_what_was_sent";
+    let Some(s) = moved(
+        test,
+        "workload=mem mem_mib=64 mem_rate=50 mem_data=delta",
+        &[
+            "--encoding",
+            "auto",
+            "--encode-threads",
+            "2",
+            "--bandwidth",
+            "100MiB",
+        ],
+    ) else {
+        return;
+    };
+    assert!(
+        s["encoding"]["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("2 compression workers")),
+        "{s}"
+    );
+}
+
+#[test]
 fn auto_sends_noise_raw_on_a_fast_link() {
     let test = "auto_sends_noise_raw_on_a_fast_link";
     let Some(s) = moved(

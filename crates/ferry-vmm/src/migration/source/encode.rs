@@ -153,14 +153,7 @@ impl Encoding {
         if !w.has_room_for_page() {
             return false;
         }
-        self.pages_seen += 1;
-        if !self.forced() && self.pages_seen % PROBE_PAGES == 1 {
-            let due = self.last_probe.is_none_or(|t| t.elapsed() >= PROBE_EVERY);
-            if due {
-                self.last_probe = Some(Instant::now());
-                self.probe(page);
-            }
-        }
+        self.count_and_probe(page);
         let keeping = self.keeping();
         let general = self.general();
         let delta_base = if keeping {
@@ -218,6 +211,56 @@ impl Encoding {
             self.delta_tried(paid);
         }
         true
+    }
+
+    /// Counts a page, and samples the codecs on it now and then (auto mode).
+    fn count_and_probe(&mut self, page: &[u8]) {
+        self.pages_seen += 1;
+        if !self.forced() && self.pages_seen % PROBE_PAGES == 1 {
+            let due = self.last_probe.is_none_or(|t| t.elapsed() >= PROBE_EVERY);
+            if due {
+                self.last_probe = Some(Instant::now());
+                self.probe(page);
+            }
+        }
+    }
+
+    /// The codec a compression worker should use for the page at `gpa`, or `None`: the
+    /// scanner pushes it itself ([`push`](Self::push)), raw or as a delta against the copy
+    /// it keeps. Changes nothing.
+    pub fn offload_codec(&self, gpa: u64) -> Option<PageCodec> {
+        let codec = self.general().filter(|c| *c != PageCodec::Delta)?;
+        let base = self.keeping() && self.cache.as_ref().is_some_and(|c| c.get(gpa).is_some());
+        (!base).then_some(codec)
+    }
+
+    /// The page at `gpa` went to a compression worker as `snapshot`: it is counted, sampled
+    /// now and then, and kept (while copies are kept) exactly as the worker compresses it.
+    pub fn offloaded(&mut self, gpa: u64, snapshot: &[u8]) {
+        self.count_and_probe(snapshot);
+        let keeping = self.keeping();
+        match self.cache.as_mut() {
+            Some(cache) if keeping => cache.put(gpa, snapshot),
+            _ => self.drop_copy(gpa),
+        }
+    }
+
+    /// A page a worker compressed went into the batch: as `codec` in a record of `record`
+    /// bytes, or raw (`None`).
+    pub fn account(&mut self, codec: Option<PageCodec>, record: usize) {
+        match codec {
+            Some(codec) => {
+                self.counts[codec as usize] += 1;
+                self.saved_bytes += (RAW_PAGE_BYTES as usize).saturating_sub(record) as u64;
+            }
+            None => self.raw_pages += 1,
+        }
+    }
+
+    /// Compression runs on `workers` cores besides the scanner's: the chooser counts their
+    /// throughput.
+    pub fn set_workers(&mut self, workers: usize) {
+        self.choice.set_workers(workers);
     }
 
     /// The page at `gpa` went out without a kept copy (or became zero): an older copy must
@@ -379,6 +422,72 @@ mod tests {
             .map_or(0, |c| c.pages);
         assert!(delta >= 8 * 3, "{s:?}");
         assert!(s.saved_bytes > 0);
+    }
+
+    #[test]
+    fn pages_compressed_by_workers_are_the_delta_bases_kept() {
+        use super::super::compress_pool::{CompressPool, Compressed};
+        let mut enc = Encoding::new(PageEncoding::Auto, CodecSet::all()).expect("on");
+        // lz4 pays, and the link is the bottleneck: copies are kept, lz4 is chosen.
+        for _ in 0..10 {
+            enc.choice.sample_raw(500.0);
+            enc.choice.sample(PageCodec::Lz4, 2_000.0, 1_000.0);
+            enc.choice.sample(PageCodec::Zstd, 50_000.0, 1_000.0);
+            enc.choice.sample(PageCodec::Sparse, 800.0, RAW_PAGE_BYTES);
+        }
+        enc.set_workers(2);
+        enc.window(Duration::from_millis(50), Duration::from_millis(40), 1 << 20);
+        assert!(enc.keeping());
+        let mut pool = CompressPool::start(2).expect("workers");
+        let mut dst = Destination::default();
+        let mut w = PageBatchWriter::new(8 << 20);
+        let mut src: HashMap<u64, Vec<u8>> = (0..100u64)
+            .map(|i| {
+                let mut p = noise(i + 1);
+                p[..P / 2].fill(i as u8); // half compressible
+                (i * PAGE, p)
+            })
+            .collect();
+        // First round: every page goes to the workers (no copy to delta against yet).
+        for (gpa, page) in &src {
+            let codec = enc.offload_codec(*gpa).expect("offloaded");
+            let snapshot = pool.add(*gpa, page, codec);
+            enc.offloaded(*gpa, snapshot);
+            pool.dispatch_if_full();
+        }
+        pool.dispatch();
+        while let Some(mut f) = pool.take(true) {
+            while let Some((gpa, c)) = f.peek() {
+                match c {
+                    Compressed::Body(codec, body) => {
+                        let pushed = w.push_encoded(gpa, codec, |out| {
+                            out.extend_from_slice(body);
+                            true
+                        });
+                        assert_eq!(pushed, Pushed::Added);
+                        enc.account(Some(codec), 0);
+                    }
+                    Compressed::Raw(page) => assert!(w.push_page(gpa, page)),
+                }
+                f.advance();
+            }
+            pool.recycle(f);
+        }
+        dst.apply(&mut w);
+        assert_eq!(dst.pages, src);
+        // Second round: one word changed per page; each has a kept copy, so the scanner
+        // sends it as a delta against exactly what the workers compressed.
+        for (gpa, page) in src.iter_mut() {
+            page[P - 8] ^= 0x77;
+            assert_eq!(enc.offload_codec(*gpa), None, "a delta base is kept");
+            assert!(enc.push(&mut w, *gpa, page));
+        }
+        dst.apply(&mut w);
+        assert_eq!(dst.pages, src);
+        let s = enc.status();
+        let count = |name: &str| s.pages.iter().find(|c| c.codec == name).map_or(0, |c| c.pages);
+        assert_eq!(count("delta"), 100, "{s:?}");
+        assert_eq!(count("lz4"), 100, "{s:?}");
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! and encoding pages into reused buffers), [`handover`] (the paused phase and resolving).
 
 mod codec_choice;
+mod compress_pool;
 mod connect;
 mod disks;
 mod encode;
@@ -384,7 +385,12 @@ impl<'a> Worker<'a> {
                 self.ctx.request.encoding.name()
             ));
         }
-        self.scanner.set_encoding(encoding, self.ctx.status.clone());
+        let workers = match self.ctx.request.encode_threads {
+            Some(n) => n as usize,
+            None => compress_pool::spare_cores(usize::from(self.ctx.machine.vcpus)),
+        };
+        self.scanner
+            .set_encoding(encoding, workers, self.ctx.status.clone());
         let connections = opened.connections as u32;
         self.status(|s| s.connections = connections);
         Ok(opened.link)

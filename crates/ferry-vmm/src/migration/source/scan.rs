@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use ferry_api::MigrationStatus;
 use ferry_devices::GuestMemory;
-use ferry_proto::migration::{Message, PageBatch, PageBatchWriter};
+use ferry_proto::migration::{Message, PageBatch, PageBatchWriter, Pushed};
 
+use super::compress_pool::{CompressPool, Compressed};
 use super::encode::Encoding;
 use super::explore::Exploration;
 use super::link::Link;
@@ -66,6 +67,8 @@ pub struct Scanner {
     window: (Instant, Duration, u64),
     /// The guest's free page hints, while the first pass may skip what they name.
     exploration: Option<Exploration>,
+    /// Compression workers on spare cores, when the encoding has any.
+    pool: Option<CompressPool>,
 }
 
 /// Adds a data page, through the encoding when there is one. False: the batch is full.
@@ -90,6 +93,26 @@ fn push_zero(writer: &mut PageBatchWriter, encoding: &mut Option<Encoding>, gpa:
     pushed
 }
 
+/// Hands the data page at `gpa` to the compression workers, if the encoding compresses it
+/// with a codec they run; false: the caller pushes it.
+fn offload(
+    pool: &mut Option<CompressPool>,
+    encoding: &mut Option<Encoding>,
+    gpa: u64,
+    page: &[u8],
+) -> bool {
+    let (Some(pool), Some(encoding)) = (pool.as_mut(), encoding.as_mut()) else {
+        return false;
+    };
+    let Some(codec) = encoding.offload_codec(gpa) else {
+        return false;
+    };
+    let snapshot = pool.add(gpa, page, codec);
+    encoding.offloaded(gpa, snapshot);
+    pool.dispatch_if_full();
+    true
+}
+
 impl Scanner {
     pub fn new(memory: &GuestMemory) -> Scanner {
         Scanner {
@@ -101,6 +124,7 @@ impl Scanner {
             status: None,
             window: (Instant::now(), Duration::ZERO, 0),
             exploration: None,
+            pool: None,
         }
     }
 
@@ -110,13 +134,20 @@ impl Scanner {
         std::mem::replace(&mut self.exploration, exploration)
     }
 
-    /// Encodes data pages from now on (`None`: raw), and reports what it does into `status`
-    /// every window.
+    /// Encodes data pages from now on (`None`: raw), compressing on `workers` threads of
+    /// spare cores besides this one (0: here), and reports what it does into `status` every
+    /// window.
     pub fn set_encoding(
         &mut self,
-        encoding: Option<Encoding>,
+        mut encoding: Option<Encoding>,
+        workers: usize,
         status: Arc<Mutex<MigrationStatus>>,
     ) {
+        self.pool = None;
+        if let Some(e) = encoding.as_mut().filter(|_| workers > 0) {
+            self.pool = CompressPool::start(workers);
+            e.set_workers(self.pool.as_ref().map_or(0, CompressPool::workers));
+        }
         self.encoding = encoding;
         self.status = Some(status);
         self.report_encoding();
@@ -192,6 +223,12 @@ impl Scanner {
                 }
                 (false, _) => {
                     pass.data_pages += 1;
+                    if deadline.is_none() && offload(&mut self.pool, &mut self.encoding, gpa, page)
+                    {
+                        // The page is with the workers; what they finished goes in now.
+                        self.take_compressed(link, false, &mut progress, n as u64, pass)?;
+                        continue;
+                    }
                     push_data(&mut self.writer, &mut self.encoding, gpa, page)
                 }
             };
@@ -217,10 +254,62 @@ impl Scanner {
                 assert!(again, "an empty batch holds a page");
             }
         }
+        if let Some(pool) = self.pool.as_mut() {
+            pool.dispatch();
+        }
+        self.take_compressed(link, true, &mut progress, pages.len() as u64, pass)?;
+        debug_assert!(self.pool.as_ref().is_none_or(CompressPool::is_idle));
         self.flush(link)?;
         progress(link, pages.len() as u64, pass)?;
         pass.done = pages.len();
         Ok(pass)
+    }
+
+    /// Puts the pages of finished compression jobs into batches, in the order they went out:
+    /// every job if `all` (waiting for the workers), else those back already and, while too
+    /// many are out, the oldest. Full batches go to the link, with `progress` after each.
+    fn take_compressed(
+        &mut self,
+        link: &mut Link,
+        all: bool,
+        progress: &mut impl FnMut(&mut Link, u64, PassProgress) -> Result<(), Stop>,
+        done: u64,
+        pass: PassProgress,
+    ) -> Result<(), Stop> {
+        loop {
+            let Some(pool) = self.pool.as_mut() else {
+                return Ok(());
+            };
+            let wait = all || pool.in_flight() > 2 * pool.workers();
+            let Some(mut finished) = pool.take(wait) else {
+                return Ok(());
+            };
+            while let Some((gpa, page)) = finished.peek() {
+                let before = self.writer.len_bytes();
+                let (pushed, codec) = match page {
+                    Compressed::Body(codec, body) => {
+                        let pushed = self.writer.push_encoded(gpa, codec, |out| {
+                            out.extend_from_slice(body);
+                            true
+                        });
+                        (pushed == Pushed::Added, Some(codec))
+                    }
+                    Compressed::Raw(snapshot) => (self.writer.push_page(gpa, snapshot), None),
+                };
+                if !pushed {
+                    self.flush(link)?;
+                    progress(link, done, pass)?;
+                    continue;
+                }
+                if let Some(e) = self.encoding.as_mut() {
+                    e.account(codec, self.writer.len_bytes() - before);
+                }
+                finished.advance();
+            }
+            if let Some(pool) = self.pool.as_mut() {
+                pool.recycle(finished);
+            }
+        }
     }
 
     /// Sends the batch being filled, if any.
