@@ -341,6 +341,40 @@ fn a_destination_slow_to_prepare_still_takes_the_guest() {
 }
 
 #[test]
+fn compressed_pages_that_do_not_decode_are_refused_and_the_source_runs_on() {
+    // The source cuts every compressed body in half: the destination must refuse the
+    // stream, never run what it holds, and the source must go on.
+    let Some(f) = fixture(
+        "compressed_pages_that_do_not_decode_are_refused_and_the_source_runs_on",
+        "corrupt",
+        7114,
+        None,
+        Boot::guest("workload=mem mem_mib=32 mem_rate=20 mem_data=text"),
+        Some("corrupt-encoded"),
+    ) else {
+        return;
+    };
+    let mut f = f;
+    let out = migrate_command(&f.socket, &f.listen, &["--encoding", "lz4"])
+        .output()
+        .expect("migrate");
+    let status = status_json(&out);
+    assert_eq!(status["phase"], "failed", "{status}");
+    assert!(
+        status["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("lz4")),
+        "the refusal names the codec: {status}"
+    );
+    assert_source_goes_on(&f.src, &f.socket);
+    assert!(!f.dst.wait_exit(Duration::from_secs(30)).success());
+    assert!(
+        !f.dst.lines().iter().any(|l| l.contains("ferry-guest")),
+        "the destination ran the guest"
+    );
+}
+
+#[test]
 fn a_lost_commit_is_resolved_and_the_source_runs_on() {
     let Some(mut f) = fixture(
         "a_lost_commit_is_resolved_and_the_source_runs_on",

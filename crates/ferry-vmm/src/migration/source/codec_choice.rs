@@ -284,7 +284,11 @@ mod tests {
         four.set_workers(4);
         four.window(50 * MS, 20 * MS, 6_250_000);
         assert_eq!(four.chosen(), Some(PageCodec::Zstd), "{}", four.why());
-        assert!(four.why().starts_with("4 compression workers"), "{}", four.why());
+        assert!(
+            four.why().starts_with("4 compression workers"),
+            "{}",
+            four.why()
+        );
         // Without the link as bottleneck, workers change nothing: raw costs the scanner least.
         let mut idle = measured();
         idle.set_workers(4);

@@ -53,6 +53,9 @@ pub struct Encoding {
     counts: [u64; 5],
     raw_pages: u64,
     saved_bytes: u64,
+    /// Test-only fault `corrupt-encoded`: compressed bodies are cut in half, as a lying or
+    /// broken source would send them.
+    corrupt: bool,
 }
 
 impl Encoding {
@@ -92,6 +95,7 @@ impl Encoding {
             counts: [0; 5],
             raw_pages: 0,
             saved_bytes: 0,
+            corrupt: crate::migration::fault("corrupt-encoded"),
         })
     }
 
@@ -184,8 +188,14 @@ impl Encoding {
         }
         if let (None, Some(codec)) = (encoded_with, general) {
             let encoder = &mut self.encoder;
+            let corrupt = self.corrupt;
             let pushed = w.push_encoded(gpa, codec, |out| {
-                encoder.encode(codec, snap, None, MAX_ENCODED_BODY, out)
+                let start = out.len();
+                let ok = encoder.encode(codec, snap, None, MAX_ENCODED_BODY, out);
+                if ok && corrupt {
+                    out.truncate(start + (out.len() - start).div_ceil(2));
+                }
+                ok
             });
             if pushed == Pushed::Added {
                 encoded_with = Some(codec);
@@ -436,7 +446,11 @@ mod tests {
             enc.choice.sample(PageCodec::Sparse, 800.0, RAW_PAGE_BYTES);
         }
         enc.set_workers(2);
-        enc.window(Duration::from_millis(50), Duration::from_millis(40), 1 << 20);
+        enc.window(
+            Duration::from_millis(50),
+            Duration::from_millis(40),
+            1 << 20,
+        );
         assert!(enc.keeping());
         let mut pool = CompressPool::start(2).expect("workers");
         let mut dst = Destination::default();
@@ -485,7 +499,12 @@ mod tests {
         dst.apply(&mut w);
         assert_eq!(dst.pages, src);
         let s = enc.status();
-        let count = |name: &str| s.pages.iter().find(|c| c.codec == name).map_or(0, |c| c.pages);
+        let count = |name: &str| {
+            s.pages
+                .iter()
+                .find(|c| c.codec == name)
+                .map_or(0, |c| c.pages)
+        };
         assert_eq!(count("delta"), 100, "{s:?}");
         assert_eq!(count("lz4"), 100, "{s:?}");
     }
