@@ -15,12 +15,8 @@
 
 #![no_main]
 
-use ferry_devices::fuzzing::{run_balloon_queues, QueueLayout};
+use ferry_devices::fuzzing::{queue_layouts, run_balloon_queues};
 use libfuzzer_sys::fuzz_target;
-
-fn u16_at(data: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes([*data.get(at)?, *data.get(at + 1)?]))
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some(&flags) = data.first() else {
@@ -32,24 +28,9 @@ fuzz_target!(|data: &[u8]| {
             features |= 1 << feature;
         }
     }
-    let mut layouts = [QueueLayout::default(); 5];
-    for (i, l) in layouts.iter_mut().enumerate() {
-        let at = 1 + i * 7;
-        let (Some(&log2), Some(desc), Some(driver), Some(device)) = (
-            data.get(at),
-            u16_at(data, at + 1),
-            u16_at(data, at + 3),
-            u16_at(data, at + 5),
-        ) else {
-            return;
-        };
-        *l = QueueLayout {
-            size: 1 << (log2 & 0xf),
-            desc: u64::from(desc),
-            driver: u64::from(driver),
-            device: u64::from(device),
-        };
-    }
+    let Some(layouts) = queue_layouts::<5>(data, 1) else {
+        return;
+    };
     let Some(run) = run_balloon_queues(&data[36.min(data.len())..], &layouts, features) else {
         return;
     };

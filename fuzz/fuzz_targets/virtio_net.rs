@@ -15,7 +15,7 @@
 
 #![no_main]
 
-use ferry_devices::fuzzing::{run_net_queues, NetQueueRun, QueueLayout};
+use ferry_devices::fuzzing::{queue_layouts, run_net_queues, NetQueueRun};
 use libfuzzer_sys::fuzz_target;
 
 fn u16_at(data: &[u8], at: usize) -> Option<u16> {
@@ -34,24 +34,9 @@ fuzz_target!(|data: &[u8]| {
     let Some(&flags) = data.first() else {
         return;
     };
-    let mut layouts = [QueueLayout::default(); 3];
-    for (i, l) in layouts.iter_mut().enumerate() {
-        let at = 1 + i * 7;
-        let (Some(&log2), Some(desc), Some(driver), Some(device)) = (
-            data.get(at),
-            u16_at(data, at + 1),
-            u16_at(data, at + 3),
-            u16_at(data, at + 5),
-        ) else {
-            return;
-        };
-        *l = QueueLayout {
-            size: 1 << (log2 & 0xf),
-            desc: u64::from(desc),
-            driver: u64::from(driver),
-            device: u64::from(device),
-        };
-    }
+    let Some(layouts) = queue_layouts::<3>(data, 1) else {
+        return;
+    };
     let Some(&count) = data.get(22) else {
         return;
     };

@@ -76,6 +76,24 @@ pub struct QueueLayout {
     pub device: u64,
 }
 
+/// `N` queue layouts from the fuzzer's input at `at`, 7 bytes each: log2 of the size (u8),
+/// then the descriptor table, available ring and used ring addresses (u16 LE each). `None` if
+/// the input is too short.
+pub fn queue_layouts<const N: usize>(data: &[u8], at: usize) -> Option<[QueueLayout; N]> {
+    let u16_at = |i: usize| Some(u16::from_le_bytes([*data.get(i)?, *data.get(i + 1)?]));
+    let mut layouts = [QueueLayout::default(); N];
+    for (i, l) in layouts.iter_mut().enumerate() {
+        let at = at + i * 7;
+        *l = QueueLayout {
+            size: 1 << (data.get(at)? & 0xf),
+            desc: u64::from(u16_at(at + 1)?),
+            driver: u64::from(u16_at(at + 3)?),
+            device: u64::from(u16_at(at + 5)?),
+        };
+    }
+    Some(layouts)
+}
+
 /// Writes the registers a Linux-like driver writes to bring up a device with queue 0 at
 /// `layout`: ACKNOWLEDGE, DRIVER, the features (VERSION_1 and `features_low`), FEATURES_OK,
 /// the queue, QueueReady, DRIVER_OK. Whether the device came up is for the caller to ask.

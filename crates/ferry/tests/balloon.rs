@@ -257,3 +257,63 @@ fn pages_taken_back_after_their_hint_and_written_are_not_lost() {
          {after:?}"
     );
 }
+
+#[test]
+fn an_inflated_balloon_survives_a_snapshot_and_still_answers() {
+    let name = "an_inflated_balloon_survives_a_snapshot_and_still_answers";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = TempDir::new(name);
+    let socket = dir.join("vm.sock");
+    let mut vm = Boot {
+        api_socket: Some(socket.clone()),
+        ..balloon_guest("256M", "workload=alloc alloc_mib=32 alloc_rate=8")
+    }
+    .start();
+    vm.wait_for("ferry-guest: balloon ready", BOOT);
+    wait_for_path(&socket, BOOT);
+    assert!(set_target(&socket, "32M").status.success());
+    wait_balloon(&socket, "inflated", |b| b["actual_bytes"] == 32u64 << 20);
+    vm.wait_for("balloon=8192", BOOT);
+    wait_balloon(&socket, "statistics", |b| {
+        b["guest_stats"]["free_memory"].as_u64().is_some()
+    });
+    let snap = dir.join("snap");
+    let out = ferry()
+        .args(["snapshot", "create", "--stop", "--json", "--api-socket"])
+        .arg(&socket)
+        .arg("--dir")
+        .arg(&snap)
+        .output()
+        .expect("snapshot");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(vm.wait_exit(BOOT).success());
+    let before = last_status(&vm);
+
+    let restored_socket = dir.join("restored.sock");
+    let mut c = ferry();
+    c.arg("run")
+        .arg("--restore")
+        .arg(&snap)
+        .arg("--api-socket")
+        .arg(&restored_socket);
+    let restored = VmProcess::spawn(c);
+    wait_for_path(&restored_socket, BOOT);
+    // The target and what the guest gave came back; the guest still answers the device.
+    let b = balloon_info(&restored_socket);
+    assert_eq!(b["target_bytes"], 32u64 << 20, "{b}");
+    assert_eq!(b["actual_bytes"], 32u64 << 20, "{b}");
+    assert!(set_target(&restored_socket, "0").status.success());
+    wait_balloon(&restored_socket, "deflated after the restore", |b| {
+        b["actual_bytes"] == 0u64
+    });
+    wait_balloon(&restored_socket, "fresh statistics", |b| {
+        b["stats_updates"].as_u64().is_some_and(|n| n > 0)
+    });
+    assert_runs_on(&restored, before);
+}

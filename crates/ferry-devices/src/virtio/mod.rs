@@ -123,6 +123,23 @@ pub(crate) fn watch_queue_events(
     true
 }
 
+/// The queue whose eventfd woke the loop, for the `Events` data `data` of a device whose queue
+/// `i` was watched with data `first_data + i` ([`watch_queue_events`]); its eventfd is read
+/// (non-blocking: a spurious wake-up reads EAGAIN, which is fine). `None`: no queue's.
+pub(crate) fn kicked_queue(evts: &[EventFd], first_data: u32, data: u32) -> Option<usize> {
+    let i = data.checked_sub(first_data)? as usize;
+    let _ = evts.get(i)?.read();
+    Some(i)
+}
+
+/// Kicks queue `i`'s eventfd, so the loop comes back for the work left after the other
+/// devices had their turn.
+pub(crate) fn rearm_queue(evts: &[EventFd], i: usize, device: &str) {
+    if let Some(Err(e)) = evts.get(i).map(|evt| evt.write(1)) {
+        tracing::error!("{device}: cannot re-arm queue {i}'s eventfd: {e}");
+    }
+}
+
 /// The 64-bit FNV-1a hash of `text`: stable across builds and hosts, for the names devices
 /// derive from what backs them (a disk's serial, a NIC's MAC).
 pub(crate) fn fnv1a(text: &str) -> u64 {

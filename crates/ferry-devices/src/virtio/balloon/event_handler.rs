@@ -9,7 +9,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::device::Balloon;
 use crate::ratelimit::log_limited;
-use crate::virtio::watch_queue_events;
+use crate::virtio::{kicked_queue, rearm_queue, watch_queue_events};
 
 /// How often the guest is asked for its statistics: the cluster's view of a host's free
 /// memory is this fresh.
@@ -52,14 +52,8 @@ impl MutEventSubscriber for Balloon {
                 let _ = self.stats_timer.wait();
                 self.request_stats();
             }
-            data => match data
-                .checked_sub(QUEUE_EVENT)
-                .and_then(|i| self.queue_evts.get(i as usize).map(|evt| (i, evt)))
-            {
-                Some((i, evt)) => {
-                    let _ = evt.read();
-                    self.serve(i as usize);
-                }
+            data => match kicked_queue(&self.queue_evts, QUEUE_EVENT, data) {
+                Some(i) => self.serve(i),
                 None => log_limited!(self.log, warn, data, "virtio-balloon: unknown event"),
             },
         }
@@ -85,9 +79,7 @@ impl Balloon {
     /// other devices had their turn.
     fn serve(&mut self, queue: usize) {
         if self.process_queue(queue) {
-            if let Err(e) = self.queue_evts[queue].write(1) {
-                tracing::error!("virtio-balloon: cannot re-arm queue {queue}'s eventfd: {e}");
-            }
+            rearm_queue(&self.queue_evts, queue, "virtio-balloon");
         }
     }
 }

@@ -10,7 +10,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::device::Block;
 use crate::ratelimit::log_limited;
-use crate::virtio::watch_queue_events;
+use crate::virtio::{kicked_queue, rearm_queue, watch_queue_events};
 
 /// `Events` data of the activation eventfd.
 const ACTIVATE_EVENT: u32 = 0;
@@ -33,15 +33,8 @@ impl MutEventSubscriber for Block {
         }
         match events.data() {
             ACTIVATE_EVENT => self.on_activate(ops),
-            data => match data
-                .checked_sub(QUEUE_EVENT)
-                .and_then(|i| self.queue_evts.get(i as usize))
-            {
-                Some(evt) => {
-                    // Non-blocking: a spurious wake-up reads EAGAIN, which is fine.
-                    let _ = evt.read();
-                    self.serve_queue();
-                }
+            data => match kicked_queue(&self.queue_evts, QUEUE_EVENT, data) {
+                Some(_) => self.serve_queue(),
                 None => log_limited!(self.disk.log, warn, data, "virtio-blk: unknown event"),
             },
         }
@@ -64,11 +57,7 @@ impl Block {
 
     fn serve_queue(&mut self) {
         if self.process_queue() {
-            // More than one pass serves: kick ourselves, so the loop comes back after the
-            // other devices had their turn.
-            if let Err(e) = self.queue_evts[0].write(1) {
-                tracing::error!("virtio-blk: cannot re-arm the queue eventfd: {e}");
-            }
+            rearm_queue(&self.queue_evts, 0, "virtio-blk");
         }
     }
 }

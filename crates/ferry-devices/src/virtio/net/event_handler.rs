@@ -13,7 +13,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::device::Net;
 use super::{CTRL_QUEUE, RX_QUEUE, TX_QUEUE};
 use crate::ratelimit::log_limited;
-use crate::virtio::watch_queue_events;
+use crate::virtio::{kicked_queue, rearm_queue, watch_queue_events};
 
 /// `Events` data of the activation eventfd.
 const ACTIVATE_EVENT: u32 = 0;
@@ -48,15 +48,8 @@ impl MutEventSubscriber for Net {
         match events.data() {
             ACTIVATE_EVENT => self.on_activate(ops),
             BACKEND_EVENT => self.serve(RX_QUEUE),
-            data => match data
-                .checked_sub(QUEUE_EVENT)
-                .and_then(|i| self.queue_evts.get(i as usize).map(|evt| (i, evt)))
-            {
-                Some((i, evt)) => {
-                    // Non-blocking: a spurious wake-up reads EAGAIN, which is fine.
-                    let _ = evt.read();
-                    self.serve(i as usize);
-                }
+            data => match kicked_queue(&self.queue_evts, QUEUE_EVENT, data) {
+                Some(i) => self.serve(i),
                 None => log_limited!(self.log, warn, data, "virtio-net: unknown event"),
             },
         }
@@ -87,9 +80,7 @@ impl Net {
             _ => self.process_ctrl(),
         };
         if more {
-            if let Err(e) = self.queue_evts[queue].write(1) {
-                tracing::error!("virtio-net: cannot re-arm queue {queue}'s eventfd: {e}");
-            }
+            rearm_queue(&self.queue_evts, queue, "virtio-net");
         }
     }
 }
