@@ -26,10 +26,12 @@ use crate::migration::error::Stop;
 use crate::migration::pages::PAGE;
 
 /// A guest that has not answered by then is not waited for (its hints still count when they
-/// come during the pass).
-const ANSWER_WAIT: Duration = Duration::from_millis(300);
-/// An answered guest that lent nothing new for this long is taken as done.
-const QUIET: Duration = Duration::from_millis(50);
+/// come during the pass). Its driver is active (the command was only sent to one), so an
+/// answer is due in milliseconds; the margin is for a vCPU a loaded host does not schedule.
+const ANSWER_WAIT: Duration = Duration::from_secs(1);
+/// An answered guest that lent nothing new for this long is taken as done (drivers say STOP
+/// when they are; this is for one that does not).
+const QUIET: Duration = Duration::from_millis(200);
 /// The longest the first pass waits for the guest's hints.
 const MAX_WAIT: Duration = Duration::from_secs(2);
 
