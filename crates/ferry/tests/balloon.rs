@@ -317,3 +317,41 @@ fn an_inflated_balloon_survives_a_snapshot_and_still_answers() {
     });
     assert_runs_on(&restored, before);
 }
+
+#[test]
+fn a_migration_that_dies_mid_pass_gives_the_guest_its_lent_memory_back() {
+    let name = "a_migration_that_dies_mid_pass_gives_the_guest_its_lent_memory_back";
+    let Some(hosts) = hosts_or_skip("bal", name) else {
+        return;
+    };
+    let dir = TempDir::new(name);
+    let listen = format!("{}:7203", hosts.b_addr);
+    let dst = receiver_with(&hosts.b, &listen, &[], None);
+    // 128 MiB of data at 20 MiB/s: the first pass, and the hint command, last about 6 s.
+    let boot = balloon_guest("512M", "workload=alloc alloc_mib=128 alloc_rate=4");
+    let (src, socket) = source(&hosts.a, &dir, boot, None);
+    let migrating = common::migration::migrate_command(&socket, &listen, &["--bandwidth", "20MiB"])
+        .spawn()
+        .expect("migrate");
+    // The guest lends its free memory: what its free lists hold drops below what it has.
+    wait_balloon(&socket, "the guest lending its free memory", |b| {
+        let s = &b["guest_stats"];
+        match (s["free_memory"].as_u64(), s["available_memory"].as_u64()) {
+            (Some(free), Some(avail)) => free + (64 << 20) < avail,
+            _ => false,
+        }
+    });
+    drop(dst); // kills the destination mid-pass
+    let out = migrating.wait_with_output().expect("migrate output");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status");
+    assert_eq!(status["phase"], "failed", "{status}");
+    // The command ended with the migration: the guest takes its memory back.
+    wait_balloon(&socket, "the lent memory given back", |b| {
+        let s = &b["guest_stats"];
+        match (s["free_memory"].as_u64(), s["available_memory"].as_u64()) {
+            (Some(free), Some(avail)) => free == avail,
+            _ => false,
+        }
+    });
+    common::migration::assert_source_goes_on(&src, &socket);
+}
