@@ -78,6 +78,22 @@ impl Chain {
         self.writable.iter().map(|s| u64::from(s.len)).sum()
     }
 
+    /// The first `max` bytes (or fewer, all there are) of the device-readable buffers, in
+    /// order; `None` if guest memory could not be read.
+    pub fn read_readable(&self, mem: &GuestMemory, max: usize) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        for seg in &self.readable {
+            let n = (max - out.len()).min(seg.len as usize);
+            let at = out.len();
+            out.resize(at + n, 0);
+            mem.read_slice(&mut out[at..], seg.addr).ok()?;
+            if out.len() == max {
+                break;
+            }
+        }
+        Some(out)
+    }
+
     /// The address of the last byte of the chain if that byte is device-writable and in guest
     /// memory: where virtio-blk (and others) put their status byte.
     pub fn last_writable_byte(&self) -> Option<GuestAddress> {

@@ -8,8 +8,6 @@
 //! - reporting: free memory the guest hands back for good, as writable buffers; given back
 //!   before the chain returns, so the guest reuses it only after.
 
-use vm_memory::Bytes;
-
 use super::device::{Balloon, Role};
 use super::give_back::give_back;
 use super::stats::{parse_stats, MAX_STAT_ENTRIES, STAT_ENTRY};
@@ -23,21 +21,6 @@ const CHAINS_PER_PASS: usize = 64;
 /// Page frame numbers read from one inflate or deflate chain at most (the Linux driver sends
 /// 256 per chain).
 const MAX_PFNS: usize = 4096;
-
-/// Reads the device-readable bytes of `chain`, at most `max`.
-fn readable_bytes(mem: &GuestMemory, chain: &Chain, max: usize) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    for seg in &chain.readable {
-        let n = (max - out.len()).min(seg.len as usize);
-        let at = out.len();
-        out.resize(at + n, 0);
-        mem.read_slice(&mut out[at..], seg.addr).ok()?;
-        if out.len() == max {
-            break;
-        }
-    }
-    Some(out)
-}
 
 /// The 4 KiB page frame numbers in `bytes`, as runs `(first guest address, pages)` of
 /// consecutive frames.
@@ -117,7 +100,7 @@ impl Balloon {
                 return false;
             };
             let read = if chain.error.is_none() {
-                readable_bytes(&queue.mem, &chain, MAX_STAT_ENTRIES * STAT_ENTRY)
+                chain.read_readable(&queue.mem, MAX_STAT_ENTRIES * STAT_ENTRY)
             } else {
                 None
             };
@@ -174,7 +157,7 @@ fn pages_chain(
     counters: &super::BalloonCounters,
     log: &crate::ratelimit::LogLimiter,
 ) {
-    let Some(bytes) = readable_bytes(mem, chain, MAX_PFNS * 4) else {
+    let Some(bytes) = chain.read_readable(mem, MAX_PFNS * 4) else {
         add(&counters.invalid_chains, 1);
         return;
     };
@@ -204,7 +187,7 @@ fn hint_chain(
     counters: &super::BalloonCounters,
 ) {
     if !chain.readable.is_empty() {
-        match readable_bytes(mem, chain, 4) {
+        match chain.read_readable(mem, 4) {
             Some(b) if b.len() == 4 => {
                 hints.on_command(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             }

@@ -21,17 +21,10 @@ fn command(mem: &GuestMemory, chain: &Chain) -> Option<(u8, u8)> {
     if chain.error.is_some() || chain.writable.is_empty() {
         return None;
     }
-    let mut header = [0u8; 2];
-    let mut got = 0;
-    for seg in &chain.readable {
-        let n = (header.len() - got).min(seg.len as usize);
-        mem.read_slice(&mut header[got..got + n], seg.addr).ok()?;
-        got += n;
-        if got == header.len() {
-            return Some((header[0], header[1]));
-        }
+    match chain.read_readable(mem, 2)?[..] {
+        [class, cmd] => Some((class, cmd)),
+        _ => None,
     }
-    None
 }
 
 impl Net {
