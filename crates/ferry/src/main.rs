@@ -2,6 +2,7 @@
 //! production host. Guest builders, benchmarks and the demo live in `ferry-lab`.
 
 mod client;
+mod cluster_cli;
 mod migrate;
 mod size;
 
@@ -46,6 +47,9 @@ enum Command {
     /// Make a CA and a certificate for each host, one folder per host for --tls-dir (for labs
     /// and tests; production sites use their own CA).
     TlsCerts(TlsCertsArgs),
+    /// Run this host's agent: it starts, stops, receives and migrates VMs for the cluster's
+    /// controller and reports the host's load (HTTP + JSON over mutual TLS).
+    Agent(cluster_cli::AgentArgs),
 }
 
 #[derive(Debug, Args)]
@@ -524,18 +528,25 @@ fn snapshot_create(
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Daemons log what they decide; one-shot commands only what went wrong.
+    let default_level = match cli.command {
+        Command::Agent(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run_vm(args),
         Command::Vm { action } => vm_call(action),
         Command::Receive(args) => receive(args),
+        Command::Agent(args) => cluster_cli::agent(args),
         Command::Migrate(args) => migrate_cmd(args),
         Command::TlsCerts(args) => {
             ferry_vmm::migration::wire::pki::make(&args.out, &args.ca_name, &args.hosts)

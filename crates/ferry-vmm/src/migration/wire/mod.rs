@@ -166,6 +166,16 @@ impl TlsConfig {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// The server side: TLS 1.3, and peers must present a certificate of the same CA.
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.server.clone()
+    }
+
+    /// The client side: presents this host's certificate, trusts only the same CA.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.client.clone()
+    }
 }
 
 /// The name a source checks the destination's certificate against: the host part of
