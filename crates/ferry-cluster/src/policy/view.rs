@@ -1,0 +1,86 @@
+//! What the planner is given: the cluster as the controller last saw it.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::hotspot::Heat;
+use crate::model::{HostReport, VmReport};
+
+/// The cluster at one instant, as the controller sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// The controller's clock, seconds (the same clock as `last_moved` and `Heat`).
+    pub now_secs: f64,
+    pub hosts: Vec<HostView>,
+    /// Migrations running now.
+    pub in_flight: Vec<InFlight>,
+    /// VM name -> when it last moved (controller seconds).
+    #[serde(default)]
+    pub last_moved: HashMap<String, f64>,
+}
+
+/// One host: its latest report and what the controller knows beyond it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostView {
+    pub report: HostReport,
+    pub heat: Heat,
+    /// Reachable and may take VMs: not draining, not marked powered off.
+    pub available: bool,
+}
+
+/// A migration running: it counts against both hosts' capacity and the concurrency limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InFlight {
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    pub memory_bytes: u64,
+    /// Cores the VM uses (leaving `from`, arriving on `to`).
+    pub cpu: f64,
+    pub disk_bytes: u64,
+}
+
+impl ClusterView {
+    pub fn host(&self, name: &str) -> Option<&HostView> {
+        self.hosts.iter().find(|h| h.report.host == name)
+    }
+
+    /// The migration `vm` is part of, if one runs.
+    pub(crate) fn in_flight_of(&self, vm: &str) -> Option<&InFlight> {
+        self.in_flight.iter().find(|f| f.vm == vm)
+    }
+
+    /// Seconds `vm` must still stay put after its last move, if any.
+    pub(crate) fn cooldown_left(&self, vm: &str, cooldown_secs: f64) -> Option<f64> {
+        let moved = self.last_moved.get(vm)?;
+        let left = moved + cooldown_secs - self.now_secs;
+        (left > 0.0).then_some(left)
+    }
+
+    /// Hosts sorted by name: every decision walks them in this order so ties break the same
+    /// way each time.
+    pub(crate) fn hosts_by_name(&self) -> Vec<&HostView> {
+        let mut hosts: Vec<&HostView> = self.hosts.iter().collect();
+        hosts.sort_by(|a, b| a.report.host.cmp(&b.report.host));
+        hosts
+    }
+}
+
+impl HostView {
+    pub fn name(&self) -> &str {
+        &self.report.host
+    }
+
+    /// VMs that run (or may run) here and count against its capacity, by name.
+    pub(crate) fn resident_vms(&self) -> Vec<&VmReport> {
+        let mut vms: Vec<&VmReport> = self
+            .report
+            .vms
+            .iter()
+            .filter(|vm| vm.phase.occupies_host())
+            .collect();
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        vms
+    }
+}
