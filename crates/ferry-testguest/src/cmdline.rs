@@ -6,6 +6,8 @@ use crate::MAX_CPUS;
 use core::fmt;
 
 pub const MAX_VIRTIO: usize = 16;
+/// Steps a `cpu_profile=` may have.
+pub const MAX_CPU_STEPS: usize = 16;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum MemRate {
@@ -24,6 +26,59 @@ pub enum MemData {
     Delta,
 }
 
+/// The `cpu` workload's profile (`cpu_profile=T:P,...`, `cpu_pct=P`): from guest second `T`
+/// on, each CPU runs (is not halted) `P` percent of the time. Seconds strictly increase.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct CpuProfile {
+    /// (guest second, percent), the first `len` used.
+    steps: [(u64, u8); MAX_CPU_STEPS],
+    len: usize,
+}
+
+impl CpuProfile {
+    /// One step: `pct` percent from boot on.
+    pub const fn constant(pct: u8) -> Self {
+        let mut steps = [(0, 0); MAX_CPU_STEPS];
+        steps[0] = (0, pct);
+        Self { steps, len: 1 }
+    }
+
+    pub fn steps(&self) -> &[(u64, u8)] {
+        &self.steps[..self.len]
+    }
+
+    /// The percent in force at guest second `t` (0 before the first step).
+    pub fn pct_at(&self, t: u64) -> u8 {
+        self.steps()
+            .iter()
+            .take_while(|&&(from, _)| from <= t)
+            .last()
+            .map_or(0, |&(_, p)| p)
+    }
+}
+
+/// A percent, 0..=100.
+fn parse_pct(s: &[u8]) -> Option<u8> {
+    parse_u64(s).filter(|&p| p <= 100).map(|p| p as u8)
+}
+
+/// `T:P[,T:P...]`: 1 to [`MAX_CPU_STEPS`] steps, seconds strictly increasing, percents 0..=100.
+fn parse_cpu_profile(s: &[u8]) -> Option<CpuProfile> {
+    let mut p = CpuProfile::constant(0);
+    p.len = 0;
+    for step in s.split(|&c| c == b',') {
+        let colon = step.iter().position(|&c| c == b':')?;
+        let t = parse_u64(&step[..colon]).filter(|&t| t <= 1 << 32)?;
+        let pct = parse_pct(&step[colon + 1..])?;
+        if p.len == MAX_CPU_STEPS || p.steps().last().is_some_and(|&(prev, _)| prev >= t) {
+            return None;
+        }
+        p.steps[p.len] = (t, pct);
+        p.len += 1;
+    }
+    Some(p)
+}
+
 #[derive(Clone, Copy)]
 pub struct VirtioMmio {
     pub base: u64,
@@ -36,6 +91,9 @@ pub struct Config {
     pub net: bool,
     /// The `alloc` workload: chunks allocated, churned and freed over the chunk pool.
     pub alloc: bool,
+    /// The `cpu` workload: every CPU runs only its profile's share of the time, halted the rest.
+    pub cpu: bool,
+    pub cpu_profile: CpuProfile,
     /// `net_ip=`: the NIC's IPv4 address and prefix length.
     pub net_ip: Option<([u8; 4], u8)>,
     /// `net_gw=`: the default gateway.
@@ -60,7 +118,8 @@ pub struct Config {
     pub virtio_len: usize,
     pub cpus: usize,
     pub tsc_khz: Option<u64>,
-    pub tick_hz: u64,
+    /// `tick_hz=`; see [`Config::tick_hz`] for the default.
+    pub tick_hz: Option<u64>,
     pub max_jump_s: u64,
     pub exit_after: Option<u64>,
     pub crash_triple: bool,
@@ -88,6 +147,8 @@ impl Config {
             disk: false,
             net: false,
             alloc: false,
+            cpu: false,
+            cpu_profile: CpuProfile::constant(100),
             net_ip: None,
             net_gw: None,
             mem_mib: 32,
@@ -105,7 +166,7 @@ impl Config {
             virtio_len: 0,
             cpus: 1,
             tsc_khz: None,
-            tick_hz: 10,
+            tick_hz: None,
             max_jump_s: 30,
             exit_after: None,
             crash_triple: false,
@@ -122,9 +183,15 @@ impl Config {
     pub fn virtio(&self) -> &[VirtioMmio] {
         &self.virtio[..self.virtio_len]
     }
+
+    /// The LAPIC timer rate: `tick_hz=`, else 100 Hz with the `cpu` workload (whose period is
+    /// one tick), else 10 Hz (every tick costs ring-0 time).
+    pub fn tick_hz(&self) -> u64 {
+        self.tick_hz.unwrap_or(if self.cpu { 100 } else { 10 })
+    }
 }
 
-/// The workloads that run, in the order mem, disk, net, alloc (or `idle`).
+/// The workloads that run, in the order mem, disk, net, alloc, cpu (or `idle`).
 pub struct Workloads<'a>(&'a Config);
 
 impl fmt::Display for Workloads<'_> {
@@ -135,6 +202,7 @@ impl fmt::Display for Workloads<'_> {
             (c.disk, "disk"),
             (c.net, "net"),
             (c.alloc, "alloc"),
+            (c.cpu, "cpu"),
         ];
         let mut sep = "";
         for (_, name) in on.iter().filter(|(on, _)| *on) {
@@ -194,13 +262,14 @@ fn parse_virtio(s: &[u8]) -> Option<VirtioMmio> {
 }
 
 fn parse_workloads(s: &[u8], cfg: &mut Config) -> bool {
-    let (mut mem, mut disk, mut net, mut alloc) = (false, false, false, false);
+    let (mut mem, mut disk, mut net, mut alloc, mut cpu) = (false, false, false, false, false);
     for w in s.split(|&c| c == b',') {
         match w {
             b"mem" => mem = true,
             b"disk" => disk = true,
             b"net" => net = true,
             b"alloc" => alloc = true,
+            b"cpu" => cpu = true,
             b"idle" => {}
             _ => return false,
         }
@@ -209,6 +278,7 @@ fn parse_workloads(s: &[u8], cfg: &mut Config) -> bool {
     cfg.disk = disk;
     cfg.net = net;
     cfg.alloc = alloc;
+    cfg.cpu = cpu;
     true
 }
 
@@ -272,7 +342,7 @@ pub fn parse(line: &[u8]) -> Config {
                 bad(
                     key,
                     value,
-                    "expected mem, disk, net, alloc, idle or a comma list",
+                    "expected mem, disk, net, alloc, cpu, idle or a comma list",
                 );
             }
             b"net_ip" => match parse_cidr(value) {
@@ -307,6 +377,18 @@ pub fn parse(line: &[u8]) -> Config {
             b"alloc_rate" => match num(0, 1 << 20) {
                 Some(v) => cfg.alloc_rate = v,
                 None => bad(key, value, "expected MiB/s"),
+            },
+            b"cpu_pct" => match parse_pct(value) {
+                Some(p) => cfg.cpu_profile = CpuProfile::constant(p),
+                None => bad(key, value, "expected a percent 0..=100"),
+            },
+            b"cpu_profile" => match parse_cpu_profile(value) {
+                Some(p) => cfg.cpu_profile = p,
+                None => bad(
+                    key,
+                    value,
+                    "expected T:P[,T:P...], up to 16 steps, seconds increasing, P in 0..=100",
+                ),
             },
             b"disk_blocks" => match num(1, 1 << 40) {
                 Some(v) => cfg.disk_blocks = Some(v),
@@ -349,7 +431,7 @@ pub fn parse(line: &[u8]) -> Config {
                 None => bad(key, value, "expected kHz"),
             },
             b"tick_hz" => match num(1, 1000) {
-                Some(v) => cfg.tick_hz = v,
+                Some(v) => cfg.tick_hz = Some(v),
                 None => bad(key, value, "expected 1..=1000"),
             },
             b"max_jump_s" => match num(1, 1 << 32) {

@@ -1,9 +1,11 @@
 //! The IDT and the few interrupt handlers. All handlers are assembly except the fatal path:
 //! the timer handler only counts a tick for its CPU (by LAPIC ID) and sends EOI, so ring 3's
-//! registers (SSE included) are never touched. Any exception prints `FATAL` and triple-faults.
+//! registers (SSE included) are never touched. Any exception prints `FATAL` and triple-faults,
+//! but the #GP of ring 3's marked `hlt`, which is a request to halt (`halt_until_tick`).
 
 use crate::racy::Racy;
 use core::arch::{asm, global_asm};
+use core::sync::atomic::AtomicU64;
 
 pub const TIMER_VECTOR: u8 = 0xf0;
 pub const SPURIOUS_VECTOR: u8 = 0xff;
@@ -87,6 +89,32 @@ isr_timer:
 isr_spurious:
     iretq
 
+    /* #GP. Ring 3's `hlt` at guest_user_halt (rdi: a tick counter, rsi: the value ring 3
+       saw) is a request to halt until the next interrupt, unless the counter moved since
+       (the tick came already): return after the hlt, halting first if the counter still
+       holds rsi. Any other #GP is fatal. Interrupts stay off (interrupt gate) until the
+       sti, whose shadow covers the hlt: a tick pending by then wakes it at once. */
+    .global isr_gp
+isr_gp:
+    push rax
+    lea rax, [rip + guest_user_halt]
+    cmp rax, [rsp + 16]
+    pop rax
+    jne isr_exc_13
+    add rsp, 8
+    inc qword ptr [rsp]
+    cmp [rdi], rsi
+    jne 1f
+    sti
+    hlt
+1:  iretq
+
+    /* Ring 3: see isr_gp. */
+    .global guest_user_halt
+guest_user_halt:
+    hlt
+    ret
+
     .popsection
 
     .pushsection .data.isr, "aw"
@@ -106,6 +134,8 @@ extern "C" {
     static isr_exc_table: [u64; 32];
     fn isr_timer();
     fn isr_spurious();
+    fn isr_gp();
+    fn guest_user_halt(ticks: *const AtomicU64, seen: u64);
 }
 
 static IDT: Racy<[u64; 512]> = Racy::new([0; 512]);
@@ -146,10 +176,21 @@ pub unsafe fn init() {
         }
         // Ring 0's own int3 (the boot self-test) returns; from ring 3 the DPL-0 gate faults.
         set(3, crate::selftest::bp_handler(), 0, 0);
+        set(13, isr_gp as *const () as u64, 0, 0);
         set(TIMER_VECTOR, isr_timer as *const () as u64, 0, 0);
         set(SPURIOUS_VECTOR, isr_spurious as *const () as u64, 0, 0);
         load();
     }
+}
+
+/// Ring 3: halts this CPU until its next interrupt, unless `ticks` (its timer tick counter)
+/// no longer holds `seen`, i.e. a tick came since the caller read it. Ring 3 cannot `hlt`;
+/// the #GP it raises is the request, which `isr_gp` serves in a dozen ring-0 instructions.
+pub fn halt_until_tick(ticks: &AtomicU64, seen: u64) {
+    // SAFETY: guest_user_halt takes the counter's address in rdi and a value in rsi, changes
+    // no register (the #GP handler returns after its hlt with every register as it was) and
+    // returns like a C function.
+    unsafe { guest_user_halt(ticks, seen) }
 }
 
 /// Loads the shared IDT on this CPU.

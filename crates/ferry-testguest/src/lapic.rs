@@ -47,7 +47,12 @@ pub fn id() -> u32 {
 
 /// Ticks counted so far for the CPU with LAPIC ID `apic_id`.
 pub fn ticks(apic_id: u32) -> u64 {
-    TICKS[(apic_id & 0xff) as usize].load(Ordering::Relaxed)
+    tick_counter(apic_id).load(Ordering::Relaxed)
+}
+
+/// The tick counter of the CPU with LAPIC ID `apic_id`.
+pub fn tick_counter(apic_id: u32) -> &'static AtomicU64 {
+    &TICKS[(apic_id & 0xff) as usize]
 }
 
 /// Enables the LAPIC in xAPIC mode with the timer and LINT pins masked.

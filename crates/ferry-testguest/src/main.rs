@@ -36,6 +36,7 @@ mod virtio_blk;
 mod virtio_mmio;
 mod virtio_net;
 mod workload_alloc;
+mod workload_cpu;
 mod workload_disk;
 mod workload_mem;
 mod workload_net;

@@ -11,12 +11,15 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 pub struct PerCpu {
     pub mem_written: AtomicU64,
     pub mem_verified: AtomicU64,
+    /// TSC cycles the CPU spent halted (the `cpu` workload).
+    pub cpu_halted: AtomicU64,
 }
 
 pub static PER_CPU: [PerCpu; MAX_CPUS] = [const {
     PerCpu {
         mem_written: AtomicU64::new(0),
         mem_verified: AtomicU64::new(0),
+        cpu_halted: AtomicU64::new(0),
     }
 }; MAX_CPUS];
 
@@ -72,6 +75,16 @@ pub static MEMORY: Memory = Memory {
 };
 static CPUS: AtomicUsize = AtomicUsize::new(1);
 
+/// The TSC and the CPUs' halted cycles at the last status line (boot CPU only): the `cpu`
+/// field covers the time since.
+struct LastStatus {
+    tsc: u64,
+    halted: u64,
+}
+
+static LAST: crate::racy::Racy<LastStatus> =
+    crate::racy::Racy::new(LastStatus { tsc: 0, halted: 0 });
+
 const REPORTS_PER_SECOND: u64 = 10;
 
 /// Rate-limit state, only touched under the console lock.
@@ -124,19 +137,30 @@ pub fn corruption(what: fmt::Arguments) {
 /// Prints the status line for TSC time `now` (boot CPU).
 pub fn print(now: u64) {
     let cpus = CPUS.load(Ordering::Relaxed);
-    let (mut ticks, mut written, mut verified) = (0, 0, 0);
+    let (mut ticks, mut written, mut verified, mut halted) = (0, 0, 0, 0);
     for (cpu, c) in PER_CPU.iter().enumerate().take(cpus) {
         ticks += crate::lapic::ticks(crate::smp::apic_id(cpu));
         written += c.mem_written.load(Ordering::Relaxed);
         verified += c.mem_verified.load(Ordering::Relaxed);
+        halted += c.cpu_halted.load(Ordering::Relaxed);
     }
+    // SAFETY: LAST is only touched here, on the boot CPU.
+    let last = unsafe { &mut *LAST.get() };
+    let since = last.tsc.max(crate::clock::boot_tsc());
+    let span = now.saturating_sub(since).saturating_mul(cpus as u64);
+    let idle = halted.saturating_sub(last.halted).min(span);
+    let busy_pct = (span - idle)
+        .saturating_mul(100)
+        .checked_div(span)
+        .unwrap_or(100);
+    *last = LastStatus { tsc: now, halted };
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let m = &MEMORY;
     // Queued: the polling loop writes it a little at a time (see serial.rs).
     crate::serial::queue_line(format_args!(
         "status t={} ticks={} mem_written={} mem_verified={} disk_written={} disk_verified={} \
          errors={} net_rx={} net_tx={} net_udp={} net_tcp={} net_conns={} net_announce={} \
-         alloc={} hinted={} reclaimed={} reported={} balloon={}",
+         alloc={} hinted={} reclaimed={} reported={} balloon={} cpu={}",
         crate::clock::seconds(now),
         ticks,
         written,
@@ -154,6 +178,7 @@ pub fn print(now: u64) {
         get(&m.hinted),
         get(&m.reclaimed),
         get(&m.reported),
-        get(&m.balloon)
+        get(&m.balloon),
+        busy_pct
     ));
 }

@@ -1,5 +1,6 @@
 //! Ring 3: the boot CPU's start-up (command line, clocks, other CPUs, workloads) and every
-//! CPU's polling loop. Nothing here enters ring 0 except through a fault or the crash gate.
+//! CPU's polling loop. Nothing here enters ring 0 except through a fault, the crash gate, or
+//! the cpu workload's halt.
 
 use crate::balloon::{self, Balloon};
 use crate::cmdline::{self, Config, PowerOff};
@@ -8,6 +9,7 @@ use crate::pool::{Pool, CHUNK};
 use crate::racy::Racy;
 use crate::serial::Bytes;
 use crate::workload_alloc::{self, AllocWork};
+use crate::workload_cpu::CpuWork;
 use crate::workload_disk::{DiskWork, MAX_DISKS};
 use crate::workload_mem::{MemPlan, MemWork};
 use crate::workload_net::{self, NetWork};
@@ -125,7 +127,7 @@ pub extern "C" fn bsp_main(_: usize) -> ! {
     crate::selftest::report();
 
     let lapic_hz = lapic::calibrate_timer_hz(tsc_hz);
-    let lapic_count = (lapic_hz / cfg.tick_hz).min(u64::from(u32::MAX)) as u32;
+    let lapic_count = (lapic_hz / cfg.tick_hz()).min(u64::from(u32::MAX)) as u32;
     if lapic_count == 0 {
         crate::fatal!("LAPIC timer does not count (measured {} Hz)", lapic_hz);
     }
@@ -305,6 +307,9 @@ fn run(cpu: usize, own: Cpu0) -> ! {
         }
     }
     let mut clock = clock::ClockCheck::new(cpu, cfg.max_jump_s);
+    let mut burn = cfg
+        .cpu
+        .then(|| CpuWork::new(cpu, cfg.cpu_profile, cfg.tick_hz(), rdtsc()));
     let mut next_status = clock::seconds(rdtsc()) + 1;
     let idle =
         mem.is_none() && disks.iter().all(Option::is_none) && net.is_none() && pool.is_none();
@@ -339,7 +344,9 @@ fn run(cpu: usize, own: Cpu0) -> ! {
                 b.step(now, p);
             }
         }
-        if idle {
+        if let Some(b) = &mut burn {
+            b.step(now);
+        } else if idle {
             core::hint::spin_loop();
         }
     }

@@ -25,6 +25,10 @@ pub struct Status {
     pub reclaimed: u64,
     pub reported: u64,
     pub balloon: u64,
+    /// Percent of the last interval (since the previous status line) the guest's CPUs ran,
+    /// not halted, averaged over them: what the `cpu` workload burned (100 without it, whose
+    /// CPUs never halt). None from a guest that does not print it.
+    pub cpu: Option<u64>,
 }
 
 /// What starts a status line.
@@ -56,6 +60,7 @@ impl Status {
                 "reclaimed" => s.reclaimed = v,
                 "reported" => s.reported = v,
                 "balloon" => s.balloon = v,
+                "cpu" => s.cpu = Some(v),
                 _ => {}
             }
         }
@@ -77,6 +82,10 @@ mod tests {
         let s = Status::parse("ferry-guest: status t=3 ticks=300 mem_written=5 errors=0")
             .expect("a status line");
         assert_eq!((s.t, s.ticks, s.mem_written, s.errors), (3, 300, 5, 0));
+        assert_eq!(s.cpu, None);
+        let s = Status::parse("ferry-guest: status t=4 ticks=400 balloon=0 cpu=42")
+            .expect("a status line");
+        assert_eq!(s.cpu, Some(42));
         assert_eq!(Status::parse("ferry-guest: ready cpus=1"), None);
         assert_eq!(Status::parse("ferry-guest: status t=x"), None);
     }

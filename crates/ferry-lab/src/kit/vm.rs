@@ -23,6 +23,38 @@ pub struct Boot {
     pub api_socket: Option<PathBuf>,
     /// A virtio-balloon (`--balloon`).
     pub balloon: bool,
+    /// The guest's `cpu` workload, added to the `workload=` of `append` (see [`Boot::append`]).
+    pub cpu: Option<CpuLoad>,
+}
+
+/// What the guest's `cpu` workload burns: from each step's guest second (since boot) on,
+/// every vCPU the guest runs (`cpus=`) is busy that percent of the time and halted the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuLoad {
+    /// (guest second, percent 0..=100), seconds increasing; the guest takes up to 16.
+    pub steps: Vec<(u64, u8)>,
+}
+
+impl CpuLoad {
+    /// `pct` percent from boot on (`cpu_pct=`).
+    pub fn constant(pct: u8) -> CpuLoad {
+        CpuLoad {
+            steps: vec![(0, pct)],
+        }
+    }
+
+    /// A profile (`cpu_profile=T:P,...`).
+    pub fn profile(steps: &[(u64, u8)]) -> CpuLoad {
+        CpuLoad {
+            steps: steps.to_vec(),
+        }
+    }
+
+    /// Its command-line word.
+    pub fn cmdline(&self) -> String {
+        let steps: Vec<String> = self.steps.iter().map(|(t, p)| format!("{t}:{p}")).collect();
+        format!("cpu_profile={}", steps.join(","))
+    }
 }
 
 impl Boot {
@@ -35,7 +67,25 @@ impl Boot {
             nets: vec![],
             api_socket: None,
             balloon: false,
+            cpu: None,
         }
+    }
+
+    /// The guest's command line: `append`, with the `cpu` workload and its profile when
+    /// [`Boot::cpu`] asks for it (`workload=idle` or none becomes `workload=cpu`, another list
+    /// gains `,cpu`).
+    pub fn append(&self) -> String {
+        let Some(load) = &self.cpu else {
+            return self.append.clone();
+        };
+        let mut words: Vec<String> = self.append.split_whitespace().map(String::from).collect();
+        match words.iter_mut().find(|w| w.starts_with("workload=")) {
+            Some(w) if w == "workload=idle" => *w = "workload=cpu".to_string(),
+            Some(w) => w.push_str(",cpu"),
+            None => words.push("workload=cpu".to_string()),
+        }
+        words.push(load.cmdline());
+        words.join(" ")
     }
 
     pub fn command(&self) -> Command {
@@ -44,7 +94,7 @@ impl Boot {
             .arg("--kernel")
             .arg(guest_kernel())
             .args(["--memory", self.memory, "--vcpus", &self.vcpus.to_string()])
-            .args(["--append", &self.append]);
+            .args(["--append", &self.append()]);
         for d in &self.disks {
             c.arg("--disk").arg(d);
         }
@@ -237,6 +287,12 @@ impl VmProcess {
         panic!("timer ticks stopped: {:?}", self.statuses());
     }
 
+    /// CPU time (user and system) the process's vCPU threads (`ferry-vcpuN`) used so far: the
+    /// host's view of what the guest burns.
+    pub fn vcpu_time(&self) -> Duration {
+        vcpu_time(self.pid())
+    }
+
     /// Status lines parsed so far.
     pub fn statuses(&self) -> Vec<Status> {
         self.lines()
@@ -274,6 +330,44 @@ impl Drop for VmProcess {
             let _ = c.wait();
         }
     }
+}
+
+/// CPU time (user and system) of process `pid`'s vCPU threads (`ferry-vcpuN`) so far, from
+/// /proc; zero when the process is gone.
+pub fn vcpu_time(pid: u32) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .unwrap_or(100)
+        .max(1);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let mut ticks = 0;
+    for task in tasks.flatten() {
+        let is_vcpu = std::fs::read_to_string(task.path().join("comm"))
+            .is_ok_and(|c| c.starts_with("ferry-vcpu"));
+        if !is_vcpu {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // The fields after the command (which is in parentheses and may hold spaces): state
+        // is the first, utime and stime the 12th and 13th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        ticks += field(11) + field(12);
+    }
+    Duration::from_millis(ticks * 1000 / hz)
 }
 
 /// A digest of the VM process's guest RAM mapping (the anonymous mapping of exactly
@@ -315,6 +409,43 @@ pub fn guest_memory_digest(pid: u32, guest_bytes: u64) -> u64 {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn the_cpu_workload_joins_the_workload_list() {
+        let with = |append: &str, load: CpuLoad| {
+            Boot {
+                cpu: Some(load),
+                ..Boot::guest(append)
+            }
+            .append()
+        };
+        assert_eq!(
+            with("workload=idle exit_after=3", CpuLoad::constant(50)),
+            "workload=cpu exit_after=3 cpu_profile=0:50"
+        );
+        assert_eq!(
+            with(
+                "cpus=2  workload=mem,disk",
+                CpuLoad::profile(&[(0, 10), (3, 80)])
+            ),
+            "cpus=2 workload=mem,disk,cpu cpu_profile=0:10,3:80"
+        );
+        assert_eq!(
+            with("", CpuLoad::constant(0)),
+            "workload=cpu cpu_profile=0:0"
+        );
+        assert_eq!(
+            Boot::guest("workload=idle  x=1").append(),
+            "workload=idle  x=1"
+        );
+    }
+
+    /// This process's own threads are no vCPUs.
+    #[test]
+    fn a_process_without_vcpu_threads_used_no_vcpu_time() {
+        assert_eq!(vcpu_time(std::process::id()), Duration::ZERO);
+        assert_eq!(vcpu_time(u32::MAX), Duration::ZERO);
+    }
 
     /// Regression: `wait_exit` returned as soon as the process ended, while the reader threads
     /// still held its last lines, so a test that read stderr right after the exit missed the
