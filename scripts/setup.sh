@@ -14,6 +14,12 @@ command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 command -v iasl >/dev/null 2>&1 || need_apt+=(acpica-tools)
 command -v xz >/dev/null 2>&1 || need_apt+=(xz-utils)
+# The etcd client's protocol is compiled from its .proto files.
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
+# The cluster tests start a real etcd (several controllers) and a real Prometheus (metrics).
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2

@@ -5,8 +5,11 @@
 //! - [`agent`]: the per-host daemon that runs VMs and reports their load.
 //! - [`controller`]: watches the agents, keeps the cluster's state and orders migrations.
 
-pub mod model;
 pub mod agent;
 pub mod agent_api;
+pub mod controller;
 pub mod https;
+pub mod metrics;
+pub mod model;
+pub mod policy;
 pub mod vmm_client;

@@ -3,6 +3,7 @@
 
 mod client;
 mod cluster_cli;
+mod cluster_table;
 mod migrate;
 mod size;
 
@@ -50,6 +51,32 @@ enum Command {
     /// Run this host's agent: it starts, stops, receives and migrates VMs for the cluster's
     /// controller and reports the host's load (HTTP + JSON over mutual TLS).
     Agent(cluster_cli::AgentArgs),
+    /// Run a cluster controller: it watches the agents, finds hot hosts, balances load or
+    /// consolidates, and carries out evacuations.
+    Controller(cluster_cli::ControllerArgs),
+    /// Ask the controller about the cluster.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+    /// Act on a host through the controller.
+    Host {
+        #[command(subcommand)]
+        action: HostAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterAction {
+    /// Hosts, VMs, load and migrations in flight (a table, or --json).
+    Status(cluster_cli::ControllerClientArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum HostAction {
+    /// Move every VM off HOST: VMs with open client connections first, by pre-copy; the
+    /// others by pause-and-copy.
+    Evacuate(cluster_cli::EvacuateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -531,7 +558,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Daemons log what they decide; one-shot commands only what went wrong.
     let default_level = match cli.command {
-        Command::Agent(_) => "info",
+        Command::Agent(_) | Command::Controller(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -547,6 +574,13 @@ fn main() -> ExitCode {
         Command::Vm { action } => vm_call(action),
         Command::Receive(args) => receive(args),
         Command::Agent(args) => cluster_cli::agent(args),
+        Command::Controller(args) => cluster_cli::controller(args),
+        Command::Cluster {
+            action: ClusterAction::Status(args),
+        } => cluster_cli::cluster_status(args),
+        Command::Host {
+            action: HostAction::Evacuate(args),
+        } => cluster_cli::host_evacuate(args),
         Command::Migrate(args) => migrate_cmd(args),
         Command::TlsCerts(args) => {
             ferry_vmm::migration::wire::pki::make(&args.out, &args.ca_name, &args.hosts)

@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub capacity: Capacity,
     /// The `ferry` binary that runs VMs and receivers.
     pub ferry: PathBuf,
+    /// Where to serve Prometheus metrics (plain HTTP, `/metrics`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The agent: its configuration, the VMs it runs and the answers it gave.
@@ -54,6 +56,9 @@ pub struct Agent {
     tls: TlsConfig,
     state: Mutex<State>,
     requests: RequestLog,
+    metrics: crate::metrics::AgentMetrics,
+    /// Itself, for tasks that outlive a request.
+    me: std::sync::Weak<Agent>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -91,11 +96,13 @@ impl Agent {
         {
             anyhow::bail!("the host's capacity needs CPUs and memory");
         }
-        Ok(Arc::new(Agent {
+        Ok(Arc::new_cyclic(|me| Agent {
+            me: me.clone(),
             config,
             tls,
             state: Mutex::default(),
             requests: RequestLog::default(),
+            metrics: crate::metrics::AgentMetrics::new(),
         }))
     }
 
@@ -127,6 +134,14 @@ impl Agent {
             self.config.name,
             self.config.listen
         );
+        if let Some(listen) = self.config.metrics_listen {
+            let metrics = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let router = crate::metrics::router(self.metrics.registry());
+            tokio::spawn(crate::https::serve_plain(metrics, router));
+            tracing::info!("metrics on http://{listen}/metrics");
+        }
         let sampler = tokio::spawn(sampler::run(self.clone(), Duration::from_secs(1)));
         let router = routes::router(self.clone());
         crate::https::serve(listener, &self.tls, router).await;

@@ -10,7 +10,7 @@ use hyper::Method;
 
 use super::vms::{run_phase, Counters, VMM_CALL};
 use super::{proc_stats, Agent};
-use crate::model::{now_unix_ms, Dependency, VmPhase};
+use crate::model::{now_unix_ms, Dependency, MoveProtocol, VmPhase};
 use crate::vmm_client;
 
 /// What one look at a VM found.
@@ -79,6 +79,8 @@ pub(super) async fn run(agent: Arc<Agent>, period: Duration) {
         state.host.net_bytes_per_sec = now.net.saturating_sub(last.net) as f64 / secs;
         state.host.disk_io_bytes_per_sec = now.disk.saturating_sub(last.disk) as f64 / secs;
         state.sampled_unix_ms = now_unix_ms();
+        drop(state);
+        agent.metrics.host(&agent.report());
         last = now;
     }
 }
@@ -204,10 +206,21 @@ fn apply(agent: &Agent, looks: Vec<Look>, tick: f64) {
             }
             if let Some(m) = &look.migration {
                 slot.migration_phase = Some(m.phase);
+                slot.last_migration = Some(m.clone());
                 if m.dirty_rate_bytes_per_sec > 0.0 {
                     slot.load.dirty_bytes_per_sec = Some(m.dirty_rate_bytes_per_sec);
                 }
                 if matches!(m.phase, MigrationPhase::Failed | MigrationPhase::Cancelled) {
+                    agent.metrics.migration(
+                        if slot.paused_for_move {
+                            MoveProtocol::PauseAndCopy
+                        } else {
+                            MoveProtocol::PreCopy
+                        },
+                        "failed",
+                        Some(m.bytes_sent),
+                        None,
+                    );
                     tracing::warn!(
                         "migration of VM {} ended {:?}: {}",
                         slot.name,

@@ -74,6 +74,8 @@ pub(super) struct Slot {
     pub migration_phase: Option<MigrationPhase>,
     /// The agent paused it for a pause-and-copy move (resumed if the move fails).
     pub paused_for_move: bool,
+    /// Its outgoing migration's status, last seen (kept after its VMM ended).
+    pub last_migration: Option<ferry_api::MigrationStatus>,
 }
 
 /// Cumulative counters of a VM at one moment.
@@ -247,6 +249,7 @@ impl Agent {
             stop_requested: false,
             migration_phase: None,
             paused_for_move: false,
+            last_migration: None,
         };
         self.spawn(cmd, slot)?;
         tracing::info!(
@@ -343,6 +346,19 @@ impl Agent {
         let log = log_tail(&slot.dir.join("vmm.log"));
         let departed = log.contains("migrated away")
             || matches!(slot.migration_phase, Some(MigrationPhase::Completed));
+        if departed {
+            let m = slot.last_migration.as_ref();
+            self.metrics.migration(
+                if slot.paused_for_move {
+                    MoveProtocol::PauseAndCopy
+                } else {
+                    MoveProtocol::PreCopy
+                },
+                "done",
+                m.map(|m| m.bytes_sent),
+                m.and_then(|m| m.downtime.as_ref()).map(|d| d.total_ms),
+            );
+        }
         slot.phase = match &slot.phase {
             VmPhase::MigratingOut { to } if departed => VmPhase::Departed { to: to.clone() },
             _ if slot.stop_requested => VmPhase::Stopped,
@@ -490,6 +506,7 @@ impl Agent {
             stop_requested: false,
             migration_phase: None,
             paused_for_move: false,
+            last_migration: None,
         };
         self.spawn(cmd, slot)?;
         let deadline = Instant::now() + START_TIMEOUT;
@@ -616,6 +633,7 @@ impl Agent {
             }
             return Err(AgentError::internal(format!("cannot migrate {name}: {e}")));
         }
+        self.follow_migration(name, socket);
         let mut state = self.lock();
         let slot = state
             .vms
@@ -632,6 +650,48 @@ impl Agent {
             req.protocol.name()
         );
         Ok(slot.report())
+    }
+
+    /// Keeps the VM's latest migration status until its VMM ends or the migration does: the
+    /// VMM of a VM that moved away is gone, and with it the final figures (bytes, downtime).
+    fn follow_migration(&self, name: &str, socket: PathBuf) {
+        let Some(agent) = self.me.upgrade() else {
+            return;
+        };
+        let name = name.to_string();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let status = vmm_client::call::<(), ferry_api::MigrationStatus>(
+                    &socket,
+                    Method::GET,
+                    "/vm/migration",
+                    None,
+                    Duration::from_secs(1),
+                )
+                .await;
+                let mut state = agent.lock();
+                let Some(slot) = state.vms.get_mut(&name) else {
+                    return;
+                };
+                match status {
+                    Ok(status) => {
+                        let ended = matches!(
+                            status.phase,
+                            MigrationPhase::Completed
+                                | MigrationPhase::Failed
+                                | MigrationPhase::Cancelled
+                        );
+                        slot.last_migration = Some(status);
+                        if ended {
+                            return;
+                        }
+                    }
+                    Err(_) if slot.pid.is_none() => return,
+                    Err(_) => {}
+                }
+            }
+        });
     }
 
     /// `GET /v1/vms/{name}/migration`: the VM's own migration status.
