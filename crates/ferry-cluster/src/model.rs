@@ -33,7 +33,8 @@ pub struct HostLoad {
     pub net_bytes_per_sec: f64,
     /// Bytes per second read and written on the machine's disks.
     pub disk_io_bytes_per_sec: f64,
-    /// Free bytes on the filesystem that holds the VM images.
+    /// Free bytes on the filesystem that holds the VM images, less what its VMs' sparse
+    /// images may still grow by (they are reserved at full size).
     pub disk_free_bytes: u64,
 }
 

@@ -69,7 +69,15 @@ pub(super) async fn run(agent: Arc<Agent>, period: Duration) {
         state.host.cpu = cpu;
         state.host.memory_bytes = memory;
         state.host.disk_bytes = disk;
-        state.host.disk_free_bytes = free;
+        // What is free once the VMs' images may grow to their full size (as new VMs are
+        // checked against).
+        let reserved: u64 = state
+            .vms
+            .values()
+            .filter(|s| s.phase.occupies_host())
+            .map(|s| s.disk_reserve())
+            .sum();
+        state.host.disk_free_bytes = free.saturating_sub(reserved);
         state.host.machine_cpu = match (last.cpu, now.cpu) {
             (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
                 (b1.saturating_sub(b0)) as f64 / (t1 - t0) as f64

@@ -100,7 +100,7 @@ impl Slot {
     }
 
     /// Bytes its disks may still grow by (sparse images are reserved at their full size).
-    fn disk_reserve(&self) -> u64 {
+    pub fn disk_reserve(&self) -> u64 {
         let full: u64 = self.spec.disks.iter().map(|d| d.size_mib << 20).sum();
         full.saturating_sub(
             self.disks

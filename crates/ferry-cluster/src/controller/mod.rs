@@ -394,6 +394,12 @@ impl Controller {
             .iter()
             .map(|(vm, at)| (vm.clone(), now - (wall.saturating_sub(*at)) as f64 / 1000.0))
             .collect();
+        let avoid = rt
+            .failed_pairs
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(pair, _)| pair.clone())
+            .collect();
         let average = if capacity > 0.0 { used / capacity } else { 0.0 };
         let calm = rt.calm.observe(now, average);
         (
@@ -402,6 +408,7 @@ impl Controller {
                 hosts,
                 in_flight,
                 last_moved,
+                avoid,
             },
             calm,
         )

@@ -134,7 +134,7 @@ fn relieve(
                 need,
                 policy,
                 Order::LeastLoaded,
-                |r| r.available && !r.hot && r.name != name,
+                |r| r.available && !r.hot && r.name != name && !view.avoids(&vm.name, &r.name),
                 |to| slots.check(name, to),
             );
             match picked {
@@ -493,6 +493,22 @@ mod tests {
             assert_notes(case.name, &plan, case.notes);
             assert!(plan.power_off.is_empty(), "{}", case.name);
         }
+    }
+
+    #[test]
+    fn a_destination_that_just_failed_the_vm_is_passed_over() {
+        let mut view = cluster()
+            .host(hot_host())
+            .host(host("busy").vm(vm("b1").cpu(3.0)))
+            .host(host("idle").vm(vm("i1").cpu(1.0)))
+            .build();
+        view.avoid.push(("cheap".into(), "idle".into()));
+        let plan = plan(&view, &Policy::default(), false);
+        assert_eq!(plan.moves.len(), 1, "{plan:#?}");
+        assert_eq!(
+            (plan.moves[0].vm.as_str(), plan.moves[0].to.as_str()),
+            ("cheap", "busy")
+        );
     }
 
     #[test]

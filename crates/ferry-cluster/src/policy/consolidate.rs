@@ -112,7 +112,13 @@ fn packing<'v>(
             policy,
             Order::MostLoaded,
             // Never onto an empty host: that would power one on to power another off.
-            |r| r.available && !r.hot && r.name != name && r.residents > 0,
+            |r| {
+                r.available
+                    && !r.hot
+                    && r.name != name
+                    && r.residents > 0
+                    && !view.avoids(&vm.name, &r.name)
+            },
             |_| Ok(()),
         );
         match picked {

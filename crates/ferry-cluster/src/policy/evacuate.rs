@@ -51,7 +51,7 @@ pub fn plan_evacuation(view: &ClusterView, policy: &Policy, host: &str) -> Plan 
             need,
             policy,
             Order::LeastLoaded,
-            |r| r.available && !r.hot && r.name != host,
+            |r| r.available && !r.hot && r.name != host && !view.avoids(&vm.name, &r.name),
             |_| Ok(()),
         );
         let pick = match picked {

@@ -22,7 +22,12 @@ impl Need {
         Need {
             cpu: vm.load.cpu.max(0.0),
             memory: vm_memory_bytes(vm),
-            disk: vm.load.disk_bytes,
+            // Images are sparse but the agents reserve them at full size, so a disk never
+            // fills under a guest: plan with the same figure the agent will check.
+            disk: vm
+                .load
+                .disk_bytes
+                .max(vm.spec.disks.iter().map(|d| d.size_mib << 20).sum()),
         }
     }
 

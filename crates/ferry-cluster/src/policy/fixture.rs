@@ -194,6 +194,7 @@ impl ClusterBuilder {
             hosts: Vec::new(),
             in_flight: Vec::new(),
             last_moved: HashMap::new(),
+            avoid: Vec::new(),
         })
     }
 

@@ -18,6 +18,10 @@ pub struct ClusterView {
     /// VM name -> when it last moved (controller seconds).
     #[serde(default)]
     pub last_moved: HashMap<String, f64>,
+    /// (VM, host) pairs not to plan for now: a migration of that VM to that host just
+    /// failed, so the VM goes elsewhere or waits.
+    #[serde(default)]
+    pub avoid: Vec<(String, String)>,
 }
 
 /// One host: its latest report and what the controller knows beyond it.
@@ -49,6 +53,11 @@ impl ClusterView {
     /// The migration `vm` is part of, if one runs.
     pub(crate) fn in_flight_of(&self, vm: &str) -> Option<&InFlight> {
         self.in_flight.iter().find(|f| f.vm == vm)
+    }
+
+    /// Whether `vm` must not be sent to `host` now.
+    pub(crate) fn avoids(&self, vm: &str, host: &str) -> bool {
+        self.avoid.iter().any(|(v, h)| v == vm && h == host)
     }
 
     /// Seconds `vm` must still stay put after its last move, if any.

@@ -6,6 +6,7 @@
 //! does not come, which is how a test fails. Where the lab needs to carry on or report
 //! instead, a `try_` variant returns an [`Error`].
 
+pub mod cluster;
 pub mod console;
 pub mod hosts;
 pub mod lan;

@@ -1,0 +1,407 @@
+//! The cluster end to end: hosts made of network namespaces, a `ferry agent` on each, a
+//! `ferry controller`, test guests whose `cpu` workload makes a host hot on purpose.
+//!
+//! One cluster at a time: this machine has two cores, and what an agent measures of a VM
+//! means little when other tests' VMs compete for them. The hosts declare one core each, so
+//! a guest burning half a vCPU is half a host.
+
+mod common;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{kvm_or_skip, TempDir};
+use ferry_cluster::controller::api::ClusterStatus;
+use ferry_cluster::controller::journal::Step;
+use ferry_cluster::model::{VmPhase, VmSpec};
+use ferry_lab::kit::cluster::{ClusterLab, HostSize};
+
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_cluster() -> std::sync::MutexGuard<'static, ()> {
+    ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+const CONTROLLER_PORT: u16 = 7800;
+
+fn lab_or_skip(test: &str, hosts: usize) -> Option<ClusterLab> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    Some(
+        ClusterLab::create(
+            "cl",
+            hosts,
+            HostSize {
+                cpus: 1.0,
+                memory_mib: 2048,
+            },
+        )
+        .unwrap_or_else(|e| panic!("cannot make the cluster: {e}")),
+    )
+}
+
+/// A test guest VM burning `cpu_profile` (see the guest's README).
+fn guest(memory_mib: u64, cpu_profile: &str) -> VmSpec {
+    VmSpec {
+        kernel: common::guest_kernel().display().to_string(),
+        initrd: None,
+        memory_mib,
+        vcpus: 1,
+        append: format!("workload=cpu cpu_profile={cpu_profile}"),
+        disks: Vec::new(),
+        nics: Vec::new(),
+        balloon: false,
+    }
+}
+
+/// Starts the embedded-store controller with `policy`; returns its API address.
+fn controller(lab: &mut ClusterLab, policy: &str) -> String {
+    let file = lab.cluster_file(policy);
+    let listen = format!("{}:{CONTROLLER_PORT}", lab.gateway);
+    let state = lab.dir.join("controller");
+    lab.controller(
+        &file,
+        &[
+            "--listen".into(),
+            listen.clone(),
+            "--state-dir".into(),
+            state.display().to_string(),
+        ],
+    );
+    lab.wait_until("the controller answers", Duration::from_secs(20), |lab| {
+        lab.status(&listen).ok().filter(|s| s.leader).map(|_| ())
+    });
+    listen
+}
+
+fn done_moves(status: &ClusterStatus) -> Vec<(String, String, String)> {
+    status
+        .migrations
+        .iter()
+        .filter(|m| m.step == Step::Done)
+        .map(|m| (m.vm.clone(), m.from.clone(), m.to.clone()))
+        .collect()
+}
+
+const FAST_POLICY: &str = "sustain_secs = 3.0\nconsolidate_sustain_secs = 600.0\n";
+
+#[test]
+fn a_hotspot_is_resolved_by_moving_the_cheap_vm_to_the_least_loaded_host() {
+    let _one = one_cluster();
+    let Some(mut lab) = lab_or_skip(
+        "a_hotspot_is_resolved_by_moving_the_cheap_vm_to_the_least_loaded_host",
+        3,
+    ) else {
+        return;
+    };
+    // h1 holds a big steady VM and a small one whose load rises at its second 12; h2 is
+    // half busy, h3 idle: the small one is cheaper to move and h3 the place for it.
+    lab.start_vm("h1", "big", guest(512, "0:35"));
+    lab.start_vm("h1", "rising", guest(64, "0:5,12:60"));
+    lab.start_vm("h2", "steady", guest(64, "0:30"));
+    let api = controller(&mut lab, FAST_POLICY);
+    let onset = Instant::now() + Duration::from_secs(10);
+    let moves = lab.wait_until(
+        "the hotspot on h1 is resolved",
+        Duration::from_secs(60),
+        |lab| {
+            let s = lab.status(&api).ok()?;
+            let moves = done_moves(&s);
+            (!moves.is_empty()).then_some((moves, s))
+        },
+    );
+    let (moves, status) = moves;
+    assert_eq!(
+        moves[0],
+        ("rising".to_string(), "h1".to_string(), "h3".to_string()),
+        "{:#?}",
+        status.decisions
+    );
+    // The decision says why, with the figures.
+    assert!(
+        status
+            .decisions
+            .iter()
+            .any(|d| d.text.contains("move rising from h1 to h3") && d.text.contains("% CPU")),
+        "{:#?}",
+        status.decisions
+    );
+    let took = Instant::now().saturating_duration_since(onset);
+    eprintln!(
+        "hotspot resolved {:.1} s after its onset",
+        took.as_secs_f64()
+    );
+    assert_eq!(lab.where_is("rising").as_deref(), Some("h3"));
+    assert_eq!(lab.where_is("big").as_deref(), Some("h1"));
+    // Nothing ping-pongs back: the cool-down holds the VM, and h1 is relieved.
+    std::thread::sleep(Duration::from_secs(6));
+    let later = lab.status(&api).expect("status");
+    assert_eq!(done_moves(&later).len(), 1, "{:#?}", later.decisions);
+}
+
+#[test]
+fn one_sample_spike_moves_nothing() {
+    let _one = one_cluster();
+    let Some(mut lab) = lab_or_skip("one_sample_spike_moves_nothing", 2) else {
+        return;
+    };
+    // Spikes to 95 % of two guest seconds (at 8 and 16): samples are taken once a second,
+    // so each shows as one or two high samples, short of the 3 s a hotspot must last.
+    lab.start_vm("h1", "spiky", guest(64, "0:20,8:95,10:20,16:95,18:20"));
+    let api = controller(&mut lab, FAST_POLICY);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut saw_spike = false;
+    while Instant::now() < deadline {
+        let s = lab.status(&api).expect("status");
+        assert!(
+            s.migrations.is_empty(),
+            "a spike moved a VM: {:#?}",
+            s.decisions
+        );
+        saw_spike |= s.hosts.iter().any(|h| h.cpu_utilization > 0.8);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(saw_spike, "the spike never showed: the test proves nothing");
+}
+
+#[test]
+fn a_calm_cluster_is_consolidated_and_a_host_freed() {
+    let _one = one_cluster();
+    let Some(mut lab) = lab_or_skip("a_calm_cluster_is_consolidated_and_a_host_freed", 3) else {
+        return;
+    };
+    lab.start_vm("h1", "a", guest(64, "0:10"));
+    lab.start_vm("h2", "b", guest(64, "0:15"));
+    lab.start_vm("h3", "c", guest(64, "0:12"));
+    let api = controller(
+        &mut lab,
+        "sustain_secs = 3.0\nconsolidate_below = 0.3\nconsolidate_sustain_secs = 5.0\n",
+    );
+    let status = lab.wait_until("a host is freed", Duration::from_secs(60), |lab| {
+        let s = lab.status(&api).ok()?;
+        (!s.power_off.is_empty()).then_some(s)
+    });
+    let freed = &status.power_off[0];
+    assert!(lab
+        .report(freed)
+        .expect("report")
+        .vms
+        .iter()
+        .all(|v| !v.phase.occupies_host()));
+    // Every VM still runs, somewhere, once (an arrival shows as running at the destination
+    // agent's next sample).
+    for vm in ["a", "b", "c"] {
+        let on = lab.wait_until(&format!("{vm} runs"), Duration::from_secs(5), |lab| {
+            let on: Vec<String> = lab
+                .hosts
+                .iter()
+                .filter(|h| {
+                    lab.report(&h.name)
+                        .map(|r| {
+                            r.vms
+                                .iter()
+                                .any(|v| v.name == vm && v.phase.occupies_host())
+                        })
+                        .unwrap_or(false)
+                })
+                .map(|h| h.name.clone())
+                .collect();
+            let running = lab
+                .report(on.first()?)
+                .ok()?
+                .vms
+                .iter()
+                .any(|v| v.name == vm && v.phase == VmPhase::Running);
+            running.then_some(on)
+        });
+        assert_eq!(on.len(), 1, "{vm} runs on {on:?}");
+        assert_ne!(&on[0], freed);
+    }
+}
+
+#[test]
+fn a_dead_agent_loses_its_vms_to_view_and_nothing_runs_twice() {
+    let _one = one_cluster();
+    let Some(mut lab) = lab_or_skip(
+        "a_dead_agent_loses_its_vms_to_view_and_nothing_runs_twice",
+        2,
+    ) else {
+        return;
+    };
+    let vm = lab.start_vm("h1", "orphan", guest(64, "0:90"));
+    let pid = vm.pid.expect("a VMM process");
+    // h1 is hot from the start: the controller would move the VM if it could see it.
+    let api = controller(&mut lab, "sustain_secs = 30.0\n");
+    lab.kill_agent(0);
+    let status = lab.wait_until(
+        "h1 is reported unreachable",
+        Duration::from_secs(20),
+        |lab| {
+            let s = lab.status(&api).ok()?;
+            let h1 = s.hosts.iter().find(|h| h.name == "h1")?;
+            (!h1.reachable).then_some(s)
+        },
+    );
+    let orphan = status
+        .vms
+        .iter()
+        .find(|v| v.name == "orphan")
+        .expect("still listed");
+    assert_eq!(orphan.phase, "lost");
+    // The VM still runs where it was, and nowhere else: no receiver, no restart.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the VM was killed"
+    );
+    let s = lab.status(&api).expect("status");
+    assert!(s.migrations.is_empty(), "{:#?}", s.decisions);
+    assert!(lab.report("h2").expect("h2").vms.is_empty());
+}
+
+#[test]
+fn a_vmm_that_dies_is_reported_and_not_restarted() {
+    let _one = one_cluster();
+    let Some(lab) = lab_or_skip("a_vmm_that_dies_is_reported_and_not_restarted", 1) else {
+        return;
+    };
+    let vm = lab.start_vm("h1", "fragile", guest(64, "0:5"));
+    let pid = vm.pid.expect("a VMM process");
+    // SAFETY: a signal to a VM process this test's lab started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let report = lab.wait_until("the death is reported", Duration::from_secs(10), |lab| {
+        let r = lab.report("h1").ok()?;
+        let v = r.vms.iter().find(|v| v.name == "fragile")?.clone();
+        matches!(v.phase, VmPhase::Died { .. }).then_some(v)
+    });
+    assert_eq!(report.pid, None);
+    std::thread::sleep(Duration::from_secs(3));
+    let r = lab.report("h1").expect("report");
+    let v = r
+        .vms
+        .iter()
+        .find(|v| v.name == "fragile")
+        .expect("still reported");
+    assert!(matches!(v.phase, VmPhase::Died { .. }), "{:?}", v.phase);
+    assert_eq!(v.pid, None, "restarted");
+}
+
+#[test]
+fn a_migration_that_fails_at_the_handover_is_planned_again_elsewhere() {
+    let _one = one_cluster();
+    let Some(mut lab) = lab_or_skip(
+        "a_migration_that_fails_at_the_handover_is_planned_again_elsewhere",
+        3,
+    ) else {
+        return;
+    };
+    // h2's receivers hold their Prepared back for 5 s: the source gives the handover up and
+    // runs on. h2 is the least loaded, so it is tried first.
+    lab.kill_agent(1);
+    lab.hosts[1]
+        .env
+        .push(("FERRY_TEST_FAULT".into(), "stall-prepare".into()));
+    lab.start_agent(1).expect("h2's agent restarts");
+    lab.start_vm("h1", "mover", guest(64, "0:45"));
+    lab.start_vm("h1", "stayer", guest(256, "0:45"));
+    lab.start_vm("h3", "small", guest(64, "0:10"));
+    let api = controller(&mut lab, FAST_POLICY);
+    let status = lab.wait_until(
+        "the VM moved after a failure",
+        Duration::from_secs(90),
+        |lab| {
+            let s = lab.status(&api).ok()?;
+            (!done_moves(&s).is_empty()).then_some(s)
+        },
+    );
+    let failed: Vec<_> = status
+        .migrations
+        .iter()
+        .filter(|m| matches!(m.step, Step::Failed { lost: false, .. }))
+        .collect();
+    assert!(
+        !failed.is_empty(),
+        "no failure was seen: {:#?}",
+        status.decisions
+    );
+    assert_eq!(failed[0].to, "h2");
+    let done = done_moves(&status);
+    assert_eq!(done[0].2, "h3", "{:#?}", status.decisions);
+    // The VM ran on through the failure and runs once now.
+    let vm = &done[0].0;
+    assert_eq!(lab.where_is(vm).as_deref(), Some("h3"));
+    assert!(lab
+        .report("h2")
+        .expect("h2")
+        .vms
+        .iter()
+        .all(|v| !v.phase.occupies_host()));
+}
+
+#[test]
+fn a_host_with_a_full_disk_is_not_a_destination() {
+    let _one = one_cluster();
+    let Some(mut lab) = lab_or_skip("a_host_with_a_full_disk_is_not_a_destination", 3) else {
+        return;
+    };
+    // h2's VM folder is a 64 MiB filesystem: a VM with a 256 MiB disk does not fit there.
+    let small = TempDir::new("cluster-small-fs");
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(small.path())
+        .status()
+        .expect("mount");
+    assert!(mount.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(small.path().to_path_buf());
+    lab.kill_agent(1);
+    lab.hosts[1].state_dir = Some(small.path().to_path_buf());
+    lab.start_agent(1).expect("h2's agent restarts");
+    let mut spec = guest(64, "0:10");
+    spec.disks
+        .push(ferry_cluster::model::DiskSpec { size_mib: 256 });
+    lab.start_vm("h1", "disky", spec);
+    lab.start_vm("h3", "busy", guest(64, "0:40"));
+    let api = controller(&mut lab, FAST_POLICY);
+    let status = lab
+        .call::<_, ferry_cluster::controller::journal::Evacuation>(
+            &api,
+            hyper::Method::POST,
+            "/v1/evacuate",
+            Some(&ferry_cluster::controller::api::Evacuate {
+                request_id: "full-disk".into(),
+                host: "h1".into(),
+            }),
+        )
+        .expect("evacuation starts");
+    assert_eq!(status.host, "h1");
+    let s = lab.wait_until("h1 is empty", Duration::from_secs(60), |lab| {
+        let s = lab.status(&api).ok()?;
+        s.evacuations
+            .iter()
+            .any(|e| e.finished_unix_ms.is_some())
+            .then_some(s)
+    });
+    assert_eq!(
+        done_moves(&s),
+        vec![("disky".into(), "h1".into(), "h3".into())],
+        "{:#?}",
+        s.decisions
+    );
+    assert!(
+        s.migrations.iter().all(|m| m.to != "h2"),
+        "{:#?}",
+        s.migrations
+    );
+}
