@@ -405,3 +405,131 @@ fn a_host_with_a_full_disk_is_not_a_destination() {
         s.migrations
     );
 }
+
+/// A test guest with a NIC serving TCP and UDP echo at `net_ip`, burning `cpu_pct`.
+fn served_guest(lab: &ClusterLab, k: u8, cpu_pct: u32) -> (VmSpec, std::net::Ipv4Addr) {
+    let (nic, net_ip, ip) = lab.guest_nic(k);
+    let mut spec = guest(64, &format!("0:{cpu_pct}"));
+    spec.append = format!("workload=net,cpu cpu_pct={cpu_pct} {net_ip}");
+    spec.nics.push(nic);
+    (spec, ip)
+}
+
+#[test]
+fn an_evacuation_moves_vms_with_clients_first_by_pre_copy_and_the_others_by_pause_and_copy() {
+    let _one = one_cluster();
+    let test =
+        "an_evacuation_moves_vms_with_clients_first_by_pre_copy_and_the_others_by_pause_and_copy";
+    let Some(mut lab) = lab_or_skip(test, 3) else {
+        return;
+    };
+    // Two VMs serve a client (this test, over their NIC); two run batch work with no
+    // connection, one of them with a NIC all the same (dependencies are open connections,
+    // not NICs).
+    let mut probes = Vec::new();
+    for (k, name) in [(1u8, "web1"), (2, "web2")] {
+        let (spec, ip) = served_guest(&lab, k, 15);
+        lab.start_vm("h1", name, spec);
+        probes.push((
+            name,
+            ferry_lab::kit::Probe::start(None, ip, 7).expect("a client connects"),
+        ));
+    }
+    let (batch_nic, _) = served_guest(&lab, 3, 10);
+    lab.start_vm("h1", "batch1", batch_nic);
+    lab.start_vm("h1", "batch2", guest(64, "0:10"));
+    for (name, p) in &probes {
+        assert!(
+            p.wait_answers(50, Duration::from_secs(20)),
+            "{name} does not answer its client"
+        );
+    }
+    let api = controller(
+        &mut lab,
+        "max_per_host = 1\nconsolidate_sustain_secs = 600.0\n",
+    );
+    // The agent sees the clients in the NICs' flow tables.
+    lab.wait_until(
+        "the web VMs' clients are seen",
+        Duration::from_secs(20),
+        |lab| {
+            let s = lab.status(&api).ok()?;
+            let deps = |n: &str| {
+                s.vms
+                    .iter()
+                    .find(|v| v.name == n)
+                    .map_or(0, |v| v.dependencies)
+            };
+            (deps("web1") > 0 && deps("web2") > 0 && deps("batch1") == 0).then_some(())
+        },
+    );
+    let started = Instant::now();
+    let _: ferry_cluster::controller::journal::Evacuation = lab
+        .call(
+            &api,
+            hyper::Method::POST,
+            "/v1/evacuate",
+            Some(&ferry_cluster::controller::api::Evacuate {
+                request_id: "mixed".into(),
+                host: "h1".into(),
+            }),
+        )
+        .expect("evacuation starts");
+    let status = lab.wait_until("h1 is evacuated", Duration::from_secs(120), |lab| {
+        let s = lab.status(&api).ok()?;
+        s.evacuations
+            .iter()
+            .any(|e| e.finished_unix_ms.is_some())
+            .then_some(s)
+    });
+    eprintln!("evacuated in {:.1} s", started.elapsed().as_secs_f64());
+    for d in &status.decisions {
+        eprintln!("  {} {}", d.unix_ms, d.text);
+    }
+    let mut moves: Vec<_> = status
+        .migrations
+        .iter()
+        .filter(|m| m.from == "h1")
+        .collect();
+    moves.sort_by_key(|m| m.ordered_unix_ms);
+    let order: Vec<(&str, &str)> = moves
+        .iter()
+        .map(|m| (m.vm.as_str(), m.protocol.name()))
+        .collect();
+    assert!(
+        moves.iter().all(|m| m.step == Step::Done),
+        "{:#?}",
+        status.migrations
+    );
+    assert_eq!(order.len(), 4, "{order:?}");
+    // Clients' VMs first, by pre-copy; then the rest, by pause-and-copy.
+    for (vm, protocol) in &order[..2] {
+        assert!(vm.starts_with("web"), "{order:?}");
+        assert_eq!(*protocol, "pre-copy", "{order:?}");
+    }
+    for (vm, protocol) in &order[2..] {
+        assert!(vm.starts_with("batch"), "{order:?}");
+        assert_eq!(*protocol, "pause-and-copy", "{order:?}");
+    }
+    // The clients kept their connections, every echo checked.
+    for (name, probe) in probes {
+        let report = probe.stop();
+        eprintln!(
+            "{name}: longest gap {:?} ms (TCP), {:?} ms (UDP)",
+            report.tcp.longest_gap_ms, report.udp.longest_gap_ms
+        );
+        assert!(
+            !report.tcp.reset && !report.tcp.corrupt,
+            "{name}: {report:?}"
+        );
+        assert!(report.tcp.error.is_none(), "{name}: {report:?}");
+        assert!(report.tcp.echoed > 0, "{name}: {report:?}");
+    }
+    for vm in ["web1", "web2", "batch1", "batch2"] {
+        let on = lab.where_is(vm);
+        assert!(
+            matches!(on.as_deref(), Some("h2") | Some("h3")),
+            "{vm} on {on:?}"
+        );
+    }
+}

@@ -191,16 +191,13 @@ async fn follow(controller: &Controller, r: &Record) -> Outcome {
             .await
         {
             let downtime = status.downtime.as_ref().map(|d| d.total_ms);
-            let _ = controller
-                .journal(|j| {
-                    if let Some(rec) = j.record_mut(&r.id) {
-                        rec.bytes = Some(status.bytes_sent);
-                        if downtime.is_some() {
-                            rec.measured_downtime_ms = downtime;
-                        }
-                    }
-                })
-                .await;
+            // Progress, not a step: kept in memory and written with the next step.
+            if let Some(rec) = controller.lock().journal.record_mut(&r.id) {
+                rec.bytes = Some(status.bytes_sent);
+                if downtime.is_some() {
+                    rec.measured_downtime_ms = downtime;
+                }
+            }
         }
         let source = client
             .call::<(), VmReport>(&src, Method::GET, &vm_path, None)

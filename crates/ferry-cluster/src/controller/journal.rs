@@ -103,6 +103,14 @@ impl Journal {
         self.records.iter_mut().find(|r| r.id == id)
     }
 
+    /// Whether a migration of `vm` changed step at or after `unix_ms`: a report sampled
+    /// before then may not show where the VM is now.
+    pub fn changed_since(&self, vm: &str, unix_ms: u64) -> bool {
+        self.records
+            .iter()
+            .any(|r| r.vm == vm && r.updated_unix_ms >= unix_ms)
+    }
+
     /// Drops the oldest finished records beyond what is kept.
     pub fn trim(&mut self) {
         let finished = self.records.iter().filter(|r| !r.step.is_open()).count();
@@ -165,6 +173,24 @@ mod tests {
         assert_eq!(j.records.iter().filter(|r| r.step.is_open()).count(), 1);
         // The oldest finished went first.
         assert!(!j.records.iter().any(|r| r.id == "m0"));
+    }
+
+    /// Regression: a move that ended just after the hosts were polled left the source's
+    /// report listing the VM, and the controller ordered a second move of it, which the
+    /// source refused (the VM had gone).
+    #[test]
+    fn a_report_older_than_a_moves_end_is_stale_for_that_vm() {
+        let mut j = Journal::default();
+        let mut r = record(1, Step::Done);
+        r.updated_unix_ms = 10_000;
+        j.records.push(r);
+        assert!(
+            j.changed_since("vm1", 9_000),
+            "sampled before the move ended"
+        );
+        assert!(j.changed_since("vm1", 10_000));
+        assert!(!j.changed_since("vm1", 10_001), "sampled after");
+        assert!(!j.changed_since("vm2", 0), "another VM");
     }
 
     #[test]

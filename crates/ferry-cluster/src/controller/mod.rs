@@ -45,6 +45,9 @@ use store::{Store, StoreError};
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
 /// A report older than this is not fed to the hotspot detector again.
 const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+/// A report sampled less than this after a move of a VM ended may not show the move yet
+/// (the agents' clocks are the same machine's here, but not in general: allow for skew).
+const STALE_MARGIN_MS: u64 = 1500;
 /// Decisions kept for `ferry cluster status`.
 const DECISIONS_KEPT: usize = 100;
 
@@ -453,12 +456,15 @@ impl Controller {
                     .failed_pairs
                     .get(&(m.vm.clone(), m.to.clone()))
                     .is_some_and(|until| *until > now);
-                let vm_report = rt
-                    .hosts
-                    .get(&m.from)
-                    .and_then(|h| h.report.as_ref())
-                    .and_then(|r| r.vms.iter().find(|v| v.name == m.vm).cloned());
-                (busy, blocked, vm_report)
+                let source = rt.hosts.get(&m.from).and_then(|h| h.report.as_ref());
+                let vm_report = source.and_then(|r| r.vms.iter().find(|v| v.name == m.vm).cloned());
+                // A move of this VM that ended after the source's report was sampled: the
+                // report is stale (it may still list a VM that left), so wait for the next.
+                let sampled = source.map_or(0, |r| r.sampled_unix_ms);
+                let stale = rt
+                    .journal
+                    .changed_since(&m.vm, sampled.saturating_sub(STALE_MARGIN_MS));
+                (busy || stale, blocked, vm_report)
             };
             if open || blocked {
                 continue;

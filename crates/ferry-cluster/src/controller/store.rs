@@ -57,7 +57,7 @@ impl Store {
 
     pub async fn load(&mut self) -> Result<Journal, StoreError> {
         match self {
-            Store::Embedded(s) => s.load(),
+            Store::Embedded(s) => tokio::task::block_in_place(|| s.load()),
             Store::Etcd(s) => s.load().await,
         }
     }
@@ -65,7 +65,8 @@ impl Store {
     /// Writes the journal; refused when this controller no longer leads.
     pub async fn save(&mut self, journal: &Journal) -> Result<(), StoreError> {
         match self {
-            Store::Embedded(s) => s.save(journal),
+            // fsync can take long on a busy disk: off the async workers.
+            Store::Embedded(s) => tokio::task::block_in_place(|| s.save(journal)),
             Store::Etcd(s) => s.save(journal).await,
         }
     }
@@ -157,7 +158,7 @@ mod tests {
         dir
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_embedded_store_keeps_the_journal_and_one_controller() {
         let dir = temp("keep");
         let mut store = Store::Embedded(EmbeddedStore::open(&dir).expect("opens"));
@@ -178,7 +179,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_damaged_journal_is_an_error_not_an_empty_one() {
         let dir = temp("damaged");
         let mut store = Store::Embedded(EmbeddedStore::open(&dir).expect("opens"));

@@ -18,6 +18,18 @@ pub enum ScenarioMode {
     Off,
 }
 
+/// How an evacuation moves VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvacuationMode {
+    /// VMs with open client connections first, by pre-copy; the others by pause-and-copy,
+    /// which sends each page once.
+    #[default]
+    DependencyAware,
+    /// Every VM by pre-copy, cheapest first (the comparison the benchmark makes).
+    PreCopy,
+}
+
 impl ScenarioMode {
     /// Hot hosts are relieved.
     pub fn balances(self) -> bool {
@@ -69,6 +81,8 @@ pub struct Policy {
     pub downtime_ms: u64,
     /// The link rate assumed between hosts when estimating what a move sends, in Gbit/s.
     pub link_gbit_per_sec: f64,
+    /// How evacuations pick each VM's protocol: `dependency-aware` or `pre-copy`.
+    pub evacuation: EvacuationMode,
 }
 
 impl Default for Policy {
@@ -88,6 +102,7 @@ impl Default for Policy {
             cooldown_secs: 60.0,
             downtime_ms: 100,
             link_gbit_per_sec: 1.0,
+            evacuation: EvacuationMode::DependencyAware,
         }
     }
 }
@@ -145,6 +160,10 @@ cooldown_secs = 60.0
 downtime_ms = 100
 # Link rate between hosts assumed when estimating what a move sends, in Gbit/s.
 link_gbit_per_sec = 1.0
+
+# How an evacuation moves VMs: "dependency-aware" (VMs with open client connections first,
+# by pre-copy; the others by pause-and-copy) or "pre-copy" (every VM).
+evacuation = "dependency-aware"
 "#;
 
 impl Policy {

@@ -4,7 +4,7 @@
 
 use std::cmp::Reverse;
 
-use super::config::Policy;
+use super::config::{EvacuationMode, Policy};
 use super::cost::estimated_bytes;
 use super::figures::{mb, pct};
 use super::fit::{Ledger, Need, Order};
@@ -34,10 +34,11 @@ pub fn plan_evacuation(view: &ClusterView, policy: &Policy, host: &str) -> Plan 
             }
             continue;
         }
-        let protocol = if vm.load.dependencies.is_empty() {
-            MoveProtocol::PauseAndCopy
-        } else {
-            MoveProtocol::PreCopy
+        let protocol = match policy.evacuation {
+            EvacuationMode::DependencyAware if vm.load.dependencies.is_empty() => {
+                MoveProtocol::PauseAndCopy
+            }
+            _ => MoveProtocol::PreCopy,
         };
         leaving.push((vm, protocol, estimated_bytes(&vm.load, protocol, link)));
     }
@@ -178,6 +179,28 @@ mod tests {
             assert_notes(name, &plan, notes);
             assert!(plan.moves.iter().all(|m| m.to != "drain"), "{name}");
         }
+    }
+
+    #[test]
+    fn a_pre_copy_evacuation_pre_copies_every_vm() {
+        let view = ClusterBuilder::new(0.0)
+            .host(
+                host("drain")
+                    .vm(vm("web").cpu(1.0).connections(2))
+                    .vm(vm("batch").cpu(1.0)),
+            )
+            .host(host("a"))
+            .build();
+        let policy = Policy {
+            evacuation: EvacuationMode::PreCopy,
+            ..Policy::default()
+        };
+        let plan = plan_evacuation(&view, &policy, "drain");
+        assert_eq!(plan.moves.len(), 2, "{plan:#?}");
+        assert!(plan
+            .moves
+            .iter()
+            .all(|m| m.protocol == MoveProtocol::PreCopy));
     }
 
     #[test]

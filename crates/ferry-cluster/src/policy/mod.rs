@@ -28,7 +28,7 @@ mod view;
 #[cfg(test)]
 mod fixture;
 
-pub use config::{Policy, PolicyError, ScenarioMode};
+pub use config::{EvacuationMode, Policy, PolicyError, ScenarioMode};
 pub use cost::estimated_bytes;
 pub use evacuate::plan_evacuation;
 pub use hotspot::{ClusterCalm, Heat, HotspotDetector, MAX_SAMPLE_GAP_SECS};

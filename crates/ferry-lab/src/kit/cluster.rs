@@ -23,6 +23,9 @@ pub const AGENT_PORT: u16 = 7700;
 /// The agent's metrics port on each host.
 pub const AGENT_METRICS_PORT: u16 = 7701;
 
+/// The bridge in each host that carries the host's address and its VMs' taps.
+pub const VM_BRIDGE: &str = "br0";
+
 /// One host of the lab.
 #[derive(Debug)]
 pub struct LabHost {
@@ -67,6 +70,8 @@ pub struct ClusterLab {
     pub hosts: Vec<LabHost>,
     /// The bridge's address in this namespace (controllers and clients use it).
     pub gateway: String,
+    /// The subnet's third byte: VMs get 10.213.NET.(100+k).
+    net: u32,
     bridge: String,
     size: HostSize,
     others: Vec<VmProcess>,
@@ -95,6 +100,7 @@ impl ClusterLab {
         let bridge = format!("fcb{id}");
         let mut lab = ClusterLab {
             gateway: format!("10.213.{net}.254"),
+            net,
             hosts: Vec::new(),
             bridge: bridge.clone(),
             size,
@@ -131,16 +137,15 @@ impl ClusterLab {
             ])?;
             ip_ok(&["link", "set", &outer, "master", &bridge])?;
             ip_ok(&["link", "set", &outer, "up"])?;
-            ip_ok(&[
-                "-n",
-                &host.ns,
-                "addr",
-                "add",
-                &format!("{}/24", host.addr),
-                "dev",
-                &inner,
-            ])?;
-            ip_ok(&["-n", &host.ns, "link", "set", &inner, "up"])?;
+            // The host's address is on a bridge that its VMs' taps join too: VMs share the
+            // hosts' L2 segment, so they keep their address when they move and this process
+            // (on the outer bridge) reaches them as a client.
+            let ns = host.ns.as_str();
+            ip_ok(&["-n", ns, "link", "add", VM_BRIDGE, "type", "bridge"])?;
+            ip_ok(&["-n", ns, "link", "set", &inner, "master", VM_BRIDGE, "up"])?;
+            let addr = format!("{}/24", host.addr);
+            ip_ok(&["-n", ns, "addr", "add", &addr, "dev", VM_BRIDGE])?;
+            ip_ok(&["-n", ns, "link", "set", VM_BRIDGE, "up"])?;
             ip_ok(&[
                 "-n",
                 &host.ns,
@@ -176,6 +181,20 @@ impl ClusterLab {
             lab.start_agent(i)?;
         }
         Ok(lab)
+    }
+
+    /// A NIC for VM number `k` (1 to 100): its `--net` spec (a tap made on the host's VM
+    /// bridge, a MAC of its own) and the `net_ip=` word for the test guest's command line.
+    pub fn guest_nic(&self, k: u8) -> (String, String, std::net::Ipv4Addr) {
+        let ip = std::net::Ipv4Addr::new(10, 213, self.net as u8, 100 + k);
+        (
+            format!(
+                "tap=ft{k},create=on,bridge={VM_BRIDGE},mac=02:fe:13:{:02x}:00:{k:02x}",
+                self.net
+            ),
+            format!("net_ip={ip}/24"),
+            ip,
+        )
     }
 
     pub fn certs(&self) -> PathBuf {

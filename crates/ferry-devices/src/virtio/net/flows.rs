@@ -159,6 +159,17 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Whether a frame arriving for the guest is meant for the NIC with `mac`: sent to it, or to
+/// a group (broadcast, multicast). A bridge floods frames for an address it has not learnt
+/// (a VM that just moved, say) to every port: those reach the tap but are not the VM's
+/// traffic, and counting them would credit the VM with other VMs' connections.
+pub fn meant_for(frame: &[u8], mac: &super::Mac) -> bool {
+    match frame.get(..6) {
+        Some(dst) => dst == mac || dst[0] & 1 == 1,
+        None => false,
+    }
+}
+
 impl FlowTable {
     pub fn new() -> FlowTable {
         FlowTable::default()
@@ -486,5 +497,20 @@ mod tests {
         let saved = t.flows(later);
         let restored = FlowTable::restore(&saved, later);
         assert_eq!(restored.flows(later), saved);
+    }
+
+    #[test]
+    fn frames_flooded_for_another_nic_are_not_this_vms_traffic() {
+        let mac: super::super::Mac = [0x02, 0, 0, 0, 0, 1];
+        let mut frame = tcp4(PEER, 40000, VM, 7, TCP_SYN);
+        frame[..6].copy_from_slice(&mac);
+        assert!(meant_for(&frame, &mac));
+        frame[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+        assert!(!meant_for(&frame, &mac), "another VM's frame");
+        frame[..6].copy_from_slice(&[0xff; 6]);
+        assert!(meant_for(&frame, &mac), "broadcast");
+        frame[..6].copy_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 1]);
+        assert!(meant_for(&frame, &mac), "multicast");
+        assert!(!meant_for(&[0x02, 0, 0], &mac), "runt");
     }
 }

@@ -95,8 +95,10 @@ impl Net {
                     delivered = true;
                     add(&self.counters.rx_frames, 1);
                     add(&self.counters.rx_bytes, (len - NET_HDR_LEN) as u64);
-                    self.flows
-                        .record(&frame[NET_HDR_LEN..], Direction::ToGuest, Instant::now());
+                    let frame = &frame[NET_HDR_LEN..];
+                    if super::flows::meant_for(frame, &self.mac) {
+                        self.flows.record(frame, Direction::ToGuest, Instant::now());
+                    }
                 }
                 Err(Unusable::Chain) => {
                     // Give the bad chain back empty and try the frame on the next one.

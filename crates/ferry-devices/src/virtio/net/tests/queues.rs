@@ -226,7 +226,8 @@ fn flows_see_both_directions() {
     h.activate(0);
     h.give_rx(0, 1, 2048);
     // A TCP SYN from 10.0.0.9:40000 to the VM's port 7, then the VM's SYN-ACK.
-    let syn = tcp_frame([10, 0, 0, 9], 40000, [10, 0, 0, 2], 7, 0x02);
+    let mut syn = tcp_frame([10, 0, 0, 9], 40000, [10, 0, 0, 2], 7, 0x02);
+    syn[..6].copy_from_slice(&h.net.mac());
     h.host_sends(&syn, 0);
     h.net.process_rx();
     h.queue_tx(
@@ -243,6 +244,23 @@ fn flows_see_both_directions() {
         (flows.peers[0].packets_in, flows.peers[0].packets_out),
         (1, 1)
     );
+}
+
+/// Regression: a frame a bridge flooded to every port (for another VM's MAC) reached the
+/// tap and was counted as this VM's connection, so a VM with no client looked like one with
+/// clients to the dependency-aware evacuation.
+#[test]
+fn flows_leave_out_frames_for_another_mac() {
+    let mut h = Harness::new();
+    h.activate(0);
+    h.give_rx(0, 1, 2048);
+    let mut syn = tcp_frame([10, 0, 0, 9], 40000, [10, 0, 0, 3], 7, 0x02);
+    syn[..6].copy_from_slice(&[0x02, 0xaa, 0, 0, 0, 3]);
+    h.host_sends(&syn, 0);
+    h.net.process_rx();
+    let flows = h.net.flows();
+    assert!(flows.connections.is_empty(), "{flows:?}");
+    assert!(flows.peers.is_empty(), "{flows:?}");
 }
 
 pub(super) fn tcp_frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
