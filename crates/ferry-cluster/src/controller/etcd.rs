@@ -6,12 +6,18 @@
 //! Every write is a transaction that holds only while this controller's leader key still
 //! exists with the revision it was elected at: a controller that lost its lease (a pause, a
 //! partition) and has not noticed yet cannot write, so it cannot order a migration.
+//!
+//! A standby's campaign waits as long as the leader lives: it has no time limit (the
+//! connection's HTTP/2 pings notice a dead etcd), unlike every other request.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp,
+};
 
 use super::journal::Journal;
 use super::store::StoreError;
@@ -53,6 +59,31 @@ fn etcd(e: etcd_client::Error) -> StoreError {
     StoreError::Etcd(e.to_string())
 }
 
+/// How long one request to etcd may take, the campaign excepted.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connection's settings: no time limit on requests, which would end a standby's
+/// campaign (a request that waits for the leader to go) after that limit; each other
+/// request gets one of its own ([`within`]).
+fn connect_options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+}
+
+/// `request`, given up after [`REQUEST_TIMEOUT`].
+async fn within<T>(
+    what: &str,
+    request: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Ok(answer) => answer.map_err(etcd),
+        Err(_) => Err(StoreError::Etcd(format!(
+            "{what}: no answer within {REQUEST_TIMEOUT:?}"
+        ))),
+    }
+}
+
 impl EtcdStore {
     /// Connects; `lease_ttl` seconds is how long a dead leader holds on (and so about how
     /// long a failover takes).
@@ -62,13 +93,11 @@ impl EtcdStore {
         id: String,
         lease_ttl: i64,
     ) -> Result<EtcdStore, StoreError> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
-        let client = Client::connect(&endpoints, Some(options))
-            .await
-            .map_err(etcd)?;
+        let client = within(
+            "connect",
+            Client::connect(&endpoints, Some(connect_options())),
+        )
+        .await?;
         Ok(EtcdStore {
             endpoints,
             prefix,
@@ -93,37 +122,24 @@ impl EtcdStore {
         if let Some(k) = self.keeper.take() {
             k.abort();
         }
-        let lease = self
-            .client
-            .lease_grant(self.lease_ttl, None)
-            .await
-            .map_err(etcd)?
+        let ttl = Duration::from_secs(self.lease_ttl as u64);
+        let asked = Instant::now();
+        let lease = within("lease grant", self.client.lease_grant(self.lease_ttl, None))
+            .await?
             .id();
-        let (mut keeper, mut stream) = self.client.lease_keep_alive(lease).await.map_err(etcd)?;
+        let link = within("lease keep-alive", self.client.lease_keep_alive(lease)).await?;
         let alive = Arc::new(AtomicBool::new(true));
         self.alive = alive.clone();
-        let period = Duration::from_millis((self.lease_ttl as u64 * 1000) / 3);
-        self.keeper = Some(tokio::spawn(async move {
-            loop {
-                let renewed = async {
-                    keeper.keep_alive().await.ok()?;
-                    let answer = stream.message().await.ok()??;
-                    (answer.ttl() > 0).then_some(())
-                };
-                if tokio::time::timeout(period, renewed)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_none()
-                {
-                    tracing::warn!("the controller's etcd lease was not renewed: leadership lost");
-                    alive.store(false, Ordering::SeqCst);
-                    return;
-                }
-                tokio::time::sleep(period).await;
-            }
-        }));
+        let clock = LeaseClock::granted(asked, ttl);
+        self.keeper = Some(tokio::spawn(keep_alive(
+            self.client.clone(),
+            lease,
+            link,
+            clock,
+            alive,
+        )));
         tracing::info!("controller {} campaigns for leadership", self.id);
+        // No time limit: it answers when this controller is elected.
         let won = self
             .client
             .campaign(election_key(&self.prefix), self.id.clone(), lease)
@@ -142,11 +158,11 @@ impl EtcdStore {
     }
 
     pub async fn load(&mut self) -> Result<Journal, StoreError> {
-        let answer = self
-            .client
-            .get(journal_key(&self.prefix), None)
-            .await
-            .map_err(etcd)?;
+        let answer = within(
+            "journal read",
+            self.client.get(journal_key(&self.prefix), None),
+        )
+        .await?;
         match answer.kvs().first() {
             None => Ok(Journal::default()),
             Some(kv) => serde_json::from_slice(kv.value()).map_err(|e| StoreError::Damaged {
@@ -164,7 +180,7 @@ impl EtcdStore {
         let txn = Txn::new()
             .when(vec![Compare::create_revision(key, CompareOp::Equal, rev)])
             .and_then(vec![TxnOp::put(journal_key(&self.prefix), bytes, None)]);
-        let answer = self.client.txn(txn).await.map_err(etcd)?;
+        let answer = within("journal write", self.client.txn(txn)).await?;
         if !answer.succeeded() {
             self.leader = None;
             return Err(StoreError::NotLeader);
@@ -173,10 +189,132 @@ impl EtcdStore {
     }
 }
 
+/// Until when a lease surely holds, as its holder can tell: etcd counts its time to live
+/// from when it handles a grant or a renewal, which is after the holder asked for it, so
+/// the holder counts from its asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LeaseClock {
+    ttl: Duration,
+    valid_until: Instant,
+}
+
+impl LeaseClock {
+    /// A lease of `ttl` asked for at `asked`.
+    fn granted(asked: Instant, ttl: Duration) -> LeaseClock {
+        LeaseClock {
+            ttl,
+            valid_until: asked + ttl,
+        }
+    }
+
+    /// A renewal asked for at `asked` was answered: `ttl_secs` more (0 or less: etcd no
+    /// longer has the lease). Returns whether the lease still holds. A late answer extends
+    /// the lease all the same: it is the asking that counts.
+    fn renewed(&mut self, asked: Instant, ttl_secs: i64) -> bool {
+        if ttl_secs <= 0 {
+            self.valid_until = self.valid_until.min(asked);
+            return false;
+        }
+        let until = asked + Duration::from_secs(ttl_secs as u64);
+        self.valid_until = self.valid_until.max(until);
+        true
+    }
+
+    /// Whether the lease surely holds at `now`.
+    fn holds(&self, now: Instant) -> bool {
+        now < self.valid_until
+    }
+
+    /// How long a renewal may take before another is tried (on a new stream), and how long
+    /// to wait between renewals: a third of the time to live, so two may fail in a row.
+    fn period(&self) -> Duration {
+        self.ttl / 3
+    }
+}
+
+/// Renews `lease` until its holder can no longer tell it holds: a renewal that fails or is
+/// slow is tried again (on a new stream) while the lease's time to live lasts, and only
+/// then, or when etcd says the lease is gone, is leadership given up (`alive` cleared).
+async fn keep_alive(
+    mut client: Client,
+    lease: i64,
+    link: (LeaseKeeper, LeaseKeepAliveStream),
+    mut clock: LeaseClock,
+    alive: Arc<AtomicBool>,
+) {
+    let mut link = Some(link);
+    loop {
+        let asked = Instant::now();
+        if !clock.holds(asked) {
+            tracing::warn!("the controller's etcd lease was not renewed in time: leadership lost");
+            break;
+        }
+        let attempt = async {
+            if link.is_none() {
+                link = client.lease_keep_alive(lease).await.ok();
+            }
+            let (keeper, stream) = link.as_mut()?;
+            keeper.keep_alive().await.ok()?;
+            Some(stream.message().await.ok()??.ttl())
+        };
+        let wait = clock
+            .period()
+            .min(clock.valid_until.saturating_duration_since(asked));
+        match tokio::time::timeout(wait, attempt).await {
+            Ok(Some(ttl)) => {
+                if !clock.renewed(asked, ttl) {
+                    tracing::warn!("etcd no longer has the controller's lease: leadership lost");
+                    break;
+                }
+                tokio::time::sleep(clock.period()).await;
+            }
+            _ => {
+                // Its answer, if it comes, must not be taken for the next one's.
+                link = None;
+                tracing::debug!("an etcd lease renewal failed or was slow; trying again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    alive.store(false, Ordering::SeqCst);
+}
+
 impl Drop for EtcdStore {
     fn drop(&mut self) {
         if let Some(k) = self.keeper.take() {
             k.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_renewal_keeps_the_lease_while_its_time_to_live_lasts() {
+        let t0 = Instant::now();
+        let secs = |s: f64| t0 + Duration::from_secs_f64(s);
+        let mut clock = LeaseClock::granted(t0, Duration::from_secs(2));
+        assert!(clock.holds(secs(1.9)));
+        assert!(!clock.holds(secs(2.0)));
+        // Asked at 0.7, answered at 1.5 (more than a renewal period later): the lease
+        // holds, counted from the asking.
+        assert!(clock.renewed(secs(0.7), 2));
+        assert!(clock.holds(secs(2.6)));
+        assert!(!clock.holds(secs(2.7)));
+        // An answer to an older question does not shorten it.
+        assert!(clock.renewed(secs(0.1), 2));
+        assert!(clock.holds(secs(2.6)));
+        assert_eq!(clock.period(), Duration::from_secs(2) / 3);
+    }
+
+    #[test]
+    fn a_lease_etcd_no_longer_has_is_lost_at_once() {
+        let t0 = Instant::now();
+        let mut clock = LeaseClock::granted(t0, Duration::from_secs(2));
+        let asked = t0 + Duration::from_millis(700);
+        assert!(!clock.renewed(asked, 0));
+        assert!(!clock.holds(asked));
     }
 }

@@ -7,6 +7,7 @@
 //! instead, a `try_` variant returns an [`Error`].
 
 pub mod cluster;
+pub mod cluster_services;
 pub mod console;
 pub mod hosts;
 pub mod lan;
