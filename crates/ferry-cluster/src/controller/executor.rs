@@ -213,7 +213,10 @@ async fn follow(controller: &Controller, r: &Record) -> Outcome {
         };
         match source_phase {
             Some(VmPhase::MigratingOut { .. }) => continue,
-            Some(VmPhase::Departed { .. }) => return Outcome::Next(Step::Done),
+            Some(VmPhase::Departed { .. }) => {
+                tracing::debug!("{} left {}", r.vm, r.from);
+                return Outcome::Next(Step::Done);
+            }
             Some(VmPhase::Running) | Some(VmPhase::Paused) => {
                 let why = client
                     .call::<(), MigrationStatus>(&src, Method::GET, &status_path, None)

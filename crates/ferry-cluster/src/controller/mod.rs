@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::https::Client;
 use crate::metrics::ControllerMetrics;
-use crate::model::{now_unix_ms, HostReport};
+use crate::model::{now_unix_ms, HostReport, MoveProtocol};
 use crate::policy::{
     self, ClusterCalm, ClusterView, Heat, HostView, HotspotDetector, InFlight, Plan, Policy,
 };
@@ -188,7 +188,15 @@ impl Controller {
         };
         let mut delay = Duration::from_millis(200);
         loop {
-            match store.save(&copy).await {
+            let began = Instant::now();
+            let saved = store.save(&copy).await;
+            if began.elapsed() > Duration::from_secs(1) {
+                tracing::warn!(
+                    "writing the journal took {:.1} s",
+                    began.elapsed().as_secs_f64()
+                );
+            }
+            match saved {
                 Ok(()) => return out,
                 Err(StoreError::NotLeader) => {
                     tracing::error!("this controller lost its leadership: stopping");
@@ -436,7 +444,22 @@ impl Controller {
     async fn carry_out(self: &Arc<Controller>, plan: &Plan) {
         let now = self.now_secs();
         let limits = &self.config.policy;
+        // In an evacuation the VMs with clients go first on the link: the cheap moves of the
+        // others wait until no pre-copy move is left to start or running.
+        let clients_first = plan.scenario == policy::Scenario::Evacuation
+            && (plan
+                .moves
+                .iter()
+                .any(|m| m.protocol == MoveProtocol::PreCopy)
+                || self
+                    .lock()
+                    .journal
+                    .open()
+                    .any(|r| r.protocol == MoveProtocol::PreCopy));
         for m in &plan.moves {
+            if clients_first && m.protocol != MoveProtocol::PreCopy {
+                continue;
+            }
             let (open, blocked, vm_report) = {
                 let rt = self.lock();
                 let open: Vec<&Record> = rt.journal.open().collect();

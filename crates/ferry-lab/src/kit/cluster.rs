@@ -141,7 +141,13 @@ impl ClusterLab {
             // hosts' L2 segment, so they keep their address when they move and this process
             // (on the outer bridge) reaches them as a client.
             let ns = host.ns.as_str();
-            ip_ok(&["-n", ns, "link", "add", VM_BRIDGE, "type", "bridge"])?;
+            // A fixed MAC: a bridge otherwise takes the lowest of its ports' MACs, which
+            // changes when a VM's tap leaves, and peers' ARP caches then point at an
+            // address nobody answers for until they expire (the agent looks dead for ~50 s).
+            let mac = format!("02:fe:14:{:02x}:00:{i:02x}", lab.net);
+            ip_ok(&[
+                "-n", ns, "link", "add", VM_BRIDGE, "address", &mac, "type", "bridge",
+            ])?;
             ip_ok(&["-n", ns, "link", "set", &inner, "master", VM_BRIDGE, "up"])?;
             let addr = format!("{}/24", host.addr);
             ip_ok(&["-n", ns, "addr", "add", &addr, "dev", VM_BRIDGE])?;
