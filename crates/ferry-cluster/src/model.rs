@@ -175,7 +175,56 @@ pub struct HostReport {
     pub sampled_unix_ms: u64,
 }
 
+/// Largest figure a report may carry for cores, or bytes per second: far beyond any host,
+/// small enough that sums of many stay finite and exact enough.
+const SANE_MAX: f64 = 1e15;
+
+fn sane(what: &str, v: f64) -> Result<(), String> {
+    if v.is_finite() && (0.0..=SANE_MAX).contains(&v) {
+        Ok(())
+    } else {
+        Err(format!("{what} is {v}"))
+    }
+}
+
 impl HostReport {
+    /// Checks what an agent reported before the controller reasons on it: every figure
+    /// finite and non-negative, names usable, no VM listed twice. An agent with a bug (or a
+    /// lying one) must not make the planner divide by zero or sort NaNs.
+    pub fn validate(&self) -> Result<(), String> {
+        sane("capacity.cpus", self.capacity.cpus)?;
+        sane("load.cpu", self.load.cpu)?;
+        sane("load.machine_cpu", self.load.machine_cpu)?;
+        sane("load.net_bytes_per_sec", self.load.net_bytes_per_sec)?;
+        sane(
+            "load.disk_io_bytes_per_sec",
+            self.load.disk_io_bytes_per_sec,
+        )?;
+        let mut names = std::collections::BTreeSet::new();
+        for vm in &self.vms {
+            if !crate::agent_api::valid_vm_name(&vm.name) {
+                return Err(format!("a VM is named {:?}", vm.name));
+            }
+            if !names.insert(vm.name.as_str()) {
+                return Err(format!("VM {} is listed twice", vm.name));
+            }
+            let l = &vm.load;
+            sane(&format!("{}.cpu", vm.name), l.cpu)?;
+            sane(&format!("{}.vcpu", vm.name), l.vcpu)?;
+            sane(&format!("{}.disk_io", vm.name), l.disk_io_bytes_per_sec)?;
+            sane(&format!("{}.net", vm.name), l.net_bytes_per_sec)?;
+            if let Some(d) = l.dirty_bytes_per_sec {
+                sane(&format!("{}.dirty_rate", vm.name), d)?;
+            }
+            if vm.spec.memory_mib > (1 << 30)
+                || vm.spec.disks.iter().any(|d| d.size_mib > (1 << 40))
+            {
+                return Err(format!("VM {} has an impossible size", vm.name));
+            }
+        }
+        Ok(())
+    }
+
     /// Share of its CPU capacity its VMs use, 0 to 1 (or more when overcommitted).
     pub fn cpu_utilization(&self) -> f64 {
         if self.capacity.cpus > 0.0 {
@@ -221,4 +270,69 @@ pub fn now_unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> HostReport {
+        HostReport {
+            host: "h1".into(),
+            api: "10.0.0.1:7700".into(),
+            migration_ip: "10.0.0.1".into(),
+            capacity: Capacity {
+                cpus: 4.0,
+                memory_bytes: 1 << 33,
+                disk_bytes: 1 << 40,
+            },
+            load: HostLoad::default(),
+            vms: vec![VmReport {
+                name: "vm1".into(),
+                spec: VmSpec {
+                    kernel: "k".into(),
+                    initrd: None,
+                    memory_mib: 256,
+                    vcpus: 1,
+                    append: String::new(),
+                    disks: Vec::new(),
+                    nics: Vec::new(),
+                    balloon: false,
+                },
+                phase: VmPhase::Running,
+                load: VmLoad::default(),
+                pid: Some(1),
+                since_unix_ms: 0,
+            }],
+            sampled_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn reports_with_impossible_figures_are_refused() {
+        assert_eq!(report().validate(), Ok(()));
+        let cases: Vec<(&str, Box<dyn Fn(&mut HostReport)>)> = vec![
+            ("NaN cpu", Box::new(|r| r.load.cpu = f64::NAN)),
+            ("negative capacity", Box::new(|r| r.capacity.cpus = -1.0)),
+            (
+                "infinite VM cpu",
+                Box::new(|r| r.vms[0].load.cpu = f64::INFINITY),
+            ),
+            (
+                "NaN dirty rate",
+                Box::new(|r| r.vms[0].load.dirty_bytes_per_sec = Some(f64::NAN)),
+            ),
+            ("bad name", Box::new(|r| r.vms[0].name = "../x".into())),
+            ("twice", Box::new(|r| r.vms.push(r.vms[0].clone()))),
+            (
+                "huge memory",
+                Box::new(|r| r.vms[0].spec.memory_mib = u64::MAX),
+            ),
+        ];
+        for (what, spoil) in cases {
+            let mut r = report();
+            spoil(&mut r);
+            assert!(r.validate().is_err(), "{what}");
+        }
+    }
 }

@@ -309,7 +309,20 @@ impl Controller {
                 continue;
             };
             match result {
-                Ok(report) if report.host == name => {
+                Ok(report) if report.host != name => {
+                    host.error = Some(format!(
+                        "the agent at {} says it is {}, not {name}",
+                        host.api, report.host
+                    ));
+                }
+                Ok(report) if report.validate().is_err() => {
+                    let why = report.validate().err().unwrap_or_default();
+                    if host.error.is_none() {
+                        tracing::warn!("host {name}: its report is not sane: {why}");
+                    }
+                    host.error = Some(format!("its report is not sane: {why}"));
+                }
+                Ok(report) => {
                     if host.error.is_some() || host.last_ok.is_none() {
                         tracing::info!("host {name} reports");
                     }
@@ -326,12 +339,6 @@ impl Controller {
                     }
                     self.metrics.host(&report);
                     host.report = Some(report);
-                }
-                Ok(report) => {
-                    host.error = Some(format!(
-                        "the agent at {} says it is {}, not {name}",
-                        host.api, report.host
-                    ));
                 }
                 Err(e) => {
                     if host.error.is_none() {
