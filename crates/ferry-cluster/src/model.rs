@@ -311,7 +311,8 @@ mod tests {
     #[test]
     fn reports_with_impossible_figures_are_refused() {
         assert_eq!(report().validate(), Ok(()));
-        let cases: Vec<(&str, Box<dyn Fn(&mut HostReport)>)> = vec![
+        type Spoil = Box<dyn Fn(&mut HostReport)>;
+        let cases: Vec<(&str, Spoil)> = vec![
             ("NaN cpu", Box::new(|r| r.load.cpu = f64::NAN)),
             ("negative capacity", Box::new(|r| r.capacity.cpus = -1.0)),
             (
