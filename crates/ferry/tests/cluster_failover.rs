@@ -277,6 +277,12 @@ fn a_standby_controller_finishes_an_evacuation_when_the_leader_dies() {
             .then_some(s)
     });
     eprintln!("the agents were polled {polls} times; no VM ran twice");
+    for m in last.migrations.iter().filter(|m| m.step == Step::Done) {
+        eprintln!(
+            "{}: {} {} -> {}, downtime {:?} ms, {:?} bytes",
+            m.id, m.vm, m.from, m.to, m.measured_downtime_ms, m.bytes
+        );
+    }
     let decisions: Vec<&str> = last.decisions.iter().map(|d| d.text.as_str()).collect();
 
     // Nothing was ordered twice: one done move per VM, and no two moves of a VM at once.

@@ -213,8 +213,7 @@ fn apply(agent: &Agent, looks: Vec<Look>, tick: f64) {
                 }
             }
             if let Some(m) = &look.migration {
-                slot.migration_phase = Some(m.phase);
-                slot.last_migration = Some(m.clone());
+                slot.keep_migration(m);
                 if m.dirty_rate_bytes_per_sec > 0.0 {
                     slot.load.dirty_bytes_per_sec = Some(m.dirty_rate_bytes_per_sec);
                 }

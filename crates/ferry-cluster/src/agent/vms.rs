@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use ferry_api::{MigrateRequest, MigrationPhase, TlsSettings, VmInfo, VmRunState};
+use ferry_api::{MigrateRequest, MigrationPhase, MigrationStatus, TlsSettings, VmInfo, VmRunState};
 use hyper::Method;
 
 use super::{proc_stats, Agent};
 use crate::agent_api::{valid_vm_name, IncomingReady, MigrateVm, StartVm};
 use crate::model::{now_unix_ms, MoveProtocol, VmLoad, VmPhase, VmReport, VmSpec};
-use crate::vmm_client;
+use crate::vmm_client::{self, VmmCallError};
 
 /// How long a starting VM's API may take to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -21,6 +21,14 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// A call to a VM's own API.
 pub(super) const VMM_CALL: Duration = Duration::from_secs(5);
+/// The longest a migration may last, for the call that waits for its end.
+const MIGRATION_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// How long the end of a VMM waits for the last answer it gave (a migration's final status)
+/// to be taken in, before what the end means is decided.
+const LAST_ANSWER_WAIT: Duration = Duration::from_secs(2);
+
+/// The call that waits for a migration's end: its final status.
+type MigrationWaiter = tokio::task::JoinHandle<Result<MigrationStatus, VmmCallError>>;
 
 /// An error of the agent's API, with its HTTP status.
 #[derive(Debug)]
@@ -75,7 +83,10 @@ pub(super) struct Slot {
     /// The agent paused it for a pause-and-copy move (resumed if the move fails).
     pub paused_for_move: bool,
     /// Its outgoing migration's status, last seen (kept after its VMM ended).
-    pub last_migration: Option<ferry_api::MigrationStatus>,
+    pub last_migration: Option<MigrationStatus>,
+    /// The task that takes its outgoing migration's final status in, from the VMM's answer
+    /// to the call that waited for the end.
+    pub final_migration: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Cumulative counters of a VM at one moment.
@@ -96,6 +107,18 @@ impl Slot {
             load: self.load.clone(),
             pid: self.pid,
             since_unix_ms: self.since_unix_ms,
+        }
+    }
+
+    /// Keeps `status` as its outgoing migration's, unless it already has that migration's
+    /// end: a look taken before the end and applied after it does not take it back.
+    pub fn keep_migration(&mut self, status: &MigrationStatus) {
+        let ended = self.last_migration.as_ref().is_some_and(|kept| {
+            kept.migration_id == status.migration_id && migration_ended(kept.phase)
+        });
+        if !ended {
+            self.migration_phase = Some(status.phase);
+            self.last_migration = Some(status.clone());
         }
     }
 
@@ -250,6 +273,7 @@ impl Agent {
             migration_phase: None,
             paused_for_move: false,
             last_migration: None,
+            final_migration: None,
         };
         self.spawn(cmd, slot)?;
         tracing::info!(
@@ -319,6 +343,17 @@ impl Agent {
         let agent = self.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
+            // A migration's final status is the VMM's last answer, given as it ended: take
+            // it in before deciding what the end means (it carries the downtime).
+            let last = agent
+                .lock()
+                .vms
+                .get_mut(&name)
+                .filter(|s| s.pid == pid)
+                .and_then(|s| s.final_migration.take());
+            if let Some(last) = last {
+                let _ = tokio::time::timeout(LAST_ANSWER_WAIT, last).await;
+            }
             agent.exited(&name, pid, status);
         });
         Ok(())
@@ -507,6 +542,7 @@ impl Agent {
             migration_phase: None,
             paused_for_move: false,
             last_migration: None,
+            final_migration: None,
         };
         self.spawn(cmd, slot)?;
         let deadline = Instant::now() + START_TIMEOUT;
@@ -599,7 +635,7 @@ impl Agent {
             max_time_secs: req.max_time_secs,
             on_timeout: Default::default(),
             link_timeout_ms: None,
-            wait: false,
+            wait: true,
             shared_disks: Vec::new(),
             disk_mode: Default::default(),
             tls: Some(TlsSettings {
@@ -612,28 +648,22 @@ impl Agent {
             explore: true,
             encode_threads: None,
         };
-        let started = vmm_client::call::<_, serde_json::Value>(
-            &socket,
-            Method::PUT,
-            "/vm/migrate",
-            Some(&request),
-            VMM_CALL,
-        )
-        .await;
-        if let Err(e) = started {
-            if paused {
-                let _ = vmm_client::call::<(), VmInfo>(
-                    &socket,
-                    Method::PUT,
-                    "/vm/resume",
-                    None,
-                    VMM_CALL,
-                )
-                .await;
+        let (first, waiter) = match start_migration(&socket, request).await {
+            Ok(started) => started,
+            Err(e) => {
+                if paused {
+                    let _ = vmm_client::call::<(), VmInfo>(
+                        &socket,
+                        Method::PUT,
+                        "/vm/resume",
+                        None,
+                        VMM_CALL,
+                    )
+                    .await;
+                }
+                return Err(AgentError::internal(format!("cannot migrate {name}: {e}")));
             }
-            return Err(AgentError::internal(format!("cannot migrate {name}: {e}")));
-        }
-        self.follow_migration(name, socket);
+        };
         let mut state = self.lock();
         let slot = state
             .vms
@@ -643,7 +673,9 @@ impl Agent {
             to: req.to.tls_name.clone(),
         };
         slot.paused_for_move = paused;
-        slot.migration_phase = Some(MigrationPhase::Connecting);
+        slot.last_migration = None;
+        slot.keep_migration(&first);
+        slot.final_migration = waiter.and_then(|w| self.take_final_status(name, w));
         tracing::info!(
             "migrating VM {name} to {} ({})",
             req.to.tls_name,
@@ -652,60 +684,81 @@ impl Agent {
         Ok(slot.report())
     }
 
-    /// Keeps the VM's latest migration status until its VMM ends or the migration does: the
-    /// VMM of a VM that moved away is gone, and with it the final figures (bytes, downtime).
-    fn follow_migration(&self, name: &str, socket: PathBuf) {
-        let Some(agent) = self.me.upgrade() else {
-            return;
-        };
+    /// Takes the migration's final status in when the VMM gives it (as the migration ends,
+    /// just before a VMM whose VM moved away ends too).
+    fn take_final_status(
+        &self,
+        name: &str,
+        waiter: MigrationWaiter,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let agent = self.me.upgrade()?;
         let name = name.to_string();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let status = vmm_client::call::<(), ferry_api::MigrationStatus>(
-                    &socket,
-                    Method::GET,
-                    "/vm/migration",
-                    None,
-                    Duration::from_secs(1),
-                )
-                .await;
-                let mut state = agent.lock();
-                let Some(slot) = state.vms.get_mut(&name) else {
-                    return;
-                };
-                match status {
-                    Ok(status) => {
-                        let ended = matches!(
-                            status.phase,
-                            MigrationPhase::Completed
-                                | MigrationPhase::Failed
-                                | MigrationPhase::Cancelled
-                        );
-                        slot.last_migration = Some(status);
-                        if ended {
-                            return;
-                        }
+        Some(tokio::spawn(async move {
+            match waiter.await {
+                Ok(Ok(status)) => {
+                    if let Some(slot) = agent.lock().vms.get_mut(&name) {
+                        slot.keep_migration(&status);
                     }
-                    Err(_) if slot.pid.is_none() => return,
-                    Err(_) => {}
                 }
+                Ok(Err(e)) => tracing::debug!("no final migration status from {name}: {e}"),
+                Err(_) => {}
             }
-        });
+        }))
     }
 
-    /// `GET /v1/vms/{name}/migration`: the VM's own migration status.
+    /// `GET /v1/vms/{name}/migration`: the VM's own migration status; once its VMM ended
+    /// (a VM that moved away), the last one it gave, with the final figures.
     pub(super) async fn migration_status(
         &self,
         name: &str,
     ) -> Result<serde_json::Value, AgentError> {
-        let socket = self
+        let (socket, running, last) = self
             .lock()
             .vms
             .get(name)
-            .map(|s| s.socket.clone())
+            .map(|s| (s.socket.clone(), s.pid.is_some(), s.last_migration.clone()))
             .ok_or_else(|| AgentError::not_found(name))?;
-        vmm_client::call::<(), serde_json::Value>(
+        let answer = if running {
+            vmm_client::call::<(), serde_json::Value>(
+                &socket,
+                Method::GET,
+                "/vm/migration",
+                None,
+                VMM_CALL,
+            )
+            .await
+            .map_err(|e| e.to_string())
+        } else {
+            Err(format!("the VMM of {name} has ended"))
+        };
+        answer
+            .or_else(|e| match last {
+                Some(last) => serde_json::to_value(last).map_err(|j| format!("{e} ({j})")),
+                None => Err(e),
+            })
+            .map_err(|e| AgentError::new(StatusCode::BAD_GATEWAY, e))
+    }
+}
+
+/// Whether a migration in `phase` has ended, one way or the other.
+fn migration_ended(phase: MigrationPhase) -> bool {
+    matches!(
+        phase,
+        MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled
+    )
+}
+
+/// Starts a migration on the VMM at `socket` with a call that waits for its end: the final
+/// figures (the downtime, the bytes sent) are known to the source's VMM alone, whose process
+/// ends with the migration, and come back as that call's answer. Returns once the VMM
+/// reports the migration under way: its first status, and the waiting call (none when the
+/// first status is the final one already). Or why it did not start.
+pub(super) async fn start_migration(
+    socket: &Path,
+    mut request: MigrateRequest,
+) -> Result<(MigrationStatus, Option<MigrationWaiter>), String> {
+    let status = |socket: PathBuf| async move {
+        vmm_client::call::<(), MigrationStatus>(
             &socket,
             Method::GET,
             "/vm/migration",
@@ -713,7 +766,46 @@ impl Agent {
             VMM_CALL,
         )
         .await
-        .map_err(|e| AgentError::new(StatusCode::BAD_GATEWAY, e.to_string()))
+    };
+    // A migration before this one (one that failed) is not taken for this one.
+    let before = match status(socket.to_path_buf()).await {
+        Ok(s) => Some(s.migration_id),
+        Err(VmmCallError::Refused { status, .. }) if status == StatusCode::NOT_FOUND => None,
+        Err(e) => return Err(format!("cannot read the migration status: {e}")),
+    };
+    request.wait = true;
+    let path = socket.to_path_buf();
+    let mut waiter: MigrationWaiter = tokio::spawn(async move {
+        vmm_client::call::<_, MigrationStatus>(
+            &path,
+            Method::PUT,
+            "/vm/migrate",
+            Some(&request),
+            MIGRATION_WAIT,
+        )
+        .await
+    });
+    let deadline = Instant::now() + VMM_CALL;
+    loop {
+        if waiter.is_finished() {
+            // A refusal, or a migration that ended already.
+            return match (&mut waiter).await {
+                Ok(Ok(last)) => Ok((last, None)),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(format!("the migration call failed: {e}")),
+            };
+        }
+        if let Ok(s) = status(socket.to_path_buf()).await {
+            if Some(s.migration_id) != before {
+                return Ok((s, Some(waiter)));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the VM did not report the migration under way within {VMM_CALL:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -745,4 +837,206 @@ fn last_line(text: &str) -> &str {
         .rev()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("no output")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use axum::extract::State;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::{get, put};
+    use axum::{Json, Router};
+    use ferry_api::DowntimeBreakdown;
+
+    use super::*;
+
+    fn status(id: u64, phase: MigrationPhase, downtime_ms: Option<f64>) -> MigrationStatus {
+        let downtime = downtime_ms.map(|total_ms| DowntimeBreakdown {
+            total_ms,
+            ..DowntimeBreakdown::default()
+        });
+        serde_json::from_value(serde_json::json!({
+            "phase": phase,
+            "to": "10.0.0.2:4000",
+            "iteration": 0,
+            "bytes_sent": 1000 * id,
+            "data_pages_sent": 0,
+            "zero_pages_sent": 0,
+            "bytes_remaining": 0,
+            "dirty_rate_bytes_per_sec": 0.0,
+            "link_rate_bytes_per_sec": 0.0,
+            "throttle_percent": 0,
+            "expected_downtime_ms": 0.0,
+            "downtime": downtime,
+            "elapsed_secs": 0.0,
+            "notes": [],
+            "error": null,
+            "migration_id": id,
+        }))
+        .expect("a status")
+    }
+
+    /// A VMM's API on a unix socket, as far as migrations go. Its last migration (id 1)
+    /// failed; the next one (id 2) runs for 200 ms and completes, and then the VMM is gone
+    /// like a VMM whose VM moved away: only the call that waited for the end hears of it.
+    #[derive(Default)]
+    struct FakeVmm {
+        current: Mutex<Option<MigrationStatus>>,
+        gone: Mutex<bool>,
+        refuse: bool,
+    }
+
+    async fn migration(State(vmm): State<Arc<FakeVmm>>) -> Response {
+        if *vmm.gone.lock().expect("lock") {
+            return (StatusCode::SERVICE_UNAVAILABLE, "the VM has stopped").into_response();
+        }
+        match vmm.current.lock().expect("lock").clone() {
+            Some(s) => Json(s).into_response(),
+            None => (StatusCode::NOT_FOUND, "no migration was started").into_response(),
+        }
+    }
+
+    async fn migrate(
+        State(vmm): State<Arc<FakeVmm>>,
+        Json(request): Json<MigrateRequest>,
+    ) -> Response {
+        if vmm.refuse {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({ "error": "no such destination" })),
+            )
+                .into_response();
+        }
+        let first = status(2, MigrationPhase::FirstPass, None);
+        *vmm.current.lock().expect("lock") = Some(first.clone());
+        if !request.wait {
+            return Json(first).into_response();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let last = status(2, MigrationPhase::Completed, Some(12.5));
+        *vmm.gone.lock().expect("lock") = true;
+        Json(last).into_response()
+    }
+
+    async fn fake_vmm(tag: &str, vmm: FakeVmm) -> (PathBuf, tokio::task::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!("ferry-fake-vmm-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a folder");
+        let socket = dir.join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("binds");
+        let router = Router::new()
+            .route("/vm/migration", get(migration))
+            .route("/vm/migrate", put(migrate))
+            .with_state(Arc::new(vmm));
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        (socket, server)
+    }
+
+    fn request() -> MigrateRequest {
+        serde_json::from_value(serde_json::json!({ "to": "10.0.0.2:4000" })).expect("a request")
+    }
+
+    #[tokio::test]
+    async fn the_final_figures_of_a_migration_come_from_the_call_that_waited_for_its_end() {
+        let (socket, server) = fake_vmm(
+            "final",
+            FakeVmm {
+                current: Mutex::new(Some(status(1, MigrationPhase::Failed, None))),
+                ..FakeVmm::default()
+            },
+        )
+        .await;
+        let (first, waiter) = start_migration(&socket, request())
+            .await
+            .expect("the migration starts");
+        // The failed migration before it is not taken for this one.
+        assert_eq!(first.migration_id, 2);
+        assert_eq!(first.phase, MigrationPhase::FirstPass);
+        let last = waiter
+            .expect("a migration under way")
+            .await
+            .expect("joins")
+            .expect("the final status");
+        assert_eq!(last.phase, MigrationPhase::Completed);
+        assert_eq!(last.downtime.map(|d| d.total_ms), Some(12.5));
+        // Asked afterwards, the VMM no longer tells.
+        let after = vmm_client::call::<(), MigrationStatus>(
+            &socket,
+            Method::GET,
+            "/vm/migration",
+            None,
+            VMM_CALL,
+        )
+        .await;
+        assert!(after.is_err(), "{after:?}");
+        server.abort();
+        let _ = std::fs::remove_dir_all(socket.parent().expect("a folder"));
+    }
+
+    #[tokio::test]
+    async fn a_migration_the_vmm_refuses_does_not_start() {
+        let (socket, server) = fake_vmm(
+            "refused",
+            FakeVmm {
+                refuse: true,
+                ..FakeVmm::default()
+            },
+        )
+        .await;
+        let refused = start_migration(&socket, request()).await;
+        match refused {
+            Err(e) => assert!(e.contains("no such destination"), "{e}"),
+            Ok(started) => panic!("started: {:?}", started.0),
+        }
+        server.abort();
+        let _ = std::fs::remove_dir_all(socket.parent().expect("a folder"));
+    }
+
+    #[test]
+    fn a_look_taken_before_the_end_does_not_take_the_end_back() {
+        let mut slot = Slot {
+            name: "v".into(),
+            spec: VmSpec {
+                kernel: "k".into(),
+                initrd: None,
+                memory_mib: 64,
+                vcpus: 1,
+                append: String::new(),
+                disks: Vec::new(),
+                nics: Vec::new(),
+                balloon: false,
+            },
+            phase: VmPhase::MigratingOut { to: "b".into() },
+            dir: PathBuf::new(),
+            socket: PathBuf::new(),
+            disks: Vec::new(),
+            pid: Some(1),
+            since_unix_ms: 0,
+            load: VmLoad::default(),
+            last: None,
+            stop_requested: false,
+            migration_phase: None,
+            paused_for_move: false,
+            last_migration: None,
+            final_migration: None,
+        };
+        slot.keep_migration(&status(2, MigrationPhase::Iterating, None));
+        slot.keep_migration(&status(2, MigrationPhase::Completed, Some(3.0)));
+        // The sampler's look at the handover, applied late.
+        slot.keep_migration(&status(2, MigrationPhase::Handover, None));
+        assert_eq!(slot.migration_phase, Some(MigrationPhase::Completed));
+        assert_eq!(
+            slot.last_migration
+                .as_ref()
+                .and_then(|m| m.downtime.as_ref())
+                .map(|d| d.total_ms),
+            Some(3.0)
+        );
+        // A new migration's status is kept.
+        slot.keep_migration(&status(3, MigrationPhase::Connecting, None));
+        assert_eq!(slot.migration_phase, Some(MigrationPhase::Connecting));
+    }
 }

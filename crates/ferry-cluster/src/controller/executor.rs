@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_api::MigrationStatus;
+use ferry_api::{MigrationPhase, MigrationStatus};
 use hyper::Method;
 
 use super::journal::{Record, Step};
@@ -43,7 +43,13 @@ pub(super) async fn run(controller: Arc<Controller>, id: String) {
         let outcome = match &record.step {
             Step::Ordered => prepare(&controller, &record).await,
             Step::Receiving { ready } => send(&controller, &record, ready).await,
-            Step::Sending { .. } => follow(&controller, &record).await,
+            Step::Sending { .. } => {
+                let outcome = follow(&controller, &record).await;
+                if matches!(outcome, Outcome::Next(Step::Done)) {
+                    final_figures(&controller, &record).await;
+                }
+                outcome
+            }
             Step::Done | Step::Failed { .. } => return,
         };
         match outcome {
@@ -80,6 +86,31 @@ pub(super) async fn run(controller: Arc<Controller>, id: String) {
                 failed(&controller, &record, &why, lost).await;
                 return;
             }
+        }
+    }
+}
+
+/// A move is done: the source's agent keeps the migration's final status (the VMM that
+/// measured it is gone), whose downtime and bytes are written down with the step.
+async fn final_figures(controller: &Controller, r: &Record) {
+    let Some(src) = api_of(controller, &r.from) else {
+        return;
+    };
+    let path = format!("/v1/vms/{}/migration", r.vm);
+    let Ok(status) = controller
+        .client
+        .call::<(), MigrationStatus>(&src, Method::GET, &path, None)
+        .await
+    else {
+        return;
+    };
+    if status.phase != MigrationPhase::Completed {
+        return;
+    }
+    if let Some(rec) = controller.lock().journal.record_mut(&r.id) {
+        rec.bytes = Some(status.bytes_sent);
+        if let Some(d) = &status.downtime {
+            rec.measured_downtime_ms = Some(d.total_ms);
         }
     }
 }
