@@ -307,11 +307,11 @@ async fn finished(controller: &Controller, r: &Record) {
         .metrics
         .migration(r.protocol, "done", bytes, downtime);
     controller.decide(format!(
-        "migration {} done: {} runs on {} ({} MB sent{})",
+        "migration {} done: {} runs on {} ({:.1} MB sent{})",
         r.id,
         r.vm,
         r.to,
-        bytes.unwrap_or(0) / 1_000_000,
+        bytes.unwrap_or(0) as f64 / 1e6,
         downtime
             .map(|d| format!(", downtime {d:.1} ms"))
             .unwrap_or_default()
