@@ -128,6 +128,14 @@ enum BenchWhat {
         #[arg(long, conflicts_with_all = ["quick", "disk", "net", "wan"])]
         encoding: bool,
     },
+    /// Empty a host of eight VMs (four serving clients, four batch guests) three ways: the
+    /// controller's dependency-aware evacuation, every VM pre-copied at once, and one after
+    /// another: total time, bytes sent and the largest gap a client saw.
+    Evacuate {
+        /// How many evacuations of each strategy.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// The migration send path alone (scanning, encoding, writing) into a receiver on
     /// loopback that discards: GB/s and CPU per page next to a plain memcpy.
     SendPath {
@@ -276,6 +284,9 @@ fn main() -> ExitCode {
                 runs, quick, only, ..
             },
         } => bench::migrate::migrate(runs, quick, only.as_deref()).and_then(|r| print_report(&r)),
+        Command::Bench {
+            what: BenchWhat::Evacuate { runs },
+        } => bench::evacuate::evacuate(runs).and_then(|r| print_report(&r)),
         Command::Bench {
             what: BenchWhat::SendPath { runs, memory_mib },
         } => bench::send_path(runs, memory_mib).and_then(|r| print_report(&r)),
