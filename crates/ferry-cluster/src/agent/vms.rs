@@ -99,6 +99,27 @@ pub(super) struct Counters {
 }
 
 impl Slot {
+    /// A VM about to get its process, in `phase`, with its folder and disks.
+    fn new(name: &str, spec: &VmSpec, phase: VmPhase, dir: &Path, disks: Vec<PathBuf>) -> Slot {
+        Slot {
+            name: name.to_string(),
+            spec: spec.clone(),
+            phase,
+            dir: dir.to_path_buf(),
+            socket: dir.join("api.sock"),
+            disks,
+            pid: None,
+            since_unix_ms: now_unix_ms(),
+            load: VmLoad::default(),
+            last: None,
+            stop_requested: false,
+            migration_phase: None,
+            paused_for_move: false,
+            last_migration: None,
+            final_migration: None,
+        }
+    }
+
     pub fn report(&self) -> VmReport {
         VmReport {
             name: self.name.clone(),
@@ -258,23 +279,7 @@ impl Agent {
         if req.spec.balloon {
             cmd.arg("--balloon");
         }
-        let slot = Slot {
-            name: req.name.clone(),
-            spec: req.spec.clone(),
-            phase: VmPhase::Starting,
-            dir: dir.clone(),
-            socket: socket.clone(),
-            disks,
-            pid: None,
-            since_unix_ms: now_unix_ms(),
-            load: VmLoad::default(),
-            last: None,
-            stop_requested: false,
-            migration_phase: None,
-            paused_for_move: false,
-            last_migration: None,
-            final_migration: None,
-        };
+        let slot = Slot::new(&req.name, &req.spec, VmPhase::Starting, &dir, disks);
         self.spawn(cmd, slot)?;
         tracing::info!(
             "started VM {} ({} MiB, {} vCPUs)",
@@ -527,23 +532,7 @@ impl Agent {
             let tap: Vec<&str> = n.split(',').filter(|p| !p.starts_with("mac=")).collect();
             cmd.arg("--net").arg(tap.join(","));
         }
-        let slot = Slot {
-            name: name.to_string(),
-            spec: spec.clone(),
-            phase: VmPhase::Incoming,
-            dir: dir.clone(),
-            socket: dir.join("api.sock"),
-            disks,
-            pid: None,
-            since_unix_ms: now_unix_ms(),
-            load: VmLoad::default(),
-            last: None,
-            stop_requested: false,
-            migration_phase: None,
-            paused_for_move: false,
-            last_migration: None,
-            final_migration: None,
-        };
+        let slot = Slot::new(name, spec, VmPhase::Incoming, &dir, disks);
         self.spawn(cmd, slot)?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
