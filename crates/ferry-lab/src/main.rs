@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod demo_cluster;
 mod qmp;
 
 use std::net::Ipv4Addr;
@@ -31,10 +32,13 @@ struct Cli {
 enum Command {
     /// The main job, on an embedded default: boot a busy VM on one host, live-migrate it to a
     /// second (network namespaces on this machine), and show the report and the guest's verdict.
+    #[command(args_conflicts_with_subcommands = true)]
     Demo {
         /// Print the final status and verdict as JSON.
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        what: Option<DemoWhat>,
     },
     /// Build guests for ferry.
     Guest {
@@ -65,6 +69,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DemoWhat {
+    /// The cluster instead: three hosts (network namespaces), an agent on each, a controller
+    /// and six VMs; a host turns hot and the controller moves a VM off it, then the load
+    /// falls and it empties a host to power off. Told step by step with `ferry cluster
+    /// status`.
+    Cluster,
 }
 
 #[derive(Debug, Subcommand)]
@@ -183,11 +196,20 @@ fn guest_build(json: bool, linux: bool) -> Result<()> {
     Ok(())
 }
 
-/// Set by SIGINT or SIGTERM: the probe stops and reports instead of dying.
+/// Set by SIGINT or SIGTERM: the probe stops and reports, the cluster demo cleans up,
+/// instead of dying.
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_stop_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
+}
+
+/// From now on SIGINT (Ctrl-C) and SIGTERM set [`STOP`] instead of ending the process.
+fn catch_stop_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+    }
 }
 
 fn probe(
@@ -201,10 +223,7 @@ fn probe(
         .map(Duration::try_from_secs_f64)
         .transpose()
         .context("--seconds")?;
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
-    }
+    catch_stop_signals();
     let probe = Probe::start(netns, target, port)?;
     let until = if limit.is_some() {
         ""
@@ -237,7 +256,15 @@ fn print_report(report: &impl Serialize) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { json } => demo::demo(json),
+        Command::Demo { json, what: None } => demo::demo(json),
+        Command::Demo {
+            what: Some(DemoWhat::Cluster),
+            ..
+        } => {
+            // Ctrl-C ends the demo's waits; dropping its lab then kills and removes all of it.
+            catch_stop_signals();
+            demo_cluster::demo_cluster(&STOP)
+        }
         Command::Guest {
             action: GuestAction::Build { json, linux },
         } => guest_build(json, linux),
