@@ -184,24 +184,33 @@ fn preflight() -> Result<()> {
 
 /// Cores the whole machine keeps busy over `span`, from /proc/stat (0 when unreadable).
 fn machine_busy_cores(span: Duration) -> f64 {
-    fn read() -> Option<(u64, u64)> {
-        let text = std::fs::read_to_string("/proc/stat").ok()?;
-        let line = text.lines().next()?.strip_prefix("cpu ")?;
-        let v: Vec<u64> = line
-            .split_whitespace()
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
-        let total: u64 = v.iter().take(8).sum();
-        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
-        Some((total - idle, total))
-    }
-    let Some((b0, t0)) = read() else { return 0.0 };
+    let before = machine_ticks();
     std::thread::sleep(span);
-    let Some((b1, t1)) = read() else { return 0.0 };
+    busy_cores_since(before)
+}
+
+/// The machine's (busy, total) CPU ticks so far, from /proc/stat.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+/// Cores the machine kept busy on average since `before` ([`machine_ticks`]), 0 if unknown.
+fn busy_cores_since(before: Option<(u64, u64)>) -> f64 {
+    let (Some((b0, t0)), Some((b1, t1))) = (before, machine_ticks()) else {
+        return 0.0;
+    };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     if t1 > t0 {
-        (b1 - b0) as f64 / (t1 - t0) as f64 * cores
+        b1.saturating_sub(b0) as f64 / (t1 - t0) as f64 * cores
     } else {
         0.0
     }
@@ -268,6 +277,10 @@ struct Seen {
     decisions: HashSet<(u64, String)>,
     finished: BTreeSet<String>,
     power_off: BTreeSet<String>,
+    /// The machine's CPU ticks at the onset, to tell how busy it was since.
+    ticks_at_onset: Option<(u64, u64)>,
+    /// The cores all VMs used, summed over the polls since the onset, and the polls.
+    vm_cpu: (f64, usize),
     /// The highest CPU share the controller reported of each host (since the onset).
     max_cpu: BTreeMap<String, f64>,
     /// When the demo first saw each host over a hot threshold (warming or hot).
@@ -376,6 +389,8 @@ impl Story {
         );
         // Once the evening comes batch's load falls again: the hotspot must be over by then.
         self.seen.max_cpu.clear();
+        self.seen.ticks_at_onset = machine_ticks();
+        self.seen.vm_cpu = (0.0, 0);
         let first = self
             .wait_until(
                 "the controller moves a VM off the hot host h1",
@@ -577,13 +592,17 @@ impl Story {
     /// What the controller saw of h1 since the onset, for a hotspot that did not come.
     fn h1_diagnosis(&self) -> String {
         let max = self.seen.max_cpu.get("h1").copied().unwrap_or(0.0);
+        let (sum, n) = self.seen.vm_cpu;
+        let vms = if n > 0 { sum / n as f64 } else { 0.0 };
         format!(
             "h1 was never hot for {:.0} s: the controller measured at most {} CPU on it, where \
-             its VMs ask for {}. They got less CPU than they asked for; run the demo on an \
+             its VMs ask for {}. They got less CPU than they asked for: meanwhile this machine \
+             kept {:.1} cores busy on average, the VMs {vms:.1} of them. Run the demo on an \
              otherwise idle machine",
             self.policy.sustain_secs,
             percent(max),
-            percent(planned("h1", ONSET_S))
+            percent(planned("h1", ONSET_S)),
+            busy_cores_since(self.seen.ticks_at_onset),
         )
     }
 
@@ -706,6 +725,8 @@ impl Story {
 
     /// Tells what changed since the last poll: heat, decisions, migrations, freed hosts.
     fn tell_news(&mut self, st: &ClusterStatus) {
+        let cores: f64 = st.hosts.iter().filter_map(|h| h.load.map(|l| l.cpu)).sum();
+        self.seen.vm_cpu = (self.seen.vm_cpu.0 + cores, self.seen.vm_cpu.1 + 1);
         for h in &st.hosts {
             let max = self.seen.max_cpu.entry(h.name.clone()).or_insert(0.0);
             *max = max.max(h.cpu_utilization);
