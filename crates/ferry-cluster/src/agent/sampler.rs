@@ -18,6 +18,8 @@ struct Look {
     name: String,
     pid: Option<u32>,
     ticks: Option<proc_stats::ProcessTicks>,
+    /// When `ticks` were read (the API calls around them may take long).
+    at: Instant,
     info: Option<VmInfo>,
     migration: Option<MigrationStatus>,
     allocated: u64,
@@ -124,7 +126,6 @@ async fn look_at_vms(agent: &Agent) -> Vec<Look> {
         disks,
     } in targets
     {
-        let ticks = pid.and_then(proc_stats::process_ticks);
         let info = vmm_client::call::<(), VmInfo>(
             &socket,
             Method::GET,
@@ -148,10 +149,15 @@ async fn look_at_vms(agent: &Agent) -> Vec<Look> {
             None
         };
         let allocated = disks.iter().map(|d| proc_stats::allocated_bytes(d)).sum();
+        // The CPU ticks last, right before the time is taken: the API calls above may wait
+        // up to a second, and ticks read before them but timed after would make a rate too
+        // high (seen: a host at 2000 % for one sample).
+        let ticks = pid.and_then(proc_stats::process_ticks);
         looks.push(Look {
             name,
             pid,
             ticks,
+            at: Instant::now(),
             info,
             migration,
             allocated,
@@ -247,18 +253,17 @@ fn apply(agent: &Agent, looks: Vec<Look>, tick: f64) {
             }
             if let Some(ticks) = look.ticks {
                 let now = Counters {
-                    at: Instant::now(),
+                    at: look.at,
                     ticks,
                     disk_io_bytes: disk_io,
                     net_bytes: net,
                 };
                 if let Some(prev) = slot.last {
-                    let secs = now.at.duration_since(prev.at).as_secs_f64().max(1e-3);
-                    let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
-                    slot.load.vcpu = rate(prev.ticks.vcpu, ticks.vcpu) / tick;
-                    slot.load.cpu = rate(prev.ticks.total, ticks.total) / tick;
-                    slot.load.disk_io_bytes_per_sec = rate(prev.disk_io_bytes, disk_io);
-                    slot.load.net_bytes_per_sec = rate(prev.net_bytes, net);
+                    let r = now.rates_since(&prev, tick);
+                    slot.load.vcpu = r.vcpu;
+                    slot.load.cpu = r.cpu;
+                    slot.load.disk_io_bytes_per_sec = r.disk_io_bytes_per_sec;
+                    slot.load.net_bytes_per_sec = r.net_bytes_per_sec;
                 }
                 slot.last = Some(now);
             }
@@ -271,5 +276,57 @@ fn apply(agent: &Agent, looks: Vec<Look>, tick: f64) {
                 vmm_client::call::<(), VmInfo>(&socket, Method::PUT, "/vm/resume", None, VMM_CALL)
                     .await;
         });
+    }
+}
+
+/// A VM's rates between two readings of its counters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Rates {
+    pub vcpu: f64,
+    pub cpu: f64,
+    pub disk_io_bytes_per_sec: f64,
+    pub net_bytes_per_sec: f64,
+}
+
+impl Counters {
+    /// The rates from `prev` to these counters; `tick` is the CPU ticks per second.
+    pub(super) fn rates_since(&self, prev: &Counters, tick: f64) -> Rates {
+        let secs = self.at.duration_since(prev.at).as_secs_f64().max(1e-3);
+        let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
+        Rates {
+            vcpu: rate(prev.ticks.vcpu, self.ticks.vcpu) / tick,
+            cpu: rate(prev.ticks.total, self.ticks.total) / tick,
+            disk_io_bytes_per_sec: rate(prev.disk_io_bytes, self.disk_io_bytes),
+            net_bytes_per_sec: rate(prev.net_bytes, self.net_bytes),
+        }
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    fn at(t0: Instant, ms: u64, vcpu: u64, total: u64) -> Counters {
+        Counters {
+            at: t0 + Duration::from_millis(ms),
+            ticks: proc_stats::ProcessTicks { vcpu, total },
+            disk_io_bytes: ms * 1000,
+            net_bytes: 0,
+        }
+    }
+
+    /// Regression: the ticks were read before the VM's API calls (up to a second) but timed
+    /// after them, so a sample after a slow one divided a second's ticks by a short span.
+    /// The rate is over the span the ticks were read in.
+    #[test]
+    fn rates_are_over_the_span_between_the_readings() {
+        let t0 = Instant::now();
+        let r = at(t0, 2000, 150, 180).rates_since(&at(t0, 1000, 100, 120), 100.0);
+        assert!((r.vcpu - 0.5).abs() < 1e-9, "{r:?}");
+        assert!((r.cpu - 0.6).abs() < 1e-9, "{r:?}");
+        assert!((r.disk_io_bytes_per_sec - 1e6).abs() < 1e-3, "{r:?}");
+        // Counters that went back (a restarted process) give 0, not a huge rate.
+        let back = at(t0, 3000, 10, 10).rates_since(&at(t0, 2000, 150, 180), 100.0);
+        assert_eq!(back.cpu, 0.0);
     }
 }
