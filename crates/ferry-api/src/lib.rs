@@ -559,6 +559,42 @@ pub enum DiskMode {
     Auto,
 }
 
+/// `PUT /vm/dirty-rate`: measure how fast the guest writes its memory, over one window,
+/// while no migration runs (a migration reports its own rate in its status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyRateRequest {
+    /// How long to watch, in milliseconds (100 to 10000).
+    #[serde(default = "DirtyRateRequest::default_window_ms")]
+    pub window_ms: u64,
+}
+
+impl DirtyRateRequest {
+    pub const MIN_WINDOW_MS: u64 = 100;
+    pub const MAX_WINDOW_MS: u64 = 10_000;
+
+    fn default_window_ms() -> u64 {
+        1000
+    }
+}
+
+impl Default for DirtyRateRequest {
+    fn default() -> Self {
+        DirtyRateRequest {
+            window_ms: Self::default_window_ms(),
+        }
+    }
+}
+
+/// What `PUT /vm/dirty-rate` measured: the distinct pages written in the window, by the
+/// vCPUs and by the VMM's devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct DirtyRate {
+    pub bytes_per_sec: f64,
+    pub dirty_pages: u64,
+    /// The window it was measured over; 0 when the VM is paused (it writes nothing then).
+    pub window_ms: f64,
+}
+
 /// `PUT /vm/migration/bandwidth`: change the running migration's bandwidth cap.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationBandwidth {

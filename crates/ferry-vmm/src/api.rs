@@ -235,6 +235,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/vm/migration/bandwidth", put(bandwidth))
         .route("/vm/migration/resume", put(resume_migration))
         .route("/vm/balloon", put(balloon))
+        .route("/vm/dirty-rate", put(dirty_rate))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API route") })
         .method_not_allowed_fallback(|| async {
             error(
@@ -316,6 +317,19 @@ async fn balloon(
         Err(rejection) => error(
             StatusCode::BAD_REQUEST,
             &format!("bad balloon request: {rejection}"),
+        ),
+    }
+}
+
+async fn dirty_rate(
+    state: State<ApiState>,
+    body: Result<Json<ferry_api::DirtyRateRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(request)) => call(state, ApiAction::MeasureDirtyRate(request)).await,
+        Err(rejection) => error(
+            StatusCode::BAD_REQUEST,
+            &format!("bad dirty-rate request: {rejection}"),
         ),
     }
 }

@@ -19,6 +19,8 @@ pub enum VmmEvent {
     Migration(crate::migration::source::ToControl),
     /// A resolve of an unknown handover outcome ended: `Ok(true)` the destination runs the VM.
     Resolved(Result<bool, ferry_api::MigrationError>),
+    /// The window of dirty-rate measurement `id` has passed.
+    DirtyWindowEnded { id: u64 },
 }
 
 /// An operation the API asks for.
@@ -36,6 +38,7 @@ pub enum ApiAction {
     SetMigrationBandwidth(ferry_api::MigrationBandwidth),
     ResumeMigration(ferry_api::MigrationResume),
     SetBalloon(ferry_api::BalloonTarget),
+    MeasureDirtyRate(ferry_api::DirtyRateRequest),
 }
 
 /// What an API request answers.
@@ -45,6 +48,7 @@ pub enum ApiReply {
     Info(VmInfo),
     Snapshot(SnapshotReport),
     Migration(Box<MigrationStatus>),
+    DirtyRate(ferry_api::DirtyRate),
 }
 
 /// Why an API request failed: an HTTP status and a message for the client.

@@ -339,6 +339,15 @@ enum VmAction {
         #[arg(long, value_parser = size::parse_size)]
         target: u64,
     },
+    /// Measure how fast the guest writes its memory (KVM's dirty log is on for the window
+    /// only). A migration reports its own rate instead.
+    DirtyRate {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// How long to watch, in milliseconds (100 to 10000).
+        #[arg(long, default_value_t = 1000)]
+        window_ms: u64,
+    },
 }
 
 fn disk_config(spec: &str) -> DiskConfig {
@@ -501,12 +510,33 @@ fn vm_call(action: VmAction) -> Result<()> {
             };
             (api, Method::PUT, "/vm/balloon", Some(body))
         }
+        VmAction::DirtyRate { api, window_ms } => return dirty_rate(&api, window_ms),
     };
     let info: ferry_api::VmInfo = client::call_json(&args.api_socket, method, path, body.as_ref())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
         print!("{}", client::summary(&info));
+    }
+    Ok(())
+}
+
+fn dirty_rate(api: &ApiArgs, window_ms: u64) -> Result<()> {
+    let rate: ferry_api::DirtyRate = client::call_json(
+        &api.api_socket,
+        Method::PUT,
+        "/vm/dirty-rate",
+        Some(&ferry_api::DirtyRateRequest { window_ms }),
+    )?;
+    if api.json {
+        println!("{}", serde_json::to_string_pretty(&rate)?);
+    } else {
+        println!(
+            "{:.1} MiB/s dirtied ({} pages in {:.0} ms)",
+            rate.bytes_per_sec / (1 << 20) as f64,
+            rate.dirty_pages,
+            rate.window_ms
+        );
     }
     Ok(())
 }

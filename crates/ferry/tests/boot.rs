@@ -280,3 +280,71 @@ fn api_info_reports_devices_and_exit_counters() {
     assert!(vm.wait_exit(EXIT).success());
     vm.assert_clean();
 }
+
+/// Runs `ferry vm dirty-rate` with `extra` arguments.
+fn dirty_rate(socket: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    common::ferry()
+        .args(["vm", "dirty-rate", "--json", "--api-socket"])
+        .arg(socket)
+        .args(extra)
+        .output()
+        .expect("run ferry vm dirty-rate")
+}
+
+fn mib_per_sec(out: &std::process::Output) -> f64 {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    v["bytes_per_sec"].as_f64().expect("bytes_per_sec") / 1048576.0
+}
+
+#[test]
+fn the_dirty_rate_is_measured_without_a_migration() {
+    let name = "the_dirty_rate_is_measured_without_a_migration";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let dir = TempDir::new("dirty-rate");
+    let socket = dir.join("api.sock");
+    // 32 MiB/s over a 64 MiB area: a 1 s window sees about 32 MiB of distinct pages.
+    let vm = Boot {
+        api_socket: Some(socket.clone()),
+        ..Boot::guest("workload=mem mem_mib=64 mem_rate=32")
+    }
+    .start();
+    vm.wait_for("ferry-guest: ready", BOOT);
+    vm.wait_for("ferry-guest: status", BOOT);
+    wait_for_path(&socket, BOOT);
+
+    let busy = mib_per_sec(&dirty_rate(&socket, &["--window-ms", "1000"]));
+    eprintln!("measured: {busy:.1} MiB/s for 32 MiB/s written");
+    assert!((16.0..=64.0).contains(&busy), "{busy:.1} MiB/s");
+    // Windows that overlap share one measurement; both get an answer.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| dirty_rate(&socket, &["--window-ms", "500"]));
+        let b = s.spawn(|| dirty_rate(&socket, &["--window-ms", "500"]));
+        (a.join().expect("a"), b.join().expect("b"))
+    });
+    assert!(mib_per_sec(&a) > 4.0 && mib_per_sec(&b) > 4.0);
+
+    // A window out of bounds is refused with the bounds.
+    let out = dirty_rate(&socket, &["--window-ms", "5"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("outside 100 to 10000 ms"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A paused guest writes nothing.
+    vm_api(&socket, "pause");
+    assert_eq!(mib_per_sec(&dirty_rate(&socket, &[])), 0.0);
+    vm_api(&socket, "resume");
+    // The dirty log went off after each window: the guest runs on unharmed.
+    let lines = vm.lines().len();
+    vm.wait_for_from(lines, "ferry-guest: status", BOOT);
+    vm.assert_clean();
+}

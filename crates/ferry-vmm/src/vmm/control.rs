@@ -11,6 +11,7 @@ use ferry_api::BalloonTarget;
 use ferry_api::{VmInfo, VmRunState};
 use vmm_sys_util::signal::Killable;
 
+use super::dirty_meter::{self, DirtyMeters};
 use super::migration_control::SourceLifecycle;
 use super::{Vm, VmExit};
 use crate::cpu::state::VcpuState;
@@ -41,6 +42,8 @@ pub(super) struct Control<'a> {
     /// Interrupts throttled vCPUs; dropped before the vCPU threads are joined.
     kicker: Option<Kicker>,
     pub(super) migration: SourceLifecycle,
+    /// Dirty-rate measurements while no migration runs.
+    pub(super) dirty: DirtyMeters<'a>,
 }
 
 impl<'a> Control<'a> {
@@ -71,6 +74,7 @@ impl<'a> Control<'a> {
             throttle,
             kicker,
             migration: SourceLifecycle::default(),
+            dirty: DirtyMeters::default(),
         }
     }
 
@@ -109,6 +113,11 @@ impl<'a> Control<'a> {
                         tracing::warn!("cannot start the migration: {}", e.message);
                     }
                 }
+                VmmEvent::DirtyWindowEnded { id } => self.dirty.window_ended(id),
+                VmmEvent::Api(ApiRequest {
+                    action: ApiAction::MeasureDirtyRate(request),
+                    reply,
+                }) => self.measure_dirty_rate(request, reply),
                 VmmEvent::Api(ApiRequest {
                     action: ApiAction::ResumeMigration(m),
                     reply,
@@ -182,6 +191,8 @@ impl<'a> Control<'a> {
                     Err(e) => (Err(e), None),
                 }
             }
+            // Answered when its window ends, by `measure_dirty_rate`: the loop routes it there.
+            ApiAction::MeasureDirtyRate(_) => Err(failed("dirty-rate request misrouted".into())),
             ApiAction::MigrationStatus => return (self.migration_status(), None),
             ApiAction::CancelMigration => return (self.cancel_migration(), None),
             ApiAction::ResolveMigration(request) => return (self.resolve_migration(request), None),
@@ -231,6 +242,44 @@ impl<'a> Control<'a> {
             }
         };
         (result.map(|()| ApiReply::Info(self.info())), None)
+    }
+
+    /// Opens a dirty-rate window (or joins the open one); answered when it ends.
+    fn measure_dirty_rate(
+        &mut self,
+        request: ferry_api::DirtyRateRequest,
+        reply: tokio::sync::oneshot::Sender<Result<ApiReply, ApiFailure>>,
+    ) {
+        let window = match dirty_meter::window(&request) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if self.migration.is_migrating() || self.migration.is_unknown() {
+            let _ = reply.send(Err(ApiFailure {
+                status: 409,
+                message: "a migration holds the dirty log: its status reports the dirty rate"
+                    .into(),
+            }));
+            return;
+        }
+        if self.state != VmRunState::Running {
+            // A paused guest writes nothing, and its devices are paused too.
+            let _ = reply.send(Ok(ApiReply::DirtyRate(ferry_api::DirtyRate::default())));
+            return;
+        }
+        let vm = self.vm;
+        self.dirty.measure(
+            window,
+            reply,
+            || {
+                crate::migration::dirty::DirtyTracker::start(&vm.vm_fd, &vm.memory)
+                    .map_err(|e| crate::error_chain(&e))
+            },
+            &vm.events_tx,
+        );
     }
 
     /// Stops the vCPUs, then the devices: afterwards nothing writes guest memory.

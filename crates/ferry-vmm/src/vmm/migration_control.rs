@@ -152,6 +152,8 @@ impl Control<'_> {
                 message: e.to_string(),
             })?;
         }
+        // The migration takes the dirty log over: a measurement window ends here.
+        self.dirty.finish(None);
         let migration_id = source::new_migration_id();
         let status = Arc::new(Mutex::new(source::initial_status(
             &request.to,

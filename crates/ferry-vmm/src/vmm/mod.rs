@@ -3,6 +3,7 @@
 //! something fails.
 
 mod control;
+mod dirty_meter;
 mod migration_control;
 mod platform;
 mod restore;
