@@ -34,6 +34,10 @@ pub struct AgentArgs {
     /// ADDR:PORT to serve Prometheus metrics on (plain HTTP, /metrics).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Measure each running VM's dirty rate this often, in seconds, one VM at a time (its
+    /// dirty log is on for one second); 0 measures only during migrations.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    dirty_sample_every: u64,
 }
 
 /// The machine's memory, from /proc/meminfo.
@@ -70,6 +74,8 @@ pub fn agent(args: AgentArgs) -> Result<()> {
         },
         ferry: std::env::current_exe().context("cannot find the ferry binary")?,
         metrics_listen: args.metrics_listen,
+        dirty_sample_every: (args.dirty_sample_every > 0)
+            .then(|| std::time::Duration::from_secs(args.dirty_sample_every)),
     };
     let agent = Agent::new(config)?;
     tokio::runtime::Builder::new_multi_thread()

@@ -56,15 +56,19 @@ pub fn render(status: &ClusterStatus) -> String {
             h.error.as_deref().unwrap_or("")
         ));
     }
-    out.push_str("\nVM           HOST         PHASE           CPU  MEM MiB  CONNS\n");
+    out.push_str("\nVM           HOST         PHASE           CPU  MEM MiB  DIRTY MiB/s  CONNS\n");
     for v in &status.vms {
+        let dirty = v
+            .dirty_bytes_per_sec
+            .map_or("-".to_string(), |d| format!("{:.1}", d / (1 << 20) as f64));
         out.push_str(&format!(
-            "{:<12} {:<12} {:<15} {:>4.2} {:>8} {:>6}\n",
+            "{:<12} {:<12} {:<15} {:>4.2} {:>8} {:>12} {:>6}\n",
             v.name,
             v.host,
             v.phase,
             v.cpu,
             v.memory_bytes >> 20,
+            dirty,
             v.dependencies
         ));
     }

@@ -298,6 +298,43 @@ fn a_vmm_that_dies_is_reported_and_not_restarted() {
 }
 
 #[test]
+fn each_vm_reports_its_dirty_rate_without_a_migration() {
+    let _one = one_cluster();
+    let Some(mut lab) = lab_or_skip("each_vm_reports_its_dirty_rate_without_a_migration", 1) else {
+        return;
+    };
+    lab.kill_agent(0);
+    lab.hosts[0].agent_args = vec!["--dirty-sample-every".into(), "1".into()];
+    lab.start_agent(0).expect("the agent restarts");
+    let mut writer = guest(128, "0:5");
+    writer.append = "workload=mem mem_mib=64 mem_rate=32".into();
+    lab.start_vm("h1", "writer", writer);
+    lab.start_vm("h1", "thinker", guest(64, "0:30"));
+    let rates = lab.wait_until(
+        "both VMs' dirty rates are measured",
+        Duration::from_secs(30),
+        |lab| {
+            let r = lab.report("h1").ok()?;
+            let rate = |name: &str| {
+                r.vms
+                    .iter()
+                    .find(|v| v.name == name)?
+                    .load
+                    .dirty_bytes_per_sec
+            };
+            Some((rate("writer")?, rate("thinker")?))
+        },
+    );
+    let (writer, thinker) = (rates.0 / 1048576.0, rates.1 / 1048576.0);
+    // The writer rewrites 32 MiB/s of its 64 MiB; the other only keeps its timer going.
+    assert!(writer > 8.0, "writer: {writer:.1} MiB/s");
+    assert!(
+        thinker < writer / 4.0,
+        "thinker {thinker:.1}, writer {writer:.1} MiB/s"
+    );
+}
+
+#[test]
 fn a_migration_that_fails_at_the_handover_is_planned_again_elsewhere() {
     let _one = one_cluster();
     let Some(mut lab) = lab_or_skip(

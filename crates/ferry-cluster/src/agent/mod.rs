@@ -6,6 +6,7 @@
 //! the agent cannot know that the VM does not run elsewhere, so only whoever placed it may
 //! start it anew. The VMs run in their own process groups and outlive an agent restart.
 
+mod dirty_sampler;
 mod proc_stats;
 mod requests;
 mod routes;
@@ -48,6 +49,8 @@ pub struct AgentConfig {
     pub ferry: PathBuf,
     /// Where to serve Prometheus metrics (plain HTTP, `/metrics`).
     pub metrics_listen: Option<SocketAddr>,
+    /// How often each running VM's dirty rate is measured (none: only during migrations).
+    pub dirty_sample_every: Option<Duration>,
 }
 
 /// The agent: its configuration, the VMs it runs and the answers it gave.
@@ -143,9 +146,16 @@ impl Agent {
             tracing::info!("metrics on http://{listen}/metrics");
         }
         let sampler = tokio::spawn(sampler::run(self.clone(), Duration::from_secs(1)));
+        let dirty = self
+            .config
+            .dirty_sample_every
+            .map(|every| tokio::spawn(dirty_sampler::run(self.clone(), every)));
         let router = routes::router(self.clone());
         crate::https::serve(listener, &self.tls, router).await;
         sampler.abort();
+        if let Some(d) = dirty {
+            d.abort();
+        }
         Ok(())
     }
 }

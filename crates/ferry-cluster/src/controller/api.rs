@@ -56,6 +56,9 @@ pub struct VmStatus {
     pub phase: String,
     pub cpu: f64,
     pub memory_bytes: u64,
+    /// Bytes per second the guest dirties, when its agent measured it.
+    #[serde(default)]
+    pub dirty_bytes_per_sec: Option<f64>,
     pub dependencies: usize,
 }
 
@@ -125,6 +128,7 @@ pub(super) fn cluster_status(controller: &Controller) -> ClusterStatus {
                 },
                 cpu: vm.load.cpu,
                 memory_bytes: vm.spec.memory_mib << 20,
+                dirty_bytes_per_sec: vm.load.dirty_bytes_per_sec,
                 dependencies: vm.load.dependencies.len(),
             });
         }

@@ -37,6 +37,8 @@ pub struct LabHost {
     pub env: Vec<(String, String)>,
     /// Its agent's state folder, when not the lab's default.
     pub state_dir: Option<PathBuf>,
+    /// Extra arguments of `ferry agent`, such as `--dirty-sample-every`.
+    pub agent_args: Vec<String>,
     agent: Option<VmProcess>,
 }
 
@@ -125,6 +127,7 @@ impl ClusterLab {
                 addr: format!("10.213.{net}.{i}"),
                 env: Vec::new(),
                 state_dir: None,
+                agent_args: Vec::new(),
                 agent: None,
             };
             let (outer, inner) = (format!("fc{id}h{i}"), format!("fi{id}h{i}"));
@@ -238,7 +241,8 @@ impl ClusterLab {
             .arg("--cpus")
             .arg(self.size.cpus.to_string())
             .arg("--memory")
-            .arg(format!("{}M", self.size.memory_mib));
+            .arg(format!("{}M", self.size.memory_mib))
+            .args(&host.agent_args);
         for (k, v) in &host.env {
             c.env(k, v);
         }
