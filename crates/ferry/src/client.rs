@@ -3,12 +3,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
-use ferry_api::{ApiError, VmInfo};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use anyhow::{anyhow, Context, Result};
+use ferry_api::VmInfo;
+use ferry_cluster::vmm_client;
+use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -23,31 +21,11 @@ pub fn call_json<Req: Serialize, Resp: DeserializeOwned>(
     path: &str,
     body: Option<&Req>,
 ) -> Result<Resp> {
-    let body = match body {
-        Some(b) => Bytes::from(serde_json::to_vec(b).context("cannot encode the request")?),
-        None => Bytes::new(),
-    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the API client")?;
-    let (status, body) = runtime
-        .block_on(async {
-            tokio::time::timeout(CALL_TIMEOUT, send(socket, method, path, body)).await
-        })
-        .map_err(|_| {
-            anyhow!(
-                "the VM at {} did not answer in {CALL_TIMEOUT:?}",
-                socket.display()
-            )
-        })??;
-    if !status.is_success() {
-        let message = serde_json::from_slice::<ApiError>(&body)
-            .map(|e| e.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-        bail!("the VM refused the request ({status}): {message}");
-    }
-    serde_json::from_slice(&body).context("the VM's answer is not what was expected")
+    Ok(runtime.block_on(vmm_client::call(socket, method, path, body, CALL_TIMEOUT))?)
 }
 
 /// Runs `call` (a long request) on its own thread and, on a terminal (and without `json`),
@@ -91,40 +69,6 @@ pub fn with_progress<T: Send + 'static>(
     worker
         .join()
         .map_err(|_| anyhow!("the request thread panicked"))?
-}
-
-async fn send(
-    socket: &Path,
-    method: Method,
-    path: &str,
-    body: Bytes,
-) -> Result<(hyper::StatusCode, Bytes)> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("cannot connect to the API socket {}", socket.display()))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("HTTP handshake with the VM failed")?;
-    tokio::spawn(connection);
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "localhost")
-        .header("content-type", "application/json")
-        .body(Full::new(body))
-        .context("cannot build the request")?;
-    let response = sender
-        .send_request(request)
-        .await
-        .context("the VM closed the connection")?;
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .context("cannot read the VM's answer")?
-        .to_bytes();
-    Ok((status, body))
 }
 
 /// A short human summary of a VM.
