@@ -241,9 +241,13 @@ fn a_dead_agent_loses_its_vms_to_view_and_nothing_runs_twice() {
     };
     let vm = lab.start_vm("h1", "orphan", guest(64, "0:90"));
     let pid = vm.pid.expect("a VMM process");
+    let gone = lab.start_vm("h1", "gone", guest(64, "0:5"));
     // h1 is hot from the start: the controller would move the VM if it could see it.
     let api = controller(&mut lab, "sustain_secs = 30.0\n");
     lab.kill_agent(0);
+    // One VM ends while no agent watches.
+    // SAFETY: a signal to a VM process this test's lab started.
+    unsafe { libc::kill(gone.pid.expect("a VMM process") as i32, libc::SIGKILL) };
     let status = lab.wait_until(
         "h1 is reported unreachable",
         Duration::from_secs(20),
@@ -268,6 +272,26 @@ fn a_dead_agent_loses_its_vms_to_view_and_nothing_runs_twice() {
     let s = lab.status(&api).expect("status");
     assert!(s.migrations.is_empty(), "{:#?}", s.decisions);
     assert!(lab.report("h2").expect("h2").vms.is_empty());
+
+    // A new agent process finds the VM that still runs, and reports the one that died.
+    lab.start_agent(0).expect("h1's agent restarts");
+    let report = lab.report("h1").expect("h1");
+    let phase = |name: &str| {
+        report
+            .vms
+            .iter()
+            .find(|v| v.name == name)
+            .map(|v| (v.phase.clone(), v.pid))
+    };
+    assert_eq!(
+        phase("orphan"),
+        Some((VmPhase::Running, Some(pid))),
+        "{report:#?}"
+    );
+    assert!(
+        matches!(phase("gone"), Some((VmPhase::Died { .. }, None))),
+        "{report:#?}"
+    );
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! the agent cannot know that the VM does not run elsewhere, so only whoever placed it may
 //! start it anew. The VMs run in their own process groups and outlive an agent restart.
 
+mod adopt;
 mod dirty_sampler;
 mod proc_stats;
 mod requests;
@@ -145,6 +146,7 @@ impl Agent {
             tokio::spawn(crate::https::serve_plain(metrics, router));
             tracing::info!("metrics on http://{listen}/metrics");
         }
+        adopt::adopt_all(&self, &self.config.state_dir.join("vms")).await;
         let sampler = tokio::spawn(sampler::run(self.clone(), Duration::from_secs(1)));
         let dirty = self
             .config

@@ -100,7 +100,13 @@ pub(super) struct Counters {
 
 impl Slot {
     /// A VM about to get its process, in `phase`, with its folder and disks.
-    fn new(name: &str, spec: &VmSpec, phase: VmPhase, dir: &Path, disks: Vec<PathBuf>) -> Slot {
+    pub(super) fn new(
+        name: &str,
+        spec: &VmSpec,
+        phase: VmPhase,
+        dir: &Path,
+        disks: Vec<PathBuf>,
+    ) -> Slot {
         Slot {
             name: name.to_string(),
             spec: spec.clone(),
@@ -342,6 +348,18 @@ impl Agent {
             AgentError::internal(format!("cannot start {}: {e}", self.config.ferry.display()))
         })?;
         slot.pid = child.id();
+        if let Some(pid) = slot.pid {
+            // So that a later agent process finds it (see `adopt.rs`).
+            let record = super::adopt::VmRecord {
+                name: slot.name.clone(),
+                spec: slot.spec.clone(),
+                pid,
+                incoming: slot.phase == VmPhase::Incoming,
+            };
+            if let Err(e) = super::adopt::write(&slot.dir, &record) {
+                tracing::warn!("cannot record VM {} for a later agent: {e}", slot.name);
+            }
+        }
         let name = slot.name.clone();
         let pid = slot.pid;
         self.lock().vms.insert(name.clone(), slot);
@@ -365,7 +383,7 @@ impl Agent {
     }
 
     /// A VM's process ended: decide what that means for the VM.
-    fn exited(
+    pub(super) fn exited(
         &self,
         name: &str,
         pid: Option<u32>,
@@ -401,6 +419,13 @@ impl Agent {
         }
         slot.phase = match &slot.phase {
             VmPhase::MigratingOut { to } if departed => VmPhase::Departed { to: to.clone() },
+            // A move this agent did not start (an adopted VM's): the destination's address.
+            _ if departed => VmPhase::Departed {
+                to: slot
+                    .last_migration
+                    .as_ref()
+                    .map_or_else(|| "elsewhere".to_string(), |m| m.to.clone()),
+            },
             _ if slot.stop_requested => VmPhase::Stopped,
             _ if log.contains("guest powered off") => VmPhase::Stopped,
             _ => VmPhase::Died {
