@@ -149,6 +149,14 @@ enum BenchWhat {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Moving a batch guest (no clients) over one 1 Gbit/s link: ferry pause-and-copy and
+    /// pre-copy beside QEMU pause-and-copy, post-copy and pre-copy: time, bytes, the guest's
+    /// longest stall and total stall (from its ticks), CPU.
+    BatchMove {
+        /// How many moves of each protocol.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// The migration send path alone (scanning, encoding, writing) into a receiver on
     /// loopback that discards: GB/s and CPU per page next to a plain memcpy.
     SendPath {
@@ -314,6 +322,9 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchWhat::Evacuate { runs },
         } => bench::evacuate::evacuate(runs).and_then(|r| print_report(&r)),
+        Command::Bench {
+            what: BenchWhat::BatchMove { runs },
+        } => bench::batch_move::batch_move(runs).and_then(|r| print_report(&r)),
         Command::Bench {
             what: BenchWhat::SendPath { runs, memory_mib },
         } => bench::send_path(runs, memory_mib).and_then(|r| print_report(&r)),

@@ -15,6 +15,7 @@ use serde::Serialize;
 use ferry_lab::guest::build_testguest;
 use ferry_lab::product::ferry_binary;
 
+pub mod batch_move;
 pub mod evacuate;
 pub mod migrate;
 pub mod migrate_disk;
