@@ -284,6 +284,16 @@ fn a_standby_controller_finishes_an_evacuation_when_the_leader_dies() {
         );
     }
     let decisions: Vec<&str> = last.decisions.iter().map(|d| d.text.as_str()).collect();
+    // Every ended move was told to h1's agent, by the leader that ended it or by the one
+    // that took over: h1 lists no VM that left.
+    lab.wait_until(
+        "h1 forgot the VMs that left",
+        Duration::from_secs(30),
+        |lab| {
+            let r = lab.report("h1").ok()?;
+            r.vms.is_empty().then_some(())
+        },
+    );
 
     // Nothing was ordered twice: one done move per VM, and no two moves of a VM at once.
     for vm in VMS {

@@ -50,7 +50,12 @@ pub(super) async fn run(controller: Arc<Controller>, id: String) {
                 }
                 outcome
             }
-            Step::Done | Step::Failed { .. } => return,
+            Step::Done | Step::Failed { .. } => {
+                if !record.tidied {
+                    tidy(&controller, &record).await;
+                }
+                return;
+            }
         };
         match outcome {
             Outcome::Next(step) => {
@@ -316,16 +321,7 @@ async fn finished(controller: &Controller, r: &Record) {
             .map(|d| format!(", downtime {d:.1} ms"))
             .unwrap_or_default()
     ));
-    let forget = Plain {
-        request_id: r.request_id("forget"),
-    };
-    let path = format!("/v1/vms/{}/forget", r.vm);
-    if let Err(e) =
-        call_until_answered::<_, Forgotten>(controller, &r.from, Method::POST, &path, Some(&forget))
-            .await
-    {
-        tracing::warn!("{} could not forget {}: {e}", r.from, r.vm);
-    }
+    tidy(controller, r).await;
 }
 
 /// After a failure: the destination's receiver goes, the pair is not tried again soon.
@@ -350,21 +346,50 @@ async fn failed(controller: &Controller, r: &Record, why: &str, lost: bool) {
         .lock()
         .failed_pairs
         .insert((r.vm.clone(), r.to.clone()), until);
-    if !lost {
-        let cancel = Plain {
-            request_id: r.request_id("cancel"),
-        };
-        let path = format!("/v1/incoming/{}/cancel", r.vm);
-        if let Err(e) = call_until_answered::<_, Forgotten>(
-            controller,
-            &r.to,
-            Method::POST,
-            &path,
-            Some(&cancel),
-        )
-        .await
-        {
-            tracing::warn!("{} could not drop its receiver for {}: {e}", r.to, r.vm);
+    tidy(controller, r).await;
+}
+
+/// Tells the agents a move ended: the source forgets a VM that left (its folder goes), the
+/// destination drops the receiver of a move that failed with the VM still on the source.
+/// Written down once done, so that a new leader does it for a move whose leader died first.
+async fn tidy(controller: &Controller, r: &Record) {
+    let Some(step) = controller
+        .lock()
+        .journal
+        .records
+        .iter()
+        .find(|x| x.id == r.id)
+        .map(|x| x.step.clone())
+    else {
+        return;
+    };
+    let (host, path, request_id) = match step {
+        Step::Done => (&r.from, format!("/v1/vms/{}/forget", r.vm), "forget"),
+        Step::Failed { lost: false, .. } => {
+            (&r.to, format!("/v1/incoming/{}/cancel", r.vm), "cancel")
         }
+        // A lost VM's folders stay for the operator: nothing to tell.
+        Step::Failed { lost: true, .. } => return mark_tidied(controller, r).await,
+        // Not ended.
+        _ => return,
+    };
+    let call = Plain {
+        request_id: r.request_id(request_id),
+    };
+    match call_until_answered::<_, Forgotten>(controller, host, Method::POST, &path, Some(&call))
+        .await
+    {
+        Ok(_) => mark_tidied(controller, r).await,
+        Err(e) => tracing::warn!("{host} could not {request_id} {}: {e}", r.vm),
     }
+}
+
+async fn mark_tidied(controller: &Controller, r: &Record) {
+    controller
+        .journal(|j| {
+            if let Some(x) = j.record_mut(&r.id) {
+                x.tidied = true;
+            }
+        })
+        .await
 }

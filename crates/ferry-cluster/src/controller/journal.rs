@@ -56,6 +56,11 @@ pub struct Record {
     pub measured_downtime_ms: Option<f64>,
     #[serde(default)]
     pub bytes: Option<u64>,
+    /// The agents were told of its end: the source forgot a VM that left, or the
+    /// destination dropped the receiver of a move that failed. A new leader finishes this
+    /// for a record that ended without it.
+    #[serde(default)]
+    pub tidied: bool,
 }
 
 impl Record {
@@ -97,6 +102,13 @@ const FINISHED_KEPT: usize = 200;
 impl Journal {
     pub fn open(&self) -> impl Iterator<Item = &Record> {
         self.records.iter().filter(|r| r.step.is_open())
+    }
+
+    /// Records that ended but whose agents were not told yet.
+    pub fn untidy(&self) -> impl Iterator<Item = &Record> {
+        self.records
+            .iter()
+            .filter(|r| !r.step.is_open() && !r.tidied)
     }
 
     pub fn record_mut(&mut self, id: &str) -> Option<&mut Record> {
@@ -157,7 +169,29 @@ mod tests {
             disk_bytes: 0,
             measured_downtime_ms: None,
             bytes: None,
+            tidied: false,
         }
+    }
+
+    /// Regression: a leader that died between writing a move's end and telling the agents
+    /// left the source listing a departed VM (or the destination a receiver) for good.
+    #[test]
+    fn ended_records_whose_agents_were_not_told_are_untidy() {
+        let mut j = Journal::default();
+        j.records.push(record(1, Step::Done));
+        j.records.push(record(2, Step::Ordered));
+        let mut told = record(3, Step::Done);
+        told.tidied = true;
+        j.records.push(told);
+        let untidy: Vec<&str> = j.untidy().map(|r| r.id.as_str()).collect();
+        assert_eq!(untidy, ["m1"]);
+        // Older journals have no such field: their ended records count as untidy, and
+        // telling the agents again is harmless (request IDs).
+        let text = serde_json::to_string(&j)
+            .expect("json")
+            .replace(",\"tidied\":false", "");
+        let back: Journal = serde_json::from_str(&text).expect("old journal");
+        assert_eq!(back.untidy().count(), 1);
     }
 
     #[test]

@@ -252,8 +252,16 @@ impl Controller {
                 tracing::info!("taking over {open} migration(s) in flight from the journal");
             }
         }
-        // Migrations a previous leader left open go on, with the same request IDs.
-        let open: Vec<Record> = self.lock().journal.open().cloned().collect();
+        // Migrations a previous leader left open go on, with the same request IDs; those
+        // that ended before it could tell the agents are told now.
+        let open: Vec<Record> = {
+            let rt = self.lock();
+            rt.journal
+                .open()
+                .chain(rt.journal.untidy())
+                .cloned()
+                .collect()
+        };
         for record in open {
             self.decide(format!(
                 "resume migration {} of {} from {} to {} at step {:?}",
@@ -523,6 +531,7 @@ impl Controller {
                         disk_bytes: vm.load.disk_bytes,
                         measured_downtime_ms: None,
                         bytes: None,
+                        tidied: false,
                     });
                     id
                 })
