@@ -149,6 +149,8 @@ struct Stalls {
     total_ms: f64,
     /// The largest not-running time of an interval before the window: the method's noise.
     noise_ms: f64,
+    /// The status lines around the longest stall, ms after the command.
+    longest_between: [f64; 2],
 }
 
 /// Not-running time of each interval between consecutive points, with its bounds.
@@ -170,7 +172,10 @@ fn stalls(points: &[Point], hz: f64, from: f64, to: f64) -> Stalls {
         if end <= from {
             s.noise_ms = s.noise_ms.max(not_ran.abs());
         } else if start < to {
-            s.longest_ms = s.longest_ms.max(not_ran);
+            if not_ran > s.longest_ms {
+                s.longest_ms = not_ran;
+                s.longest_between = [start, end];
+            }
             s.total_ms += not_ran.max(0.0);
         }
     }
@@ -193,6 +198,28 @@ fn ran_around(points: &[Point], hz: f64, from: f64, to: f64) -> (f64, f64, usize
         .filter(|p| p.at_ms > from && p.at_ms <= to)
         .count();
     (span, ran, lines)
+}
+
+/// Pages the workload wrote per second over the intervals that overlap `[from, to]` (ms), or
+/// over those that end by `from` when `to` is None (its rate before the move).
+fn written_rate(points: &[Point], from: f64, to: Option<f64>) -> f64 {
+    let (mut span, mut written) = (0.0, 0u64);
+    for w in points.windows(2) {
+        let (start, end) = (w[0].at_ms, w[1].at_ms);
+        let inside = match to {
+            Some(to) => end > from && start < to,
+            None => end <= from,
+        };
+        if inside {
+            span += end - start;
+            written += w[1].mem_written.saturating_sub(w[0].mem_written);
+        }
+    }
+    if span > 0.0 {
+        written as f64 / span * 1e3
+    } else {
+        f64::NAN
+    }
 }
 
 /// Sums the CPU of processes' threads other than vCPUs while it runs; threads that end lose at
@@ -286,7 +313,11 @@ pub struct RunFigures {
     pub vmm_bytes: f64,
     /// The longest stretch the guest did not run, from its ticks, ms.
     pub longest_stall_ms: f64,
-    /// All the time it did not run around the move, from its ticks, ms.
+    /// The two status lines (arrivals, ms after the first command) between which it was.
+    pub longest_stall_between_ms: [f64; 2],
+    /// All the time it did not run around the move, from its ticks, ms: the sum over the
+    /// status-line intervals that overlap the move of their time not covered by ticks (the
+    /// positive parts only).
     pub stalled_ms: f64,
     /// The largest not-running time of an interval before the move (the method's noise), ms.
     pub tick_noise_ms: f64,
@@ -312,6 +343,9 @@ pub struct PostcopyRun {
     /// Pages the guest's workload wrote from the last status line before the switchover to
     /// the last one in the phase.
     pub pages_written: u64,
+    /// The workload's page writes per second over the status-line intervals around the phase,
+    /// over its rate before the move: how much useful work the guest got done meanwhile.
+    pub work_rate_share: f64,
     /// Pages the destination asked for on a fault (`ram.postcopy-requests`).
     pub page_requests: f64,
 }
@@ -334,6 +368,7 @@ pub struct ModeReport {
     pub tick_noise_ms: Spread,
     pub postcopy_phase_ms: Option<Spread>,
     pub postcopy_guest_ran_share: Option<Spread>,
+    pub postcopy_work_rate_share: Option<Spread>,
     /// Every run made progress (wrote pages) during the post-copy phase.
     pub postcopy_guest_progressed: Option<bool>,
     pub runs: Vec<RunFigures>,
@@ -462,6 +497,8 @@ fn figures(
                 (Some(b), Some(l)) => l.saturating_sub(b),
                 _ => 0,
             },
+            work_rate_share: written_rate(&points, from, Some(to))
+                / written_rate(&points, 0.0, None),
             page_requests: requests,
         }
     });
@@ -471,6 +508,7 @@ fn figures(
         link_bytes_back: traffic[1].delivered_bytes,
         vmm_bytes: moved.vmm_bytes,
         longest_stall_ms: s.longest_ms,
+        longest_stall_between_ms: s.longest_between.map(|v| (v * 10.0).round() / 10.0),
         stalled_ms: s.total_ms,
         tick_noise_ms: s.noise_ms,
         paused_ms: moved.paused_ms,
@@ -763,6 +801,7 @@ fn mode_report(mode: Mode, runs: Vec<RunFigures>, failures: Vec<String>) -> Mode
         tick_noise_ms: spread(&runs, |r| r.tick_noise_ms),
         postcopy_phase_ms: post_spread(|p| p.phase_ms),
         postcopy_guest_ran_share: post_spread(|p| p.guest_ran_share),
+        postcopy_work_rate_share: post_spread(|p| p.work_rate_share),
         postcopy_guest_progressed: (!post.is_empty()).then(|| {
             post.iter()
                 .all(|p| p.pages_written > 0 && p.guest_ran_ms > 0.0)
@@ -894,7 +933,13 @@ pub fn batch_move(runs: usize) -> Result<BatchMoveReport> {
         notes: vec![
             "stalls come from the guest's own ticks (100 Hz) between its status lines, one a \
              second; tick_noise_ms is the same figure before the move, where the guest ran \
-             throughout"
+             throughout. A status line whose output is held up (post-copy: the vCPU waits \
+             on a page or on the destination's QEMU) arrives late, so its interval looks \
+             stalled and the next one short: longest_stall_ms is then an upper bound"
+                .into(),
+            "post-copy: the guest keeps getting its timer ticks in the post-copy phase \
+             (guest_ran_share), but its workload, which touches all of its 256 MiB, writes \
+             far fewer pages (work_rate_share): it runs, mostly waiting for pages"
                 .into(),
             "post-copy risk: after the switchover neither host holds all of the VM's memory; \
              a link or process failure in the post-copy phase loses the VM. Pause-and-copy \
