@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_api::VmInfo;
+use ferry_api::{MigrationStatus, VmInfo};
 use hyper::Method;
 use serde::{Deserialize, Serialize};
 
-use super::vms::{run_phase, Slot, VMM_CALL};
+use super::vms::{migration_ended, run_phase, Slot, VMM_CALL};
 use super::Agent;
 use crate::model::{VmPhase, VmSpec};
 use crate::vmm_client;
@@ -115,7 +115,11 @@ async fn adopt(agent: &Arc<Agent>, dir: &Path, record: VmRecord) {
         let info =
             vmm_client::call::<(), VmInfo>(&slot.socket, Method::GET, "/vm", None, VMM_CALL).await;
         slot.phase = match info {
-            Ok(info) => run_phase(info.state),
+            // A migration the previous agent started goes on: the controller follows it.
+            Ok(info) => match outgoing_migration(&slot.socket).await {
+                Some(to) => VmPhase::MigratingOut { to },
+                None => run_phase(info.state),
+            },
             // A receiver whose VM has not arrived has no API yet.
             Err(_) if record.incoming => VmPhase::Incoming,
             Err(e) => {
@@ -161,6 +165,20 @@ async fn adopt(agent: &Arc<Agent>, dir: &Path, record: VmRecord) {
         pid,
         Err(std::io::Error::other("it ended while no agent watched it")),
     );
+}
+
+/// Where the VM at `socket` is migrating to, if a migration runs.
+async fn outgoing_migration(socket: &Path) -> Option<String> {
+    let status = vmm_client::call::<(), MigrationStatus>(
+        socket,
+        Method::GET,
+        "/vm/migration",
+        None,
+        VMM_CALL,
+    )
+    .await
+    .ok()?;
+    (!migration_ended(status.phase)).then_some(status.to)
 }
 
 #[cfg(test)]

@@ -755,7 +755,7 @@ impl Agent {
 }
 
 /// Whether a migration in `phase` has ended, one way or the other.
-fn migration_ended(phase: MigrationPhase) -> bool {
+pub(super) fn migration_ended(phase: MigrationPhase) -> bool {
     matches!(
         phase,
         MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled

@@ -460,17 +460,13 @@ impl Controller {
         let now = self.now_secs();
         let limits = &self.config.policy;
         // In an evacuation the VMs with clients go first on the link: the cheap moves of the
-        // others wait until no pre-copy move is left to start or running.
+        // others wait until every pre-copy move has started, then take the slots the
+        // limits leave (their guests pause, which gives the pre-copy moves CPU).
         let clients_first = plan.scenario == policy::Scenario::Evacuation
-            && (plan
+            && plan
                 .moves
                 .iter()
-                .any(|m| m.protocol == MoveProtocol::PreCopy)
-                || self
-                    .lock()
-                    .journal
-                    .open()
-                    .any(|r| r.protocol == MoveProtocol::PreCopy));
+                .any(|m| m.protocol == MoveProtocol::PreCopy);
         for m in &plan.moves {
             if clients_first && m.protocol != MoveProtocol::PreCopy {
                 continue;
