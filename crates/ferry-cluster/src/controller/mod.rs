@@ -274,6 +274,12 @@ impl Controller {
         let mut last_printed = String::new();
         loop {
             tick.tick().await;
+            // A lease that lapsed ends the leadership now, not at the next write: a deposed
+            // leader neither acts nor says it leads. (A store busy writing is asked next time.)
+            if self.store.try_lock().is_ok_and(|store| !store.leads()) {
+                tracing::error!("this controller lost its leadership: stopping");
+                std::process::exit(3);
+            }
             self.poll().await;
             let (view, calm) = self.view();
             let plan = self.plan(&view, calm);
