@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_api::{MigrationStatus, VmInfo};
+use ferry_api::{MigrationStatus, VmInfo, VmRunState};
 use hyper::Method;
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +33,29 @@ pub(super) struct VmRecord {
     pub pid: u32,
     /// It was started as a receiver (`ferry receive`) for an incoming migration.
     pub incoming: bool,
+    /// The last outgoing move the agent started.
+    #[serde(default)]
+    pub moving: Option<Moving>,
+}
+
+/// An outgoing move, as the agent started it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(super) struct Moving {
+    /// The destination host.
+    pub to: String,
+    /// The agent paused the VM for it (pause-and-copy): a move that failed resumes it.
+    pub paused: bool,
+}
+
+/// Notes in `dir`'s record the outgoing move the agent just started.
+pub(super) fn note_move(dir: &Path, moving: Moving) {
+    let Some(mut record) = read(dir) else {
+        return;
+    };
+    record.moving = Some(moving);
+    if let Err(e) = write(dir, &record) {
+        tracing::warn!("cannot record the move in {}: {e}", dir.display());
+    }
 }
 
 /// Writes `record` into `dir`, replacing the file whole.
@@ -114,11 +137,22 @@ async fn adopt(agent: &Arc<Agent>, dir: &Path, record: VmRecord) {
     if found == Found::Alive {
         let info =
             vmm_client::call::<(), VmInfo>(&slot.socket, Method::GET, "/vm", None, VMM_CALL).await;
+        let moving = record.moving.clone();
         slot.phase = match info {
             // A migration the previous agent started goes on: the controller follows it.
-            Ok(info) => match outgoing_migration(&slot.socket).await {
-                Some(to) => VmPhase::MigratingOut { to },
-                None => run_phase(info.state),
+            Ok(info) => match (outgoing_migration(&slot.socket).await, moving) {
+                (Some(address), moving) => {
+                    slot.paused_for_move = moving.as_ref().is_some_and(|m| m.paused);
+                    VmPhase::MigratingOut {
+                        to: moving.map_or(address, |m| m.to),
+                    }
+                }
+                (None, Some(m)) if m.paused && info.state == VmRunState::Paused => {
+                    // Paused for a move that failed while no agent watched: it runs on here.
+                    resume(&slot.socket, &name).await;
+                    VmPhase::Running
+                }
+                (None, _) => run_phase(info.state),
             },
             // A receiver whose VM has not arrived has no API yet.
             Err(_) if record.incoming => VmPhase::Incoming,
@@ -167,6 +201,13 @@ async fn adopt(agent: &Arc<Agent>, dir: &Path, record: VmRecord) {
     );
 }
 
+async fn resume(socket: &Path, name: &str) {
+    match vmm_client::call::<(), VmInfo>(socket, Method::PUT, "/vm/resume", None, VMM_CALL).await {
+        Ok(_) => tracing::info!("resumed VM {name}: its pause-and-copy move had failed"),
+        Err(e) => tracing::warn!("cannot resume VM {name} after its failed move: {e}"),
+    }
+}
+
 /// Where the VM at `socket` is migrating to, if a migration runs.
 async fn outgoing_migration(socket: &Path) -> Option<String> {
     let status = vmm_client::call::<(), MigrationStatus>(
@@ -200,6 +241,10 @@ mod tests {
             },
             pid,
             incoming: false,
+            moving: Some(Moving {
+                to: "h2".into(),
+                paused: true,
+            }),
         }
     }
 

@@ -355,6 +355,7 @@ impl Agent {
                 spec: slot.spec.clone(),
                 pid,
                 incoming: slot.phase == VmPhase::Incoming,
+                moving: None,
             };
             if let Err(e) = super::adopt::write(&slot.dir, &record) {
                 tracing::warn!("cannot record VM {} for a later agent: {e}", slot.name);
@@ -687,6 +688,13 @@ impl Agent {
             to: req.to.tls_name.clone(),
         };
         slot.paused_for_move = paused;
+        super::adopt::note_move(
+            &slot.dir,
+            super::adopt::Moving {
+                to: req.to.tls_name.clone(),
+                paused,
+            },
+        );
         slot.last_migration = None;
         slot.keep_migration(&first);
         slot.final_migration = waiter.and_then(|w| self.take_final_status(name, w));
