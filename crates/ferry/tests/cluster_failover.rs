@@ -462,3 +462,52 @@ fn only_the_holder_of_the_lease_writes_the_journal() {
     });
     drop(etcd);
 }
+
+/// Regression: a leader that lost its lease (stopped longer than the lease lives) went on
+/// saying it led, and acting, until its next journal write.
+#[test]
+fn a_leader_whose_lease_lapsed_stops_without_waiting_for_a_write() {
+    let _one = one_cluster();
+    let test = "a_leader_whose_lease_lapsed_stops_without_waiting_for_a_write";
+    if !kvm_or_skip(test) || !etcd_or_skip(test) {
+        return;
+    }
+    let mut lab = ClusterLab::create(
+        "ls",
+        1,
+        HostSize {
+            cpus: 1.0,
+            memory_mib: 1024,
+        },
+    )
+    .unwrap_or_else(|e| panic!("cannot make the cluster: {e}"));
+    let etcd = lab.etcd();
+    let file = lab.cluster_file("");
+    let api = format!("{}:7802", lab.gateway);
+    let process = lab.controller(
+        &file,
+        &[
+            "--etcd".into(),
+            etcd,
+            "--lease-ttl".into(),
+            "2".into(),
+            "--name".into(),
+            "cL".into(),
+            "--listen".into(),
+            api.clone(),
+        ],
+    );
+    lab.wait_until("the controller leads", Duration::from_secs(30), |lab| {
+        lab.status(&api).ok().filter(|s| s.leader)
+    });
+    // Frozen for longer than its lease: etcd lets the leader key go. Nothing is to be
+    // moved, so the controller has nothing to write when it wakes up.
+    let pid = lab.process(process).pid() as i32;
+    // SAFETY: signals to a controller process this test's lab started and has not reaped.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(5));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let status = lab.process(process).wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(3), "{status:?}");
+}
