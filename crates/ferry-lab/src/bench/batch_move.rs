@@ -53,7 +53,7 @@ use serde_json::{json, Value};
 
 use ferry_lab::guest::build_testguest;
 use ferry_lab::kit::console::{Status, STATUS};
-use ferry_lab::kit::wan::{DirectionStats, Profile};
+use ferry_lab::kit::wan::{stats_since, DirectionStats, Profile};
 use ferry_lab::kit::{TwoHosts, Wan};
 use ferry_lab::product::ferry_binary;
 
@@ -517,16 +517,6 @@ fn figures(
     }
 }
 
-fn since(before: [DirectionStats; 2], after: [DirectionStats; 2]) -> [DirectionStats; 2] {
-    let one = |b: DirectionStats, a: DirectionStats| DirectionStats {
-        delivered_packets: a.delivered_packets.saturating_sub(b.delivered_packets),
-        delivered_bytes: a.delivered_bytes.saturating_sub(b.delivered_bytes),
-        dropped_queue: a.dropped_queue.saturating_sub(b.dropped_queue),
-        dropped_black_hole: a.dropped_black_hole.saturating_sub(b.dropped_black_hole),
-    };
-    [one(before[0], after[0]), one(before[1], after[1])]
-}
-
 /// One ferry move, paused first or not.
 fn ferry_move(setup: &mut Setup, paused: bool, dir: &Path) -> Result<RunFigures> {
     let to = setup.fresh_address();
@@ -577,7 +567,7 @@ fn ferry_move(setup: &mut Setup, paused: bool, dir: &Path) -> Result<RunFigures>
     let answer: MigrateAnswer = run_ferry_migrate(migrate, &mut source, MIGRATION_TIMEOUT)?;
     let done = Instant::now();
     let cpu_secs = cpu.stop();
-    let traffic = since(before, setup.wan.stats());
+    let traffic = stats_since(before, setup.wan.stats());
     let mut points = Vec::new();
     source_points(&mut source, started, &mut points);
     if answer.status.success() {
@@ -672,7 +662,7 @@ fn qemu_move(setup: &mut Setup, mode: Mode, dir: &Path) -> Result<RunFigures> {
         .map_err(|e| source.explain(e))
         .with_context(|| format!("{} migration", mode.name()))?;
     let cpu_secs = cpu.stop();
-    let traffic = since(before, setup.wan.stats());
+    let traffic = stats_since(before, setup.wan.stats());
     let mut points = Vec::new();
     source_points(&mut source, started, &mut points);
     destination_points(&mut destination, started, moved.done, &mut points)?;

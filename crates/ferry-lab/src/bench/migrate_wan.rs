@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ferry_lab::guest::build_testguest;
-use ferry_lab::kit::wan::{DirectionStats, Profile};
+use ferry_lab::kit::wan::{stats_since, DirectionStats, Profile};
 use ferry_lab::kit::{in_netns, TwoHosts, Wan};
 use ferry_lab::product::ferry_binary;
 use serde::Serialize;
@@ -342,17 +342,6 @@ struct Measured {
 enum Ran {
     Measured(Measured),
     Rejected(String),
-}
-
-/// The link's counters from `before` to `after`.
-fn since(before: [DirectionStats; 2], after: [DirectionStats; 2]) -> [DirectionStats; 2] {
-    let one = |b: DirectionStats, a: DirectionStats| DirectionStats {
-        delivered_packets: a.delivered_packets.saturating_sub(b.delivered_packets),
-        delivered_bytes: a.delivered_bytes.saturating_sub(b.delivered_bytes),
-        dropped_queue: a.dropped_queue.saturating_sub(b.dropped_queue),
-        dropped_black_hole: a.dropped_black_hole.saturating_sub(b.dropped_black_hole),
-    };
-    [one(before[0], after[0]), one(before[1], after[1])]
 }
 
 /// The share of the link `bytes` in `total_ms` make.
@@ -689,7 +678,7 @@ impl Bench {
         let answer = with_outage(&link.wan, case.workload.outage, || {
             run_ferry_migrate(migrate, &mut source, MIGRATION_TIMEOUT)
         })?;
-        let traffic = since(before, link.wan.stats());
+        let traffic = stats_since(before, link.wan.stats());
         if let Some(why) = usage_error(Some(answer.status), &answer.cli) {
             return Ok(Ran::Rejected(format!("ferry migrate: {why}")));
         }
@@ -736,7 +725,7 @@ impl Bench {
         })
         .map_err(|e| source.explain(e))
         .context("migrate")?;
-        let traffic = since(before, link.wan.stats());
+        let traffic = stats_since(before, link.wan.stats());
         check_guests(&outcome, &mut source, &mut destination)?;
         Ok(Measured {
             outcome,
@@ -767,7 +756,7 @@ impl Bench {
             },
             multifd_channels: Some(MULTIFD_CHANNELS),
         })?;
-        let traffic = since(before, link.wan.stats());
+        let traffic = stats_since(before, link.wan.stats());
         let outcome = Outcome::Done {
             total_ms: sample.total_ms,
             downtime_ms: sample.downtime_ms,
@@ -1011,7 +1000,7 @@ mod tests {
             dropped_queue: drops,
             dropped_black_hole: 0,
         };
-        let d = since([at(1000, 1), at(0, 0)], [at(126_000, 4), at(2000, 0)]);
+        let d = stats_since([at(1000, 1), at(0, 0)], [at(126_000, 4), at(2000, 0)]);
         assert_eq!((d[0].delivered_bytes, d[0].dropped_queue), (125_000, 3));
         assert_eq!(d[1].delivered_bytes, 2000);
         // 125 MB in one second fills the link; half as fast, half of it.

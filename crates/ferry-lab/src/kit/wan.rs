@@ -81,6 +81,27 @@ pub struct DirectionStats {
     pub dropped_black_hole: u64,
 }
 
+impl DirectionStats {
+    /// What was counted from `before` to these counters.
+    pub fn since(self, before: DirectionStats) -> DirectionStats {
+        DirectionStats {
+            delivered_packets: self
+                .delivered_packets
+                .saturating_sub(before.delivered_packets),
+            delivered_bytes: self.delivered_bytes.saturating_sub(before.delivered_bytes),
+            dropped_queue: self.dropped_queue.saturating_sub(before.dropped_queue),
+            dropped_black_hole: self
+                .dropped_black_hole
+                .saturating_sub(before.dropped_black_hole),
+        }
+    }
+}
+
+/// Both directions' counters from `before` to `after` (as [`Wan::stats`] gives them).
+pub fn stats_since(before: [DirectionStats; 2], after: [DirectionStats; 2]) -> [DirectionStats; 2] {
+    [after[0].since(before[0]), after[1].since(before[1])]
+}
+
 #[derive(Debug, Default)]
 struct DirectionCounters {
     delivered_packets: AtomicU64,
