@@ -73,6 +73,7 @@ pub(super) async fn run(controller: Arc<Controller>, id: String) {
                     .await;
                 if done {
                     finished(&controller, &record).await;
+                    controller.move_ended.notify_one();
                     return;
                 }
             }
@@ -89,6 +90,7 @@ pub(super) async fn run(controller: Arc<Controller>, id: String) {
                     })
                     .await;
                 failed(&controller, &record, &why, lost).await;
+                controller.move_ended.notify_one();
                 return;
             }
         }

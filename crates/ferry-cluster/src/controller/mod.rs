@@ -106,6 +106,8 @@ pub struct Controller {
     store: tokio::sync::Mutex<Store>,
     started: Instant,
     metrics: ControllerMetrics,
+    /// A move ended: its slot is free, so the loop plans again without waiting for its tick.
+    move_ended: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Controller {
@@ -150,6 +152,7 @@ impl Controller {
             store: tokio::sync::Mutex::new(store),
             started: Instant::now(),
             metrics: ControllerMetrics::new(),
+            move_ended: tokio::sync::Notify::new(),
         })
     }
 
@@ -273,7 +276,10 @@ impl Controller {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_printed = String::new();
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.move_ended.notified() => {}
+            }
             // A lease that lapsed ends the leadership now, not at the next write: a deposed
             // leader neither acts nor says it leads. (A store busy writing is asked next time.)
             if self.store.try_lock().is_ok_and(|store| !store.leads()) {
