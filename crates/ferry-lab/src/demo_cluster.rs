@@ -11,7 +11,7 @@
 //!    controller empties a host and marks it free to power off;
 //! 4. every VM runs exactly once, none on the freed host.
 //!
-//! The VMs ask for 0.87 cores by day, 1.22 at the peak and 0.43 in the evening: this
+//! The VMs ask for 0.87 cores by day, 1.22 at the peak and 0.38 in the evening: this
 //! machine has two, so the VMs mostly get what they ask for and the agents' figures mean
 //! something (on a busy machine they do not, and the demo says so before it starts).
 //! Everything lives in a temporary folder and the lab's namespaces; the lab kills and
@@ -70,7 +70,7 @@ struct DemoVm {
 /// one). At the onset h1's VMs ask for 105 %: the agents measure less of the bigger VMs on
 /// this machine, whose own cores are virtual (85 to 95 % seen), still clearly hot. batch is
 /// the cheap VM to move, and h3 the least-loaded host by a clear margin, which stays under
-/// the 70 % target with it (about 60 %). In the evening 0.43 cores in all, h2 the
+/// the 70 % target with it (about 60 %). In the evening 0.38 cores in all, h2 the
 /// least-loaded host. `web` and `reports` each take half a host's memory, so no host can
 /// hold both: the consolidation stops at two hosts.
 const VMS: [DemoVm; 6] = [
@@ -78,7 +78,7 @@ const VMS: [DemoVm; 6] = [
         name: "web",
         host: "h1",
         memory_mib: 1024,
-        profile: &[(0, 55), (EVENING_S, 20)],
+        profile: &[(0, 55), (EVENING_S, 15)],
         role: "a web server, busy by day",
     },
     DemoVm {
