@@ -90,23 +90,6 @@ fn is_vm_process(pid: u32, dir: &Path) -> bool {
         .any(|arg| arg.starts_with(dir) && arg.len() > dir.len())
 }
 
-/// How a found VM folder stands.
-#[derive(Debug, PartialEq)]
-enum Found {
-    /// Its process runs: list it again.
-    Alive,
-    /// Its process ended while no agent watched.
-    Ended,
-}
-
-fn look(record: &VmRecord, dir: &Path) -> Found {
-    if is_vm_process(record.pid, dir) {
-        Found::Alive
-    } else {
-        Found::Ended
-    }
-}
-
 /// Lists again the VMs a previous agent process left under `vms_dir`.
 pub(super) async fn adopt_all(agent: &Arc<Agent>, vms_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(vms_dir) else {
@@ -131,10 +114,9 @@ async fn adopt(agent: &Arc<Agent>, dir: &Path, record: VmRecord) {
     let disks = (0..record.spec.disks.len())
         .map(|i| dir.join(format!("disk{i}.img")))
         .collect();
-    let found = look(&record, dir);
     let mut slot = Slot::new(&name, &record.spec, VmPhase::Incoming, dir, disks);
     slot.pid = Some(record.pid);
-    if found == Found::Alive {
+    if is_vm_process(record.pid, dir) {
         let info =
             vmm_client::call::<(), VmInfo>(&slot.socket, Method::GET, "/vm", None, VMM_CALL).await;
         let moving = record.moving.clone();
@@ -271,6 +253,5 @@ mod tests {
         let folder = exe.parent().expect("folder");
         // The test binary's own path lies under its folder.
         assert!(is_vm_process(me, folder));
-        assert_eq!(look(&record(u32::MAX), folder), Found::Ended);
     }
 }

@@ -54,7 +54,7 @@ use serde_json::{json, Value};
 use ferry_lab::guest::build_testguest;
 use ferry_lab::kit::console::{Status, STATUS};
 use ferry_lab::kit::wan::{stats_since, DirectionStats, Profile};
-use ferry_lab::kit::{TwoHosts, Wan};
+use ferry_lab::kit::{thread_ticks, TwoHosts, Wan};
 use ferry_lab::product::ferry_binary;
 
 use super::migrate::{
@@ -245,16 +245,13 @@ fn non_vcpu_ticks(pids: &[u32]) -> HashMap<(u32, u32), u64> {
             let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
                 continue;
             };
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            let Some((comm, ticks)) = thread_ticks(&stat) else {
                 continue;
             };
-            let comm = &stat[open + 1..close];
             if comm.starts_with("ferry-vcpu") || comm.ends_with("/KVM") {
                 continue;
             }
-            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-            let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-            out.insert((pid, tid), field(11).unwrap_or(0) + field(12).unwrap_or(0));
+            out.insert((pid, tid), ticks);
         }
     }
     out

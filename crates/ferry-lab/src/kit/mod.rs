@@ -25,7 +25,7 @@ pub use console::Status;
 pub use hosts::{receiver, try_receiver, TwoHosts};
 pub use lan::{in_netns, Lan};
 pub use probe::{Probe, ProbeReport};
-pub use vm::{guest_memory_digest, vcpu_time, Boot, CpuLoad, VmProcess};
+pub use vm::{guest_memory_digest, thread_ticks, vcpu_time, Boot, CpuLoad, VmProcess};
 pub use wan::Wan;
 
 use crate::product::{ferry_binary, FindError};

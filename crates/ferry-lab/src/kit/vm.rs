@@ -342,32 +342,26 @@ pub fn vcpu_time(pid: u32) -> Duration {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Duration::ZERO;
     };
-    let mut ticks = 0;
-    for task in tasks.flatten() {
-        let is_vcpu = std::fs::read_to_string(task.path().join("comm"))
-            .is_ok_and(|c| c.starts_with("ferry-vcpu"));
-        if !is_vcpu {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        // The fields after the command (which is in parentheses and may hold spaces): state
-        // is the first, utime and stime the 12th and 13th.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or("", |(_, rest)| rest)
-            .split_whitespace()
-            .collect();
-        let field = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        ticks += field(11) + field(12);
-    }
+    let ticks: u64 = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .filter_map(|stat| {
+            let (comm, ticks) = thread_ticks(&stat)?;
+            comm.starts_with("ferry-vcpu").then_some(ticks)
+        })
+        .sum();
     Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// A thread's name and its CPU clock ticks (user and system) from its `/proc/.../stat`.
+pub fn thread_ticks(stat: &str) -> Option<(&str, u64)> {
+    // The command is in parentheses and may hold spaces; of the fields after it, state is
+    // the first, utime and stime the 12th and 13th.
+    let (head, rest) = stat.rsplit_once(')')?;
+    let (_, comm) = head.split_once('(')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some((comm, field(11).unwrap_or(0) + field(12).unwrap_or(0)))
 }
 
 /// A digest of the VM process's guest RAM mapping (the anonymous mapping of exactly
@@ -409,6 +403,13 @@ pub fn guest_memory_digest(pid: u32, guest_bytes: u64) -> u64 {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn a_threads_name_and_ticks_come_from_its_stat_line() {
+        let stat = "42 (ferry-vcpu 0) S 1 2 3 4 5 6 7 8 9 10 70 30 0 0 20";
+        assert_eq!(thread_ticks(stat), Some(("ferry-vcpu 0", 100)));
+        assert_eq!(thread_ticks("garbage"), None);
+    }
 
     #[test]
     fn the_cpu_workload_joins_the_workload_list() {
