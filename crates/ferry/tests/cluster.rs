@@ -402,12 +402,13 @@ fn a_migration_that_fails_at_the_handover_is_planned_again_elsewhere() {
     // The VM ran on through the failure and runs once now.
     let vm = &done[0].0;
     assert_eq!(lab.where_is(vm).as_deref(), Some("h3"));
-    assert!(lab
-        .report("h2")
-        .expect("h2")
-        .vms
-        .iter()
-        .all(|v| !v.phase.occupies_host()));
+    let h2 = lab.report("h2").expect("h2");
+    assert!(
+        h2.vms.iter().all(|v| !v.phase.occupies_host()),
+        "h2 still holds {:#?}\nmigrations {:#?}",
+        h2.vms,
+        status.migrations
+    );
 }
 
 #[test]

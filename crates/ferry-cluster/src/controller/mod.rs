@@ -36,6 +36,7 @@ use crate::metrics::ControllerMetrics;
 use crate::model::{now_unix_ms, HostReport, MoveProtocol};
 use crate::policy::{
     self, ClusterCalm, ClusterView, Heat, HostView, HotspotDetector, InFlight, Plan, Policy,
+    Settling,
 };
 use config::HostEntry;
 use journal::{Journal, Record, Step};
@@ -45,8 +46,9 @@ use store::{Store, StoreError};
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
 /// A report older than this is not fed to the hotspot detector again.
 const POLL_TIMEOUT: Duration = Duration::from_secs(2);
-/// A report sampled less than this after a move of a VM ended may not show the move yet
-/// (the agents' clocks are the same machine's here, but not in general: allow for skew).
+/// A report sampled less than this after a move ended may not show the move yet: its CPU
+/// figures span the last sampling period, and the agents' clocks are the same machine's
+/// here, but not in general (allow for skew).
 const STALE_MARGIN_MS: u64 = 1500;
 /// Decisions kept for `ferry cluster status`.
 const DECISIONS_KEPT: usize = 100;
@@ -413,16 +415,39 @@ impl Controller {
                 report,
             });
         }
-        let in_flight = rt
+        let in_flight = |r: &Record| InFlight {
+            vm: r.vm.clone(),
+            from: r.from.clone(),
+            to: r.to.clone(),
+            memory_bytes: r.memory_bytes,
+            cpu: r.cpu,
+            disk_bytes: r.disk_bytes,
+        };
+        // A move that ended after (or just before) a host's report was sampled: that report
+        // may still count the VM where it was.
+        let stale = |host: &str, ended: u64| {
+            let sampled = rt
+                .hosts
+                .get(host)
+                .and_then(|h| h.report.as_ref())
+                .map_or(0, |r| r.sampled_unix_ms);
+            ended >= sampled.saturating_sub(STALE_MARGIN_MS)
+        };
+        let settling = rt
             .journal
-            .open()
-            .map(|r| InFlight {
-                vm: r.vm.clone(),
-                from: r.from.clone(),
-                to: r.to.clone(),
-                memory_bytes: r.memory_bytes,
-                cpu: r.cpu,
-                disk_bytes: r.disk_bytes,
+            .records
+            .iter()
+            .filter(|r| r.step == Step::Done)
+            .filter_map(|r| {
+                let (source_stale, destination_stale) = (
+                    stale(&r.from, r.updated_unix_ms),
+                    stale(&r.to, r.updated_unix_ms),
+                );
+                (source_stale || destination_stale).then(|| Settling {
+                    flight: in_flight(r),
+                    source_stale,
+                    destination_stale,
+                })
             })
             .collect();
         // The journal keeps wall-clock times; the policy wants the controller's seconds.
@@ -444,9 +469,10 @@ impl Controller {
             ClusterView {
                 now_secs: now,
                 hosts,
-                in_flight,
+                in_flight: rt.journal.open().map(in_flight).collect(),
                 last_moved,
                 avoid,
+                settling,
             },
             calm,
         )

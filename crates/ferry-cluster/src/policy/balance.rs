@@ -92,7 +92,7 @@ fn relieve(
     if excess.relieved() {
         let why = if room.leaving_in_flight > 0 {
             format!(
-                "the {} migrations under way take it to {} CPU",
+                "the {} migrations under way (or not yet in its report) take it to {} CPU",
                 room.leaving_in_flight,
                 pct(room.cpu_once_left() / capacity.cpus)
             )
@@ -408,7 +408,31 @@ mod tests {
                     .host(host("idle"))
                     .in_flight("leaving", "hot", "idle"),
             )
-            .notes(&["hot is hot but the 1 migrations under way take it to 60% CPU"]),
+            .notes(&["hot is hot but the 1 migrations under way (or not yet in its report) take it to 60% CPU"]),
+            case(
+                "a move that ended after the source's report still counts as gone",
+                cluster()
+                    .host(
+                        host("hot")
+                            .hot(0.0)
+                            .vm(vm("left").cpu(3.0))
+                            .vm(vm("stays").cpu(6.0)),
+                    )
+                    .host(host("idle"))
+                    .host(host("other"))
+                    .settling("left", ("hot", "idle"), (3.0, 1), (true, false)),
+            )
+            .notes(&["hot is hot but the 1 migrations under way (or not yet in its report) take it to 60% CPU"]),
+            case(
+                "a move that ended after the destination's report counts there",
+                cluster()
+                    .host(hot_host())
+                    // An arriving VM is listed with its memory, without its CPU yet.
+                    .host(host("idle").vm(vm("arrived").cpu(0.0).phase(crate::model::VmPhase::Incoming)))
+                    .host(host("busy").vm(vm("b1").cpu(2.0)))
+                    .settling("arrived", ("elsewhere", "idle"), (6.0, 1), (false, true)),
+            )
+            .moves(&["cheap: hot -> busy (pre-copy)"]),
             case(
                 "hysteresis: hot, but already within target",
                 cluster()

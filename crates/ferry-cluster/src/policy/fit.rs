@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use super::config::Policy;
 use super::cost::vm_memory_bytes;
 use super::figures::{cores, mb, pct};
-use super::view::ClusterView;
+use super::view::{ClusterView, InFlight};
 use crate::model::{Capacity, VmReport};
 
 /// What a VM takes on the host it runs on.
@@ -230,33 +230,43 @@ impl Ledger {
                 },
             );
         }
+        let mut ledger = Ledger { rooms };
         for flight in &view.in_flight {
-            let need = Need {
-                cpu: flight.cpu.max(0.0),
-                memory: flight.memory_bytes,
-                disk: flight.disk_bytes,
-            };
-            if let Some(room) = rooms.get_mut(&flight.from) {
-                room.send(need);
-                room.leaving_in_flight += 1;
-            }
-            let listed = view
-                .host(&flight.to)
-                .is_some_and(|h| h.resident_vms().iter().any(|vm| vm.name == flight.vm));
-            if let Some(room) = rooms.get_mut(&flight.to) {
-                room.arriving_in_flight += 1;
-                if listed {
-                    // The agent lists the arriving VM and already counts its memory (and
-                    // its residency); its CPU and disk arrive with the move.
-                    room.cpu += need.cpu;
-                    room.disk_free = room.disk_free.saturating_sub(need.disk);
-                    room.disk_used = room.disk_used.saturating_add(need.disk);
-                } else {
-                    room.receive(need);
-                }
+            ledger.count_flight(view, flight, true, true);
+        }
+        for s in &view.settling {
+            ledger.count_flight(view, &s.flight, s.source_stale, s.destination_stale);
+        }
+        ledger
+    }
+
+    /// Counts a migration the reports do not show yet: on the source if its report still
+    /// counts the VM, on the destination if its report does not count it all yet.
+    fn count_flight(&mut self, view: &ClusterView, flight: &InFlight, from: bool, to: bool) {
+        let need = Need {
+            cpu: flight.cpu.max(0.0),
+            memory: flight.memory_bytes,
+            disk: flight.disk_bytes,
+        };
+        if let Some(room) = self.rooms.get_mut(&flight.from).filter(|_| from) {
+            room.send(need);
+            room.leaving_in_flight += 1;
+        }
+        let listed = view
+            .host(&flight.to)
+            .is_some_and(|h| h.resident_vms().iter().any(|vm| vm.name == flight.vm));
+        if let Some(room) = self.rooms.get_mut(&flight.to).filter(|_| to) {
+            room.arriving_in_flight += 1;
+            if listed {
+                // The agent lists the arriving VM and already counts its memory (and
+                // its residency); its CPU and disk arrive with the move.
+                room.cpu += need.cpu;
+                room.disk_free = room.disk_free.saturating_sub(need.disk);
+                room.disk_used = room.disk_used.saturating_add(need.disk);
+            } else {
+                room.receive(need);
             }
         }
-        Ledger { rooms }
     }
 
     pub fn room(&self, name: &str) -> Option<&Room> {

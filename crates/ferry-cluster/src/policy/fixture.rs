@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use super::hotspot::Heat;
 use super::plan::Plan;
-use super::view::{ClusterView, HostView, InFlight};
+use super::view::{ClusterView, HostView, InFlight, Settling};
 use crate::model::{Capacity, Dependency, HostLoad, HostReport, VmLoad, VmPhase, VmReport, VmSpec};
 
 pub(crate) const MB: u64 = 1_000_000;
@@ -195,6 +195,7 @@ impl ClusterBuilder {
             in_flight: Vec::new(),
             last_moved: HashMap::new(),
             avoid: Vec::new(),
+            settling: Vec::new(),
         })
     }
 
@@ -243,6 +244,26 @@ impl ClusterBuilder {
             memory_bytes: memory_gb * GB,
             cpu,
             disk_bytes: disk_gb * GB,
+        });
+        self
+    }
+
+    /// `vm` (`cpu` cores, `memory_gb`) moved from `from` to `to`, but the reports of the
+    /// `stale` sides (source, destination) predate that.
+    pub fn settling(
+        mut self,
+        vm: &str,
+        (from, to): (&str, &str),
+        (cpu, memory_gb): (f64, u64),
+        stale: (bool, bool),
+    ) -> Self {
+        let before = self.0.in_flight.len();
+        self = self.in_flight_sized(vm, from, to, cpu, memory_gb, 0);
+        let flight = self.0.in_flight.remove(before);
+        self.0.settling.push(Settling {
+            flight,
+            source_stale: stale.0,
+            destination_stale: stale.1,
         });
         self
     }

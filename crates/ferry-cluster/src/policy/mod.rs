@@ -33,4 +33,4 @@ pub use cost::estimated_bytes;
 pub use evacuate::plan_evacuation;
 pub use hotspot::{ClusterCalm, Heat, HotspotDetector, MAX_SAMPLE_GAP_SECS};
 pub use plan::{plan, Move, Plan, Scenario};
-pub use view::{ClusterView, HostView, InFlight};
+pub use view::{ClusterView, HostView, InFlight, Settling};

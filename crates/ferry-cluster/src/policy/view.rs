@@ -22,6 +22,10 @@ pub struct ClusterView {
     /// failed, so the VM goes elsewhere or waits.
     #[serde(default)]
     pub avoid: Vec<(String, String)>,
+    /// Migrations that ended after a host's last report was sampled: that report still
+    /// counts the VM where it was (a source that looks hot after its VM left).
+    #[serde(default)]
+    pub settling: Vec<Settling>,
 }
 
 /// One host: its latest report and what the controller knows beyond it.
@@ -45,14 +49,29 @@ pub struct InFlight {
     pub disk_bytes: u64,
 }
 
+/// A migration that ended, on the sides whose last report predates its end: the planner
+/// counts it there as if it still ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settling {
+    pub flight: InFlight,
+    /// The source's report may still count the VM that left.
+    pub source_stale: bool,
+    /// The destination's report may not count the VM that arrived.
+    pub destination_stale: bool,
+}
+
 impl ClusterView {
     pub fn host(&self, name: &str) -> Option<&HostView> {
         self.hosts.iter().find(|h| h.report.host == name)
     }
 
-    /// The migration `vm` is part of, if one runs.
+    /// The migration `vm` is part of, if one runs or the reports do not show its end yet
+    /// (the source may still list the VM that left: it is not to be moved again).
     pub(crate) fn in_flight_of(&self, vm: &str) -> Option<&InFlight> {
-        self.in_flight.iter().find(|f| f.vm == vm)
+        self.in_flight
+            .iter()
+            .chain(self.settling.iter().map(|s| &s.flight))
+            .find(|f| f.vm == vm)
     }
 
     /// Whether `vm` must not be sent to `host` now.
