@@ -6,7 +6,7 @@ pub use ferry_devices::virtio::net::TapConfig;
 use ferry_devices::virtio::net::{parse_mac, Mac};
 
 use crate::devices::slots::MAX_SLOTS;
-use crate::memory::MIN_MEMORY;
+use crate::memory::{MemoryBacking, MIN_MEMORY};
 
 /// Where the serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +79,8 @@ pub struct VmConfig {
     /// An initial ramdisk, for bzImage kernels.
     pub initrd: Option<PathBuf>,
     pub memory_bytes: u64,
+    /// What backs guest memory: anonymous memory, or the host's huge page pool.
+    pub memory_backing: MemoryBacking,
     pub vcpus: u8,
     pub disks: Vec<DiskConfig>,
     pub nics: Vec<NicConfig>,
@@ -176,6 +178,7 @@ mod tests {
             kernel: "k".into(),
             initrd: None,
             memory_bytes: 256 << 20,
+            memory_backing: MemoryBacking::Anonymous,
             vcpus: 2,
             disks: vec![],
             nics: vec![],

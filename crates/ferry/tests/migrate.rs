@@ -8,8 +8,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::hosts::{receiver, TwoHosts};
-use common::migration::{assert_source_goes_on, hosts_or_skip, migrate, source, status_json, BOOT};
-use common::{ferry, sparse_image, wait_for_path, Boot, Status, TempDir, VmProcess};
+use common::migration::{
+    assert_handed_over, assert_source_goes_on, hosts_or_skip, migrate, receiver_with, source,
+    source_with, status_json, BOOT,
+};
+use common::{
+    ferry, huge_pages, sparse_image, wait_for_path, Boot, HugePagePool, Status, TempDir, VmProcess,
+};
 
 const MIGRATE: Duration = Duration::from_secs(120);
 
@@ -378,6 +383,62 @@ fn a_guest_with_256_mib_of_data_then_idle_migrates() {
 #[test]
 fn a_guest_with_2_gib_of_data_then_idle_migrates() {
     populated_then_idle("a_guest_with_2_gib_of_data_then_idle_migrates", "3G", 2048);
+}
+
+/// A VM on the host's huge page pool moves to a receiver on huge pages. A receiver whose
+/// pool is short refuses the VM before anything runs there, and the source runs on.
+#[test]
+fn a_guest_on_huge_pages_migrates_and_a_short_pool_refuses_it() {
+    let test = "a_guest_on_huge_pages_migrates_and_a_short_pool_refuses_it";
+    let Some(hosts) = hosts_or_skip("mig", test) else {
+        return;
+    };
+    // The guest's 128 MiB is 64 pages: enough for the source only, at first.
+    let _pool = match HugePagePool::grow(64, false) {
+        Ok(pool) => pool,
+        Err(e) => {
+            println!("SKIPPED (no huge pages: {e}): {test}");
+            return;
+        }
+    };
+    let dir = TempDir::new("hugepages");
+    let boot = Boot {
+        memory: "128M",
+        ..Boot::guest("workload=mem mem_mib=64 mem_rate=20")
+    };
+    let (_, free_before) = huge_pages().expect("pool");
+    let (mut src, socket) = source_with(&hosts.a, &dir, boot, None, &["--hugepages"]);
+    let (_, free_after) = huge_pages().expect("pool");
+    assert!(
+        free_before - free_after >= 64,
+        "the source reserved its memory from the pool: {free_before} -> {free_after} free"
+    );
+    if free_after < 64 {
+        let listen = format!("{}:7016", hosts.b_addr);
+        let mut short = receiver_with(&hosts.b, &listen, &["--hugepages"], None);
+        let out = migrate(&socket, &listen, &[]);
+        let status = status_json(&out);
+        assert!(!out.status.success(), "{status}");
+        assert_eq!(status["error"]["kind"], "destination_resources", "{status}");
+        let message = status["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("nr_hugepages"), "{status}");
+        assert!(!short.wait_exit(Duration::from_secs(30)).success());
+        assert_source_goes_on(&src, &socket);
+    } else {
+        println!(
+            "NOT TRIED: the host's pool had {free_after} free huge pages of its own, so the \
+             short-pool refusal of {test} cannot be set up"
+        );
+    }
+
+    let _more = HugePagePool::grow(64, false).expect("64 more huge pages");
+    let listen = format!("{}:7017", hosts.b_addr);
+    let dst = receiver_with(&hosts.b, &listen, &["--hugepages"], None);
+    let out = migrate(&socket, &listen, &[]);
+    assert_handed_over(&mut src, &out);
+    let before = *src.statuses().last().expect("a source status");
+    assert_goes_on(&dst, before);
+    // The pools shrink back in reverse order: `_more`, then `_pool`.
 }
 
 /// The operator lifts the cap of a running migration: it goes on at the link's pace and says

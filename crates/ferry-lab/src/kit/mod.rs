@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod cluster_services;
 pub mod console;
 pub mod hosts;
+pub mod huge_pages;
 pub mod lan;
 pub mod probe;
 pub mod raw;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 
 pub use console::Status;
 pub use hosts::{receiver, try_receiver, TwoHosts};
+pub use huge_pages::{huge_pages, HugePagePool};
 pub use lan::{in_netns, Lan};
 pub use probe::{Probe, ProbeReport};
 pub use vm::{guest_memory_digest, thread_ticks, vcpu_time, Boot, CpuLoad, VmProcess};

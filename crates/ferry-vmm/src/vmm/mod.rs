@@ -124,7 +124,7 @@ impl Vm {
         vcpu::install_kick_handler().map_err(VmmError::Signals)?;
 
         let vm_fd = platform::create_vm(&kvm)?;
-        let mem = memory::create_guest_memory(config.memory_bytes)?;
+        let mem = memory::create_backed_guest_memory(config.memory_bytes, config.memory_backing)?;
         memory::register_with_kvm(&vm_fd, &mem)?;
         let kind = boot::detect_kernel(&config.kernel)?;
         let mut platform = Platform::new(&vm_fd, &config.console, None)?;

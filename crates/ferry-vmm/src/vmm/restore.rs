@@ -255,6 +255,8 @@ pub(crate) fn check_fits(
         kernel: machine.kernel.clone().into(),
         initrd: None,
         memory_bytes: machine.memory_bytes,
+        // Checked here for its limits only: the memory itself is mapped by the caller.
+        memory_backing: memory::MemoryBacking::Anonymous,
         vcpus: machine.vcpus,
         disks: disk_configs(&disks),
         nics: taps

@@ -25,12 +25,24 @@ pub fn hosts_or_skip(tag: &str, test: &str) -> Option<TwoHosts> {
 /// A source VM on host `ns`, running and with its API up; `fault` is injected with the
 /// test-only switch `FERRY_TEST_FAULT`.
 pub fn source(ns: &str, dir: &TempDir, boot: Boot, fault: Option<&str>) -> (VmProcess, PathBuf) {
+    source_with(ns, dir, boot, fault, &[])
+}
+
+/// [`source`], with `extra` arguments to `ferry run`.
+pub fn source_with(
+    ns: &str,
+    dir: &TempDir,
+    boot: Boot,
+    fault: Option<&str>,
+    extra: &[&str],
+) -> (VmProcess, PathBuf) {
     let socket = dir.join("src.sock");
     let boot = Boot {
         api_socket: Some(socket.clone()),
         ..boot
     };
     let mut command = boot.command();
+    command.args(extra);
     if let Some(f) = fault {
         command.env("FERRY_TEST_FAULT", f);
     }

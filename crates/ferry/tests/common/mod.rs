@@ -9,8 +9,8 @@ use std::process::Command;
 use std::sync::Once;
 
 pub use ferry_lab::kit::{
-    guest_kernel, guest_memory_digest, kvm_or_skip, run_with_timeout, sparse_image, vm_api,
-    wait_for_path, Boot, Status, TempDir, VmProcess,
+    guest_kernel, guest_memory_digest, huge_pages, kvm_or_skip, run_with_timeout, sparse_image,
+    vm_api, wait_for_path, Boot, HugePagePool, Status, TempDir, VmProcess,
 };
 
 /// The ferry binary under test. The kit finds it beside the test executable; this checks, once,

@@ -45,7 +45,14 @@ pub fn give_back(mem: &GuestMemory, gpa: u64, len: u64) -> Result<u64, GiveBackE
     let host = region
         .get_host_address(MemoryRegionAddress(offset))
         .map_err(|_| outside)?;
-    let rc = if region.file_offset().is_none() {
+    let rc = if region.is_hugetlbfs() == Some(true) {
+        // Huge pages go back to the host only whole, never 4 KiB at a time: the pages are
+        // zeroed (what the guest may read after giving them up) and stay the VM's.
+        // SAFETY: `host..host + bytes` lies inside the region's mapping, which `mem` keeps
+        // alive; the guest gave these pages up, so nothing the VMM holds points into them.
+        unsafe { std::ptr::write_bytes(host, 0, bytes as usize) };
+        0
+    } else if region.file_offset().is_none() {
         // SAFETY: `host..host + bytes` lies inside the region's private anonymous mapping,
         // which `mem` keeps alive; the guest gave these pages up, so nothing the VMM holds
         // points into them, and MADV_DONTNEED makes them read as zero from now on.

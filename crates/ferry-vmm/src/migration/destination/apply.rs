@@ -159,12 +159,20 @@ fn write_page(mem: &GuestMemory, gpa: u64, bytes: &[u8]) -> Result<u64, String> 
 
 fn zero_pages(mem: &GuestMemory, gpa: u64, pages: u32) -> Result<(), String> {
     let len = u64::from(pages) * PAGE_SIZE;
-    mem.find_region(GuestAddress(gpa))
+    let region = mem
+        .find_region(GuestAddress(gpa))
         .filter(|r| gpa + len <= r.start_addr().raw_value() + r.len())
         .ok_or_else(|| format!("zero pages {gpa:#x}+{len:#x} are not in guest memory"))?;
     let host = mem
         .get_host_address(GuestAddress(gpa))
         .map_err(|e| e.to_string())?;
+    if region.is_hugetlbfs() == Some(true) {
+        // Huge pages drop only whole: the 4 KiB pages are written with zeros.
+        // SAFETY: the range lies inside one mapping of guest memory (checked above), which
+        // `mem` keeps mapped; the destination's guest does not run yet.
+        unsafe { std::ptr::write_bytes(host, 0, len as usize) };
+        return Ok(());
+    }
     // SAFETY: the range lies inside one anonymous private mapping of guest memory (checked
     // above) and is page aligned (the protocol checks it); MADV_DONTNEED makes those pages
     // read as zero again, which is exactly the record's meaning.

@@ -61,6 +61,8 @@ pub struct ReceiveConfig {
     /// Mutual TLS: the folder with `ca.pem`, `cert.pem` and `key.pem`. Sources must then
     /// use TLS with a certificate of the same CA.
     pub tls_dir: Option<PathBuf>,
+    /// What backs the arriving VM's memory.
+    pub memory_backing: memory::MemoryBacking,
     pub api_socket: Option<PathBuf>,
     pub console: ConsoleConfig,
 }
@@ -211,7 +213,7 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         &mut link,
         &setup,
         features.flow_control,
-        host_memory,
+        (host_memory, config.memory_backing),
         &kvm,
         taps.len(),
         |setup| {
@@ -332,7 +334,7 @@ fn receive_state(
     link: &mut Link,
     setup: &ferry_proto::migration::Setup,
     flow_control: bool,
-    host_memory: u64,
+    (host_memory, backing): (u64, memory::MemoryBacking),
     kvm: &kvm_ioctls::Kvm,
     taps: usize,
     prepare_disks: impl FnOnce(&ferry_proto::migration::Setup) -> Result<disks::Landing, Refusal>,
@@ -373,7 +375,7 @@ fn receive_state(
             "the memory layout is not one this ferry builds".into(),
         ));
     }
-    let mem = memory::create_guest_memory(setup.memory_bytes)
+    let mem = memory::create_backed_guest_memory(setup.memory_bytes, backing)
         .map_err(|e| lacking(crate::error_chain(&e)))?;
     // The VM, its memory slots and its vCPUs are built now, while pages stream in, not in the
     // downtime.
