@@ -140,6 +140,12 @@ enum BenchWhat {
         /// free page hinting; bytes, times and CPU.
         #[arg(long, conflicts_with_all = ["quick", "disk", "net", "wan"])]
         encoding: bool,
+        /// Guest memory on the host's 2 MiB huge pages for both VMMs, on both sides: ferry's
+        /// `--hugepages`, QEMU's `-mem-path` on a hugetlbfs mount. The bench grows the pool
+        /// for the largest case (and touches it once, as a host that reserved its pool at
+        /// boot and ran VMs has), and shrinks it back at the end.
+        #[arg(long, conflicts_with_all = ["disk", "net", "wan", "encoding"])]
+        hugepages: bool,
     },
     /// Empty a host of eight VMs (four serving clients, four batch guests) three ways: the
     /// controller's dependency-aware evacuation, every VM pre-copied at once, and one after
@@ -315,10 +321,16 @@ fn main() -> ExitCode {
         } => bench::migrate_wan::migrate_wan(runs, quick, only.as_deref(), &contender)
             .and_then(|r| print_report(&r)),
         Command::Bench {
-            what: BenchWhat::Migrate {
-                runs, quick, only, ..
-            },
-        } => bench::migrate::migrate(runs, quick, only.as_deref()).and_then(|r| print_report(&r)),
+            what:
+                BenchWhat::Migrate {
+                    runs,
+                    quick,
+                    only,
+                    hugepages,
+                    ..
+                },
+        } => bench::migrate::migrate(runs, quick, only.as_deref(), hugepages)
+            .and_then(|r| print_report(&r)),
         Command::Bench {
             what: BenchWhat::Evacuate { runs },
         } => bench::evacuate::evacuate(runs).and_then(|r| print_report(&r)),

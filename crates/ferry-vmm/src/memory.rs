@@ -311,6 +311,34 @@ pub fn guest_memory_map(size: u64) -> Vec<(u64, u64, u32)> {
     map
 }
 
+/// Huge pages for unit tests: grows the host's pool by `pages` (as root) and shrinks it back
+/// when dropped; `None`, with a loud line, where the pool cannot grow.
+#[cfg(test)]
+pub(crate) struct TestHugePages(u64);
+
+#[cfg(test)]
+impl TestHugePages {
+    pub(crate) fn grow(pages: u64, test: &str) -> Option<TestHugePages> {
+        const NR: &str = "/proc/sys/vm/nr_hugepages";
+        let total: u64 = std::fs::read_to_string(NR).ok()?.trim().parse().ok()?;
+        let grown = std::fs::write(NR, (total + pages).to_string()).is_ok()
+            && huge_pages_free().is_some_and(|free| free >= pages);
+        let pool = TestHugePages(total);
+        if !grown {
+            println!("SKIPPED (cannot grow the huge page pool by {pages}): {test}");
+            return None;
+        }
+        Some(pool)
+    }
+}
+
+#[cfg(test)]
+impl Drop for TestHugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.0.to_string());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,8 +366,9 @@ mod tests {
     /// with SIGBUS in the guest.
     #[test]
     fn a_short_huge_page_pool_is_an_error_up_front() {
+        // Far more than is free, even if a test beside this one grows the pool meanwhile.
         let free = huge_pages_free().unwrap_or(0);
-        let size = (free + 1) * HUGE_PAGE_SIZE;
+        let size = (free + 1024) * HUGE_PAGE_SIZE;
         let e = create_backed_guest_memory(size, MemoryBacking::HugePages).unwrap_err();
         assert!(matches!(e, MemoryError::HugePages { .. }), "{e}");
         assert!(e.to_string().contains("nr_hugepages"), "{e}");

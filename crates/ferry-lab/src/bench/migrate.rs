@@ -179,6 +179,8 @@ fn plan(quick: bool) -> (Vec<Case>, Vec<QemuMode>) {
 pub struct MigrateBenchReport {
     pub runs: usize,
     pub quick: bool,
+    /// What backs guest memory, for both VMMs on both sides.
+    pub memory: String,
     pub memory_mib: u64,
     pub guest: String,
     pub qemu: Option<String>,
@@ -311,6 +313,33 @@ pub(super) fn ratio(qemu: Spread, ferry: Spread) -> Option<f64> {
 struct Setup {
     ferry: PathBuf,
     guest: PathBuf,
+    /// Guest memory on huge pages: the hugetlbfs mount QEMU's `-mem-path` takes.
+    hugepages: Option<PathBuf>,
+}
+
+/// A hugetlbfs mount for QEMU's `-mem-path`, unmounted when dropped.
+struct HugetlbfsMount(PathBuf);
+
+impl HugetlbfsMount {
+    fn create(dir: PathBuf) -> Result<HugetlbfsMount> {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let status = Command::new("mount")
+            .args(["-t", "hugetlbfs", "-o", "pagesize=2M", "none"])
+            .arg(&dir)
+            .status()
+            .context("cannot run mount")?;
+        if !status.success() {
+            bail!("cannot mount hugetlbfs on {}", dir.display());
+        }
+        Ok(HugetlbfsMount(dir))
+    }
+}
+
+impl Drop for HugetlbfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
@@ -362,18 +391,24 @@ fn ferry_run(setup: &Setup, case: &Case, dir: &Path, samples: &mut Samples) -> R
     receive
         .args(["receive", "--listen", &to])
         .env("FERRY_LOG", "warn");
+    if setup.hugepages.is_some() {
+        receive.arg("--hugepages");
+    }
     let mut destination = Watched::spawn("ferry receive", receive)?;
     destination
         .wait_line(Stream::Stderr, LISTENING_LINE, LISTEN_TIMEOUT)
         .context("destination")?;
 
-    let boot = ferry_run_command(
+    let mut boot = ferry_run_command(
         &setup.ferry,
         &setup.guest,
         case.memory_mib,
         case.append,
         &socket,
     );
+    if setup.hugepages.is_some() {
+        boot.arg("--hugepages");
+    }
     let mut source = boot_source("ferry run", boot)?;
 
     let mut migrate = ferry_migrate_command(&setup.ferry, &socket, &to, MIGRATION_TIMEOUT);
@@ -536,6 +571,9 @@ fn qemu_run(
     let qmp_destination = dir.join("qmp-destination.sock");
     let port = free_port()?;
     let mut incoming = qemu_command(&setup.guest, case.memory_mib, case.append);
+    if let Some(mount) = &setup.hugepages {
+        incoming.arg("-mem-path").arg(mount);
+    }
     incoming
         .arg("-qmp")
         .arg(format!(
@@ -557,6 +595,9 @@ fn qemu_run(
     }
 
     let mut boot = qemu_command(&setup.guest, case.memory_mib, case.append);
+    if let Some(mount) = &setup.hugepages {
+        boot.arg("-mem-path").arg(mount);
+    }
     boot.arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp_source.display()));
     let mut source = boot_source("QEMU", boot)?;
@@ -732,15 +773,16 @@ fn qemu_cancel(qmp: &mut Qmp, state: &str) -> Result<Outcome> {
 
 /// `ferry-lab bench migrate`: live-migrates the test guest `runs` times per case with ferry and
 /// with QEMU (in each mode), interleaved.
-pub fn migrate(runs: usize, quick: bool, only: Option<&str>) -> Result<MigrateBenchReport> {
+pub fn migrate(
+    runs: usize,
+    quick: bool,
+    only: Option<&str>,
+    hugepages: bool,
+) -> Result<MigrateBenchReport> {
     use std::io::IsTerminal;
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let setup = Setup {
-        ferry: ferry_binary()?,
-        guest: build_testguest()?.kernel,
-    };
     let qemu = qemu_binary();
     let (mut cases, modes) = plan(quick);
     if let Some(prefix) = only {
@@ -751,6 +793,20 @@ pub fn migrate(runs: usize, quick: bool, only: Option<&str>) -> Result<MigrateBe
     }
     let modes = if qemu.is_some() { modes } else { Vec::new() };
     let work = WorkDir::create("migrate")?;
+    // Source and destination of the largest case at once, in 2 MiB pages.
+    let pool_pages = 2 * cases.iter().map(|c| c.memory_mib).max().unwrap_or(0) / 2;
+    let (_pool, mount) = if hugepages {
+        let pool = ferry_lab::kit::HugePagePool::grow(pool_pages, true).map_err(|e| anyhow!(e))?;
+        let mount = HugetlbfsMount::create(work.0.join("hugetlbfs"))?;
+        (Some(pool), Some(mount))
+    } else {
+        (None, None)
+    };
+    let setup = Setup {
+        ferry: ferry_binary()?,
+        guest: build_testguest()?.kernel,
+        hugepages: mount.as_ref().map(|m| m.0.clone()),
+    };
     let progress = std::io::stderr().is_terminal();
     let mut ferry: Vec<Samples> = cases.iter().map(|_| Samples::default()).collect();
     let mut qemu_samples: Vec<Vec<Samples>> = cases
@@ -814,6 +870,11 @@ pub fn migrate(runs: usize, quick: bool, only: Option<&str>) -> Result<MigrateBe
     Ok(MigrateBenchReport {
         runs,
         quick,
+        memory: if hugepages {
+            format!("2 MiB huge pages (a pool of {pool_pages}, touched once ahead)")
+        } else {
+            "anonymous 4 KiB pages".to_string()
+        },
         memory_mib: MEMORY_MIB,
         guest: setup.guest.display().to_string(),
         qemu,

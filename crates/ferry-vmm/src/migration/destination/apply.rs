@@ -185,3 +185,43 @@ fn zero_pages(mem: &GuestMemory, gpa: u64, pages: u32) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{create_backed_guest_memory, MemoryBacking, TestHugePages};
+
+    /// A zero-page record makes the pages read as zero whatever backs the memory: anonymous
+    /// memory drops them, huge pages (which drop only whole) are written with zeros, and the
+    /// pages around keep their data.
+    fn zero_record_zeroes(mem: &GuestMemory) {
+        let data = vec![0xa5u8; 3 * PAGE_SIZE as usize];
+        mem.write_slice(&data, GuestAddress(0x10_0000))
+            .expect("write");
+        zero_pages(mem, 0x10_1000, 1).expect("zero");
+        let mut back = vec![0u8; 3 * PAGE_SIZE as usize];
+        mem.read_slice(&mut back, GuestAddress(0x10_0000))
+            .expect("read");
+        let page = PAGE_SIZE as usize;
+        assert!(back[..page].iter().all(|&b| b == 0xa5));
+        assert!(back[page..2 * page].iter().all(|&b| b == 0));
+        assert!(back[2 * page..].iter().all(|&b| b == 0xa5));
+        assert!(
+            zero_pages(mem, 0x40_0000 - PAGE_SIZE, 2).is_err(),
+            "past the end"
+        );
+    }
+
+    #[test]
+    fn a_zero_record_zeroes_anonymous_memory() {
+        zero_record_zeroes(&create_backed_guest_memory(4 << 20, MemoryBacking::Anonymous).unwrap());
+    }
+
+    #[test]
+    fn a_zero_record_zeroes_huge_pages() {
+        let Some(_pool) = TestHugePages::grow(2, "a_zero_record_zeroes_huge_pages") else {
+            return;
+        };
+        zero_record_zeroes(&create_backed_guest_memory(4 << 20, MemoryBacking::HugePages).unwrap());
+    }
+}
