@@ -106,8 +106,20 @@ pub fn read_frame(r: &mut impl Read, max_payload: usize) -> io::Result<Frame> {
                     "a session chunk at {offset:#x} runs past the stream"
                 )));
             }
-            let mut payload = vec![0u8; len];
-            r.read_exact(&mut payload)?;
+            // Read into fresh capacity: a chunk is up to 256 KiB, and zeroing it first took
+            // more of the reading thread's time than its copy (2.6 % against 1 % of both
+            // processes' samples in a profile of a 2 GiB migration).
+            let mut payload = Vec::with_capacity(len);
+            r.take(len as u64).read_to_end(&mut payload)?;
+            if payload.len() != len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "a session chunk cut short at {} of {len} bytes",
+                        payload.len()
+                    ),
+                ));
+            }
             Ok(Frame::Data {
                 ack,
                 offset,
