@@ -295,6 +295,82 @@ fn a_dead_agent_loses_its_vms_to_view_and_nothing_runs_twice() {
     );
 }
 
+/// An agent restarted while one of its VMs migrates follows the move it did not start: the
+/// new agent lists the VM as migrating out, then as departed once it runs on the other host;
+/// it runs there once, and nothing is resumed or restarted here.
+#[test]
+fn an_agent_restarted_mid_migration_follows_the_move_to_its_end() {
+    use ferry_cluster::agent_api::{Incoming, IncomingReady, MigrateVm};
+    use ferry_cluster::model::{MoveProtocol, VmReport};
+    let _one = one_cluster();
+    let Some(mut lab) = lab_or_skip(
+        "an_agent_restarted_mid_migration_follows_the_move_to_its_end",
+        2,
+    ) else {
+        return;
+    };
+    // 96 MiB of data through a 16 MiB/s cap: the move takes about 6 s.
+    let spec = VmSpec {
+        append: "workload=mem mem_mib=96 mem_rate=0".into(),
+        ..guest(128, "0:5")
+    };
+    let vm = lab.start_vm("h1", "mover", spec.clone());
+    let pid = vm.pid.expect("a VMM process");
+    let (h1, h2) = (lab.host("h1").api(), lab.host("h2").api());
+    let ready: IncomingReady = lab
+        .call(
+            &h2,
+            hyper::Method::POST,
+            "/v1/incoming",
+            Some(&Incoming {
+                request_id: "in-mover".into(),
+                name: "mover".into(),
+                spec,
+                from: "h1".into(),
+            }),
+        )
+        .expect("a receiver on h2");
+    let _: VmReport = lab
+        .call(
+            &h1,
+            hyper::Method::POST,
+            "/v1/vms/mover/migrate",
+            Some(&MigrateVm {
+                request_id: "move-mover".into(),
+                to: ready,
+                protocol: MoveProtocol::PreCopy,
+                downtime_ms: 100,
+                bandwidth_bytes_per_sec: Some(16 << 20),
+                max_time_secs: None,
+            }),
+        )
+        .expect("the migration starts");
+    lab.kill_agent(0);
+    lab.start_agent(0).expect("h1's agent restarts");
+    let report = lab.report("h1").expect("h1");
+    let mover = report.vms.iter().find(|v| v.name == "mover");
+    assert!(
+        mover.is_some_and(
+            |v| v.phase == VmPhase::MigratingOut { to: "h2".into() } && v.pid == Some(pid)
+        ),
+        "the new agent sees the move under way: {report:#?}"
+    );
+    let phase = lab.wait_until("the move ends", Duration::from_secs(60), |lab| {
+        let r = lab.report("h1").ok()?;
+        let v = r.vms.iter().find(|v| v.name == "mover")?;
+        (!matches!(v.phase, VmPhase::MigratingOut { .. })).then(|| v.phase.clone())
+    });
+    assert_eq!(phase, VmPhase::Departed { to: "h2".into() });
+    assert_eq!(lab.where_is("mover").as_deref(), Some("h2"));
+    // Its parent (the agent that started it) is gone: it may linger as a zombie.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+    assert!(
+        stat.is_empty() || state.starts_with('Z'),
+        "the source VMM ended after the handover: {stat}"
+    );
+}
+
 #[test]
 fn a_vmm_that_dies_is_reported_and_not_restarted() {
     let _one = one_cluster();
