@@ -4,20 +4,14 @@ use std::path::Path;
 
 const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
 
-/// Pages of the pool: total, and free for a new mapping (free and not reserved by a mapping
-/// made already), from /proc/meminfo.
+/// Pages of the pool: total (`nr_hugepages`), and free for a new mapping.
 pub fn huge_pages() -> Option<(u64, u64)> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let field = |name: &str| -> Option<u64> {
-        meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix(name))?
-            .trim()
-            .parse()
-            .ok()
-    };
-    let free = field("HugePages_Free:")?.saturating_sub(field("HugePages_Rsvd:")?);
-    Some((field("HugePages_Total:")?, free))
+    let total = std::fs::read_to_string(NR_HUGEPAGES)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((total, ferry_vmm::memory::huge_pages_free()?))
 }
 
 /// `pages` more free huge pages than there were, for as long as it lives: the pool's size is
