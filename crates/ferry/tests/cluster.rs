@@ -14,7 +14,7 @@ use common::{kvm_or_skip, TempDir};
 use ferry_cluster::controller::api::ClusterStatus;
 use ferry_cluster::controller::journal::Step;
 use ferry_cluster::model::{VmPhase, VmSpec};
-use ferry_lab::kit::cluster::{ClusterLab, HostSize};
+use ferry_lab::kit::cluster::ClusterLab;
 
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -30,17 +30,7 @@ fn lab_or_skip(test: &str, hosts: usize) -> Option<ClusterLab> {
     if !kvm_or_skip(test) {
         return None;
     }
-    Some(
-        ClusterLab::create(
-            "cl",
-            hosts,
-            HostSize {
-                cpus: 1.0,
-                memory_mib: 2048,
-            },
-        )
-        .unwrap_or_else(|e| panic!("cannot make the cluster: {e}")),
-    )
+    Some(common::cluster_lab("cl", hosts, 2048))
 }
 
 /// A test guest VM burning `cpu_profile` (see the guest's README).

@@ -21,7 +21,7 @@ use ferry_cluster::controller::etcd::EtcdStore;
 use ferry_cluster::controller::journal::{Evacuation, Journal, Record, Step};
 use ferry_cluster::controller::store::StoreError;
 use ferry_cluster::model::{VmPhase, VmSpec};
-use ferry_lab::kit::cluster::{ClusterLab, HostSize};
+use ferry_lab::kit::cluster::ClusterLab;
 use ferry_lab::kit::cluster_services::{installed, Etcd};
 
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -128,15 +128,7 @@ fn a_standby_controller_finishes_an_evacuation_when_the_leader_dies() {
     if !kvm_or_skip(test) || !etcd_or_skip(test) {
         return;
     }
-    let mut lab = ClusterLab::create(
-        "fo",
-        3,
-        HostSize {
-            cpus: 1.0,
-            memory_mib: 2048,
-        },
-    )
-    .unwrap_or_else(|e| panic!("cannot make the cluster: {e}"));
+    let mut lab = common::cluster_lab("fo", 3, 2048);
     // Light VMs: the hosts stay calm, so the evacuation is the only thing that moves.
     for vm in VMS {
         lab.start_vm("h1", vm, guest(64, "0:5"));
@@ -472,15 +464,7 @@ fn a_leader_whose_lease_lapsed_stops_without_waiting_for_a_write() {
     if !kvm_or_skip(test) || !etcd_or_skip(test) {
         return;
     }
-    let mut lab = ClusterLab::create(
-        "ls",
-        1,
-        HostSize {
-            cpus: 1.0,
-            memory_mib: 1024,
-        },
-    )
-    .unwrap_or_else(|e| panic!("cannot make the cluster: {e}"));
+    let mut lab = common::cluster_lab("ls", 1, 1024);
     let etcd = lab.etcd();
     let file = lab.cluster_file("");
     let api = format!("{}:7802", lab.gateway);

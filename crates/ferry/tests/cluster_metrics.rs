@@ -13,7 +13,6 @@ use common::kvm_or_skip;
 use ferry_cluster::controller::api::Evacuate;
 use ferry_cluster::controller::journal::{Evacuation, Step};
 use ferry_cluster::model::VmSpec;
-use ferry_lab::kit::cluster::{ClusterLab, HostSize};
 use ferry_lab::kit::cluster_services::{free_port, http_get, installed, url_encode};
 
 /// A test guest VM burning `cpu_profile` (see the guest's README).
@@ -84,15 +83,7 @@ fn prometheus_scrapes_the_agents_and_the_controller() {
         eprintln!("SKIPPED (no prometheus): {test}");
         return;
     }
-    let mut lab = ClusterLab::create(
-        "pm",
-        2,
-        HostSize {
-            cpus: 1.0,
-            memory_mib: 2048,
-        },
-    )
-    .unwrap_or_else(|e| panic!("cannot make the cluster: {e}"));
+    let mut lab = common::cluster_lab("pm", 2, 2048);
     lab.start_vm("h1", "mover", guest(64, "0:5"));
     let file = lab.cluster_file("consolidate_sustain_secs = 600.0\n");
     let api = format!("{}:7800", lab.gateway);

@@ -13,6 +13,21 @@ pub use ferry_lab::kit::{
     vm_api, wait_for_path, Boot, HugePagePool, Status, TempDir, VmProcess,
 };
 
+/// A lab cluster of `hosts` hosts of one core and `memory_mib` each (tagged `tag`), or a
+/// panic that says why it could not be made.
+pub fn cluster_lab(
+    tag: &str,
+    hosts: usize,
+    memory_mib: u64,
+) -> ferry_lab::kit::cluster::ClusterLab {
+    let size = ferry_lab::kit::cluster::HostSize {
+        cpus: 1.0,
+        memory_mib,
+    };
+    ferry_lab::kit::cluster::ClusterLab::create(tag, hosts, size)
+        .unwrap_or_else(|e| panic!("cannot make the cluster: {e}"))
+}
+
 /// The ferry binary under test. The kit finds it beside the test executable; this checks, once,
 /// that it is the one cargo built for these tests.
 pub fn ferry() -> Command {
