@@ -14,6 +14,7 @@ pub mod event;
 pub mod kvm_state;
 pub mod memory;
 pub mod migration;
+pub mod sched;
 pub mod snapshot;
 pub mod vmm;
 

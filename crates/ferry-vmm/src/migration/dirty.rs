@@ -19,19 +19,39 @@ pub struct RegionDirty {
 }
 
 impl RegionDirty {
-    /// Guest addresses of the dirty pages, in order.
+    /// Guest addresses of the dirty pages, in order. Only set bits are visited: a 3 GiB
+    /// region has 786,432 bits, and testing each one took 0.3 ms of the guest's pause when
+    /// a handful were set.
     pub fn addresses(&self) -> impl Iterator<Item = u64> + '_ {
-        self.bits.iter().enumerate().flat_map(move |(w, &word)| {
-            let base = self.guest_addr + (w as u64 * 64) * PAGE;
-            let pages = self.pages;
-            (0..64u64)
-                .filter(move |b| word & (1 << b) != 0 && (w as u64 * 64 + b) < pages)
-                .map(move |b| base + b * PAGE)
-        })
+        let pages = self.pages;
+        self.bits
+            .iter()
+            .enumerate()
+            .filter(|(_, &word)| word != 0)
+            .flat_map(move |(w, &word)| {
+                let first = w as u64 * 64;
+                let base = self.guest_addr + first * PAGE;
+                SetBits(word)
+                    .take_while(move |b| first + b < pages)
+                    .map(move |b| base + b * PAGE)
+            })
     }
 
     pub fn count(&self) -> u64 {
-        self.addresses().count() as u64
+        self.bits
+            .iter()
+            .enumerate()
+            .map(|(w, &word)| {
+                let first = w as u64 * 64;
+                let inside = self.pages.saturating_sub(first).min(64);
+                let mask = if inside == 64 {
+                    u64::MAX
+                } else {
+                    (1u64 << inside) - 1
+                };
+                u64::from((word & mask).count_ones())
+            })
+            .sum()
     }
 
     /// Adds `other`'s dirty pages (the same region's).
@@ -40,6 +60,22 @@ impl RegionDirty {
         for (a, b) in self.bits.iter_mut().zip(&other.bits) {
             *a |= *b;
         }
+    }
+}
+
+/// The positions of a word's set bits, lowest first.
+struct SetBits(u64);
+
+impl Iterator for SetBits {
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        if self.0 == 0 {
+            return None;
+        }
+        let bit = u64::from(self.0.trailing_zeros());
+        self.0 &= self.0 - 1;
+        Some(bit)
     }
 }
 
@@ -137,6 +173,46 @@ mod tests {
             pages: 64,
         });
         assert_eq!(a.bits, vec![0b0111]);
+    }
+
+    #[test]
+    fn addresses_and_count_agree_with_a_bit_by_bit_walk() {
+        // Bitmaps of every density, with stray bits past the region's end.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for pages in [1u64, 63, 64, 65, 200, 4096 + 17] {
+            for density in [0u32, 1, 8, 40, 64] {
+                let words = pages.div_ceil(64) as usize;
+                let bits: Vec<u64> = (0..words)
+                    .map(|_| {
+                        let mut word = 0;
+                        for b in 0..64 {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            if (x % 64) < u64::from(density) {
+                                word |= 1 << b;
+                            }
+                        }
+                        word
+                    })
+                    .collect();
+                let d = RegionDirty {
+                    guest_addr: 0x4000_0000,
+                    bits,
+                    pages,
+                };
+                let expected: Vec<u64> = (0..pages)
+                    .filter(|p| d.bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
+                    .map(|p| 0x4000_0000 + p * PAGE)
+                    .collect();
+                assert_eq!(
+                    d.addresses().collect::<Vec<_>>(),
+                    expected,
+                    "{pages} {density}"
+                );
+                assert_eq!(d.count(), expected.len() as u64, "{pages} {density}");
+            }
+        }
     }
 
     #[test]

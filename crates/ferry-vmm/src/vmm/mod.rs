@@ -307,6 +307,8 @@ impl Vm {
 
     /// Like [`Vm::run`], calling `started` once the vCPUs run.
     pub fn run_with(mut self, mut started: Option<Box<dyn FnOnce()>>) -> Result<VmExit, VmmError> {
+        // The control loop pauses the VM and saves its state for a migration's handover.
+        crate::sched::latency_critical();
         let subscribers = self.devices.subscribers();
         let devices =
             event_loop::spawn(subscribers, self.events_tx.clone()).map_err(VmmError::Thread)?;

@@ -39,7 +39,10 @@ impl Reader {
         let (spent, buffers) = mpsc::sync_channel::<Vec<u8>>(READ_AHEAD + 2);
         let thread = std::thread::Builder::new()
             .name("ferry-recv".into())
-            .spawn(move || read_loop(reader, &machine, &tx, &buffers, prefault.as_mut()))?;
+            .spawn(move || {
+                crate::sched::latency_critical();
+                read_loop(reader, &machine, &tx, &buffers, prefault.as_mut())
+            })?;
         Ok(Reader {
             messages,
             spent,

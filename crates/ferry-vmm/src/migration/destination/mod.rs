@@ -145,6 +145,8 @@ impl Link {
 /// before a migration starts (garbage, silence, a wrong version) are refused and the receiver
 /// waits for the next; the API socket answers meanwhile.
 pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
+    // This thread applies the pages and answers the handover.
+    crate::sched::latency_critical();
     let (kvm, host_memory) = open_kvm()?;
     let taps = open_taps(&config.nics)?;
     let tls = config
@@ -309,7 +311,10 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         // VM's path.
         let _ = std::thread::Builder::new()
             .name("ferry-sess-end".into())
-            .spawn(move || link.conn.end());
+            .spawn(move || {
+                crate::sched::latency_critical();
+                link.conn.end()
+            });
     })))
 }
 

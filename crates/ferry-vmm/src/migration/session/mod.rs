@@ -465,7 +465,13 @@ impl Session {
         };
         self.shared.changed.notify_all();
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new().name(name).spawn(f).map(|_| ())
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    crate::sched::latency_critical();
+                    f()
+                })
+                .map(|_| ())
         };
         let shared = self.shared.clone();
         spawn(

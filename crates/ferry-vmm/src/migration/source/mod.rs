@@ -193,6 +193,7 @@ pub fn spawn(ctx: SourceContext) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("ferry-migrate".into())
         .spawn(move || {
+            crate::sched::latency_critical();
             let run =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Worker::new(&ctx).run()));
             ctx.throttle.set(0);
