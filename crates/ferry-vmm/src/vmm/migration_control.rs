@@ -29,7 +29,7 @@ use super::VmExit;
 use crate::bus::lock;
 use crate::event::{ApiFailure, ApiReply, VmmEvent};
 use crate::migration::session::dial::Redial;
-use crate::migration::source::{self, SourceContext, SwitchoverReply, ToControl};
+use crate::migration::source::{self, SourceContext, StateReply, SwitchoverReplies, ToControl};
 use crate::migration::wire::TlsPeer;
 use crate::migration::MigrationOutcome;
 
@@ -328,8 +328,8 @@ impl Control<'_> {
     /// What the worker asks; returns how the VM ends if it moved away.
     pub(super) fn on_worker(&mut self, message: ToControl) -> Option<VmExit> {
         match message {
-            ToControl::Switchover(reply) => {
-                let _ = reply.send(self.switchover());
+            ToControl::Switchover(replies) => {
+                self.switchover(replies);
                 None
             }
             ToControl::Resume(reply) => {
@@ -345,21 +345,33 @@ impl Control<'_> {
         }
     }
 
-    /// Stops the VM for the switchover and reads its state (without memory, which the worker
-    /// sends itself). The disks are flushed so the destination reads what the guest wrote.
-    fn switchover(&mut self) -> SwitchoverReply {
+    /// Stops the VM for the switchover and says so, then reads and encodes its state (without
+    /// memory, which the worker sends itself) while the worker sends the last pages. The disks
+    /// are flushed so the destination reads what the guest wrote.
+    fn switchover(&mut self, replies: SwitchoverReplies) {
         let was_running = self.state == VmRunState::Running;
         let stopped_at = std::time::Instant::now();
         if was_running {
-            self.pause()?;
+            if let Err(e) = self.pause() {
+                let _ = replies.paused.send(Err(e));
+                return;
+            }
         }
         let pause_time = stopped_at.elapsed();
         if let SourceLifecycle::Migrating(r) = &mut self.migration {
             r.paused_for_switchover = was_running;
         }
+        let _ = replies.paused.send(Ok((stopped_at, pause_time)));
+        let _ = replies.state.send(self.encoded_state());
+    }
+
+    fn encoded_state(&mut self) -> StateReply {
         let state = self.save_state()?;
         self.vm.devices.flush()?;
-        Ok((state, stopped_at, pause_time))
+        let mut bytes = Vec::new();
+        crate::snapshot::format::write_state(&mut bytes, &state)
+            .map_err(|e| crate::error_chain(&e))?;
+        Ok(bytes)
     }
 
     /// Acts on the end of a migration; returns how the VM ends if it moved away.

@@ -25,7 +25,7 @@ use ferry_api::{DowntimeBreakdown, MigrationError, MigrationErrorKind as Kind, M
 use ferry_proto::migration::{Complete, Message, Resolve, SenderState};
 
 use super::link::{self, Link, LinkConfig};
-use super::{ToControl, Worker};
+use super::{SwitchoverReplies, ToControl, Worker};
 use crate::migration::dirty::{DirtyTracker, RegionDirty};
 use crate::migration::error::Stop;
 use crate::migration::fault;
@@ -94,11 +94,16 @@ impl Worker<'_> {
         forced: bool,
     ) -> Result<Handover, Stop> {
         self.status(|s| s.phase = MigrationPhase::Switchover);
-        let (reply_tx, reply) = std::sync::mpsc::channel();
-        if !(self.ctx.control)(ToControl::Switchover(reply_tx)) {
+        let (paused_tx, paused) = std::sync::mpsc::channel();
+        let (state_tx, state) = std::sync::mpsc::channel();
+        let replies = SwitchoverReplies {
+            paused: paused_tx,
+            state: state_tx,
+        };
+        if !(self.ctx.control)(ToControl::Switchover(replies)) {
             return Err(Stop::failed(Kind::Internal, "the control loop is gone"));
         }
-        let (state, paused_at, pause_time) = reply
+        let (paused_at, pause_time) = paused
             .recv_timeout(PAUSE_TIMEOUT)
             .map_err(|_| Stop::failed(Kind::GuestFailed, "the VM did not stop in time"))?
             .map_err(|e| Stop::failed(Kind::GuestFailed, e))?;
@@ -169,9 +174,16 @@ impl Worker<'_> {
             return Ok(Handover::Resumed);
         }
         let t_state = Instant::now();
-        let mut state_bytes = Vec::new();
-        crate::snapshot::format::write_state(&mut state_bytes, &state)
-            .map_err(|e| Stop::failed(Kind::Internal, crate::error_chain(&e)))?;
+        // Saved and encoded by the control loop meanwhile; it answers within the pause bound.
+        let state_bytes = state
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .map_err(|_| {
+                Stop::failed(
+                    Kind::GuestFailed,
+                    "the VM's state was not saved within the downtime bound",
+                )
+            })?
+            .map_err(|e| Stop::failed(Kind::GuestFailed, e))?;
         link.send(Message::State(state_bytes))?;
         link.send(Message::Complete(Complete {
             iterations: self.iterations,
