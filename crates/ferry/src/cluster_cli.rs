@@ -210,10 +210,10 @@ pub fn cluster_status(args: ControllerClientArgs) -> Result<()> {
     let status: ClusterStatus =
         call_controller::<(), _>(&args, hyper::Method::GET, "/v1/cluster", None)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        outln!("{}", serde_json::to_string_pretty(&status)?)?;
         return Ok(());
     }
-    print!("{}", crate::cluster_table::render(&status));
+    out!("{}", crate::cluster_table::render(&status))?;
     Ok(())
 }
 
@@ -253,9 +253,9 @@ pub fn host_evacuate(args: EvacuateArgs) -> Result<()> {
     )?;
     if !args.wait {
         if args.client.json {
-            println!("{}", serde_json::to_string_pretty(&started)?);
+            outln!("{}", serde_json::to_string_pretty(&started)?)?;
         } else {
-            println!("evacuating {}", started.host);
+            outln!("evacuating {}", started.host)?;
         }
         return Ok(());
     }
@@ -266,7 +266,7 @@ pub fn host_evacuate(args: EvacuateArgs) -> Result<()> {
         for m in status.migrations.iter().filter(|m| m.from == args.host) {
             let line = format!("{} {} -> {}: {:?}", m.vm, m.from, m.to, m.step);
             if !args.client.json && seen.insert(line.clone()) {
-                println!("{line}");
+                outln!("{line}")?;
             }
         }
         let done = status
@@ -277,12 +277,12 @@ pub fn host_evacuate(args: EvacuateArgs) -> Result<()> {
         if let Some(end) = done {
             let secs = end.saturating_sub(started.started_unix_ms) as f64 / 1000.0;
             if args.client.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({"host": args.host, "seconds": secs})
-                );
+                )?;
             } else {
-                println!("{} evacuated in {secs:.1} s", args.host);
+                outln!("{} evacuated in {secs:.1} s", args.host)?;
             }
             return Ok(());
         }

@@ -1,6 +1,24 @@
 //! `ferry`: boots, controls, snapshots and live-migrates KVM virtual machines: what runs on a
 //! production host. Guest builders, benchmarks and the demo live in `ferry-lab`.
 
+/// `println!` that returns the write's error instead of panicking. A reader that closes the
+/// pipe early (`ferry vm info --json | head -1`) gives [`StdoutClosed`], on which `main` ends
+/// quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::stdout_error)
+    }};
+}
+
+/// `print!` as [`outln`] is `println!`.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*).map_err($crate::stdout_error)
+    }};
+}
+
 mod client;
 mod cluster_cli;
 mod cluster_table;
@@ -536,9 +554,9 @@ fn vm_call(action: VmAction) -> Result<()> {
     };
     let info: ferry_api::VmInfo = client::call_json(&args.api_socket, method, path, body.as_ref())?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        outln!("{}", serde_json::to_string_pretty(&info)?)?;
     } else {
-        print!("{}", client::summary(&info));
+        out!("{}", client::summary(&info))?;
     }
     Ok(())
 }
@@ -551,14 +569,14 @@ fn dirty_rate(api: &ApiArgs, window_ms: u64) -> Result<()> {
         Some(&ferry_api::DirtyRateRequest { window_ms }),
     )?;
     if api.json {
-        println!("{}", serde_json::to_string_pretty(&rate)?);
+        outln!("{}", serde_json::to_string_pretty(&rate)?)?;
     } else {
-        println!(
+        outln!(
             "{:.1} MiB/s dirtied ({} pages in {:.0} ms)",
             rate.bytes_per_sec / (1 << 20) as f64,
             rate.dirty_pages,
             rate.window_ms
-        );
+        )?;
     }
     Ok(())
 }
@@ -587,9 +605,9 @@ fn snapshot_create(
         }
     })?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        println!(
+        outln!(
             "snapshot in {}: {} pages ({} MiB of {} MiB) + {} KiB of state; paused {:.1} ms, saved {:.1} ms, resumed {:.1} ms; downtime {:.1} ms{}",
             report.dir,
             report.pages_written,
@@ -601,7 +619,7 @@ fn snapshot_create(
             report.resume_ms,
             report.downtime_ms,
             if report.resumed { "" } else { " (VM not resumed)" }
-        );
+        )?;
     }
     Ok(())
 }
@@ -636,12 +654,13 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate_cmd(args),
         Command::TlsCerts(args) => {
             ferry_vmm::migration::wire::pki::make(&args.out, &args.ca_name, &args.hosts)
-                .map(|dirs| {
+                .map_err(anyhow::Error::from)
+                .and_then(|dirs| {
                     for d in dirs {
-                        println!("{}", d.display());
+                        outln!("{}", d.display())?;
                     }
+                    Ok(())
                 })
-                .map_err(Into::into)
         }
         Command::Snapshot {
             action:
@@ -655,6 +674,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader has what it wanted and went away: not an error.
+        Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry: error: {e:#}");
             // A failed migration's code tells a script whether to retry.
@@ -663,5 +684,26 @@ fn main() -> ExitCode {
                 None => ExitCode::FAILURE,
             }
         }
+    }
+}
+
+/// Standard output's reader went away: it has what it wanted.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// A failed write to standard output, as the commands report it.
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("cannot write to standard output")
     }
 }

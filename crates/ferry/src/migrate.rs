@@ -85,13 +85,14 @@ pub fn migrate(socket: &Path, args: MigrateArgs) -> Result<()> {
 
 /// Prints a finished migration's status (JSON or a report); fails unless the VM moved.
 fn conclude(status: MigrationStatus, json: bool) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+    // The migration's outcome decides the exit code, even if the reader of stdout is gone.
+    let printed = if json {
+        outln!("{}", serde_json::to_string_pretty(&status)?)
     } else {
-        print!("{}", report(&status));
-    }
+        out!("{}", report(&status))
+    };
     match status.phase {
-        MigrationPhase::Completed => Ok(()),
+        MigrationPhase::Completed => printed,
         phase if finished(phase) => Err(MigrationFailed {
             phase,
             error: status.error,
@@ -282,18 +283,18 @@ pub fn resolve(
             // The VM's process ended: the destination runs it.
             Err(_) => {
                 if json {
-                    println!("{{\"resolved\": \"running_on_destination\"}}");
+                    outln!("{{\"resolved\": \"running_on_destination\"}}")?;
                 } else {
-                    println!("resolved: the destination runs the VM; this one has ended");
+                    outln!("resolved: the destination runs the VM; this one has ended")?;
                 }
                 return Ok(());
             }
         };
         if status.phase != MigrationPhase::OutcomeUnknown {
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                outln!("{}", serde_json::to_string_pretty(&status)?)?;
             } else {
-                print!("{}", report(&status));
+                out!("{}", report(&status))?;
             }
             return Ok(());
         }
@@ -308,13 +309,18 @@ pub fn show_status(socket: &Path, json: bool) -> Result<()> {
     let s: MigrationStatus =
         client::call_json::<(), _>(socket, Method::GET, "/vm/migration", None)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        outln!("{}", serde_json::to_string_pretty(&s)?)?;
     } else {
-        println!(
+        outln!(
             "migration {} to {}: {:?}, pass {}, {} connection(s) up of {}",
-            s.migration_id, s.to, s.phase, s.iteration, s.connections_up, s.connections
-        );
-        print!("{}", report(&s));
+            s.migration_id,
+            s.to,
+            s.phase,
+            s.iteration,
+            s.connections_up,
+            s.connections
+        )?;
+        out!("{}", report(&s))?;
     }
     Ok(())
 }
@@ -349,9 +355,9 @@ pub fn cancel(socket: &Path, json: bool) -> Result<()> {
     let s: MigrationStatus =
         client::call_json::<(), _>(socket, Method::PUT, "/vm/migration/cancel", None)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        outln!("{}", serde_json::to_string_pretty(&s)?)?;
     } else {
-        println!("cancelling the migration to {} ({:?})", s.to, s.phase);
+        outln!("cancelling the migration to {} ({:?})", s.to, s.phase)?;
     }
     Ok(())
 }
@@ -368,11 +374,11 @@ pub fn set_bandwidth(socket: &Path, cap: Option<u64>, json: bool) -> Result<()> 
         Some(&request),
     )?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        outln!("{}", serde_json::to_string_pretty(&s)?)?;
     } else {
         match cap {
-            Some(c) => println!("the migration to {} is capped at {c} bytes/s now", s.to),
-            None => println!("the migration to {} is no longer capped", s.to),
+            Some(c) => outln!("the migration to {} is capped at {c} bytes/s now", s.to)?,
+            None => outln!("the migration to {} is no longer capped", s.to)?,
         }
     }
     Ok(())

@@ -225,3 +225,31 @@ fn unknown_flags_are_refused_with_usage() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--kernel"));
 }
+
+#[test]
+fn a_reader_that_closes_stdout_early_ends_the_command_quietly() {
+    // `ferry ... | head -1`: the reader has gone before ferry prints. No KVM needed:
+    // `tls-certs` prints the folders it made.
+    let dir = TempDir::new("closed-stdout");
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let mut child = ferry()
+        .args(["tls-certs", "--out"])
+        .arg(dir.join("pki"))
+        .args(["--host", "a=127.0.0.1"])
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(std::time::Instant::now() < deadline, "ferry hung");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(dir.join("pki").join("a").is_dir(), "the work was done");
+}

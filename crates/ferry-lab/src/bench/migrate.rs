@@ -20,6 +20,10 @@
 //! Timings are each VMM's own: ferry's `elapsed_secs` and `downtime.total_ms`, QEMU's
 //! `total-time` and `downtime`; bytes are ferry's `bytes_sent` and QEMU's `ram.transferred`.
 //! Spreads cover the runs that converged.
+//!
+//! Populated guests on the unlimited link also get a floor each run (`bench::floor`): their
+//! data moved by loopback TCP alone into fresh memory, beside a busy core. A ratio against
+//! QEMU that the floor rules out is out of reach of any VMM on the host measured.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -137,6 +141,18 @@ struct Case {
 }
 
 impl Case {
+    /// The guest's data for the floor: a populated guest's, on the unlimited link.
+    fn floor_bytes(&self) -> Option<usize> {
+        if self.link.is_some() {
+            return None;
+        }
+        match self.workload {
+            "populated256" => Some(256 << 20),
+            "populated2g" => Some(2048 << 20),
+            _ => None,
+        }
+    }
+
     fn name(&self) -> String {
         match self.link {
             None => format!("{}-unlimited", self.workload),
@@ -205,6 +221,10 @@ pub struct CaseReport {
     /// Distinct notes ferry's migrations reported (throttling, forcing, ...).
     pub ferry_notes: Vec<String>,
     pub qemu: Vec<QemuModeReport>,
+    /// A populated guest on the unlimited link: its data moved by nothing but loopback TCP
+    /// into fresh memory of the same kind, beside a busy core (`bench::floor`), ms, once per
+    /// run. No migration of this guest can take less here. `null` for the other cases.
+    pub floor_ms: Option<Spread>,
 }
 
 /// One QEMU mode in one case, and how it compares with ferry.
@@ -813,6 +833,7 @@ pub fn migrate(
         .iter()
         .map(|_| modes.iter().map(|_| Samples::default()).collect())
         .collect();
+    let mut floors: Vec<Vec<f64>> = cases.iter().map(|_| Vec::new()).collect();
     for run in 0..runs {
         for (i, case) in cases.iter().enumerate() {
             let name = case.name();
@@ -833,12 +854,19 @@ pub fn migrate(
                     .with_context(|| format!("QEMU ({} mode), {name}, run {run}", mode.name()))?;
                 let _ = std::fs::remove_dir_all(&dir);
             }
+            if let Some(bytes) = case.floor_bytes() {
+                floors[i].push(
+                    super::floor::measure(bytes, hugepages)
+                        .with_context(|| format!("the floor, {name}, run {run}"))?,
+                );
+            }
         }
     }
     let cases = cases
         .iter()
         .zip(ferry.iter().zip(&qemu_samples))
-        .map(|(case, (f, q))| {
+        .zip(&floors)
+        .map(|((case, (f, q)), floor)| {
             let ferry = f.figures();
             let qemu = modes
                 .iter()
@@ -864,6 +892,7 @@ pub fn migrate(
                 ferry,
                 ferry_notes: f.notes.clone(),
                 qemu,
+                floor_ms: (!floor.is_empty()).then(|| Spread::of(floor)),
             }
         })
         .collect();

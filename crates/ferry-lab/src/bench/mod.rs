@@ -17,6 +17,7 @@ use ferry_lab::product::ferry_binary;
 
 pub mod batch_move;
 pub mod evacuate;
+pub mod floor;
 pub mod migrate;
 pub mod migrate_disk;
 pub mod migrate_encoding;
