@@ -13,6 +13,9 @@
 //! run for microseconds at a time, so a short slice costs them nothing, and they keep their
 //! normal policy and weight: no real-time priority and no privilege is needed. Older kernels
 //! accept the call and ignore the slice.
+//!
+//! The device event loop asks for it too: the guest waits on each disk request it queues, and
+//! a device thread woken behind a migration's busy thread stalled the guest's I/O for a slice.
 
 /// The slice asked for: the least Linux grants (0.1 ms).
 const SLICE_NS: u64 = 100_000;

@@ -99,7 +99,11 @@ pub(super) struct Sample {
 #[derive(Debug, Serialize)]
 pub struct ContenderReport {
     pub name: String,
+    /// Runs that completed; the spreads cover them.
     pub runs: usize,
+    /// Runs that did not, with why (a QEMU mirror that never became ready, say): the bench
+    /// goes on without them.
+    pub failures: Vec<String>,
     pub total_ms: Spread,
     pub downtime_ms: Spread,
     pub bytes: Spread,
@@ -546,6 +550,7 @@ pub fn migrate_disk(runs: usize) -> Result<DiskBenchReport> {
     let mut links = Vec::new();
     for link in [None, Some(CAPPED_LINK_BYTES)] {
         let mut samples: Vec<Vec<Sample>> = contenders.iter().map(|_| Vec::new()).collect();
+        let mut failures: Vec<Vec<String>> = contenders.iter().map(|_| Vec::new()).collect();
         for run in 0..runs {
             for (i, c) in contenders.iter().enumerate() {
                 eprintln!(
@@ -559,16 +564,25 @@ pub fn migrate_disk(runs: usize) -> Result<DiskBenchReport> {
                 let sample = match *c {
                     Contender::Ferry(mode) => ferry_run(&ferry, &guest, mode, link, &image, &dir),
                     Contender::Qemu(mode) => qemu_run(&guest, mode, link, &image, &dir),
+                };
+                match sample {
+                    Ok(sample) => samples[i].push(sample),
+                    Err(e) => {
+                        eprintln!(
+                            "ferry-lab bench migrate --disk: {}, run {run}: {e:#}",
+                            c.name()
+                        );
+                        failures[i].push(format!("run {run}: {e:#}"));
+                    }
                 }
-                .with_context(|| format!("{}, run {run}", c.name()))?;
-                samples[i].push(sample);
                 let _ = std::fs::remove_dir_all(&dir);
                 let _ = std::io::stderr().flush();
             }
         }
-        let report = |c: &Contender, s: &[Sample]| ContenderReport {
+        let report = |c: &Contender, s: &[Sample], failed: &[String]| ContenderReport {
             name: c.name(),
             runs: s.len(),
+            failures: failed.to_vec(),
             total_ms: Spread::of(&s.iter().map(|x| x.total_ms).collect::<Vec<_>>()),
             downtime_ms: Spread::of(&s.iter().map(|x| x.downtime_ms).collect::<Vec<_>>()),
             bytes: Spread::of(&s.iter().map(|x| x.bytes).collect::<Vec<_>>()),
@@ -578,8 +592,8 @@ pub fn migrate_disk(runs: usize) -> Result<DiskBenchReport> {
         };
         let reports: Vec<ContenderReport> = contenders
             .iter()
-            .zip(&samples)
-            .map(|(c, s)| report(c, s))
+            .zip(samples.iter().zip(&failures))
+            .map(|(c, (s, f))| report(c, s, f))
             .collect();
         let ferry_mirror = &reports[0];
         let ratios = reports

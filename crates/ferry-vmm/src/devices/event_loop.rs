@@ -90,7 +90,12 @@ pub fn spawn(
     let (acks, acks_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("ferry-devices".into())
-        .spawn(move || run(manager, commands, acks, events))?;
+        .spawn(move || {
+            // The guest waits on each request it queues: a device woken behind a busy
+            // thread's whole slice (a migration's, another VM's) stalls the guest's I/O.
+            crate::sched::latency_critical();
+            run(manager, commands, acks, events)
+        })?;
     Ok(DeviceLoopHandle {
         commands: commands_tx,
         acks: acks_rx,
