@@ -88,6 +88,7 @@ pub mod interrupt;
 pub mod persist;
 mod ratelimit;
 pub mod virtio;
+pub mod zeroed;
 
 pub use bus::BusDevice;
 pub use interrupt::Interrupt;

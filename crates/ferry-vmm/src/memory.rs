@@ -133,6 +133,11 @@ fn huge_page_memory(size: u64) -> Result<GuestMemory, MemoryError> {
     if size % HUGE_PAGE_SIZE != 0 {
         return Err(MemoryError::HugePageMultiple { size });
     }
+    let refused = |why: Box<dyn std::error::Error + Send + Sync>| MemoryError::HugePages {
+        size,
+        free: huge_pages_free(),
+        source: std::io::Error::other(why),
+    };
     let mut regions = Vec::new();
     for (start, len) in ram_ranges(size) {
         // No MAP_NORESERVE: the whole region is reserved from the pool now, so a short pool
@@ -142,24 +147,13 @@ fn huge_page_memory(size: u64) -> Result<GuestMemory, MemoryError> {
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB)
             .with_hugetlbfs(true)
             .build()
-            .map_err(|e| MemoryError::HugePages {
-                size,
-                free: huge_pages_free(),
-                source: std::io::Error::other(e),
-            })?;
+            .map_err(|e| refused(e.into()))?;
         regions.push(
-            GuestRegionMmap::new(mapping, start).ok_or(MemoryError::HugePages {
-                size,
-                free: huge_pages_free(),
-                source: std::io::Error::other("the region overflows the address space"),
-            })?,
+            GuestRegionMmap::new(mapping, start)
+                .ok_or_else(|| refused("the region overflows the address space".into()))?,
         );
     }
-    GuestMemory::from_regions(regions).map_err(|e| MemoryError::HugePages {
-        size,
-        free: huge_pages_free(),
-        source: std::io::Error::other(e),
-    })
+    GuestMemory::from_regions(regions).map_err(|e| refused(e.into()))
 }
 
 /// Pages of the host's pool of 2 MiB huge pages that a new mapping can reserve: free and

@@ -6,9 +6,7 @@
 //! contents sends the zeros too.
 
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
-};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::hints::whole_pages;
 use crate::GuestMemory;
@@ -42,47 +40,12 @@ pub fn give_back(mem: &GuestMemory, gpa: u64, len: u64) -> Result<u64, GiveBackE
     {
         return Err(outside);
     }
-    let host = region
-        .get_host_address(MemoryRegionAddress(offset))
-        .map_err(|_| outside)?;
-    let rc = if region.is_hugetlbfs() == Some(true) {
-        // Huge pages go back to the host only whole, never 4 KiB at a time: the pages are
-        // zeroed (what the guest may read after giving them up) and stay the VM's.
-        // SAFETY: `host..host + bytes` lies inside the region's mapping, which `mem` keeps
-        // alive; the guest gave these pages up, so nothing the VMM holds points into them.
-        unsafe { std::ptr::write_bytes(host, 0, bytes as usize) };
-        0
-    } else if region.file_offset().is_none() {
-        // SAFETY: `host..host + bytes` lies inside the region's private anonymous mapping,
-        // which `mem` keeps alive; the guest gave these pages up, so nothing the VMM holds
-        // points into them, and MADV_DONTNEED makes them read as zero from now on.
-        unsafe { libc::madvise(host.cast(), bytes as usize, libc::MADV_DONTNEED) }
-    } else {
-        // A private file mapping (a restored snapshot) would read the file again after
-        // MADV_DONTNEED: fresh anonymous memory goes over it instead, at the same address,
-        // so the region stays one mapping of its length and KVM re-faults the new pages.
-        // SAFETY: MAP_FIXED replaces exactly `host..host + bytes`, inside the region's own
-        // mapping (not anyone else's), with zero pages of the same protection.
-        let p = unsafe {
-            libc::mmap(
-                host.cast(),
-                bytes as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            -1
-        } else {
-            0
-        }
-    };
-    if rc != 0 {
-        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        return Err(GiveBackError::Host { gpa, len, errno });
-    }
+    // What backs the memory decides how (anonymous, huge pages, a snapshot file).
+    crate::zeroed::zero_range(region, offset, bytes).map_err(|e| GiveBackError::Host {
+        gpa,
+        len,
+        errno: e.raw_os_error().unwrap_or(0),
+    })?;
     region.bitmap().mark_dirty(offset as usize, bytes as usize);
     Ok(pages)
 }

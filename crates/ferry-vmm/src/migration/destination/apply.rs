@@ -166,27 +166,8 @@ fn zero_pages(mem: &GuestMemory, gpa: u64, pages: u32) -> Result<(), String> {
         .find_region(GuestAddress(gpa))
         .filter(|r| gpa + len <= r.start_addr().raw_value() + r.len())
         .ok_or_else(|| format!("zero pages {gpa:#x}+{len:#x} are not in guest memory"))?;
-    let host = mem
-        .get_host_address(GuestAddress(gpa))
-        .map_err(|e| e.to_string())?;
-    if region.is_hugetlbfs() == Some(true) {
-        // Huge pages drop only whole: the 4 KiB pages are written with zeros.
-        // SAFETY: the range lies inside one mapping of guest memory (checked above), which
-        // `mem` keeps mapped; the destination's guest does not run yet.
-        unsafe { std::ptr::write_bytes(host, 0, len as usize) };
-        return Ok(());
-    }
-    // SAFETY: the range lies inside one anonymous private mapping of guest memory (checked
-    // above) and is page aligned (the protocol checks it); MADV_DONTNEED makes those pages
-    // read as zero again, which is exactly the record's meaning.
-    let rc = unsafe { libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
-    if rc != 0 {
-        return Err(format!(
-            "cannot zero pages at {gpa:#x}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
+    ferry_devices::zeroed::zero_range(region, gpa - region.start_addr().raw_value(), len)
+        .map_err(|e| format!("cannot zero pages at {gpa:#x}: {e}"))
 }
 
 #[cfg(test)]
