@@ -462,6 +462,9 @@ pub struct MigrateRequest {
     /// VM's vCPUs, the scanner and the link writer leave free (none on a host they fill).
     #[serde(default)]
     pub encode_threads: Option<u32>,
+    /// How the copy shares the CPU with the guest while it runs.
+    #[serde(default)]
+    pub copy_priority: CopyPriority,
 }
 
 fn explore_default() -> bool {
@@ -557,6 +560,30 @@ pub enum DiskMode {
     /// ferry chooses (see docs/architecture.md).
     #[default]
     Auto,
+}
+
+/// How a migration's copy shares the CPU with the guest it moves (and, on the destination,
+/// with the host's other VMs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyPriority {
+    /// The bulk copy (disks, memory's first pass) runs at a lower CPU weight, so a busy
+    /// guest keeps its CPU and I/O rate; the later passes and the handover run at normal
+    /// weight. On a host with idle cores this costs nothing; on a full one the copy takes
+    /// longer.
+    #[default]
+    Background,
+    /// The copy competes with the guest as an equal, for the shortest total time.
+    Normal,
+}
+
+impl CopyPriority {
+    pub fn name(self) -> &'static str {
+        match self {
+            CopyPriority::Background => "background",
+            CopyPriority::Normal => "normal",
+        }
+    }
 }
 
 /// `PUT /vm/dirty-rate`: measure how fast the guest writes its memory, over one window,

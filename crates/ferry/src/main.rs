@@ -255,6 +255,10 @@ struct ReceiveArgs {
     /// Where the serial console goes: `stdout` or a file (appended to).
     #[arg(long, default_value = "stdout")]
     console: String,
+    /// How receiving shares the CPU with this host's other work: background (until the bulk
+    /// copy is in, at a lower priority than running VMs) or normal.
+    #[arg(long, default_value = "background", value_parser = ["background", "normal"])]
+    copy_priority: String,
 }
 
 #[derive(Debug, Args)]
@@ -289,6 +293,11 @@ struct MigrateCliArgs {
     /// the destination lags (mirror), or ferry's choice (auto: mirror).
     #[arg(long, default_value = "auto", value_parser = ["iterative", "mirror", "auto"])]
     disk_mode: String,
+    /// How the copy shares the CPU with the guest: background (the bulk copy of disks and
+    /// memory yields to the guest's threads, then the rest runs at normal priority) or normal
+    /// (the copy competes as an equal, for the shortest total time on a full host).
+    #[arg(long, default_value = "background", value_parser = ["background", "normal"])]
+    copy_priority: String,
     /// Mutual TLS with the destination: DIR holds ca.pem, cert.pem and key.pem (read by the
     /// VM's process). The destination's certificate must hold the host of --to.
     #[arg(long, value_name = "DIR")]
@@ -422,6 +431,14 @@ fn log_exit(exit: VmExit) {
     }
 }
 
+/// `--copy-priority`'s value (clap allows only the two names).
+fn copy_priority(name: &str) -> ferry_api::CopyPriority {
+    match name {
+        "normal" => ferry_api::CopyPriority::Normal,
+        _ => ferry_api::CopyPriority::Background,
+    }
+}
+
 fn receive(args: ReceiveArgs) -> Result<()> {
     let exit = ferry_vmm::migration::destination::receive_and_run(
         ferry_vmm::migration::destination::ReceiveConfig {
@@ -434,6 +451,7 @@ fn receive(args: ReceiveArgs) -> Result<()> {
             memory_backing: backing(args.hugepages),
             api_socket: args.api_socket,
             console: console_config(&args.console),
+            copy_priority: copy_priority(&args.copy_priority),
         },
     )?;
     log_exit(exit);
@@ -494,6 +512,7 @@ fn migrate_cmd(args: MigrateCliArgs) -> Result<()> {
                 .context("--encoding takes off, auto, sparse, delta, lz4 or zstd")?,
             explore: !args.no_explore,
             encode_threads: args.encode_threads,
+            copy_priority: copy_priority(&args.copy_priority),
             json: args.json,
         },
     )

@@ -27,6 +27,7 @@ pub struct MigrateArgs {
     pub encoding: ferry_api::PageEncoding,
     pub explore: bool,
     pub encode_threads: Option<u32>,
+    pub copy_priority: ferry_api::CopyPriority,
     pub json: bool,
 }
 
@@ -119,6 +120,7 @@ pub fn run(socket: &Path, args: MigrateArgs) -> Result<MigrationStatus> {
         encoding: args.encoding,
         explore: args.explore,
         encode_threads: args.encode_threads,
+        copy_priority: args.copy_priority,
         wait: true,
     };
     // One connection waits for the end; progress comes from polling on others.

@@ -37,12 +37,9 @@ impl Reader {
     ) -> std::io::Result<Reader> {
         let (tx, messages) = mpsc::sync_channel(READ_AHEAD);
         let (spent, buffers) = mpsc::sync_channel::<Vec<u8>>(READ_AHEAD + 2);
-        let thread = std::thread::Builder::new()
-            .name("ferry-recv".into())
-            .spawn(move || {
-                crate::sched::latency_critical();
-                read_loop(reader, &machine, &tx, &buffers, prefault.as_mut())
-            })?;
+        let thread = crate::sched::spawn("ferry-recv".into(), move || {
+            read_loop(reader, &machine, &tx, &buffers, prefault.as_mut())
+        })?;
         Ok(Reader {
             messages,
             spent,

@@ -182,9 +182,9 @@ impl Landing {
                 return Syncing::Done(Err(Refusal::from(format!("cannot sync the disks: {e}"))))
             }
         };
-        let spawned = std::thread::Builder::new()
-            .name("ferry-disk-sync".into())
-            .spawn(move || sync_files(files.iter().map(|(p, f)| (p.as_path(), f))));
+        let spawned = crate::sched::spawn("ferry-disk-sync".into(), move || {
+            sync_files(files.iter().map(|(p, f)| (p.as_path(), f)))
+        });
         match spawned {
             Ok(handle) => Syncing::Running(handle),
             // No thread: sync here.

@@ -12,6 +12,7 @@ use std::net::{TcpListener, TcpStream};
 
 use crate::migration::session::{PatientWriter, Session, SessionConfig};
 use crate::migration::wire::{self, TlsConfig, Wire, WireReader, WireWriter};
+use crate::sched::{CopyPriority, Crew};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -46,9 +47,18 @@ pub struct Handover {
     inner: Mutex<Option<(u64, HandoverState)>>,
     /// Sessions by migration id, with the key their first connection presented.
     sessions: Mutex<HashMap<u64, (Session, u64)>>,
+    /// How the migration's threads share the CPU until its bulk copy is in.
+    priority: CopyPriority,
 }
 
 impl Handover {
+    pub fn new(priority: CopyPriority) -> Handover {
+        Handover {
+            priority,
+            ..Handover::default()
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, HandoverState)>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -159,6 +169,8 @@ pub struct Incoming {
     pub machine: ReceiverMachine,
     pub setup: Setup,
     pub features: Features,
+    /// The migration's threads, which the main thread joins.
+    pub crew: Crew,
 }
 
 /// Serves `listener` on a thread of its own until the process ends.
@@ -350,6 +362,7 @@ fn serve(
                 machine,
                 setup,
                 features,
+                crew: Crew::new(handover.priority),
             };
             migrations
                 .send(incoming)
@@ -420,10 +433,13 @@ fn attach(
             "busy: this receiver already takes a VM".into(),
         ));
     }
-    let session = Session::new(SessionConfig {
-        resume_window: Duration::from_millis(a.resume_window_ms),
-        ..SessionConfig::default()
-    });
+    let session = Session::with_crew(
+        SessionConfig {
+            resume_window: Duration::from_millis(a.resume_window_ms),
+            ..SessionConfig::default()
+        },
+        Crew::new(handover.priority),
+    );
     handover
         .sessions()
         .insert(a.session_id, (session.clone(), a.key));
@@ -477,6 +493,7 @@ fn attach(
         machine,
         setup,
         features,
+        crew: session.crew().clone(),
     };
     migrations
         .send(incoming)

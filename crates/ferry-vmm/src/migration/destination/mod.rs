@@ -65,6 +65,8 @@ pub struct ReceiveConfig {
     pub memory_backing: memory::MemoryBacking,
     pub api_socket: Option<PathBuf>,
     pub console: ConsoleConfig,
+    /// How receiving shares the CPU with the host's running VMs until the bulk copy is in.
+    pub copy_priority: crate::sched::CopyPriority,
 }
 
 /// Errors of the incoming side.
@@ -92,6 +94,8 @@ struct Link {
     /// exists, so it can fault memory in ahead of the pages).
     unread: Option<std::io::BufReader<Box<dyn std::io::Read + Send>>>,
     reader: Option<Reader>,
+    /// The migration's threads on this side.
+    crew: crate::sched::Crew,
 }
 
 impl Drop for Link {
@@ -145,7 +149,8 @@ impl Link {
 /// before a migration starts (garbage, silence, a wrong version) are refused and the receiver
 /// waits for the next; the API socket answers meanwhile.
 pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
-    // This thread applies the pages and answers the handover.
+    // This thread applies the pages and answers the handover; it joins the migration's crew
+    // once one arrives.
     crate::sched::latency_critical();
     let (kvm, host_memory) = open_kvm()?;
     let taps = open_taps(&config.nics)?;
@@ -168,7 +173,7 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or(config.listen.clone());
-    let handover = Arc::new(Handover::default());
+    let handover = Arc::new(Handover::new(config.copy_priority));
     let (migrations_tx, migrations) = std::sync::mpsc::channel();
     listener::spawn(listener, tls, handover.clone(), migrations_tx).map_err(VmmError::Thread)?;
     eprintln!("ferry: listening on {local}");
@@ -184,6 +189,7 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         machine,
         setup,
         features,
+        crew,
         ..
     } = incoming;
     conn.set_timeouts(SILENCE)
@@ -203,6 +209,7 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         machine,
         unread: Some(reader),
         reader: None,
+        crew,
     };
     let attach = Attachments {
         disks: config.disks,
@@ -309,12 +316,7 @@ pub fn receive_and_run(config: ReceiveConfig) -> Result<VmExit, VmmError> {
         }
         // Running is delivered (or the source resolves), then the session ends; off the
         // VM's path.
-        let _ = std::thread::Builder::new()
-            .name("ferry-sess-end".into())
-            .spawn(move || {
-                crate::sched::latency_critical();
-                link.conn.end()
-            });
+        let _ = crate::sched::spawn("ferry-sess-end".into(), move || link.conn.end());
     })))
 }
 
@@ -388,6 +390,10 @@ fn receive_state(
         Skeleton::new(kvm, mem, setup.vcpus).map_err(|e| lacking(crate::error_chain(&e)))?;
     let mem = skeleton.memory().clone();
     let mut landing = prepare_disks(setup)?;
+    // This thread, the reader and the prefault workers join the migration's crew: in the
+    // background (if asked) until the bulk copy is in, so the host's running VMs come first.
+    let crew = link.crew.clone();
+    let _member = crew.enter(crate::sched::Role::Handover);
     link.start_reading(&mem)?;
     link.send(&Message::SetupOk)?;
 
@@ -416,6 +422,8 @@ fn receive_state(
                 }
             }
             Message::IterationDone(d) => {
+                // The bulk copy is in: the rest is the guest's convergence and downtime.
+                crew.foreground();
                 tracing::info!(
                     "pass {} done: {} data and {} zero pages",
                     d.iteration,
@@ -431,6 +439,7 @@ fn receive_state(
                 }
             }
             Message::State(bytes) => {
+                crew.foreground();
                 tracing::info!("state: {} bytes", bytes.len());
                 state = Some(
                     crate::snapshot::format::read_state(&mut std::io::Cursor::new(&bytes))

@@ -67,10 +67,10 @@ impl Prefaulter {
             let rx = Arc::clone(&rx);
             let refused = Arc::clone(&refused);
             let keep = memory.clone();
-            match std::thread::Builder::new()
-                .name(format!("ferry-prefault{i}"))
-                .spawn(move || work(&rx, &refused, keep))
-            {
+            let name = format!("ferry-prefault{i}");
+            match crate::sched::spawn_in(None, crate::sched::Role::Bulk, name, move || {
+                work(&rx, &refused, keep)
+            }) {
                 Ok(handle) => workers.push(handle),
                 Err(e) => {
                     tracing::debug!("no prefault worker {i}: {e}");

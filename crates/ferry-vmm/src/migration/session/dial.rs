@@ -85,9 +85,13 @@ pub fn keep_connected(
         let session = session.clone();
         let dial = dial.clone();
         let redial = redial.clone();
-        std::thread::Builder::new()
-            .name(format!("ferry-sess-dial{index}"))
-            .spawn(move || keep_one(&session, index, &*dial, &redial))?;
+        let crew = session.crew().clone();
+        crate::sched::spawn_in(
+            Some(&crew),
+            crate::sched::Role::Handover,
+            format!("ferry-sess-dial{index}"),
+            move || keep_one(&session, index, &*dial, &redial),
+        )?;
     }
     Ok(())
 }

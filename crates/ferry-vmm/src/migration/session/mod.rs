@@ -59,6 +59,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::sched::{Crew, Role};
+
 use super::wire::{is_retry, Wire, WireReader, WireWriter};
 use frame::Frame;
 
@@ -198,6 +200,8 @@ struct Shared {
     ended: AtomicBool,
     /// A read that gets nothing this long fails (milliseconds; 0: no limit).
     read_timeout_ms: AtomicU64,
+    /// The migration's threads, which the session's own join.
+    crew: Crew,
 }
 
 impl Shared {
@@ -327,7 +331,14 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session whose threads join the calling thread's crew (or a crew of their own, in
+    /// the foreground).
     pub fn new(config: SessionConfig) -> Session {
+        Session::with_crew(config, Crew::current().unwrap_or_default())
+    }
+
+    /// A session whose threads join `crew`.
+    pub fn with_crew(config: SessionConfig, crew: Crew) -> Session {
         Session {
             shared: Arc::new(Shared {
                 config,
@@ -356,8 +367,14 @@ impl Session {
                 stats: SessionStats::default(),
                 ended: AtomicBool::new(false),
                 read_timeout_ms: AtomicU64::new(0),
+                crew,
             }),
         }
+    }
+
+    /// The crew of the migration this session carries.
+    pub fn crew(&self) -> &Crew {
+        &self.shared.crew
     }
 
     pub fn config(&self) -> SessionConfig {
@@ -464,14 +481,9 @@ impl Session {
             generation
         };
         self.shared.changed.notify_all();
+        let crew = self.shared.crew.clone();
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(move || {
-                    crate::sched::latency_critical();
-                    f()
-                })
-                .map(|_| ())
+            crate::sched::spawn_in(Some(&crew), Role::Handover, name, f).map(|_| ())
         };
         let shared = self.shared.clone();
         spawn(
@@ -534,15 +546,19 @@ impl Session {
     /// Starts a thread that calls [`Session::check`] until the session ends.
     pub fn watch(&self) -> io::Result<()> {
         let session = self.clone();
-        std::thread::Builder::new()
-            .name("ferry-sess-watch".into())
-            .spawn(move || {
+        let crew = self.shared.crew.clone();
+        crate::sched::spawn_in(
+            Some(&crew),
+            Role::Handover,
+            "ferry-sess-watch".into(),
+            move || {
                 while !session.is_over() {
                     session.check();
                     std::thread::sleep(Duration::from_millis(100));
                 }
-            })
-            .map(|_| ())
+            },
+        )
+        .map(|_| ())
     }
 
     /// The session failed or was ended.

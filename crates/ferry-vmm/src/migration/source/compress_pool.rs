@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use ferry_proto::migration::{PageCodec, PageEncoder, MAX_ENCODED_BODY};
 
 use crate::migration::pages::PAGE;
+use crate::sched::Role;
 
 /// Pages per job: enough to make a worker's wake-up cheap, few enough to keep the batch
 /// flowing.
@@ -150,24 +151,23 @@ impl CompressPool {
         let mut handles = Vec::new();
         for i in 0..workers.clamp(1, MAX_WORKERS) {
             let (jobs, done) = (jobs.clone(), done.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("ferry-compress{i}"))
-                .spawn(move || {
-                    let mut encoder = PageEncoder::new();
-                    let mut scratch = Vec::with_capacity(PAGE as usize);
-                    loop {
-                        // One worker waits on the queue at a time; the lock is held only
-                        // to take a job.
-                        let next = jobs.lock().ok().and_then(|rx| rx.recv().ok());
-                        let Some((seq, mut job)) = next else {
-                            return;
-                        };
-                        job.compress(&mut encoder, &mut scratch);
-                        if done.send((seq, job)).is_err() {
-                            return;
-                        }
+            let name = format!("ferry-compress{i}");
+            let spawned = crate::sched::spawn_in(None, Role::Bulk, name, move || {
+                let mut encoder = PageEncoder::new();
+                let mut scratch = Vec::with_capacity(PAGE as usize);
+                loop {
+                    // One worker waits on the queue at a time; the lock is held only
+                    // to take a job.
+                    let next = jobs.lock().ok().and_then(|rx| rx.recv().ok());
+                    let Some((seq, mut job)) = next else {
+                        return;
+                    };
+                    job.compress(&mut encoder, &mut scratch);
+                    if done.send((seq, job)).is_err() {
+                        return;
                     }
-                });
+                }
+            });
             match spawned {
                 Ok(h) => handles.push(h),
                 Err(e) => tracing::warn!("cannot start a compression thread: {e}"),

@@ -297,23 +297,17 @@ impl Link {
         let (in_tx, incoming) = mpsc::channel();
         let writer = {
             let (machine, stats, config) = (machine.clone(), stats.clone(), config.clone());
-            std::thread::Builder::new()
-                .name("ferry-mig-write".into())
-                .spawn(move || {
-                    crate::sched::latency_critical();
-                    write_loop(write_half, out_rx, spent_tx, &machine, &stats, &config)
-                })
-                .map_err(|e| Stop::failed(Kind::Internal, format!("cannot start a thread: {e}")))?
+            crate::sched::spawn("ferry-mig-write".into(), move || {
+                write_loop(write_half, out_rx, spent_tx, &machine, &stats, &config)
+            })
+            .map_err(|e| Stop::failed(Kind::Internal, format!("cannot start a thread: {e}")))?
         };
         let reader = {
             let (machine, stats) = (machine.clone(), stats.clone());
-            std::thread::Builder::new()
-                .name("ferry-mig-read".into())
-                .spawn(move || {
-                    crate::sched::latency_critical();
-                    read_loop(read_half, in_tx, &machine, &stats, opened)
-                })
-                .map_err(|e| Stop::failed(Kind::Internal, format!("cannot start a thread: {e}")))?
+            crate::sched::spawn("ferry-mig-read".into(), move || {
+                read_loop(read_half, in_tx, &machine, &stats, opened)
+            })
+            .map_err(|e| Stop::failed(Kind::Internal, format!("cannot start a thread: {e}")))?
         };
         Ok(Link {
             closer,

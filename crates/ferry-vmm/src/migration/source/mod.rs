@@ -206,7 +206,10 @@ pub fn spawn(ctx: SourceContext) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("ferry-migrate".into())
         .spawn(move || {
-            crate::sched::latency_critical();
+            // The migration's threads (this one, the link's, the session's, the encoders)
+            // form one crew: in the background for the bulk copy if asked.
+            let crew = crate::sched::Crew::new(ctx.request.copy_priority);
+            let _member = crew.enter(crate::sched::Role::Handover);
             let run =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Worker::new(&ctx).run()));
             ctx.throttle.set(0);
@@ -529,6 +532,11 @@ impl<'a> Worker<'a> {
         self.start_exploration(link)?;
         let first = candidate_pages(&self.ctx.memory);
         self.send_pass(link, &first, ZeroPages::Skip)?;
+        // The bulk copy is done: the passes that follow decide whether the migration
+        // converges, and the handover is on the guest's downtime.
+        if let Some(crew) = crate::sched::Crew::current() {
+            crew.foreground();
+        }
         if let Some(mut x) = self.scanner.explore(None) {
             x.finish();
             let status = x.status();
