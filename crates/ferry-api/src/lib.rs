@@ -567,14 +567,14 @@ pub enum DiskMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CopyPriority {
+    /// The copy competes with the guest as an equal, for the shortest total time.
+    #[default]
+    Normal,
     /// The bulk copy (disks, memory's first pass) runs at a lower CPU weight, so a busy
     /// guest keeps its CPU and I/O rate; the later passes and the handover run at normal
     /// weight. On a host with idle cores this costs nothing; on a full one the copy takes
     /// longer.
-    #[default]
     Background,
-    /// The copy competes with the guest as an equal, for the shortest total time.
-    Normal,
 }
 
 impl CopyPriority {

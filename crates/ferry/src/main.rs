@@ -255,9 +255,9 @@ struct ReceiveArgs {
     /// Where the serial console goes: `stdout` or a file (appended to).
     #[arg(long, default_value = "stdout")]
     console: String,
-    /// How receiving shares the CPU with this host's other work: background (until the bulk
-    /// copy is in, at a lower priority than running VMs) or normal.
-    #[arg(long, default_value = "background", value_parser = ["background", "normal"])]
+    /// How receiving shares the CPU with this host's other work: normal, or background
+    /// (until the bulk copy is in, at a lower priority than the host's running VMs).
+    #[arg(long, default_value = "normal", value_parser = ["normal", "background"])]
     copy_priority: String,
 }
 
@@ -293,10 +293,10 @@ struct MigrateCliArgs {
     /// the destination lags (mirror), or ferry's choice (auto: mirror).
     #[arg(long, default_value = "auto", value_parser = ["iterative", "mirror", "auto"])]
     disk_mode: String,
-    /// How the copy shares the CPU with the guest: background (the bulk copy of disks and
-    /// memory yields to the guest's threads, then the rest runs at normal priority) or normal
-    /// (the copy competes as an equal, for the shortest total time on a full host).
-    #[arg(long, default_value = "background", value_parser = ["background", "normal"])]
+    /// How the copy shares the CPU with the guest: normal (the copy competes as an equal,
+    /// for the shortest total time on a full host) or background (the bulk copy of disks and
+    /// memory yields to the guest's threads, then the rest runs at normal priority).
+    #[arg(long, default_value = "normal", value_parser = ["normal", "background"])]
     copy_priority: String,
     /// Mutual TLS with the destination: DIR holds ca.pem, cert.pem and key.pem (read by the
     /// VM's process). The destination's certificate must hold the host of --to.
@@ -434,8 +434,8 @@ fn log_exit(exit: VmExit) {
 /// `--copy-priority`'s value (clap allows only the two names).
 fn copy_priority(name: &str) -> ferry_api::CopyPriority {
     match name {
-        "normal" => ferry_api::CopyPriority::Normal,
-        _ => ferry_api::CopyPriority::Background,
+        "background" => ferry_api::CopyPriority::Background,
+        _ => ferry_api::CopyPriority::Normal,
     }
 }
 

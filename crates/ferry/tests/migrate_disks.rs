@@ -75,13 +75,18 @@ fn noise(seed: u64, n: usize) -> Vec<u8> {
 }
 
 #[test]
-fn a_writing_guest_moves_with_its_disk_in_either_mode() {
-    let name = "a_writing_guest_moves_with_its_disk_in_either_mode";
+fn a_writing_guest_moves_with_its_disk_in_each_setup() {
+    let name = "a_writing_guest_moves_with_its_disk_in_each_setup";
     let Some(hosts) = hosts_or_skip("sto", name) else {
         return;
     };
-    for (port, mode) in [(7100, "iterative"), (7111, "mirror")] {
-        let dir = TempDir::new(&format!("{name}-{mode}"));
+    for (port, mode, priority) in [
+        (7100, "iterative", "normal"),
+        (7111, "mirror", "normal"),
+        // The bulk copy in the background on both sides, then the handover as usual.
+        (7118, "mirror", "background"),
+    ] {
+        let dir = TempDir::new(&format!("{name}-{port}"));
         let image = dir.join("a.img");
         let landing = dir.join("b.img");
         sparse_image(&image, 64 << 20);
@@ -92,9 +97,17 @@ fn a_writing_guest_moves_with_its_disk_in_either_mode() {
             )
         };
         let listen = format!("{}:{port}", hosts.b_addr);
-        let dst = receiver(&hosts.b, &listen, &["--disk", path_str(&landing)]);
+        let dst = receiver(
+            &hosts.b,
+            &listen,
+            &["--disk", path_str(&landing), "--copy-priority", priority],
+        );
         let (mut src, socket) = source(&hosts.a, &dir, boot, None);
-        let out = migrate(&socket, &listen, &["--disk-mode", mode]);
+        let out = migrate(
+            &socket,
+            &listen,
+            &["--disk-mode", mode, "--copy-priority", priority],
+        );
         let status = assert_moved(&mut src, &dst, &out);
         let disks = status["disks"].as_array().expect("per-disk status");
         assert_eq!(disks.len(), 1, "{status}");

@@ -662,12 +662,7 @@ impl Agent {
             encoding: Default::default(),
             explore: true,
             encode_threads: None,
-            // A paused guest has nothing to yield to: its copy is its downtime.
-            copy_priority: if paused {
-                ferry_api::CopyPriority::Normal
-            } else {
-                ferry_api::CopyPriority::Background
-            },
+            copy_priority: Default::default(),
         };
         let (first, waiter) = match start_migration(&socket, request).await {
             Ok(started) => started,

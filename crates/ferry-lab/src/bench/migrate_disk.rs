@@ -8,7 +8,8 @@
 //! the link's rate, so QEMU may use up to twice the link while both run).
 //!
 //! - ferry, in each disk mode: `ferry receive --disk DST`, `ferry run --disk SRC`,
-//!   `ferry migrate`.
+//!   `ferry migrate`; mirror also with `--copy-priority background` on both sides (the bulk
+//!   copy yielding to the guest), beside the default, where it competes as an equal.
 //! - QEMU, in `copy-mode` background and write-blocking: the destination starts with
 //!   `-incoming defer` and listens (`migrate-incoming`, after any capability the listener
 //!   depends on), then `nbd-server-start` and `block-export-add` of its (empty, sparse) disk; the
@@ -31,6 +32,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_api::CopyPriority;
 use ferry_lab::guest::build_testguest;
 use ferry_lab::kit::console::Status;
 use ferry_lab::kit::TwoHosts;
@@ -63,22 +65,42 @@ const CAPPED_LINK_BYTES: u64 = 125_000_000;
 /// One VMM setup of the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Contender {
-    Ferry(&'static str),
+    /// ferry in a disk mode, its copy at a priority (`--copy-priority`).
+    Ferry {
+        mode: &'static str,
+        priority: CopyPriority,
+    },
     Qemu(&'static str),
 }
 
 impl Contender {
     fn name(self) -> String {
         match self {
-            Contender::Ferry(mode) => format!("ferry-{mode}"),
+            Contender::Ferry {
+                mode,
+                priority: CopyPriority::Normal,
+            } => format!("ferry-{mode}"),
+            Contender::Ferry { mode, priority } => format!("ferry-{mode}-{}", priority.name()),
             Contender::Qemu(mode) => format!("qemu-{mode}"),
         }
     }
 }
 
-const CONTENDERS: [Contender; 4] = [
-    Contender::Ferry("mirror"),
-    Contender::Ferry("iterative"),
+/// ferry's default (mirror, the copy at normal priority), the same with the copy in the
+/// background, iterative, and QEMU's two mirror modes.
+const CONTENDERS: [Contender; 5] = [
+    Contender::Ferry {
+        mode: "mirror",
+        priority: CopyPriority::Normal,
+    },
+    Contender::Ferry {
+        mode: "mirror",
+        priority: CopyPriority::Background,
+    },
+    Contender::Ferry {
+        mode: "iterative",
+        priority: CopyPriority::Normal,
+    },
     Contender::Qemu("background"),
     Contender::Qemu("write-blocking"),
 ];
@@ -116,7 +138,8 @@ pub struct ContenderReport {
 pub struct LinkReport {
     pub link_bytes_per_sec: Option<u64>,
     pub contenders: Vec<ContenderReport>,
-    /// QEMU's median over ferry's (mirror), per QEMU mode: total time, downtime, bytes.
+    /// QEMU's median over ferry's, per ferry mirror setup and QEMU mode: total time, downtime,
+    /// bytes; and ferry's guest write rate over QEMU's.
     pub ratios: Vec<Value>,
 }
 
@@ -215,7 +238,7 @@ fn after(source: &mut Watched, before: Status, destination: &mut Watched) -> Res
 fn ferry_run(
     ferry: &Path,
     guest: &Path,
-    mode: &str,
+    (mode, priority): (&str, CopyPriority),
     link: Option<u64>,
     source_image: &Path,
     dir: &Path,
@@ -228,6 +251,7 @@ fn ferry_run(
     receive
         .args(["receive", "--listen", &to, "--disk"])
         .arg(&landing)
+        .args(["--copy-priority", priority.name()])
         .env("FERRY_LOG", "warn");
     let mut destination = Watched::spawn("ferry receive", receive)?;
     destination.wait_line(Stream::Stderr, LISTENING_LINE, STATUS_TIMEOUT)?;
@@ -253,6 +277,7 @@ fn ferry_run(
         .args(["migrate", "--json", "--api-socket"])
         .arg(&socket)
         .args(["--to", &to, "--disk-mode", mode])
+        .args(["--copy-priority", priority.name()])
         .args(["--downtime-ms", &DOWNTIME_LIMIT_MS.to_string()]);
     if link.is_some() {
         migrate.args(["--bandwidth", "1G"]);
@@ -545,7 +570,7 @@ pub fn migrate_disk(runs: usize) -> Result<DiskBenchReport> {
     make_image(&image)?;
     let contenders: Vec<Contender> = CONTENDERS
         .into_iter()
-        .filter(|c| qemu.is_some() || matches!(c, Contender::Ferry(_)))
+        .filter(|c| qemu.is_some() || matches!(c, Contender::Ferry { .. }))
         .collect();
     let mut links = Vec::new();
     for link in [None, Some(CAPPED_LINK_BYTES)] {
@@ -562,7 +587,9 @@ pub fn migrate_disk(runs: usize) -> Result<DiskBenchReport> {
                 let dir = work.0.join(format!("{}-{run}", c.name()));
                 std::fs::create_dir_all(&dir)?;
                 let sample = match *c {
-                    Contender::Ferry(mode) => ferry_run(&ferry, &guest, mode, link, &image, &dir),
+                    Contender::Ferry { mode, priority } => {
+                        ferry_run(&ferry, &guest, (mode, priority), link, &image, &dir)
+                    }
                     Contender::Qemu(mode) => qemu_run(&guest, mode, link, &image, &dir),
                 };
                 match sample {
@@ -595,18 +622,24 @@ pub fn migrate_disk(runs: usize) -> Result<DiskBenchReport> {
             .zip(samples.iter().zip(&failures))
             .map(|(c, (s, f))| report(c, s, f))
             .collect();
-        let ferry_mirror = &reports[0];
         let ratios = reports
             .iter()
-            .filter(|r| r.name.starts_with("qemu"))
-            .map(|q| {
-                json!({
-                    "qemu": q.name,
-                    "over": ferry_mirror.name,
-                    "total": q.total_ms.median / ferry_mirror.total_ms.median,
-                    "downtime": q.downtime_ms.median / ferry_mirror.downtime_ms.median,
-                    "bytes": q.bytes.median / ferry_mirror.bytes.median,
-                })
+            .filter(|r| r.name.starts_with("ferry-mirror"))
+            .flat_map(|f| {
+                reports
+                    .iter()
+                    .filter(|r| r.name.starts_with("qemu"))
+                    .map(move |q| {
+                        json!({
+                            "qemu": q.name,
+                            "over": f.name,
+                            "total": q.total_ms.median / f.total_ms.median,
+                            "downtime": q.downtime_ms.median / f.downtime_ms.median,
+                            "bytes": q.bytes.median / f.bytes.median,
+                            "guest_write_rate": f.guest_write_rate_during_vs_before.median
+                                / q.guest_write_rate_during_vs_before.median,
+                        })
+                    })
             })
             .collect();
         links.push(LinkReport {
@@ -654,6 +687,7 @@ mod tests {
             names,
             [
                 "ferry-mirror",
+                "ferry-mirror-background",
                 "ferry-iterative",
                 "qemu-background",
                 "qemu-write-blocking"

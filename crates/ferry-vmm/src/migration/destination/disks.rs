@@ -8,14 +8,13 @@
 //! runs here. A migration that fails removes the files it created.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_devices::virtio::block::zero_file_range;
 use ferry_proto::migration::{AbortKind, BlockBatch, BlockRecord, PageDecoder, Setup};
 
+use super::direct_io::{open_direct, DirectWriter, Target};
 use super::Refusal;
 
 /// One disk's landing file.
@@ -24,6 +23,17 @@ struct Landed {
     index: u32,
     path: PathBuf,
     file: File,
+    /// The same file for direct writes, where its file system has them.
+    direct: Option<File>,
+}
+
+impl Landed {
+    fn target(&self) -> Target<'_> {
+        Target {
+            buffered: &self.file,
+            direct: self.direct.as_ref(),
+        }
+    }
 }
 
 /// Paces writes to a rate (the receiver's test aid for a slow destination disk).
@@ -43,6 +53,8 @@ pub struct Landing {
     /// Opens compressed blocks, into `opened`.
     decoder: PageDecoder,
     opened: Vec<u8>,
+    /// Gathers each batch's contiguous data for direct writes.
+    writer: DirectWriter,
 }
 
 impl Landing {
@@ -63,6 +75,7 @@ impl Landing {
             kept: false,
             decoder: PageDecoder::new(),
             opened: Vec::new(),
+            writer: DirectWriter::new(),
         };
         let lacking = |why: String| Refusal(AbortKind::Resources, why);
         for m in &setup.moving_disks {
@@ -92,6 +105,7 @@ impl Landing {
                 index: m.index,
                 path: path.clone(),
                 file,
+                direct: open_direct(path),
             });
         }
         Ok(landing)
@@ -106,18 +120,13 @@ impl Landing {
                 Refusal::from(format!("blocks for disk {disk}, which has no file"))
             })?;
         let mut written = 0;
+        let to = landed.target();
         for record in batch.records() {
             let record = record.map_err(|e| Refusal::from(e.to_string()))?;
-            let write = |bytes: &[u8], offset: u64| {
-                landed
-                    .file
-                    .write_all_at(bytes, offset)
-                    .map(|()| start_writeback(&landed.file, offset, bytes.len() as u64))
-            };
             let result = match record {
                 BlockRecord::Data { offset, bytes } => {
                     written += bytes.len() as u64;
-                    write(bytes, offset)
+                    self.writer.write(to, offset, bytes)
                 }
                 BlockRecord::Compressed {
                     offset,
@@ -133,25 +142,22 @@ impl Landing {
                             Refusal::from(format!("disk {disk}, block {offset:#x}: {e}"))
                         })?;
                     written += len;
-                    write(&self.opened, offset)
+                    self.writer.write(to, offset, &self.opened)
                 }
-                BlockRecord::Hole { offset, len } => zero_file_range(&landed.file, offset, len),
+                // What is staged goes first: a hole after data on the same range wins.
+                BlockRecord::Hole { offset, len } => self
+                    .writer
+                    .flush(to)
+                    .and_then(|()| zero_file_range(&landed.file, offset, len)),
             };
             if let Err(e) = result {
-                let kind = if e.raw_os_error() == Some(libc::ENOSPC) {
-                    AbortKind::Resources
-                } else {
-                    AbortKind::Failed
-                };
-                return Err(Refusal(
-                    kind,
-                    format!(
-                        "writing disk {disk} to {} at {:#x}: {e}",
-                        landed.path.display(),
-                        record.offset()
-                    ),
-                ));
+                return Err(write_failed(landed, record.offset(), &e));
             }
+        }
+        // Nothing waits across batches: Applied counts what is written.
+        let staged_at = self.writer.staged_at();
+        if let Err(e) = self.writer.flush(to) {
+            return Err(write_failed(landed, staged_at, &e));
         }
         if let Some(pace) = &mut self.pace {
             pace.written += written;
@@ -260,20 +266,22 @@ fn create_sparse(path: &Path, size: u64) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Starts writing `offset..offset + len` back to the disk without waiting, so the syncs at
-/// the end of each pass, and the one in the downtime, find little left to do.
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    let (Ok(o), Ok(l)) = (
-        libc::off64_t::try_from(offset),
-        libc::off64_t::try_from(len),
-    ) else {
-        return;
+/// The refusal for a write to `landed` at `offset` that failed: a full disk is the
+/// destination's resources, anything else a failure.
+fn write_failed(landed: &Landed, offset: u64, e: &std::io::Error) -> Refusal {
+    let kind = if e.raw_os_error() == Some(libc::ENOSPC) {
+        AbortKind::Resources
+    } else {
+        AbortKind::Failed
     };
-    // SAFETY: sync_file_range on an fd borrowed from `file`; it only schedules writeback.
-    // Failing is harmless: the sync that follows writes everything anyway.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), o, l, libc::SYNC_FILE_RANGE_WRITE);
-    }
+    Refusal(
+        kind,
+        format!(
+            "writing disk {} to {} at {offset:#x}: {e}",
+            landed.index,
+            landed.path.display()
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -336,6 +344,52 @@ mod tests {
             .iter()
             .all(|b| *b == 0x5a));
         assert!(data[..1 << 20].iter().all(|b| *b == 0));
+    }
+
+    /// A long run goes direct, a short one through the cache; a hole punched after data on
+    /// the same range, within one batch, wins, and so does data written over it later.
+    #[test]
+    fn records_land_in_stream_order_whichever_way_they_are_written() {
+        let dir =
+            vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ferry-landing").expect("tmp");
+        let path = dir.as_path().join("d0.img");
+        let mut landing = Landing::prepare(
+            &setup(&[16 << 20]),
+            std::slice::from_ref(&path),
+            false,
+            None,
+        )
+        .expect("prepare");
+        let mut w = BlockBatchWriter::new(0, 4 << 20);
+        for i in 0..32u64 {
+            w.push_data(i * 65536, 65536)
+                .expect("room")
+                .fill(i as u8 + 1);
+        }
+        assert!(w.push_hole(65536, 65536));
+        w.push_data(8 << 20, 4096).expect("room").fill(0xee);
+        assert_eq!(landing.apply(&w.take()).expect("apply"), (32 << 16) + 4096);
+        let mut w = BlockBatchWriter::new(0, 4 << 20);
+        w.push_data(65536 + 4096, 4096).expect("room").fill(0x77);
+        landing.apply(&w.take()).expect("apply");
+        landing.sync().expect("sync");
+        landing.keep();
+        let data = std::fs::read(&path).expect("read");
+        for i in 0..32usize {
+            let block = &data[i * 65536..(i + 1) * 65536];
+            if i == 1 {
+                assert!(block[..4096].iter().all(|b| *b == 0), "the hole");
+                assert!(
+                    block[4096..8192].iter().all(|b| *b == 0x77),
+                    "data over the hole"
+                );
+                assert!(block[8192..].iter().all(|b| *b == 0), "the hole");
+            } else {
+                assert!(block.iter().all(|b| *b == i as u8 + 1), "block {i}");
+            }
+        }
+        assert!(data[8 << 20..(8 << 20) + 4096].iter().all(|b| *b == 0xee));
+        assert!(data[(8 << 20) + 4096..].iter().all(|b| *b == 0));
     }
 
     #[test]

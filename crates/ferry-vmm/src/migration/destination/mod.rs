@@ -12,6 +12,7 @@
 //! ```
 
 mod apply;
+mod direct_io;
 mod disks;
 mod listener;
 mod prefault;
@@ -423,7 +424,7 @@ fn receive_state(
             }
             Message::IterationDone(d) => {
                 // The bulk copy is in: the rest is the guest's convergence and downtime.
-                crew.foreground();
+                crew.bulk_done();
                 tracing::info!(
                     "pass {} done: {} data and {} zero pages",
                     d.iteration,
@@ -439,7 +440,7 @@ fn receive_state(
                 }
             }
             Message::State(bytes) => {
-                crew.foreground();
+                crew.bulk_done();
                 tracing::info!("state: {} bytes", bytes.len());
                 state = Some(
                     crate::snapshot::format::read_state(&mut std::io::Cursor::new(&bytes))

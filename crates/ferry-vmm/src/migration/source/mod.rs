@@ -535,7 +535,7 @@ impl<'a> Worker<'a> {
         // The bulk copy is done: the passes that follow decide whether the migration
         // converges, and the handover is on the guest's downtime.
         if let Some(crew) = crate::sched::Crew::current() {
-            crew.foreground();
+            crew.bulk_done();
         }
         if let Some(mut x) = self.scanner.explore(None) {
             x.finish();
