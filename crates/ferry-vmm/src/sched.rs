@@ -438,18 +438,19 @@ mod tests {
         std::thread::spawn(f).join().expect("the thread ran")
     }
 
-    /// Whether this process may lower a nice value again (the crew needs it for background).
-    fn may_renice() -> bool {
-        on_a_thread(|| can_restore_nice(own_nice()))
+    /// Runs `f` on a fresh thread where this process may lower a nice value again (a crew in
+    /// the background needs it); says SKIPPED elsewhere.
+    fn where_renice_is_allowed(f: impl FnOnce() + Send + 'static) {
+        if !on_a_thread(|| can_restore_nice(own_nice())) {
+            eprintln!("SKIPPED (this process may not lower a nice value again)");
+            return;
+        }
+        on_a_thread(f);
     }
 
     #[test]
     fn a_background_crew_runs_nicer_until_its_bulk_copy_is_done() {
-        if !may_renice() {
-            eprintln!("SKIPPED (this process may not lower a nice value again)");
-            return;
-        }
-        on_a_thread(|| {
+        where_renice_is_allowed(|| {
             let base = own_nice();
             let crew = Crew::new(CopyPriority::Background);
             assert!(crew.is_background());
@@ -493,11 +494,7 @@ mod tests {
     /// which was taken for an operator's policy, and the thread never went to the background.
     #[test]
     fn a_thread_with_a_short_slice_still_goes_to_the_background() {
-        if !may_renice() {
-            eprintln!("SKIPPED (this process may not lower a nice value again)");
-            return;
-        }
-        on_a_thread(|| {
+        where_renice_is_allowed(|| {
             let base = own_nice();
             latency_critical();
             let crew = Crew::new(CopyPriority::Background);
@@ -508,11 +505,7 @@ mod tests {
 
     #[test]
     fn leaving_a_crew_in_the_background_brings_the_thread_back() {
-        if !may_renice() {
-            eprintln!("SKIPPED (this process may not lower a nice value again)");
-            return;
-        }
-        on_a_thread(|| {
+        where_renice_is_allowed(|| {
             let base = own_nice();
             let crew = Crew::new(CopyPriority::Background);
             let member = crew.enter(Role::Bulk);
