@@ -54,7 +54,7 @@ impl Reader {
             .map_err(|_| "the migration connection ended".to_string())?
     }
 
-    /// Gives a page buffer back for the next read.
+    /// Gives a message's buffer (pages, blocks) back for the next read.
     pub fn recycle(&self, buffer: Vec<u8>) {
         let _ = self.spent.try_send(buffer);
     }

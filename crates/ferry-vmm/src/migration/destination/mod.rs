@@ -416,6 +416,8 @@ fn receive_state(
             }
             Message::Blocks(batch) => {
                 let written = landing.apply(&batch)?;
+                // The reader fills the buffer again: no fresh memory per batch.
+                link.recycle(batch.into_bytes());
                 totals.bytes += written;
                 totals.disk_bytes += written;
                 if flow_control && totals.due(REPORT_EVERY) {

@@ -432,7 +432,8 @@ fn flush(
     if writer.is_empty() {
         return Ok(());
     }
-    link.send_blocks(writer.take(), !bulk)?;
+    let spare = link.spent_block_buffer();
+    link.send_blocks(writer.take_reusing(spare), !bulk)?;
     after_batch(link, at, totals)
 }
 

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  worker ──Outgoing──▶ writer thread ──▶ socket ──▶ destination
-//!     ▲  ◀──spent page buffers──┘
+//!     ▲  ◀──spent page and block buffers──┘
 //!     └────◀── Incoming ── reader thread ◀── socket ◀── destination
 //! ```
 //! - The writer never blocks for long: the socket's send timeout is short, so a write stuck on
@@ -146,6 +146,8 @@ pub struct Link {
     machine: Arc<Mutex<SenderMachine>>,
     outgoing: Option<SyncSender<Outgoing>>,
     spent: Receiver<PageBatch>,
+    /// Block batch buffers the writer is done with.
+    spent_blocks: Receiver<Vec<u8>>,
     incoming: Receiver<Result<Message, Stop>>,
     writer: Option<JoinHandle<Result<(), Stop>>>,
     reader: Option<JoinHandle<()>>,
@@ -294,11 +296,16 @@ impl Link {
         let opened = Instant::now();
         let (out_tx, out_rx) = mpsc::sync_channel::<Outgoing>(QUEUE);
         let (spent_tx, spent) = mpsc::channel();
+        let (spent_blocks_tx, spent_blocks) = mpsc::sync_channel(QUEUE + 1);
         let (in_tx, incoming) = mpsc::channel();
         let writer = {
             let (machine, stats, config) = (machine.clone(), stats.clone(), config.clone());
             crate::sched::spawn("ferry-mig-write".into(), move || {
-                write_loop(write_half, out_rx, spent_tx, &machine, &stats, &config)
+                let spent = Spent {
+                    pages: spent_tx,
+                    blocks: spent_blocks_tx,
+                };
+                write_loop(write_half, out_rx, spent, &machine, &stats, &config)
             })
             .map_err(|e| Stop::failed(Kind::Internal, format!("cannot start a thread: {e}")))?
         };
@@ -314,6 +321,7 @@ impl Link {
             machine,
             outgoing: Some(out_tx),
             spent,
+            spent_blocks,
             incoming,
             writer: Some(writer),
             reader: Some(reader),
@@ -410,6 +418,11 @@ impl Link {
                 Err(RecvTimeoutError::Disconnected) => return Err(self.writer_error()),
             }
         }
+    }
+
+    /// A block batch buffer the writer is done with, if one is back (else an empty one).
+    pub fn spent_block_buffer(&self) -> Vec<u8> {
+        self.spent_blocks.try_recv().unwrap_or_default()
     }
 
     /// Waits until the writer has put everything queued on the wire (or failed).
@@ -642,10 +655,17 @@ fn data_bytes(m: &Message) -> u64 {
     }
 }
 
+/// Where the writer gives buffers back once their message is on the wire.
+struct Spent {
+    pages: Sender<PageBatch>,
+    /// Bounded: a buffer nobody takes back is dropped.
+    blocks: SyncSender<Vec<u8>>,
+}
+
 fn write_loop(
     mut stream: Box<dyn Write + Send>,
     queue: Receiver<Outgoing>,
-    spent: Sender<PageBatch>,
+    spent: Spent,
     machine: &Mutex<SenderMachine>,
     stats: &LinkStats,
     config: &LinkConfig,
@@ -681,8 +701,14 @@ fn write_loop(
             stats.busy_ns.fetch_add(ns, Ordering::Relaxed);
             stats.page_bytes_sent.fetch_add(data, Ordering::Relaxed);
         }
-        if let Message::Pages(batch) = m {
-            let _ = spent.send(batch);
+        match m {
+            Message::Pages(batch) => {
+                let _ = spent.pages.send(batch);
+            }
+            Message::Blocks(batch) => {
+                let _ = spent.blocks.try_send(batch.into_bytes());
+            }
+            _ => {}
         }
         let cap = config.cap.load(Ordering::Relaxed);
         if cap != pace.cap {
