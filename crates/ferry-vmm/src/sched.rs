@@ -8,10 +8,10 @@
 //! guest writing its disk kept 45 % of its rate against 60 % without, while the copy itself
 //! took longer (2.5 s against 1.9 s). With [`CopyPriority::Background`] the crew also runs
 //! at a nice value [`BACKGROUND_NICE`] above the process's until the bulk copy is done, so the
-//! guest (and, on the destination, the host's other VMs) comes first: that guest kept about
-//! 90 %, and the copy took 1.5× as long; a host with idle cores loses nothing. Giving the
-//! nice value back needs `CAP_SYS_NICE` or a permissive `RLIMIT_NICE`; a process without
-//! either copies at normal priority.
+//! guest (and, on the destination, the host's other VMs) comes first: that guest kept 95 %
+//! of its rate (bench median), and the copy took 1.6× as long; a host with idle cores loses
+//! nothing. Giving the nice value back needs `CAP_SYS_NICE` or a permissive `RLIMIT_NICE`; a
+//! process without either copies at normal priority.
 //!
 //! **Prompt wakeups.** While the guest is paused, every message of the handover (the last
 //! pages, the state, Prepared, Commit, Running) passes through a chain of threads on both
