@@ -266,12 +266,14 @@ impl Crew {
     }
 
     /// Whether the crew is in its bulk phase, in the background.
+    #[cfg(test)]
     pub fn is_background(&self) -> bool {
         let s = self.lock();
         s.bulk && s.bulk_nice != s.base_nice
     }
 
     /// Whether the crew is in its bulk phase.
+    #[cfg(test)]
     pub fn in_bulk(&self) -> bool {
         self.lock().bulk
     }

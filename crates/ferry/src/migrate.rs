@@ -84,14 +84,19 @@ pub fn migrate(socket: &Path, args: MigrateArgs) -> Result<()> {
     conclude(status, json)
 }
 
+/// Prints a migration's status: as JSON, or as the report.
+fn print_status(status: &MigrationStatus, json: bool) -> Result<()> {
+    if json {
+        outln!("{}", serde_json::to_string_pretty(status)?)
+    } else {
+        out!("{}", report(status))
+    }
+}
+
 /// Prints a finished migration's status (JSON or a report); fails unless the VM moved.
 fn conclude(status: MigrationStatus, json: bool) -> Result<()> {
     // The migration's outcome decides the exit code, even if the reader of stdout is gone.
-    let printed = if json {
-        outln!("{}", serde_json::to_string_pretty(&status)?)
-    } else {
-        out!("{}", report(&status))
-    };
+    let printed = print_status(&status, json);
     match status.phase {
         MigrationPhase::Completed => printed,
         phase if finished(phase) => Err(MigrationFailed {
@@ -293,12 +298,7 @@ pub fn resolve(
             }
         };
         if status.phase != MigrationPhase::OutcomeUnknown {
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&status)?)?;
-            } else {
-                out!("{}", report(&status))?;
-            }
-            return Ok(());
+            return print_status(&status, json);
         }
         if std::time::Instant::now() >= deadline {
             bail!("the destination could not be asked; the outcome is still unknown");
@@ -310,9 +310,7 @@ pub fn resolve(
 pub fn show_status(socket: &Path, json: bool) -> Result<()> {
     let s: MigrationStatus =
         client::call_json::<(), _>(socket, Method::GET, "/vm/migration", None)?;
-    if json {
-        outln!("{}", serde_json::to_string_pretty(&s)?)?;
-    } else {
+    if !json {
         outln!(
             "migration {} to {}: {:?}, pass {}, {} connection(s) up of {}",
             s.migration_id,
@@ -322,9 +320,8 @@ pub fn show_status(socket: &Path, json: bool) -> Result<()> {
             s.connections_up,
             s.connections
         )?;
-        out!("{}", report(&s))?;
     }
-    Ok(())
+    print_status(&s, json)
 }
 
 /// `ferry migrate --resume ID`: nudges the running migration `id` to redial now (to `to` if

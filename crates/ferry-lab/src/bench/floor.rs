@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use ferry_lab::kit::xorshift::XorShift;
 
 /// Guest-like memory for one run, unmapped on drop.
 struct Fresh {
@@ -93,16 +94,7 @@ impl Drop for BusyCore {
 
 /// Noise that no link or codec shrinks, as the benchmark guest's payload.
 fn noise(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
+    XorShift::new(0x9e37_79b9_7f4a_7c15).bytes(len)
 }
 
 /// Milliseconds to move `bytes` of noise over loopback into fresh memory (the pool's 2 MiB

@@ -35,6 +35,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use ferry_api::CopyPriority;
 use ferry_lab::guest::build_testguest;
 use ferry_lab::kit::console::Status;
+use ferry_lab::kit::xorshift::XorShift;
 use ferry_lab::kit::TwoHosts;
 use ferry_lab::product::ferry_binary;
 use serde::Serialize;
@@ -161,15 +162,13 @@ fn make_image(path: &Path) -> Result<()> {
     let f =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     f.set_len(IMAGE_BYTES)?;
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut noise = XorShift::new(0x9e37_79b9_7f4a_7c15);
     let mut chunk = vec![0u8; 4 << 20];
     let mut at = DATA_AT;
     while at < DATA_AT + DATA_BYTES {
         for word in chunk.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&(x | 1).to_le_bytes());
+            // Never an all-zero block: every one of them is data.
+            word.copy_from_slice(&(noise.next_u64() | 1).to_le_bytes());
         }
         f.write_all_at(&chunk, at)?;
         at += chunk.len() as u64;

@@ -16,6 +16,7 @@ pub mod probe;
 pub mod raw;
 mod vm;
 pub mod wan;
+pub mod xorshift;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

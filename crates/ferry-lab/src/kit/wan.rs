@@ -345,7 +345,7 @@ struct Pump {
     busy_until: Instant,
     /// The last arrival scheduled, so jitter never reorders.
     last_arrival: Instant,
-    random: u64,
+    random: super::xorshift::XorShift,
 }
 
 impl Pump {
@@ -357,7 +357,7 @@ impl Pump {
             queue: VecDeque::new(),
             busy_until: now,
             last_arrival: now,
-            random: 0x9e37_79b9_7f4a_7c15 ^ (direction as u64 + 1),
+            random: super::xorshift::XorShift::new(0x9e37_79b9_7f4a_7c15 ^ (direction as u64 + 1)),
         }
     }
 
@@ -416,7 +416,7 @@ impl Pump {
         let jitter = if p.jitter.is_zero() {
             Duration::ZERO
         } else {
-            Duration::from_micros(self.next_random() % (p.jitter.as_micros() as u64 + 1))
+            Duration::from_micros(self.random.next_u64() % (p.jitter.as_micros() as u64 + 1))
         };
         let arrives = (departs + p.rtt / 2 + jitter).max(self.last_arrival);
         self.last_arrival = arrives;
@@ -470,16 +470,6 @@ impl Pump {
                 born,
             },
         );
-    }
-
-    /// xorshift64: jitter needs spread, not quality.
-    fn next_random(&mut self) -> u64 {
-        let mut x = self.random;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.random = x;
-        x
     }
 }
 
